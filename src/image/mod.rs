@@ -1,0 +1,3 @@
+//! Container images: SIF files, plain squashfs files and unpacked directories.
+
+pub mod rootfs;

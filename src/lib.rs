@@ -1,0 +1,7 @@
+//! cmpirun: launch MPI jobs in unprivileged containers, one container per node.
+//!
+//! The data flow of one launch is visible in the module names:
+//! `cli` (argv → JobSpec) → `image` (SIF → ImageFacts) → plan → launch.
+
+pub mod exit;
+pub mod image;
