@@ -5,3 +5,4 @@
 
 pub mod exit;
 pub mod image;
+pub mod mount;
