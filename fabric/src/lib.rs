@@ -1,1 +1,30 @@
-//! Host libfabric discovery and ELF facts for injecting host fabric libraries into containers.
+//! Facts about fabric libraries, for injecting a host's libfabric into a container.
+//!
+//! An MPI inside a container reaches the host's network only through the host's `libfabric.so.1`
+//! and its providers. Before binding the host library over the image's copy, a launcher needs to
+//! know what each side offers and needs:
+//!
+//! - [`elf`]: the loader's facts about a shared library, read from its bytes (so files inside an
+//!   image can be read without mounting it): `DT_SONAME`, `DT_NEEDED`, `DT_RPATH`, `DT_RUNPATH`,
+//!   the symbol versions it defines (`FABRIC_1.9`) and the ones it needs, per library
+//!   (`libc.so.6` → `GLIBC_2.34`), and numeric ordering of such versions.
+//!
+//! The smallest use: does the host libfabric define every `FABRIC_x.y` an MPI library needs?
+//!
+//! ```no_run
+//! use cmpirun_fabric::elf::ElfFacts;
+//!
+//! let host = ElfFacts::read("/usr/lib/x86_64-linux-gnu/libfabric.so.1".as_ref())?;
+//! let mpi = ElfFacts::read("/opt/mpich5/lib/libmpi.so.12".as_ref())?;
+//! let missing: Vec<_> = mpi
+//!     .versions_needed_from("libfabric.so.1")
+//!     .difference(&host.version_definitions)
+//!     .cloned()
+//!     .collect();
+//! if !missing.is_empty() {
+//!     eprintln!("the host libfabric lacks {}", missing.join(", "));
+//! }
+//! # Ok::<(), cmpirun_fabric::elf::ReadError>(())
+//! ```
+
+pub mod elf;

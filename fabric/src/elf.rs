@@ -1,0 +1,387 @@
+//! What the dynamic loader needs to know about a shared library or program, read from its bytes.
+//!
+//! The input is a byte slice, so the same code reads a file on the host and a file read out of a
+//! squashfs image without mounting it. Parsing is done by the `object` crate's ELF reader.
+//!
+//! ```no_run
+//! use cmpirun_fabric::elf::{ElfFacts, SymbolVersion};
+//!
+//! let facts = ElfFacts::read("/usr/lib/x86_64-linux-gnu/libfabric.so.1".as_ref())?;
+//! let newest = facts.max_defined_version("FABRIC");
+//! assert!(newest >= SymbolVersion::parse("FABRIC_1.6"));
+//! # Ok::<(), cmpirun_fabric::elf::ReadError>(())
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use object::elf;
+use object::read::elf::{Dyn, ElfFile, FileHeader, Sym};
+use object::{Endianness, FileKind};
+
+/// Why bytes could not be read as an ELF shared object or program.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    /// The bytes do not start with the ELF magic.
+    #[error("not an ELF file")]
+    NotElf,
+    /// The ELF structures are inconsistent (truncated file, offsets out of range, bad tables).
+    #[error("malformed ELF file: {0}")]
+    Malformed(#[from] object::read::Error),
+    /// A string in the dynamic section or version tables is not UTF-8.
+    #[error("malformed ELF file: a {what} is not valid UTF-8")]
+    NotUtf8 {
+        /// Which kind of string (for example "DT_NEEDED entry").
+        what: &'static str,
+    },
+}
+
+/// Why a file on the host could not be read as ELF; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file was read but is not a usable ELF file.
+    #[error("{path}: {source}")]
+    Elf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: ElfError,
+    },
+}
+
+/// The ELF class: 32-bit or 64-bit objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElfClass {
+    /// ELFCLASS32.
+    Elf32,
+    /// ELFCLASS64.
+    Elf64,
+}
+
+/// The machine an ELF object was built for (`e_machine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Machine(pub u16);
+
+impl Machine {
+    /// The usual name of the architecture (as `uname -m` spells it), or `None` for machines cmpirun
+    /// has no name for.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            elf::EM_X86_64 => "x86_64",
+            elf::EM_AARCH64 => "aarch64",
+            elf::EM_386 => "i386",
+            elf::EM_PPC64 => "ppc64",
+            elf::EM_S390 => "s390x",
+            elf::EM_RISCV => "riscv64",
+            elf::EM_LOONGARCH => "loongarch64",
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Machine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "e_machine {}", self.0),
+        }
+    }
+}
+
+/// The facts the dynamic loader uses about one ELF object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ElfFacts {
+    /// 32-bit or 64-bit.
+    pub class: ElfClass,
+    /// The target machine.
+    pub machine: Machine,
+    /// `DT_SONAME`, if any.
+    pub soname: Option<String>,
+    /// `DT_NEEDED` entries, in file order.
+    pub needed: Vec<String>,
+    /// `DT_RPATH` directories (split at `:`), unexpanded (`$ORIGIN` stays as written).
+    pub rpath: Vec<String>,
+    /// `DT_RUNPATH` directories (split at `:`), unexpanded.
+    pub runpath: Vec<String>,
+    /// The symbol versions this object defines (`FABRIC_1.0`, `GLIBC_2.34`), without the base
+    /// version that only repeats the soname.
+    pub version_definitions: BTreeSet<String>,
+    /// The symbol versions this object needs, keyed by the library file (soname) they are needed
+    /// from: `libc.so.6` → {`GLIBC_2.2.5`, `GLIBC_2.34`}.
+    pub version_needs: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl ElfFacts {
+    /// Reads the facts from the bytes of an ELF file.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ElfError> {
+        match FileKind::parse(bytes) {
+            Ok(FileKind::Elf64) => {
+                parse_generic::<elf::FileHeader64<Endianness>>(bytes, ElfClass::Elf64)
+            }
+            Ok(FileKind::Elf32) => {
+                parse_generic::<elf::FileHeader32<Endianness>>(bytes, ElfClass::Elf32)
+            }
+            _ => Err(ElfError::NotElf),
+        }
+    }
+
+    /// Reads the facts from a file on the host.
+    pub fn read(path: &Path) -> Result<Self, ReadError> {
+        let bytes = std::fs::read(path).map_err(|source| ReadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&bytes).map_err(|source| ReadError::Elf {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The defined versions of one family (`"FABRIC"`, `"GLIBC"`), ordered.
+    pub fn defined_versions(&self, family: &str) -> BTreeSet<SymbolVersion> {
+        of_family(self.version_definitions.iter(), family)
+    }
+
+    /// The highest defined version of one family: for a `libc.so.6` with family `"GLIBC"`, the glibc
+    /// release it belongs to.
+    pub fn max_defined_version(&self, family: &str) -> Option<SymbolVersion> {
+        self.defined_versions(family).into_iter().next_back()
+    }
+
+    /// The needed versions of one family, from whichever file they are needed.
+    pub fn needed_versions(&self, family: &str) -> BTreeSet<SymbolVersion> {
+        of_family(self.version_needs.values().flatten(), family)
+    }
+
+    /// The versions needed from the library whose soname is `file`; empty if none.
+    pub fn versions_needed_from(&self, file: &str) -> BTreeSet<String> {
+        self.version_needs.get(file).cloned().unwrap_or_default()
+    }
+}
+
+/// The names of the symbols an ELF file exports from its dynamic symbol table (defined, global or
+/// weak), without their version suffix. Used to tell an MPI that embeds libfabric (it exports
+/// `fi_getinfo`) from one that loads it.
+pub fn exported_symbols(bytes: &[u8]) -> Result<BTreeSet<String>, ElfError> {
+    match FileKind::parse(bytes) {
+        Ok(FileKind::Elf64) => exports_generic::<elf::FileHeader64<Endianness>>(bytes),
+        Ok(FileKind::Elf32) => exports_generic::<elf::FileHeader32<Endianness>>(bytes),
+        _ => Err(ElfError::NotElf),
+    }
+}
+
+fn of_family<'a>(names: impl Iterator<Item = &'a String>, family: &str) -> BTreeSet<SymbolVersion> {
+    names
+        .filter_map(|n| SymbolVersion::parse(n))
+        .filter(|v| v.family == family)
+        .collect()
+}
+
+fn utf8(bytes: &[u8], what: &'static str) -> Result<String, ElfError> {
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| ElfError::NotUtf8 { what })
+}
+
+fn split_path_list(s: &str) -> Vec<String> {
+    s.split(':')
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parse_generic<Elf: FileHeader<Endian = Endianness>>(
+    bytes: &[u8],
+    class: ElfClass,
+) -> Result<ElfFacts, ElfError> {
+    let file = ElfFile::<Elf, &[u8]>::parse(bytes)?;
+    let endian = file.endian();
+    let machine = Machine(file.elf_header().e_machine(endian));
+    let sections = file.elf_section_table();
+
+    let mut facts = ElfFacts {
+        class,
+        machine,
+        soname: None,
+        needed: Vec::new(),
+        rpath: Vec::new(),
+        runpath: Vec::new(),
+        version_definitions: BTreeSet::new(),
+        version_needs: BTreeMap::new(),
+    };
+
+    if let Some((entries, link)) = sections.dynamic(endian, bytes)? {
+        let strings = sections.strings(endian, bytes, link)?;
+        for entry in entries {
+            let Some(tag) = entry.tag32(endian) else {
+                continue;
+            };
+            let what = match tag {
+                elf::DT_NULL => break,
+                elf::DT_NEEDED => "DT_NEEDED entry",
+                elf::DT_SONAME => "DT_SONAME",
+                elf::DT_RPATH => "DT_RPATH",
+                elf::DT_RUNPATH => "DT_RUNPATH",
+                _ => continue,
+            };
+            let value = utf8(entry.string(endian, strings)?, what)?;
+            match tag {
+                elf::DT_NEEDED => facts.needed.push(value),
+                elf::DT_SONAME => facts.soname = Some(value),
+                elf::DT_RPATH => facts.rpath.extend(split_path_list(&value)),
+                _ => facts.runpath.extend(split_path_list(&value)),
+            }
+        }
+    }
+
+    if let Some((mut defs, link)) = sections.gnu_verdef(endian, bytes)? {
+        let strings = sections.strings(endian, bytes, link)?;
+        while let Some((def, mut aux)) = defs.next()? {
+            // The base definition only names the file itself.
+            if def.vd_flags.get(endian) & elf::VER_FLG_BASE != 0 {
+                continue;
+            }
+            // The first auxiliary entry is the version's own name; later ones are its parents.
+            if let Some(first) = aux.next()? {
+                let name = utf8(first.name(endian, strings)?, "version definition")?;
+                facts.version_definitions.insert(name);
+            }
+        }
+    }
+
+    if let Some((mut needs, link)) = sections.gnu_verneed(endian, bytes)? {
+        let strings = sections.strings(endian, bytes, link)?;
+        while let Some((need, mut aux)) = needs.next()? {
+            let file_name = utf8(need.file(endian, strings)?, "version need file")?;
+            let versions = facts.version_needs.entry(file_name).or_default();
+            while let Some(entry) = aux.next()? {
+                versions.insert(utf8(entry.name(endian, strings)?, "version need")?);
+            }
+        }
+    }
+
+    Ok(facts)
+}
+
+fn exports_generic<Elf: FileHeader<Endian = Endianness>>(
+    bytes: &[u8],
+) -> Result<BTreeSet<String>, ElfError> {
+    let file = ElfFile::<Elf, &[u8]>::parse(bytes)?;
+    let endian = file.endian();
+    let table = file.elf_dynamic_symbol_table();
+    let strings = table.strings();
+    let mut names = BTreeSet::new();
+    for sym in table.iter() {
+        let bind = sym.st_bind();
+        if sym.st_shndx(endian) == elf::SHN_UNDEF
+            || (bind != elf::STB_GLOBAL && bind != elf::STB_WEAK)
+        {
+            continue;
+        }
+        let name = sym.name(endian, strings)?;
+        if !name.is_empty() {
+            names.insert(utf8(name, "dynamic symbol name")?);
+        }
+    }
+    Ok(names)
+}
+
+/// A numbered symbol version such as `GLIBC_2.34` or `FABRIC_1.9`: a family name and a dotted
+/// release, ordered by family and then numerically (`GLIBC_2.34 > GLIBC_2.17`,
+/// `FABRIC_1.10 > FABRIC_1.9`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SymbolVersion {
+    /// The family: `GLIBC`, `FABRIC`, `GLIBCXX`.
+    pub family: String,
+    /// The release numbers: `[2, 2, 5]` for `GLIBC_2.2.5`.
+    pub numbers: Vec<u32>,
+}
+
+impl SymbolVersion {
+    /// Parses `FAMILY_N(.N)*`; `None` for names without a numbered release (`GLIBC_PRIVATE`).
+    pub fn parse(name: &str) -> Option<Self> {
+        let (family, release) = name.rsplit_once('_')?;
+        if family.is_empty() {
+            return None;
+        }
+        let numbers = release
+            .split('.')
+            .map(|n| {
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    None
+                } else {
+                    n.parse().ok()
+                }
+            })
+            .collect::<Option<Vec<u32>>>()?;
+        Some(Self {
+            family: family.to_owned(),
+            numbers,
+        })
+    }
+}
+
+impl fmt::Display for SymbolVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_", self.family)?;
+        for (i, n) in self.numbers.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde::Serialize for SymbolVersion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_order_numerically() {
+        let v = |s| SymbolVersion::parse(s).unwrap();
+        assert!(v("GLIBC_2.34") > v("GLIBC_2.17"));
+        assert!(v("GLIBC_2.3") > v("GLIBC_2.2.5"));
+        assert!(v("FABRIC_1.10") > v("FABRIC_1.9"));
+        assert_eq!(v("GLIBC_2.2.5").to_string(), "GLIBC_2.2.5");
+        assert_eq!(v("GLIBCXX_3.4.29").family, "GLIBCXX");
+        assert_eq!(SymbolVersion::parse("GLIBC_PRIVATE"), None);
+        assert_eq!(SymbolVersion::parse("GLIBC_2..3"), None);
+        assert_eq!(SymbolVersion::parse("libfabric.so.1"), None);
+        assert_eq!(SymbolVersion::parse("_1.0"), None);
+    }
+
+    #[test]
+    fn garbage_is_not_elf() {
+        assert!(matches!(
+            ElfFacts::parse(b"#!/bin/sh\n"),
+            Err(ElfError::NotElf)
+        ));
+        assert!(matches!(ElfFacts::parse(b""), Err(ElfError::NotElf)));
+    }
+
+    #[test]
+    fn truncated_elf_is_malformed() {
+        let bytes = std::fs::read("/usr/lib/x86_64-linux-gnu/libfabric.so.1").unwrap();
+        let err = ElfFacts::parse(&bytes[..200]).unwrap_err();
+        assert!(matches!(err, ElfError::Malformed(_)), "{err}");
+    }
+}

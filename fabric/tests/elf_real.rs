@@ -1,0 +1,122 @@
+//! ELF facts of real libraries on this machine: Debian's libfabric 1.17 and the PyPI `mpich`
+//! 5.0.2 wheel (fetched by `ci/fetch-wheels.sh`).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use cmpirun_fabric::elf::{ElfClass, ElfFacts, SymbolVersion, exported_symbols};
+
+const DEBIAN_LIBFABRIC: &str = "/usr/lib/x86_64-linux-gnu/libfabric.so.1";
+
+/// The `lib` folder of the unpacked mpich 5.0.2 wheel, fetched the way CI fetches it.
+fn mpich_wheel_lib() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lib = root.join(".cache/wheels/mpich-5.0.2/mpich-5.0.2.data/data/lib");
+    if !lib.is_dir() {
+        let status = Command::new(root.join("ci/fetch-wheels.sh"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "ci/fetch-wheels.sh failed");
+    }
+    lib
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn fabric_versions(minor_max: u32) -> BTreeSet<String> {
+    (0..=minor_max).map(|m| format!("FABRIC_1.{m}")).collect()
+}
+
+#[test]
+fn debian_libfabric_1_17() {
+    let facts = ElfFacts::read(DEBIAN_LIBFABRIC.as_ref()).unwrap();
+    assert_eq!(facts.class, ElfClass::Elf64);
+    assert_eq!(facts.machine.name(), Some("x86_64"));
+    assert_eq!(facts.soname.as_deref(), Some("libfabric.so.1"));
+    assert!(facts.needed.iter().any(|n| n == "libc.so.6"));
+    let fabric: BTreeSet<String> = facts
+        .version_definitions
+        .iter()
+        .filter(|v| v.starts_with("FABRIC_"))
+        .cloned()
+        .collect();
+    assert_eq!(fabric, fabric_versions(6));
+    assert_eq!(
+        facts.max_defined_version("FABRIC"),
+        SymbolVersion::parse("FABRIC_1.6")
+    );
+    let glibc = facts.needed_versions("GLIBC");
+    assert!(glibc.contains(&SymbolVersion::parse("GLIBC_2.2.5").unwrap()));
+    assert!(!facts.versions_needed_from("libc.so.6").is_empty());
+}
+
+#[test]
+fn wheel_libfabric_2_5() {
+    let lib = mpich_wheel_lib();
+    let facts = ElfFacts::read(&lib.join("mpich/libfabric.so.1")).unwrap();
+    assert_eq!(facts.soname.as_deref(), Some("libfabric.so.1"));
+    assert_eq!(facts.runpath, vec!["$ORIGIN", "$ORIGIN/libfabric"]);
+    assert!(facts.rpath.is_empty());
+    assert_eq!(
+        facts.defined_versions("FABRIC"),
+        fabric_versions(9)
+            .iter()
+            .map(|v| SymbolVersion::parse(v).unwrap())
+            .collect()
+    );
+}
+
+#[test]
+fn wheel_libmpi_needs() {
+    let lib = mpich_wheel_lib();
+    let facts = ElfFacts::read(&lib.join("libmpi.so.12")).unwrap();
+    assert_eq!(facts.soname.as_deref(), Some("libmpi.so.12"));
+    assert_eq!(facts.runpath, vec!["$ORIGIN", "$ORIGIN/mpich"]);
+    assert!(facts.rpath.is_empty());
+    assert!(facts.needed.iter().any(|n| n == "libfabric.so.1"));
+    assert_eq!(
+        facts.versions_needed_from("libfabric.so.1"),
+        set(&["FABRIC_1.0", "FABRIC_1.1", "FABRIC_1.9"])
+    );
+    let glibc_max = facts
+        .needed_versions("GLIBC")
+        .into_iter()
+        .next_back()
+        .unwrap();
+    // manylinux_2_28: nothing newer than glibc 2.28.
+    assert!(glibc_max <= SymbolVersion::parse("GLIBC_2.28").unwrap());
+    // It loads libfabric, it does not embed it.
+    let exports = exported_symbols(&std::fs::read(lib.join("libmpi.so.12")).unwrap()).unwrap();
+    assert!(exports.contains("MPI_Init"));
+    assert!(!exports.contains("fi_getinfo"));
+}
+
+#[test]
+fn libfabric_exports_its_api() {
+    let exports = exported_symbols(&std::fs::read(DEBIAN_LIBFABRIC).unwrap()).unwrap();
+    assert!(exports.contains("fi_getinfo"));
+    assert!(exports.contains("fi_version"));
+}
+
+#[test]
+fn host_glibc_version_from_libc() {
+    let facts = ElfFacts::read("/lib/x86_64-linux-gnu/libc.so.6".as_ref()).unwrap();
+    // Debian 12 ships glibc 2.36.
+    assert_eq!(
+        facts.max_defined_version("GLIBC"),
+        SymbolVersion::parse("GLIBC_2.36")
+    );
+    assert!(facts.version_definitions.contains("GLIBC_PRIVATE"));
+}
+
+#[test]
+fn missing_file_names_it() {
+    let err = ElfFacts::read("/nonexistent/libx.so".as_ref()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("/nonexistent/libx.so: "),
+        "{err}"
+    );
+}
