@@ -32,9 +32,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(verbose: u8) {
+    // backhand logs every corrupt-image detail at error level; cmpirun reports those itself in
+    // one line, so backhand's own messages appear only when asked for with -vv.
     let level = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,backhand=off",
+        1 => "info,backhand=off",
         2 => "debug",
         _ => "trace",
     };

@@ -1,0 +1,256 @@
+//! Squashfs filesystems inside a file (a plain squashfs file or a SIF partition), read through
+//! backhand without mounting anything.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
+
+use backhand::kind::{Kind, LE_V4_0};
+use backhand::{FilesystemReader, InnerNode, Node, Squashfs, SquashfsFileReader};
+
+use super::ImageError;
+use super::rootfs::{NodeKind, NodeMeta, RootFs};
+
+/// The squashfs magic, `hsqs`, at byte 0 of the superblock.
+pub const MAGIC: [u8; 4] = *b"hsqs";
+
+/// Facts from a squashfs superblock.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SquashfsInfo {
+    /// Byte offset of the superblock in the file.
+    pub offset: u64,
+    /// Bytes the filesystem uses (`bytes_used`).
+    pub bytes_used: u64,
+    /// Compression (`gzip`, `xz`, `zstd`, `lz4`, `lzo`, `lzma`).
+    pub compression: String,
+    /// Data block size in bytes.
+    pub block_size: u32,
+    /// Format version, `major.minor` (4.0).
+    pub version: String,
+    /// Number of inodes.
+    pub inode_count: u32,
+    /// Number of fragment entries.
+    pub fragment_count: u32,
+    /// Number of distinct uids/gids.
+    pub id_count: u16,
+    /// Creation time, Unix seconds.
+    pub mod_time: u32,
+}
+
+/// Reads and checks the squashfs superblock at `offset` of `file`; `limit` is the number of bytes
+/// the filesystem may use (the SIF partition size, or the file size).
+pub fn superblock(path: &Path, offset: u64, limit: u64) -> Result<SquashfsInfo, ImageError> {
+    let file = File::open(path).map_err(|e| ImageError::io(path, e))?;
+    let mut r = BufReader::new(file);
+    let bad = |reason: String| ImageError::BadSquashfs {
+        path: path.to_owned(),
+        offset,
+        reason,
+    };
+    if limit < 96 {
+        return Err(bad(format!(
+            "{limit} bytes, shorter than a squashfs superblock (96 bytes)"
+        )));
+    }
+    r.seek(SeekFrom::Start(offset))
+        .map_err(|e| ImageError::io(path, e))?;
+    let mut raw = [0u8; 96];
+    r.read_exact(&mut raw)
+        .map_err(|e| ImageError::io(path, e))?;
+    if raw[0..4] != MAGIC {
+        return Err(bad(format!(
+            "no squashfs magic (found \"{}\", expected \"hsqs\")",
+            raw[0..4].escape_ascii()
+        )));
+    }
+    let major = u16::from_le_bytes([raw[28], raw[29]]);
+    let minor = u16::from_le_bytes([raw[30], raw[31]]);
+    if major != 4 {
+        return Err(bad(format!(
+            "squashfs version {major}.{minor} is not supported (only 4.0)"
+        )));
+    }
+    let comp_id = u16::from_le_bytes([raw[20], raw[21]]);
+    let compression = match comp_id {
+        1 => "gzip",
+        2 => "lzma",
+        3 => "lzo",
+        4 => "xz",
+        5 => "lz4",
+        6 => "zstd",
+        other => return Err(bad(format!("unknown compression id {other}"))),
+    };
+    r.seek(SeekFrom::Start(offset))
+        .map_err(|e| ImageError::io(path, e))?;
+    let kind = Kind::from_const(LE_V4_0).map_err(bad)?;
+    let (sb, _) = Squashfs::superblock_and_compression_options(&mut r, &kind)
+        .map_err(|e| bad(e.to_string()))?;
+    if sb.bytes_used > limit {
+        return Err(bad(format!(
+            "the superblock says the filesystem uses {} bytes, but only {limit} are there (truncated?)",
+            sb.bytes_used
+        )));
+    }
+    Ok(SquashfsInfo {
+        offset,
+        bytes_used: sb.bytes_used,
+        compression: compression.to_owned(),
+        block_size: sb.block_size,
+        version: format!("{major}.{minor}"),
+        inode_count: sb.inode_count,
+        fragment_count: sb.frag_count,
+        id_count: sb.id_count,
+        mod_time: sb.mod_time,
+    })
+}
+
+/// A squashfs filesystem opened with backhand: the whole directory tree is in memory, file data
+/// is read and decompressed on demand.
+pub struct SquashfsRootFs {
+    path: PathBuf,
+    fs: FilesystemReader<'static>,
+}
+
+impl std::fmt::Debug for SquashfsRootFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SquashfsRootFs")
+            .field("path", &self.path)
+            .field("nodes", &self.fs.root.nodes.len())
+            .finish()
+    }
+}
+
+impl SquashfsRootFs {
+    /// Opens the squashfs at `offset` of `path`.
+    pub fn open(path: &Path, offset: u64) -> Result<Self, ImageError> {
+        let file = File::open(path).map_err(|e| ImageError::io(path, e))?;
+        let fs = FilesystemReader::from_reader_with_offset(BufReader::new(file), offset).map_err(
+            |e| ImageError::BadSquashfs {
+                path: path.to_owned(),
+                offset,
+                reason: e.to_string(),
+            },
+        )?;
+        Ok(SquashfsRootFs {
+            path: path.to_owned(),
+            fs,
+        })
+    }
+
+    /// The backhand reader, for callers that walk the whole tree.
+    pub fn reader(&self) -> &FilesystemReader<'static> {
+        &self.fs
+    }
+
+    fn node(&self, path: &str) -> io::Result<Option<&Node<SquashfsFileReader>>> {
+        let key = normalize(path)?;
+        Ok(self
+            .fs
+            .root
+            .nodes
+            .binary_search_by(|n| n.fullpath.as_path().cmp(&key))
+            .ok()
+            .map(|i| &self.fs.root.nodes[i]))
+    }
+
+    fn existing(&self, path: &str) -> io::Result<&Node<SquashfsFileReader>> {
+        self.node(path)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{path}: no such file in {}", self.path.display()),
+            )
+        })
+    }
+}
+
+/// `path` as backhand keys its nodes: absolute, no `.`/`..`/empty components.
+fn normalize(path: &str) -> io::Result<PathBuf> {
+    let mut out = PathBuf::from("/");
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{path}: image paths must not contain '..'"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl RootFs for SquashfsRootFs {
+    fn metadata(&self, path: &str) -> io::Result<Option<NodeMeta>> {
+        Ok(self.node(path)?.map(|n| {
+            let (kind, size) = match &n.inner {
+                InnerNode::File(f) => (NodeKind::File, f.file_len() as u64),
+                InnerNode::Dir(_) => (NodeKind::Dir, 0),
+                InnerNode::Symlink(_) => (NodeKind::Symlink, 0),
+                _ => (NodeKind::Other, 0),
+            };
+            NodeMeta {
+                kind,
+                mode: u32::from(n.header.permissions) & 0o7777,
+                size,
+            }
+        }))
+    }
+
+    fn read_link(&self, path: &str) -> io::Result<String> {
+        match &self.existing(path)?.inner {
+            InnerNode::Symlink(s) => Ok(s.link.to_string_lossy().into_owned()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: not a symbolic link"),
+            )),
+        }
+    }
+
+    fn read_file(&self, path: &str) -> io::Result<Vec<u8>> {
+        match &self.existing(path)?.inner {
+            InnerNode::File(f) => {
+                let mut reader = self
+                    .fs
+                    .file(f)
+                    .reader_checked()
+                    .map_err(|e| io::Error::other(format!("{path}: {e}")))?;
+                let mut buf = Vec::with_capacity(f.file_len().min(1 << 26));
+                reader.read_to_end(&mut buf)?;
+                Ok(buf)
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: not a regular file"),
+            )),
+        }
+    }
+
+    fn list_dir(&self, path: &str) -> io::Result<Vec<String>> {
+        let key = normalize(path)?;
+        let nodes = &self.fs.root.nodes;
+        let Ok(i) = nodes.binary_search_by(|n| n.fullpath.as_path().cmp(&key)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{path}: no such directory in {}", self.path.display()),
+            ));
+        };
+        if !matches!(nodes[i].inner, InnerNode::Dir(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: not a directory"),
+            ));
+        }
+        // Nodes are sorted by path, so a directory's descendants follow it contiguously.
+        let mut names: Vec<String> = nodes[i + 1..]
+            .iter()
+            .take_while(|n| n.fullpath.starts_with(&key))
+            .filter(|n| n.fullpath.parent() == Some(key.as_path()))
+            .filter_map(|n| n.fullpath.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
