@@ -3,6 +3,8 @@
 //! The data flow of one launch is visible in the module names:
 //! `cli` (argv → JobSpec) → `image` (SIF → ImageFacts) → plan → launch.
 
+pub mod cli;
 pub mod exit;
 pub mod image;
+pub mod jobspec;
 pub mod mount;

@@ -1,9 +1,16 @@
 //! The `cmpirun` command line.
+//!
+//! `cmpirun image|exec|shell|profile …` are subcommands parsed with clap; anything else is an
+//! mpirun-style launch (`cmpirun [flags] IMAGE PROGRAM [ARGS] [: …]`) parsed by `cmpirun::cli`,
+//! because mpirun's single-dash long flags (`-np`, `-genv`) are not clap's.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use cmpirun::cli::{self, CliRequest};
 use cmpirun::exit;
+use cmpirun::jobspec::DryRunFormat;
 
 /// Launch MPI jobs in unprivileged containers, one container per node.
 #[derive(Debug, Parser)]
@@ -20,7 +27,11 @@ struct Cli {
 enum Command {}
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if !names_subcommand(&args) {
+        return launch_main(&args[1.min(args.len())..]);
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -29,6 +40,68 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     match cli.command {}
+}
+
+/// Whether the first argument is one of the clap subcommands (`image`, `exec`, …) rather than
+/// the start of an mpirun-style command line. An image file that happens to be called like a
+/// subcommand can be written `./image`.
+fn names_subcommand(args: &[OsString]) -> bool {
+    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+        return false;
+    };
+    first == "help"
+        || Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == first || c.get_all_aliases().any(|a| a == first))
+}
+
+/// The mpirun-style launch: argv → JobSpec → plan → launch (or print the plan).
+fn launch_main(args: &[OsString]) -> ExitCode {
+    let request = match cli::parse_launch(args) {
+        Ok(r) => r,
+        Err(e) => return report(&anyhow::Error::new(e)),
+    };
+    let spec = match request {
+        CliRequest::Help => {
+            print!("{}", cli::HELP);
+            return ExitCode::SUCCESS;
+        }
+        CliRequest::Version => {
+            println!("cmpirun {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        CliRequest::Launch(spec) => spec,
+    };
+    init_logging(spec.verbose);
+    for w in &spec.warnings {
+        tracing::warn!("{w}");
+    }
+    match run_launch(&spec) {
+        Ok(code) => code,
+        Err(e) => report(&e),
+    }
+}
+
+fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
+    if spec.dry_run == Some(DryRunFormat::Job) {
+        println!("{}", serde_json::to_string_pretty(spec)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    anyhow::bail!("launching is not built yet; use --dry-run to see the launch plan")
+}
+
+/// Prints an error on one line and chooses the exit status: 2 for anything the user can fix
+/// by changing the command line or an input file, 1 otherwise.
+fn report(err: &anyhow::Error) -> ExitCode {
+    eprintln!("cmpirun: {err:#}");
+    ExitCode::from(exit_status(err) as u8)
+}
+
+fn exit_status(err: &anyhow::Error) -> i32 {
+    let usage = err
+        .chain()
+        .any(|e| e.is::<exit::UsageError>() || e.is::<cli::CliError>());
+    if usage { exit::USAGE } else { exit::FAILURE }
 }
 
 fn init_logging(verbose: u8) {
@@ -45,6 +118,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();

@@ -1,0 +1,856 @@
+//! The mpirun-compatible command line: `cmpirun [flags] IMAGE PROGRAM [ARGS] [: [flags] IMAGE PROGRAM [ARGS]]…`.
+//!
+//! mpirun's flags are single-dash multi-letter words (`-np`, `-genv`, `-ppn`, `-wdir`) mixed with
+//! GNU-style long flags (`--hostfile`, `--tag-output`), which clap cannot parse, so this is a small
+//! parser over a table of flags ([`FLAGS`]). Everything after the image is the program and its
+//! arguments, verbatim, up to a lone `:` that starts the next MPMD part. Flags that only tune
+//! placement or binding are accepted with a warning (see `docs/launch.md`).
+
+use std::path::{Path, PathBuf};
+
+use crate::jobspec::{
+    AppSpec, BindSpec, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec, LauncherKind,
+    Mapping, MountBackendKind, OutputTag, PmiKind,
+};
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CliRequest {
+    /// Launch (or, with `--dry-run`, plan) a job.
+    Launch(Box<JobSpec>),
+    /// `--help`: print [`HELP`].
+    Help,
+    /// `--version`.
+    Version,
+}
+
+/// A bad command line. Every variant names the flag, file or part at fault; the binary exits
+/// with status 2 (`cmpirun::exit::USAGE`) for all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A flag that is neither cmpirun's nor a known mpirun flag.
+    #[error("unknown flag {flag}; run `cmpirun --help` for the flags cmpirun knows")]
+    UnknownFlag {
+        /// The flag as given.
+        flag: String,
+    },
+    /// A flag whose value(s) are missing at the end of the command line or before `:`.
+    #[error("{flag} needs {what}")]
+    MissingValue {
+        /// The flag.
+        flag: String,
+        /// What it needs, e.g. "a number of processes".
+        what: &'static str,
+    },
+    /// A flag whose value is not acceptable.
+    #[error("{flag} {value:?}: {message}")]
+    BadValue {
+        /// The flag.
+        flag: String,
+        /// The value given.
+        value: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A flag that was given a boolean value (`--force=yes`).
+    #[error("{flag} takes no value")]
+    UnexpectedValue {
+        /// The flag.
+        flag: String,
+    },
+    /// A part of the command line without an image.
+    #[error(
+        "{part}no image given; the command line is `cmpirun [flags] IMAGE PROGRAM [ARGS] [: …]`"
+    )]
+    MissingImage {
+        /// "part N: " for MPMD command lines, empty otherwise.
+        part: String,
+    },
+    /// A part with an image but no program.
+    #[error(
+        "{part}no program given after the image {image}; the command line is `cmpirun [flags] IMAGE PROGRAM [ARGS]`"
+    )]
+    MissingProgram {
+        /// "part N: " for MPMD command lines, empty otherwise.
+        part: String,
+        /// The image given.
+        image: String,
+    },
+    /// Two flags that contradict each other.
+    #[error("{first} and {second} cannot be used together")]
+    Conflict {
+        /// One flag.
+        first: &'static str,
+        /// The other.
+        second: &'static str,
+    },
+    /// A flag that only makes sense with another one.
+    #[error("{flag} needs {needs}")]
+    Requires {
+        /// The flag given.
+        flag: &'static str,
+        /// The flag it needs.
+        needs: &'static str,
+    },
+    /// The hostfile could not be read.
+    #[error("{flag} {path}: {source}")]
+    HostfileRead {
+        /// The flag that named it.
+        flag: String,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// A hostfile line that is neither MPICH's `host[:n]` nor Open MPI's `host slots=n`.
+    #[error("{path}:{line}: {message}")]
+    HostfileSyntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// An argument that is not valid UTF-8.
+    #[error("argument {index} is not valid UTF-8: {lossy}")]
+    NotUtf8 {
+        /// 1-based position on the command line.
+        index: usize,
+        /// The argument with bad bytes replaced.
+        lossy: String,
+    },
+}
+
+/// What a flag does, once its values are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Np,
+    Ppn,
+    Host,
+    Hostfile,
+    ExportX,
+    Genv,
+    Env,
+    Genvall,
+    Genvnone,
+    Genvlist,
+    Envlist,
+    Wdir,
+    Gwdir,
+    TagOutput,
+    PrependRank,
+    Timeout,
+    Verbose,
+    Version,
+    Help,
+    Profile,
+    Launcher,
+    Pmi,
+    Bind,
+    ImageMount,
+    DryRun,
+    Json,
+    Force,
+    NoInject,
+    ExpectProvider,
+    Shm,
+    /// Open MPI MCA parameter: the variable prefix it becomes.
+    Mca(&'static str),
+    MapBy,
+    RoundRobin,
+    /// Accepted, not acted on, with a warning that says why.
+    Ignored(&'static str),
+}
+
+/// One entry of the flag table.
+struct Flag {
+    names: &'static [&'static str],
+    /// Number of values that follow the flag.
+    arity: u8,
+    act: Act,
+    /// What the values are, for "needs …" messages.
+    what: &'static str,
+}
+
+const PLACEMENT: &str =
+    "cmpirun does not bind or place processes beyond the rank layout; the flag is ignored";
+
+/// The flags cmpirun understands, with every spelling mpirun users type.
+#[rustfmt::skip]
+const FLAGS: &[Flag] = &[
+    Flag { names: &["-n", "-np", "--np", "--n", "-c"], arity: 1, act: Act::Np, what: "a number of processes" },
+    Flag { names: &["-N", "-ppn", "--ppn", "-npernode", "--npernode", "-perhost", "--perhost"], arity: 1, act: Act::Ppn, what: "a number of processes per node" },
+    Flag { names: &["-H", "-host", "--host", "-hosts", "--hosts"], arity: 1, act: Act::Host, what: "a host list such as a,b:2" },
+    Flag { names: &["-f", "-hostfile", "--hostfile", "-machinefile", "--machinefile"], arity: 1, act: Act::Hostfile, what: "a hostfile" },
+    Flag { names: &["-x"], arity: 1, act: Act::ExportX, what: "VAR or VAR=VALUE" },
+    Flag { names: &["-genv", "--genv"], arity: 2, act: Act::Genv, what: "VAR VALUE" },
+    Flag { names: &["-env", "--env"], arity: 2, act: Act::Env, what: "VAR VALUE" },
+    Flag { names: &["-genvall", "--genvall", "-envall", "--envall"], arity: 0, act: Act::Genvall, what: "" },
+    Flag { names: &["-genvnone", "--genvnone", "-envnone", "--envnone"], arity: 0, act: Act::Genvnone, what: "" },
+    Flag { names: &["-genvlist", "--genvlist"], arity: 1, act: Act::Genvlist, what: "a comma-separated list of variables" },
+    Flag { names: &["-envlist", "--envlist"], arity: 1, act: Act::Envlist, what: "a comma-separated list of variables" },
+    Flag { names: &["-wdir", "--wdir", "-wd", "--wd"], arity: 1, act: Act::Wdir, what: "a directory" },
+    Flag { names: &["-gwdir", "--gwdir"], arity: 1, act: Act::Gwdir, what: "a directory" },
+    Flag { names: &["--tag-output", "-tag-output"], arity: 0, act: Act::TagOutput, what: "" },
+    Flag { names: &["-l", "-prepend-rank", "--prepend-rank"], arity: 0, act: Act::PrependRank, what: "" },
+    Flag { names: &["--timeout", "-timeout"], arity: 1, act: Act::Timeout, what: "a number of seconds" },
+    Flag { names: &["-v", "--verbose"], arity: 0, act: Act::Verbose, what: "" },
+    Flag { names: &["--version", "-version", "-V"], arity: 0, act: Act::Version, what: "" },
+    Flag { names: &["--help", "-help", "-h"], arity: 0, act: Act::Help, what: "" },
+    Flag { names: &["--profile"], arity: 1, act: Act::Profile, what: "a profile name or path" },
+    Flag { names: &["--launcher", "-launcher"], arity: 1, act: Act::Launcher, what: "local, slurm or hydra" },
+    Flag { names: &["--pmi"], arity: 1, act: Act::Pmi, what: "pmi1, pmi2 or pmix" },
+    Flag { names: &["--bind", "-B"], arity: 1, act: Act::Bind, what: "SRC[:DST[:ro|rw]]" },
+    Flag { names: &["--image-mount"], arity: 1, act: Act::ImageMount, what: "auto, fuse, squashfuse or extract" },
+    Flag { names: &["--dry-run"], arity: 0, act: Act::DryRun, what: "" },
+    Flag { names: &["--json"], arity: 0, act: Act::Json, what: "" },
+    Flag { names: &["--force"], arity: 0, act: Act::Force, what: "" },
+    Flag { names: &["--no-inject"], arity: 0, act: Act::NoInject, what: "" },
+    Flag { names: &["--expect-provider"], arity: 1, act: Act::ExpectProvider, what: "a libfabric provider name such as cxi" },
+    Flag { names: &["--shm"], arity: 1, act: Act::Shm, what: "a size such as 4g or 50%" },
+    Flag { names: &["--mca", "-mca", "--gmca", "-gmca"], arity: 2, act: Act::Mca("OMPI_MCA_"), what: "KEY VALUE" },
+    Flag { names: &["--pmixmca", "-pmixmca"], arity: 2, act: Act::Mca("PMIX_MCA_"), what: "KEY VALUE" },
+    Flag { names: &["--prtemca", "-prtemca"], arity: 2, act: Act::Mca("PRTE_MCA_"), what: "KEY VALUE" },
+    Flag { names: &["--map-by", "-map-by"], arity: 1, act: Act::MapBy, what: "a mapping such as slot or node" },
+    Flag { names: &["-rr", "--bynode", "-bynode"], arity: 0, act: Act::RoundRobin, what: "" },
+    Flag { names: &["--byslot", "-byslot"], arity: 0, act: Act::Ignored("block mapping is already the default"), what: "" },
+    Flag { names: &["--bind-to", "-bind-to", "-binding", "--binding", "--rank-by", "-rank-by", "--cpus-per-proc", "-cpus-per-proc", "--cpus-per-rank", "-cpus-per-rank", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
+    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--display-map", "-display-map", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
+    Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
+    Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
+    Flag { names: &["--prefix", "-prefix"], arity: 1, act: Act::Ignored("the MPI installation is the one inside the image"), what: "a directory" },
+];
+
+/// The text `cmpirun --help` prints.
+pub const HELP: &str = "\
+cmpirun: run an MPI program from a container image, one unprivileged container per node
+
+Usage:
+  cmpirun [flags] IMAGE PROGRAM [ARGS] [: [flags] IMAGE PROGRAM [ARGS]]...
+  cmpirun profile show|check [--profile NAME|PATH] [--json]
+  cmpirun image|exec|shell ...     (see `cmpirun image --help`, ...)
+
+Processes and placement:
+  -n, -np N                  number of ranks of this part (default: fill the slots)
+  -N, -ppn, --npernode N     ranks per node
+  -H, --host a,b:2,...       hosts and their slots
+  -f, --hostfile FILE        hostfile (MPICH `host:n` or Open MPI `host slots=n` lines)
+  --map-by node, -rr         place consecutive ranks on different nodes (cyclic)
+Environment and directory:
+  -x VAR[=VALUE]             pass VAR (or set it) for every rank
+  -genv VAR VALUE            set VAR for every rank
+  -env VAR VALUE             set VAR for the ranks of this part only
+  -genvlist A,B / -envlist   pass these variables (all parts / this part)
+  -genvall / -genvnone       inherit the caller's environment (default) / none of it
+  --mca KEY VALUE            Open MPI parameter, set as OMPI_MCA_KEY=VALUE
+  -wdir DIR / -gwdir DIR     working directory of this part / of all parts
+Output and control:
+  --tag-output               prefix lines with [1,RANK]<stdout>:
+  -l, -prepend-rank          prefix lines with [RANK]
+  --timeout SECONDS          end the job after SECONDS
+  -v                         more detail (repeat for more)
+cmpirun's own:
+  --profile NAME|PATH        site profile (default: $CMPIRUN_PROFILE, then the best match)
+  --launcher local|slurm|hydra
+  --pmi pmi1|pmi2|pmix
+  --bind SRC[:DST[:ro|rw]]   extra bind into every container
+  --image-mount auto|fuse|squashfuse|extract
+  --shm SIZE                 size of the node's private /dev/shm (tmpfs size=)
+  --dry-run [--json]         print the launch plan instead of launching
+  --dry-run=job              print only how the command line was understood (JSON)
+  --force                    launch even when a compatibility check fails
+  --no-inject                use the image's own libfabric and PMI libraries
+  --expect-provider NAME     fail ranks that did not load the host libfabric provider NAME
+  --version, --help
+
+Placement and binding flags of mpirun (--bind-to, --rank-by, --oversubscribe, ...) are
+accepted with a warning. See docs/launch.md.
+";
+
+fn lookup(name: &str) -> Option<&'static Flag> {
+    FLAGS.iter().find(|f| f.names.contains(&name))
+}
+
+/// Per-part state while parsing.
+#[derive(Default)]
+struct PartState {
+    np: Option<u32>,
+    env: Vec<EnvSetting>,
+    wdir: Option<PathBuf>,
+}
+
+/// Parses the mpirun-style command line (without the program name).
+///
+/// Reads the hostfile if one is named, so that its errors name the file and line.
+pub fn parse_launch<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<CliRequest, CliError> {
+    let mut argv = Vec::with_capacity(args.len());
+    for (i, a) in args.iter().enumerate() {
+        match a.as_ref().to_str() {
+            Some(s) => argv.push(s.to_owned()),
+            None => {
+                return Err(CliError::NotUtf8 {
+                    index: i + 1,
+                    lossy: a.as_ref().to_string_lossy().into_owned(),
+                });
+            }
+        }
+    }
+    Parser::default().run(&argv)
+}
+
+#[derive(Default)]
+struct Parser {
+    spec: JobSpec,
+    json: bool,
+    dry_run: bool,
+    job_only: bool,
+    genvall_seen: bool,
+    genvnone_seen: bool,
+}
+
+impl Parser {
+    fn run(mut self, argv: &[String]) -> Result<CliRequest, CliError> {
+        let mut i = 0;
+        let mut part = PartState::default();
+        let mut positional: Vec<String> = Vec::new();
+        let mut only_positional = false;
+        let mut parts: Vec<(PartState, Vec<String>)> = Vec::new();
+        while i < argv.len() {
+            let tok = &argv[i];
+            i += 1;
+            if tok == ":" {
+                parts.push((std::mem::take(&mut part), std::mem::take(&mut positional)));
+                only_positional = false;
+                continue;
+            }
+            // Once the image is named, the rest of this part is the program and its arguments.
+            if !positional.is_empty() || only_positional || !tok.starts_with('-') || tok == "-" {
+                positional.push(tok.clone());
+                continue;
+            }
+            if tok == "--" {
+                only_positional = true;
+                continue;
+            }
+            let (flag, name, inline) = self.resolve(tok)?;
+            if flag.act == Act::DryRun && inline.as_deref() == Some("job") {
+                self.dry_run = true;
+                self.job_only = true;
+                continue;
+            }
+            if flag.arity == 0 {
+                if inline.is_some() {
+                    return Err(CliError::UnexpectedValue { flag: name });
+                }
+                match self.apply0(flag.act, &name)? {
+                    Some(req) => return Ok(req),
+                    None => continue,
+                }
+            }
+            let mut values = Vec::with_capacity(flag.arity as usize);
+            if let Some(v) = inline {
+                values.push(v);
+            }
+            while values.len() < flag.arity as usize {
+                match argv.get(i) {
+                    Some(v) if v != ":" => {
+                        values.push(v.clone());
+                        i += 1;
+                    }
+                    _ => {
+                        return Err(CliError::MissingValue {
+                            flag: name,
+                            what: flag.what,
+                        });
+                    }
+                }
+            }
+            self.apply(flag.act, &name, &values, &mut part)?;
+        }
+        parts.push((part, positional));
+
+        let mpmd = parts.len() > 1;
+        for (n, (state, pos)) in parts.into_iter().enumerate() {
+            let label = if mpmd {
+                format!("part {}: ", n + 1)
+            } else {
+                String::new()
+            };
+            let mut pos = pos.into_iter();
+            let image = pos.next().ok_or_else(|| CliError::MissingImage {
+                part: label.clone(),
+            })?;
+            let program = pos.next().ok_or_else(|| CliError::MissingProgram {
+                part: label.clone(),
+                image: image.clone(),
+            })?;
+            self.spec.apps.push(AppSpec {
+                image: PathBuf::from(image),
+                program,
+                args: pos.collect(),
+                np: state.np,
+                env: state.env,
+                wdir: state.wdir,
+            });
+        }
+        if self.json && !self.dry_run {
+            return Err(CliError::Requires {
+                flag: "--json",
+                needs: "--dry-run",
+            });
+        }
+        if self.genvall_seen && self.genvnone_seen {
+            return Err(CliError::Conflict {
+                first: "-genvall",
+                second: "-genvnone",
+            });
+        }
+        if self.dry_run {
+            self.spec.dry_run = Some(if self.job_only {
+                DryRunFormat::Job
+            } else if self.json {
+                DryRunFormat::Json
+            } else {
+                DryRunFormat::Text
+            });
+        }
+        Ok(CliRequest::Launch(Box::new(self.spec)))
+    }
+
+    /// Finds the flag for `tok`, splitting `--flag=value` and `-n4` forms.
+    fn resolve(&self, tok: &str) -> Result<(&'static Flag, String, Option<String>), CliError> {
+        if let Some(f) = lookup(tok) {
+            return Ok((f, tok.to_owned(), None));
+        }
+        if let Some((name, value)) = tok.split_once('=')
+            && let Some(f) = lookup(name)
+        {
+            return Ok((f, name.to_owned(), Some(value.to_owned())));
+        }
+        // -vv, -vvv: repeated verbosity.
+        if tok.len() > 2 && tok[1..].bytes().all(|b| b == b'v') {
+            return Ok((
+                lookup("-v").ok_or_else(|| unknown(tok))?,
+                tok.to_owned(),
+                None,
+            ));
+        }
+        // -n4, -N2, -xFOO=1: a one-letter flag with its value attached.
+        if tok.len() > 2 && !tok.starts_with("--") {
+            let (name, value) = tok.split_at(2);
+            if let Some(f) = lookup(name)
+                && f.arity == 1
+            {
+                return Ok((f, name.to_owned(), Some(value.to_owned())));
+            }
+        }
+        Err(unknown(tok))
+    }
+
+    /// Applies a flag without values; returns a request that ends parsing (`--help`).
+    fn apply0(&mut self, act: Act, name: &str) -> Result<Option<CliRequest>, CliError> {
+        match act {
+            Act::Genvall => {
+                self.genvall_seen = true;
+                self.spec.env_all = EnvInherit::All;
+            }
+            Act::Genvnone => {
+                self.genvnone_seen = true;
+                self.spec.env_all = EnvInherit::None;
+            }
+            Act::TagOutput => self.spec.output_tag = OutputTag::TagOutput,
+            Act::PrependRank => self.spec.output_tag = OutputTag::PrependRank,
+            Act::Verbose => {
+                let n = if name.starts_with("--") {
+                    1
+                } else {
+                    name.len() as u8 - 1
+                };
+                self.spec.verbose = self.spec.verbose.saturating_add(n);
+            }
+            Act::Version => return Ok(Some(CliRequest::Version)),
+            Act::Help => return Ok(Some(CliRequest::Help)),
+            Act::DryRun => self.dry_run = true,
+            Act::Json => self.json = true,
+            Act::Force => self.spec.force = true,
+            Act::NoInject => self.spec.no_inject = true,
+            Act::RoundRobin => self.spec.mapping = Mapping::Cyclic,
+            Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
+            _ => return Err(unknown(name)),
+        }
+        Ok(None)
+    }
+
+    fn apply(
+        &mut self,
+        act: Act,
+        name: &str,
+        values: &[String],
+        part: &mut PartState,
+    ) -> Result<(), CliError> {
+        let v = values[0].as_str();
+        match act {
+            Act::Np => part.np = Some(positive(name, v)?),
+            Act::Ppn => self.spec.ppn = Some(positive(name, v)?),
+            Act::Host => {
+                let hosts = parse_host_list(v).map_err(|message| bad(name, v, message))?;
+                self.spec.hosts.extend(hosts);
+            }
+            Act::Hostfile => {
+                let path = PathBuf::from(v);
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| CliError::HostfileRead {
+                        flag: name.to_owned(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                let hosts = parse_hostfile(&path, &text)?;
+                if hosts.is_empty() {
+                    return Err(CliError::HostfileSyntax {
+                        path,
+                        line: text.lines().count().max(1),
+                        message: "the hostfile names no host".into(),
+                    });
+                }
+                self.spec.hosts.extend(hosts);
+                self.spec.hostfile = Some(path);
+            }
+            Act::ExportX => {
+                let setting = match v.split_once('=') {
+                    Some((var, value)) => EnvSetting::Set {
+                        name: var_name(name, v, var)?,
+                        value: value.to_owned(),
+                    },
+                    None => EnvSetting::Pass {
+                        name: var_name(name, v, v)?,
+                    },
+                };
+                self.spec.env.push(setting);
+            }
+            Act::Genv => self.spec.env.push(EnvSetting::Set {
+                name: var_name(name, v, v)?,
+                value: values[1].clone(),
+            }),
+            Act::Env => part.env.push(EnvSetting::Set {
+                name: var_name(name, v, v)?,
+                value: values[1].clone(),
+            }),
+            Act::Genvlist | Act::Envlist => {
+                for var in v.split(',').filter(|s| !s.is_empty()) {
+                    let setting = EnvSetting::Pass {
+                        name: var_name(name, v, var)?,
+                    };
+                    if act == Act::Genvlist {
+                        self.spec.env.push(setting);
+                    } else {
+                        part.env.push(setting);
+                    }
+                }
+            }
+            Act::Wdir => part.wdir = Some(nonempty_path(name, v)?),
+            Act::Gwdir => self.spec.wdir = Some(nonempty_path(name, v)?),
+            Act::Timeout => {
+                self.spec.timeout_secs = Some(u64::from(positive(name, v)?));
+            }
+            Act::Profile => {
+                if v.is_empty() {
+                    return Err(bad(name, v, "give a profile name or a path to a YAML file"));
+                }
+                self.spec.profile = Some(v.to_owned());
+            }
+            Act::Launcher => {
+                self.spec.launcher = Some(match v {
+                    "local" => LauncherKind::Local,
+                    "slurm" => LauncherKind::Slurm,
+                    "hydra" => LauncherKind::Hydra,
+                    _ => return Err(bad(name, v, "expected local, slurm or hydra")),
+                })
+            }
+            Act::Pmi => {
+                self.spec.pmi = Some(match v {
+                    "pmi1" | "pmi" => PmiKind::Pmi1,
+                    "pmi2" => PmiKind::Pmi2,
+                    "pmix" => PmiKind::Pmix,
+                    _ => return Err(bad(name, v, "expected pmi1, pmi2 or pmix")),
+                })
+            }
+            Act::Bind => self
+                .spec
+                .binds
+                .push(parse_bind(v).map_err(|m| bad(name, v, m))?),
+            Act::ImageMount => {
+                self.spec.image_mount = Some(match v {
+                    "auto" => MountBackendKind::Auto,
+                    "fuse" => MountBackendKind::Fuse,
+                    "squashfuse" => MountBackendKind::Squashfuse,
+                    "extract" => MountBackendKind::Extract,
+                    _ => return Err(bad(name, v, "expected auto, fuse, squashfuse or extract")),
+                })
+            }
+            Act::ExpectProvider => {
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(bad(
+                        name,
+                        v,
+                        "expected a libfabric provider name such as cxi, efa, verbs or tcp",
+                    ));
+                }
+                self.spec.expect_provider = Some(v.to_owned());
+            }
+            Act::Shm => {
+                let digits = v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', '%']);
+                if digits.is_empty()
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                    || v.len() - digits.len() > 1
+                {
+                    return Err(bad(
+                        name,
+                        v,
+                        "expected a size such as 512m, 4g or 50% (a tmpfs size= value)",
+                    ));
+                }
+                self.spec.shm_size = Some(v.to_owned());
+            }
+            Act::Mca(prefix) => {
+                let key = values[0].as_str();
+                let var = format!("{prefix}{key}");
+                self.spec.env.push(EnvSetting::Set {
+                    name: var_name(name, key, &var)?,
+                    value: values[1].clone(),
+                });
+            }
+            Act::MapBy => {
+                // Only the object matters for the layout; modifiers (`:PE=2`, `:OVERSUBSCRIBE`)
+                // tune binding, which cmpirun does not do.
+                let object = v.split([':', ',']).next().unwrap_or(v).to_ascii_lowercase();
+                match object.as_str() {
+                    "node" => {
+                        self.spec.mapping = Mapping::Cyclic;
+                        if v.contains(':') {
+                            self.spec.warnings.push(format!("{name} {v}: ranks are placed cyclically over the nodes; {PLACEMENT}"));
+                        }
+                    }
+                    "slot" | "core" | "hwthread" | "socket" | "package" | "numa" | "l3cache"
+                    | "l2cache" | "l1cache" | "board" => {
+                        self.spec.mapping = Mapping::Block;
+                        if object != "slot" || v.contains(':') {
+                            self.spec.warnings.push(format!(
+                                "{name} {v}: ranks are placed block-wise over the nodes; \
+                                 {PLACEMENT}"
+                            ));
+                        }
+                    }
+                    _ => self.spec.warnings.push(format!("{name} {v}: {PLACEMENT}")),
+                }
+            }
+            Act::Ignored(why) => self.spec.warnings.push(format!("{name} {v}: {why}")),
+            _ => return Err(unknown(name)),
+        }
+        Ok(())
+    }
+}
+
+fn unknown(flag: &str) -> CliError {
+    CliError::UnknownFlag {
+        flag: flag.to_owned(),
+    }
+}
+
+fn bad(flag: &str, value: &str, message: impl Into<String>) -> CliError {
+    CliError::BadValue {
+        flag: flag.to_owned(),
+        value: value.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn positive(flag: &str, v: &str) -> Result<u32, CliError> {
+    match v.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(bad(flag, v, "expected a whole number of at least 1")),
+    }
+}
+
+fn nonempty_path(flag: &str, v: &str) -> Result<PathBuf, CliError> {
+    if v.is_empty() {
+        return Err(bad(flag, v, "expected a directory"));
+    }
+    Ok(PathBuf::from(v))
+}
+
+/// Checks that `var` is a valid environment variable name.
+fn var_name(flag: &str, value: &str, var: &str) -> Result<String, CliError> {
+    let mut bytes = var.bytes();
+    let ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(var.to_owned())
+    } else {
+        Err(bad(
+            flag,
+            value,
+            format!(
+                "{var:?} is not a variable name (letters, digits and _, not starting with a digit)"
+            ),
+        ))
+    }
+}
+
+/// Parses `-H a,b:2,c` (Open MPI and MPICH both write `host:slots`).
+pub fn parse_host_list(list: &str) -> Result<Vec<HostSlots>, String> {
+    let mut hosts = Vec::new();
+    for item in list.split(',') {
+        if item.is_empty() {
+            return Err("empty host name in the list".into());
+        }
+        hosts.push(host_slots(item)?);
+    }
+    Ok(hosts)
+}
+
+fn host_slots(item: &str) -> Result<HostSlots, String> {
+    let (name, slots) = match item.rsplit_once(':') {
+        Some((name, n)) => match n.parse::<u32>() {
+            Ok(n) if n > 0 => (name, Some(n)),
+            _ => {
+                return Err(format!(
+                    "{item:?}: the slot count after ':' must be a whole number of at least 1"
+                ));
+            }
+        },
+        None => (item, None),
+    };
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(format!("{item:?} is not a host name"));
+    }
+    Ok(HostSlots {
+        name: name.to_owned(),
+        slots,
+    })
+}
+
+/// Parses a hostfile in MPICH (`host`, `host:n`) or Open MPI (`host slots=n [max_slots=m]`)
+/// form; `#` starts a comment. Errors name the file and line.
+pub fn parse_hostfile(path: &Path, text: &str) -> Result<Vec<HostSlots>, CliError> {
+    let mut hosts = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |message: String| CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: n + 1,
+            message,
+        };
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or(line);
+        let mut host = host_slots(first).map_err(err)?;
+        for word in words {
+            let Some((key, value)) = word.split_once('=') else {
+                return Err(err(format!(
+                    "{word:?}: expected `host:n` (MPICH) or `host slots=n` (Open MPI)"
+                )));
+            };
+            let count = || match value.parse::<u32>() {
+                Ok(c) if c > 0 => Ok(c),
+                _ => Err(err(format!(
+                    "{key}={value}: expected a whole number of at least 1"
+                ))),
+            };
+            match key {
+                "slots" | "count" | "cpu" | "cpus" => {
+                    if host.slots.is_some() {
+                        return Err(err(format!(
+                            "{word:?}: the slot count of {} is given twice",
+                            host.name
+                        )));
+                    }
+                    host.slots = Some(count()?);
+                }
+                // Upper limits and hydra's per-host options do not change the layout.
+                "max_slots" | "max-slots" => {
+                    count()?;
+                }
+                "ifhn" | "user" | "binding" | "port" => {}
+                _ => {
+                    return Err(err(format!(
+                        "unknown key {key:?}; expected slots=, max_slots= (Open MPI) or host:n (MPICH)"
+                    )));
+                }
+            }
+        }
+        hosts.push(host);
+    }
+    Ok(hosts)
+}
+
+/// Parses `--bind SRC[:DST[:ro|rw]]`.
+pub fn parse_bind(v: &str) -> Result<BindSpec, String> {
+    let mut it = v.split(':');
+    let source = it.next().unwrap_or("");
+    let destination = it.next().filter(|s| !s.is_empty()).unwrap_or(source);
+    let read_only = match it.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(other) => return Err(format!("unknown bind option {other:?}; expected ro or rw")),
+    };
+    if it.next().is_some() {
+        return Err("expected SRC[:DST[:ro|rw]]".into());
+    }
+    if !source.starts_with('/') || !destination.starts_with('/') {
+        return Err("both paths must be absolute".into());
+    }
+    Ok(BindSpec {
+        source: PathBuf::from(source),
+        destination: PathBuf::from(destination),
+        read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(args: &[&str]) -> JobSpec {
+        match parse_launch(args).unwrap() {
+            CliRequest::Launch(spec) => *spec,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flag_names_are_unique() {
+        let mut all: Vec<&str> = FLAGS.iter().flat_map(|f| f.names.iter().copied()).collect();
+        all.sort_unstable();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len());
+    }
+
+    #[test]
+    fn attached_values() {
+        let s = launch(&["-n4", "--host=a,b:2", "-vv", "img", "prog"]);
+        assert_eq!(s.apps[0].np, Some(4));
+        assert_eq!(s.hosts.len(), 2);
+        assert_eq!(s.verbose, 2);
+    }
+
+    #[test]
+    fn program_args_are_verbatim() {
+        let s = launch(&["-n", "2", "img", "prog", "-n", "--x", "="]);
+        assert_eq!(s.apps[0].args, ["-n", "--x", "="]);
+    }
+
+    #[test]
+    fn hostfile_formats() {
+        let p = Path::new("hf");
+        let h = parse_hostfile(p, "a:2\n# c\nb slots=3 max_slots=4\n\nc\n").unwrap();
+        assert_eq!(h[0].slots, Some(2));
+        assert_eq!(h[1].slots, Some(3));
+        assert_eq!(h[2].slots, None);
+        let e = parse_hostfile(p, "a\nb slot=2\n").unwrap_err().to_string();
+        assert!(e.starts_with("hf:2:"), "{e}");
+    }
+}

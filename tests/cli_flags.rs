@@ -1,0 +1,375 @@
+//! The mpirun-compatible command line, through the real binary: every flag lands in the JobSpec
+//! (`--dry-run=job` prints it), and bad input exits 2 with a message naming the flag.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn cmpirun(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cmpirun"))
+        .args(args)
+        .env_remove("CMPIRUN_PROFILE")
+        .env_remove("CMPIRUN_LOG")
+        .output()
+        .expect("run cmpirun")
+}
+
+/// Parses `args` with `--dry-run=job` and returns the JobSpec and stderr.
+fn job(args: &[&str]) -> (Value, String) {
+    let mut all = vec!["--dry-run=job"];
+    all.extend_from_slice(args);
+    let out = cmpirun(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "cmpirun {all:?} failed: {stderr}");
+    (serde_json::from_slice(&out.stdout).expect("JSON"), stderr)
+}
+
+/// Runs `args`, expects exit 2 and a one-line message containing every one of `needles`.
+fn usage_error(args: &[&str], needles: &[&str]) {
+    let out = cmpirun(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "cmpirun {args:?}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: {stderr:?} should name {n:?}");
+    }
+}
+
+#[test]
+fn process_counts_in_every_spelling() {
+    for flag in ["-n", "-np", "--np", "--n", "-c"] {
+        let (j, _) = job(&[flag, "3", "img.sif", "prog"]);
+        assert_eq!(j["apps"][0]["np"], 3, "{flag}");
+    }
+    let (j, _) = job(&["-n4", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], 4);
+    let (j, _) = job(&["--np=5", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], 5);
+    for flag in ["-N", "-ppn", "--ppn", "-npernode", "--npernode", "-perhost"] {
+        let (j, _) = job(&[flag, "2", "img.sif", "prog"]);
+        assert_eq!(j["ppn"], 2, "{flag}");
+    }
+    let (j, _) = job(&["img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], Value::Null);
+}
+
+#[test]
+fn image_program_and_arguments_verbatim() {
+    let (j, _) = job(&["-n", "2", "img.sif", "./a.out", "-n", "7", "--weird", "-x"]);
+    let app = &j["apps"][0];
+    assert_eq!(app["image"], "img.sif");
+    assert_eq!(app["program"], "./a.out");
+    assert_eq!(app["args"], serde_json::json!(["-n", "7", "--weird", "-x"]));
+    // `--` ends the flags even if the image name starts with a dash.
+    let (j, _) = job(&["--", "-img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["image"], "-img.sif");
+}
+
+#[test]
+fn hosts_from_command_line() {
+    for flag in ["-H", "-host", "--host", "-hosts", "--hosts"] {
+        let (j, _) = job(&[flag, "a,b:2", "img.sif", "prog"]);
+        assert_eq!(
+            j["hosts"],
+            serde_json::json!([{"name": "a", "slots": null}, {"name": "b", "slots": 2}]),
+            "{flag}"
+        );
+    }
+    let (j, _) = job(&["-H", "a", "-H", "b:3", "img.sif", "prog"]);
+    assert_eq!(j["hosts"][1]["slots"], 3);
+}
+
+#[test]
+fn hostfiles_in_mpich_and_open_mpi_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let mpich = dir.path().join("mpich");
+    std::fs::write(&mpich, "# comment\nnode1:4\nnode2  # trailing\n\nnode3:2\n").unwrap();
+    let ompi = dir.path().join("ompi");
+    std::fs::write(&ompi, "node1 slots=4 max_slots=8\nnode2\n").unwrap();
+    for flag in [
+        "-f",
+        "-hostfile",
+        "--hostfile",
+        "-machinefile",
+        "--machinefile",
+    ] {
+        let (j, _) = job(&[flag, mpich.to_str().unwrap(), "img.sif", "prog"]);
+        assert_eq!(
+            j["hosts"],
+            serde_json::json!([
+                {"name": "node1", "slots": 4},
+                {"name": "node2", "slots": null},
+                {"name": "node3", "slots": 2}
+            ]),
+            "{flag}"
+        );
+        assert_eq!(j["hostfile"], mpich.to_str().unwrap());
+    }
+    let (j, _) = job(&["--hostfile", ompi.to_str().unwrap(), "img.sif", "prog"]);
+    assert_eq!(j["hosts"][0]["slots"], 4);
+    assert_eq!(j["hosts"][1]["slots"], Value::Null);
+}
+
+#[test]
+fn hostfile_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("hosts");
+    let p = bad.to_str().unwrap();
+    std::fs::write(&bad, "node1:4\nnode2 slots=x\n").unwrap();
+    usage_error(
+        &["-f", p, "img.sif", "prog"],
+        &[&format!("{p}:2:"), "slots=x"],
+    );
+    std::fs::write(&bad, "node1\nnode2:0\n").unwrap();
+    usage_error(
+        &["-f", p, "img.sif", "prog"],
+        &[&format!("{p}:2:"), "node2:0"],
+    );
+    std::fs::write(&bad, "node1 frob=2\n").unwrap();
+    usage_error(&["-f", p, "img.sif", "prog"], &[&format!("{p}:1:"), "frob"]);
+    std::fs::write(&bad, "# nothing\n").unwrap();
+    usage_error(&["-f", p, "img.sif", "prog"], &[p, "no host"]);
+    let missing = dir.path().join("missing");
+    usage_error(
+        &["--hostfile", missing.to_str().unwrap(), "img.sif", "prog"],
+        &["--hostfile", missing.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn environment_flags() {
+    let (j, _) = job(&[
+        "-x",
+        "A=1",
+        "-x",
+        "B",
+        "-genv",
+        "C",
+        "3",
+        "-genvlist",
+        "D,E",
+        "--mca",
+        "btl",
+        "self,tcp",
+        "--pmixmca",
+        "gds",
+        "hash",
+        "-env",
+        "F",
+        "6",
+        "-envlist",
+        "G",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(
+        j["env"],
+        serde_json::json!([
+            {"kind": "set", "name": "A", "value": "1"},
+            {"kind": "pass", "name": "B"},
+            {"kind": "set", "name": "C", "value": "3"},
+            {"kind": "pass", "name": "D"},
+            {"kind": "pass", "name": "E"},
+            {"kind": "set", "name": "OMPI_MCA_btl", "value": "self,tcp"},
+            {"kind": "set", "name": "PMIX_MCA_gds", "value": "hash"},
+        ])
+    );
+    assert_eq!(
+        j["apps"][0]["env"],
+        serde_json::json!([
+            {"kind": "set", "name": "F", "value": "6"},
+            {"kind": "pass", "name": "G"},
+        ])
+    );
+    assert_eq!(j["env_all"], "all");
+    let (j, _) = job(&["-genvnone", "img.sif", "prog"]);
+    assert_eq!(j["env_all"], "none");
+    let (j, _) = job(&["-genvall", "img.sif", "prog"]);
+    assert_eq!(j["env_all"], "all");
+    // A value may contain '=' and spaces.
+    let (j, _) = job(&["-x", "A=b=c d", "img.sif", "prog"]);
+    assert_eq!(j["env"][0]["value"], "b=c d");
+}
+
+#[test]
+fn directories_output_and_timeout() {
+    let (j, _) = job(&["-wdir", "/w", "-gwdir", "/g", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["wdir"], "/w");
+    assert_eq!(j["wdir"], "/g");
+    for flag in ["--wdir", "-wd", "--wd"] {
+        let (j, _) = job(&[flag, "/x", "img.sif", "prog"]);
+        assert_eq!(j["apps"][0]["wdir"], "/x", "{flag}");
+    }
+    let (j, _) = job(&["--tag-output", "img.sif", "prog"]);
+    assert_eq!(j["output_tag"], "tag-output");
+    for flag in ["-l", "-prepend-rank", "--prepend-rank"] {
+        let (j, _) = job(&[flag, "img.sif", "prog"]);
+        assert_eq!(j["output_tag"], "prepend-rank", "{flag}");
+    }
+    let (j, _) = job(&["--timeout", "30", "img.sif", "prog"]);
+    assert_eq!(j["timeout_secs"], 30);
+    let (j, _) = job(&["-v", "-vv", "--verbose", "img.sif", "prog"]);
+    assert_eq!(j["verbose"], 4);
+}
+
+#[test]
+fn cmpirun_own_flags() {
+    let (j, _) = job(&[
+        "--profile",
+        "slurm-pmi2",
+        "--launcher",
+        "hydra",
+        "--pmi",
+        "pmix",
+        "--bind",
+        "/scratch",
+        "--bind",
+        "/a:/b:ro",
+        "--image-mount",
+        "extract",
+        "--force",
+        "--no-inject",
+        "--expect-provider",
+        "cxi",
+        "--shm",
+        "4g",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(j["profile"], "slurm-pmi2");
+    assert_eq!(j["launcher"], "hydra");
+    assert_eq!(j["pmi"], "pmix");
+    assert_eq!(
+        j["binds"],
+        serde_json::json!([
+            {"source": "/scratch", "destination": "/scratch", "read_only": false},
+            {"source": "/a", "destination": "/b", "read_only": true},
+        ])
+    );
+    assert_eq!(j["image_mount"], "extract");
+    assert_eq!(j["force"], true);
+    assert_eq!(j["no_inject"], true);
+    assert_eq!(j["expect_provider"], "cxi");
+    assert_eq!(j["shm_size"], "4g");
+    assert_eq!(j["dry_run"], "job");
+}
+
+#[test]
+fn placement_flags_are_accepted_with_a_warning() {
+    let cases: &[&[&str]] = &[
+        &["--bind-to", "core"],
+        &["-bind-to", "none"],
+        &["--rank-by", "slot"],
+        &["--oversubscribe"],
+        &["-oversubscribe"],
+        &["--report-bindings"],
+        &["--map-by", "ppr:2:socket"],
+        &["--allow-run-as-root"],
+    ];
+    for flags in cases {
+        let mut args = flags.to_vec();
+        args.extend(["img.sif", "prog"]);
+        let (j, stderr) = job(&args);
+        let warning = j["warnings"][0].as_str().unwrap_or_default().to_owned();
+        assert!(warning.starts_with(flags[0]), "{flags:?}: {warning}");
+        assert!(
+            stderr.contains("WARN") && stderr.contains(flags[0]),
+            "{flags:?}: {stderr}"
+        );
+    }
+    let (j, _) = job(&["--map-by", "node", "img.sif", "prog"]);
+    assert_eq!(j["mapping"], "cyclic");
+    assert_eq!(j["warnings"], serde_json::json!([]));
+    let (j, _) = job(&["-rr", "img.sif", "prog"]);
+    assert_eq!(j["mapping"], "cyclic");
+    let (j, _) = job(&["--map-by", "slot", "img.sif", "prog"]);
+    assert_eq!(j["mapping"], "block");
+}
+
+#[test]
+fn mpmd_parts_each_with_image_count_and_env() {
+    let (j, _) = job(&[
+        "-genv", "G", "1", "-n", "2", "-env", "A", "a", "one.sif", "p1", "x", ":", "-n", "3",
+        "-wdir", "/w", "two.sif", "p2", ":", "one.sif", "p3",
+    ]);
+    let apps = j["apps"].as_array().unwrap();
+    assert_eq!(apps.len(), 3);
+    assert_eq!(apps[0]["image"], "one.sif");
+    assert_eq!(apps[0]["args"], serde_json::json!(["x"]));
+    assert_eq!(apps[0]["env"][0]["name"], "A");
+    assert_eq!(apps[1]["np"], 3);
+    assert_eq!(apps[1]["image"], "two.sif");
+    assert_eq!(apps[1]["wdir"], "/w");
+    assert_eq!(apps[1]["env"], serde_json::json!([]));
+    assert_eq!(apps[2]["np"], Value::Null);
+    assert_eq!(j["env"][0]["name"], "G");
+}
+
+#[test]
+fn help_and_version() {
+    for flag in ["--help", "-h", "-help"] {
+        let out = cmpirun(&[flag]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("IMAGE PROGRAM") && text.contains("--dry-run"),
+            "{flag}"
+        );
+    }
+    for flag in ["--version", "-V"] {
+        let out = cmpirun(&[flag]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("cmpirun "));
+    }
+}
+
+#[test]
+fn bad_usage_exits_2_and_names_the_flag() {
+    usage_error(&["--frobnicate", "img.sif", "prog"], &["--frobnicate"]);
+    usage_error(&["-np", "zero", "img.sif", "prog"], &["-np", "zero"]);
+    usage_error(&["-n", "0", "img.sif", "prog"], &["-n", "\"0\""]);
+    usage_error(
+        &["img.sif", "prog", ":", "-n"],
+        &["-n", "number of processes"],
+    );
+    usage_error(&["-genv", "A"], &["-genv", "VAR VALUE"]);
+    usage_error(&["-x", "1BAD=2", "img.sif", "prog"], &["-x", "1BAD"]);
+    usage_error(
+        &["--launcher", "ssh", "img.sif", "prog"],
+        &["--launcher", "ssh"],
+    );
+    usage_error(&["--pmi", "pmi3", "img.sif", "prog"], &["--pmi", "pmi3"]);
+    usage_error(
+        &["--image-mount", "nfs", "img.sif", "prog"],
+        &["--image-mount"],
+    );
+    usage_error(
+        &["--bind", "rel:/x", "img.sif", "prog"],
+        &["--bind", "absolute"],
+    );
+    usage_error(
+        &["--bind", "/a:/b:rx", "img.sif", "prog"],
+        &["--bind", "rx"],
+    );
+    usage_error(&["--shm", "lots", "img.sif", "prog"], &["--shm"]);
+    usage_error(&["--timeout", "-1", "img.sif", "prog"], &["--timeout"]);
+    usage_error(&["--json", "img.sif", "prog"], &["--json", "--dry-run"]);
+    usage_error(&["--force=yes", "img.sif", "prog"], &["--force"]);
+    usage_error(
+        &["-genvall", "-genvnone", "img.sif", "prog"],
+        &["-genvall", "-genvnone"],
+    );
+    usage_error(&["-H", "a,,b", "img.sif", "prog"], &["-H"]);
+    usage_error(&["-n", "2"], &["no image"]);
+    usage_error(&["-n", "2", "img.sif"], &["no program", "img.sif"]);
+    usage_error(&["img.sif", "p", ":", "-n", "2"], &["part 2", "no image"]);
+    usage_error(&[], &["no image"]);
+}
+
+#[test]
+fn launching_without_dry_run_does_not_pretend() {
+    // Until the launchers exist the binary must say so rather than do nothing.
+    let out = cmpirun(&["-n", "1", "/nonexistent.sif", "true"]);
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+}
