@@ -24,7 +24,24 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Inspect or build container images (SIF, squashfs, directories).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Show an image's SIF header and objects, its root filesystem, and what a launch needs
+    /// from it (MPI family, libfabric, glibc, environment).
+    Inspect {
+        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        image: std::path::PathBuf,
+        /// Print a JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
@@ -39,7 +56,37 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    match cli.command {}
+    match cli.command {
+        Command::Image(cmd) => image_main(cmd),
+    }
+}
+
+/// `cmpirun image …`.
+fn image_main(cmd: ImageCommand) -> ExitCode {
+    match cmd {
+        ImageCommand::Inspect { image, json } => match image_inspect(&image, json) {
+            Ok(code) => code,
+            Err(e) => report(&e),
+        },
+    }
+}
+
+/// Prints everything that can be read about `image`; when it cannot be launched, prints the
+/// reason as a one-line error too and exits with the usage status.
+fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let inspection = cmpirun::image::inspect::inspect(image)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inspection.report)?);
+    } else {
+        print!(
+            "{}",
+            cmpirun::image::inspect::render_text(&inspection.report)
+        );
+    }
+    match inspection.problem {
+        Some(problem) => Ok(report(&anyhow::Error::new(problem))),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Whether the first argument is one of the clap subcommands (`image`, `exec`, …) rather than
@@ -100,7 +147,11 @@ fn report(err: &anyhow::Error) -> ExitCode {
 fn exit_status(err: &anyhow::Error) -> i32 {
     let usage = err
         .chain()
-        .any(|e| e.is::<exit::UsageError>() || e.is::<cli::CliError>());
+        .any(|e| {
+            e.is::<exit::UsageError>()
+                || e.is::<cli::CliError>()
+                || e.is::<cmpirun::image::ImageError>()
+        });
     if usage { exit::USAGE } else { exit::FAILURE }
 }
 
