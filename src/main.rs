@@ -145,13 +145,11 @@ fn report(err: &anyhow::Error) -> ExitCode {
 }
 
 fn exit_status(err: &anyhow::Error) -> i32 {
-    let usage = err
-        .chain()
-        .any(|e| {
-            e.is::<exit::UsageError>()
-                || e.is::<cli::CliError>()
-                || e.is::<cmpirun::image::ImageError>()
-        });
+    let usage = err.chain().any(|e| {
+        e.is::<exit::UsageError>()
+            || e.is::<cli::CliError>()
+            || e.is::<cmpirun::image::ImageError>()
+    });
     if usage { exit::USAGE } else { exit::FAILURE }
 }
 

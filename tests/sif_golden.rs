@@ -19,7 +19,10 @@ const FIXTURES: &[(&str, &str)] = &[
     ("OneGroup", "one-group.sif"),
     ("OneGroupSignedLegacy", "one-group-signed-legacy.sif"),
     ("OneGroupSignedLegacyAll", "one-group-signed-legacy-all.sif"),
-    ("OneGroupSignedLegacyGroup", "one-group-signed-legacy-group.sif"),
+    (
+        "OneGroupSignedLegacyGroup",
+        "one-group-signed-legacy-group.sif",
+    ),
     ("OneGroupSignedPGP", "one-group-signed-pgp.sif"),
     ("OneObjectCryptMessage", "one-object-crypt-message.sif"),
     ("OneObjectGenericJSON", "one-object-generic-json.sif"),
@@ -29,8 +32,14 @@ const FIXTURES: &[(&str, &str)] = &[
     ("OneObjectTime", "one-object-time.sif"),
     ("TwoGroups", "two-groups.sif"),
     ("TwoGroupsSignedLegacy", "two-groups-signed-legacy.sif"),
-    ("TwoGroupsSignedLegacyAll", "two-groups-signed-legacy-all.sif"),
-    ("TwoGroupsSignedLegacyGroup", "two-groups-signed-legacy-group.sif"),
+    (
+        "TwoGroupsSignedLegacyAll",
+        "two-groups-signed-legacy-all.sif",
+    ),
+    (
+        "TwoGroupsSignedLegacyGroup",
+        "two-groups-signed-legacy-group.sif",
+    ),
     ("TwoGroupsSignedPGP", "two-groups-signed-pgp.sif"),
 ];
 
@@ -71,12 +80,8 @@ fn fields(text: &str) -> Vec<(String, String)> {
 }
 
 fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn human(n: i64) -> String {
@@ -146,7 +151,11 @@ fn json_objects_agree_with_every_golden_list_row() {
             };
             assert_eq!(link, cols[2], "{file}: link");
             let (start, size) = (o["offset"].as_i64().unwrap(), o["size"].as_i64().unwrap());
-            assert_eq!(format!("{start}-{}", start + size), cols[3], "{file}: position");
+            assert_eq!(
+                format!("{start}-{}", start + size),
+                cols[3],
+                "{file}: position"
+            );
             assert_eq!(o["type_label"].as_str().unwrap(), cols[4], "{file}: type");
         }
     }
