@@ -4,6 +4,7 @@
 //! cannot be launched on this host; [`open_rootfs`] then reads files inside it.
 
 pub mod dir;
+pub mod facts;
 pub mod inspect;
 pub mod rootfs;
 pub mod sif;
