@@ -845,8 +845,13 @@ fn read(fs: &dyn RootFs, path: &str) -> Result<Vec<u8>, FactsError> {
     fs.read_file(path).map_err(|e| io_err(path, e))
 }
 
+/// The entries of a directory, following symlinks to it inside the image (RootFs methods never
+/// follow them themselves).
 fn list_dir(fs: &dyn RootFs, path: &str) -> Result<Vec<String>, FactsError> {
-    fs.list_dir(path).map_err(|e| io_err(path, e))
+    let real = resolve(fs, path)
+        .map_err(|e| io_err(path, e))?
+        .unwrap_or_else(|| path.to_owned());
+    fs.list_dir(&real).map_err(|e| io_err(path, e))
 }
 
 /// `path` resolved inside the image if it names a regular file (through symlinks), else `None`.
@@ -892,57 +897,9 @@ mod tests {
     //! this machine and of the PyPI mpich wheel.
 
     use super::*;
-    use crate::image::rootfs::NodeMeta;
-    use std::os::unix::fs::{MetadataExt, symlink};
+    use crate::image::dir::DirRootFs;
+    use std::os::unix::fs::symlink;
     use std::path::{Path, PathBuf};
-
-    /// A test-only [`RootFs`] over a host directory.
-    struct HostDir(PathBuf);
-
-    impl HostDir {
-        fn host(&self, path: &str) -> PathBuf {
-            self.0.join(path.trim_start_matches('/'))
-        }
-    }
-
-    impl RootFs for HostDir {
-        fn metadata(&self, path: &str) -> io::Result<Option<NodeMeta>> {
-            let m = match std::fs::symlink_metadata(self.host(path)) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let kind = if m.is_symlink() {
-                NodeKind::Symlink
-            } else if m.is_dir() {
-                NodeKind::Dir
-            } else if m.is_file() {
-                NodeKind::File
-            } else {
-                NodeKind::Other
-            };
-            Ok(Some(NodeMeta {
-                kind,
-                mode: m.mode() & 0o7777,
-                size: if m.is_file() { m.len() } else { 0 },
-            }))
-        }
-        fn read_link(&self, path: &str) -> io::Result<String> {
-            Ok(std::fs::read_link(self.host(path))?
-                .to_string_lossy()
-                .into_owned())
-        }
-        fn read_file(&self, path: &str) -> io::Result<Vec<u8>> {
-            std::fs::read(self.host(path))
-        }
-        fn list_dir(&self, path: &str) -> io::Result<Vec<String>> {
-            let mut names = std::fs::read_dir(self.host(path))?
-                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect::<io::Result<Vec<_>>>()?;
-            names.sort();
-            Ok(names)
-        }
-    }
 
     const HOST_LIB: &str = "/usr/lib/x86_64-linux-gnu";
 
@@ -1039,7 +996,7 @@ mod tests {
             "#!/bin/sh\nexec \"$@\"\n",
         );
 
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         let glibc = facts.glibc.as_ref().unwrap();
         assert_eq!(glibc.path, format!("{HOST_LIB}/libc.so.6"));
         assert_eq!(glibc.version, SymbolVersion::parse("GLIBC_2.36"));
@@ -1087,6 +1044,49 @@ mod tests {
     }
 
     #[test]
+    fn spack_view_of_symlinks_is_found_and_resolved() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let lib = wheel_lib();
+        let pkg = "/opt/software/linux-x86_64/gcc-12/mpich-5.0.2-abcdef/lib";
+        put(
+            root,
+            &format!("{pkg}/libmpi.so.12"),
+            &lib.join("libmpi.so.12"),
+        );
+        put(
+            root,
+            &format!("{pkg}/mpich/libfabric.so.1"),
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        // A Spack view: real directories of symlinks into the store; here the lib dir itself is
+        // reached through a symlinked view root.
+        link(
+            root,
+            "/opt/views/default/lib/libmpi.so.12",
+            &format!("{pkg}/libmpi.so.12"),
+        );
+        link(
+            root,
+            "/opt/views/default/lib/mpich",
+            &format!("{pkg}/mpich"),
+        );
+        link(root, "/opt/view", "views/default");
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
+        let mpi = facts.mpi.unwrap();
+        assert_eq!(mpi.path, "/opt/view/lib/libmpi.so.12");
+        assert_eq!(mpi.real_file, format!("{pkg}/libmpi.so.12"));
+        assert!(facts.other_mpi_libraries.is_empty());
+        let LibfabricLink::Dynamic(fabric) = &mpi.libfabric else {
+            panic!("{:?}", mpi.libfabric);
+        };
+        // $ORIGIN is where the loader found libmpi, not where the symlink points.
+        assert_eq!(fabric.path, "/opt/view/lib/mpich/libfabric.so.1");
+        assert_eq!(fabric.real_file, format!("{pkg}/mpich/libfabric.so.1"));
+        assert_eq!(fabric.via, Via::Runpath);
+    }
+
+    #[test]
     fn ld_library_path_from_the_environment_beats_runpath() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
@@ -1113,7 +1113,7 @@ mod tests {
             "/.singularity.d/env/10-docker2singularity.sh",
             "export LD_LIBRARY_PATH=\"${LD_LIBRARY_PATH:-\"/hostfab\"}\"\n",
         );
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         assert_eq!(facts.ld_library_path, vec!["/hostfab"]);
         let LibfabricLink::Dynamic(fabric) = &facts.mpi.unwrap().libfabric else {
             panic!("not dynamic");
@@ -1130,7 +1130,7 @@ mod tests {
         let root = tmp.path();
         with_glibc(root);
         put_host_lib(root, &format!("{HOST_LIB}/libmpich.so.12"));
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         let mpi = facts.mpi.unwrap();
         assert_eq!(mpi.family, MpiFamily::MpichAbi);
         assert_eq!(mpi.path, format!("{HOST_LIB}/libmpich.so.12"));
@@ -1158,7 +1158,7 @@ mod tests {
             let p = format!("{HOST_LIB}/openmpi/lib/openmpi3/{name}");
             put(root, &p, Path::new(&p));
         }
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         let mpi = facts.mpi.unwrap();
         assert_eq!(mpi.family, MpiFamily::OpenMpi);
         assert_eq!(mpi.path, format!("{HOST_LIB}/libmpi.so.40"));
@@ -1212,7 +1212,7 @@ mod tests {
             "# fabric\n/opt/fab/lib\n",
         );
         put_text(root, "/etc/ld.so.conf.d/skip.txt", "/nowhere\n");
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         assert_eq!(facts.ld_so_conf_dirs, vec!["/opt/fab/lib"]);
         assert!(!facts.ld_so_cache);
         // Without /etc/ld.so.cache the loader never reads ld.so.conf.
@@ -1224,7 +1224,7 @@ mod tests {
         );
 
         put_text(root, "/etc/ld.so.cache", "");
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         let LibfabricLink::Dynamic(fabric) = &facts.mpi.unwrap().libfabric else {
             panic!("not dynamic");
         };
@@ -1240,7 +1240,7 @@ mod tests {
         // with an embedded libfabric; libfabric itself is one.
         let real = std::fs::canonicalize(format!("{HOST_LIB}/libfabric.so.1")).unwrap();
         put(root, "/usr/local/lib/libmpi.so.12", &real);
-        let facts = image_facts(&HostDir(root.to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
         assert!(facts.glibc.is_none());
         assert_eq!(facts.mpi.unwrap().libfabric, LibfabricLink::Embedded);
     }
@@ -1248,7 +1248,7 @@ mod tests {
     #[test]
     fn an_empty_image_has_no_facts_and_no_error() {
         let tmp = tempfile::tempdir().unwrap();
-        let facts = image_facts(&HostDir(tmp.path().to_owned())).unwrap();
+        let facts = image_facts(&DirRootFs::new(tmp.path())).unwrap();
         assert!(facts.glibc.is_none() && facts.mpi.is_none());
         assert!(facts.env_scripts.is_empty() && facts.runscript.is_none());
     }
@@ -1260,7 +1260,7 @@ mod tests {
         bytes.truncate(4096);
         put_text(tmp.path(), "/usr/lib/libmpi.so.40", "");
         std::fs::write(tmp.path().join("usr/lib/libmpi.so.40"), bytes).unwrap();
-        let err = image_facts(&HostDir(tmp.path().to_owned())).unwrap_err();
+        let err = image_facts(&DirRootFs::new(tmp.path())).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("/usr/lib/libmpi.so.40 (inside the image): "),
