@@ -5,6 +5,7 @@
 //! because mpirun's single-dash long flags (`-np`, `-genv`) are not clap's.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -28,6 +29,33 @@ enum Command {
     /// Inspect or build container images (SIF, squashfs, directories).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Mount an image in a private user namespace and read or verify every file (tests and
+    /// benchmarks of the mount backends).
+    #[command(name = "__mount-check", hide = true)]
+    MountCheck(MountCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MountCheckArgs {
+    /// The image (SIF or squashfs).
+    image: PathBuf,
+    /// fuse, squashfuse or extract.
+    backend: String,
+    /// An existing empty directory to mount the image on (inside the private namespace).
+    #[arg(long)]
+    target: PathBuf,
+    /// Byte offset of the squashfs inside IMAGE (default: found from the image).
+    #[arg(long)]
+    offset: Option<u64>,
+    /// Compare every entry with the image as backhand reads it, instead of only reading.
+    #[arg(long)]
+    verify: bool,
+    /// After mounting, print the mount line and wait to be killed.
+    #[arg(long)]
+    hold: bool,
+    /// Directory of extracted images for the extract backend.
+    #[arg(long)]
+    extract_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +86,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Image(cmd) => image_main(cmd),
+        Command::MountCheck(args) => mount_check(args).unwrap_or_else(|e| report(&e)),
     }
 }
 
@@ -137,6 +166,56 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
     anyhow::bail!("launching is not built yet; use --dry-run to see the launch plan")
 }
 
+/// `cmpirun __mount-check`: enter a private user+mount namespace, mount IMAGE with BACKEND,
+/// then walk it, printing one JSON line when mounted and one with the report.
+fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
+    use cmpirun::mount::{self, MountOptions, SquashfsSource};
+    use std::io::Write;
+    let backend: mount::MountBackend = args.backend.parse()?;
+    let len = std::fs::metadata(&args.image)
+        .map_err(|e| exit::UsageError(format!("{}: {e}", args.image.display())))?
+        .len();
+    let (offset, size) = match args.offset {
+        Some(off) => (off, len.saturating_sub(off)),
+        None => match cmpirun::image::locate(&args.image) {
+            Ok(loc) => (loc.squashfs_offset, loc.squashfs_size),
+            Err(_) => (0, len),
+        },
+    };
+    let src = SquashfsSource {
+        path: std::path::absolute(&args.image)?,
+        offset,
+        size,
+    };
+    let backend = mount::choose_backend(Some(backend))?;
+    let opts = MountOptions {
+        extract_cache: args.extract_cache,
+        ..MountOptions::default()
+    };
+    mount::enter_private_namespaces()?;
+    let mounted = mount::mount_squashfs(&src, &args.target, backend, &opts)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({"mounted": args.target, "backend": backend, "server_pid": mounted.server_pid()})
+    )?;
+    out.flush()?;
+    if args.hold {
+        loop {
+            std::thread::park();
+        }
+    }
+    let report = mount::check_mounted_tree(&src, &args.target, args.verify)?;
+    mounted.unmount()?;
+    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::FAILURE as u8)
+    })
+}
+
 /// Prints an error on one line and chooses the exit status: 2 for anything the user can fix
 /// by changing the command line or an input file, 1 otherwise.
 fn report(err: &anyhow::Error) -> ExitCode {
@@ -149,6 +228,8 @@ fn exit_status(err: &anyhow::Error) -> i32 {
         e.is::<exit::UsageError>()
             || e.is::<cli::CliError>()
             || e.is::<cmpirun::image::ImageError>()
+            || e.downcast_ref::<cmpirun::mount::MountError>()
+                .is_some_and(|m| m.is_user_fixable())
     });
     if usage { exit::USAGE } else { exit::FAILURE }
 }

@@ -1,8 +1,24 @@
 //! The extract backend: unpack the squashfs once per node into a cache and bind it read-only.
+//!
+//! Used where FUSE is not (no `/dev/fuse`, permission denied). The cache holds one directory per
+//! image, named by a hash of the image's identity; it is filled in a temporary sibling and
+//! renamed into place under a lock file, so concurrent ranks of a node extract it once and never
+//! see a half-written tree.
 
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::MsFlags;
+
+use super::reader::{EntryKind, SquashImage};
 use super::{MountBackend, MountError, MountOptions, MountedImage, SquashfsSource};
+
+/// The warning that extraction is in use is given once per process.
+static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The default extract cache: `$XDG_CACHE_HOME/cmpirun/extract`, else
 /// `$HOME/.cache/cmpirun/extract`.
@@ -19,8 +35,275 @@ pub(super) fn mount(
     target: &Path,
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
-    let _ = (src, target, opts);
-    Err(MountError::NotImplemented {
+    let cache = match &opts.extract_cache {
+        Some(dir) => dir.clone(),
+        None => default_extract_cache().ok_or_else(|| {
+            MountError::io(
+                "find the extract cache",
+                std::io::Error::other("neither XDG_CACHE_HOME nor HOME is set"),
+            )
+        })?,
+    };
+    let tree = extract_cached(src, &cache, opts)?;
+    bind_read_only(&tree, target)?;
+    Ok(MountedImage {
+        root: target.to_owned(),
         backend: MountBackend::Extract,
+        server: None,
+        extracted: Some(tree),
+        mounted: true,
+    })
+}
+
+/// Makes sure the image is extracted in `cache` and returns the tree's directory.
+pub(crate) fn extract_cached(
+    src: &SquashfsSource,
+    cache: &Path,
+    opts: &MountOptions,
+) -> Result<PathBuf, MountError> {
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
+    let key = image_key(&image, src)?;
+    std::fs::create_dir_all(cache)
+        .map_err(|e| MountError::io(format!("create extract cache {}", cache.display()), e))?;
+    let tree = cache.join(&key);
+    let lock_path = cache.join(format!("{key}.lock"));
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| MountError::io(format!("open lock file {}", lock_path.display()), e))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| MountError::io(format!("lock {}", lock_path.display()), e))?;
+    let first = !WARNED.swap(true, Ordering::Relaxed);
+    if tree.is_dir() {
+        if first {
+            tracing::warn!(
+                "image {}: FUSE mount not in use; using the copy extracted in {}",
+                src.path.display(),
+                tree.display()
+            );
+        }
+        return Ok(tree);
+    }
+    if first {
+        tracing::warn!(
+            "image {}: FUSE mount not in use; extracting it into {} (once per node)",
+            src.path.display(),
+            tree.display()
+        );
+    }
+    // Left-overs of an extraction that was killed: nobody else works on this key while we
+    // hold the lock.
+    let prefix = format!("{key}.tmp-");
+    if let Ok(rd) = std::fs::read_dir(cache) {
+        for entry in rd.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = remove_tree(&entry.path());
+            }
+        }
+    }
+    let tmp = cache.join(format!("{prefix}{}", std::process::id()));
+    let result = extract_into(&image, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, &tree).map_err(|e| {
+            MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
+        })
+    });
+    if let Err(e) = result {
+        let _ = remove_tree(&tmp);
+        return Err(e);
+    }
+    Ok(tree)
+}
+
+/// A name for the image's extracted tree: a hash of its superblock and metadata tables (which
+/// describe every file's blocks) and of the file's identity, so a rewritten image never reuses
+/// a stale tree.
+fn image_key(image: &SquashImage, src: &SquashfsSource) -> Result<String, MountError> {
+    let file = File::open(&src.path)
+        .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| MountError::io(format!("stat image {}", src.path.display()), e))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for v in [
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+        src.offset,
+        image.bytes_used,
+        u64::from(image.mkfs_time),
+    ] {
+        h.update(&v.to_le_bytes());
+    }
+    let mut sb = [0u8; 96];
+    file.read_exact_at(&mut sb, src.offset)
+        .map_err(|e| MountError::io(format!("read image {}", src.path.display()), e))?;
+    h.update(&sb);
+    let mut pos = image.table_start;
+    let end = image.bytes_used;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < end {
+        let n = ((end - pos) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], src.offset + pos)
+            .map_err(|e| MountError::io(format!("read image {}", src.path.display()), e))?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(format!("{:032x}", h.digest128()))
+}
+
+/// Writes every entry of `image` under `dir` (which must not exist), preserving modes,
+/// modification times, symlinks and fifos. Device nodes and sockets cannot be made without
+/// privileges and are left out.
+fn extract_into(image: &SquashImage, dir: &Path) -> Result<(), MountError> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        MountError::io(format!("extract: {what} {}", p.display()), e)
+    };
+    let mut paths: Vec<PathBuf> = Vec::with_capacity(image.entries.len());
+    let mut skipped = 0usize;
+    let mut buf = Vec::new();
+    let chunk = (image.block_size as usize * 8).max(1 << 20);
+    for (i, e) in image.entries.iter().enumerate() {
+        let path = if i == 0 {
+            dir.to_owned()
+        } else {
+            paths[e.parent as usize].join(&e.name)
+        };
+        match &e.kind {
+            EntryKind::Dir { .. } => {
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&path)
+                    .map_err(|err| io("create directory", &path, err))?;
+            }
+            EntryKind::File(data) => {
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|err| io("create", &path, err))?;
+                let mut off = 0u64;
+                while off < data.size {
+                    image
+                        .read(data, off, chunk, &mut buf)
+                        .map_err(|err| io("read image data for", &path, err))?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    f.write_all(&buf).map_err(|err| io("write", &path, err))?;
+                    off += buf.len() as u64;
+                }
+                f.set_permissions(std::fs::Permissions::from_mode(u32::from(e.perm)))
+                    .map_err(|err| io("chmod", &path, err))?;
+                set_mtime(&path, e.mtime, false);
+            }
+            EntryKind::Symlink(t) => {
+                std::os::unix::fs::symlink(t, &path).map_err(|err| io("symlink", &path, err))?;
+                set_mtime(&path, e.mtime, true);
+            }
+            EntryKind::Fifo => {
+                nix::unistd::mkfifo(
+                    &path,
+                    nix::sys::stat::Mode::from_bits_truncate(u32::from(e.perm)),
+                )
+                .map_err(|err| io("mkfifo", &path, err.into()))?;
+                let _ = std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(u32::from(e.perm)),
+                );
+            }
+            EntryKind::CharDevice(_) | EntryKind::BlockDevice(_) | EntryKind::Socket => {
+                skipped += 1;
+            }
+        }
+        paths.push(path);
+    }
+    // Directory modes last and deepest first, so read-only directories could be filled.
+    for (i, e) in image.entries.iter().enumerate().rev() {
+        if let EntryKind::Dir { .. } = e.kind {
+            let path = &paths[i];
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(u32::from(e.perm)))
+                .map_err(|err| io("chmod", path, err))?;
+            set_mtime(path, e.mtime, false);
+        }
+    }
+    if skipped > 0 {
+        tracing::info!(
+            "{}: {skipped} device nodes and sockets not extracted (they need privileges)",
+            image.path().display()
+        );
+    }
+    Ok(())
+}
+
+fn set_mtime(path: &Path, mtime: u32, symlink: bool) {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    let t = TimeSpec::new(i64::from(mtime), 0);
+    let flag = if symlink {
+        UtimensatFlags::NoFollowSymlink
+    } else {
+        UtimensatFlags::FollowSymlink
+    };
+    let _ = utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, flag);
+}
+
+/// Removes a tree even where its directories are read-only.
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(path)? {
+            remove_tree(&entry?.path())?;
+        }
+        std::fs::remove_dir(path)
+    } else {
+        std::fs::remove_file(path)
+    }
+}
+
+/// Binds `tree` at `target` read-only, nosuid, nodev, keeping the flags the kernel locks on
+/// the source mount (noexec, atime) so the read-only remount is allowed in a user namespace.
+fn bind_read_only(tree: &Path, target: &Path) -> Result<(), MountError> {
+    nix::mount::mount(
+        Some(tree),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        MountError::io(
+            format!("bind {} on {}", tree.display(), target.display()),
+            e,
+        )
+    })?;
+    let locked = nix::sys::statvfs::statvfs(tree)
+        .map(|s| s.flags())
+        .unwrap_or(nix::sys::statvfs::FsFlags::empty());
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | super::image_mount_flags();
+    use nix::sys::statvfs::FsFlags;
+    for (have, keep) in [
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if locked.contains(have) {
+            flags |= keep;
+        }
+    }
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+        MountError::io(format!("make {} read-only", target.display()), e)
     })
 }

@@ -1,9 +1,31 @@
 //! The built-in FUSE server: fuser over a read-only squashfs index.
+//!
+//! `mount` parses the image, opens `/dev/fuse`, `mount(2)`s it and completes the FUSE handshake
+//! in the caller, so every failure is reported there; it then forks the server child, which
+//! serves the connection with several worker threads until the mount goes away or its parent
+//! dies. The child makes no path lookups after the fork: the caller may `pivot_root` into the
+//! image at once, and a lookup by the server into its own not-yet-served mount would deadlock.
 
-use std::os::fd::OwnedFd;
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
 
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request, Session,
+    SessionACL,
+};
+
+use super::reader::{Entry, EntryKind, SquashImage};
 use super::{MountBackend, MountError, MountOptions, MountedImage, SquashfsSource};
+
+/// The image never changes while mounted, so the kernel may cache names and attributes for as
+/// long as it likes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const W_OK: u32 = 2;
 
 /// Opens `/dev/fuse` read-write, close-on-exec.
 pub(super) fn open_dev_fuse() -> Result<OwnedFd, MountError> {
@@ -22,8 +44,395 @@ pub(super) fn mount(
     target: &Path,
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
-    let _ = (src, target, opts);
-    Err(MountError::NotImplemented {
-        backend: MountBackend::Fuse,
-    })
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
+    let dev = open_dev_fuse()?;
+    super::mount_fuse_fd(&dev, target, &src.path.to_string_lossy(), "cmpirun", opts)?;
+    let unmount = || {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    };
+    let image_fd = image.raw_fd();
+    let fs = ImageFs {
+        image,
+        no_open: AtomicBool::new(false),
+    };
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(opts.fuse_threads.max(1));
+    // Each clone opens /dev/fuse by path when the server starts, which could race with the
+    // caller's pivot_root; threads sharing one fd serve as well on a read-mostly load.
+    config.clone_fd = false;
+    config.acl = SessionACL::All;
+    let session = match Session::from_fd(fs, dev, SessionACL::All, config) {
+        Ok(s) => s,
+        Err(e) => {
+            unmount();
+            return Err(MountError::Server {
+                backend: MountBackend::Fuse,
+                path: src.path.clone(),
+                reason: format!("FUSE handshake: {e}"),
+            });
+        }
+    };
+    let parent = nix::unistd::getpid();
+    // SAFETY: the child only runs the server (threads, reads, writes to the FUSE fd) and then
+    // `_exit`s; it never returns into the caller. The caller is expected to be single-threaded
+    // here (it has just entered a new user namespace), so no lock is held by a vanished thread.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let code = match become_server_child(parent, &session, image_fd) {
+                Ok(()) => match session.run() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::error!("image server for {}: {e}", src.path.display());
+                        1
+                    }
+                },
+                Err(()) => 1,
+            };
+            // SAFETY: _exit skips the caller's atexit handlers and destructors, which belong
+            // to the parent.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            // Only the child may hold the connection: if it dies, the kernel aborts the mount
+            // instead of leaving readers hanging.
+            drop(session);
+            tracing::debug!(
+                "image {} served at {} by built-in FUSE server pid {child}",
+                src.path.display(),
+                target.display()
+            );
+            Ok(MountedImage::new_served(target, MountBackend::Fuse, child))
+        }
+        Err(e) => {
+            drop(session);
+            unmount();
+            Err(MountError::io("fork the image server", e))
+        }
+    }
+}
+
+/// Child-side set-up: die with the parent, leave the terminal's process group (a Ctrl-C must
+/// reach the job, not cut the image from under it), and drop inherited descriptors except
+/// stderr and the server's own.
+fn become_server_child(
+    parent: nix::unistd::Pid,
+    session: &Session<ImageFs>,
+    image_fd: i32,
+) -> Result<(), ()> {
+    use std::os::fd::AsFd;
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+        return Err(());
+    }
+    if nix::unistd::getppid() != parent {
+        return Err(());
+    }
+    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
+    let _ = nix::sys::prctl::set_name(c"cmpirun-fuse");
+    let fs = session.as_fd().as_raw_fd();
+    close_fds_except(&[2, fs, image_fd]);
+    Ok(())
+}
+
+/// Closes every descriptor but `keep` (and stdin/stdout become closed too).
+pub(super) fn close_fds_except(keep: &[i32]) {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&f| u32::try_from(f).ok()).collect();
+    keep.sort_unstable();
+    let mut next = 0u32;
+    for k in keep {
+        if k > next {
+            // SAFETY: close_range only closes descriptors; nothing in this process uses them.
+            unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
+        }
+        next = k + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0) };
+}
+
+/// The fuser filesystem over a squashfs index.
+struct ImageFs {
+    image: SquashImage,
+    /// The kernel accepts ENOSYS for open/opendir and then skips those round trips, keeping
+    /// the page cache (`FUSE_NO_OPEN_SUPPORT`).
+    no_open: AtomicBool,
+}
+
+impl ImageFs {
+    fn attr(&self, ino: u64, e: &Entry) -> FileAttr {
+        let (kind, size, rdev, nlink) = match &e.kind {
+            EntryKind::Dir { children } => {
+                let subdirs = children
+                    .iter()
+                    .filter(|&&c| {
+                        matches!(self.image.entries[c as usize].kind, EntryKind::Dir { .. })
+                    })
+                    .count();
+                (FileType::Directory, 0, 0, 2 + subdirs as u32)
+            }
+            EntryKind::File(f) => (FileType::RegularFile, f.size, 0, 1),
+            EntryKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0, 1),
+            EntryKind::CharDevice(d) => (FileType::CharDevice, 0, *d, 1),
+            EntryKind::BlockDevice(d) => (FileType::BlockDevice, 0, *d, 1),
+            EntryKind::Fifo => (FileType::NamedPipe, 0, 0, 1),
+            EntryKind::Socket => (FileType::Socket, 0, 0, 1),
+        };
+        let time = UNIX_EPOCH + Duration::from_secs(u64::from(e.mtime));
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm: e.perm,
+            nlink,
+            uid: e.uid,
+            gid: e.gid,
+            rdev,
+            blksize: self.image.block_size,
+            flags: 0,
+        }
+    }
+
+    fn file_type(e: &Entry) -> FileType {
+        match e.kind {
+            EntryKind::Dir { .. } => FileType::Directory,
+            EntryKind::File(_) => FileType::RegularFile,
+            EntryKind::Symlink(_) => FileType::Symlink,
+            EntryKind::CharDevice(_) => FileType::CharDevice,
+            EntryKind::BlockDevice(_) => FileType::BlockDevice,
+            EntryKind::Fifo => FileType::NamedPipe,
+            EntryKind::Socket => FileType::Socket,
+        }
+    }
+
+    /// The directory's listing as (inode, name) with "." and ".." first.
+    fn dir_entries(&self, ino: u64) -> Option<Vec<(u64, &OsStr)>> {
+        let e = self.image.entry(ino)?;
+        let EntryKind::Dir { children } = &e.kind else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(children.len() + 2);
+        out.push((ino, OsStr::new(".")));
+        out.push((u64::from(e.parent) + 1, OsStr::new("..")));
+        for &c in children {
+            out.push((
+                u64::from(c) + 1,
+                self.image.entries[c as usize].name.as_os_str(),
+            ));
+        }
+        Some(out)
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES;
+        let offered = config.capabilities();
+        let _ = config.add_capabilities(wanted & offered);
+        self.no_open.store(
+            offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT),
+            Ordering::Relaxed,
+        );
+        // Let the kernel read ahead as far as it allows and keep many reads in flight, so
+        // sequential reads of large files keep all worker threads busy decompressing.
+        let _ = config
+            .set_max_readahead(1 << 20)
+            .or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.image.lookup(parent.0, name) {
+            Some(ino) => match self.image.entry(ino) {
+                Some(e) => reply.entry(&TTL, &self.attr(ino, e), Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.image.entry(ino.0) {
+            Some(e) => reply.attr(&TTL, &self.attr(ino.0, e)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.image.entry(ino.0).map(|e| &e.kind) {
+            Some(EntryKind::Symlink(t)) => {
+                use std::os::unix::ffi::OsStrExt;
+                reply.data(t.as_bytes())
+            }
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if self.no_open.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
+        match self.image.entry(ino.0).map(|e| &e.kind) {
+            Some(EntryKind::File(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(EntryKind::Dir { .. }) => reply.error(Errno::EISDIR),
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(EntryKind::File(file)) = self.image.entry(ino.0).map(|e| &e.kind) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let mut buf = Vec::new();
+        match self.image.read(file, offset, size as usize, &mut buf) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                tracing::error!(
+                    "{}: reading {} at {offset}: {e}",
+                    self.image.path().display(),
+                    self.image.path_of((ino.0 - 1) as usize).display()
+                );
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
+        match self.image.entry(ino.0).map(|e| &e.kind) {
+            Some(EntryKind::Dir { .. }) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = self.dir_entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
+            let kind = self
+                .image
+                .entry(*child)
+                .map(Self::file_type)
+                .unwrap_or(FileType::Directory);
+            if reply.add(INodeNo(*child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = self.dir_entries(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
+            let Some(e) = self.image.entry(*child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*child),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &self.attr(*child, e),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bs = self.image.block_size;
+        reply.statfs(
+            self.image.bytes_used.div_ceil(u64::from(bs)),
+            0,
+            0,
+            self.image.entries.len() as u64,
+            0,
+            bs,
+            256,
+            bs,
+        )
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Only called without `default_permissions`; answer as the kernel would with it.
+        let Some(e) = self.image.entry(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mask = mask.bits() as u32;
+        if mask & W_OK != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let perm = u32::from(e.perm);
+        let bits = if req.uid() == e.uid {
+            perm >> 6
+        } else if req.gid() == e.gid {
+            perm >> 3
+        } else {
+            perm
+        } & 7;
+        if mask & !bits & 7 != 0 {
+            reply.error(Errno::EACCES)
+        } else {
+            reply.ok()
+        }
+    }
 }

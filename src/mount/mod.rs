@@ -10,8 +10,10 @@
 //! goes away with the mount namespace. A child rather than threads keeps the caller
 //! single-threaded, which `setns`/`unshare` of user namespaces and `fork` without `exec` need.
 
+mod check;
 mod extract;
 mod fuse;
+mod reader;
 mod squashfuse;
 
 use std::os::fd::OwnedFd;
@@ -22,6 +24,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
+pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
 pub use extract::default_extract_cache;
 
 /// How to make an image's squashfs visible at a directory.

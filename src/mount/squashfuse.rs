@@ -1,6 +1,18 @@
 //! The squashfuse backend: mount `/dev/fuse` ourselves and hand the fd to `squashfuse_ll`.
+//!
+//! `squashfuse_ll -f IMAGE /dev/fd/N` (libfuse ≥ 3.3) serves an already-mounted FUSE fd, so
+//! the mount needs no setuid helper and no capabilities in the child. The image is passed as
+//! an inherited descriptor too, and `mount` returns only once the server answers, so the caller
+//! may `pivot_root` at once without the server looking up a path through its own mount.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::unistd::Pid;
 
 use super::{MountBackend, MountError, MountOptions, MountedImage, SquashfsSource};
 
@@ -14,8 +26,145 @@ pub(super) fn mount(
     target: &Path,
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
-    let _ = (src, target, opts);
-    Err(MountError::NotImplemented {
-        backend: MountBackend::Squashfuse,
-    })
+    let bin = find_binary()?;
+    let image = File::open(&src.path)
+        .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
+    check_magic(&image, src)?;
+    let dev = super::fuse::open_dev_fuse()?;
+    super::mount_fuse_fd(
+        &dev,
+        target,
+        &src.path.to_string_lossy(),
+        "squashfuse_ll",
+        opts,
+    )?;
+    let unmount = || {
+        let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+    };
+    let child = match spawn(&bin, &image, &dev, src.offset) {
+        Ok(c) => c,
+        Err(e) => {
+            unmount();
+            return Err(e);
+        }
+    };
+    // Only the server may hold the connection: if it exits, the kernel aborts the mount, and
+    // the stat below fails instead of hanging.
+    drop(dev);
+    drop(image);
+    let pid = Pid::from_raw(child.id() as i32);
+    // A GETATTR of the mount root is answered only once squashfuse_ll has opened the image and
+    // entered its loop.
+    if let Err(e) = nix::sys::stat::stat(target) {
+        unmount();
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let status = nix::sys::wait::waitpid(pid, None);
+        let how = match status {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+            Ok(other) => format!("ended ({other:?})"),
+            Err(_) => format!("is gone ({e})"),
+        };
+        return Err(MountError::Server {
+            backend: MountBackend::Squashfuse,
+            path: src.path.clone(),
+            reason: format!(
+                "{} {how} before serving the image (its own message, if any, is above)",
+                bin.display()
+            ),
+        });
+    }
+    // The Child handle would not kill on drop; MountedImage owns the pid from here.
+    std::mem::forget(child);
+    tracing::debug!(
+        "image {} served at {} by squashfuse_ll pid {pid}",
+        src.path.display(),
+        target.display()
+    );
+    Ok(MountedImage::new_served(
+        target,
+        MountBackend::Squashfuse,
+        pid,
+    ))
+}
+
+/// Refuses a file without the squashfs magic at `offset`, with a message naming the file,
+/// rather than letting squashfuse_ll say "This doesn't look like a squashfs image".
+fn check_magic(image: &File, src: &SquashfsSource) -> Result<(), MountError> {
+    let mut magic = [0u8; 4];
+    match image.read_exact_at(&mut magic, src.offset) {
+        Ok(()) if &magic == b"hsqs" => Ok(()),
+        Ok(()) => Err(MountError::BadImage {
+            path: src.path.clone(),
+            offset: src.offset,
+            reason: "no squashfs superblock there".into(),
+        }),
+        Err(e) => Err(MountError::BadImage {
+            path: src.path.clone(),
+            offset: src.offset,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn spawn(
+    bin: &Path,
+    image: &File,
+    dev: &OwnedFd,
+    offset: u64,
+) -> Result<std::process::Child, MountError> {
+    let img_fd = image.as_raw_fd();
+    let dev_fd = dev.as_raw_fd();
+    let parent = nix::unistd::getpid();
+    let mut cmd = Command::new(bin);
+    cmd.arg("-f");
+    if offset != 0 {
+        cmd.arg("-o").arg(format!("offset={offset}"));
+    }
+    cmd.arg(format!("/dev/fd/{img_fd}"))
+        .arg(format!("/dev/fd/{dev_fd}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: the closure only makes async-signal-safe system calls (fcntl, prctl, getppid,
+    // setpgid, close_range).
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [img_fd, dev_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::other("the node instance exited"));
+            }
+            // Out of the terminal's process group: Ctrl-C goes to the job, not the image.
+            libc::setpgid(0, 0);
+            // Keep stdio, the image and the FUSE fd; inherited PMI sockets and pipes must not
+            // be held open by the server.
+            close_other_fds(img_fd, dev_fd);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| MountError::io(format!("start {}", bin.display()), e))
+}
+
+/// Closes every descriptor above stdio except `a` and `b`, without allocating (it runs
+/// between fork and exec).
+fn close_other_fds(a: i32, b: i32) {
+    let (lo, hi) = (a.min(b) as u32, a.max(b) as u32);
+    let mut next = 3u32;
+    for k in [lo, hi] {
+        if k >= next {
+            if k > next {
+                // SAFETY: closing descriptors nobody in the child uses.
+                unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
+            }
+            next = k + 1;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0) };
 }

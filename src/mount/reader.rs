@@ -1,0 +1,488 @@
+//! A read-only squashfs index for serving and extracting images.
+//!
+//! backhand parses the superblock, id table, inode and directory tables; the tree is then kept
+//! in a compact table whose positions are the inode numbers (root = 1, as FUSE wants). File data
+//! is read with `pread` and decompressed here, behind a bounded LRU of decompressed blocks and
+//! fragments, because backhand serialises all reads through one mutex and never evicts
+//! fragments.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
+use backhand::{InnerNode, Squashfs, SquashfsFileReader};
+
+use super::{MountError, SquashfsSource};
+
+/// A file's `frag_index` when its tail is not in a fragment block.
+const NO_FRAGMENT: u32 = 0xffff_ffff;
+/// A data size flag: the block is stored uncompressed.
+const STORED_UNCOMPRESSED: u32 = 1 << 24;
+
+/// What an entry is, with what is needed to serve it.
+#[derive(Debug)]
+pub(crate) enum EntryKind {
+    /// A directory; children are entry indices sorted by name.
+    Dir { children: Vec<u32> },
+    /// A regular file.
+    File(FileData),
+    /// A symbolic link and its target.
+    Symlink(OsString),
+    /// A character device and its device number.
+    CharDevice(u32),
+    /// A block device and its device number.
+    BlockDevice(u32),
+    /// A named pipe.
+    Fifo,
+    /// A socket.
+    Socket,
+}
+
+/// Where a regular file's bytes are.
+#[derive(Debug)]
+pub(crate) struct FileData {
+    /// Size in bytes.
+    pub size: u64,
+    /// Offset of each whole block inside the squashfs, and its on-disk size word.
+    blocks: Box<[(u64, u32)]>,
+    /// Fragment index and offset inside the fragment block of the file's tail.
+    fragment: Option<(u32, u32)>,
+}
+
+/// One file, directory or other node of the image.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    /// The last path component ("" for the root).
+    pub name: OsString,
+    /// Index of the parent directory (the root is its own parent).
+    pub parent: u32,
+    /// Permission bits (`0o7777`).
+    pub perm: u16,
+    /// Owner uid as stored in the image.
+    pub uid: u32,
+    /// Owner gid as stored in the image.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: u32,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// A squashfs image opened for random reads.
+pub(crate) struct SquashImage {
+    path: PathBuf,
+    file: File,
+    offset: u64,
+    /// Size of a data block.
+    pub block_size: u32,
+    compressor: Compressor,
+    fragments: Vec<(u64, u32)>,
+    /// All entries; entry `i` has inode number `i + 1`.
+    pub entries: Vec<Entry>,
+    /// Bytes used by the squashfs.
+    pub bytes_used: u64,
+    /// The squashfs superblock's build time, part of the image's identity.
+    pub mkfs_time: u32,
+    /// Start of the metadata tables (everything after the data), part of the image's identity.
+    pub table_start: u64,
+    cache: BlockCache,
+}
+
+impl std::fmt::Debug for SquashImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SquashImage")
+            .field("path", &self.path)
+            .field("offset", &self.offset)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+impl SquashImage {
+    /// Opens and indexes the squashfs `src`, keeping up to `cache_bytes` of decompressed data.
+    pub(crate) fn open(src: &SquashfsSource, cache_bytes: usize) -> Result<Self, MountError> {
+        let file = File::open(&src.path)
+            .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
+        let bad = |reason: String| MountError::BadImage {
+            path: src.path.clone(),
+            offset: src.offset,
+            reason,
+        };
+        let reader = file
+            .try_clone()
+            .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
+        // backhand is not hardened against every corrupt image; a panic in its parser must
+        // become an error naming the file, not a crash of the node instance.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let sq = Squashfs::from_reader_with_offset(BufReader::new(reader), src.offset)?;
+            let sb = sq.superblock;
+            let fs = sq.into_filesystem_reader()?;
+            Ok::<_, backhand::BackhandError>((sb, fs))
+        }))
+        .map_err(|_| bad("the squashfs parser failed on it (corrupt image?)".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+        let (sb, mut fs) = parsed;
+        let compressor = sb.compressor;
+        if !matches!(
+            compressor,
+            Compressor::Gzip | Compressor::Xz | Compressor::Zstd | Compressor::Lz4
+        ) {
+            return Err(bad(format!(
+                "compression {compressor:?} is not supported (use gzip, xz, zstd or lz4)"
+            )));
+        }
+        let block_size = fs.block_size;
+        let fragments = fs
+            .fragments
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| {
+                (
+                    f.start,
+                    f.size.size() | (f.size.uncompressed() as u32 * STORED_UNCOMPRESSED),
+                )
+            })
+            .collect();
+        let nodes = std::mem::take(&mut fs.root.nodes);
+        let entries = build_entries(nodes).map_err(bad)?;
+        Ok(SquashImage {
+            path: src.path.clone(),
+            file,
+            offset: src.offset,
+            block_size,
+            compressor,
+            fragments,
+            entries,
+            bytes_used: sb.bytes_used,
+            mkfs_time: sb.mod_time,
+            table_start: sb.inode_table,
+            cache: BlockCache::new(cache_bytes),
+        })
+    }
+
+    /// The image file's descriptor (kept open by a server child that closes the rest).
+    pub(crate) fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    /// The image file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The entry with inode number `ino`.
+    pub(crate) fn entry(&self, ino: u64) -> Option<&Entry> {
+        let idx = usize::try_from(ino.checked_sub(1)?).ok()?;
+        self.entries.get(idx)
+    }
+
+    /// The child `name` of directory `parent` (inode numbers).
+    pub(crate) fn lookup(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let EntryKind::Dir { children } = &self.entry(parent)?.kind else {
+            return None;
+        };
+        children
+            .binary_search_by(|&c| {
+                self.entries[c as usize]
+                    .name
+                    .as_bytes()
+                    .cmp(name.as_bytes())
+            })
+            .ok()
+            .map(|i| u64::from(children[i]) + 1)
+    }
+
+    /// The full path of entry `idx` inside the image (for messages and checks).
+    pub(crate) fn path_of(&self, idx: usize) -> PathBuf {
+        let mut parts = Vec::new();
+        let mut i = idx;
+        while i != 0 {
+            parts.push(self.entries[i].name.as_os_str());
+            i = self.entries[i].parent as usize;
+        }
+        let mut p = PathBuf::from("/");
+        for part in parts.iter().rev() {
+            p.push(part);
+        }
+        p
+    }
+
+    /// Reads up to `len` bytes of `file` from `offset` into `out` (cleared first).
+    pub(crate) fn read(
+        &self,
+        file: &FileData,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        out.clear();
+        if offset >= file.size {
+            return Ok(());
+        }
+        let end = file.size.min(offset.saturating_add(len as u64));
+        out.reserve((end - offset) as usize);
+        let bs = u64::from(self.block_size);
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / bs;
+            let within = (pos % bs) as usize;
+            let want = ((end - pos) as usize).min(bs as usize - within);
+            if let Some(&(start, word)) =
+                usize::try_from(index).ok().and_then(|i| file.blocks.get(i))
+            {
+                if word & !STORED_UNCOMPRESSED == 0 {
+                    // A hole: all zeros, nothing stored.
+                    out.resize(out.len() + want, 0);
+                } else {
+                    let block = self.block(start, word)?;
+                    copy_part(&block, within, want, out)?;
+                }
+            } else {
+                let Some((frag_index, frag_offset)) = file.fragment else {
+                    return Err(corrupt("file data ends before its size"));
+                };
+                let &(start, word) = self
+                    .fragments
+                    .get(frag_index as usize)
+                    .ok_or_else(|| corrupt("fragment index out of range"))?;
+                let block = self.block(start, word)?;
+                copy_part(&block, frag_offset as usize + within, want, out)?;
+            }
+            pos += want as u64;
+        }
+        Ok(())
+    }
+
+    /// One decompressed block or fragment block, from the cache or the image.
+    fn block(&self, start: u64, word: u32) -> std::io::Result<Arc<[u8]>> {
+        if let Some(hit) = self.cache.get(start) {
+            return Ok(hit);
+        }
+        let size = (word & !STORED_UNCOMPRESSED) as usize;
+        if size > self.block_size as usize {
+            return Err(corrupt("block larger than the block size"));
+        }
+        let mut raw = vec![0u8; size];
+        self.file.read_exact_at(&mut raw, self.offset + start)?;
+        let data: Arc<[u8]> = if word & STORED_UNCOMPRESSED != 0 {
+            raw.into()
+        } else {
+            let mut out = Vec::with_capacity(self.block_size as usize);
+            DefaultCompressor
+                .decompress(&raw, &mut out, self.compressor)
+                .map_err(|e| corrupt(&format!("decompressing a block: {e}")))?;
+            if out.len() > self.block_size as usize {
+                return Err(corrupt("block decompresses past the block size"));
+            }
+            out.into()
+        };
+        self.cache.put(start, data.clone());
+        Ok(data)
+    }
+}
+
+fn copy_part(block: &[u8], from: usize, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let part = block
+        .get(from..from + len)
+        .ok_or_else(|| corrupt("block shorter than the file says"))?;
+    out.extend_from_slice(part);
+    Ok(())
+}
+
+fn corrupt(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("corrupt squashfs: {what}"),
+    )
+}
+
+/// Turns backhand's path-sorted node list into the entry table.
+fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<Entry>, String> {
+    let mut entries: Vec<Entry> = Vec::with_capacity(nodes.len());
+    let mut index: HashMap<PathBuf, u32> = HashMap::with_capacity(nodes.len());
+    for node in nodes {
+        let idx = u32::try_from(entries.len()).map_err(|_| "too many entries".to_string())?;
+        let (name, parent) = if idx == 0 {
+            (OsString::new(), 0)
+        } else {
+            let parent_path = node
+                .fullpath
+                .parent()
+                .ok_or_else(|| format!("entry {} has no parent", node.fullpath.display()))?;
+            let parent = *index
+                .get(parent_path)
+                .ok_or_else(|| format!("entry {} has no parent", node.fullpath.display()))?;
+            let name = node
+                .fullpath
+                .file_name()
+                .ok_or_else(|| format!("entry {} has no name", node.fullpath.display()))?
+                .to_owned();
+            // A name that could climb out of a directory must never reach an extraction.
+            let bytes = name.as_bytes();
+            if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+                return Err(format!(
+                    "entry {} has an invalid name",
+                    node.fullpath.display()
+                ));
+            }
+            (name, parent)
+        };
+        let kind = match node.inner {
+            InnerNode::Dir(_) => EntryKind::Dir {
+                children: Vec::new(),
+            },
+            InnerNode::File(f) => EntryKind::File(file_data(&f)),
+            InnerNode::Symlink(s) => EntryKind::Symlink(s.link.into_os_string()),
+            InnerNode::CharacterDevice(d) => EntryKind::CharDevice(d.device_number),
+            InnerNode::BlockDevice(d) => EntryKind::BlockDevice(d.device_number),
+            InnerNode::NamedPipe => EntryKind::Fifo,
+            InnerNode::Socket => EntryKind::Socket,
+        };
+        if idx != 0 {
+            match &mut entries[parent as usize].kind {
+                EntryKind::Dir { children } => children.push(idx),
+                _ => {
+                    return Err(format!(
+                        "{} is inside a non-directory",
+                        node.fullpath.display()
+                    ));
+                }
+            }
+        }
+        if matches!(kind, EntryKind::Dir { .. }) {
+            index.insert(node.fullpath, idx);
+        }
+        entries.push(Entry {
+            name,
+            parent,
+            perm: node.header.permissions & 0o7777,
+            uid: node.header.uid,
+            gid: node.header.gid,
+            mtime: node.header.mtime,
+            kind,
+        });
+    }
+    if entries.is_empty() {
+        return Err("no root directory".into());
+    }
+    // Path order is byte order of the names within a directory already, but sort anyway so
+    // lookups never depend on the parser's order.
+    let names: Vec<OsString> = entries.iter().map(|e| e.name.clone()).collect();
+    for e in &mut entries {
+        if let EntryKind::Dir { children } = &mut e.kind {
+            children.sort_by(|&a, &b| {
+                names[a as usize]
+                    .as_bytes()
+                    .cmp(names[b as usize].as_bytes())
+            });
+        }
+    }
+    Ok(entries)
+}
+
+fn file_data(f: &SquashfsFileReader) -> FileData {
+    let mut pos = f.blocks_start();
+    let blocks = f
+        .block_sizes()
+        .iter()
+        .map(|ds| {
+            let word = ds.size() | (ds.uncompressed() as u32 * STORED_UNCOMPRESSED);
+            let here = pos;
+            pos += u64::from(ds.size());
+            (here, word)
+        })
+        .collect();
+    let frag = f.frag_index() as u32;
+    FileData {
+        size: f.file_len() as u64,
+        blocks,
+        fragment: (frag != NO_FRAGMENT).then_some((frag, f.block_offset())),
+    }
+}
+
+/// A byte-bounded least-recently-used cache of decompressed blocks, keyed by their position.
+struct BlockCache {
+    inner: Mutex<CacheInner>,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    map: HashMap<u64, (Arc<[u8]>, u64)>,
+    order: BTreeMap<u64, u64>,
+    tick: u64,
+    bytes: usize,
+}
+
+impl BlockCache {
+    fn new(limit: usize) -> Self {
+        BlockCache {
+            inner: Mutex::new(CacheInner::default()),
+            limit,
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<Arc<[u8]>> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut *guard;
+        c.tick += 1;
+        let tick = c.tick;
+        let (data, stamp) = c.map.get_mut(&key)?;
+        c.order.remove(stamp);
+        *stamp = tick;
+        c.order.insert(tick, key);
+        Some(data.clone())
+    }
+
+    fn put(&self, key: u64, data: Arc<[u8]>) {
+        if data.len() > self.limit {
+            return;
+        }
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut *guard;
+        c.tick += 1;
+        let tick = c.tick;
+        let len = data.len();
+        if let Some((old, stamp)) = c.map.insert(key, (data, tick)) {
+            c.order.remove(&stamp);
+            c.bytes -= old.len();
+        }
+        c.order.insert(tick, key);
+        c.bytes += len;
+        while c.bytes > self.limit {
+            let Some((_, victim)) = c.order.pop_first() else {
+                break;
+            };
+            if let Some((old, _)) = c.map.remove(&victim) {
+                c.bytes -= old.len();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_evicts_least_recently_used_within_its_budget() {
+        let cache = BlockCache::new(10);
+        cache.put(1, vec![0u8; 4].into());
+        cache.put(2, vec![0u8; 4].into());
+        assert!(cache.get(1).is_some());
+        cache.put(3, vec![0u8; 4].into());
+        assert!(cache.get(2).is_none(), "2 was least recently used");
+        assert!(cache.get(1).is_some());
+        assert!(cache.get(3).is_some());
+        cache.put(4, vec![0u8; 11].into());
+        assert!(cache.get(4).is_none(), "larger than the whole budget");
+    }
+}
