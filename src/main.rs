@@ -53,6 +53,9 @@ struct MountCheckArgs {
     /// After mounting, print the mount line and wait to be killed.
     #[arg(long)]
     hold: bool,
+    /// Also write the mount line to this file once mounted.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Directory of extracted images for the extract backend.
     #[arg(long)]
     extract_cache: Option<PathBuf>,
@@ -194,13 +197,18 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
     };
     mount::enter_private_namespaces()?;
     let mounted = mount::mount_squashfs(&src, &args.target, backend, &opts)?;
+    let line = serde_json::json!({
+        "mounted": args.target,
+        "backend": backend,
+        "server_pid": mounted.server_pid(),
+        "pid": std::process::id(),
+    });
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{}",
-        serde_json::json!({"mounted": args.target, "backend": backend, "server_pid": mounted.server_pid()})
-    )?;
+    writeln!(out, "{line}")?;
     out.flush()?;
+    if let Some(file) = &args.ready_file {
+        std::fs::write(file, format!("{line}\n"))?;
+    }
     if args.hold {
         loop {
             std::thread::park();
