@@ -119,3 +119,20 @@ fn staged_binary_is_executable_by_the_test_user() {
     out.assert_success();
     assert!(out.stdout.starts_with("cmpirun "), "{out}");
 }
+
+#[test]
+fn slurm_test_cluster_runs_jobs_as_the_test_user() {
+    if std::env::var_os("CI").is_none() && slurm_conf().is_none() {
+        // Outside CI the cluster may not be started; ci/test.sh always starts it.
+        eprintln!("skipped: the Slurm test cluster is not running (ci/start-slurm.sh)");
+        return;
+    }
+    let out = TuserCommand::new("srun")
+        .args(["-n", "2", "id", "-u"])
+        .slurm()
+        .timeout(Duration::from_secs(60))
+        .run();
+    out.assert_success();
+    let uid = tuser().uid.to_string();
+    assert_eq!(out.stdout.lines().filter(|l| *l == uid).count(), 2, "{out}");
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run all tests, as root (the container tests run their programs as the unprivileged user tuser):
+# prepares what is missing (ci/prepare.sh), starts the one-node Slurm cluster if it is not running
+# (and stops it afterwards), then `cargo test --workspace`. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ci/prepare.sh
+
+slurm_conf=${SLURM_DIR:-/run/cmpirun-test-slurm}/slurm.conf
+started_slurm=false
+if ! { [ -f "$slurm_conf" ] && SLURM_CONF=$slurm_conf sinfo -h >/dev/null 2>&1; }; then
+    ci/start-slurm.sh
+    started_slurm=true
+fi
+cleanup() {
+    if $started_slurm; then ci/stop-slurm.sh || true; fi
+}
+trap cleanup EXIT
+
+echo "== cargo test" >&2
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+export SLURM_CONF=$slurm_conf
+cargo test --locked --workspace "$@"
