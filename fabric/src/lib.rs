@@ -8,6 +8,12 @@
 //!   image can be read without mounting it): `DT_SONAME`, `DT_NEEDED`, `DT_RPATH`, `DT_RUNPATH`,
 //!   the symbol versions it defines (`FABRIC_1.9`) and the ones it needs, per library
 //!   (`libc.so.6` → `GLIBC_2.34`), and numeric ordering of such versions.
+//! - [`libfabric`]: a host libfabric loaded by path: its `fi_version()`, the providers that answer
+//!   `fi_getinfo` on this node, and its provider plugins (`lib<name>-fi.so`).
+//! - [`loader`]: the dynamic loader's search order (RPATH, `LD_LIBRARY_PATH`, RUNPATH,
+//!   `ld.so.cache`, default directories) and the list of glibc's own libraries.
+//! - [`closure`]: the libraries a set of host libraries pulls in, without glibc's, each with the
+//!   newest `GLIBC_x.y` it needs.
 //!
 //! The smallest use: does the host libfabric define every `FABRIC_x.y` an MPI library needs?
 //!
@@ -27,4 +33,7 @@
 //! # Ok::<(), cmpirun_fabric::elf::ReadError>(())
 //! ```
 
+pub mod closure;
 pub mod elf;
+pub mod libfabric;
+pub mod loader;

@@ -2,25 +2,12 @@
 //! 5.0.2 wheel (fetched by `ci/fetch-wheels.sh`).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::mpich_wheel_lib;
 
 use cmpirun_fabric::elf::{ElfClass, ElfFacts, SymbolVersion, exported_symbols};
 
 const DEBIAN_LIBFABRIC: &str = "/usr/lib/x86_64-linux-gnu/libfabric.so.1";
-
-/// The `lib` folder of the unpacked mpich 5.0.2 wheel, fetched the way CI fetches it.
-fn mpich_wheel_lib() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let lib = root.join(".cache/wheels/mpich-5.0.2/mpich-5.0.2.data/data/lib");
-    if !lib.is_dir() {
-        let status = Command::new(root.join("ci/fetch-wheels.sh"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "ci/fetch-wheels.sh failed");
-    }
-    lib
-}
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()

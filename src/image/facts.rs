@@ -14,35 +14,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 
 use cmpirun_fabric::elf::{self, ElfError, ElfFacts, SymbolVersion};
+use cmpirun_fabric::loader::{
+    default_dirs, expand_origin, is_glibc_library, search_order, wildcard_match,
+};
+
+/// Which step of the loader's search found a library.
+pub use cmpirun_fabric::loader::Via;
 
 use super::rootfs::{NodeKind, RootFs, resolve};
-
-/// The sonames of glibc's own libraries. They belong to the image's glibc and are never injected,
-/// so the MPI stack's closure stops at them.
-pub const GLIBC_LIBRARIES: &[&str] = &[
-    "libc.so.6",
-    "libm.so.6",
-    "libpthread.so.0",
-    "libdl.so.2",
-    "librt.so.1",
-    "libresolv.so.2",
-    "libutil.so.1",
-    "libanl.so.1",
-    "libBrokenLocale.so.1",
-    "libnsl.so.1",
-    "libmvec.so.1",
-    "ld-linux-x86-64.so.2",
-    "ld-linux-aarch64.so.1",
-    "ld-linux.so.2",
-    "ld64.so.2",
-    "ld64.so.1",
-    "ld-linux-riscv64-lp64d.so.1",
-];
-
-/// Whether `soname` is one of glibc's own libraries (see [`GLIBC_LIBRARIES`]).
-pub fn is_glibc_library(soname: &str) -> bool {
-    GLIBC_LIBRARIES.contains(&soname) || soname.starts_with("ld-linux")
-}
 
 const LIBFABRIC: &str = "libfabric.so.1";
 const ENV_DIR: &str = "/.singularity.d/env";
@@ -93,27 +72,6 @@ impl MpiFamily {
             MpiFamily::MpiAbi => &["libmpi_abi.so.1", "libmpi_abi.so"],
         }
     }
-}
-
-/// Which step of the loader's search order found a library.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Via {
-    /// The `DT_NEEDED` entry was itself a path.
-    Path,
-    /// `DT_RPATH` of the loading object. `LD_LIBRARY_PATH` cannot override it.
-    Rpath,
-    /// `LD_LIBRARY_PATH` from the image's environment scripts.
-    LdLibraryPath,
-    /// `DT_RUNPATH` of the loading object.
-    Runpath,
-    /// The image's `ld.so.cache` (its `/etc/ld.so.conf` directories).
-    LdSoCache,
-    /// The loader's default directories.
-    DefaultDirs,
-    /// Not a loader search: found by scanning common install prefixes (`/opt/*/lib`, …) for the
-    /// MPI library itself, or in an Open MPI component directory.
-    Scan,
 }
 
 /// One library as the loader would find it inside the image.
@@ -343,43 +301,19 @@ impl Loader<'_> {
             return Ok(resolved_file(self.fs, &path)?.map(|real| make(path, Via::Path, real)));
         }
         let origin = requester.map(|r| parent(r.path)).unwrap_or("/");
-        let mut steps: Vec<(Via, Vec<String>)> = Vec::new();
-        if let Some(r) = requester
-            && r.elf.runpath.is_empty()
-        {
-            steps.push((Via::Rpath, r.elf.rpath.clone()));
-        }
-        steps.push((Via::LdLibraryPath, self.ld_library_path.clone()));
-        if let Some(r) = requester {
-            steps.push((Via::Runpath, r.elf.runpath.clone()));
-        }
-        steps.push((Via::LdSoCache, self.cache_dirs.clone()));
-        steps.push((Via::DefaultDirs, default_dirs()));
-        for (via, dirs) in steps {
-            for dir in dirs {
-                let dir = expand_origin(&dir, origin);
-                let path = join(&dir, name);
-                if let Some(real) = resolved_file(self.fs, &path)? {
-                    return Ok(Some(make(path, via, real)));
-                }
+        let order = search_order(
+            requester.map(|r| r.elf),
+            &self.ld_library_path,
+            &self.cache_dirs,
+        );
+        for (via, dir) in order {
+            let path = join(&expand_origin(&dir, origin), name);
+            if let Some(real) = resolved_file(self.fs, &path)? {
+                return Ok(Some(make(path, via, real)));
             }
         }
         Ok(None)
     }
-}
-
-/// The loader's built-in directories, multiarch first as Debian's loader has them, then the
-/// lib64 directories of RPM distributions.
-fn default_dirs() -> Vec<String> {
-    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
-    vec![
-        format!("/lib/{triplet}"),
-        format!("/usr/lib/{triplet}"),
-        "/lib64".to_owned(),
-        "/usr/lib64".to_owned(),
-        "/lib".to_owned(),
-        "/usr/lib".to_owned(),
-    ]
 }
 
 /// Where images commonly install an MPI outside the loader's directories; `*` matches one
@@ -793,22 +727,6 @@ fn glob_files(fs: &dyn RootFs, pattern: &str) -> Result<Vec<String>, FactsError>
         .filter(|n| wildcard_match(name, n))
         .map(|n| join(dir, &n))
         .collect())
-}
-
-fn wildcard_match(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((head, rest)) => {
-            let Some(tail) = name.strip_prefix(head) else {
-                return false;
-            };
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
-        }
-    }
-}
-
-fn expand_origin(dir: &str, origin: &str) -> String {
-    dir.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
 }
 
 fn parent(path: &str) -> &str {
@@ -1283,12 +1201,5 @@ mod tests {
             vec!["/c", "/a", "/b"]
         );
         assert!(ld_library_path_from_scripts(&[s("export PATH=/x\n")]).is_empty());
-    }
-
-    #[test]
-    fn wildcards() {
-        assert!(wildcard_match("*.conf", "a.conf"));
-        assert!(!wildcard_match("*.conf", "a.txt"));
-        assert!(wildcard_match("x*y*z", "xaybz"));
     }
 }

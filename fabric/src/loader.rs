@@ -1,0 +1,289 @@
+//! The dynamic loader's search rules, applied to this host's files.
+//!
+//! For a `DT_NEEDED` name without a slash, glibc's loader searches, in order: the `DT_RPATH` of
+//! the object that needs it (only when that object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`, the
+//! object's `DT_RUNPATH`, `/etc/ld.so.cache`, then the default directories. `$ORIGIN` is the
+//! directory the needing object was found in (as found, symlinks not resolved).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::elf::ElfFacts;
+
+/// The sonames of glibc's own libraries. They belong to whichever glibc a process runs with, so
+/// they are never injected into a container and a dependency closure stops at them.
+pub const GLIBC_LIBRARIES: &[&str] = &[
+    "libc.so.6",
+    "libm.so.6",
+    "libpthread.so.0",
+    "libdl.so.2",
+    "librt.so.1",
+    "libresolv.so.2",
+    "libutil.so.1",
+    "libanl.so.1",
+    "libBrokenLocale.so.1",
+    "libnsl.so.1",
+    "libmvec.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+    "ld-linux.so.2",
+    "ld64.so.2",
+    "ld64.so.1",
+    "ld-linux-riscv64-lp64d.so.1",
+];
+
+/// Whether `soname` is one of glibc's own libraries (see [`GLIBC_LIBRARIES`]).
+pub fn is_glibc_library(soname: &str) -> bool {
+    GLIBC_LIBRARIES.contains(&soname) || soname.starts_with("ld-linux")
+}
+
+/// Which step of the loader's search found a library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// The `DT_NEEDED` entry was itself a path.
+    Path,
+    /// `DT_RPATH` of the loading object. `LD_LIBRARY_PATH` cannot override it.
+    Rpath,
+    /// `LD_LIBRARY_PATH`.
+    LdLibraryPath,
+    /// `DT_RUNPATH` of the loading object.
+    Runpath,
+    /// `ld.so.cache` (approximated by the directories of `/etc/ld.so.conf`).
+    LdSoCache,
+    /// The loader's default directories.
+    DefaultDirs,
+    /// Not a loader search: found by scanning install prefixes or component directories, or
+    /// given by the caller.
+    Scan,
+}
+
+/// The loader's built-in directories, multiarch first as Debian's loader has them, then the
+/// lib64 directories of RPM distributions.
+pub fn default_dirs() -> Vec<String> {
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    vec![
+        format!("/lib/{triplet}"),
+        format!("/usr/lib/{triplet}"),
+        "/lib64".to_owned(),
+        "/usr/lib64".to_owned(),
+        "/lib".to_owned(),
+        "/usr/lib".to_owned(),
+    ]
+}
+
+/// Replaces `$ORIGIN` and `${ORIGIN}` in a search directory.
+pub fn expand_origin(dir: &str, origin: &str) -> String {
+    dir.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
+}
+
+/// The search directories of one request, in the loader's order, each with its step: `rpath`
+/// and `runpath` are the needing object's, `ld_library_path` and `cache_dirs` the process's.
+pub fn search_order(
+    requester: Option<&ElfFacts>,
+    ld_library_path: &[String],
+    cache_dirs: &[String],
+) -> Vec<(Via, String)> {
+    let mut order = Vec::new();
+    if let Some(r) = requester
+        && r.runpath.is_empty()
+    {
+        order.extend(r.rpath.iter().map(|d| (Via::Rpath, d.clone())));
+    }
+    order.extend(
+        ld_library_path
+            .iter()
+            .map(|d| (Via::LdLibraryPath, d.clone())),
+    );
+    if let Some(r) = requester {
+        order.extend(r.runpath.iter().map(|d| (Via::Runpath, d.clone())));
+    }
+    order.extend(cache_dirs.iter().map(|d| (Via::LdSoCache, d.clone())));
+    order.extend(default_dirs().into_iter().map(|d| (Via::DefaultDirs, d)));
+    order
+}
+
+/// Where the host's loader looks, besides each object's own RPATH/RUNPATH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLoader {
+    /// `LD_LIBRARY_PATH` directories.
+    pub ld_library_path: Vec<String>,
+    /// The directories `/etc/ld.so.cache` covers; empty without a cache.
+    pub cache_dirs: Vec<String>,
+}
+
+/// A library the host loader would load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The path as found (its directory is the library's `$ORIGIN`).
+    pub path: PathBuf,
+    /// The search step that found it.
+    pub via: Via,
+}
+
+impl HostLoader {
+    /// The loader as this process sees it: its `LD_LIBRARY_PATH`, and the directories of
+    /// `/etc/ld.so.conf` when `/etc/ld.so.cache` exists.
+    pub fn from_env() -> Self {
+        let ld_library_path = std::env::var("LD_LIBRARY_PATH")
+            .map(|v| {
+                v.split(':')
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cache_dirs = if Path::new("/etc/ld.so.cache").is_file() {
+            ld_so_conf_dirs(Path::new("/etc/ld.so.conf"))
+        } else {
+            Vec::new()
+        };
+        Self {
+            ld_library_path,
+            cache_dirs,
+        }
+    }
+
+    /// Finds `name` as the loader would when the object at `requester` (with its facts) needs
+    /// it; `None` when the loader would fail.
+    pub fn find(&self, name: &str, requester: Option<(&Path, &ElfFacts)>) -> Option<Found> {
+        let origin = requester
+            .and_then(|(p, _)| p.parent())
+            .unwrap_or(Path::new("/"))
+            .to_string_lossy()
+            .into_owned();
+        if name.contains('/') {
+            let path = Path::new(&origin).join(name);
+            return path.is_file().then_some(Found {
+                path,
+                via: Via::Path,
+            });
+        }
+        search_order(
+            requester.map(|(_, f)| f),
+            &self.ld_library_path,
+            &self.cache_dirs,
+        )
+        .into_iter()
+        .map(|(via, dir)| (via, PathBuf::from(expand_origin(&dir, &origin)).join(name)))
+        .find(|(_, path)| path.is_file())
+        .map(|(via, path)| Found { path, via })
+    }
+}
+
+/// The directories of an `ld.so.conf` file on the host, following `include` lines (with `*`
+/// wildcards in their last component). Unreadable files count as empty, as for ldconfig.
+pub fn ld_so_conf_dirs(conf: &Path) -> Vec<String> {
+    let mut dirs = Vec::new();
+    let mut visited = BTreeSet::new();
+    read_conf(conf, &mut dirs, &mut visited);
+    dirs
+}
+
+fn read_conf(conf: &Path, dirs: &mut Vec<String>, visited: &mut BTreeSet<PathBuf>) {
+    let Ok(real) = std::fs::canonicalize(conf) else {
+        return;
+    };
+    if !visited.insert(real.clone()) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(&real) else {
+        return;
+    };
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(pattern) = line.strip_prefix("include") {
+            let pattern = pattern.trim();
+            if pattern.is_empty() {
+                continue;
+            }
+            let pattern = real.parent().unwrap_or(Path::new("/")).join(pattern);
+            let dir = pattern.parent().unwrap_or(Path::new("/"));
+            let file = pattern
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| wildcard_match(&file, n))
+                .collect();
+            names.sort();
+            for n in names {
+                read_conf(&dir.join(n), dirs, visited);
+            }
+        } else if line.starts_with('/') {
+            for d in line.split([' ', '\t', ',', ':']) {
+                let d = d.split('=').next().unwrap_or("");
+                if d.starts_with('/') && !dirs.iter().any(|x| x == d) {
+                    dirs.push(d.to_owned());
+                }
+            }
+        }
+    }
+}
+
+/// Shell-style matching of `*` (any run of characters) against a file name.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, rest)) => {
+            let Some(tail) = name.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard_match(rest, &tail[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpath_only_without_runpath() {
+        let mut facts =
+            ElfFacts::parse(&std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").unwrap()).unwrap();
+        facts.rpath = vec!["/r".into()];
+        let order = search_order(Some(&facts), &["/l".into()], &["/c".into()]);
+        assert_eq!(order[0], (Via::Rpath, "/r".into()));
+        assert_eq!(order[1], (Via::LdLibraryPath, "/l".into()));
+        assert_eq!(order[2], (Via::LdSoCache, "/c".into()));
+        facts.runpath = vec!["/u".into()];
+        let order = search_order(Some(&facts), &["/l".into()], &[]);
+        assert_eq!(order[0], (Via::LdLibraryPath, "/l".into()));
+        assert_eq!(order[1], (Via::Runpath, "/u".into()));
+        assert_eq!(order[2].0, Via::DefaultDirs);
+    }
+
+    #[test]
+    fn host_ld_so_conf() {
+        let dirs = ld_so_conf_dirs(Path::new("/etc/ld.so.conf"));
+        assert!(
+            dirs.iter().any(|d| d == "/usr/lib/x86_64-linux-gnu"),
+            "{dirs:?}"
+        );
+    }
+
+    #[test]
+    fn host_finds_libfabric_in_the_cache_dirs() {
+        let loader = HostLoader {
+            ld_library_path: vec![],
+            cache_dirs: ld_so_conf_dirs(Path::new("/etc/ld.so.conf")),
+        };
+        let found = loader.find("libfabric.so.1", None).unwrap();
+        assert_eq!(found.via, Via::LdSoCache);
+        assert!(found.path.ends_with("x86_64-linux-gnu/libfabric.so.1"));
+        assert_eq!(loader.find("libnonexistent.so.7", None), None);
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("*.conf", "libc.conf"));
+        assert!(!wildcard_match("*.conf", "libc.txt"));
+        assert!(wildcard_match("a*b*c", "aXbYc"));
+    }
+}

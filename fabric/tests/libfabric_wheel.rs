@@ -1,0 +1,83 @@
+//! The PyPI mpich wheel's libfabric 2.5.1 loaded from its path, with its plugin providers.
+
+mod common;
+
+use cmpirun_fabric::closure::dependency_closure;
+use cmpirun_fabric::libfabric::{ApiVersion, HostLibfabric, provider_plugins};
+use cmpirun_fabric::loader::{HostLoader, Via};
+
+#[test]
+fn version_and_providers() {
+    let core = common::mpich_wheel_lib().join("mpich/libfabric.so.1");
+    let fabric = HostLibfabric::load(&core).unwrap();
+    assert_eq!(fabric.version(), ApiVersion { major: 2, minor: 5 });
+    assert_eq!(fabric.path(), core);
+    let providers = fabric.providers().unwrap();
+    let names: Vec<&str> = providers.iter().flat_map(|p| p.parts()).collect();
+    for expected in ["tcp", "shm"] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}
+
+#[test]
+fn plugins_through_runpath_origin() {
+    let lib = common::mpich_wheel_lib();
+    let core = lib.join("mpich/libfabric.so.1");
+    let plugins = provider_plugins(&core).unwrap();
+    let names: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["efa", "psmx2", "verbs"]);
+    assert!(
+        plugins
+            .iter()
+            .all(|p| p.path.parent() == Some(lib.join("mpich/libfabric").as_path()))
+    );
+}
+
+#[test]
+fn closure_of_core_and_plugins() {
+    let lib = common::mpich_wheel_lib();
+    let core = lib.join("mpich/libfabric.so.1");
+    let mut roots = vec![core.clone()];
+    roots.extend(provider_plugins(&core).unwrap().into_iter().map(|p| p.path));
+    let closure = dependency_closure(&roots, &HostLoader::from_env()).unwrap();
+    assert_eq!(closure.libraries[0].path, core);
+    assert_eq!(
+        closure
+            .libraries
+            .iter()
+            .filter(|l| l.via == Via::Scan)
+            .count(),
+        4
+    );
+    // manylinux_2_28: the wheel's own files load with glibc 2.28; the verbs and efa plugins
+    // also pull in this host's rdma-core, which is built for the host's newer glibc.
+    for l in closure
+        .libraries
+        .iter()
+        .filter(|l| l.path.starts_with(&lib))
+    {
+        let needs = l.glibc_needs.clone().unwrap();
+        assert!(
+            needs.numbers <= vec![2, 28],
+            "{}: {needs}",
+            l.path.display()
+        );
+    }
+    let verbs = closure
+        .libraries
+        .iter()
+        .find(|l| l.name == "libibverbs.so.1")
+        .unwrap();
+    assert!(!verbs.path.starts_with(&lib));
+    assert!(
+        verbs
+            .needed_by
+            .as_ref()
+            .unwrap()
+            .starts_with(lib.join("mpich/libfabric"))
+    );
+    assert!(closure.glibc_needs >= verbs.glibc_needs);
+}
