@@ -1,0 +1,201 @@
+//! Helpers for the PMI tests: compile the C clients, run a job of real processes against the
+//! server, collect its events.
+#![allow(dead_code)]
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use cmpirun_pmi::env::{inherit_fd, scrub_env};
+use cmpirun_pmi::server::{Event, JobConfig, JobReport, PmiError, PmiServer};
+
+/// The C sources of the test clients.
+pub fn client_src(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
+}
+
+/// Run a compiler command and panic with its output when it fails.
+pub fn compile(mut cmd: Command) {
+    let out = cmd.output().expect("run the C compiler");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The data folder (bin/include/lib) of the `mpich==5.0.2` wheel that `ci/fetch-wheels.sh`
+/// unpacks; the script runs first if the wheel is not there yet (it is idempotent).
+pub fn mpich_wheel() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join(".cache/wheels/mpich-5.0.2/mpich-5.0.2.data/data");
+    if !dir.join("lib").is_dir() {
+        let st = Command::new(root.join("ci/fetch-wheels.sh"))
+            .status()
+            .expect("run ci/fetch-wheels.sh");
+        assert!(st.success(), "ci/fetch-wheels.sh failed");
+    }
+    dir
+}
+
+/// How ranks reach the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Inherited socketpair, `PMI_FD`.
+    Fd,
+    /// Loopback TCP, `PMI_PORT` + `PMI_ID`.
+    Tcp,
+}
+
+/// What a job did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: Result<JobReport, PmiError>,
+    pub events: Vec<Event>,
+    pub outputs: Vec<Output>,
+    pub killed: bool,
+}
+
+impl Outcome {
+    /// Panic with everything known unless every rank exited 0 and the server ended cleanly.
+    pub fn assert_success(&self) -> &JobReport {
+        let report = match &self.report {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "server error {e}; events {:?}; {}",
+                self.events,
+                self.dump()
+            ),
+        };
+        for (rank, out) in self.outputs.iter().enumerate() {
+            assert!(
+                out.status.success(),
+                "rank {rank} failed ({:?}); events {:?}; {}",
+                out.status,
+                self.events,
+                self.dump()
+            );
+        }
+        assert!(!self.killed, "job was killed; {}", self.dump());
+        report
+    }
+
+    pub fn dump(&self) -> String {
+        self.outputs
+            .iter()
+            .enumerate()
+            .map(|(r, o)| {
+                format!(
+                    "--- rank {r} {:?}\nstdout: {}\nstderr: {}\n",
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .collect()
+    }
+}
+
+/// Start `n` ranks of `program args` against a fresh server and wait for the job to end.
+/// Ranks are killed when one aborts, disconnects early, or after `limit`.
+pub fn run_job(
+    program: &Path,
+    args: &[&str],
+    n: u32,
+    mode: Mode,
+    extra_env: &[(&str, &str)],
+    config: Option<JobConfig>,
+    limit: Duration,
+) -> Outcome {
+    let config = config.unwrap_or_else(|| {
+        JobConfig::single_node(format!("kvs_{}_{n}", std::process::id()), n)
+            .connect_timeout(Duration::from_secs(60))
+    });
+    let mut server = PmiServer::new(config).expect("server");
+    let base_env = scrub_env(std::env::vars_os());
+    let mut children: Vec<Child> = Vec::new();
+    for rank in 0..n {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(base_env.iter().map(|(k, v)| (k, v)))
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let keep = match mode {
+            Mode::Fd => {
+                let rank_fd = server.add_socketpair(rank).expect("socketpair");
+                cmd.envs(rank_fd.env.iter().map(|(k, v)| (k, v)));
+                let raw = rank_fd.fd.as_raw_fd();
+                // SAFETY: inherit_fd only calls fcntl.
+                unsafe { cmd.pre_exec(move || inherit_fd(raw)) };
+                Some(rank_fd)
+            }
+            Mode::Tcp => {
+                let env = server.tcp_env(rank).expect("tcp env");
+                cmd.envs(env);
+                None
+            }
+        };
+        children.push(cmd.spawn().expect("spawn rank"));
+        drop(keep);
+    }
+    let handle = server.start().expect("start server");
+    let deadline = Instant::now() + limit;
+    let mut events = Vec::new();
+    let mut killed = false;
+    let kill_all = |children: &mut Vec<Child>| {
+        for c in children.iter_mut() {
+            let _ = c.kill();
+        }
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match handle.events().recv_timeout(left) {
+            Ok(e) => {
+                let fatal = matches!(
+                    e,
+                    Event::Aborted { .. }
+                        | Event::Disconnected { .. }
+                        | Event::ConnectTimeout { .. }
+                );
+                events.push(e);
+                if fatal {
+                    kill_all(&mut children);
+                    killed = true;
+                    handle.stop();
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                kill_all(&mut children);
+                killed = true;
+                handle.stop();
+                // Drain what remains until the loop ends.
+                while handle
+                    .events()
+                    .recv_timeout(Duration::from_secs(10))
+                    .is_ok()
+                {}
+                break;
+            }
+        }
+    }
+    let report = handle.join();
+    let outputs = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait for rank"))
+        .collect();
+    Outcome {
+        report,
+        events,
+        outputs,
+        killed,
+    }
+}
