@@ -21,7 +21,7 @@ use crate::elf::{ElfFacts, ReadError, SymbolVersion};
 use crate::loader::{HostLoader, Via, is_glibc_library};
 
 /// One library of a closure.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostLibrary {
     /// The name it was needed as (a root's file name for the roots).
     pub name: String,
@@ -40,7 +40,7 @@ pub struct HostLibrary {
 }
 
 /// A `DT_NEEDED` entry the host loader would not find.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MissingLibrary {
     /// The needed name.
     pub name: String,
@@ -49,7 +49,7 @@ pub struct MissingLibrary {
 }
 
 /// The dependency closure of some host libraries, without glibc's own libraries.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Closure {
     /// The roots first, then their dependencies breadth first, each file once.
     pub libraries: Vec<HostLibrary>,

@@ -351,6 +351,29 @@ impl serde::Serialize for SymbolVersion {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for SymbolVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        SymbolVersion::parse(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!("{name:?} is not a numbered symbol version"))
+        })
+    }
+}
+
+/// The versions of `needed` that `defined` lacks, in order: what a library providing `defined`
+/// is missing for an object needing `needed` (for example the `FABRIC_1.9` an MPI needs from a
+/// host libfabric 1.17).
+pub fn missing_versions<'a>(
+    needed: impl IntoIterator<Item = &'a SymbolVersion>,
+    defined: &BTreeSet<SymbolVersion>,
+) -> Vec<SymbolVersion> {
+    needed
+        .into_iter()
+        .filter(|v| !defined.contains(v))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +390,27 @@ mod tests {
         assert_eq!(SymbolVersion::parse("GLIBC_2..3"), None);
         assert_eq!(SymbolVersion::parse("libfabric.so.1"), None);
         assert_eq!(SymbolVersion::parse("_1.0"), None);
+    }
+
+    #[test]
+    fn missing_versions_in_order() {
+        let set = |names: &[&str]| -> BTreeSet<SymbolVersion> {
+            names
+                .iter()
+                .map(|n| SymbolVersion::parse(n).unwrap())
+                .collect()
+        };
+        let needed = set(&["FABRIC_1.0", "FABRIC_1.1", "FABRIC_1.9"]);
+        let host = set(&["FABRIC_1.0", "FABRIC_1.1", "FABRIC_1.2", "FABRIC_1.6"]);
+        assert_eq!(
+            missing_versions(&needed, &host),
+            vec![SymbolVersion::parse("FABRIC_1.9").unwrap()]
+        );
+        let json = serde_json::to_string(&needed).unwrap();
+        assert_eq!(json, r#"["FABRIC_1.0","FABRIC_1.1","FABRIC_1.9"]"#);
+        let back: BTreeSet<SymbolVersion> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, needed);
+        assert!(serde_json::from_str::<SymbolVersion>(r#""GLIBC_PRIVATE""#).is_err());
     }
 
     #[test]

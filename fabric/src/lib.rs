@@ -14,6 +14,7 @@
 //!   `ld.so.cache`, default directories) and the list of glibc's own libraries.
 //! - [`closure`]: the libraries a set of host libraries pulls in, without glibc's, each with the
 //!   newest `GLIBC_x.y` it needs.
+//! - [`host`]: all of the above for one host libfabric, in one serialisable value.
 //!
 //! The smallest use: does the host libfabric define every `FABRIC_x.y` an MPI library needs?
 //!
@@ -35,5 +36,6 @@
 
 pub mod closure;
 pub mod elf;
+pub mod host;
 pub mod libfabric;
 pub mod loader;

@@ -67,7 +67,9 @@ pub enum LibfabricError {
 }
 
 /// A libfabric API version as `FI_VERSION(major, minor)` encodes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct ApiVersion {
     /// `FI_MAJOR(version)`.
     pub major: u32,
@@ -97,7 +99,7 @@ impl fmt::Display for ApiVersion {
 }
 
 /// One provider that answered `fi_getinfo`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Provider {
     /// The provider name (`tcp`, `shm`, `cxi`); a layered provider is listed as
     /// `core;utility` (`tcp;ofi_rxm`), as libfabric reports it.
@@ -327,7 +329,7 @@ fn c_string(p: *mut c_char) -> String {
 }
 
 /// A provider plugin (`lib<name>-fi.so`) that a core library would load.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProviderPlugin {
     /// The provider name (`efa` for `libefa-fi.so`).
     pub name: String,

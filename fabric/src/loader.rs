@@ -38,7 +38,7 @@ pub fn is_glibc_library(soname: &str) -> bool {
 }
 
 /// Which step of the loader's search found a library.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Via {
     /// The `DT_NEEDED` entry was itself a path.

@@ -75,3 +75,19 @@ fn closure_leaves_glibc_behind() {
         lib.path.display()
     );
 }
+
+#[test]
+fn host_fabric_refuses_what_is_not_libfabric() {
+    use cmpirun_fabric::host::{HostFabric, HostFabricError};
+    let err = HostFabric::inspect(
+        Path::new("/lib/x86_64-linux-gnu/libz.so.1"),
+        &HostLoader::from_env(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, HostFabricError::NotLibfabric { .. }));
+    assert!(
+        err.to_string()
+            .starts_with("/lib/x86_64-linux-gnu/libz.so.1: not a libfabric"),
+        "{err}"
+    );
+}

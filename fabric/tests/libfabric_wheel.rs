@@ -81,3 +81,20 @@ fn closure_of_core_and_plugins() {
     );
     assert!(closure.glibc_needs >= verbs.glibc_needs);
 }
+
+#[test]
+fn host_fabric_facts_round_trip() {
+    use cmpirun_fabric::host::HostFabric;
+    let lib = common::mpich_wheel_lib();
+    let core = lib.join("mpich/libfabric.so.1");
+    let mut host = HostFabric::inspect(&core, &HostLoader::from_env()).unwrap();
+    assert_eq!(host.fabric_versions.len(), 10);
+    assert_eq!(host.plugin_dirs, [lib.join("mpich/libfabric")]);
+    assert_eq!(host.has_provider("tcp"), None);
+    host.probe().unwrap();
+    assert_eq!(host.api_version, Some(ApiVersion { major: 2, minor: 5 }));
+    assert_eq!(host.has_provider("tcp"), Some(true));
+    let json = serde_json::to_string(&host).unwrap();
+    let back: HostFabric = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, host);
+}
