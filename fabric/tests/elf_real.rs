@@ -107,3 +107,26 @@ fn missing_file_names_it() {
         "{err}"
     );
 }
+
+/// Corrupting a real library anywhere in its headers and dynamic tables gives an error or some
+/// facts, never a panic.
+#[test]
+fn corrupted_libraries_never_panic() {
+    let original = std::fs::read(DEBIAN_LIBFABRIC).unwrap();
+    // Cover the ELF header, program headers, and then a stride over the whole file (which hits
+    // the dynamic section, version tables and section headers).
+    let mut offsets: Vec<usize> = (0..256).collect();
+    offsets.extend((256..original.len()).step_by(4099));
+    offsets.extend((original.len().saturating_sub(2048)..original.len()).step_by(7));
+    for &offset in &offsets {
+        for value in [0x00u8, 0xff] {
+            let mut bytes = original.clone();
+            bytes[offset] = value;
+            let _ = ElfFacts::parse(&bytes);
+            let _ = exported_symbols(&bytes);
+        }
+    }
+    for len in [0, 4, 16, 63, 64, 65, 1000, original.len() / 2] {
+        let _ = ElfFacts::parse(&original[..len]);
+    }
+}

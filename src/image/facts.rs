@@ -188,8 +188,8 @@ pub struct ImageFacts {
     /// Other MPI libraries found besides the chosen one (for example a wheel's `libmpi_abi.so.1`
     /// next to its `libmpi.so.12`).
     pub other_mpi_libraries: Vec<String>,
-    /// `LD_LIBRARY_PATH` as the image's environment scripts set it, when it could be read from
-    /// them without running them.
+    /// The `LD_LIBRARY_PATH` the facts assume: as the image's environment scripts set it (when it
+    /// could be read from them without running them), or as [`FactsOptions`] gave it.
     pub ld_library_path: Vec<String>,
     /// Whether the image has an `/etc/ld.so.cache`.
     pub ld_so_cache: bool,
@@ -203,10 +203,26 @@ pub struct ImageFacts {
     pub notes: Vec<String>,
 }
 
+/// Choices that change what the loader inside the image would do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FactsOptions {
+    /// The `LD_LIBRARY_PATH` the ranks will run with, when the launch sets it; `None` to use
+    /// what the image's environment scripts set.
+    pub ld_library_path: Option<Vec<String>>,
+}
+
 /// Reads the facts of the image whose root filesystem is `fs`.
 pub fn image_facts(fs: &dyn RootFs) -> Result<ImageFacts, FactsError> {
+    image_facts_with(fs, &FactsOptions::default())
+}
+
+/// [`image_facts`] with the loader's environment chosen by the caller.
+pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<ImageFacts, FactsError> {
     let env_scripts = env_scripts(fs)?;
-    let ld_library_path = ld_library_path_from_scripts(&env_scripts);
+    let ld_library_path = match &options.ld_library_path {
+        Some(dirs) => dirs.clone(),
+        None => ld_library_path_from_scripts(&env_scripts),
+    };
     let ld_so_cache = is_file(fs, "/etc/ld.so.cache")?;
     let ld_so_conf_dirs = ld_so_conf_dirs(fs)?;
     let runscript = match resolved_file(fs, RUNSCRIPT)? {
@@ -1054,6 +1070,45 @@ mod tests {
         assert_eq!(fabric.path, "/hostfab/libfabric.so.1");
         let real = std::fs::canonicalize(format!("{HOST_LIB}/libfabric.so.1")).unwrap();
         assert_eq!(fabric.real_file, real.to_str().unwrap());
+    }
+
+    #[test]
+    fn ld_library_path_given_by_the_caller_replaces_the_scripts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let lib = wheel_lib();
+        put(
+            root,
+            "/opt/mpich5/lib/libmpi.so.12",
+            &lib.join("libmpi.so.12"),
+        );
+        put(
+            root,
+            "/opt/mpich5/lib/mpich/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        put(
+            root,
+            "/inject/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        put_text(
+            root,
+            "/.singularity.d/env/90-environment.sh",
+            "export LD_LIBRARY_PATH=/nowhere\n",
+        );
+        let options = FactsOptions {
+            ld_library_path: Some(vec!["/inject".into()]),
+        };
+        let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
+        assert_eq!(facts.ld_library_path, ["/inject"]);
+        let LibfabricLink::Dynamic(fabric) = &facts.mpi.unwrap().libfabric else {
+            panic!("not dynamic");
+        };
+        assert_eq!(
+            (fabric.path.as_str(), fabric.via),
+            ("/inject/libfabric.so.1", Via::LdLibraryPath)
+        );
     }
 
     #[test]
