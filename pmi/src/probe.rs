@@ -97,7 +97,12 @@ pub fn probe_library(name: &str) -> LibraryProbe {
     let lib = match unsafe { libloading::Library::new(name) } {
         Ok(lib) => lib,
         Err(e) => {
-            probe.error = Some(e.to_string());
+            // libloading's Display is generic ("dlopen failed"); the cause holds dlerror().
+            let mut text = e.to_string();
+            if let Some(cause) = std::error::Error::source(&e) {
+                text = format!("{text}: {cause}");
+            }
+            probe.error = Some(text);
             return probe;
         }
     };
