@@ -131,3 +131,20 @@ fn facts_serialise_for_inspect_json() {
     assert_eq!(json["mpi"]["libfabric"]["via"], "runpath");
     assert_eq!(json["mpi"]["fabric_needs"][2], "FABRIC_1.9");
 }
+
+#[test]
+fn summaries_name_what_a_launch_checks() {
+    for name in common::TEST_IMAGES {
+        let text = facts_of(name).to_string();
+        println!("{name}:\n{text}");
+        assert!(text.starts_with("glibc: GLIBC_2.36 ("), "{text}");
+    }
+    let text = facts_of("openmpi4").to_string();
+    assert!(
+        text.contains("FABRIC versions needed: FABRIC_1.0, FABRIC_1.1, FABRIC_1.3, FABRIC_1.5")
+    );
+    assert!(
+        text.contains("PMI libraries: /usr/lib/x86_64-linux-gnu/libpmix.so.2"),
+        "{text}"
+    );
+}
