@@ -8,3 +8,5 @@ pub mod exit;
 pub mod image;
 pub mod jobspec;
 pub mod mount;
+pub mod plan;
+pub mod profile;

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use cmpirun::cli::{self, CliRequest};
-use cmpirun::exit;
 use cmpirun::jobspec::DryRunFormat;
+use cmpirun::{exit, plan, profile};
 
 /// Launch MPI jobs in unprivileged containers, one container per node.
 #[derive(Debug, Parser)]
@@ -33,6 +33,11 @@ enum Command {
     /// benchmarks of the mount backends).
     #[command(name = "__mount-check", hide = true)]
     MountCheck(MountCheckArgs),
+    /// Site profiles: which one applies on this host, why, and whether they are valid.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +79,26 @@ enum ImageCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ProfileAction {
+    /// Print the profile a launch would use here, why it was chosen, and its merged settings.
+    Show {
+        /// Use this profile (a name or a path) instead of choosing one.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate every profile in the search path, then choose one as a launch would and check
+    /// its match rules on this host. Exits 2 if anything is wrong.
+    Check {
+        /// Check this profile (a name or a path) instead of choosing one.
+        #[arg(long)]
+        profile: Option<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     if !names_subcommand(&args) {
@@ -90,6 +115,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Image(cmd) => image_main(cmd),
         Command::MountCheck(args) => mount_check(args).unwrap_or_else(|e| report(&e)),
+        Command::Profile { action } => profile_main(action).unwrap_or_else(|e| report(&e)),
     }
 }
 
@@ -118,6 +144,50 @@ fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode
     match inspection.problem {
         Some(problem) => Ok(report(&anyhow::Error::new(problem))),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `cmpirun profile show|check`.
+fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
+    let search = profile::ProfileSearch::from_env();
+    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
+    let mut ctx = profile::MatchContext::from_host();
+    match action {
+        ProfileAction::Show {
+            profile: named,
+            json,
+        } => {
+            let choice =
+                profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&choice)?);
+            } else {
+                print!("{}", profile::show::render_choice(&choice));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ProfileAction::Check { profile: named } => {
+            let (lines, errors) = profile::show::validate_all(&search);
+            for l in &lines {
+                println!("{l}");
+            }
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e.into());
+            }
+            let choice =
+                profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
+            print!("{}", profile::show::render_choice(&choice));
+            if let Some(o) = choice.outcome.as_ref().filter(|o| !o.matched) {
+                anyhow::bail!(exit::UsageError(format!(
+                    "{}:{}: profile {} does not match this host: {}",
+                    choice.profile.file.display(),
+                    choice.profile.match_line.unwrap_or(1),
+                    choice.profile.name,
+                    o.reasons.join("; ")
+                )));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -165,6 +235,48 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
     if spec.dry_run == Some(DryRunFormat::Job) {
         println!("{}", serde_json::to_string_pretty(spec)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    let search = profile::ProfileSearch::from_env();
+    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
+    let mut ctx = profile::MatchContext::from_host();
+    let choice = profile::choose(
+        spec.profile.as_deref(),
+        env_profile.as_deref(),
+        &search,
+        &mut ctx,
+    )?;
+    let images: Vec<plan::ImageInfo> = spec
+        .apps
+        .iter()
+        .map(|a| plan::ImageInfo::gather(&a.image))
+        .collect();
+    let host = plan::HostFacts::gather(spec, &choice.profile);
+    let plan = plan::build_plan(spec, &choice, &images, &host)?;
+    match spec.dry_run {
+        Some(DryRunFormat::Json) => {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(_) => {
+            print!("{}", plan::render_text(&plan));
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    for w in &plan.warnings {
+        if !spec.warnings.contains(w) {
+            tracing::warn!("{w}");
+        }
+    }
+    if !plan.may_launch() {
+        let failed: Vec<String> = plan
+            .failed_checks()
+            .map(|c| format!("{}: {}", c.name, c.message))
+            .collect();
+        anyhow::bail!(exit::UsageError(format!(
+            "not launching: {} (run with --dry-run to see the whole plan, or --force to launch anyway)",
+            failed.join("; ")
+        )));
     }
     anyhow::bail!("launching is not built yet; use --dry-run to see the launch plan")
 }
@@ -238,6 +350,8 @@ fn exit_status(err: &anyhow::Error) -> i32 {
             || e.is::<cmpirun::image::ImageError>()
             || e.downcast_ref::<cmpirun::mount::MountError>()
                 .is_some_and(|m| m.is_user_fixable())
+            || e.is::<profile::ProfileError>()
+            || e.is::<plan::PlanError>()
     });
     if usage { exit::USAGE } else { exit::FAILURE }
 }

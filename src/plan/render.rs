@@ -1,0 +1,204 @@
+//! The human form of a launch plan (`cmpirun --dry-run`): every decision with its reason.
+
+use std::fmt::Write;
+
+use super::{BindTime, EnvAction, EnvScope, LaunchPlan, Verdict};
+use crate::jobspec::LauncherKind;
+
+/// Renders `plan` as text for people: profile, launcher and command lines, rank layout, mount,
+/// binds, environment and checks, each with why.
+pub fn render_text(plan: &LaunchPlan) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_plan(&mut o, plan);
+    o
+}
+
+fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
+    let p = &plan.profile;
+    writeln!(o, "profile: {} ({})", p.name, p.file.display())?;
+    writeln!(o, "  why: {}", p.reason)?;
+    if p.chain.len() > 1 {
+        let chain: Vec<String> = p.chain.iter().map(|f| f.display().to_string()).collect();
+        writeln!(o, "  merged from: {}", chain.join(" <- "))?;
+    }
+    let l = &plan.launcher;
+    writeln!(o, "launcher: {}", l.kind.as_str())?;
+    writeln!(o, "  why: {}", l.reason)?;
+    writeln!(o, "pmi: {}", l.pmi.as_str())?;
+    writeln!(o, "  why: {}", l.pmi_reason)?;
+    if l.kind == LauncherKind::Local {
+        writeln!(
+            o,
+            "  cmpirun starts one container on this node and {} rank(s) in it, served by its own PMI server",
+            plan.layout.size
+        )?;
+    }
+    for c in &l.commands {
+        writeln!(o, "command: {}", shell_words(&c.argv))?;
+        writeln!(o, "  why: {}", c.why)?;
+    }
+    writeln!(o, "apps:")?;
+    for (i, a) in plan.apps.iter().enumerate() {
+        let last = a.first_rank + a.ranks.saturating_sub(1);
+        let mut argv = vec![a.program.clone()];
+        argv.extend(a.args.iter().cloned());
+        writeln!(
+            o,
+            "  part {}: ranks {}-{} ({}): {} in {}{}",
+            i + 1,
+            a.first_rank,
+            last,
+            a.ranks,
+            shell_words(&argv),
+            a.image.path.display(),
+            a.wdir
+                .as_ref()
+                .map(|w| format!(", in directory {}", w.display()))
+                .unwrap_or_default()
+        )?;
+    }
+    let lay = &plan.layout;
+    writeln!(
+        o,
+        "layout: {} rank(s) on {} node(s), {} mapping",
+        lay.size,
+        lay.nodes.len(),
+        match lay.mapping {
+            crate::jobspec::Mapping::Block => "block",
+            crate::jobspec::Mapping::Cyclic => "cyclic",
+        }
+    )?;
+    for (id, n) in lay.nodes.iter().enumerate() {
+        writeln!(o, "  node {id} {}: ranks {}", n.name, ranges(&n.ranks))?;
+    }
+    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    writeln!(o, "mount: {}", plan.mount.backend.as_str())?;
+    writeln!(o, "  why: {}", plan.mount.reason)?;
+    if let Some(s) = &plan.mount.shm_size {
+        writeln!(o, "  /dev/shm: private tmpfs of size {s} (--shm)")?;
+    }
+    writeln!(o, "binds:")?;
+    if plan.binds.is_empty() {
+        writeln!(
+            o,
+            "  (none beyond the standard /proc, /sys, /dev, /tmp, home and working directory)"
+        )?;
+    }
+    for b in &plan.binds {
+        writeln!(
+            o,
+            "  {} -> {} [{}{}{}]",
+            b.source,
+            b.destination,
+            serde_kind(&b.kind),
+            if b.read_only { ", ro" } else { "" },
+            if b.when == BindTime::RankStart {
+                ", resolved at rank start"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(o, "    why: {}", b.reason)?;
+    }
+    writeln!(o, "environment:")?;
+    if plan.env.is_empty() {
+        writeln!(o, "  (no changes)")?;
+    }
+    for e in &plan.env {
+        let scope = match e.scope {
+            EnvScope::All => String::new(),
+            EnvScope::Part(i) => format!(" (part {})", i + 1),
+        };
+        let what = match &e.action {
+            EnvAction::Set { value } => format!("{}={value}", e.name),
+            EnvAction::Prepend { value } => format!("{}={value}:${}", e.name, e.name),
+            EnvAction::Pass => format!("{} passed through", e.name),
+            EnvAction::PassMatching => format!("{} passed through", e.name),
+            EnvAction::Unset => format!("{} removed", e.name),
+            EnvAction::UnsetMatching => format!("{} removed", e.name),
+            EnvAction::PerRank { value } => format!("{} per rank: {value}", e.name),
+            EnvAction::ClearInherited => "caller's environment not inherited".to_owned(),
+        };
+        writeln!(o, "  {what}{scope}")?;
+        writeln!(o, "    why: {}", e.reason)?;
+    }
+    writeln!(o, "checks:")?;
+    for c in &plan.checks {
+        let v = match c.verdict {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "FAIL",
+            Verdict::Warn => "warn",
+            Verdict::Skipped => "skipped",
+        };
+        writeln!(o, "  {v:<7} {}: {}", c.name, c.message)?;
+    }
+    for w in &plan.warnings {
+        writeln!(o, "warning: {w}")?;
+    }
+    if let Some(t) = plan.job.timeout_secs {
+        writeln!(o, "timeout: {t} s")?;
+    }
+    let failed = plan.failed_checks().count();
+    if failed > 0 {
+        writeln!(
+            o,
+            "result: {failed} check(s) failed; the launch would stop{}",
+            if plan.job.force {
+                ", but --force launches anyway"
+            } else {
+                " (--force launches anyway)"
+            }
+        )?;
+    } else {
+        writeln!(o, "result: ready to launch")?;
+    }
+    Ok(())
+}
+
+fn serde_kind(k: &super::BindKind) -> &'static str {
+    match k {
+        super::BindKind::Library => "library",
+        super::BindKind::Device => "device",
+        super::BindKind::Directory => "directory",
+        super::BindKind::Path => "path",
+    }
+}
+
+/// `0-3,8,10-11`.
+fn ranges(ranks: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let start = ranks[i];
+        let mut end = start;
+        while i + 1 < ranks.len() && ranks[i + 1] == end + 1 {
+            i += 1;
+            end += 1;
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+/// Joins arguments for display, quoting the ones a shell would split.
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%{}".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

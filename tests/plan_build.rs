@@ -1,0 +1,696 @@
+//! `build_plan` is pure: these tests give it a JobSpec, a profile and facts as values and check
+//! every decision (launcher, layout, commands, binds, environment, checks).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cmpirun::cli::{CliRequest, parse_launch};
+use cmpirun::jobspec::{JobSpec, LauncherKind, MountBackendKind, PmiKind};
+use cmpirun::plan::{
+    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, LaunchPlan, PlanError, Verdict,
+    build_plan, facts::HostLibfabric, render_text,
+};
+use cmpirun::profile::{self, ProfileChoice, SelectedBy};
+
+fn spec(args: &[&str]) -> JobSpec {
+    match parse_launch(args).unwrap() {
+        CliRequest::Launch(s) => *s,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn choice(yaml: &str) -> ProfileChoice {
+    let loaded = profile::parse_text(Path::new("/site/test.yaml"), yaml).unwrap();
+    let p = profile::single(&loaded);
+    ProfileChoice {
+        outcome: None,
+        profile: p,
+        selected_by: SelectedBy::Flag,
+        reason: "named with --profile test".into(),
+        candidates: vec![],
+        searched: vec![],
+    }
+}
+
+fn shipped(name: &str) -> ProfileChoice {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let search = profile::ProfileSearch {
+        dirs: vec![dir.clone()],
+    };
+    let p = profile::resolve_file(&dir.join(format!("{name}.yaml")), &search).unwrap();
+    ProfileChoice {
+        outcome: None,
+        profile: p,
+        selected_by: SelectedBy::Flag,
+        reason: format!("named with --profile {name}"),
+        candidates: vec![],
+        searched: vec![dir],
+    }
+}
+
+fn host(env: &[(&str, &str)]) -> HostFacts {
+    HostFacts {
+        hostname: "node1".into(),
+        cpus: 6,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        programs: BTreeMap::new(),
+        paths: BTreeMap::new(),
+        cmpirun: "/opt/cmpirun/bin/cmpirun".into(),
+        libfabric: None,
+    }
+}
+
+fn with_programs(mut h: HostFacts, names: &[&str]) -> HostFacts {
+    for n in names {
+        h.programs
+            .insert(n.to_string(), PathBuf::from(format!("/usr/bin/{n}")));
+    }
+    h
+}
+
+fn with_paths(mut h: HostFacts, paths: &[(&str, &[&str])]) -> HostFacts {
+    for (pattern, found) in paths {
+        h.paths.insert(
+            pattern.to_string(),
+            found.iter().map(PathBuf::from).collect(),
+        );
+    }
+    h
+}
+
+fn images(s: &JobSpec) -> Vec<ImageInfo> {
+    s.apps
+        .iter()
+        .map(|a| ImageInfo {
+            path: a.image.clone(),
+            kind: Some("sif".into()),
+            ..ImageInfo::default()
+        })
+        .collect()
+}
+
+fn plan(args: &[&str], c: &ProfileChoice, h: &HostFacts) -> LaunchPlan {
+    let s = spec(args);
+    let p = build_plan(&s, c, &images(&s), h).unwrap_or_else(|e| panic!("{e}"));
+    // Every plan renders and round-trips through JSON.
+    let _ = render_text(&p);
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(serde_json::from_str::<LaunchPlan>(&json).unwrap(), p);
+    p
+}
+
+fn plan_err(args: &[&str], c: &ProfileChoice, h: &HostFacts) -> PlanError {
+    let s = spec(args);
+    build_plan(&s, c, &images(&s), h).unwrap_err()
+}
+
+fn check<'a>(p: &'a LaunchPlan, name: &str) -> Vec<&'a cmpirun::plan::Check> {
+    p.checks.iter().filter(|c| c.name == name).collect()
+}
+
+fn env_of<'a>(p: &'a LaunchPlan, name: &str) -> Option<&'a EnvAction> {
+    p.env.iter().find(|e| e.name == name).map(|e| &e.action)
+}
+
+const GENERIC: &str = "name: test\nlauncher:\n  kind: auto\n";
+
+#[test]
+fn local_by_default() {
+    let p = plan(
+        &["-n", "4", "img.sif", "hello"],
+        &choice(GENERIC),
+        &host(&[]),
+    );
+    assert_eq!(p.launcher.kind, LauncherKind::Local);
+    assert_eq!(p.launcher.pmi, PmiKind::Pmi2);
+    assert!(p.launcher.commands.is_empty());
+    assert_eq!(p.layout.size, 4);
+    assert_eq!(p.layout.nodes.len(), 1);
+    assert_eq!(p.layout.nodes[0].name, "node1");
+    assert_eq!(p.layout.process_mapping, "(vector,(0,1,4))");
+    assert_eq!(p.layout.local_rank, [0, 1, 2, 3]);
+    assert!(matches!(
+        env_of(&p, "PMI_FD"),
+        Some(EnvAction::PerRank { .. })
+    ));
+    assert_eq!(
+        env_of(&p, "PMI_process_mapping"),
+        Some(&EnvAction::Set {
+            value: "(vector,(0,1,4))".into()
+        })
+    );
+    assert_eq!(p.mount.backend, MountBackendKind::Auto);
+    assert!(p.may_launch());
+}
+
+#[test]
+fn local_without_n_uses_the_cpus_and_sixty_four_ranks_fit_one_node() {
+    let p = plan(&["img.sif", "hello"], &choice(GENERIC), &host(&[]));
+    assert_eq!(p.layout.size, 6);
+    let p = plan(
+        &["-n", "64", "img.sif", "hello"],
+        &choice(GENERIC),
+        &host(&[]),
+    );
+    assert_eq!(p.layout.nodes.len(), 1);
+    assert_eq!(p.layout.process_mapping, "(vector,(0,1,64))");
+}
+
+#[test]
+fn slurm_inside_an_allocation() {
+    let h = with_programs(
+        host(&[
+            ("SLURM_JOB_ID", "42"),
+            ("SLURM_JOB_NODELIST", "n[1-2]"),
+            ("SLURM_TASKS_PER_NODE", "4(x2)"),
+        ]),
+        &["srun"],
+    );
+    let p = plan(&["img.sif", "hello"], &choice(GENERIC), &h);
+    assert_eq!(p.launcher.kind, LauncherKind::Slurm);
+    assert!(p.launcher.reason.contains("SLURM_JOB_ID=42"));
+    assert_eq!(
+        p.launcher.commands[0].argv,
+        [
+            "srun",
+            "--mpi=pmi2",
+            "-n",
+            "8",
+            "--kill-on-bad-exit=1",
+            "/opt/cmpirun/bin/cmpirun",
+            "__rank",
+            "--plan",
+            "{plan}"
+        ]
+    );
+    assert_eq!(p.layout.process_mapping, "(vector,(0,2,4))");
+    assert_eq!(p.layout.nodes[1].name, "n2");
+    assert_eq!(check(&p, "launcher-program")[0].verdict, Verdict::Pass);
+    // No PMI variables of cmpirun's own under srun.
+    assert!(env_of(&p, "PMI_FD").is_none());
+
+    let p = plan(
+        &[
+            "-n", "6", "-ppn", "3", "--map-by", "node", "img.sif", "hello",
+        ],
+        &choice(GENERIC),
+        &h,
+    );
+    let argv = &p.launcher.commands[0].argv;
+    assert!(argv.contains(&"--ntasks-per-node=3".to_owned()));
+    assert!(argv.contains(&"--distribution=cyclic".to_owned()));
+    assert_eq!(p.layout.node_of_rank, [0, 1, 0, 1, 0, 1]);
+    assert_eq!(p.layout.process_mapping, "(vector,(0,2,1))");
+
+    // srun missing: a failed check, not a crash.
+    let h2 = host(&[("SLURM_JOB_ID", "1"), ("SLURM_JOB_NODELIST", "a")]);
+    let p = plan(&["img.sif", "x"], &choice(GENERIC), &h2);
+    assert_eq!(check(&p, "launcher-program")[0].verdict, Verdict::Fail);
+    assert!(!p.may_launch());
+}
+
+#[test]
+fn slurm_errors() {
+    let c = choice(GENERIC);
+    let e = plan_err(&["--launcher", "slurm", "img.sif", "x"], &c, &host(&[]));
+    assert_eq!(e, PlanError::NoAllocation);
+    let h = host(&[("SLURM_JOB_ID", "1"), ("SLURM_JOB_NODELIST", "n[1-")]);
+    assert!(
+        plan_err(&["img.sif", "x"], &c, &h)
+            .to_string()
+            .contains("SLURM_JOB_NODELIST")
+    );
+    let h = host(&[
+        ("SLURM_JOB_ID", "1"),
+        ("SLURM_JOB_NODELIST", "n1"),
+        ("SLURM_TASKS_PER_NODE", "x"),
+    ]);
+    assert!(
+        plan_err(&["img.sif", "x"], &c, &h)
+            .to_string()
+            .contains("SLURM_TASKS_PER_NODE")
+    );
+}
+
+#[test]
+fn hydra_with_hosts_and_mpiexec() {
+    let h = with_programs(host(&[]), &["mpiexec.hydra"]);
+    let p = plan(&["-H", "a:2,b:2", "img.sif", "hello"], &choice(GENERIC), &h);
+    assert_eq!(p.launcher.kind, LauncherKind::Hydra);
+    assert_eq!(
+        p.launcher.commands[0].argv,
+        [
+            "mpiexec.hydra",
+            "-hosts",
+            "a:2,b:2",
+            "-n",
+            "4",
+            "/opt/cmpirun/bin/cmpirun",
+            "__rank",
+            "--plan",
+            "{plan}"
+        ]
+    );
+    assert_eq!(p.layout.process_mapping, "(vector,(0,2,2))");
+    let mut s = spec(&["-n", "3", "-ppn", "1", "-rr", "img.sif", "hello"]);
+    s.hosts = spec(&["-H", "a,b,c", "i", "p"]).hosts;
+    s.hostfile = Some("/tmp/hosts".into());
+    let p = build_plan(&s, &choice(GENERIC), &images(&s), &h).unwrap();
+    let argv = &p.launcher.commands[0].argv;
+    assert_eq!(
+        &argv[..7],
+        ["mpiexec.hydra", "-f", "/tmp/hosts", "-n", "3", "-ppn", "1"]
+    );
+    assert_eq!(argv[7], "-rr");
+    assert_eq!(p.layout.nodes.len(), 3);
+    assert_eq!(
+        plan_err(
+            &["--launcher", "hydra", "img.sif", "x"],
+            &choice(GENERIC),
+            &h
+        ),
+        PlanError::HydraWithoutHosts
+    );
+}
+
+#[test]
+fn hosts_without_hydra() {
+    let c = choice(GENERIC);
+    // Only this host: local, with the given slots.
+    let p = plan(&["-H", "localhost:3", "img.sif", "x"], &c, &host(&[]));
+    assert_eq!(p.launcher.kind, LauncherKind::Local);
+    assert_eq!(p.layout.size, 3);
+    let p = plan(&["-H", "node1.cluster:2", "img.sif", "x"], &c, &host(&[]));
+    assert_eq!(p.launcher.kind, LauncherKind::Local);
+    // Another host: an error that says what to do.
+    let e = plan_err(&["-H", "node1,node2", "img.sif", "x"], &c, &host(&[]));
+    assert!(matches!(e, PlanError::RemoteHostsNeedLauncher { ref host, .. } if host == "node2"));
+    assert!(e.to_string().contains("mpiexec.hydra"));
+}
+
+#[test]
+fn launcher_precedence_flag_profile_environment() {
+    let h = with_programs(
+        host(&[("SLURM_JOB_ID", "1"), ("SLURM_JOB_NODELIST", "a")]),
+        &["srun", "mpiexec.hydra"],
+    );
+    let p = plan(
+        &["--launcher", "local", "img.sif", "x"],
+        &choice(GENERIC),
+        &h,
+    );
+    assert_eq!(p.launcher.kind, LauncherKind::Local);
+    assert_eq!(p.launcher.reason, "--launcher local");
+    let c = choice("name: pinned\nlauncher:\n  kind: local\n");
+    let p = plan(&["img.sif", "x"], &c, &h);
+    assert_eq!(p.launcher.kind, LauncherKind::Local);
+    assert!(p.launcher.reason.contains("profile pinned"));
+}
+
+#[test]
+fn pmi_choice_and_pmix() {
+    let c = choice(GENERIC);
+    let e = plan_err(&["--pmi", "pmix", "img.sif", "x"], &c, &host(&[]));
+    assert!(matches!(
+        e,
+        PlanError::PmiUnsupported {
+            launcher: "local",
+            ..
+        }
+    ));
+    let p = plan(&["--pmi", "pmi1", "img.sif", "x"], &c, &host(&[]));
+    assert_eq!(p.launcher.pmi, PmiKind::Pmi1);
+
+    let h = with_programs(
+        host(&[
+            ("SLURM_JOB_ID", "7"),
+            ("SLURM_JOB_NODELIST", "n1"),
+            ("SLURM_TASKS_PER_NODE", "2"),
+            ("PMIX_RANK", "0"),
+        ]),
+        &["srun"],
+    );
+    let p = plan(&["img.sif", "x"], &shipped("slurm-pmix"), &h);
+    assert_eq!(p.launcher.pmi, PmiKind::Pmix);
+    assert_eq!(p.launcher.commands[0].argv[1], "--mpi=pmix");
+    let pmix: Vec<_> = p
+        .binds
+        .iter()
+        .filter(|b| b.when == BindTime::RankStart)
+        .collect();
+    assert_eq!(pmix.len(), 2);
+    assert_eq!(pmix[0].source, "$PMIX_SERVER_TMPDIR");
+    assert!(matches!(
+        env_of(&p, "PMIX_MCA_ptl"),
+        Some(EnvAction::PerRank { .. })
+    ));
+    assert!(p.env.iter().any(|e| e.name == "PMIX_MCA_gds"
+        && e.action
+            == EnvAction::Set {
+                value: "hash".into()
+            }));
+    // Stray PMIx variables of the caller are scrubbed before srun.
+    assert_eq!(env_of(&p, "PMIX_*"), Some(&EnvAction::UnsetMatching));
+    // /run/munge is optional: skipped when missing, bound when present.
+    assert_eq!(check(&p, "bind-source")[0].verdict, Verdict::Skipped);
+    let h = with_paths(h, &[("/run/munge", &["/run/munge"])]);
+    let p = plan(&["img.sif", "x"], &shipped("slurm-pmix"), &h);
+    assert!(
+        p.binds
+            .iter()
+            .any(|b| b.source == "/run/munge" && b.read_only)
+    );
+}
+
+#[test]
+fn mpmd_parts() {
+    let c = choice(GENERIC);
+    let p = plan(
+        &[
+            "-n", "2", "-env", "A", "1", "a.sif", "p1", ":", "-n", "3", "-wdir", "/w", "b.sif",
+            "p2", "x",
+        ],
+        &c,
+        &host(&[]),
+    );
+    assert_eq!(p.apps.len(), 2);
+    assert_eq!((p.apps[0].first_rank, p.apps[0].ranks), (0, 2));
+    assert_eq!((p.apps[1].first_rank, p.apps[1].ranks), (2, 3));
+    assert_eq!(p.apps[1].image.path, Path::new("b.sif"));
+    assert_eq!(p.apps[1].wdir.as_deref(), Some(Path::new("/w")));
+    assert_eq!(p.layout.size, 5);
+    let a = p.env.iter().find(|e| e.name == "A").unwrap();
+    assert_eq!(a.scope, EnvScope::Part(0));
+    assert_eq!(
+        plan_err(
+            &["-n", "1", "a.sif", "p", ":", "b.sif", "q"],
+            &c,
+            &host(&[])
+        ),
+        PlanError::MpmdCountMissing { part: 2 }
+    );
+}
+
+#[test]
+fn environment_changes_carry_reasons() {
+    let h = host(&[("PMI_RANK", "3"), ("HOME", "/h")]);
+    let p = plan(
+        &[
+            "-genvnone",
+            "-x",
+            "A=1",
+            "-x",
+            "HOME",
+            "--mca",
+            "btl",
+            "self",
+            "img.sif",
+            "x",
+        ],
+        &choice("name: e\nenv:\n  set:\n    SITE: yes\n  pass: [\"LM_*\"]\n  unset: [DISPLAY]\n"),
+        &h,
+    );
+    assert_eq!(p.env[0].action, EnvAction::ClearInherited);
+    assert_eq!(env_of(&p, "PMI_*"), Some(&EnvAction::UnsetMatching));
+    assert_eq!(
+        env_of(&p, "SITE"),
+        Some(&EnvAction::Set {
+            value: "yes".into()
+        })
+    );
+    assert_eq!(env_of(&p, "LM_*"), Some(&EnvAction::PassMatching));
+    assert_eq!(env_of(&p, "DISPLAY"), Some(&EnvAction::Unset));
+    assert_eq!(env_of(&p, "A"), Some(&EnvAction::Set { value: "1".into() }));
+    assert_eq!(env_of(&p, "HOME"), Some(&EnvAction::Pass));
+    assert_eq!(
+        env_of(&p, "OMPI_MCA_btl"),
+        Some(&EnvAction::Set {
+            value: "self".into()
+        })
+    );
+    assert!(p.env.iter().all(|e| !e.reason.is_empty()));
+    // The command line comes after the profile, so it wins where both set a variable.
+    let site = p.env.iter().position(|e| e.name == "SITE").unwrap();
+    let a = p.env.iter().position(|e| e.name == "A").unwrap();
+    assert!(site < a);
+}
+
+#[test]
+fn slingshot_injection_without_image_facts() {
+    let h = with_paths(
+        with_programs(
+            host(&[
+                ("SLURM_JOB_ID", "1"),
+                ("SLURM_JOB_NODELIST", "nid[001-002]"),
+                ("SLURM_TASKS_PER_NODE", "2(x2)"),
+            ]),
+            &["srun"],
+        ),
+        &[
+            (
+                "/opt/cray/libfabric/*/lib64/libfabric.so.1",
+                &[
+                    "/opt/cray/libfabric/1.9.0/lib64/libfabric.so.1",
+                    "/opt/cray/libfabric/1.22.0/lib64/libfabric.so.1",
+                ],
+            ),
+            ("/dev/cxi*", &["/dev/cxi0", "/dev/cxi1"]),
+            ("/usr/lib64/libcxi.so.1", &["/usr/lib64/libcxi.so.1"]),
+        ],
+    );
+    let p = plan(&["img.sif", "x"], &shipped("hpe-slingshot"), &h);
+    assert_eq!(p.launcher.kind, LauncherKind::Slurm);
+    let lib = p
+        .binds
+        .iter()
+        .find(|b| b.source.ends_with("libfabric.so.1"))
+        .unwrap();
+    assert_eq!(
+        lib.source, "/opt/cray/libfabric/1.22.0/lib64/libfabric.so.1",
+        "highest version"
+    );
+    assert_eq!(lib.destination, "/.cmpirun/lib/libfabric.so.1");
+    assert_eq!(lib.kind, BindKind::Library);
+    let devices: Vec<_> = p
+        .binds
+        .iter()
+        .filter(|b| b.kind == BindKind::Device)
+        .map(|b| b.source.as_str())
+        .collect();
+    assert_eq!(devices, ["/dev/cxi0", "/dev/cxi1"]);
+    assert!(
+        p.binds
+            .iter()
+            .any(|b| b.destination == "/.cmpirun/lib/libcxi.so.1")
+    );
+    assert_eq!(check(&p, "host-libfabric")[0].verdict, Verdict::Pass);
+    assert_eq!(check(&p, "libfabric-target")[0].verdict, Verdict::Warn);
+    // xpmem and libxpmem are missing: warnings that name them.
+    assert!(
+        check(&p, "fabric-device")
+            .iter()
+            .any(|c| c.verdict == Verdict::Warn && c.message.contains("/dev/xpmem"))
+    );
+    assert!(
+        check(&p, "fabric-library")
+            .iter()
+            .any(|c| c.message.contains("libxpmem"))
+    );
+    assert_eq!(
+        env_of(&p, "FI_PROVIDER"),
+        Some(&EnvAction::Set {
+            value: "cxi".into()
+        })
+    );
+    assert_eq!(env_of(&p, "SLINGSHOT_*"), Some(&EnvAction::PassMatching));
+    assert_eq!(
+        env_of(&p, "LD_LIBRARY_PATH"),
+        Some(&EnvAction::Prepend {
+            value: "/.cmpirun/lib".into()
+        })
+    );
+    assert_eq!(check(&p, "fabric-providers")[0].verdict, Verdict::Skipped);
+    assert!(p.may_launch());
+}
+
+#[test]
+fn injection_over_the_exact_file_with_image_facts() {
+    let c = choice(
+        "name: f\nfabric:\n  libfabric: [/host/libfabric.so.1]\n  provider_dir: /host/prov\n",
+    );
+    let h = with_paths(
+        host(&[]),
+        &[
+            ("/host/libfabric.so.1", &["/host/libfabric.so.1"]),
+            ("/host/prov", &["/host/prov"]),
+        ],
+    );
+    let s = spec(&["-n", "2", "img.sif", "x"]);
+    let imgs = vec![ImageInfo {
+        path: "img.sif".into(),
+        kind: Some("sif".into()),
+        libfabric: Some("/opt/mpich/lib/libfabric.so.1".into()),
+        ..ImageInfo::default()
+    }];
+    let p = build_plan(&s, &c, &imgs, &h).unwrap();
+    let lib = p
+        .binds
+        .iter()
+        .find(|b| b.kind == BindKind::Library)
+        .unwrap();
+    assert_eq!(
+        (lib.source.as_str(), lib.destination.as_str()),
+        ("/host/libfabric.so.1", "/opt/mpich/lib/libfabric.so.1")
+    );
+    assert!(check(&p, "libfabric-target").is_empty());
+    assert!(env_of(&p, "LD_LIBRARY_PATH").is_none());
+    assert_eq!(
+        env_of(&p, "FI_PROVIDER_PATH"),
+        Some(&EnvAction::Set {
+            value: "/host/prov".into()
+        })
+    );
+}
+
+#[test]
+fn no_inject_and_missing_host_libfabric() {
+    let c = shipped("hpe-slingshot");
+    let h = with_programs(
+        host(&[("SLURM_JOB_ID", "1"), ("SLURM_JOB_NODELIST", "n1")]),
+        &["srun"],
+    );
+    let p = plan(&["img.sif", "x"], &c, &h);
+    let f = check(&p, "host-libfabric")[0];
+    assert_eq!(f.verdict, Verdict::Fail);
+    assert!(
+        f.message
+            .contains("/opt/cray/libfabric/*/lib64/libfabric.so.1")
+            && f.message.contains("--no-inject")
+    );
+    assert!(!p.may_launch());
+    let p = plan(&["--force", "img.sif", "x"], &c, &h);
+    assert!(p.may_launch());
+    let p = plan(&["--no-inject", "img.sif", "x"], &c, &h);
+    assert_eq!(check(&p, "host-libfabric")[0].verdict, Verdict::Skipped);
+    assert!(
+        p.binds
+            .iter()
+            .all(|b| b.kind != BindKind::Library && b.kind != BindKind::Device)
+    );
+    assert!(p.may_launch());
+}
+
+#[test]
+fn provider_expectations_against_probed_host_libfabric() {
+    let c = choice("name: f\nfabric:\n  libfabric: [/l.so]\n  providers: [cxi]\n");
+    let mut h = with_paths(host(&[]), &[("/l.so", &["/l.so"])]);
+    h.libfabric = Some(HostLibfabric {
+        path: "/l.so".into(),
+        version: "1.22".into(),
+        providers: vec!["tcp".into()],
+    });
+    let p = plan(&["--expect-provider", "tcp", "img.sif", "x"], &c, &h);
+    let v: Vec<_> = check(&p, "fabric-providers")
+        .iter()
+        .map(|c| c.verdict)
+        .collect();
+    assert_eq!(v, [Verdict::Fail, Verdict::Pass]);
+    assert!(
+        check(&p, "fabric-providers")[0]
+            .message
+            .contains("does not offer provider cxi")
+    );
+}
+
+#[test]
+fn binds_from_flags_and_profile() {
+    let c = choice(
+        "name: b\nbinds:\n  - source: /scratch\n  - source: /opt/tools\n    destination: /tools\n    read_only: true\n  - source: /gone\n    optional: true\n",
+    );
+    let h = with_paths(
+        host(&[]),
+        &[
+            ("/scratch", &["/scratch"]),
+            ("/opt/tools", &["/opt/tools"]),
+            ("/data", &["/data"]),
+        ],
+    );
+    let p = plan(
+        &["--bind", "/data:/d:ro", "--bind", "/nope", "img.sif", "x"],
+        &c,
+        &h,
+    );
+    let b: Vec<_> = p
+        .binds
+        .iter()
+        .map(|b| (b.source.as_str(), b.destination.as_str(), b.read_only))
+        .collect();
+    assert_eq!(
+        b,
+        [
+            ("/data", "/d", true),
+            ("/scratch", "/scratch", false),
+            ("/opt/tools", "/tools", true)
+        ]
+    );
+    let v: Vec<_> = check(&p, "bind-source")
+        .iter()
+        .map(|c| (c.verdict, c.message.clone()))
+        .collect();
+    assert_eq!(v[0].0, Verdict::Fail);
+    assert!(v[0].1.contains("--bind /nope"));
+    assert_eq!(v[1].0, Verdict::Skipped);
+    // A required profile bind that is missing fails and names the profile file.
+    let c = choice("name: b\nbinds:\n  - source: /gone\n");
+    let p = plan(&["img.sif", "x"], &c, &host(&[]));
+    let f = check(&p, "bind-source")[0];
+    assert_eq!(f.verdict, Verdict::Fail);
+    assert!(f.message.contains("/site/test.yaml"));
+}
+
+#[test]
+fn named_profile_that_does_not_match_fails_its_check() {
+    let mut c = choice("name: m\nmatch:\n  hostnames: [\"nid*\"]\n");
+    c.outcome = Some(profile::evaluate(
+        c.profile.match_rules.as_ref().unwrap(),
+        &profile::MatchContext {
+            hostname: "laptop".into(),
+            ..Default::default()
+        },
+    ));
+    let p = plan(&["img.sif", "x"], &c, &host(&[]));
+    let m = check(&p, "profile-match")[0];
+    assert_eq!(m.verdict, Verdict::Fail);
+    assert!(m.message.starts_with("/site/test.yaml:2:"), "{}", m.message);
+    assert!(m.message.contains("\"laptop\" matches none of [\"nid*\"]"));
+}
+
+#[test]
+fn image_problems_are_checks() {
+    let s = spec(&["img.sif", "x"]);
+    let imgs = vec![ImageInfo {
+        path: "img.sif".into(),
+        error: Some("img.sif: no such file".into()),
+        ..ImageInfo::default()
+    }];
+    let p = build_plan(&s, &choice(GENERIC), &imgs, &host(&[])).unwrap();
+    assert_eq!(check(&p, "image")[0].verdict, Verdict::Fail);
+    assert!(render_text(&p).contains("FAIL    image: img.sif: no such file"));
+}
+
+#[test]
+fn mount_backend_precedence() {
+    let c = choice("name: m\nmount: extract\n");
+    let p = plan(&["img.sif", "x"], &c, &host(&[]));
+    assert_eq!(p.mount.backend, MountBackendKind::Extract);
+    let p = plan(
+        &["--image-mount", "fuse", "--shm", "1g", "img.sif", "x"],
+        &c,
+        &host(&[]),
+    );
+    assert_eq!(p.mount.backend, MountBackendKind::Fuse);
+    assert_eq!(p.mount.shm_size.as_deref(), Some("1g"));
+}

@@ -1,0 +1,303 @@
+//! `cmpirun --dry-run` through the real binary, for every shipped profile, as text and JSON:
+//! launcher choice, command lines, layouts, MPMD, binds, environment and checks.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Runs cmpirun with a clean launcher environment plus `env`.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cmpirun"));
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_") || k.starts_with("PMI") || k.starts_with("CMPIRUN_") {
+            c.env_remove(k);
+        }
+    }
+    // Only the shipped profiles, whatever the machine's /etc or the user's config holds.
+    c.env(
+        "CMPIRUN_PROFILE_DIRS",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles"),
+    );
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run cmpirun")
+}
+
+fn text(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all = vec!["--dry-run"];
+    all.extend_from_slice(args);
+    let out = run(&all, env);
+    assert!(
+        out.status.success(),
+        "{all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut all = vec!["--dry-run", "--json"];
+    all.extend_from_slice(args);
+    let out = run(&all, env);
+    assert!(
+        out.status.success(),
+        "{all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An unpacked directory image (enough for planning, which does not mount it).
+fn image(dir: &Path) -> String {
+    let img = dir.join("image");
+    std::fs::create_dir_all(img.join("usr/bin")).unwrap();
+    img.display().to_string()
+}
+
+fn verdict(plan: &Value, name: &str) -> Vec<String> {
+    plan["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == name)
+        .map(|c| c["verdict"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+const SLURM: [(&str, &str); 3] = [
+    ("SLURM_JOB_ID", "4242"),
+    ("SLURM_JOB_NODELIST", "nid[001-002]"),
+    ("SLURM_TASKS_PER_NODE", "2(x2)"),
+];
+
+#[test]
+fn generic_profile_local_launch() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let out = text(&["-n", "4", &img, "/usr/bin/hello", "a b"], &[]);
+    assert!(out.starts_with("profile: generic ("), "{out}");
+    assert!(
+        out.contains("launcher: local\n  why: no allocation and no host list: one node"),
+        "{out}"
+    );
+    assert!(out.contains("pmi: pmi2"), "{out}");
+    assert!(
+        out.contains("part 1: ranks 0-3 (4): /usr/bin/hello 'a b' in "),
+        "{out}"
+    );
+    assert!(
+        out.contains("PMI_process_mapping: (vector,(0,1,4))"),
+        "{out}"
+    );
+    assert!(out.contains("pass    image: "), "{out}");
+    assert!(out.contains("result: ready to launch"), "{out}");
+    let j = json(&["-n", "4", &img, "/usr/bin/hello"], &[]);
+    assert_eq!(j["profile"]["name"], "generic");
+    assert_eq!(j["launcher"]["kind"], "local");
+    assert_eq!(j["layout"]["size"], 4);
+    assert_eq!(j["apps"][0]["image"]["kind"], "directory");
+    assert_eq!(j["job"]["apps"][0]["np"], 4);
+    assert_eq!(verdict(&j, "profile-match"), ["pass"]);
+}
+
+#[test]
+fn slurm_pmi2_profile() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    // Chosen automatically inside an allocation.
+    let j = json(&[&img, "hello"], &SLURM);
+    assert_eq!(j["profile"]["name"], "slurm-pmi2");
+    assert_eq!(j["launcher"]["kind"], "slurm");
+    let argv: Vec<&str> = j["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &argv[..5],
+        ["srun", "--mpi=pmi2", "-n", "4", "--kill-on-bad-exit=1"]
+    );
+    assert_eq!(&argv[6..], ["__rank", "--plan", "{plan}"]);
+    assert!(argv[5].ends_with("cmpirun"));
+    assert_eq!(j["layout"]["process_mapping"], "(vector,(0,2,2))");
+    assert_eq!(j["layout"]["nodes"][1]["name"], "nid002");
+    let out = text(&["--profile", "slurm-pmi2", &img, "hello"], &SLURM);
+    assert!(
+        out.contains("command: srun --mpi=pmi2 -n 4 --kill-on-bad-exit=1 "),
+        "{out}"
+    );
+    assert!(out.contains("node 1 nid002: ranks 2-3"), "{out}");
+}
+
+#[test]
+fn slurm_pmix_profile() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let mut env = SLURM.to_vec();
+    env.push(("SLURM_MPI_TYPE", "pmix_v4"));
+    let j = json(&["-n", "3", &img, "hello"], &env);
+    assert_eq!(j["profile"]["name"], "slurm-pmix");
+    assert_eq!(j["launcher"]["pmi"], "pmix");
+    assert_eq!(j["launcher"]["commands"][0]["argv"][1], "--mpi=pmix");
+    let binds = j["binds"].as_array().unwrap();
+    assert!(
+        binds
+            .iter()
+            .any(|b| b["source"] == "$PMIX_SERVER_TMPDIR" && b["when"] == "rank-start")
+    );
+    let out = text(&["-n", "3", &img, "hello"], &env);
+    assert!(
+        out.contains(
+            "$PMIX_SERVER_TMPDIR -> $PMIX_SERVER_TMPDIR [directory, resolved at rank start]"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("PMIX_MCA_gds=hash"), "{out}");
+    // PMIx off Slurm is refused before anything runs.
+    let out = run(&["--dry-run", "--pmi", "pmix", &img, "hello"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pmix needs the slurm launcher"));
+}
+
+#[test]
+fn hpe_slingshot_profile() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    // Off a Slingshot system its files are missing: the dry run says so, check by check.
+    let j = json(&["--profile", "hpe-slingshot", &img, "hello"], &SLURM);
+    assert_eq!(j["profile"]["name"], "hpe-slingshot");
+    assert_eq!(j["launcher"]["kind"], "slurm");
+    assert_eq!(verdict(&j, "profile-match"), ["fail"]);
+    assert_eq!(verdict(&j, "host-libfabric"), ["fail"]);
+    assert!(verdict(&j, "fabric-device").iter().all(|v| v == "warn"));
+    let out = text(&["--profile", "hpe-slingshot", &img, "hello"], &SLURM);
+    assert!(out.contains("FAIL    host-libfabric: no host libfabric at /opt/cray/libfabric/*/lib64/libfabric.so.1"), "{out}");
+    assert!(out.contains("FI_PROVIDER=cxi"), "{out}");
+    assert!(out.contains("SLINGSHOT_* passed through"), "{out}");
+    assert!(out.contains("result: 2 check(s) failed"), "{out}");
+    // With --no-inject only the match check fails.
+    let j = json(
+        &["--profile", "hpe-slingshot", "--no-inject", &img, "hello"],
+        &SLURM,
+    );
+    assert_eq!(verdict(&j, "host-libfabric"), ["skipped"]);
+}
+
+#[test]
+fn aws_efa_and_infiniband_profiles() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    for (name, provider) in [("aws-efa", "efa"), ("infiniband-verbs", "verbs")] {
+        let j = json(&["--profile", name, "-n", "2", &img, "hello"], &[]);
+        assert_eq!(j["profile"]["name"], name);
+        assert_eq!(j["launcher"]["kind"], "local");
+        let fi = j["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "FI_PROVIDER")
+            .unwrap()
+            .clone();
+        assert_eq!(fi["value"], provider);
+        let out = text(&["--profile", name, "-n", "2", &img, "hello"], &[]);
+        assert!(
+            out.contains(&format!("expected providers {provider}")),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn ci_profile_injects_the_named_libfabric_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let lib = t.path().join("host/lib/libfabric.so.1");
+    std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+    std::fs::write(&lib, b"").unwrap();
+    let lib = lib.display().to_string();
+    let j = json(
+        &["--profile", "ci", "-n", "2", &img, "hello"],
+        &[("CMPIRUN_CI_LIBFABRIC", &lib)],
+    );
+    assert_eq!(verdict(&j, "host-libfabric"), ["pass"]);
+    let bind = j["binds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "library")
+        .unwrap()
+        .clone();
+    assert_eq!(bind["source"], lib.as_str());
+    let out = text(
+        &["--profile", "ci", "-n", "2", &img, "hello"],
+        &[("CMPIRUN_CI_LIBFABRIC", &lib)],
+    );
+    assert!(
+        out.contains(&format!(
+            "{lib} -> /.cmpirun/lib/libfabric.so.1 [library, ro]"
+        )),
+        "{out}"
+    );
+    // Without the variable the profile names nothing, and says so.
+    let j = json(&["--profile", "ci", &img, "hello"], &[]);
+    assert_eq!(verdict(&j, "host-libfabric"), ["fail"]);
+}
+
+#[test]
+fn hydra_with_a_hostfile_naming_this_machine() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let me = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let hf = t.path().join("hosts");
+    std::fs::write(&hf, format!("{me}:4\n")).unwrap();
+    let hf = hf.display().to_string();
+    let j = json(&["-f", &hf, "-n", "4", &img, "hello"], &[]);
+    if which::which("mpiexec.hydra").is_ok() {
+        assert_eq!(j["launcher"]["kind"], "hydra");
+        let argv = &j["launcher"]["commands"][0]["argv"];
+        assert_eq!(argv[0], "mpiexec.hydra");
+        assert_eq!(argv[1], "-f");
+        assert_eq!(argv[2], hf.as_str());
+    } else {
+        assert_eq!(j["launcher"]["kind"], "local");
+    }
+    // --launcher local overrides it.
+    let j = json(&["--launcher", "local", "-f", &hf, &img, "hello"], &[]);
+    assert_eq!(j["launcher"]["kind"], "local");
+    assert_eq!(j["layout"]["size"], 4);
+}
+
+#[test]
+fn mpmd_and_cyclic_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let out = text(
+        &[
+            "--map-by", "node", "-n", "2", &img, "a", ":", "-n", "2", &img, "b",
+        ],
+        &SLURM,
+    );
+    assert!(out.contains("part 1: ranks 0-1 (2): a in "), "{out}");
+    assert!(out.contains("part 2: ranks 2-3 (2): b in "), "{out}");
+    assert!(out.contains("--distribution=cyclic"), "{out}");
+    assert!(out.contains("node 0 nid001: ranks 0,2"), "{out}");
+    assert!(
+        out.contains("PMI_process_mapping: (vector,(0,2,1))"),
+        "{out}"
+    );
+}
+
+#[test]
+fn failing_checks_stop_a_launch_with_exit_2() {
+    let out = run(&["-n", "1", "/nonexistent/image.sif", "hello"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not launching") && err.contains("/nonexistent/image.sif"),
+        "{err}"
+    );
+}
