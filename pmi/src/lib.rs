@@ -52,5 +52,5 @@ pub mod probe;
 pub mod server;
 pub mod wire;
 
-pub use server::{Event, JobConfig, JobReport, PmiError, PmiServer, ServerHandle, Stopper};
+pub use server::{Event, JobConfig, JobReport, PmiError, PmiServer, ServerControl, ServerHandle};
 pub use wire::{Message, Wire, WireError};

@@ -16,11 +16,13 @@
 //!    whose [`ServerHandle::events`] channel reports what ranks do ([`Event`]); or
 //!    [`PmiServer::run`] runs it on the calling thread with a callback.
 //! 5. The loop ends by itself once every rank has finalized, aborted or disconnected, when
-//!    [`Stopper::stop`] is called, or with [`PmiError::ConnectTimeout`] when a rank has not
+//!    [`ServerControl::stop`] is called, or with [`PmiError::ConnectTimeout`] when a rank has not
 //!    connected within [`JobConfig::connect_timeout`]. It returns a [`JobReport`].
 //!
 //! The server never kills anything: an abort or a disconnect is an [`Event`], and the launcher
-//! decides what happens to the other ranks.
+//! decides what happens to the other ranks. The launcher tells the server when a rank's process
+//! has exited ([`ServerControl::rank_exited`]): that is how a rank that never connected over TCP,
+//! or whose socket a surviving child process still holds, stops being waited for.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -203,7 +205,7 @@ pub struct JobReport {
     pub aborted: Option<(u32, i32, Option<String>)>,
     /// Ranks that disconnected without finalize or abort.
     pub disconnected: Vec<u32>,
-    /// Whether the loop ended because [`Stopper::stop`] was called.
+    /// Whether the loop ended because [`ServerControl::stop`] was called.
     pub stopped: bool,
 }
 
@@ -288,15 +290,37 @@ struct NodeWaiter {
     thrid: Option<String>,
 }
 
-/// Stops a running server from any thread.
-#[derive(Clone, Debug)]
-pub struct Stopper(std::sync::Arc<UnixStream>);
+enum Control {
+    Stop,
+    RankExited(u32),
+}
 
-impl Stopper {
+/// Tells a running server about things only the launcher knows; cloneable, usable from any
+/// thread, before and after the loop starts.
+#[derive(Clone, Debug)]
+pub struct ServerControl {
+    wake: std::sync::Arc<UnixStream>,
+    tx: mpsc::Sender<Control>,
+}
+
+impl ServerControl {
+    fn send(&self, c: Control) {
+        // A closed channel means the loop has ended, and a full wake pipe that it is about to
+        // wake up: nothing to do in either case.
+        let _ = self.tx.send(c);
+        let _ = (&*self.wake).write(b"w");
+    }
+
     /// Ask the loop to end; it returns its [`JobReport`] with `stopped` set.
     pub fn stop(&self) {
-        // A full pipe already means "stop"; nothing to do on error.
-        let _ = (&*self.0).write(b"s");
+        self.send(Control::Stop);
+    }
+
+    /// The process of `rank` has exited. If the rank had neither finalized nor aborted, it is
+    /// treated like a disconnect ([`Event::Disconnected`], fences fail), even when its socket is
+    /// still open or it never connected.
+    pub fn rank_exited(&self, rank: u32) {
+        self.send(Control::RankExited(rank));
     }
 }
 
@@ -304,7 +328,7 @@ impl Stopper {
 #[derive(Debug)]
 pub struct ServerHandle {
     events: mpsc::Receiver<Event>,
-    stopper: Stopper,
+    control: ServerControl,
     thread: JoinHandle<Result<JobReport, PmiError>>,
 }
 
@@ -314,14 +338,14 @@ impl ServerHandle {
         &self.events
     }
 
-    /// A handle that stops the loop.
-    pub fn stopper(&self) -> Stopper {
-        self.stopper.clone()
+    /// A handle to stop the loop or report exited ranks.
+    pub fn control(&self) -> ServerControl {
+        self.control.clone()
     }
 
     /// Stop the loop now.
     pub fn stop(&self) {
-        self.stopper.stop();
+        self.control.stop();
     }
 
     /// Wait for the loop to end and return what it saw.
@@ -338,8 +362,9 @@ pub struct PmiServer {
     mapping: String,
     conns: Vec<Option<Conn>>,
     listener: Option<TcpListener>,
-    stop_rx: UnixStream,
-    stop_tx: std::sync::Arc<UnixStream>,
+    wake_rx: UnixStream,
+    ctl_rx: mpsc::Receiver<Control>,
+    control: ServerControl,
     ranks: Vec<RankState>,
     kvs: HashMap<String, String>,
     names: HashMap<String, String>,
@@ -396,13 +421,14 @@ impl PmiServer {
             // Too long for a PMI value: "unknown" makes MPICH exchange host names instead.
             mapping.clear();
         }
-        let (stop_rx, stop_tx) = UnixStream::pair().map_err(io_err("creating the stop pipe"))?;
-        stop_rx
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_err("creating the wake pipe"))?;
+        wake_rx
             .set_nonblocking(true)
-            .map_err(io_err("creating the stop pipe"))?;
-        stop_tx
+            .map_err(io_err("creating the wake pipe"))?;
+        wake_tx
             .set_nonblocking(true)
-            .map_err(io_err("creating the stop pipe"))?;
+            .map_err(io_err("creating the wake pipe"))?;
+        let (tx, ctl_rx) = mpsc::channel();
         let ranks = (0..size)
             .map(|_| RankState {
                 life: Life::Waiting,
@@ -417,8 +443,12 @@ impl PmiServer {
             mapping,
             conns: Vec::new(),
             listener: None,
-            stop_rx,
-            stop_tx: std::sync::Arc::new(stop_tx),
+            wake_rx,
+            ctl_rx,
+            control: ServerControl {
+                wake: std::sync::Arc::new(wake_tx),
+                tx,
+            },
             ranks,
             kvs: HashMap::new(),
             names: HashMap::new(),
@@ -439,9 +469,10 @@ impl PmiServer {
         &self.mapping
     }
 
-    /// A handle that stops the loop; usable before and after [`PmiServer::start`].
-    pub fn stopper(&self) -> Stopper {
-        Stopper(self.stop_tx.clone())
+    /// A handle to stop the loop or report exited ranks; usable before and after
+    /// [`PmiServer::start`].
+    pub fn control(&self) -> ServerControl {
+        self.control.clone()
     }
 
     fn check_rank(&self, rank: u32) -> Result<(), PmiError> {
@@ -504,7 +535,7 @@ impl PmiServer {
     /// Run the loop on a new thread.
     pub fn start(self) -> Result<ServerHandle, PmiError> {
         let (tx, rx) = mpsc::channel();
-        let stopper = self.stopper();
+        let control = self.control();
         let thread = std::thread::Builder::new()
             .name(format!("pmi-{}", self.config.kvsname))
             .spawn(move || {
@@ -516,7 +547,7 @@ impl PmiServer {
             .map_err(io_err("starting the server thread"))?;
         Ok(ServerHandle {
             events: rx,
-            stopper,
+            control,
             thread,
         })
     }
@@ -562,7 +593,10 @@ impl PmiServer {
                 });
             }
             let ready = self.poll_once(timeout)?;
-            if ready.stop {
+            if ready.wake && self.take_controls(&mut events) {
+                for e in events.drain(..) {
+                    on_event(e);
+                }
                 self.report.stopped = true;
                 return Ok(self.report);
             }
@@ -576,6 +610,26 @@ impl PmiServer {
         }
     }
 
+    /// Apply what the launcher sent; true when it asked to stop.
+    fn take_controls(&mut self, events: &mut Vec<Event>) -> bool {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let mut stop = false;
+        while let Ok(c) = self.ctl_rx.try_recv() {
+            match c {
+                Control::Stop => stop = true,
+                Control::RankExited(rank) if rank < self.size => {
+                    match self.ranks[rank as usize].conn {
+                        Some(cid) => self.close_conn(cid, events),
+                        None => self.mark_gone(rank, events),
+                    }
+                }
+                Control::RankExited(_) => {}
+            }
+        }
+        stop
+    }
+
     fn job_over(&self) -> bool {
         self.ranks
             .iter()
@@ -585,7 +639,7 @@ impl PmiServer {
 
     fn poll_once(&mut self, timeout: PollTimeout) -> Result<Ready, PmiError> {
         let mut ids = Vec::new();
-        let mut fds = vec![PollFd::new(self.stop_rx.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(self.wake_rx.as_fd(), PollFlags::POLLIN)];
         if let Some(l) = &self.listener {
             fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
         }
@@ -612,7 +666,7 @@ impl PmiServer {
         }
         let hit = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
         let mut ready = Ready {
-            stop: hit(&fds[0]),
+            wake: hit(&fds[0]),
             accept: self.listener.is_some() && hit(&fds[1]),
             readable: Vec::new(),
         };
@@ -789,14 +843,18 @@ impl PmiServer {
         let Some(rank) = conn.rank else {
             return;
         };
+        if self.ranks[rank as usize].conn == Some(cid) {
+            self.ranks[rank as usize].conn = None;
+        }
+        self.mark_gone(rank, events);
+    }
+
+    /// A rank that had neither finalized nor aborted is gone: report it, fail the fence.
+    fn mark_gone(&mut self, rank: u32, events: &mut Vec<Event>) {
         let in_fence = self.in_fence;
         let state = &mut self.ranks[rank as usize];
-        if state.conn == Some(cid) {
-            state.conn = None;
-        }
         if matches!(state.life, Life::Waiting | Life::Active) {
             let initialized = state.life == Life::Active;
-            let mid_fence = in_fence > 0;
             if state.fence.take().is_some() {
                 self.in_fence -= 1;
             }
@@ -805,7 +863,7 @@ impl PmiServer {
             events.push(Event::Disconnected {
                 rank,
                 initialized,
-                mid_fence,
+                mid_fence: in_fence > 0,
             });
             self.fail_fence(&format!("rank {rank} disconnected"));
         }
@@ -1344,7 +1402,7 @@ fn found_reply(m: Message, value: Option<String>) -> Message {
 
 #[derive(Default)]
 struct Ready {
-    stop: bool,
+    wake: bool,
     accept: bool,
     readable: Vec<usize>,
 }

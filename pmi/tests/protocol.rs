@@ -344,3 +344,20 @@ fn tcp_clients_identify_with_initack_or_fullinit() {
     let report = h.join().unwrap();
     assert_eq!(report.disconnected.len(), 2);
 }
+
+#[test]
+fn exited_ranks_stop_being_waited_for() {
+    // Rank 0 holds its socket open (as a leftover child process would) and rank 1 never
+    // connects over TCP; the launcher's exit reports end the job.
+    let mut server = PmiServer::new(JobConfig::single_node("kvs_i", 2)).unwrap();
+    let _held = server.add_socketpair(0).unwrap();
+    server.tcp_env(1).unwrap();
+    let control = server.control();
+    let h = server.start().unwrap();
+    control.rank_exited(0);
+    control.rank_exited(1);
+    control.rank_exited(7); // out of range: ignored
+    let report = h.join().unwrap();
+    assert_eq!(report.disconnected, [0, 1]);
+    assert!(!report.stopped);
+}
