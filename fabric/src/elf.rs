@@ -99,6 +99,80 @@ impl fmt::Display for Machine {
     }
 }
 
+impl Machine {
+    /// The machine this program was built for: what the loader on this host accepts.
+    pub fn host() -> Self {
+        Machine(match std::env::consts::ARCH {
+            "x86_64" => elf::EM_X86_64,
+            "aarch64" => elf::EM_AARCH64,
+            "x86" => elf::EM_386,
+            "powerpc64" => elf::EM_PPC64,
+            "s390x" => elf::EM_S390,
+            "riscv64" => elf::EM_RISCV,
+            "loongarch64" => elf::EM_LOONGARCH,
+            _ => elf::EM_NONE,
+        })
+    }
+}
+
+/// Class and machine together: the loader skips a library whose kind differs from the object
+/// that needs it ("wrong ELF class"), so a multiarch image's i386 copy never satisfies an x86_64
+/// library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ElfKind {
+    /// 32-bit or 64-bit.
+    pub class: ElfClass,
+    /// The target machine.
+    pub machine: Machine,
+}
+
+impl ElfKind {
+    /// The kind of this program's own objects.
+    pub fn host() -> Self {
+        Self {
+            class: if cfg!(target_pointer_width = "64") {
+                ElfClass::Elf64
+            } else {
+                ElfClass::Elf32
+            },
+            machine: Machine::host(),
+        }
+    }
+
+    /// The kind of the ELF file whose first bytes are `prefix` (64 bytes suffice); `None` if it
+    /// is not ELF.
+    pub fn of(prefix: &[u8]) -> Option<Self> {
+        fn machine<Elf: FileHeader<Endian = Endianness>>(prefix: &[u8]) -> Option<Machine> {
+            let header = Elf::parse(prefix).ok()?;
+            let endian = header.endian().ok()?;
+            Some(Machine(header.e_machine(endian)))
+        }
+        match FileKind::parse(prefix).ok()? {
+            FileKind::Elf64 => Some(Self {
+                class: ElfClass::Elf64,
+                machine: machine::<elf::FileHeader64<Endianness>>(prefix)?,
+            }),
+            FileKind::Elf32 => Some(Self {
+                class: ElfClass::Elf32,
+                machine: machine::<elf::FileHeader32<Endianness>>(prefix)?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The kind of a file on the host, reading only its header; `None` if unreadable or not ELF.
+    pub fn of_file(path: &Path) -> Option<Self> {
+        use std::io::Read;
+        let mut prefix = Vec::with_capacity(64);
+        std::fs::File::open(path)
+            .ok()?
+            .take(64)
+            .read_to_end(&mut prefix)
+            .ok()?;
+        Self::of(&prefix)
+    }
+}
+
 /// The facts the dynamic loader uses about one ELF object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ElfFacts {
@@ -123,6 +197,14 @@ pub struct ElfFacts {
 }
 
 impl ElfFacts {
+    /// The object's class and machine.
+    pub fn kind(&self) -> ElfKind {
+        ElfKind {
+            class: self.class,
+            machine: self.machine,
+        }
+    }
+
     /// Reads the facts from the bytes of an ELF file.
     pub fn parse(bytes: &[u8]) -> Result<Self, ElfError> {
         match FileKind::parse(bytes) {
@@ -411,6 +493,22 @@ mod tests {
         let back: BTreeSet<SymbolVersion> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, needed);
         assert!(serde_json::from_str::<SymbolVersion>(r#""GLIBC_PRIVATE""#).is_err());
+    }
+
+    #[test]
+    fn kinds_from_headers() {
+        let libc = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+        assert_eq!(ElfKind::of(&libc[..64]), Some(ElfKind::host()));
+        assert_eq!(ElfKind::host().machine.name(), Some("x86_64"));
+        assert_eq!(ElfKind::of(&libc[..10]), None);
+        assert_eq!(
+            ElfKind::of(b"not an elf file at all, not at all, not at all, not at all, no"),
+            None
+        );
+        assert_eq!(
+            ElfKind::of_file(Path::new("/lib/x86_64-linux-gnu/libc.so.6")),
+            Some(ElfFacts::parse(&libc).unwrap().kind())
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::elf::ElfFacts;
+use crate::elf::{ElfFacts, ElfKind};
 
 /// The sonames of glibc's own libraries. They belong to whichever glibc a process runs with, so
 /// they are never injected into a container and a dependency closure stops at them.
@@ -145,8 +145,11 @@ impl HostLoader {
     }
 
     /// Finds `name` as the loader would when the object at `requester` (with its facts) needs
-    /// it; `None` when the loader would fail.
+    /// it; `None` when the loader would fail. Files of another ELF class or machine than the
+    /// requester (this host's kind without one) are skipped, as the loader does.
     pub fn find(&self, name: &str, requester: Option<(&Path, &ElfFacts)>) -> Option<Found> {
+        let want = requester.map_or_else(ElfKind::host, |(_, f)| f.kind());
+        let fits = |path: &Path| path.is_file() && ElfKind::of_file(path) == Some(want);
         let origin = requester
             .and_then(|(p, _)| p.parent())
             .unwrap_or(Path::new("/"))
@@ -154,7 +157,7 @@ impl HostLoader {
             .into_owned();
         if name.contains('/') {
             let path = Path::new(&origin).join(name);
-            return path.is_file().then_some(Found {
+            return fits(&path).then_some(Found {
                 path,
                 via: Via::Path,
             });
@@ -166,7 +169,7 @@ impl HostLoader {
         )
         .into_iter()
         .map(|(via, dir)| (via, PathBuf::from(expand_origin(&dir, &origin)).join(name)))
-        .find(|(_, path)| path.is_file())
+        .find(|(_, path)| fits(path))
         .map(|(via, path)| Found { path, via })
     }
 }

@@ -150,3 +150,44 @@ fn rpath_beats_ld_library_path_and_runpath_does_not() {
         host_fab.join("libfabric.so.1")
     );
 }
+
+/// A library of another ELF class or machine earlier in the path is skipped, by glibc and by the
+/// crate (a multiarch image's i386 or foreign copies must not be taken for the real one).
+#[test]
+fn wrong_class_or_machine_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = std::fs::read("/usr/lib/x86_64-linux-gnu/libfabric.so.1").unwrap();
+    let good = tmp.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    std::fs::write(good.join("libfabric.so.1"), &real).unwrap();
+    let wrong_class = tmp.path().join("class");
+    let wrong_machine = tmp.path().join("machine");
+    for (dir, offset, value) in [(&wrong_class, 4, 1u8), (&wrong_machine, 18, 183u8)] {
+        let mut bytes = real.clone();
+        bytes[offset] = value; // EI_CLASS = ELFCLASS32, or e_machine = EM_AARCH64
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(dir.join("libfabric.so.1"), bytes).unwrap();
+    }
+    // A program-less probe: the crate's loader for a library that needs libfabric.so.1.
+    let probe = build_probe(tmp.path(), &good, true);
+    let facts = ElfFacts::read(&probe).unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        wrong_class.display(),
+        wrong_machine.display(),
+        good.display()
+    );
+    let loader = HostLoader {
+        ld_library_path: path.split(':').map(str::to_owned).collect(),
+        cache_dirs: vec![],
+    };
+    let found = loader
+        .find("libfabric.so.1", Some((&probe, &facts)))
+        .unwrap();
+    assert_eq!(found.path, good.join("libfabric.so.1"));
+    assert_eq!(found.via, Via::LdLibraryPath);
+    assert_eq!(
+        ld_so_list(&probe, Some(Path::new(&path)))["libfabric.so.1"],
+        good.join("libfabric.so.1")
+    );
+}

@@ -10,11 +10,13 @@
 //! configuration), then the default directories. `$ORIGIN` is the directory the loading object was
 //! found in, and symlinks are resolved inside the image.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::io;
+use std::rc::Rc;
 
-use cmpirun_fabric::elf::{self, ElfError, ElfFacts, SymbolVersion};
+use cmpirun_fabric::elf::{self, ElfError, ElfFacts, ElfKind, SymbolVersion};
 use cmpirun_fabric::loader::{
     default_dirs, expand_origin, is_glibc_library, search_order, wildcard_match,
 };
@@ -379,12 +381,14 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         } else {
             Vec::new()
         },
+        files: RefCell::new(HashMap::new()),
+        kinds: RefCell::new(HashMap::new()),
     };
     let mut notes = Vec::new();
 
     let glibc = match loader.find("libc.so.6", None)? {
         Some(found) => {
-            let version = match parse_elf(fs, &found.real_file) {
+            let version = match loader.parse(&found.real_file) {
                 Ok(facts) => facts.max_defined_version("GLIBC"),
                 Err(e) => {
                     notes.push(e.to_string());
@@ -400,13 +404,20 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         None => None,
     };
 
-    let mut candidates = find_mpi_libraries(&loader)?;
-    let (mpi, other_mpi_libraries) = if candidates.is_empty() {
-        (None, Vec::new())
-    } else {
-        let (family, root) = candidates.remove(0);
-        let others = candidates.into_iter().map(|(_, r)| r.path).collect();
-        (Some(mpi_facts(&loader, family, root, &mut notes)?), others)
+    // The first candidate built for this machine; a multiarch image's i386 copy is skipped.
+    let mut candidates = find_mpi_libraries(&loader)?.into_iter();
+    let mut chosen = None;
+    for (family, lib) in candidates.by_ref() {
+        if loader.fits(&lib.real_file, ElfKind::host())? {
+            chosen = Some((family, lib));
+            break;
+        }
+        loader.forget(&lib.real_file);
+    }
+    let other_mpi_libraries = candidates.map(|(_, r)| r.path).collect();
+    let mpi = match chosen {
+        Some((family, root)) => Some(mpi_facts(&loader, family, root, &mut notes)?),
+        None => None,
     };
 
     Ok(ImageFacts {
@@ -428,6 +439,11 @@ struct Loader<'a> {
     ld_library_path: Vec<String>,
     /// The directories the image's `ld.so.cache` covers; empty when it has none.
     cache_dirs: Vec<String>,
+    /// Files read to check their ELF kind, kept for the parse that usually follows (RootFs
+    /// reads whole files).
+    files: RefCell<HashMap<String, Rc<Vec<u8>>>>,
+    /// The ELF kind of every file checked, so a library needed by many is read once.
+    kinds: RefCell<HashMap<String, Option<ElfKind>>>,
 }
 
 /// The object that asks for a library: its path and loader facts.
@@ -437,13 +453,56 @@ struct Requester<'a> {
 }
 
 impl Loader<'_> {
+    /// The contents of `real`, read once.
+    fn bytes(&self, real: &str) -> Result<Rc<Vec<u8>>, FactsError> {
+        if let Some(b) = self.files.borrow().get(real) {
+            return Ok(Rc::clone(b));
+        }
+        let b = Rc::new(read(self.fs, real)?);
+        self.files
+            .borrow_mut()
+            .insert(real.to_owned(), Rc::clone(&b));
+        Ok(b)
+    }
+
+    /// Drops the kept contents of `real`.
+    fn forget(&self, real: &str) {
+        self.files.borrow_mut().remove(real);
+    }
+
+    /// Whether `real` is an ELF object of kind `want`: the loader skips any other.
+    fn fits(&self, real: &str, want: ElfKind) -> Result<bool, FactsError> {
+        if let Some(kind) = self.kinds.borrow().get(real) {
+            return Ok(*kind == Some(want));
+        }
+        let kind = ElfKind::of(&self.bytes(real)?);
+        self.kinds.borrow_mut().insert(real.to_owned(), kind);
+        if kind != Some(want) {
+            self.forget(real);
+        }
+        Ok(kind == Some(want))
+    }
+
+    /// The ELF facts of `real`, after which its contents are no longer kept.
+    fn parse(&self, real: &str) -> Result<ElfFacts, FactsError> {
+        let bytes = self.bytes(real)?;
+        self.forget(real);
+        ElfFacts::parse(&bytes).map_err(|source| FactsError::Elf {
+            path: real.to_owned(),
+            source,
+        })
+    }
+
     /// Finds `name` as the loader would for `requester` (or for a program without RPATH/RUNPATH).
+    /// Files of another ELF class or machine than the requester's (this host's without one) are
+    /// skipped, as the loader skips them.
     fn find(
         &self,
         name: &str,
         requester: Option<&Requester>,
     ) -> Result<Option<ResolvedLibrary>, FactsError> {
         let needed_by = requester.map(|r| r.path.to_owned());
+        let want = requester.map_or_else(ElfKind::host, |r| r.elf.kind());
         let make = |path: String, via: Via, real_file: String| ResolvedLibrary {
             name: name.to_owned(),
             path,
@@ -456,7 +515,10 @@ impl Loader<'_> {
                 Some(r) if !name.starts_with('/') => join(parent(r.path), name),
                 _ => name.to_owned(),
             };
-            return Ok(resolved_file(self.fs, &path)?.map(|real| make(path, Via::Path, real)));
+            return match resolved_file(self.fs, &path)? {
+                Some(real) if self.fits(&real, want)? => Ok(Some(make(path, Via::Path, real))),
+                _ => Ok(None),
+            };
         }
         let origin = requester.map(|r| parent(r.path)).unwrap_or("/");
         let order = search_order(
@@ -466,7 +528,9 @@ impl Loader<'_> {
         );
         for (via, dir) in order {
             let path = join(&expand_origin(&dir, origin), name);
-            if let Some(real) = resolved_file(self.fs, &path)? {
+            if let Some(real) = resolved_file(self.fs, &path)?
+                && self.fits(&real, want)?
+            {
                 return Ok(Some(make(path, via, real)));
             }
         }
@@ -578,7 +642,8 @@ fn mpi_facts(
     notes: &mut Vec<String>,
 ) -> Result<MpiFacts, FactsError> {
     let fs = loader.fs;
-    let root_bytes = read(fs, &root.real_file)?;
+    let root_bytes = loader.bytes(&root.real_file)?;
+    loader.forget(&root.real_file);
     let root_elf = ElfFacts::parse(&root_bytes).map_err(|source| FactsError::Elf {
         path: root.real_file.clone(),
         source,
@@ -617,7 +682,7 @@ fn mpi_facts(
     while let Some((lib, elf)) = queue.pop_front() {
         let elf = match elf {
             Some(elf) => elf,
-            None => match parse_elf(fs, &lib.real_file) {
+            None => match loader.parse(&lib.real_file) {
                 Ok(elf) => elf,
                 Err(e) => {
                     notes.push(e.to_string());
@@ -973,14 +1038,6 @@ fn is_library_sized(fs: &dyn RootFs, real: &str) -> Result<bool, FactsError> {
     Ok(meta.is_some_and(|m| m.size >= 1024))
 }
 
-fn parse_elf(fs: &dyn RootFs, real: &str) -> Result<ElfFacts, FactsError> {
-    let bytes = read(fs, real)?;
-    ElfFacts::parse(&bytes).map_err(|source| FactsError::Elf {
-        path: real.to_owned(),
-        source,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     //! Image facts over directory trees assembled in a temporary directory from real libraries of
@@ -1259,6 +1316,48 @@ mod tests {
         assert_eq!(
             (fabric.path.as_str(), fabric.via),
             ("/inject/libfabric.so.1", Via::LdLibraryPath)
+        );
+    }
+
+    #[test]
+    fn libraries_of_another_machine_are_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let lib = wheel_lib();
+        // An aarch64 copy of the MPI in the loader's cache directory comes first; it must not be
+        // chosen, nor a foreign libfabric earlier on LD_LIBRARY_PATH.
+        let mut foreign = std::fs::read(lib.join("libmpi.so.12")).unwrap();
+        foreign[18] = 183; // e_machine = EM_AARCH64
+        put_text(root, "/usr/lib/aarch64-linux-gnu/libmpi.so.12", "");
+        std::fs::write(root.join("usr/lib/aarch64-linux-gnu/libmpi.so.12"), foreign).unwrap();
+        let mut foreign = std::fs::read(lib.join("mpich/libfabric.so.1")).unwrap();
+        foreign[4] = 1; // ELFCLASS32
+        put_text(root, "/foreign/libfabric.so.1", "");
+        std::fs::write(root.join("foreign/libfabric.so.1"), foreign).unwrap();
+        put(
+            root,
+            "/opt/mpich5/lib/libmpi.so.12",
+            &lib.join("libmpi.so.12"),
+        );
+        put(
+            root,
+            "/opt/mpich5/lib/mpich/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        put_text(root, "/etc/ld.so.cache", "");
+        put_text(root, "/etc/ld.so.conf", "/usr/lib/aarch64-linux-gnu\n");
+        let options = FactsOptions {
+            ld_library_path: Some(vec!["/foreign".into()]),
+        };
+        let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
+        let mpi = facts.mpi.unwrap();
+        assert_eq!(mpi.path, "/opt/mpich5/lib/libmpi.so.12");
+        let LibfabricLink::Dynamic(fabric) = &mpi.libfabric else {
+            panic!("{:?}", mpi.libfabric);
+        };
+        assert_eq!(
+            (fabric.path.as_str(), fabric.via),
+            ("/opt/mpich5/lib/mpich/libfabric.so.1", Via::Runpath)
         );
     }
 
