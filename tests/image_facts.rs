@@ -43,6 +43,7 @@ fn mpich4_is_mpich_abi_without_libfabric() {
     assert_eq!(mpi.soname.as_deref(), Some("libmpich.so.12"));
     // ch4:ucx: UCX, not libfabric.
     assert_eq!(mpi.libfabric, LibfabricLink::NotLinked);
+    assert_eq!(facts.libfabric_target(), None);
     assert!(mpi.needed.iter().any(|n| n == "libucp.so.0"));
     assert!(mpi.fabric_needs.is_empty());
     // Simple PMI-1 is built into libmpich.
@@ -126,7 +127,7 @@ fn facts_serialise_for_inspect_json() {
     let facts = facts_of("mpich5");
     let json = serde_json::to_value(&facts).unwrap();
     assert_eq!(json["glibc"]["version"], "GLIBC_2.36");
-    assert_eq!(json["mpi"]["family"], "mpich-abi");
+    assert_eq!(json["mpi"]["family"], "mpich");
     assert_eq!(json["mpi"]["libfabric"]["kind"], "dynamic");
     assert_eq!(json["mpi"]["libfabric"]["via"], "runpath");
     assert_eq!(json["mpi"]["fabric_needs"][2], "FABRIC_1.9");

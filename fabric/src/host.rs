@@ -115,6 +115,20 @@ impl HostFabric {
         Ok(())
     }
 
+    /// The names of the providers that answered the probe, each once, layered ones split
+    /// (`tcp;ofi_rxm` gives `tcp` and `ofi_rxm`); empty when not probed.
+    pub fn provider_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for p in self.providers.iter().flatten() {
+            for part in p.parts() {
+                if !names.iter().any(|n| n == part) {
+                    names.push(part.to_owned());
+                }
+            }
+        }
+        names
+    }
+
     /// Whether a provider of this name answered the probe (`None` when not probed).
     pub fn has_provider(&self, name: &str) -> Option<bool> {
         self.providers

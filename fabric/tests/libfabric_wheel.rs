@@ -94,6 +94,11 @@ fn host_fabric_facts_round_trip() {
     host.probe().unwrap();
     assert_eq!(host.api_version, Some(ApiVersion { major: 2, minor: 5 }));
     assert_eq!(host.has_provider("tcp"), Some(true));
+    let names = host.provider_names();
+    assert!(
+        names.iter().any(|n| n == "tcp") && names.iter().any(|n| n == "shm"),
+        "{names:?}"
+    );
     let json = serde_json::to_string(&host).unwrap();
     let back: HostFabric = serde_json::from_str(&json).unwrap();
     assert_eq!(back, host);

@@ -55,18 +55,29 @@ pub enum FactsError {
 
 /// The MPI ABI an image's MPI library implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum MpiFamily {
     /// `libmpi.so.12` (or Debian's `libmpich.so.12`): MPICH and its derivatives (Cray MPICH,
-    /// Intel MPI, MVAPICH).
+    /// Intel MPI, MVAPICH). Serialised as `mpich`.
+    #[serde(rename = "mpich")]
     MpichAbi,
-    /// `libmpi.so.40`: Open MPI 3 to 5.
+    /// `libmpi.so.40`: Open MPI 3 to 5. Serialised as `openmpi`.
+    #[serde(rename = "openmpi")]
     OpenMpi,
-    /// `libmpi_abi.so`: the MPI-5 standard ABI.
+    /// `libmpi_abi.so`: the MPI-5 standard ABI. Serialised as `mpi-abi`.
+    #[serde(rename = "mpi-abi")]
     MpiAbi,
 }
 
 impl MpiFamily {
+    /// The short name profiles and plans use: `mpich`, `openmpi`, `mpi-abi`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MpiFamily::MpichAbi => "mpich",
+            MpiFamily::OpenMpi => "openmpi",
+            MpiFamily::MpiAbi => "mpi-abi",
+        }
+    }
+
     /// The library file names that identify this family, most specific first.
     pub fn library_names(self) -> &'static [&'static str] {
         match self {
@@ -353,6 +364,17 @@ pub struct FactsOptions {
     /// The `LD_LIBRARY_PATH` the ranks will run with, when the launch sets it; `None` to use
     /// what the image's environment scripts set.
     pub ld_library_path: Option<Vec<String>>,
+}
+
+impl ImageFacts {
+    /// The file inside the image that a host libfabric must be bound over: the real file the
+    /// image's MPI loads as `libfabric.so.1`. `None` when the MPI does not load one dynamically.
+    pub fn libfabric_target(&self) -> Option<&str> {
+        match &self.mpi.as_ref()?.libfabric {
+            LibfabricLink::Dynamic(l) => Some(&l.real_file),
+            _ => None,
+        }
+    }
 }
 
 /// Reads the facts of the image whose root filesystem is `fs`.
@@ -1193,7 +1215,11 @@ mod tests {
         assert!(text.contains("MPI: MPICH ABI (libmpi.so.12) at /opt/mpich5/lib/libmpi.so.12"));
         // Serialises for `image inspect --json`.
         let json = serde_json::to_value(&facts).unwrap();
-        assert_eq!(json["mpi"]["family"], "mpich-abi");
+        assert_eq!(json["mpi"]["family"], "mpich");
+        assert_eq!(
+            facts.libfabric_target(),
+            Some("/opt/mpich5/lib/mpich/libfabric.so.1")
+        );
         assert_eq!(json["mpi"]["libfabric"]["kind"], "dynamic");
         assert_eq!(json["mpi"]["libfabric"]["via"], "runpath");
         assert_eq!(json["mpi"]["fabric_needs"][2], "FABRIC_1.9");
