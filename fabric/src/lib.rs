@@ -15,6 +15,8 @@
 //! - [`closure`]: the libraries a set of host libraries pulls in, without glibc's, each with the
 //!   newest `GLIBC_x.y` it needs.
 //! - [`host`]: all of the above for one host libfabric, in one serialisable value.
+//! - [`maps`]: the files a running process has mapped (device and inode), to confirm that a rank
+//!   loaded the injected library.
 //!
 //! The smallest use: does the host libfabric define every `FABRIC_x.y` an MPI library needs?
 //!
@@ -39,3 +41,4 @@ pub mod elf;
 pub mod host;
 pub mod libfabric;
 pub mod loader;
+pub mod maps;

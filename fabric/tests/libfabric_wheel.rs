@@ -103,3 +103,17 @@ fn host_fabric_facts_round_trip() {
     let back: HostFabric = serde_json::from_str(&json).unwrap();
     assert_eq!(back, host);
 }
+
+#[test]
+fn loaded_library_shows_in_this_process_maps() {
+    use cmpirun_fabric::maps::{mapped_files, same_file};
+    let core = common::mpich_wheel_lib().join("mpich/libfabric.so.1");
+    let _fabric = HostLibfabric::load(&core).unwrap();
+    let meta = std::fs::metadata(&core).unwrap();
+    let maps = mapped_files(std::process::id() as i32).unwrap();
+    assert!(
+        maps.iter().any(|m| same_file(m, &meta)),
+        "{} not mapped",
+        core.display()
+    );
+}
