@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use cmpirun::cli::{CliRequest, parse_launch};
 use cmpirun::jobspec::{JobSpec, LauncherKind, MountBackendKind, PmiKind};
 use cmpirun::plan::{
-    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, LaunchPlan, PlanError, Verdict,
-    build_plan, facts::HostLibfabric, render_text,
+    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, LaunchPlan, LibfabricUse,
+    PlanError, Verdict, build_plan, facts::HostLibfabric, render_text,
 };
 use cmpirun::profile::{self, ProfileChoice, SelectedBy};
 
@@ -60,6 +60,7 @@ fn host(env: &[(&str, &str)]) -> HostFacts {
         paths: BTreeMap::new(),
         cmpirun: "/opt/cmpirun/bin/cmpirun".into(),
         libfabric: None,
+        libfabric_error: None,
     }
 }
 
@@ -589,8 +590,9 @@ fn provider_expectations_against_probed_host_libfabric() {
     let mut h = with_paths(host(&[]), &[("/l.so", &["/l.so"])]);
     h.libfabric = Some(HostLibfabric {
         path: "/l.so".into(),
-        version: "1.22".into(),
-        providers: vec!["tcp".into()],
+        version: Some("1.22".into()),
+        providers: Some(vec!["tcp".into()]),
+        ..HostLibfabric::default()
     });
     let p = plan(&["--expect-provider", "tcp", "img.sif", "x"], &c, &h);
     let v: Vec<_> = check(&p, "fabric-providers")
@@ -693,4 +695,128 @@ fn mount_backend_precedence() {
     );
     assert_eq!(p.mount.backend, MountBackendKind::Fuse);
     assert_eq!(p.mount.shm_size.as_deref(), Some("1g"));
+}
+
+/// An image whose MPICH loads libfabric dynamically and needs FABRIC_1.9, with glibc 2.36.
+fn mpich5_image() -> ImageInfo {
+    ImageInfo {
+        path: "mpich5.sif".into(),
+        kind: Some("sif".into()),
+        mpi_family: Some("mpich".into()),
+        mpi_library: Some("/opt/mpich5/lib/libmpi.so.12.5.0".into()),
+        libfabric_use: Some(LibfabricUse::Dynamic),
+        libfabric: Some("/opt/mpich5/lib/libfabric.so.1.29.0".into()),
+        fabric_needs: vec!["FABRIC_1.0".into(), "FABRIC_1.9".into()],
+        glibc: Some("GLIBC_2.36".into()),
+        glibc_file: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+        ..ImageInfo::default()
+    }
+}
+
+fn host_lib(versions: &[&str], glibc: &str) -> HostFacts {
+    let mut h = with_paths(
+        host(&[]),
+        &[("/host/libfabric.so.1", &["/host/libfabric.so.1"])],
+    );
+    h.libfabric = Some(HostLibfabric {
+        path: "/host/libfabric.so.1".into(),
+        real_path: "/host/libfabric.so.1.25.0".into(),
+        fabric_versions: versions.iter().map(|v| v.to_string()).collect(),
+        plugin_dirs: vec!["/host/libfabric".into()],
+        dependencies: vec!["/host/deps/libnl-3.so.200".into()],
+        glibc_needs: Some(glibc.into()),
+        glibc_needed_by: Some("/host/deps/libnl-3.so.200".into()),
+        ..HostLibfabric::default()
+    });
+    h
+}
+
+const HOSTLIB: &str = "name: h\nfabric:\n  libfabric: [/host/libfabric.so.1]\n";
+
+#[test]
+fn compatible_host_libfabric_is_bound_over_the_image_copy_with_its_closure() {
+    let s = spec(&["-n", "2", "mpich5.sif", "x"]);
+    let h = host_lib(&["FABRIC_1.0", "FABRIC_1.9", "FABRIC_2.0"], "GLIBC_2.34");
+    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    for name in ["mpi-libfabric", "fabric-versions", "glibc", "mpi-family"] {
+        assert_eq!(
+            check(&p, name)[0].verdict,
+            Verdict::Pass,
+            "{name}: {:?}",
+            check(&p, name)
+        );
+    }
+    let over = p
+        .binds
+        .iter()
+        .find(|b| b.source == "/host/libfabric.so.1")
+        .unwrap();
+    assert_eq!(over.destination, "/opt/mpich5/lib/libfabric.so.1.29.0");
+    assert!(
+        p.binds
+            .iter()
+            .any(|b| b.destination == "/.cmpirun/lib/libnl-3.so.200")
+    );
+    assert!(
+        p.binds
+            .iter()
+            .any(|b| b.source == "/host/libfabric" && b.kind == BindKind::Directory)
+    );
+    assert_eq!(
+        env_of(&p, "FI_PROVIDER_PATH"),
+        Some(&EnvAction::Set {
+            value: "/host/libfabric".into()
+        })
+    );
+    assert!(p.may_launch());
+}
+
+#[test]
+fn old_host_libfabric_is_refused_naming_the_fabric_version() {
+    let s = spec(&["-n", "2", "mpich5.sif", "x"]);
+    let h = host_lib(&["FABRIC_1.0", "FABRIC_1.6"], "GLIBC_2.34");
+    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    let f = check(&p, "fabric-versions")[0];
+    assert_eq!(f.verdict, Verdict::Fail);
+    assert!(f.message.contains("lacks FABRIC_1.9"), "{}", f.message);
+    assert!(f.message.contains("up to FABRIC_1.6") && f.message.contains("--no-inject"));
+    assert!(!p.may_launch());
+    let s = spec(&["--force", "-n", "2", "mpich5.sif", "x"]);
+    assert!(
+        build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h)
+            .unwrap()
+            .may_launch()
+    );
+}
+
+#[test]
+fn host_library_needing_a_newer_glibc_is_refused_naming_both_versions() {
+    let s = spec(&["mpich5.sif", "x"]);
+    let h = host_lib(&["FABRIC_1.9"], "GLIBC_2.38");
+    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    let g = check(&p, "glibc")[0];
+    assert_eq!(g.verdict, Verdict::Fail);
+    assert!(
+        g.message.contains("needs GLIBC_2.38") && g.message.contains("has GLIBC_2.36"),
+        "{}",
+        g.message
+    );
+    assert!(g.message.contains("/host/deps/libnl-3.so.200"));
+}
+
+#[test]
+fn embedded_libfabric_and_open_mpi_checks() {
+    let mut img = mpich5_image();
+    img.libfabric_use = Some(LibfabricUse::Embedded);
+    img.libfabric = None;
+    let s = spec(&["mpich5.sif", "x"]);
+    let h = host_lib(&["FABRIC_1.9"], "GLIBC_2.34");
+    let p = build_plan(&s, &choice(HOSTLIB), &[img], &h).unwrap();
+    let e = check(&p, "mpi-libfabric")[0];
+    assert_eq!(e.verdict, Verdict::Fail);
+    assert!(e.message.contains("carries libfabric inside itself"));
+    let mut ompi = mpich5_image();
+    ompi.mpi_family = Some("openmpi".into());
+    let p = build_plan(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
+    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Warn);
 }

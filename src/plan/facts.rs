@@ -32,19 +32,47 @@ pub struct HostFacts {
     pub paths: BTreeMap<String, Vec<PathBuf>>,
     /// The cmpirun executable, as ranks started by srun or hydra must call it.
     pub cmpirun: PathBuf,
-    /// The host libfabric as probed (`fi_version`, providers), when the probe ran.
+    /// The host libfabric the profile names, when one was found and could be read.
     pub libfabric: Option<HostLibfabric>,
+    /// Why the host libfabric could not be read, when it could not.
+    pub libfabric_error: Option<String>,
 }
 
-/// The host libfabric as the fabric probe saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The host libfabric the profile names, as `cmpirun-fabric` read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostLibfabric {
     /// The library file.
     pub path: PathBuf,
-    /// `fi_version()` as `major.minor`.
-    pub version: String,
-    /// Providers that answered `fi_getinfo` on this node.
-    pub providers: Vec<String>,
+    /// The file it resolves to.
+    pub real_path: PathBuf,
+    /// `fi_version()` as `major.minor`, when the library was probed.
+    pub version: Option<String>,
+    /// Providers that answered `fi_getinfo` on this node, when the library was probed.
+    pub providers: Option<Vec<String>>,
+    /// The `FABRIC_x.y` versions it defines.
+    pub fabric_versions: Vec<String>,
+    /// The directories of its provider plugins.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// The libraries it and its plugins need, without glibc's and without itself.
+    pub dependencies: Vec<PathBuf>,
+    /// The newest `GLIBC_x.y` it or a dependency needs.
+    pub glibc_needs: Option<String>,
+    /// The library that needs it.
+    pub glibc_needed_by: Option<PathBuf>,
+}
+
+/// How an image's MPI gets at libfabric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LibfabricUse {
+    /// Loads `libfabric.so.1` dynamically: a host copy can be bound over it.
+    Dynamic,
+    /// The MPI library carries libfabric inside itself: nothing can be injected.
+    Embedded,
+    /// Needs `libfabric.so.1` but the image's loader would not find it.
+    Unresolved,
+    /// Does not use libfabric.
+    NotLinked,
 }
 
 /// What the plan knows about one image.
@@ -56,12 +84,24 @@ pub struct ImageInfo {
     pub kind: Option<String>,
     /// Why it could not be located, if it could not.
     pub error: Option<String>,
-    /// The MPI family its program links (`mpich`, `openmpi`, `mpi-abi`), once image facts
-    /// are read.
+    /// The MPI family of the image's MPI library (`mpich`, `openmpi`, `mpi-abi`), once image
+    /// facts are read.
     pub mpi_family: Option<String>,
-    /// The path inside the image of the `libfabric.so.1` its MPI loads, once image facts are
-    /// read.
+    /// The image's MPI library (path inside the image).
+    pub mpi_library: Option<String>,
+    /// How that MPI gets at libfabric.
+    pub libfabric_use: Option<LibfabricUse>,
+    /// The path inside the image of the `libfabric.so.1` file its MPI loads (symlinks resolved):
+    /// the file a host copy is bound over.
     pub libfabric: Option<PathBuf>,
+    /// The `FABRIC_x.y` versions the image's MPI stack needs from libfabric.
+    pub fabric_needs: Vec<String>,
+    /// The image's glibc version (`GLIBC_2.36`) and its file.
+    pub glibc: Option<String>,
+    /// The file of the image's glibc.
+    pub glibc_file: Option<String>,
+    /// Why the image's facts could not be read, when they could not.
+    pub facts_error: Option<String>,
 }
 
 impl HostFacts {
@@ -107,7 +147,7 @@ impl HostFacts {
             paths.insert(p, found);
         }
         let cmpirun = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun"));
-        HostFacts {
+        let mut facts = HostFacts {
             hostname,
             cpus,
             env,
@@ -115,6 +155,52 @@ impl HostFacts {
             paths,
             cmpirun,
             libfabric: None,
+            libfabric_error: None,
+        };
+        // The library itself is only read, not loaded: loading it would start libfabric's
+        // threads in this process, which must stay single-threaded to create user namespaces.
+        if let Some(path) = super::chosen_libfabric(profile, &facts).map(|(_, p)| p) {
+            let loader = cmpirun_fabric::loader::HostLoader::from_env();
+            match cmpirun_fabric::host::HostFabric::inspect(&path, &loader) {
+                Ok(h) => facts.libfabric = Some(HostLibfabric::from_fabric(&h)),
+                Err(e) => facts.libfabric_error = Some(e.to_string()),
+            }
+        }
+        facts
+    }
+}
+
+impl HostLibfabric {
+    /// Copies what the plan needs from `cmpirun-fabric`'s view of the library.
+    pub fn from_fabric(h: &cmpirun_fabric::host::HostFabric) -> HostLibfabric {
+        let roots: Vec<&Path> = std::iter::once(h.path.as_path())
+            .chain(h.plugins.iter().map(|p| p.path.as_path()))
+            .collect();
+        let newest = h.closure.newest_glibc_need();
+        HostLibfabric {
+            path: h.path.clone(),
+            real_path: h.real_path.clone(),
+            version: h.api_version.as_ref().map(ToString::to_string),
+            providers: h.providers.as_ref().map(|ps| {
+                let mut names: Vec<String> = ps
+                    .iter()
+                    .flat_map(|p| p.parts().map(str::to_owned).collect::<Vec<_>>())
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
+            }),
+            fabric_versions: h.fabric_versions.iter().map(ToString::to_string).collect(),
+            plugin_dirs: h.plugin_dirs.clone(),
+            dependencies: h
+                .closure
+                .libraries
+                .iter()
+                .filter(|l| !roots.contains(&l.path.as_path()))
+                .map(|l| l.path.clone())
+                .collect(),
+            glibc_needs: newest.map(|(_, v)| v.to_string()),
+            glibc_needed_by: newest.map(|(l, _)| l.path.clone()),
         }
     }
 }
@@ -122,19 +208,53 @@ impl HostFacts {
 impl ImageInfo {
     /// Locates the image at `path` (without mounting it).
     pub fn gather(path: &Path) -> ImageInfo {
-        match crate::image::locate(path) {
-            Ok(loc) => ImageInfo {
-                path: path.to_owned(),
-                kind: serde_json::to_value(loc.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned)),
-                ..ImageInfo::default()
-            },
-            Err(e) => ImageInfo {
-                path: path.to_owned(),
-                error: Some(e.to_string()),
-                ..ImageInfo::default()
-            },
+        let loc = match crate::image::locate(path) {
+            Ok(loc) => loc,
+            Err(e) => {
+                return ImageInfo {
+                    path: path.to_owned(),
+                    error: Some(e.to_string()),
+                    ..ImageInfo::default()
+                };
+            }
+        };
+        let mut info = ImageInfo {
+            path: path.to_owned(),
+            kind: serde_json::to_value(loc.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            ..ImageInfo::default()
+        };
+        let facts = crate::image::open_rootfs(&loc)
+            .map_err(|e| e.to_string())
+            .and_then(|fs| {
+                crate::image::facts::image_facts(fs.as_ref()).map_err(|e| e.to_string())
+            });
+        match facts {
+            Ok(f) => info.apply_facts(&f),
+            Err(e) => info.facts_error = Some(e),
+        }
+        info
+    }
+
+    /// Copies what the plan needs from the image's facts.
+    pub fn apply_facts(&mut self, f: &crate::image::facts::ImageFacts) {
+        use crate::image::facts::LibfabricLink;
+        if let Some(g) = &f.glibc {
+            self.glibc = g.version.as_ref().map(ToString::to_string);
+            self.glibc_file = Some(g.real_file.clone());
+        }
+        if let Some(m) = &f.mpi {
+            self.mpi_family = Some(m.family.name().to_owned());
+            self.mpi_library = Some(m.real_file.clone());
+            self.libfabric_use = Some(match &m.libfabric {
+                LibfabricLink::Dynamic(_) => LibfabricUse::Dynamic,
+                LibfabricLink::Unresolved { .. } => LibfabricUse::Unresolved,
+                LibfabricLink::Embedded => LibfabricUse::Embedded,
+                LibfabricLink::NotLinked => LibfabricUse::NotLinked,
+            });
+            self.libfabric = f.libfabric_target().map(PathBuf::from);
+            self.fabric_needs = m.fabric_needs.iter().map(ToString::to_string).collect();
         }
     }
 }

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use facts::{HostFacts, ImageInfo};
+pub use facts::{HostFacts, HostLibfabric, ImageInfo, LibfabricUse};
+
+use cmpirun_fabric::elf::SymbolVersion;
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
 pub use render::render_text;
 
@@ -473,6 +475,9 @@ pub fn build_plan(
 
     for app in &apps {
         checks.push(image_check(&app.image));
+        if let Some(c) = mpi_family_check(&app.image, kind, pmi) {
+            checks.push(c);
+        }
     }
 
     // Commands.
@@ -660,6 +665,30 @@ fn image_check(image: &ImageInfo) -> Check {
             message: format!("{}: not inspected", image.path.display()),
         },
     }
+}
+
+/// Whether the image's MPI family suits the PMI the launch offers.
+fn mpi_family_check(image: &ImageInfo, kind: LauncherKind, pmi: PmiKind) -> Option<Check> {
+    let family = image.mpi_family.as_deref()?;
+    let img = image.path.display();
+    let lib = image.mpi_library.clone().unwrap_or_default();
+    Some(if family == "openmpi" && pmi != PmiKind::Pmix {
+        Check {
+            name: "mpi-family".into(),
+            verdict: Verdict::Warn,
+            message: format!(
+                "{img}: Open MPI ({lib}) with {} under the {} launcher: Open MPI 5 speaks only PMIx (run inside a Slurm allocation with --pmi pmix); Open MPI 4 needs its s1/s2 components built with Slurm's PMI libraries",
+                pmi.as_str(),
+                kind.as_str()
+            ),
+        }
+    } else {
+        Check {
+            name: "mpi-family".into(),
+            verdict: Verdict::Pass,
+            message: format!("{img}: {family} ({lib}) with {}", pmi.as_str()),
+        }
+    })
 }
 
 fn program_check(name: &str, host: &HostFacts) -> Check {
@@ -940,6 +969,153 @@ fn lib_bind(src: &Path, reason: &str) -> Bind {
     }
 }
 
+/// The host libfabric a profile names on this host: the first `fabric.libfabric` candidate that
+/// names a file; within a glob, the highest version.
+pub(crate) fn chosen_libfabric<'a>(
+    profile: &'a crate::profile::SiteProfile,
+    host: &HostFacts,
+) -> Option<(&'a crate::profile::HostPath, PathBuf)> {
+    profile.fabric.libfabric.iter().find_map(|c| {
+        host.paths
+            .get(c.as_str())
+            .and_then(|v| v.last())
+            .map(|p| (c, p.clone()))
+    })
+}
+
+fn parse_versions<'a>(v: impl IntoIterator<Item = &'a String>) -> Vec<SymbolVersion> {
+    v.into_iter()
+        .filter_map(|s| SymbolVersion::parse(s))
+        .collect()
+}
+
+/// The checks between one image and the host libfabric injected into it: the MPI loads
+/// libfabric dynamically, the host library defines every `FABRIC_x.y` the MPI needs, and the
+/// image's glibc defines every `GLIBC_x.y` the host library and its dependencies need.
+fn compatibility_checks(
+    plan: &mut LaunchPlan,
+    image: &ImageInfo,
+    host_lib: &Path,
+    facts: Option<&facts::HostLibfabric>,
+) {
+    let img = image.path.display().to_string();
+    let Some(usage) = image.libfabric_use else {
+        plan.checks.push(Check {
+            name: "mpi-libfabric".into(),
+            verdict: Verdict::Skipped,
+            message: match &image.facts_error {
+                Some(e) => format!("{img}: image facts not read: {e}"),
+                None => format!("{img}: no MPI library found in the image"),
+            },
+        });
+        return;
+    };
+    let mpi = image.mpi_library.clone().unwrap_or_default();
+    let (verdict, message) = match usage {
+        LibfabricUse::Dynamic => (
+            Verdict::Pass,
+            format!(
+                "{img}: {mpi} loads libfabric.so.1 dynamically ({})",
+                image
+                    .libfabric
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        ),
+        LibfabricUse::Embedded => (
+            Verdict::Fail,
+            format!(
+                "{img}: {mpi} carries libfabric inside itself, so a host libfabric cannot be injected; build the image's MPI against an external libfabric (MPICH: --with-libfabric=PREFIX), or use --no-inject"
+            ),
+        ),
+        LibfabricUse::Unresolved => (
+            Verdict::Warn,
+            format!(
+                "{img}: {mpi} needs libfabric.so.1 but the image's loader does not find it; the host copy is put on LD_LIBRARY_PATH"
+            ),
+        ),
+        LibfabricUse::NotLinked => (
+            Verdict::Warn,
+            format!(
+                "{img}: {mpi} does not use libfabric; injecting {} has no effect",
+                host_lib.display()
+            ),
+        ),
+    };
+    plan.checks.push(Check {
+        name: "mpi-libfabric".into(),
+        verdict,
+        message,
+    });
+    let Some(lf) = facts else {
+        plan.checks.push(Check {
+            name: "fabric-versions".into(),
+            verdict: Verdict::Skipped,
+            message: format!("{}: not read", host_lib.display()),
+        });
+        return;
+    };
+    if usage == LibfabricUse::Dynamic || usage == LibfabricUse::Unresolved {
+        let defined: std::collections::BTreeSet<SymbolVersion> =
+            parse_versions(&lf.fabric_versions).into_iter().collect();
+        let needed = parse_versions(&image.fabric_needs);
+        let missing = cmpirun_fabric::elf::missing_versions(&needed, &defined);
+        let newest = defined
+            .iter()
+            .next_back()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "no FABRIC version".into());
+        plan.checks.push(if missing.is_empty() {
+            Check {
+                name: "fabric-versions".into(),
+                verdict: Verdict::Pass,
+                message: format!("{} defines every FABRIC version {img}'s MPI needs (up to {newest})", host_lib.display()),
+            }
+        } else {
+            let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            Check {
+                name: "fabric-versions".into(),
+                verdict: Verdict::Fail,
+                message: format!("{} (libfabric defining up to {newest}) lacks {} that {img}'s MPI ({mpi}) needs; point fabric.libfabric at a newer libfabric, or use --no-inject", host_lib.display(), names.join(", ")),
+            }
+        });
+    }
+    match (
+        lf.glibc_needs.as_deref().and_then(SymbolVersion::parse),
+        image.glibc.as_deref().and_then(SymbolVersion::parse),
+    ) {
+        (Some(need), Some(have)) => {
+            let by = lf
+                .glibc_needed_by
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| host_lib.display().to_string());
+            plan.checks.push(if need <= have {
+                Check {
+                    name: "glibc".into(),
+                    verdict: Verdict::Pass,
+                    message: format!("{img} has {have}; the injected libraries need at most {need} ({by})"),
+                }
+            } else {
+                Check {
+                    name: "glibc".into(),
+                    verdict: Verdict::Fail,
+                    message: format!("{by} needs {need} but {img} has {have} ({}); use a host libfabric built for an older glibc, an image with a glibc of at least {need}, or --no-inject", image.glibc_file.clone().unwrap_or_default()),
+                }
+            });
+        }
+        (Some(need), None) => plan.checks.push(Check {
+            name: "glibc".into(),
+            verdict: Verdict::Warn,
+            message: format!(
+                "the injected libraries need {need}, but {img}'s glibc version is not known"
+            ),
+        }),
+        (None, _) => {}
+    }
+}
+
 fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
     let profile = &choice.profile;
     let fabric = &profile.fabric;
@@ -969,20 +1145,30 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
         return;
     }
     let mut uses_inject_dir = false;
-    // The host libfabric: the first candidate that names a file; for a glob the highest version.
-    let found = fabric.libfabric.iter().find_map(|c| {
-        host.paths
-            .get(c.as_str())
-            .and_then(|v| v.last())
-            .map(|p| (c, p.clone()))
-    });
-    match (found, fabric.libfabric.is_empty()) {
+    match (chosen_libfabric(profile, host), fabric.libfabric.is_empty()) {
         (Some((pattern, path)), _) => {
+            let defines = host
+                .libfabric
+                .as_ref()
+                .and_then(|l| l.fabric_versions.last())
+                .map(|v| format!(", defines up to {v}"))
+                .unwrap_or_default();
             plan.checks.push(Check {
                 name: "host-libfabric".into(),
                 verdict: Verdict::Pass,
-                message: format!("{} (from {})", path.display(), pattern.as_str()),
+                message: format!("{} (from {}){defines}", path.display(), pattern.as_str()),
             });
+            if let Some(e) = &host.libfabric_error {
+                plan.checks.push(Check {
+                    name: "host-libfabric-facts".into(),
+                    verdict: Verdict::Fail,
+                    message: format!("{e}; fix fabric.libfabric in {}", profile.file.display()),
+                });
+            }
+            for i in 0..plan.apps.len() {
+                let image = plan.apps[i].image.clone();
+                compatibility_checks(plan, &image, &path, host.libfabric.as_ref());
+            }
             let targets: Vec<&ImageInfo> = plan.apps.iter().map(|a| &a.image).collect();
             let known: Vec<PathBuf> = targets.iter().filter_map(|i| i.libfabric.clone()).collect();
             if known.len() == targets.len() && !known.is_empty() {
@@ -1010,8 +1196,43 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                 plan.checks.push(Check {
                     name: "libfabric-target".into(),
                     verdict: Verdict::Warn,
-                    message: format!("where the image's MPI loads libfabric from is not known (image facts not read), so {} goes into {INJECT_DIR} on LD_LIBRARY_PATH; an RPATH in the image's MPI would still win", path.display()),
+                    message: format!("where the image's MPI loads libfabric from is not known, so {} goes into {INJECT_DIR} on LD_LIBRARY_PATH; an RPATH in the image's MPI would still win", path.display()),
                 });
+            }
+            if let Some(lf) = &host.libfabric {
+                for dep in &lf.dependencies {
+                    plan.binds.push(lib_bind(
+                        dep,
+                        "needed by the host libfabric or its providers (dependency closure, glibc left to the image)",
+                    ));
+                    uses_inject_dir = true;
+                }
+                if fabric.provider_dir.is_none() && !lf.plugin_dirs.is_empty() {
+                    let dirs: Vec<String> = lf
+                        .plugin_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect();
+                    for d in &dirs {
+                        plan.binds.push(Bind {
+                            source: d.clone(),
+                            destination: d.clone(),
+                            kind: BindKind::Directory,
+                            read_only: true,
+                            when: BindTime::Plan,
+                            reason: "the host libfabric's provider plugins, built against it"
+                                .into(),
+                        });
+                    }
+                    plan.env.push(env_change(
+                        "FI_PROVIDER_PATH",
+                        EnvAction::Set {
+                            value: dirs.join(":"),
+                        },
+                        EnvScope::All,
+                        "libfabric loads the host's DL providers from here instead of the image's",
+                    ));
+                }
             }
         }
         (None, false) => {
@@ -1126,16 +1347,19 @@ fn push_expect_check(
     if expected.is_empty() {
         return;
     }
-    if let Some(lf) = host_libfabric {
+    if let Some((lf, providers)) =
+        host_libfabric.and_then(|lf| lf.providers.as_ref().map(|ps| (lf, ps)))
+    {
+        let version = lf.version.clone().unwrap_or_else(|| "?".into());
         for p in expected {
-            let ok = lf.providers.contains(&p);
+            let ok = providers.contains(&p);
             plan.checks.push(Check {
                 name: "fabric-providers".into(),
                 verdict: if ok { Verdict::Pass } else { Verdict::Fail },
                 message: if ok {
-                    format!("{} (libfabric {}) offers provider {p}", lf.path.display(), lf.version)
+                    format!("{} (libfabric {version}) offers provider {p}", lf.path.display())
                 } else {
-                    format!("{} (libfabric {}) does not offer provider {p} on this node (it offers {}); check the devices and the provider installation, or drop the expectation", lf.path.display(), lf.version, lf.providers.join(", "))
+                    format!("{} (libfabric {version}) does not offer provider {p} on this node (it offers {}); check the devices and the provider installation, or drop the expectation", lf.path.display(), providers.join(", "))
                 },
             });
         }
