@@ -244,10 +244,7 @@ impl Read for Stream {
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
+        send_nosignal(self.fd(), buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -308,7 +305,7 @@ impl ServerControl {
         // A closed channel means the loop has ended, and a full wake pipe that it is about to
         // wake up: nothing to do in either case.
         let _ = self.tx.send(c);
-        let _ = (&*self.wake).write(b"w");
+        let _ = send_nosignal(self.wake.as_fd(), b"w");
     }
 
     /// Ask the loop to end; it returns its [`JobReport`] with `stopped` set.
@@ -1391,6 +1388,13 @@ impl PmiServer {
             self.release_fence(Some(why));
         }
     }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`: a peer that has gone away is an `EPIPE` error here, never a
+/// `SIGPIPE` that would kill a launcher which kept the default signal disposition.
+fn send_nosignal(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, send};
+    send(fd.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
 }
 
 fn found_reply(m: Message, value: Option<String>) -> Message {
