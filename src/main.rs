@@ -77,6 +77,27 @@ enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pack an unpacked root directory into a SIF image (squashfs primary partition).
+    Pack {
+        /// The root directory to pack (modes, owners, symlinks and times are kept).
+        dir: std::path::PathBuf,
+        /// The SIF file to write (replaced if it exists).
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// Squashfs compression.
+        #[arg(long, value_enum, default_value_t = cmpirun::image::pack::Compression::Zstd)]
+        compression: cmpirun::image::pack::Compression,
+        /// Compression level (zstd 1-22, default 3; gzip 1-9, default 6; xz 0-9, default 6).
+        #[arg(long)]
+        level: Option<u32>,
+        /// Squashfs block size in bytes (power of two, 4096 to 1048576).
+        #[arg(long, default_value_t = 131072)]
+        block_size: u32,
+        /// Reproducible output: zero image ID and fixed times, so the same tree gives the same
+        /// bytes.
+        #[arg(long)]
+        deterministic: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +147,39 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
             Ok(code) => code,
             Err(e) => report(&e),
         },
+        ImageCommand::Pack {
+            dir,
+            output,
+            compression,
+            level,
+            block_size,
+            deterministic,
+        } => {
+            let opts = cmpirun::image::pack::PackOptions {
+                compression,
+                level,
+                block_size,
+                deterministic,
+                ..Default::default()
+            };
+            match cmpirun::image::pack::pack(&dir, &output, &opts) {
+                Ok(r) => {
+                    eprintln!(
+                        "cmpirun: wrote {} ({} entries, {} of file data, squashfs {} at offset {})",
+                        r.output.display(),
+                        r.entries,
+                        cmpirun::image::sif::human_size(r.file_bytes),
+                        cmpirun::image::sif::human_size(r.squashfs_size),
+                        r.squashfs_offset
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) if e.is_usage() => {
+                    report(&anyhow::Error::new(exit::UsageError(e.to_string())))
+                }
+                Err(e) => report(&anyhow::Error::new(e)),
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use super::facts::ImageFacts;
 use super::sif::{self, Arch, Descriptor, Extra, Link, SifFile};
 use super::squash::{self, SquashfsInfo};
 use super::{ImageError, ImageKind, ImageLocation};
@@ -25,7 +26,7 @@ pub struct ImageReport {
     /// Why the image cannot be launched on this host, if it cannot.
     pub problem: Option<String>,
     /// What the image holds that a launch needs (MPI, libfabric, glibc, environment).
-    pub facts: Option<serde_json::Value>,
+    pub facts: Option<ImageFacts>,
 }
 
 /// The SIF global header and object table.
@@ -150,7 +151,8 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
         facts: None,
     };
     let mut problem = None;
-    let mut location = None;
+    let mut location: Option<ImageLocation> = None;
+    let mut readable: Option<ImageLocation> = None;
     match kind {
         ImageKind::Directory => {
             report.root_filesystem = Some(RootFsReport {
@@ -167,6 +169,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
                 squashfs_offset: 0,
                 squashfs_size: 0,
             });
+            readable.clone_from(&location);
         }
         ImageKind::Squashfs => {
             let len = std::fs::metadata(&abs)
@@ -187,6 +190,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
                 squashfs_offset: 0,
                 squashfs_size: len,
             });
+            readable.clone_from(&location);
         }
         ImageKind::Sif => {
             let file = super::read_sif(&abs)?;
@@ -194,12 +198,20 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
             match root_of_sif(&abs, &file) {
                 Ok((root, loc)) => {
                     if root.runs_here {
-                        location = Some(loc);
+                        location = Some(loc.clone());
                     }
+                    // A foreign image cannot run here, but its files can still be read.
+                    readable = Some(loc);
                     report.root_filesystem = Some(root);
                 }
                 Err(e) => problem = Some(e),
             }
+        }
+    }
+    if let Some(loc) = &readable {
+        match read_facts(loc) {
+            Ok(facts) => report.facts = Some(facts),
+            Err(e) => problem = Some(e),
         }
     }
     if let Some(root) = &report.root_filesystem
@@ -218,6 +230,15 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
         report,
         location,
         problem,
+    })
+}
+
+/// Opens the root filesystem and reads the facts a launch needs.
+fn read_facts(loc: &ImageLocation) -> Result<ImageFacts, ImageError> {
+    let fs = super::open_rootfs(loc)?;
+    super::facts::image_facts(fs.as_ref()).map_err(|e| ImageError::Facts {
+        path: loc.path.clone(),
+        error: e.to_string(),
     })
 }
 
@@ -404,20 +425,23 @@ pub fn render_text(r: &ImageReport) -> String {
         out.push_str(&render_list(s));
         out.push('\n');
     }
-    if let Some(root) = &r.root_filesystem {
+    if let Some(root) = r
+        .root_filesystem
+        .as_ref()
+        .filter(|_| r.kind != ImageKind::Directory)
+    {
         let title = match root.object_id {
             Some(id) => format!("Root filesystem (object {id}):"),
             None => "Root filesystem:".to_owned(),
         };
         let _ = writeln!(out, "{title}");
-        let mut rows = Vec::new();
-        if r.kind != ImageKind::Directory {
-            rows.push(("Offset", root.offset.to_string()));
-            rows.push((
+        let mut rows = vec![
+            ("Offset", root.offset.to_string()),
+            (
                 "Size",
                 format!("{} ({})", root.size, sif::human_size(root.size)),
-            ));
-        }
+            ),
+        ];
         if let Some(arch) = root.arch {
             let note = if root.runs_here {
                 String::new()
@@ -448,55 +472,9 @@ pub fn render_text(r: &ImageReport) -> String {
     }
     if let Some(facts) = &r.facts {
         let _ = writeln!(out, "Image facts:");
-        render_value(&mut out, facts, 1);
+        for line in facts.to_string().lines() {
+            let _ = writeln!(out, "  {line}");
+        }
     }
     out
-}
-
-/// A readable, indented rendering of a JSON value (for facts whose structure belongs to another
-/// module).
-fn render_value(out: &mut String, v: &serde_json::Value, depth: usize) {
-    use serde_json::Value;
-    let pad = "  ".repeat(depth);
-    match v {
-        Value::Object(map) => {
-            for (k, v) in map {
-                match v {
-                    Value::Null => {}
-                    Value::Object(m) if m.is_empty() => {}
-                    Value::Array(a) if a.is_empty() => {}
-                    Value::Object(_) | Value::Array(_) => {
-                        let _ = writeln!(out, "{pad}{k}:");
-                        render_value(out, v, depth + 1);
-                    }
-                    scalar => {
-                        let _ = writeln!(out, "{pad}{k}: {}", scalar_text(scalar));
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::Object(_) | Value::Array(_) => {
-                        let _ = writeln!(out, "{pad}-");
-                        render_value(out, item, depth + 1);
-                    }
-                    scalar => {
-                        let _ = writeln!(out, "{pad}- {}", scalar_text(scalar));
-                    }
-                }
-            }
-        }
-        scalar => {
-            let _ = writeln!(out, "{pad}{}", scalar_text(scalar));
-        }
-    }
-}
-
-fn scalar_text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }

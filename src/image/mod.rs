@@ -6,6 +6,7 @@
 pub mod dir;
 pub mod facts;
 pub mod inspect;
+pub mod pack;
 pub mod rootfs;
 pub mod sif;
 pub mod squash;
@@ -127,6 +128,14 @@ pub enum ImageError {
         offset: u64,
         /// What is wrong.
         reason: String,
+    },
+    /// The files inside the image could not be read.
+    #[error("{}: cannot read the image's files: {error}", path.display())]
+    Facts {
+        /// The image path.
+        path: PathBuf,
+        /// What went wrong.
+        error: String,
     },
     /// The image is built for a CPU this host cannot run.
     #[error(

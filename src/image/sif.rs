@@ -784,6 +784,10 @@ pub enum ObjectData<'a> {
     Bytes(&'a [u8]),
     /// A reader with a known length, copied in.
     Reader(&'a mut dyn Read, u64),
+    /// This many bytes already written at the offset the layout gives the object (the caller
+    /// computed it; [`write`] returns the layout so the caller can check). Lets a large
+    /// filesystem be written into place instead of copied.
+    AlreadyWritten(u64),
 }
 
 impl fmt::Debug for ObjectData<'_> {
@@ -791,6 +795,7 @@ impl fmt::Debug for ObjectData<'_> {
         match self {
             ObjectData::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
             ObjectData::Reader(_, n) => write!(f, "Reader({n} bytes)"),
+            ObjectData::AlreadyWritten(n) => write!(f, "AlreadyWritten({n} bytes)"),
         }
     }
 }
@@ -799,7 +804,7 @@ impl ObjectData<'_> {
     fn len(&self) -> u64 {
         match self {
             ObjectData::Bytes(b) => b.len() as u64,
-            ObjectData::Reader(_, n) => *n,
+            ObjectData::Reader(_, n) | ObjectData::AlreadyWritten(n) => *n,
         }
     }
 }
@@ -950,10 +955,14 @@ pub fn write<W: Write + Seek>(
         };
         let offset = (unaligned + align - 1) / align * align;
         let n = obj.data.len() as i64;
-        w.seek(SeekFrom::Start(offset as u64))?;
         match obj.data {
-            ObjectData::Bytes(b) => w.write_all(b)?,
+            ObjectData::AlreadyWritten(_) => {}
+            ObjectData::Bytes(b) => {
+                w.seek(SeekFrom::Start(offset as u64))?;
+                w.write_all(b)?
+            }
             ObjectData::Reader(r, expected) => {
+                w.seek(SeekFrom::Start(offset as u64))?;
                 let got = io::copy(&mut r.take(expected), w)?;
                 if got != expected {
                     return Err(WriteError::ShortObject {
