@@ -20,7 +20,10 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::closure::{Closure, dependency_closure};
 use crate::elf::{ElfFacts, ReadError, SymbolVersion};
@@ -38,6 +41,14 @@ pub enum HostFabricError {
     /// Loading or asking the library failed.
     #[error(transparent)]
     Libfabric(#[from] LibfabricError),
+    /// The probe in a child process failed, hung or could not start.
+    #[error("{path}: probing it in a child process failed: {message}")]
+    Probe {
+        /// The library.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The file is an ELF library but not a libfabric core.
     #[error("{path}: not a libfabric core library (its soname is {soname:?}, not libfabric.so.1)")]
     NotLibfabric {
@@ -115,6 +126,32 @@ impl HostFabric {
         Ok(())
     }
 
+    /// Like [`HostFabric::probe`], but the library is loaded in a forked child, so this process
+    /// starts none of libfabric's threads and keeps none of its state (it can still `unshare` a
+    /// user namespace afterwards). Forking is only safe from a single-threaded process, so this
+    /// refuses to run in any other; a child that does not answer within `timeout` is killed.
+    pub fn probe_in_child(&mut self, timeout: Duration) -> Result<(), HostFabricError> {
+        let outcome =
+            run_probe_child(&self.path, timeout).map_err(|message| HostFabricError::Probe {
+                path: self.path.clone(),
+                message,
+            })?;
+        match outcome {
+            ProbeOutcome::Answered {
+                api_version,
+                providers,
+            } => {
+                self.api_version = Some(api_version);
+                self.providers = Some(providers);
+                Ok(())
+            }
+            ProbeOutcome::Failed(message) => Err(HostFabricError::Probe {
+                path: self.path.clone(),
+                message,
+            }),
+        }
+    }
+
     /// The names of the providers that answered the probe, each once, layered ones split
     /// (`tcp;ofi_rxm` gives `tcp` and `ofi_rxm`); empty when not probed.
     pub fn provider_names(&self) -> Vec<String> {
@@ -134,5 +171,118 @@ impl HostFabric {
         self.providers
             .as_ref()
             .map(|ps| ps.iter().any(|p| p.parts().any(|part| part == name)))
+    }
+}
+
+/// What a probing child reports to its parent.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum ProbeOutcome {
+    Answered {
+        api_version: ApiVersion,
+        providers: Vec<Provider>,
+    },
+    Failed(String),
+}
+
+fn probe_here(path: &Path) -> ProbeOutcome {
+    let answer = HostLibfabric::load(path).and_then(|lib| Ok((lib.version(), lib.providers()?)));
+    match answer {
+        Ok((api_version, providers)) => ProbeOutcome::Answered {
+            api_version,
+            providers,
+        },
+        Err(e) => ProbeOutcome::Failed(e.to_string()),
+    }
+}
+
+fn run_probe_child(path: &Path, timeout: Duration) -> Result<ProbeOutcome, String> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| format!("cannot count this process's threads: {e}"))?
+        .count();
+    if threads != 1 {
+        return Err(format!(
+            "this process has {threads} threads and forking it is unsafe; call probe() in a helper process instead"
+        ));
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptors are fresh and owned here from now on.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded (checked above), so the child may do anything the
+    // parent could; it leaves with _exit and never returns into the caller's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(read_end);
+        let outcome = std::panic::catch_unwind(|| probe_here(path))
+            .unwrap_or_else(|_| ProbeOutcome::Failed("the probe panicked".into()));
+        let bytes = serde_json::to_vec(&outcome).unwrap_or_default();
+        let mut out = std::fs::File::from(write_end);
+        let code = if out.write_all(&bytes).is_ok() { 0 } else { 1 };
+        // SAFETY: ends the child without running the parent's exit handlers or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    drop(write_end);
+    let result = read_with_deadline(read_end, Instant::now() + timeout);
+    if result.is_err() {
+        // SAFETY: pid is our child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let bytes = result?;
+    if bytes.is_empty() {
+        return Err(if libc::WIFSIGNALED(status) {
+            format!("the child was killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!(
+                "the child exited with status {} without an answer",
+                libc::WEXITSTATUS(status)
+            )
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer from the child: {e}"))
+}
+
+fn read_with_deadline(fd: OwnedFd, deadline: Instant) -> Result<Vec<u8>, String> {
+    let mut file = std::fs::File::from(fd);
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no answer before the timeout; the child was killed".into());
+        }
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        if ready == 0 {
+            continue;
+        }
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the answer: {e}")),
+        }
     }
 }
