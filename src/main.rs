@@ -44,7 +44,7 @@ enum Command {
 struct MountCheckArgs {
     /// The image (SIF or squashfs).
     image: PathBuf,
-    /// fuse, squashfuse or extract.
+    /// fuse, squashfuse, extract, or auto (the choice a launch makes).
     backend: String,
     /// An existing empty directory to mount the image on (inside the private namespace).
     #[arg(long)]
@@ -58,6 +58,13 @@ struct MountCheckArgs {
     /// After mounting, print the mount line and wait to be killed.
     #[arg(long)]
     hold: bool,
+    /// Read the whole tree this many times (benchmarks: the first pass is cold, the others
+    /// warm); one report line per pass.
+    #[arg(long, default_value_t = 1)]
+    passes: u32,
+    /// Hide /dev/fuse (an empty /dev in the private namespace), as on a node without FUSE.
+    #[arg(long)]
+    hide_dev_fuse: bool,
     /// Also write the mount line to this file once mounted.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -340,7 +347,10 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
 fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
     use cmpirun::mount::{self, MountOptions, SquashfsSource};
     use std::io::Write;
-    let backend: mount::MountBackend = args.backend.parse()?;
+    let requested: Option<mount::MountBackend> = match args.backend.as_str() {
+        "auto" => None,
+        name => Some(name.parse()?),
+    };
     let len = std::fs::metadata(&args.image)
         .map_err(|e| exit::UsageError(format!("{}: {e}", args.image.display())))?
         .len();
@@ -356,18 +366,32 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
         offset,
         size,
     };
-    let backend = mount::choose_backend(Some(backend))?;
+
     let opts = MountOptions {
         extract_cache: args.extract_cache,
         ..MountOptions::default()
     };
     mount::enter_private_namespaces()?;
+    if args.hide_dev_fuse {
+        // A node without FUSE, for real: an empty /dev in this mount namespace only.
+        nix::mount::mount(
+            Some("tmpfs"),
+            "/dev",
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )?;
+    }
+    let backend = mount::choose_backend(requested)?;
+    let started = std::time::Instant::now();
     let mounted = mount::mount_squashfs(&src, &args.target, backend, &opts)?;
+    let mount_seconds = started.elapsed().as_secs_f64();
     let line = serde_json::json!({
         "mounted": args.target,
         "backend": backend,
         "server_pid": mounted.server_pid(),
         "pid": std::process::id(),
+        "mount_seconds": mount_seconds,
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -380,10 +404,14 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
             std::thread::park();
         }
     }
-    let report = mount::check_mounted_tree(&src, &args.target, args.verify)?;
+    let mut clean = true;
+    for _ in 0..args.passes.max(1) {
+        let report = mount::check_mounted_tree(&src, &args.target, args.verify)?;
+        clean &= report.problems.is_empty();
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    }
     mounted.unmount()?;
-    writeln!(out, "{}", serde_json::to_string(&report)?)?;
-    Ok(if report.problems.is_empty() {
+    Ok(if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::FAILURE as u8)

@@ -67,6 +67,16 @@ fn make_tree(root: &Path) {
     )
     .unwrap();
     w("private/secret", b"secret\n");
+    // Hard links show as separate files; a device node is served by FUSE and left out of an
+    // extraction (it needs privileges).
+    fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname-link")).unwrap();
+    nix::sys::stat::mknod(
+        &root.join("etc/null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
     w("usr/bin-tool", b"#!/bin/sh\n");
     w("ro/readonly", b"ro\n");
     let chmod =
@@ -325,4 +335,39 @@ fn an_unknown_backend_is_a_usage_error() {
         "{}",
         out.stderr
     );
+}
+
+/// A node without /dev/fuse (hidden for real in the check's own mount namespace): asking for a
+/// FUSE backend fails with what to ask the site for; the automatic choice extracts and says so.
+#[test]
+fn without_dev_fuse_fuse_backends_fail_clearly_and_auto_extracts() {
+    let work = TuserDir::new();
+    let image = build_image(work.path(), "nofuse.sqfs", &[]);
+    let cache = user_dir(work.path(), "cache");
+    let target = user_dir(work.path(), "mnt");
+    for backend in ["fuse", "squashfuse"] {
+        let out = mount_check(&image, backend, &target, &cache)
+            .arg("--hide-dev-fuse")
+            .run();
+        out.assert_code(2);
+        assert!(
+            out.stderr.contains("/dev/fuse")
+                && out.stderr.contains("0666")
+                && out.stderr.contains("--image-mount extract"),
+            "{backend}: {}",
+            out.stderr
+        );
+    }
+    let out = mount_check(&image, "auto", &target, &cache)
+        .arg("--hide-dev-fuse")
+        .arg("--verify")
+        .run();
+    out.assert_success();
+    assert!(
+        out.stdout.contains("\"backend\":\"extract\""),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("extracting it into"), "{}", out.stderr);
+    assert_eq!(report(&out)["problems"], serde_json::json!([]));
 }

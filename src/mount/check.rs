@@ -127,12 +127,20 @@ fn verify_tree(src: &SquashfsSource, root: &Path) -> Result<CheckReport, MountEr
     )?;
     let mut report = CheckReport::default();
     let mut children: HashMap<PathBuf, BTreeSet<OsString>> = HashMap::new();
+    // Device nodes and sockets cannot be extracted without privileges; their absence is fine.
+    let mut optional: BTreeSet<PathBuf> = BTreeSet::new();
     for node in fs.files() {
         if let (Some(parent), Some(name)) = (node.fullpath.parent(), node.fullpath.file_name()) {
             children
                 .entry(parent.to_owned())
                 .or_default()
                 .insert(name.to_owned());
+        }
+        if matches!(
+            node.inner,
+            InnerNode::CharacterDevice(_) | InnerNode::BlockDevice(_) | InnerNode::Socket
+        ) {
+            optional.insert(node.fullpath.clone());
         }
     }
     let mut problems = Vec::new();
@@ -151,6 +159,12 @@ fn verify_tree(src: &SquashfsSource, root: &Path) -> Result<CheckReport, MountEr
         }
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && optional.contains(&node.fullpath) =>
+            {
+                continue;
+            }
             Err(e) => {
                 problems.push(format!("{shown}: {e}"));
                 continue;
@@ -179,7 +193,8 @@ fn verify_tree(src: &SquashfsSource, root: &Path) -> Result<CheckReport, MountEr
                         continue;
                     }
                 };
-                let want = children.remove(&node.fullpath).unwrap_or_default();
+                let mut want = children.remove(&node.fullpath).unwrap_or_default();
+                want.retain(|n| seen.contains(n) || !optional.contains(&node.fullpath.join(n)));
                 if seen != want {
                     problems.push(format!("{shown}: lists {seen:?}, image has {want:?}"));
                 }

@@ -147,13 +147,12 @@ pub enum MountError {
         reason: String,
     },
     /// A system call or file operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being attempted, naming the path.
         what: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error (part of the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The FUSE server (built-in or `squashfuse_ll`) did not come up.
     #[error("{backend} image server for {path} failed: {reason}")]
@@ -180,10 +179,10 @@ impl MountError {
         )
     }
 
-    pub(crate) fn io(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+    pub(crate) fn io(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         MountError::Io {
             what: what.into(),
-            source: source.into(),
+            error: error.into(),
         }
     }
 }
@@ -362,4 +361,34 @@ pub(crate) fn mount_fuse_fd(
         },
         e => MountError::io(format!("mount FUSE filesystem on {}", target.display()), e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_round_trip_and_unknown_ones_are_usage_errors() {
+        for b in [
+            MountBackend::Fuse,
+            MountBackend::Squashfuse,
+            MountBackend::Extract,
+        ] {
+            assert_eq!(b.name().parse::<MountBackend>().unwrap(), b);
+        }
+        let e = "nfs".parse::<MountBackend>().unwrap_err();
+        assert!(e.is_user_fixable());
+        assert!(e.to_string().contains("fuse, squashfuse or extract"));
+    }
+
+    #[test]
+    fn unusable_fuse_says_what_to_ask_for() {
+        let e = MountError::FuseUnusable {
+            reason: "open /dev/fuse: Permission denied (os error 13)".into(),
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("/dev/fuse") && msg.contains("0666"));
+        assert!(msg.contains("--image-mount extract"));
+        assert!(e.is_user_fixable());
+    }
 }
