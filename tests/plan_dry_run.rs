@@ -204,8 +204,11 @@ fn aws_efa_and_infiniband_profiles() {
             .clone();
         assert_eq!(fi["value"], provider);
         let out = text(&["--profile", name, "-n", "2", &img, "hello"], &[]);
+        // Skipped where the library is missing, probed where it exists (Debian's libfabric
+        // is at the infiniband-verbs profile's path on Debian hosts).
         assert!(
-            out.contains(&format!("expected providers {provider}")),
+            out.lines()
+                .any(|l| l.contains("fabric-providers:") && l.contains(provider)),
             "{out}"
         );
     }

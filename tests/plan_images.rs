@@ -154,3 +154,42 @@ fn open_mpi_image_under_the_local_launcher_is_flagged() {
     assert_eq!(p["apps"][0]["image"]["mpi_family"], "openmpi");
     assert_eq!(check(&p, "mpi-family").0, "warn");
 }
+
+#[test]
+fn expected_providers_are_probed_in_a_child_process() {
+    let img = common::image("mpich5");
+    let lib = wheel_libfabric();
+    let p = plan(
+        &[
+            "--profile",
+            "ci",
+            "--expect-provider",
+            "cxi",
+            img.to_str().unwrap(),
+            "hello",
+        ],
+        lib.to_str(),
+    );
+    let providers: Vec<(String, String)> = p["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "fabric-providers")
+        .map(|c| {
+            (
+                c["verdict"].as_str().unwrap().to_owned(),
+                c["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // The ci profile expects tcp, which every libfabric offers; cxi needs Slingshot hardware.
+    assert_eq!(providers.len(), 2, "{providers:?}");
+    assert_eq!(providers[0].0, "pass", "{}", providers[0].1);
+    assert!(providers[0].1.contains("offers provider tcp"));
+    assert_eq!(providers[1].0, "fail");
+    assert!(
+        providers[1].1.contains("does not offer provider cxi"),
+        "{}",
+        providers[1].1
+    );
+}

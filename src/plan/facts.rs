@@ -59,6 +59,8 @@ pub struct HostLibfabric {
     pub glibc_needs: Option<String>,
     /// The library that needs it.
     pub glibc_needed_by: Option<PathBuf>,
+    /// Why the library could not be probed for its providers, when that was tried and failed.
+    pub probe_error: Option<String>,
 }
 
 /// How an image's MPI gets at libfabric.
@@ -165,9 +167,70 @@ impl HostFacts {
                 Ok(h) => facts.libfabric = Some(HostLibfabric::from_fabric(&h)),
                 Err(e) => facts.libfabric_error = Some(e.to_string()),
             }
+            let expects = !profile.fabric.providers.is_empty() || spec.expect_provider.is_some();
+            let injects = !spec.no_inject && profile.fabric.inject != Some(false);
+            if let Some(lf) = facts.libfabric.as_mut().filter(|_| expects && injects) {
+                match probe_in_child(&facts.cmpirun, &path) {
+                    Ok(h) => {
+                        lf.version = h.api_version.as_ref().map(ToString::to_string);
+                        lf.providers = Some(h.provider_names());
+                    }
+                    Err(e) => lf.probe_error = Some(e),
+                }
+            }
         }
         facts
     }
+}
+
+/// How long a libfabric probe may take (`fi_getinfo` asks every provider's hardware).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs `cmpirun __fabric-probe PATH` and reads its answer. Loading a libfabric may start
+/// threads, so it happens in a child, never in the launcher. `FI_PROVIDER` is removed so that
+/// every provider the node offers answers.
+fn probe_in_child(cmpirun: &Path, lib: &Path) -> Result<cmpirun_fabric::host::HostFabric, String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(cmpirun)
+        .arg("__fabric-probe")
+        .arg(lib)
+        .env_remove("FI_PROVIDER")
+        .env_remove("FI_PROVIDER_PATH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {} __fabric-probe: {e}", cmpirun.display()))?;
+    let start = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if start.elapsed() > PROBE_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "probing {} took longer than {} s",
+                    lib.display(),
+                    PROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => return Err(format!("waiting for the libfabric probe: {e}")),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("reading the libfabric probe: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim_start_matches("cmpirun: ");
+        return Err(format!("probing {} failed: {line}", lib.display()));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("reading the libfabric probe: {e}"))
 }
 
 impl HostLibfabric {
@@ -201,6 +264,7 @@ impl HostLibfabric {
                 .collect(),
             glibc_needs: newest.map(|(_, v)| v.to_string()),
             glibc_needed_by: newest.map(|(l, _)| l.path.clone()),
+            probe_error: None,
         }
     }
 }

@@ -1365,6 +1365,17 @@ fn push_expect_check(
         }
         return;
     }
+    if let Some(e) = host_libfabric.and_then(|lf| lf.probe_error.as_ref()) {
+        plan.checks.push(Check {
+            name: "fabric-providers".into(),
+            verdict: Verdict::Warn,
+            message: format!(
+                "expected providers {}: {e}; checked in each rank after start",
+                expected.join(", ")
+            ),
+        });
+        return;
+    }
     plan.checks.push(Check {
         name: "fabric-providers".into(),
         verdict: Verdict::Skipped,
