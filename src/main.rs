@@ -33,13 +33,6 @@ enum Command {
     /// benchmarks of the mount backends).
     #[command(name = "__mount-check", hide = true)]
     MountCheck(MountCheckArgs),
-    /// Load a host libfabric in this (short-lived) process and print what it offers as JSON:
-    /// the launcher must stay single-threaded, so it asks a child.
-    #[command(name = "__fabric-probe", hide = true)]
-    FabricProbe {
-        /// The libfabric.so.1 to load.
-        path: PathBuf,
-    },
     /// Site profiles: which one applies on this host, why, and whether they are valid.
     Profile {
         #[command(subcommand)]
@@ -151,7 +144,6 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image_main(cmd),
         Command::MountCheck(args) => mount_check(args).unwrap_or_else(|e| report(&e)),
         Command::Profile { action } => profile_main(action).unwrap_or_else(|e| report(&e)),
-        Command::FabricProbe { path } => fabric_probe(&path).unwrap_or_else(|e| report(&e)),
     }
 }
 
@@ -214,15 +206,6 @@ fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode
         Some(problem) => Ok(report(&anyhow::Error::new(problem))),
         None => Ok(ExitCode::SUCCESS),
     }
-}
-
-/// `cmpirun __fabric-probe PATH`: inspect and load the library, print the `HostFabric` JSON.
-fn fabric_probe(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let loader = cmpirun_fabric::loader::HostLoader::from_env();
-    let mut host = cmpirun_fabric::host::HostFabric::inspect(path, &loader)?;
-    host.probe()?;
-    println!("{}", serde_json::to_string(&host)?);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `cmpirun profile show|check`.
@@ -323,12 +306,14 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
         &search,
         &mut ctx,
     )?;
+    // Host facts first: the libfabric probe forks, which needs a single-threaded process, and
+    // reading images may leave worker threads behind.
+    let host = plan::HostFacts::gather(spec, &choice.profile);
     let images: Vec<plan::ImageInfo> = spec
         .apps
         .iter()
         .map(|a| plan::ImageInfo::gather(&a.image))
         .collect();
-    let host = plan::HostFacts::gather(spec, &choice.profile);
     let plan = plan::build_plan(spec, &choice, &images, &host)?;
     match spec.dry_run {
         Some(DryRunFormat::Json) => {

@@ -163,20 +163,21 @@ impl HostFacts {
         // threads in this process, which must stay single-threaded to create user namespaces.
         if let Some(path) = super::chosen_libfabric(profile, &facts).map(|(_, p)| p) {
             let loader = cmpirun_fabric::loader::HostLoader::from_env();
-            match cmpirun_fabric::host::HostFabric::inspect(&path, &loader) {
-                Ok(h) => facts.libfabric = Some(HostLibfabric::from_fabric(&h)),
-                Err(e) => facts.libfabric_error = Some(e.to_string()),
-            }
             let expects = !profile.fabric.providers.is_empty() || spec.expect_provider.is_some();
             let injects = !spec.no_inject && profile.fabric.inject != Some(false);
-            if let Some(lf) = facts.libfabric.as_mut().filter(|_| expects && injects) {
-                match probe_in_child(&facts.cmpirun, &path) {
-                    Ok(h) => {
-                        lf.version = h.api_version.as_ref().map(ToString::to_string);
-                        lf.providers = Some(h.provider_names());
-                    }
-                    Err(e) => lf.probe_error = Some(e),
+            match cmpirun_fabric::host::HostFabric::inspect(&path, &loader) {
+                Ok(mut h) => {
+                    // Only the providers check needs the library loaded; that happens in a
+                    // forked child so this process never starts libfabric's threads.
+                    let probe_error = (expects && injects)
+                        .then(|| h.probe_in_child(PROBE_TIMEOUT).err())
+                        .flatten()
+                        .map(|e| e.to_string());
+                    let mut lf = HostLibfabric::from_fabric(&h);
+                    lf.probe_error = probe_error;
+                    facts.libfabric = Some(lf);
                 }
+                Err(e) => facts.libfabric_error = Some(e.to_string()),
             }
         }
         facts
@@ -185,53 +186,6 @@ impl HostFacts {
 
 /// How long a libfabric probe may take (`fi_getinfo` asks every provider's hardware).
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Runs `cmpirun __fabric-probe PATH` and reads its answer. Loading a libfabric may start
-/// threads, so it happens in a child, never in the launcher. `FI_PROVIDER` is removed so that
-/// every provider the node offers answers.
-fn probe_in_child(cmpirun: &Path, lib: &Path) -> Result<cmpirun_fabric::host::HostFabric, String> {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(cmpirun)
-        .arg("__fabric-probe")
-        .arg(lib)
-        .env_remove("FI_PROVIDER")
-        .env_remove("FI_PROVIDER_PATH")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {} __fabric-probe: {e}", cmpirun.display()))?;
-    let start = std::time::Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if start.elapsed() > PROBE_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "probing {} took longer than {} s",
-                    lib.display(),
-                    PROBE_TIMEOUT.as_secs()
-                ));
-            }
-            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            Err(e) => return Err(format!("waiting for the libfabric probe: {e}")),
-        }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("reading the libfabric probe: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let line = err
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim_start_matches("cmpirun: ");
-        return Err(format!("probing {} failed: {line}", lib.display()));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("reading the libfabric probe: {e}"))
-}
 
 impl HostLibfabric {
     /// Copies what the plan needs from `cmpirun-fabric`'s view of the library.
@@ -244,15 +198,7 @@ impl HostLibfabric {
             path: h.path.clone(),
             real_path: h.real_path.clone(),
             version: h.api_version.as_ref().map(ToString::to_string),
-            providers: h.providers.as_ref().map(|ps| {
-                let mut names: Vec<String> = ps
-                    .iter()
-                    .flat_map(|p| p.parts().map(str::to_owned).collect::<Vec<_>>())
-                    .collect();
-                names.sort();
-                names.dedup();
-                names
-            }),
+            providers: h.providers.as_ref().map(|_| h.provider_names()),
             fabric_versions: h.fabric_versions.iter().map(ToString::to_string).collect(),
             plugin_dirs: h.plugin_dirs.clone(),
             dependencies: h
