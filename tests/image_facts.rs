@@ -149,3 +149,33 @@ fn summaries_name_what_a_launch_checks() {
         "{text}"
     );
 }
+
+#[test]
+fn the_test_programs_load_the_images_mpi() {
+    use cmpirun::image::facts::{FactsOptions, image_facts_with};
+    let options = FactsOptions {
+        program: Some("/usr/local/bin/mpitest".into()),
+        ..FactsOptions::default()
+    };
+    for (name, mpi_path, via) in [
+        ("mpich4", "/usr/lib/x86_64-linux-gnu/libmpich.so.12", None),
+        ("mpich5", "/opt/mpich5/lib/libmpi.so.12", Some(Via::Runpath)),
+        ("openmpi4", "/usr/lib/x86_64-linux-gnu/libmpi.so.40", None),
+    ] {
+        let location = locate(&common::image(name)).unwrap();
+        let fs = open_rootfs(&location).unwrap();
+        let facts = image_facts_with(fs.as_ref(), &options).unwrap();
+        assert!(facts.notes.is_empty(), "{name}: {:?}", facts.notes);
+        let scanned = facts_of(name).mpi.unwrap();
+        let mpi = facts.mpi.unwrap();
+        assert_eq!(mpi.path, mpi_path, "{name}");
+        assert_eq!(mpi.libfabric, scanned.libfabric, "{name}");
+        assert_eq!(mpi.fabric_needs, scanned.fabric_needs, "{name}");
+        // The root is found the way the program finds it.
+        let root = &mpi.stack[0];
+        assert_eq!(root.needed_by.as_deref(), Some("/usr/local/bin/mpitest"));
+        if let Some(via) = via {
+            assert_eq!(root.via, via, "{name}");
+        }
+    }
+}

