@@ -13,56 +13,54 @@ use common::{Mode, client_src, compile, mpich_wheel, run_job};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn build_dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"))
+/// Compile a client into cargo's scratch folder for integration tests (inside the target
+/// folder, so nothing is left in /tmp): `args` follow `-O1 -o <output>`. The output is written
+/// under a temporary name and renamed, so concurrent test runs never execute a half-written file.
+fn build(compiler: &str, name: &str, args: &[String]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pmi-clients");
+    std::fs::create_dir_all(&dir).expect("create the client build folder");
+    let out = dir.join(name);
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
+    let mut cmd = Command::new(compiler);
+    cmd.arg("-O1").arg("-o").arg(&tmp).args(args);
+    compile(cmd);
+    std::fs::rename(&tmp, &out).expect("rename the compiled client");
+    out
+}
+
+fn src(name: &str) -> String {
+    client_src(name).display().to_string()
 }
 
 fn mpich4_program() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let out = build_dir().path().join("allreduce-mpich4");
-        let mut cmd = Command::new("mpicc.mpich");
-        cmd.arg("-O1")
-            .arg("-o")
-            .arg(&out)
-            .arg(client_src("mpi_allreduce.c"));
-        compile(cmd);
-        out
-    })
+    P.get_or_init(|| build("mpicc.mpich", "allreduce-mpich4", &[src("mpi_allreduce.c")]))
 }
 
 fn mpich5_program() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
         let whl = mpich_wheel();
-        let out = build_dir().path().join("allreduce-mpich5");
-        let mut cmd = Command::new("cc");
-        cmd.arg("-O1")
-            .arg("-o")
-            .arg(&out)
-            .arg(client_src("mpi_allreduce.c"))
-            .arg(format!("-I{}", whl.join("include").display()))
-            .arg(format!("-L{}", whl.join("lib").display()))
-            .arg(format!("-Wl,-rpath,{}", whl.join("lib").display()))
-            .arg("-lmpi");
-        compile(cmd);
-        out
+        let lib = whl.join("lib").display().to_string();
+        let args = [
+            src("mpi_allreduce.c"),
+            format!("-I{}", whl.join("include").display()),
+            format!("-L{lib}"),
+            format!("-Wl,-rpath,{lib}"),
+            "-lmpi".into(),
+        ];
+        build("cc", "allreduce-mpich5", &args)
     })
 }
 
 fn pmi2_program() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let out = build_dir().path().join("pmi2-client");
-        let mut cmd = Command::new("cc");
-        cmd.arg("-O1")
-            .arg("-o")
-            .arg(&out)
-            .arg(client_src("pmi2_client.c"))
-            .arg("-lpmi2");
-        compile(cmd);
-        out
+        build(
+            "cc",
+            "pmi2-client",
+            &[src("pmi2_client.c"), "-lpmi2".into()],
+        )
     })
 }
 

@@ -52,6 +52,15 @@ pub enum Mode {
     Tcp,
 }
 
+/// The files under /dev/shm that process `pid` has mapped.
+fn shm_files_of(pid: u32) -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter(|l| !l.ends_with("(deleted)"))
+        .filter_map(|l| l.find(" /dev/shm/").map(|i| PathBuf::from(&l[i + 1..])))
+        .collect()
+}
+
 /// What a job did.
 #[derive(Debug)]
 pub struct Outcome {
@@ -150,8 +159,12 @@ pub fn run_job(
     let deadline = Instant::now() + limit;
     let mut events = Vec::new();
     let mut killed = false;
-    let kill_all = |children: &mut Vec<Child>| {
+    // Killed MPICH ranks cannot unlink their shared-memory segments; note the ones they map
+    // before killing them, and remove those afterwards, so the host's /dev/shm stays as it was.
+    let mut leftovers: Vec<PathBuf> = Vec::new();
+    let mut kill_all = |children: &mut Vec<Child>| {
         for c in children.iter_mut() {
+            leftovers.extend(shm_files_of(c.id()));
             let _ = c.kill();
         }
     };
@@ -192,6 +205,11 @@ pub fn run_job(
         .into_iter()
         .map(|c| c.wait_with_output().expect("wait for rank"))
         .collect();
+    leftovers.sort();
+    leftovers.dedup();
+    for f in leftovers {
+        let _ = std::fs::remove_file(f);
+    }
     Outcome {
         report,
         events,
