@@ -274,6 +274,12 @@ fn concurrent_extractions_share_one_cached_tree() {
     let work = TuserDir::new();
     let image = build_image(work.path(), "shared.sqfs", &[]);
     let cache = user_dir(work.path(), "cache");
+    // What a killed extraction leaves: a temporary tree (read-only inside) of a process that is
+    // gone, which the next extraction removes; a live process's temporary is left alone.
+    let dead = user_dir(&cache, "0123abcd.tmp-4194305");
+    let inner = user_dir(&dead, "ro");
+    fs::set_permissions(&inner, fs::Permissions::from_mode(0o555)).unwrap();
+    let live = user_dir(&cache, &format!("4567ef.tmp-{}", std::process::id()));
     let children: Vec<_> = (0..3)
         .map(|i| {
             let target = user_dir(work.path(), &format!("mnt-{i}"));
@@ -287,6 +293,9 @@ fn concurrent_extractions_share_one_cached_tree() {
         out.assert_success();
         assert_eq!(report(&out)["problems"], serde_json::json!([]));
     }
+    assert!(!dead.exists(), "the dead extraction's temporary is removed");
+    assert!(live.exists(), "a live extraction's temporary is kept");
+    fs::remove_dir(&live).unwrap();
     let mut names: Vec<String> = fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -77,6 +77,9 @@ pub(crate) fn extract_cached(
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
         .map_err(|(_, e)| MountError::io(format!("lock {}", lock_path.display()), e))?;
     let first = !WARNED.swap(true, Ordering::Relaxed);
+    // Killed extractions of other images leave temporaries too; those whose extractor is gone
+    // can go now (a live one keeps its pid in the name).
+    remove_stale_temporaries(cache, None);
     if tree.is_dir() {
         if first {
             tracing::warn!(
@@ -97,13 +100,7 @@ pub(crate) fn extract_cached(
     // Left-overs of an extraction that was killed: nobody else works on this key while we
     // hold the lock.
     let prefix = format!("{key}.tmp-");
-    if let Ok(rd) = std::fs::read_dir(cache) {
-        for entry in rd.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = remove_tree(&entry.path());
-            }
-        }
-    }
+    remove_stale_temporaries(cache, Some(&prefix));
     let tmp = cache.join(format!("{prefix}{}", std::process::id()));
     let result = extract_into(&image, &tmp).and_then(|()| {
         std::fs::rename(&tmp, &tree).map_err(|e| {
@@ -115,6 +112,29 @@ pub(crate) fn extract_cached(
         return Err(e);
     }
     Ok(tree)
+}
+
+/// Removes `<key>.tmp-<pid>` directories in `cache`: with `prefix` (a key's, whose lock is
+/// held) all of that key's, without it those whose process no longer exists.
+fn remove_stale_temporaries(cache: &Path, prefix: Option<&str>) {
+    let Ok(rd) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.split_once(".tmp-") else {
+            continue;
+        };
+        let stale = match prefix {
+            Some(prefix) => name.starts_with(prefix),
+            None => pid
+                .parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+        };
+        if stale {
+            let _ = remove_tree(&entry.path());
+        }
+    }
 }
 
 /// A name for the image's extracted tree: a hash of its superblock and metadata tables (which

@@ -220,7 +220,8 @@ pub fn probe_fuse() -> Result<(), MountError> {
 /// processes that use it; dropping it unmounts (lazily) and kills the server.
 ///
 /// After the caller has `pivot_root`ed into the image, unmounting by path is moot (the mount
-/// namespace dies with its last process); dropping still stops the server.
+/// namespace dies with its last process): call [`MountedImage::mark_pivoted`]; dropping still
+/// stops the server.
 #[derive(Debug)]
 pub struct MountedImage {
     /// The directory the image's root is visible at.
@@ -244,6 +245,13 @@ impl MountedImage {
     /// For the extract backend: the cache directory holding the extracted tree.
     pub fn extracted_tree(&self) -> Option<&Path> {
         self.extracted.as_deref()
+    }
+
+    /// Tells the mount that the caller has `pivot_root`ed into it (or otherwise made its path
+    /// meaningless): teardown then only stops the server, and never unmounts by the old path,
+    /// which might name something else in the new root. The mount goes with the namespace.
+    pub fn mark_pivoted(&mut self) {
+        self.mounted = false;
     }
 
     /// Unmounts and stops the server now, reporting a failure to unmount (dropping ignores it).
