@@ -3,16 +3,26 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use cmpirun::image::facts::{ImageFacts, LibfabricLink, MpiFamily, Via, image_facts};
 use cmpirun::image::{locate, open_rootfs};
 use cmpirun_fabric::elf::SymbolVersion;
 
+/// The facts of test image `name`, read once per test process (reading the 41 MiB libmpich
+/// out of the mpich4 image is the slow part).
 fn facts_of(name: &str) -> ImageFacts {
-    let location = locate(&common::image(name)).unwrap();
-    let fs = open_rootfs(&location).unwrap();
-    image_facts(fs.as_ref()).unwrap()
+    static CACHE: Mutex<BTreeMap<String, ImageFacts>> = Mutex::new(BTreeMap::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(name.to_owned())
+        .or_insert_with(|| {
+            let location = locate(&common::image(name)).unwrap();
+            let fs = open_rootfs(&location).unwrap();
+            image_facts(fs.as_ref()).unwrap()
+        })
+        .clone()
 }
 
 fn versions(names: &[&str]) -> BTreeSet<SymbolVersion> {
