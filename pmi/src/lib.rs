@@ -43,8 +43,9 @@
 //! # }
 //! ```
 //!
-//! The protocol details every client depends on are written down in `docs/pmi.md` of the
-//! repository.
+//! `examples/mini_mpiexec.rs` builds a whole one-node `mpiexec` on this, and
+//! `examples/bench_fence.rs` measures a 256-rank fence against MPICH's hydra. The protocol
+//! details every client depends on are written down in `docs/pmi.md` of the repository.
 
 pub mod env;
 pub mod mapping;
