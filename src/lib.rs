@@ -4,6 +4,7 @@
 //! `cli` (argv → JobSpec) → `image` (SIF → ImageFacts) → plan → launch.
 
 pub mod cli;
+pub mod container;
 pub mod exit;
 pub mod image;
 pub mod jobspec;

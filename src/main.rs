@@ -38,6 +38,53 @@ enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Run a program in a container made from IMAGE (as `apptainer exec`).
+    Exec {
+        #[command(flatten)]
+        opts: ContainerOpts,
+        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        image: std::path::PathBuf,
+        /// The program and its arguments (looked up in the container's PATH).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+    /// Run an interactive shell ($SHELL if the image has it, else /bin/sh) in a container.
+    Shell {
+        #[command(flatten)]
+        opts: ContainerOpts,
+        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        image: std::path::PathBuf,
+    },
+}
+
+/// Options shared by `exec` and `shell`.
+#[derive(Debug, clap::Args)]
+struct ContainerOpts {
+    /// Bind a host path into the container: SRC[:DST[:ro|rw]] (DST defaults to SRC).
+    #[arg(long = "bind", short = 'B', value_name = "SRC[:DST[:ro]]")]
+    binds: Vec<String>,
+    /// Set an environment variable in the container (overrides the image's).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// How to mount the image: fuse (built-in server), squashfuse (squashfuse_ll) or extract
+    /// (unpack once into a cache). Default: fuse if /dev/fuse is usable, else extract.
+    #[arg(long = "image-mount", value_name = "BACKEND")]
+    image_mount: Option<cmpirun::mount::MountBackend>,
+    /// /dev/shm in the container: private (a tmpfs shared by the node's container only) or host.
+    #[arg(long, value_name = "private|host", default_value = "private", value_parser = parse_shm)]
+    shm: cmpirun::container::ShmMode,
+    /// Join the node instance of this key (created by the first process that uses it) instead
+    /// of a private one; processes using one key share one container.
+    #[arg(long, value_name = "KEY", hide = true)]
+    instance_key: Option<String>,
+}
+
+fn parse_shm(s: &str) -> Result<cmpirun::container::ShmMode, String> {
+    match s {
+        "private" => Ok(cmpirun::container::ShmMode::Private),
+        "host" => Ok(cmpirun::container::ShmMode::Host),
+        _ => Err(format!("{s:?}: use private or host")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +191,39 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image_main(cmd),
         Command::MountCheck(args) => mount_check(args).unwrap_or_else(|e| report(&e)),
         Command::Profile { action } => profile_main(action).unwrap_or_else(|e| report(&e)),
+        Command::Exec {
+            opts,
+            image,
+            command,
+        } => container_main(opts, image, command),
+        Command::Shell { opts, image } => {
+            container_main(opts, image, cmpirun::container::run::shell_argv())
+        }
+    }
+}
+
+/// `cmpirun exec` and `cmpirun shell`: exits as the program did.
+fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsString>) -> ExitCode {
+    use cmpirun::container::run::{ExecRequest, exec, propagate};
+    let req = ExecRequest {
+        image,
+        binds: opts.binds,
+        env: opts.env,
+        backend: opts.image_mount,
+        shm: opts.shm,
+        instance_key: opts.instance_key,
+        argv,
+    };
+    match exec(&req) {
+        Ok(outcome) => ExitCode::from(propagate(outcome) as u8),
+        Err(e) => {
+            eprintln!("cmpirun: {e}");
+            ExitCode::from(if e.is_usage() {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            } as u8)
+        }
     }
 }
 

@@ -1,0 +1,492 @@
+//! Carries out a [`MountOp`] list inside the node instance's mount namespace.
+//!
+//! This is the only code in cmpirun that calls `mount(2)` for the container root (the image
+//! backends in [`crate::mount`] mount the image itself). Every failure names the step and the path.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, fstat};
+use nix::sys::statvfs::{FsFlags, statvfs};
+
+use crate::mount::{MountError, MountOptions, MountedImage, mount_squashfs};
+
+use super::accounts::merge_account_file;
+use super::plan::{AccountFile, BindSource, ImageSource, MountOp};
+use super::resolve::{DirLookup, Lookup, Node, ResolveError, host_path, resolve_in_root};
+
+/// Why the container root could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// A bind source does not exist on the host.
+    #[error("bind source {path} does not exist on the host")]
+    SourceMissing {
+        /// The host path.
+        path: PathBuf,
+    },
+    /// A bind source exists but cannot be opened.
+    #[error("cannot open bind source {path}: {errno}")]
+    SourceUnreadable {
+        /// The host path.
+        path: PathBuf,
+        /// The system error.
+        errno: Errno,
+    },
+    /// A destination cannot be resolved inside the root.
+    #[error("bind destination {0}")]
+    Destination(#[from] ResolveError),
+    /// A destination inside a bound host directory does not exist there.
+    #[error(
+        "bind destination {dst} does not exist in the host directory bound at {existing}; \
+         create it on the host or choose another destination"
+    )]
+    DestinationMissing {
+        /// The container path.
+        dst: PathBuf,
+        /// Its longest existing parent.
+        existing: PathBuf,
+    },
+    /// A directory onto a file or the other way round.
+    #[error(
+        "cannot bind {src} onto {dst} in the container: one is a directory and the other is not"
+    )]
+    KindMismatch {
+        /// The source.
+        src: PathBuf,
+        /// The container path.
+        dst: PathBuf,
+    },
+    /// The image backend failed.
+    #[error("mounting the image: {0}")]
+    Image(#[from] MountError),
+    /// A system call failed.
+    #[error("{step} {path}: {errno}")]
+    Sys {
+        /// What was being done.
+        step: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The system error.
+        errno: Errno,
+    },
+    /// A file operation failed.
+    #[error("{step} {path}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An operation came before the one it depends on (a bug in the plan).
+    #[error("mount plan out of order: {0}")]
+    Order(&'static str),
+}
+
+impl RootError {
+    /// Whether the user can fix this by changing the command line or the image.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RootError::SourceMissing { .. }
+                | RootError::Destination(_)
+                | RootError::DestinationMissing { .. }
+                | RootError::KindMismatch { .. }
+        )
+    }
+}
+
+fn sys<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> RootError + 'a {
+    move |errno| RootError::Sys {
+        step,
+        path: path.to_owned(),
+        errno,
+    }
+}
+
+fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootError + 'a {
+    move |source| RootError::Io {
+        step,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What an executed plan leaves behind: the image mount, which must live as long as the instance.
+#[derive(Debug)]
+pub struct Assembled {
+    /// The mounted image (drop it only when the instance ends).
+    pub image: Option<MountedImage>,
+}
+
+/// Sees the image with the mount-point layer on top, as the overlay will.
+struct LayerLookup {
+    layer: DirLookup,
+    image: DirLookup,
+}
+
+impl Lookup for LayerLookup {
+    fn node(&self, path: &Path) -> std::io::Result<Node> {
+        match self.layer.node(path)? {
+            Node::Missing => self.image.node(path),
+            n => Ok(n),
+        }
+    }
+}
+
+struct Executor {
+    sources: HashMap<PathBuf, OwnedFd>,
+    stage: Option<PathBuf>,
+    image: Option<MountedImage>,
+    root: Option<PathBuf>,
+    layer_used: bool,
+}
+
+/// Runs `ops` in order. Must be called in a private mount namespace (after `unshare`), with the
+/// namespace's capabilities.
+pub fn execute(ops: &[MountOp]) -> Result<Assembled, RootError> {
+    let mut ex = Executor {
+        sources: HashMap::new(),
+        stage: None,
+        image: None,
+        root: None,
+        layer_used: false,
+    };
+    // Open every host source first: a missing one fails before anything is mounted, and the
+    // staging tmpfs may then cover a directory that holds one.
+    for op in ops {
+        if let MountOp::Bind {
+            src: BindSource::Host(p),
+            ..
+        } = op
+        {
+            ex.open_source(p)?;
+        }
+    }
+    for op in ops {
+        ex.run(op)?;
+    }
+    Ok(Assembled { image: ex.image })
+}
+
+impl Executor {
+    fn open_source(&mut self, path: &Path) -> Result<(), RootError> {
+        if self.sources.contains_key(path) {
+            return Ok(());
+        }
+        match open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(fd) => {
+                self.sources.insert(path.to_owned(), fd);
+                Ok(())
+            }
+            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => Err(RootError::SourceMissing {
+                path: path.to_owned(),
+            }),
+            Err(errno) => Err(RootError::SourceUnreadable {
+                path: path.to_owned(),
+                errno,
+            }),
+        }
+    }
+
+    fn stage(&self) -> Result<&Path, RootError> {
+        self.stage
+            .as_deref()
+            .ok_or(RootError::Order("staging tmpfs not mounted"))
+    }
+
+    fn root(&self) -> Result<&Path, RootError> {
+        self.root
+            .as_deref()
+            .ok_or(RootError::Order("root not assembled"))
+    }
+
+    /// The path `mount(2)` should use as source, and whether it is a directory.
+    fn source(&self, src: &BindSource) -> Result<(PathBuf, bool), RootError> {
+        match src {
+            BindSource::Host(p) => {
+                let fd = self
+                    .sources
+                    .get(p)
+                    .ok_or(RootError::Order("bind source not opened"))?;
+                let st = fstat(fd).map_err(sys("stat bind source", p))?;
+                let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                Ok((
+                    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+                    is_dir,
+                ))
+            }
+            BindSource::Stage(rel) => {
+                let p = self.stage()?.join(rel);
+                let is_dir = p.is_dir();
+                Ok((p, is_dir))
+            }
+        }
+    }
+
+    fn source_name(src: &BindSource) -> PathBuf {
+        match src {
+            BindSource::Host(p) => p.clone(),
+            BindSource::Stage(p) => PathBuf::from("(generated) ").join(p),
+        }
+    }
+
+    fn run(&mut self, op: &MountOp) -> Result<(), RootError> {
+        match op {
+            MountOp::StageTmpfs { target } => {
+                mount(
+                    Some("tmpfs"),
+                    target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some("mode=0700"),
+                )
+                .map_err(sys("mount staging tmpfs on", target))?;
+                self.stage = Some(target.clone());
+            }
+            MountOp::MountImage { at, image } => {
+                let target = self.stage()?.join(at);
+                fs::create_dir(&target).map_err(io("create image mount point", &target))?;
+                match image {
+                    ImageSource::Squashfs { source, backend } => {
+                        self.image = Some(mount_squashfs(
+                            source,
+                            &target,
+                            *backend,
+                            &MountOptions::default(),
+                        )?);
+                    }
+                    ImageSource::Directory(dir) => {
+                        mount(
+                            Some(dir.as_path()),
+                            &target,
+                            None::<&str>,
+                            MsFlags::MS_BIND | MsFlags::MS_REC,
+                            None::<&str>,
+                        )
+                        .map_err(sys("bind image directory", dir))?;
+                        remount_readonly(&target)?;
+                    }
+                }
+            }
+            MountOp::WriteAccountFile { file, entry, out } => {
+                let image = DirLookup {
+                    root: self.stage()?.join(super::plan::STAGE_IMAGE),
+                };
+                let name = match file {
+                    AccountFile::Passwd => "/etc/passwd",
+                    AccountFile::Group => "/etc/group",
+                };
+                // An image file that is missing, unreadable or a symlink out of the root counts
+                // as empty.
+                let current = match resolve_in_root(&image, Path::new(name)) {
+                    Ok(r) if r.node == Node::File => {
+                        fs::read_to_string(image.host_path(&r.path)).unwrap_or_default()
+                    }
+                    _ => String::new(),
+                };
+                let out = self.stage()?.join(out);
+                if let Some(parent) = out.parent() {
+                    fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+                }
+                fs::write(&out, merge_account_file(&current, entry))
+                    .map_err(io("write account file", &out))?;
+                fs::set_permissions(&out, fs::Permissions::from_mode(0o644))
+                    .map_err(io("chmod account file", &out))?;
+            }
+            MountOp::MountPoint { dst, like } => {
+                let stage = self.stage()?.to_owned();
+                let lookup = LayerLookup {
+                    layer: DirLookup {
+                        root: stage.join(super::plan::STAGE_LAYER),
+                    },
+                    image: DirLookup {
+                        root: stage.join(super::plan::STAGE_IMAGE),
+                    },
+                };
+                let (_, src_dir) = self.source(like)?;
+                let r = resolve_in_root(&lookup, dst)?;
+                match r.node {
+                    Node::Missing => {
+                        let p = lookup.layer.host_path(&r.path);
+                        let parent = p.parent().unwrap_or(&p);
+                        fs::create_dir_all(parent).map_err(io("create mount point", parent))?;
+                        if src_dir {
+                            fs::create_dir(&p).map_err(io("create mount point", &p))?;
+                        } else {
+                            fs::OpenOptions::new()
+                                .write(true)
+                                .create(true)
+                                .truncate(false)
+                                .mode(0o644)
+                                .open(&p)
+                                .map_err(io("create mount point", &p))?;
+                        }
+                        self.layer_used = true;
+                    }
+                    Node::Dir if !src_dir => {
+                        return Err(RootError::KindMismatch {
+                            src: Self::source_name(like),
+                            dst: dst.clone(),
+                        });
+                    }
+                    Node::File if src_dir => {
+                        return Err(RootError::KindMismatch {
+                            src: Self::source_name(like),
+                            dst: dst.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            MountOp::AssembleRoot { image, layer, root } => {
+                let stage = self.stage()?.to_owned();
+                let (image, layer, root) = (stage.join(image), stage.join(layer), stage.join(root));
+                fs::create_dir(&root).map_err(io("create root mount point", &root))?;
+                if self.layer_used {
+                    // Kernel overlayfs with only lower layers is read-only: the tmpfs layer of
+                    // mount points on top of the image.
+                    let opts = format!("lowerdir={}:{}", layer.display(), image.display());
+                    mount(
+                        Some("overlay"),
+                        &root,
+                        Some("overlay"),
+                        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                        Some(opts.as_str()),
+                    )
+                    .map_err(sys(
+                        "mount overlay (mount-point layer over the image) at",
+                        &root,
+                    ))?;
+                } else {
+                    mount(
+                        Some(image.as_path()),
+                        &root,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REC,
+                        None::<&str>,
+                    )
+                    .map_err(sys("bind image as root at", &root))?;
+                }
+                self.root = Some(root);
+            }
+            MountOp::Bind {
+                src,
+                dst,
+                recursive,
+                readonly,
+            } => {
+                let root = self.root()?.to_owned();
+                let (source, src_dir) = self.source(src)?;
+                let target = self.destination(&root, dst, Some((src, src_dir)))?;
+                let mut flags = MsFlags::MS_BIND;
+                if *recursive {
+                    flags |= MsFlags::MS_REC;
+                }
+                mount(
+                    Some(source.as_path()),
+                    &target,
+                    None::<&str>,
+                    flags,
+                    None::<&str>,
+                )
+                .map_err(|errno| RootError::Sys {
+                    step: "bind",
+                    path: PathBuf::from(format!(
+                        "{} onto {}",
+                        Self::source_name(src).display(),
+                        dst.display()
+                    )),
+                    errno,
+                })?;
+                if *readonly {
+                    remount_readonly(&target)?;
+                }
+            }
+            MountOp::Tmpfs { dst, mode } => {
+                let root = self.root()?.to_owned();
+                let target = self.destination(&root, dst, None)?;
+                let opts = format!("mode={mode:o}");
+                mount(
+                    Some("tmpfs"),
+                    &target,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(opts.as_str()),
+                )
+                .map_err(sys("mount tmpfs at", dst))?;
+            }
+            MountOp::PivotRoot { root } => {
+                let root = self.stage()?.join(root);
+                nix::unistd::chdir(&root).map_err(sys("chdir to new root", &root))?;
+                // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
+                // leaves only the container root, with no directory needed for the old one.
+                nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root into", &root))?;
+                umount2(".", MntFlags::MNT_DETACH)
+                    .map_err(sys("detach old root", Path::new("/")))?;
+                nix::unistd::chdir("/").map_err(sys("chdir to", Path::new("/")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The host path of a container destination, which must exist now.
+    fn destination(
+        &self,
+        root: &Path,
+        dst: &Path,
+        src: Option<(&BindSource, bool)>,
+    ) -> Result<PathBuf, RootError> {
+        let lookup = DirLookup {
+            root: root.to_owned(),
+        };
+        let r = resolve_in_root(&lookup, dst)?;
+        let mismatch = match (&r.node, src) {
+            (Node::Missing, _) => {
+                return Err(RootError::DestinationMissing {
+                    dst: dst.to_owned(),
+                    existing: r.existing,
+                });
+            }
+            (Node::Dir, Some((_, false))) | (Node::File, Some((_, true))) => true,
+            _ => false,
+        };
+        if mismatch {
+            let src = src.map(|s| Self::source_name(s.0)).unwrap_or_default();
+            return Err(RootError::KindMismatch {
+                src,
+                dst: dst.to_owned(),
+            });
+        }
+        Ok(host_path(root, &r.path))
+    }
+}
+
+/// Remounts a bind read-only. In a user namespace the flags the mount was locked with (nosuid,
+/// nodev, noexec, atime) must be kept or the kernel refuses with EPERM.
+fn remount_readonly(target: &Path) -> Result<(), RootError> {
+    let st = statvfs(target).map_err(sys("statvfs", target))?;
+    let f = st.flags();
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    for (have, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(have) {
+            flags |= keep;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(sys("remount read-only", target))
+}

@@ -1,0 +1,827 @@
+//! The node instance: one user + mount namespace holding the container root, joined by members.
+//!
+//! Life of an instance, in order (each step one function):
+//! 1. [`NodeInstance::create`] forks the instance process from a single-threaded caller.
+//! 2. The instance [`enter_namespaces`] (user + mount, identity maps), builds the root with
+//!    [`super::executor::execute`] (which ends in `pivot_root`), and evaluates the image's
+//!    environment scripts once ([`eval_image_env`]).
+//! 3. It hands every connection its namespace fds and the environment changes ([`send_ready`]);
+//!    a connection is a membership. [`NodeInstance::spawn`] forks a member that `setns()`es into
+//!    those namespaces, `chdir`s and execs.
+//! 4. When the last connection closes (its holder exited or was killed), the instance kills what
+//!    is left in its user namespace ([`kill_leftovers`]), stops the image server and exits; the
+//!    mount namespace and everything mounted in it go with it.
+
+use std::ffi::{CString, OsString};
+use std::fs;
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, getpid, getppid};
+
+use super::env::{
+    Env, EnvChange, decode_changes, encode_changes, image_changes, parse_environ,
+    without_shell_noise,
+};
+use super::executor::{Assembled, RootError, execute};
+use super::plan::{RootConfig, plan_root};
+
+/// What a node instance is built from.
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    /// The container root.
+    pub root: RootConfig,
+    /// The environment the image's scripts are evaluated in (the creator's, filtered by
+    /// [`super::env::base_environment`]).
+    pub script_env: Env,
+}
+
+/// Errors from creating, joining or using a node instance.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// User namespaces are not available to this user.
+    #[error(
+        "cannot create a user namespace ({errno}){detail}: ask the site to enable unprivileged \
+         user namespaces (sysctl user.max_user_namespaces > 0; on Debian/Ubuntu kernels also \
+         kernel.unprivileged_userns_clone=1 and no AppArmor userns restriction)"
+    )]
+    NoUserNamespace {
+        /// The error from `unshare`.
+        errno: Errno,
+        /// What was found out about why.
+        detail: String,
+    },
+    /// The root could not be built; the user can fix it.
+    #[error("{0}")]
+    Usage(String),
+    /// The instance failed for another reason.
+    #[error("{0}")]
+    Failed(String),
+    /// The image's environment scripts failed.
+    #[error("the image's environment scripts (/.singularity.d/env/*.sh) failed: {0}")]
+    ImageEnv(String),
+    /// A system call on the cmpirun side failed.
+    #[error("{step}: {errno}")]
+    Sys {
+        /// What was being done.
+        step: &'static str,
+        /// The system error.
+        errno: Errno,
+    },
+    /// Talking to the instance failed.
+    #[error("node instance: {step}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The instance went away before it was ready.
+    #[error("node instance exited before it was ready")]
+    Vanished,
+}
+
+impl InstanceError {
+    /// Whether the user can fix this by changing the command line or the image.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, InstanceError::Usage(_))
+    }
+}
+
+fn sys_err(step: &'static str) -> impl FnOnce(Errno) -> InstanceError {
+    move |errno| InstanceError::Sys { step, errno }
+}
+
+fn io_err(step: &'static str) -> impl FnOnce(std::io::Error) -> InstanceError {
+    move |source| InstanceError::Io { step, source }
+}
+
+/// A handle on a node instance. While it exists (and any member started through it runs), the
+/// instance lives; dropping every handle ends the instance.
+#[derive(Debug)]
+pub struct NodeInstance {
+    conn: UnixStream,
+    user_ns: Option<OwnedFd>,
+    mnt_ns: Option<OwnedFd>,
+    changes: Vec<EnvChange>,
+    pid: Pid,
+    owned_child: bool,
+}
+
+/// A program to start in the container.
+#[derive(Debug, Clone)]
+pub struct MemberCommand {
+    /// Program and arguments; a program without `/` is looked up in the container's `PATH`.
+    pub argv: Vec<OsString>,
+    /// The complete environment (see [`super::env::member_environment`]).
+    pub env: Env,
+    /// The working directory inside the container (falls back to `$HOME`, then `/`).
+    pub cwd: PathBuf,
+}
+
+/// Exit status of a member that could not be started: the program was not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit status of a member that could not be started: the program could not be executed.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// Exit status of a member that could not join the instance's namespaces.
+pub const EXIT_JOIN_FAILED: i32 = 255;
+
+const MSG_READY: u8 = b'R';
+const MSG_USAGE: u8 = b'U';
+const MSG_FAILED: u8 = b'F';
+const MSG_NO_USERNS: u8 = b'N';
+const MSG_IMAGE_ENV: u8 = b'S';
+
+impl NodeInstance {
+    /// Forks a new node instance owned by this process and waits until it is ready.
+    ///
+    /// The caller must be single-threaded (the instance calls `unshare(CLONE_NEWUSER)` after the
+    /// fork, which a copy of a threaded process may not do safely). With `listener`, the instance
+    /// also accepts members on it (see [`super::rendezvous`]); `lock` is the rendezvous lock file,
+    /// taken again when the instance ends so no joiner connects to a dying instance.
+    ///
+    /// With `owned`, [`Self::close`] waits for the instance to exit (it exits then unless other
+    /// members joined through the listener).
+    pub fn create(
+        cfg: &InstanceConfig,
+        listener: Option<(UnixListener, super::rendezvous::Rendezvous)>,
+        owned: bool,
+    ) -> Result<NodeInstance, InstanceError> {
+        let (ours, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
+        let ops = plan_root(&cfg.root);
+        let uid = Uid::current();
+        let gid = Gid::current();
+        // SAFETY: the caller is single-threaded (documented requirement), so the child may do
+        // anything a normal process does.
+        match unsafe { fork() }.map_err(sys_err("fork node instance"))? {
+            ForkResult::Child => {
+                drop(ours);
+                let mut keep = vec![theirs.as_raw_fd()];
+                if let Some((l, _)) = &listener {
+                    keep.push(l.as_raw_fd());
+                }
+                close_inherited(&keep);
+                let code = instance_main(cfg, &ops, uid, gid, theirs, listener);
+                // SAFETY: _exit skips destructors of the parent's copies, which is what we want.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                drop(listener);
+                let mut inst = Self::handshake(ours, child)?;
+                inst.owned_child = owned;
+                Ok(inst)
+            }
+        }
+    }
+
+    /// Joins the instance listening at `socket`.
+    pub fn connect(socket: &Path) -> Result<NodeInstance, InstanceError> {
+        let conn = UnixStream::connect(socket).map_err(io_err("connect to node instance"))?;
+        Self::handshake(conn, Pid::from_raw(0))
+    }
+
+    fn handshake(conn: UnixStream, child: Pid) -> Result<NodeInstance, InstanceError> {
+        let (kind, fds, payload) = match recv_message(&conn) {
+            Ok(m) => m,
+            Err(_) if child.as_raw() > 0 => {
+                let _ = waitpid(child, None);
+                return Err(InstanceError::Vanished);
+            }
+            Err(e) => return Err(e),
+        };
+        let text = || String::from_utf8_lossy(&payload).into_owned();
+        let fail = |e| {
+            if child.as_raw() > 0 {
+                let _ = waitpid(child, None);
+            }
+            Err(e)
+        };
+        match kind {
+            MSG_READY => {
+                if payload.len() < 4 || fds.len() != 2 {
+                    return fail(InstanceError::Failed("malformed ready message".into()));
+                }
+                let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let mut fds = fds.into_iter();
+                let user_ns = fds.next();
+                let mnt_ns = fds.next();
+                Ok(NodeInstance {
+                    conn,
+                    user_ns,
+                    mnt_ns,
+                    changes: decode_changes(&payload[4..]),
+                    pid: if child.as_raw() > 0 {
+                        child
+                    } else {
+                        Pid::from_raw(pid)
+                    },
+                    owned_child: false,
+                })
+            }
+            MSG_USAGE => fail(InstanceError::Usage(text())),
+            MSG_NO_USERNS => {
+                let (errno, detail) =
+                    text().split_once('|').map_or((0, String::new()), |(e, d)| {
+                        (e.parse().unwrap_or(0), d.to_owned())
+                    });
+                fail(InstanceError::NoUserNamespace {
+                    errno: Errno::from_raw(errno),
+                    detail,
+                })
+            }
+            MSG_IMAGE_ENV => fail(InstanceError::ImageEnv(text())),
+            _ => fail(InstanceError::Failed(text())),
+        }
+    }
+
+    /// The instance process id (as seen by this process).
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// What the image's environment scripts changed (apply with
+    /// [`super::env::member_environment`]).
+    pub fn env_changes(&self) -> &[EnvChange] {
+        &self.changes
+    }
+
+    /// Starts `cmd` as a member of the instance: a forked child joins the user and mount
+    /// namespaces, changes directory and execs. The child is killed if this process dies.
+    ///
+    /// This process must be single-threaded (a threaded process cannot `setns` into a user
+    /// namespace; the forked child is a copy of this one). The child gets an empty signal mask.
+    pub fn spawn(&self, cmd: &MemberCommand) -> Result<Pid, InstanceError> {
+        let (user_ns, mnt_ns) = match (&self.user_ns, &self.mnt_ns) {
+            (Some(u), Some(m)) => (u.as_fd(), m.as_fd()),
+            _ => {
+                return Err(InstanceError::Failed(
+                    "the namespaces of this instance were already released".into(),
+                ));
+            }
+        };
+        let prepared = Prepared::new(cmd)?;
+        let parent = getpid();
+        // SAFETY: the caller is single-threaded (documented requirement).
+        match unsafe { fork() }.map_err(sys_err("fork member"))? {
+            ForkResult::Child => {
+                let code = member_main(&prepared, parent, user_ns, mnt_ns);
+                // SAFETY: see `create`.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => Ok(child),
+        }
+    }
+
+    /// Closes the namespace fds this handle holds (no more [`Self::spawn`]). A handle that keeps
+    /// them keeps the mount namespace alive after the instance exits, so release them as soon as
+    /// the last member is started.
+    pub fn release_namespaces(&mut self) {
+        self.user_ns = None;
+        self.mnt_ns = None;
+    }
+
+    /// Ends this membership. If this process created the instance, waits until it has exited
+    /// (so its mounts are gone when this returns) unless other members keep it alive.
+    pub fn close(mut self) {
+        self.release_namespaces();
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        if self.owned_child {
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+/// Everything a member child needs, prepared before the fork.
+struct Prepared {
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    candidates: Vec<CString>,
+    cwd: CString,
+    home: Option<CString>,
+    name: String,
+}
+
+fn cstring(b: &[u8]) -> Result<CString, InstanceError> {
+    CString::new(b).map_err(|_| InstanceError::Usage("an argument contains a NUL byte".into()))
+}
+
+impl Prepared {
+    fn new(cmd: &MemberCommand) -> Result<Prepared, InstanceError> {
+        let prog = cmd
+            .argv
+            .first()
+            .ok_or_else(|| InstanceError::Usage("no command given".into()))?;
+        let argv = cmd
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut envp = Vec::with_capacity(cmd.env.len());
+        for (k, v) in &cmd.env {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            envp.push(cstring(&e)?);
+        }
+        let candidates = if prog.as_bytes().contains(&b'/') {
+            vec![cstring(prog.as_bytes())?]
+        } else {
+            let path = cmd
+                .env
+                .get(std::ffi::OsStr::new("PATH"))
+                .map(|p| p.as_bytes().to_vec())
+                .unwrap_or_else(|| super::env::DEFAULT_PATH.as_bytes().to_vec());
+            path.split(|&b| b == b':')
+                .map(|d| {
+                    let d = if d.is_empty() { b".".as_slice() } else { d };
+                    let mut p = d.to_vec();
+                    p.push(b'/');
+                    p.extend_from_slice(prog.as_bytes());
+                    cstring(&p)
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(Prepared {
+            argv,
+            envp,
+            candidates,
+            cwd: cstring(cmd.cwd.as_os_str().as_bytes())?,
+            home: cmd
+                .env
+                .get(std::ffi::OsStr::new("HOME"))
+                .and_then(|h| CString::new(h.as_bytes()).ok()),
+            name: prog.to_string_lossy().into_owned(),
+        })
+    }
+}
+
+fn say(msg: &str) {
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(e, "cmpirun: {msg}");
+}
+
+/// The member child: join, chdir, exec. Returns the exit status if the exec did not happen.
+fn member_main(p: &Prepared, parent: Pid, user_ns: BorrowedFd, mnt_ns: BorrowedFd) -> i32 {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
+        return EXIT_JOIN_FAILED;
+    }
+    // The user namespace first: it grants the capabilities needed to join the mount namespace.
+    if let Err(e) = setns(user_ns, CloneFlags::CLONE_NEWUSER) {
+        say(&format!(
+            "cannot join the node instance's user namespace: {e}"
+        ));
+        return EXIT_JOIN_FAILED;
+    }
+    if let Err(e) = setns(mnt_ns, CloneFlags::CLONE_NEWNS) {
+        say(&format!(
+            "cannot join the node instance's mount namespace: {e}"
+        ));
+        return EXIT_JOIN_FAILED;
+    }
+    if nix::unistd::chdir(p.cwd.as_c_str()).is_err() {
+        let fallback = p
+            .home
+            .as_deref()
+            .filter(|h| nix::unistd::chdir(*h).is_ok())
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|| {
+                let _ = nix::unistd::chdir("/");
+                "/".into()
+            });
+        say(&format!(
+            "working directory {} does not exist in the container; using {fallback}",
+            p.cwd.to_string_lossy()
+        ));
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let mut not_executable = false;
+    for c in &p.candidates {
+        match nix::unistd::execve(c, &p.argv, &p.envp) {
+            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => {}
+            Err(_) => not_executable = true,
+        }
+    }
+    if not_executable {
+        say(&format!("{}: cannot execute in the container", p.name));
+        EXIT_NOT_EXECUTABLE
+    } else {
+        say(&format!("{}: not found in the container", p.name));
+        EXIT_NOT_FOUND
+    }
+}
+
+/// Sends one message: a kind byte, a length, optional fds, then the payload.
+fn send_message(sock: &UnixStream, kind: u8, fds: &[RawFd], payload: &[u8]) -> std::io::Result<()> {
+    let len =
+        u32::try_from(payload.len()).map_err(|_| std::io::Error::other("message too large"))?;
+    let mut header = [0u8; 8];
+    header[0] = kind;
+    header[4..].copy_from_slice(&len.to_le_bytes());
+    let iov = [IoSlice::new(&header)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let mut sent = 0;
+    while sent == 0 {
+        sent = match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+    }
+    let mut w = sock;
+    w.write_all(&header[sent..])?;
+    w.write_all(payload)
+}
+
+/// Receives one message sent by [`send_message`].
+fn recv_message(sock: &UnixStream) -> Result<(u8, Vec<OwnedFd>, Vec<u8>), InstanceError> {
+    let mut header = [0u8; 8];
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; 2]);
+    let mut fds = Vec::new();
+    let got = loop {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_buf),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                for c in msg.cmsgs().map_err(sys_err("read node instance message"))? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these fds in this process for us.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break msg.bytes;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(sys_err("read node instance message")(e)),
+        }
+    };
+    if got == 0 {
+        return Err(InstanceError::Vanished);
+    }
+    let mut r = sock;
+    r.read_exact(&mut header[got..])
+        .map_err(io_err("read node instance message"))?;
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .map_err(io_err("read node instance message"))?;
+    Ok((header[0], fds, payload))
+}
+
+/// The instance's state once ready.
+struct Ready {
+    _assembled: Assembled,
+    user_ns: fs::File,
+    mnt_ns: fs::File,
+    payload: Vec<u8>,
+}
+
+/// The body of the instance process. Returns its exit status.
+fn instance_main(
+    cfg: &InstanceConfig,
+    ops: &[super::plan::MountOp],
+    uid: Uid,
+    gid: Gid,
+    owner: UnixStream,
+    listener: Option<(UnixListener, super::rendezvous::Rendezvous)>,
+) -> i32 {
+    // Terminal signals belong to the members, not to the instance.
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGPIPE,
+    ] {
+        // SAFETY: setting a disposition to SIG_IGN runs no code of ours.
+        let _ = unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
+    if let Ok(null) = fs::File::options().read(true).write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let ready = match setup(cfg, ops, uid, gid) {
+        Ok(r) => r,
+        Err((kind, msg)) => {
+            let _ = send_message(&owner, kind, &[], msg.as_bytes());
+            return 1;
+        }
+    };
+    let fds = [ready.user_ns.as_raw_fd(), ready.mnt_ns.as_raw_fd()];
+    if send_message(&owner, MSG_READY, &fds, &ready.payload).is_err() {
+        kill_leftovers();
+        return 0;
+    }
+    let sigfd = SignalFd::with_flags(&term, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).ok();
+    serve(owner, listener, &ready, sigfd.as_ref());
+    kill_leftovers();
+    drop(ready);
+    0
+}
+
+fn setup(
+    cfg: &InstanceConfig,
+    ops: &[super::plan::MountOp],
+    uid: Uid,
+    gid: Gid,
+) -> Result<Ready, (u8, String)> {
+    enter_namespaces(uid, gid)?;
+    let assembled = execute(ops).map_err(|e: RootError| {
+        let kind = if e.is_usage() { MSG_USAGE } else { MSG_FAILED };
+        (kind, e.to_string())
+    })?;
+    let changes = eval_image_env(&cfg.script_env).map_err(|e| (MSG_IMAGE_ENV, e))?;
+    let open_ns = |name: &str| {
+        fs::File::open(format!("/proc/self/ns/{name}"))
+            .map_err(|e| (MSG_FAILED, format!("open /proc/self/ns/{name}: {e}")))
+    };
+    let mut payload = getpid().as_raw().to_le_bytes().to_vec();
+    payload.extend_from_slice(&encode_changes(&changes));
+    Ok(Ready {
+        _assembled: assembled,
+        user_ns: open_ns("user")?,
+        mnt_ns: open_ns("mnt")?,
+        payload,
+    })
+}
+
+/// `unshare(CLONE_NEWUSER | CLONE_NEWNS)` with identity maps (the user keeps their uid and gid),
+/// then makes every mount private so nothing propagates back to the host.
+fn enter_namespaces(uid: Uid, gid: Gid) -> Result<(), (u8, String)> {
+    if let Err(errno) = unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS) {
+        let detail = userns_detail(errno);
+        return Err((MSG_NO_USERNS, format!("{}|{detail}", errno as i32)));
+    }
+    let write = |file: &str, text: String| {
+        fs::write(format!("/proc/self/{file}"), text.as_bytes())
+            .map_err(|e| (MSG_FAILED, format!("write /proc/self/{file}: {e}")))
+    };
+    // setgroups must be denied before an unprivileged gid_map write (user_namespaces(7)).
+    write("setgroups", "deny".into())?;
+    write("gid_map", format!("{gid} {gid} 1\n"))?;
+    write("uid_map", format!("{uid} {uid} 1\n"))?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        (
+            MSG_FAILED,
+            format!("make / private in the new mount namespace: {e}"),
+        )
+    })
+}
+
+/// Why `unshare(CLONE_NEWUSER)` may have failed, from what the system tells us.
+fn userns_detail(errno: Errno) -> String {
+    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let mut why = Vec::new();
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        why.push("user.max_user_namespaces is 0".to_owned());
+    }
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        why.push("kernel.unprivileged_userns_clone is 0".to_owned());
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        why.push("kernel.apparmor_restrict_unprivileged_userns is 1".to_owned());
+    }
+    if why.is_empty() && errno == Errno::ENOSPC {
+        why.push("the user namespace limit is reached".to_owned());
+    }
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", why.join(", "))
+    }
+}
+
+/// Runs the image's `/.singularity.d/env/*.sh` once with the image's `/bin/sh` and returns what
+/// they changed. The shell ends by exec'ing a second shell that stops itself, so the result is
+/// read from `/proc/<pid>/environ` with no tool from the image but `/bin/sh`.
+fn eval_image_env(before: &Env) -> Result<Vec<EnvChange>, String> {
+    let has_scripts = fs::read_dir("/.singularity.d/env")
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if !has_scripts || !Path::new("/bin/sh").exists() {
+        return Ok(Vec::new());
+    }
+    const SCRIPT: &str = "for f in /.singularity.d/env/*.sh; do if [ -f \"$f\" ]; then . \"$f\"; fi; done; \
+                          exec /bin/sh -c 'kill -STOP $$'";
+    let argv = [
+        c"sh".to_owned(),
+        c"-c".to_owned(),
+        CString::new(SCRIPT).map_err(|e| e.to_string())?,
+    ];
+    let envp: Vec<CString> = before
+        .iter()
+        .filter_map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            CString::new(e).ok()
+        })
+        .collect();
+    // SAFETY: the instance may have image-server threads by now; the child only calls
+    // async-signal-safe functions (sigprocmask, execve, _exit) on data prepared before the fork.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            let _ = nix::unistd::execve(c"/bin/sh", &argv, &envp);
+            // SAFETY: plain exit of the forked child.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => loop {
+            match waitpid(child, Some(WaitPidFlag::WUNTRACED)) {
+                Ok(WaitStatus::Stopped(_, _)) => {
+                    let block = fs::read(format!("/proc/{child}/environ"));
+                    let _ = kill(child, Signal::SIGKILL);
+                    let _ = waitpid(child, None);
+                    let after = without_shell_noise(parse_environ(
+                        &block.map_err(|e| format!("read the environment: {e}"))?,
+                    ));
+                    return Ok(image_changes(before, &after));
+                }
+                Ok(WaitStatus::Exited(_, code)) => {
+                    return Err(format!("/bin/sh exited with status {code}"));
+                }
+                Ok(WaitStatus::Signaled(_, sig, _)) => {
+                    return Err(format!("/bin/sh was killed by {sig}"));
+                }
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(e) => return Err(format!("waitpid: {e}")),
+            }
+        },
+    }
+}
+
+/// Accepts members and counts live connections until none is left (or SIGTERM).
+fn serve(
+    owner: UnixStream,
+    mut listener: Option<(UnixListener, super::rendezvous::Rendezvous)>,
+    ready: &Ready,
+    sigfd: Option<&SignalFd>,
+) {
+    let mut conns: Vec<UnixStream> = vec![owner];
+    let fds = [ready.user_ns.as_raw_fd(), ready.mnt_ns.as_raw_fd()];
+    loop {
+        if conns.is_empty() {
+            match &listener {
+                // Under the rendezvous lock: a joiner that connected before we got the lock is
+                // still accepted; after it, the socket is gone and joiners create a new instance.
+                Some((l, rv)) => {
+                    let guard = rv.lock();
+                    let _ = l.set_nonblocking(true);
+                    while let Ok((c, _)) = l.accept() {
+                        let _ = c.set_nonblocking(false);
+                        if send_message(&c, MSG_READY, &fds, &ready.payload).is_ok() {
+                            conns.push(c);
+                        }
+                    }
+                    let _ = l.set_nonblocking(false);
+                    if conns.is_empty() {
+                        rv.remove_files();
+                        drop(guard);
+                        listener = None;
+                        let _ = listener;
+                        return;
+                    }
+                    drop(guard);
+                }
+                None => return,
+            }
+        }
+        let mut pfds: Vec<PollFd> = Vec::with_capacity(conns.len() + 2);
+        for c in &conns {
+            pfds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+        }
+        let nconns = conns.len();
+        if let Some((l, _)) = &listener {
+            pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        let has_listener = listener.is_some();
+        if let Some(s) = sigfd {
+            pfds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut pfds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        let revents: Vec<PollFlags> = pfds
+            .iter()
+            .map(|p| p.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        drop(pfds);
+        if sigfd.is_some() && !revents[revents.len() - 1].is_empty() {
+            return;
+        }
+        let mut closed = Vec::new();
+        for (i, ev) in revents[..nconns].iter().enumerate() {
+            if ev.is_empty() {
+                continue;
+            }
+            let mut buf = [0u8; 64];
+            match (&conns[i]).read(&mut buf) {
+                Ok(0) | Err(_) => closed.push(i),
+                Ok(_) => {}
+            }
+        }
+        for i in closed.into_iter().rev() {
+            conns.swap_remove(i);
+        }
+        if has_listener
+            && !revents[nconns].is_empty()
+            && let Some((l, _)) = &listener
+            && let Ok((c, _)) = l.accept()
+            && send_message(&c, MSG_READY, &fds, &ready.payload).is_ok()
+        {
+            conns.push(c);
+        }
+    }
+}
+
+/// Kills every process left in this instance's user namespace (descendants of members that
+/// outlived them), except the instance itself and its own children (the image server).
+fn kill_leftovers() {
+    let me = getpid();
+    let Ok(own) = fs::read_link("/proc/self/ns/user") else {
+        return;
+    };
+    for _round in 0..5 {
+        let mut found = false;
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me.as_raw() {
+                continue;
+            }
+            if fs::read_link(format!("/proc/{pid}/ns/user")).ok().as_ref() != Some(&own) {
+                continue;
+            }
+            if parent_of(pid) == Some(me.as_raw()) {
+                continue;
+            }
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            found = true;
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Closes every fd above stderr but `keep`: the instance must not hold its creator's pipes, locks
+/// or sockets.
+fn close_inherited(keep: &[RawFd]) {
+    let fds: Vec<RawFd> = match fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: the fds belong to this freshly forked process; nothing else uses them.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}

@@ -1,0 +1,21 @@
+//! One unprivileged container per node: the node instance, its root, its members.
+//!
+//! - [`plan`]: the container root as data (pure), from a [`plan::RootConfig`].
+//! - [`resolve`]: symlink-safe path resolution inside the root (pure).
+//! - [`executor`]: the only code that mounts the root, from the plan.
+//! - [`env`]: the environment of a member (pure).
+//! - [`instance`]: the node instance process and how members join it.
+//! - [`rendezvous`]: how unrelated processes of one user find the instance of a key.
+//! - [`run`]: `cmpirun exec` / `cmpirun shell`, gathered from the host and the command line.
+
+pub mod accounts;
+pub mod env;
+pub mod executor;
+pub mod instance;
+pub mod plan;
+pub mod rendezvous;
+pub mod resolve;
+pub mod run;
+
+pub use instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance};
+pub use plan::{RootConfig, ShmMode};

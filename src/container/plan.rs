@@ -1,0 +1,634 @@
+//! The container root as data: a plain [`RootConfig`] in, a list of [`MountOp`]s out.
+//!
+//! Nothing here touches the system, so every rule (what is bound, in which order, what is skipped)
+//! is unit-tested. [`super::executor`] carries the list out and is the only code that calls
+//! `mount(2)`.
+
+use std::path::{Path, PathBuf};
+
+use crate::mount::{MountBackend, SquashfsSource};
+
+use super::resolve::normalize;
+
+/// Where the image's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A squashfs filesystem (plain file or SIF partition), mounted by a backend.
+    Squashfs {
+        /// Where the squashfs lives.
+        source: SquashfsSource,
+        /// How to mount it.
+        backend: MountBackend,
+    },
+    /// An unpacked root directory, bound read-only.
+    Directory(PathBuf),
+}
+
+/// What `/dev/shm` is inside the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShmMode {
+    /// A tmpfs private to the node instance, shared by its members, gone with it.
+    #[default]
+    Private,
+    /// The host's `/dev/shm`.
+    Host,
+}
+
+/// One bind of a host path into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The host path.
+    pub src: PathBuf,
+    /// The absolute path inside the container.
+    pub dst: PathBuf,
+    /// Make the bind read-only.
+    pub readonly: bool,
+    /// Bind the whole tree of mounts below `src` (`/proc`, `/sys`, `/dev`).
+    pub recursive: bool,
+}
+
+/// The user the container runs as, as it should appear in the container's `/etc/passwd` and
+/// `/etc/group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Login name.
+    pub name: String,
+    /// User id (the same inside and outside).
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Name of the primary group.
+    pub group: String,
+    /// GECOS field.
+    pub gecos: String,
+    /// Home directory.
+    pub home: PathBuf,
+    /// Login shell.
+    pub shell: PathBuf,
+}
+
+impl Account {
+    /// The `/etc/passwd` line for this user.
+    pub fn passwd_line(&self) -> String {
+        format!(
+            "{}:x:{}:{}:{}:{}:{}",
+            self.name,
+            self.uid,
+            self.gid,
+            self.gecos,
+            self.home.display(),
+            self.shell.display()
+        )
+    }
+
+    /// The `/etc/group` line for this user's primary group.
+    pub fn group_line(&self) -> String {
+        format!("{}:x:{}:{}", self.group, self.gid, self.name)
+    }
+}
+
+/// Everything that decides the container root, gathered from the command line and the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootConfig {
+    /// The image.
+    pub image: ImageSource,
+    /// A host directory the instance mounts its private staging tmpfs over, inside its own mount
+    /// namespace only (nothing is created on the host). Bind sources are opened before it is
+    /// covered, so it may be one of them (e.g. `/tmp`).
+    pub stage: PathBuf,
+    /// The user.
+    pub account: Account,
+    /// Bind the user's home (false when it does not exist on the host).
+    pub bind_home: bool,
+    /// The working directory to make visible, if any.
+    pub cwd: Option<PathBuf>,
+    /// Host files bound read-only at the same path (`/etc/hosts`, …), only those that exist.
+    pub host_files: Vec<PathBuf>,
+    /// Host directories bound read-write at the same path (`/tmp`, `/var/tmp`), only those that
+    /// exist.
+    pub host_dirs: Vec<PathBuf>,
+    /// `--bind` values, in command-line order.
+    pub binds: Vec<Bind>,
+    /// What `/dev/shm` is.
+    pub shm: ShmMode,
+}
+
+/// Where a bind's source is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindSource {
+    /// A host path (opened before anything is mounted).
+    Host(PathBuf),
+    /// A path inside the instance's staging tmpfs, relative to it.
+    Stage(PathBuf),
+}
+
+/// Which account file to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountFile {
+    /// `/etc/passwd`.
+    Passwd,
+    /// `/etc/group`.
+    Group,
+}
+
+/// One step of building the root. Container paths are absolute paths inside the container;
+/// staging paths are relative to the staging tmpfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountOp {
+    /// Mount the private staging tmpfs over this host directory.
+    StageTmpfs {
+        /// The host directory covered (inside the instance's mount namespace only).
+        target: PathBuf,
+    },
+    /// Mount the image read-only at a staging path.
+    MountImage {
+        /// Staging path of the mount point.
+        at: PathBuf,
+        /// The image.
+        image: ImageSource,
+    },
+    /// Write the image's account file plus the user's entry to a staging path.
+    WriteAccountFile {
+        /// Which file.
+        file: AccountFile,
+        /// The user's line.
+        entry: String,
+        /// Staging path written.
+        out: PathBuf,
+    },
+    /// Make sure a bind destination exists in the image, creating it on the tmpfs layer if not.
+    MountPoint {
+        /// Container path.
+        dst: PathBuf,
+        /// Where the bind will come from (decides directory or file).
+        like: BindSource,
+    },
+    /// Make the root: the image alone, or the image under the tmpfs layer of mount points.
+    AssembleRoot {
+        /// Staging path of the image.
+        image: PathBuf,
+        /// Staging path of the mount-point layer.
+        layer: PathBuf,
+        /// Staging path of the root.
+        root: PathBuf,
+    },
+    /// Bind a source at a container path.
+    Bind {
+        /// The source.
+        src: BindSource,
+        /// Container path.
+        dst: PathBuf,
+        /// Include sub-mounts.
+        recursive: bool,
+        /// Remount read-only (keeping the locked flags).
+        readonly: bool,
+    },
+    /// Mount a fresh tmpfs at a container path.
+    Tmpfs {
+        /// Container path.
+        dst: PathBuf,
+        /// Permission bits of its root.
+        mode: u32,
+    },
+    /// Make the assembled root the root of the mount namespace.
+    PivotRoot {
+        /// Staging path of the root.
+        root: PathBuf,
+    },
+}
+
+/// A `--bind` value that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BindSpecError {
+    /// Empty source.
+    #[error("--bind {0:?}: the source is empty (use SRC[:DST[:ro|rw]])")]
+    EmptySource(String),
+    /// Relative destination.
+    #[error("--bind {0:?}: the destination must be an absolute path")]
+    RelativeDestination(String),
+    /// Unknown option.
+    #[error("--bind {spec:?}: unknown option {option:?} (use ro or rw)")]
+    UnknownOption {
+        /// The whole value.
+        spec: String,
+        /// The option.
+        option: String,
+    },
+    /// Too many fields.
+    #[error("--bind {0:?}: too many ':' fields (use SRC[:DST[:ro|rw]])")]
+    TooManyFields(String),
+    /// A destination that climbs above `/`.
+    #[error("--bind {0:?}: the destination climbs above / with '..'")]
+    Climbs(String),
+    /// The container root itself.
+    #[error("--bind {0:?}: cannot bind over the container root /")]
+    Root(String),
+}
+
+/// Parses one `--bind SRC[:DST[:ro|rw]]` value; a relative source is taken relative to `cwd`.
+pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
+    let fields: Vec<&str> = spec.split(':').collect();
+    if fields.len() > 3 {
+        return Err(BindSpecError::TooManyFields(spec.into()));
+    }
+    let src = fields[0];
+    if src.is_empty() {
+        return Err(BindSpecError::EmptySource(spec.into()));
+    }
+    let src = cwd.join(src);
+    let dst = match fields.get(1) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => src.clone(),
+    };
+    if !dst.is_absolute() {
+        return Err(BindSpecError::RelativeDestination(spec.into()));
+    }
+    let dst = normalize(&dst).map_err(|_| BindSpecError::Climbs(spec.into()))?;
+    if dst == Path::new("/") {
+        return Err(BindSpecError::Root(spec.into()));
+    }
+    let readonly = match fields.get(2) {
+        None | Some(&"rw") => false,
+        Some(&"ro") => true,
+        Some(o) => {
+            return Err(BindSpecError::UnknownOption {
+                spec: spec.into(),
+                option: (*o).into(),
+            });
+        }
+    };
+    Ok(Bind {
+        src,
+        dst,
+        readonly,
+        recursive: false,
+    })
+}
+
+/// Staging path of the image mount.
+pub const STAGE_IMAGE: &str = "image";
+/// Staging path of the mount-point layer.
+pub const STAGE_LAYER: &str = "layer";
+/// Staging path of the assembled root.
+pub const STAGE_ROOT: &str = "root";
+/// Staging path of generated files.
+pub const STAGE_FILES: &str = "files";
+
+/// Directories whose host copy must never be bound over the image's as the working directory.
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/sbin", "/usr",
+];
+
+fn is_under(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir)
+}
+
+/// Computes the mount operations that build the container root described by `cfg`.
+pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
+    let mut binds: Vec<(BindSource, PathBuf, bool, bool)> = Vec::new();
+    for d in ["/proc", "/sys", "/dev"] {
+        binds.push((BindSource::Host(d.into()), d.into(), true, false));
+    }
+    for d in &cfg.host_dirs {
+        binds.push((BindSource::Host(d.clone()), d.clone(), false, false));
+    }
+    let home = cfg.account.home.clone();
+    if cfg.bind_home && home != Path::new("/") && !binds.iter().any(|b| is_under(&home, &b.1)) {
+        binds.push((BindSource::Host(home.clone()), home, false, false));
+    }
+    if let Some(cwd) = &cfg.cwd {
+        let covered = binds.iter().any(|b| is_under(cwd, &b.1))
+            || cwd == Path::new("/")
+            || SYSTEM_DIRS.iter().any(|d| is_under(cwd, Path::new(d)));
+        if !covered {
+            binds.push((BindSource::Host(cwd.clone()), cwd.clone(), false, false));
+        }
+    }
+    for f in &cfg.host_files {
+        binds.push((BindSource::Host(f.clone()), f.clone(), false, true));
+    }
+    let files = PathBuf::from(STAGE_FILES);
+    for (name, _) in [
+        ("passwd", AccountFile::Passwd),
+        ("group", AccountFile::Group),
+    ] {
+        binds.push((
+            BindSource::Stage(files.join(name)),
+            PathBuf::from("/etc").join(name),
+            false,
+            true,
+        ));
+    }
+    // A user bind replaces a built-in one at the same destination.
+    for b in &cfg.binds {
+        binds.retain(|x| x.1 != b.dst);
+        binds.push((
+            BindSource::Host(b.src.clone()),
+            b.dst.clone(),
+            b.recursive,
+            b.readonly,
+        ));
+    }
+    // Parents before children, so a bind below another one lands in the bound tree; stable, so
+    // equal depths keep their order.
+    binds.sort_by_key(|b| b.1.components().count());
+
+    let mut ops = vec![
+        MountOp::StageTmpfs {
+            target: cfg.stage.clone(),
+        },
+        MountOp::MountImage {
+            at: STAGE_IMAGE.into(),
+            image: cfg.image.clone(),
+        },
+        MountOp::WriteAccountFile {
+            file: AccountFile::Passwd,
+            entry: cfg.account.passwd_line(),
+            out: files.join("passwd"),
+        },
+        MountOp::WriteAccountFile {
+            file: AccountFile::Group,
+            entry: cfg.account.group_line(),
+            out: files.join("group"),
+        },
+    ];
+    for (i, (src, dst, ..)) in binds.iter().enumerate() {
+        // A destination inside an earlier bind is found in that bound tree, not in the image.
+        if binds[..i]
+            .iter()
+            .any(|b| dst != &b.1 && is_under(dst, &b.1))
+        {
+            continue;
+        }
+        ops.push(MountOp::MountPoint {
+            dst: dst.clone(),
+            like: src.clone(),
+        });
+    }
+    ops.push(MountOp::AssembleRoot {
+        image: STAGE_IMAGE.into(),
+        layer: STAGE_LAYER.into(),
+        root: STAGE_ROOT.into(),
+    });
+    let shm_bound = binds.iter().any(|b| {
+        b.1 == Path::new("/dev/shm")
+            || is_under(Path::new("/dev/shm"), &b.1) && b.1 != Path::new("/dev")
+    });
+    for (src, dst, recursive, readonly) in binds {
+        let is_dev = dst == Path::new("/dev");
+        ops.push(MountOp::Bind {
+            src,
+            dst,
+            recursive,
+            readonly,
+        });
+        if is_dev && cfg.shm == ShmMode::Private && !shm_bound {
+            ops.push(MountOp::Tmpfs {
+                dst: "/dev/shm".into(),
+                mode: 0o1777,
+            });
+        }
+    }
+    ops.push(MountOp::PivotRoot {
+        root: STAGE_ROOT.into(),
+    });
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account() -> Account {
+        Account {
+            name: "tuser".into(),
+            uid: 1001,
+            gid: 1001,
+            group: "tuser".into(),
+            gecos: "".into(),
+            home: "/home/tuser".into(),
+            shell: "/bin/bash".into(),
+        }
+    }
+
+    fn cfg() -> RootConfig {
+        RootConfig {
+            image: ImageSource::Directory("/img".into()),
+            stage: "/tmp".into(),
+            account: account(),
+            bind_home: true,
+            cwd: Some("/work/job".into()),
+            host_files: vec!["/etc/hosts".into(), "/etc/resolv.conf".into()],
+            host_dirs: vec!["/tmp".into(), "/var/tmp".into()],
+            binds: vec![],
+            shm: ShmMode::Private,
+        }
+    }
+
+    fn binds(ops: &[MountOp]) -> Vec<(String, bool, bool)> {
+        ops.iter()
+            .filter_map(|o| match o {
+                MountOp::Bind {
+                    dst,
+                    recursive,
+                    readonly,
+                    ..
+                } => Some((dst.display().to_string(), *recursive, *readonly)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn mount_points(ops: &[MountOp]) -> Vec<String> {
+        ops.iter()
+            .filter_map(|o| match o {
+                MountOp::MountPoint { dst, .. } => Some(dst.display().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn index(ops: &[MountOp], f: impl Fn(&MountOp) -> bool) -> usize {
+        ops.iter().position(f).unwrap()
+    }
+
+    #[test]
+    fn default_root() {
+        let ops = plan_root(&cfg());
+        assert_eq!(
+            ops[0],
+            MountOp::StageTmpfs {
+                target: "/tmp".into()
+            }
+        );
+        assert!(matches!(ops[1], MountOp::MountImage { .. }));
+        assert_eq!(
+            binds(&ops),
+            vec![
+                ("/proc".into(), true, false),
+                ("/sys".into(), true, false),
+                ("/dev".into(), true, false),
+                ("/tmp".into(), false, false),
+                ("/var/tmp".into(), false, false),
+                ("/home/tuser".into(), false, false),
+                ("/work/job".into(), false, false),
+                ("/etc/hosts".into(), false, true),
+                ("/etc/resolv.conf".into(), false, true),
+                ("/etc/passwd".into(), false, true),
+                ("/etc/group".into(), false, true),
+            ]
+        );
+        assert!(matches!(ops.last(), Some(MountOp::PivotRoot { .. })));
+        // The tmpfs /dev/shm comes right after /dev.
+        let dev = index(
+            &ops,
+            |o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/dev")),
+        );
+        assert_eq!(
+            ops[dev + 1],
+            MountOp::Tmpfs {
+                dst: "/dev/shm".into(),
+                mode: 0o1777
+            }
+        );
+        // Mount points are made before the root is assembled, binds after.
+        let asm = index(&ops, |o| matches!(o, MountOp::AssembleRoot { .. }));
+        let last_mp = ops
+            .iter()
+            .rposition(|o| matches!(o, MountOp::MountPoint { .. }))
+            .unwrap();
+        assert!(last_mp < asm && asm < dev);
+        assert_eq!(mount_points(&ops).len(), 11);
+    }
+
+    #[test]
+    fn account_files_come_from_the_stage() {
+        let ops = plan_root(&cfg());
+        assert!(ops.contains(&MountOp::WriteAccountFile {
+            file: AccountFile::Passwd,
+            entry: "tuser:x:1001:1001::/home/tuser:/bin/bash".into(),
+            out: "files/passwd".into(),
+        }));
+        assert!(ops.contains(&MountOp::Bind {
+            src: BindSource::Stage("files/group".into()),
+            dst: "/etc/group".into(),
+            recursive: false,
+            readonly: true,
+        }));
+    }
+
+    #[test]
+    fn cwd_is_skipped_when_already_visible_or_a_system_dir() {
+        for (cwd, bound) in [
+            ("/home/tuser/src", false),
+            ("/tmp/x", false),
+            ("/", false),
+            ("/usr/lib", false),
+            ("/etc", false),
+            ("/proc/1", false),
+            ("/scratch/run", true),
+            ("/usrdata", true),
+        ] {
+            let mut c = cfg();
+            c.cwd = Some(cwd.into());
+            let got = binds(&plan_root(&c)).iter().any(|b| b.0 == cwd);
+            assert_eq!(got, bound, "{cwd}");
+        }
+    }
+
+    #[test]
+    fn home_at_root_or_under_tmp_is_not_bound_again() {
+        let mut c = cfg();
+        c.account.home = "/".into();
+        assert!(!binds(&plan_root(&c)).iter().any(|b| b.0 == "/"));
+        c.account.home = "/tmp/home".into();
+        assert!(!binds(&plan_root(&c)).iter().any(|b| b.0 == "/tmp/home"));
+    }
+
+    #[test]
+    fn user_binds_replace_built_ins_and_nest_after_parents() {
+        let mut c = cfg();
+        c.binds = vec![
+            parse_bind("/data/in:/home/tuser/in:ro", Path::new("/")).unwrap(),
+            parse_bind("/scratch:/tmp", Path::new("/")).unwrap(),
+            parse_bind("/opt/sw", Path::new("/")).unwrap(),
+        ];
+        let ops = plan_root(&c);
+        let b = binds(&ops);
+        let pos = |d: &str| b.iter().position(|x| x.0 == d).unwrap();
+        assert!(pos("/home/tuser") < pos("/home/tuser/in"));
+        assert_eq!(
+            b[pos("/home/tuser/in")],
+            ("/home/tuser/in".into(), false, true)
+        );
+        assert_eq!(b.iter().filter(|x| x.0 == "/tmp").count(), 1);
+        assert!(ops.contains(&MountOp::Bind {
+            src: BindSource::Host("/scratch".into()),
+            dst: "/tmp".into(),
+            recursive: false,
+            readonly: false,
+        }));
+        // No mount point is made in the image for a destination inside another bind.
+        let mps = mount_points(&ops);
+        assert!(!mps.contains(&"/home/tuser/in".to_string()));
+        assert!(mps.contains(&"/opt/sw".to_string()));
+    }
+
+    #[test]
+    fn host_shm_keeps_dev_shm() {
+        let mut c = cfg();
+        c.shm = ShmMode::Host;
+        assert!(
+            !plan_root(&c)
+                .iter()
+                .any(|o| matches!(o, MountOp::Tmpfs { .. }))
+        );
+        // A user bind at /dev/shm wins over the private tmpfs.
+        let mut c = cfg();
+        c.binds = vec![parse_bind("/dev/shm", Path::new("/")).unwrap()];
+        assert!(
+            !plan_root(&c)
+                .iter()
+                .any(|o| matches!(o, MountOp::Tmpfs { .. }))
+        );
+    }
+
+    #[test]
+    fn bind_specs() {
+        let cwd = Path::new("/work");
+        let b = parse_bind("data", cwd).unwrap();
+        assert_eq!(
+            (b.src.as_path(), b.dst.as_path()),
+            (Path::new("/work/data"), Path::new("/work/data"))
+        );
+        assert!(!b.readonly);
+        let b = parse_bind("/a:/b/./c:ro", cwd).unwrap();
+        assert_eq!((b.dst.as_path(), b.readonly), (Path::new("/b/c"), true));
+        assert!(!parse_bind("/a::rw", cwd).unwrap().readonly);
+        assert_eq!(parse_bind("/a::rw", cwd).unwrap().dst, PathBuf::from("/a"));
+        assert!(matches!(
+            parse_bind("", cwd),
+            Err(BindSpecError::EmptySource(_))
+        ));
+        assert!(matches!(
+            parse_bind("/a:b", cwd),
+            Err(BindSpecError::RelativeDestination(_))
+        ));
+        assert!(matches!(
+            parse_bind("/a:/b:rx", cwd),
+            Err(BindSpecError::UnknownOption { .. })
+        ));
+        assert!(matches!(
+            parse_bind("/a:/b:ro:x", cwd),
+            Err(BindSpecError::TooManyFields(_))
+        ));
+        assert!(matches!(
+            parse_bind("/a:/../..", cwd),
+            Err(BindSpecError::Climbs(_))
+        ));
+        assert!(matches!(
+            parse_bind("/a:/", cwd),
+            Err(BindSpecError::Root(_))
+        ));
+    }
+}

@@ -1,0 +1,215 @@
+//! Finding the node instance of a key (job step + image) from unrelated processes of one user.
+//!
+//! Per key, a per-user runtime directory holds `<key>.lock` and `<key>.sock`. A process takes the
+//! lock (`flock`), connects to the socket if an instance listens there, or else creates the
+//! instance with a listener bound to it; then it lets go of the lock. The instance removes both
+//! files under the same lock when its last member leaves, so there is no election race and no
+//! file outlives the instance (an instance killed with SIGKILL leaves a stale socket, which the
+//! next joiner finds refused and replaces).
+
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::Uid;
+
+use super::instance::{InstanceConfig, InstanceError, NodeInstance};
+
+/// The files of one key.
+#[derive(Debug, Clone)]
+pub struct Rendezvous {
+    lock: PathBuf,
+    socket: PathBuf,
+}
+
+/// Errors of the rendezvous directory.
+#[derive(Debug, thiserror::Error)]
+pub enum RendezvousError {
+    /// The runtime directory cannot be used.
+    #[error("runtime directory {path}: {message}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key that cannot be a file name.
+    #[error("instance key {0:?}: use letters, digits, '.', '_' and '-' only")]
+    BadKey(String),
+    /// Lock file trouble.
+    #[error("{path}: {message}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The instance itself failed.
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+/// The per-user runtime directory: `$XDG_RUNTIME_DIR/cmpirun` when that is a directory owned by
+/// the user, else `/tmp/cmpirun-<uid>`. Created mode 0700; refused if owned by someone else.
+pub fn runtime_dir() -> Result<PathBuf, RendezvousError> {
+    let uid = Uid::current().as_raw();
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| {
+            fs::metadata(p)
+                .map(|m| m.is_dir() && m.uid() == uid)
+                .unwrap_or(false)
+        })
+        .map(|p| p.join("cmpirun"))
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/cmpirun-{uid}")));
+    let dir_err = |message: String| RendezvousError::Dir {
+        path: base.clone(),
+        message,
+    };
+    match fs::DirBuilder::new().mode(0o700).create(&base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(dir_err(e.to_string())),
+    }
+    let m = fs::symlink_metadata(&base).map_err(|e| dir_err(e.to_string()))?;
+    if !m.is_dir() || m.uid() != uid {
+        return Err(dir_err(format!(
+            "is not a directory owned by uid {uid}; remove it or set XDG_RUNTIME_DIR"
+        )));
+    }
+    if m.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o700))
+            .map_err(|e| dir_err(e.to_string()))?;
+    }
+    Ok(base)
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 100
+        && !key.starts_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A held rendezvous lock.
+#[derive(Debug)]
+pub struct LockGuard(#[allow(dead_code)] Option<Flock<File>>);
+
+impl Rendezvous {
+    /// The files of `key` in `dir`.
+    pub fn new(dir: &Path, key: &str) -> Result<Rendezvous, RendezvousError> {
+        if !valid_key(key) {
+            return Err(RendezvousError::BadKey(key.into()));
+        }
+        Ok(Rendezvous {
+            lock: dir.join(format!("{key}.lock")),
+            socket: dir.join(format!("{key}.sock")),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Takes the lock, making sure the file locked is still the one at the path (the instance
+    /// removes it when it ends).
+    pub fn try_lock(&self) -> Result<LockGuard, RendezvousError> {
+        let err = |message: String| RendezvousError::Lock {
+            path: self.lock.clone(),
+            message,
+        };
+        loop {
+            let f = match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&self.lock)
+            {
+                Ok(f) => f,
+                // An ending instance removed the (empty) runtime directory meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Some(dir) = self.lock.parent() {
+                        match fs::DirBuilder::new().mode(0o700).create(dir) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                            Err(e) => return Err(err(e.to_string())),
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Err(err(e.to_string())),
+            };
+            let held =
+                Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| err(e.to_string()))?;
+            let same = match (held.metadata(), fs::metadata(&self.lock)) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(LockGuard(Some(held)));
+            }
+        }
+    }
+
+    /// Takes the lock, or an empty guard if that fails (used by a dying instance, which must go
+    /// on removing its files).
+    pub fn lock(&self) -> LockGuard {
+        self.try_lock().unwrap_or(LockGuard(None))
+    }
+
+    /// Removes the socket and the lock file (hold the lock), and the runtime directory if that
+    /// leaves it empty.
+    pub fn remove_files(&self) {
+        let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(&self.lock);
+        if let Some(dir) = self.lock.parent() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Joins the instance of `key`, creating it from `cfg` if none is running.
+///
+/// The caller must be single-threaded. A created instance is not tied to its creator's life: it
+/// ends when its last member's handle is gone.
+pub fn join_or_create(
+    dir: &Path,
+    key: &str,
+    cfg: &InstanceConfig,
+) -> Result<NodeInstance, RendezvousError> {
+    let rv = Rendezvous::new(dir, key)?;
+    let guard = rv.try_lock()?;
+    match NodeInstance::connect(&rv.socket) {
+        Ok(inst) => {
+            drop(guard);
+            return Ok(inst);
+        }
+        Err(InstanceError::Io { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // A stale socket of an instance that was killed.
+    let _ = fs::remove_file(&rv.socket);
+    let listener = UnixListener::bind(&rv.socket).map_err(|e| RendezvousError::Lock {
+        path: rv.socket.clone(),
+        message: format!("bind: {e}"),
+    })?;
+    // The creator waits for the instance when it closes its own membership: the instance is its
+    // child, and reaping it there leaves no zombie behind.
+    let result = NodeInstance::create(cfg, Some((listener, rv.clone())), true);
+    if result.is_err() {
+        rv.remove_files();
+    }
+    drop(guard);
+    Ok(result?)
+}
