@@ -855,15 +855,14 @@ impl PmiServer {
         let state = &mut self.ranks[rank as usize];
         if matches!(state.life, Life::Waiting | Life::Active) {
             let initialized = state.life == Life::Active;
-            if state.fence.take().is_some() {
-                self.in_fence -= 1;
-            }
+            let own = u32::from(state.fence.take().is_some());
+            self.in_fence -= own;
             state.life = Life::Gone;
             self.report.disconnected.push(rank);
             events.push(Event::Disconnected {
                 rank,
                 initialized,
-                mid_fence: in_fence > 0,
+                mid_fence: in_fence - own > 0,
             });
             self.fail_fence(&format!("rank {rank} disconnected"));
         }

@@ -361,3 +361,22 @@ fn exited_ranks_stop_being_waited_for() {
     assert_eq!(report.disconnected, [0, 1]);
     assert!(!report.stopped);
 }
+
+#[test]
+fn a_rank_alone_in_a_fence_is_not_mid_fence_for_others() {
+    let (h, mut c) = job(JobConfig::single_node("kvs_j", 2));
+    c[0].v1("cmd=barrier_in");
+    let _ = events_until(&h, |e| matches!(e, Event::Connected { rank: 0 }));
+    c.remove(0);
+    let ev = events_until(&h, |e| matches!(e, Event::Disconnected { .. }));
+    assert_eq!(
+        ev.last(),
+        Some(&Event::Disconnected {
+            rank: 0,
+            initialized: true,
+            mid_fence: false
+        })
+    );
+    h.stop();
+    h.join().unwrap();
+}

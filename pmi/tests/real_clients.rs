@@ -75,7 +75,7 @@ fn check_mpi(program: &Path, n: u32, nodes: u32, mode: Mode, env: &[(&str, &str)
     for (rank, out) in outcome.outputs.iter().enumerate() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.contains(&format!("OK {rank}/{n}")),
+            text.contains(&format!("OK {rank}/{n} appnum=0")),
             "rank {rank}: {text}"
         );
     }
@@ -180,4 +180,18 @@ fn mpich5_abort_reports_rank_code_and_message_field() {
     let (rank, code, message) = abort_event(mpich5_program());
     assert_eq!((rank, code), (0, 7));
     assert_eq!(message.as_deref(), Some("abort"));
+}
+
+#[test]
+fn mpich4_mpmd_appnums() {
+    let config = JobConfig::single_node(format!("kvs_{}_mpmd", std::process::id()), 4)
+        .appnums(vec![0, 0, 1, 1])
+        .connect_timeout(Duration::from_secs(60));
+    let outcome = run_job(mpich4_program(), &[], 4, Mode::Fd, &[], Some(config), LIMIT);
+    outcome.assert_success();
+    for (rank, out) in outcome.outputs.iter().enumerate() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = format!("OK {rank}/4 appnum={}", rank / 2);
+        assert!(text.contains(&want), "rank {rank}: {text}");
+    }
 }

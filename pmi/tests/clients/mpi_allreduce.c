@@ -1,5 +1,5 @@
 /* MPI wire-up check: MPI_Init (PMI put/fence/get rounds), an allgather and an allreduce,
- * MPI_Finalize. With the argument "abort", rank 0 calls MPI_Abort(MPI_COMM_WORLD, 7) after
+ * MPI_Finalize; prints "OK rank/size appnum=N". With the argument "abort", rank 0 calls MPI_Abort(MPI_COMM_WORLD, 7) after
  * MPI_Init while the other ranks wait in a barrier. */
 #include <mpi.h>
 #include <stdio.h>
@@ -34,7 +34,10 @@ int main(int argc, char **argv)
         return 1;
     }
     free(all);
+    /* MPMD: the application number comes from the process manager (PMI get_appnum). */
+    int *appnum = NULL, flag = 0;
+    MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_APPNUM, &appnum, &flag);
     MPI_Finalize();
-    printf("OK %d/%d\n", rank, size);
+    printf("OK %d/%d appnum=%d\n", rank, size, flag ? *appnum : -1);
     return 0;
 }
