@@ -195,3 +195,32 @@ fn mpich4_mpmd_appnums() {
         assert!(text.contains(&want), "rank {rank}: {text}");
     }
 }
+
+#[test]
+fn mpi_comm_spawn_gets_an_error_not_a_hang() {
+    let whl = mpich_wheel();
+    let lib = whl.join("lib").display().to_string();
+    let programs = [
+        build("mpicc.mpich", "spawn-mpich4", &[src("mpi_spawn.c")]),
+        build(
+            "cc",
+            "spawn-mpich5",
+            &[
+                src("mpi_spawn.c"),
+                format!("-I{}", whl.join("include").display()),
+                format!("-L{lib}"),
+                format!("-Wl,-rpath,{lib}"),
+                "-lmpi".into(),
+            ],
+        ),
+    ];
+    for program in programs {
+        let outcome = run_job(&program, &[], 1, Mode::Fd, &[], None, LIMIT);
+        outcome.assert_success();
+        let text = String::from_utf8_lossy(&outcome.outputs[0].stdout).into_owned();
+        assert!(
+            text.starts_with("spawn rc=") && !text.starts_with("spawn rc=0 "),
+            "{program:?}: {text}"
+        );
+    }
+}
