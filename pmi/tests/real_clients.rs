@@ -196,25 +196,30 @@ fn mpich4_mpmd_appnums() {
     }
 }
 
-#[test]
-fn mpi_comm_spawn_gets_an_error_not_a_hang() {
+/// `source` built against Debian's MPICH 4.0.2 and against the MPICH 5.0.2 wheel.
+fn both_mpich(source: &str) -> [PathBuf; 2] {
     let whl = mpich_wheel();
     let lib = whl.join("lib").display().to_string();
-    let programs = [
-        build("mpicc.mpich", "spawn-mpich4", &[src("mpi_spawn.c")]),
+    let stem = source.trim_end_matches(".c");
+    [
+        build("mpicc.mpich", &format!("{stem}-mpich4"), &[src(source)]),
         build(
             "cc",
-            "spawn-mpich5",
+            &format!("{stem}-mpich5"),
             &[
-                src("mpi_spawn.c"),
+                src(source),
                 format!("-I{}", whl.join("include").display()),
                 format!("-L{lib}"),
                 format!("-Wl,-rpath,{lib}"),
                 "-lmpi".into(),
             ],
         ),
-    ];
-    for program in programs {
+    ]
+}
+
+#[test]
+fn mpi_comm_spawn_gets_an_error_not_a_hang() {
+    for program in both_mpich("mpi_spawn.c") {
         let outcome = run_job(&program, &[], 1, Mode::Fd, &[], None, LIMIT);
         outcome.assert_success();
         let text = String::from_utf8_lossy(&outcome.outputs[0].stdout).into_owned();
@@ -222,5 +227,20 @@ fn mpi_comm_spawn_gets_an_error_not_a_hang() {
             text.starts_with("spawn rc=") && !text.starts_with("spawn rc=0 "),
             "{program:?}: {text}"
         );
+    }
+}
+
+#[test]
+fn mpi_publish_lookup_unpublish_name() {
+    for program in both_mpich("mpi_names.c") {
+        let outcome = run_job(&program, &[], 2, Mode::Fd, &[], None, LIMIT);
+        outcome.assert_success();
+        for out in &outcome.outputs {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("names OK cmpirun-test-port-42"),
+                "{program:?}: {text}"
+            );
+        }
     }
 }
