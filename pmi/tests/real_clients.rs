@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cmpirun_pmi::server::{Event, JobConfig};
-use common::{Mode, client_src, compile, mpich_wheel, run_job};
+use common::{Mode, client_src, compile, mpich_wheel, run_job, run_job_without_kill_on_disconnect};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -243,4 +243,40 @@ fn mpi_publish_lookup_unpublish_name() {
             );
         }
     }
+}
+
+#[test]
+fn libpmi2_ranks_fail_cleanly_when_a_peer_leaves_before_the_fence() {
+    let outcome = run_job_without_kill_on_disconnect(
+        pmi2_program(),
+        4,
+        &[("PMI2_TEST_EXIT_RANK", "2")],
+        LIMIT,
+    );
+    assert!(!outcome.killed, "the job hung: {}", outcome.dump());
+    let report = outcome.report.as_ref().expect("server report");
+    // Rank 2 leaves first; the others get a failed fence and exit without finalizing.
+    assert_eq!(report.disconnected.first(), Some(&2), "{report:?}");
+    assert_eq!(report.disconnected.len(), 4, "{report:?}");
+    assert!(
+        outcome.events.iter().any(|e| matches!(
+            e,
+            Event::Disconnected {
+                rank: 2,
+                initialized: true,
+                ..
+            }
+        )),
+        "{:?}",
+        outcome.events
+    );
+    for (rank, out) in outcome.outputs.iter().enumerate() {
+        assert!(
+            !out.status.success(),
+            "rank {rank} succeeded: {}",
+            outcome.dump()
+        );
+    }
+    let stderr = String::from_utf8_lossy(&outcome.outputs[0].stderr);
+    assert!(stderr.contains("PMI2_KVS_Fence() failed"), "{stderr}");
 }

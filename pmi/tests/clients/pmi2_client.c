@@ -1,8 +1,11 @@
 /* A PMI-2 client on Slurm's libpmi2: init, job id, put, fence, get of the neighbour's key,
- * the process mapping, finalize. Prints "OK rank/size mapping". */
+ * the process mapping, finalize. Prints "OK rank/size mapping". With PMI2_TEST_EXIT_RANK=r, rank r
+ * exits before the first fence. */
 #include <slurm/pmi2.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CHECK(call) do { int rc_ = (call); if (rc_ != PMI2_SUCCESS) { \
     fprintf(stderr, "%s failed: %d\n", #call, rc_); return 1; } } while (0)
@@ -17,6 +20,10 @@ int main(void)
     snprintf(key, sizeof(key), "key-%d", rank);
     snprintf(val, sizeof(val), "value-from-%d;semicolon", rank);
     CHECK(PMI2_KVS_Put(key, val));
+    /* Fault test: this rank leaves before the fence, without finalizing. */
+    const char *leave = getenv("PMI2_TEST_EXIT_RANK");
+    if (leave && atoi(leave) == rank)
+        _exit(3);
     CHECK(PMI2_KVS_Fence());
     int peer = (rank + 1) % size;
     snprintf(key, sizeof(key), "key-%d", peer);

@@ -121,6 +121,31 @@ pub fn run_job(
     config: Option<JobConfig>,
     limit: Duration,
 ) -> Outcome {
+    run(program, args, n, mode, extra_env, config, limit, true)
+}
+
+/// Like [`run_job`], but a rank that disconnects does not get the others killed: they must
+/// notice on their own (a failed fence) and exit, or the test's time limit kills them.
+pub fn run_job_without_kill_on_disconnect(
+    program: &Path,
+    n: u32,
+    extra_env: &[(&str, &str)],
+    limit: Duration,
+) -> Outcome {
+    run(program, &[], n, Mode::Fd, extra_env, None, limit, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    program: &Path,
+    args: &[&str],
+    n: u32,
+    mode: Mode,
+    extra_env: &[(&str, &str)],
+    config: Option<JobConfig>,
+    limit: Duration,
+    kill_on_disconnect: bool,
+) -> Outcome {
     let config = config.unwrap_or_else(|| {
         JobConfig::single_node(format!("kvs_{}_{n}", std::process::id()), n)
             .connect_timeout(Duration::from_secs(60))
@@ -172,12 +197,11 @@ pub fn run_job(
         let left = deadline.saturating_duration_since(Instant::now());
         match handle.events().recv_timeout(left) {
             Ok(e) => {
-                let fatal = matches!(
-                    e,
-                    Event::Aborted { .. }
-                        | Event::Disconnected { .. }
-                        | Event::ConnectTimeout { .. }
-                );
+                let fatal = match e {
+                    Event::Aborted { .. } | Event::ConnectTimeout { .. } => true,
+                    Event::Disconnected { .. } => kill_on_disconnect,
+                    _ => false,
+                };
                 events.push(e);
                 if fatal {
                     kill_all(&mut children);
