@@ -203,7 +203,7 @@ pub fn parse_process_mapping(text: &str, size: usize) -> Result<Vec<u32>, Mappin
         .iter()
         .position(|&(s, _, _)| s == 0)
         .filter(|&first| entries[first..].iter().any(|&(_, n, p)| n > 0 && p > 0));
-    let mut out = Vec::with_capacity(size);
+    let mut out = Vec::with_capacity(size.min(1 << 16));
     let mut i = 0;
     while out.len() < size {
         if i == entries.len() {
@@ -218,6 +218,11 @@ pub fn parse_process_mapping(text: &str, size: usize) -> Result<Vec<u32>, Mappin
             }
         }
         let (start, n_nodes, ppn) = entries[i];
+        if ppn == 0 {
+            // Would spin over n_nodes empty nodes (up to 2^32) without placing a rank.
+            i += 1;
+            continue;
+        }
         'block: for node in 0..n_nodes {
             for _ in 0..ppn {
                 if out.len() == size {
@@ -254,6 +259,45 @@ mod tests {
         }
     }
 
+    /// Random strings from the grammar's pieces: the parser ends quickly with a value or an
+    /// error, never a panic.
+    #[test]
+    fn random_mappings_never_panic() {
+        const PARTS: &[&str] = &[
+            "(",
+            ")",
+            "vector",
+            ",",
+            "[",
+            "]",
+            "x",
+            "0",
+            "1",
+            "7",
+            "4294967295",
+            "99999999999",
+            " ",
+            "(0,2,1)",
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut text = String::from("(vector");
+            for _ in 0..(next() % 14) {
+                text.push_str(PARTS[(next() % PARTS.len() as u64) as usize]);
+            }
+            let size = (next() % 300) as usize;
+            if let Ok(nodes) = parse_process_mapping(&text, size) {
+                assert_eq!(nodes.len(), size, "{text}");
+            }
+        }
+    }
+
     #[test]
     fn parse_forms() {
         assert_eq!(
@@ -272,5 +316,10 @@ mod tests {
         assert!(parse_process_mapping("(vector,(1,1,1))", 2).is_err());
         assert!(parse_process_mapping("(vector,(0,0,0))", 2).is_err());
         assert!(parse_process_mapping("(vector,(0,1,1)) x", 1).is_err());
+        // Returns at once despite 4 billion empty nodes.
+        assert_eq!(
+            parse_process_mapping("(vector,(0,4294967295,0),(0,1,1))", 2).unwrap(),
+            [0, 0]
+        );
     }
 }
