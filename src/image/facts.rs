@@ -707,7 +707,7 @@ fn find_mpi_libraries(loader: &Loader) -> Result<Vec<(MpiFamily, ResolvedLibrary
     let mut seen_files = BTreeSet::new();
     let mut found = Vec::new();
     for (via, dir) in dirs {
-        let Some(real_dir) = resolve(loader.fs, &dir).map_err(|e| io_err(&dir, e))? else {
+        let Some(real_dir) = resolve_candidate(loader.fs, &dir) else {
             continue;
         };
         if !seen_dirs.insert(real_dir) {
@@ -1158,9 +1158,16 @@ fn list_dir(fs: &dyn RootFs, path: &str) -> Result<Vec<String>, FactsError> {
     fs.list_dir(&real).map_err(|e| io_err(path, e))
 }
 
+/// `path` resolved inside the image, or `None` when it does not resolve. A path that cannot be
+/// resolved (a symlink loop) counts as absent: the loader, failing to open such a candidate,
+/// moves on to the next one too. Reading an existing file still reports its errors.
+fn resolve_candidate(fs: &dyn RootFs, path: &str) -> Option<String> {
+    resolve(fs, path).ok().flatten()
+}
+
 /// `path` resolved inside the image if it names a regular file (through symlinks), else `None`.
 fn resolved_file(fs: &dyn RootFs, path: &str) -> Result<Option<String>, FactsError> {
-    let Some(real) = resolve(fs, path).map_err(|e| io_err(path, e))? else {
+    let Some(real) = resolve_candidate(fs, path) else {
         return Ok(None);
     };
     let meta = fs.metadata(&real).map_err(|e| io_err(&real, e))?;
@@ -1172,7 +1179,7 @@ fn is_file(fs: &dyn RootFs, path: &str) -> Result<bool, FactsError> {
 }
 
 fn is_dir(fs: &dyn RootFs, path: &str) -> Result<bool, FactsError> {
-    let Some(real) = resolve(fs, path).map_err(|e| io_err(path, e))? else {
+    let Some(real) = resolve_candidate(fs, path) else {
         return Ok(false);
     };
     let meta = fs.metadata(&real).map_err(|e| io_err(&real, e))?;
@@ -1641,6 +1648,44 @@ mod tests {
             facts.notes
         );
         assert!(facts.mpi.is_some());
+    }
+
+    #[test]
+    fn symlink_loops_are_candidates_that_do_not_exist() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let lib = wheel_lib();
+        put(
+            root,
+            "/opt/mpich5/lib/libmpi.so.12",
+            &lib.join("libmpi.so.12"),
+        );
+        put(
+            root,
+            "/opt/mpich5/lib/mpich/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        // Loops where the scan and the loader look first.
+        link(root, "/opt/aaa/lib", "/opt/aaa/lib");
+        link(root, "/loop/libfabric.so.1", "/loop/libfabric.so.1");
+        let options = FactsOptions {
+            ld_library_path: Some(vec!["/loop".into()]),
+            ..FactsOptions::default()
+        };
+        let facts = image_facts_with(&DirRootFs::new(root), &options).unwrap();
+        let mpi = facts.mpi.unwrap();
+        assert_eq!(mpi.path, "/opt/mpich5/lib/libmpi.so.12");
+        assert_eq!(
+            facts_libfabric_path(&mpi),
+            Some("/opt/mpich5/lib/mpich/libfabric.so.1")
+        );
+    }
+
+    fn facts_libfabric_path(mpi: &MpiFacts) -> Option<&str> {
+        match &mpi.libfabric {
+            LibfabricLink::Dynamic(l) => Some(&l.path),
+            _ => None,
+        }
     }
 
     #[test]
