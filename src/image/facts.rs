@@ -4,11 +4,16 @@
 //! links, and the Apptainer environment scripts and runscript.
 //!
 //! Library lookups follow the dynamic loader's order inside the image: `DT_RPATH` of the loading
-//! object (only when it has no `DT_RUNPATH`), `LD_LIBRARY_PATH` from the image's environment
-//! scripts, `DT_RUNPATH`, the image's `ld.so.cache` (approximated by the directories of its
-//! `/etc/ld.so.conf`; only when the cache exists, as the loader reads the cache, not the
-//! configuration), then the default directories. `$ORIGIN` is the directory the loading object was
-//! found in, and symlinks are resolved inside the image.
+//! object and then of the objects that loaded it (only when the object has no `DT_RUNPATH`),
+//! `LD_LIBRARY_PATH` from the image's environment scripts, `DT_RUNPATH`, the image's
+//! `ld.so.cache` (approximated by the directories of its `/etc/ld.so.conf`; only when the cache
+//! exists, as the loader reads the cache, not the configuration), then the default directories.
+//! `$ORIGIN` is the directory the loading object was found in, symlinks are resolved inside the
+//! image, and files of another ELF class or machine are passed over. `tests/image_facts_vs_ld_so.rs`
+//! checks the result against the images' own `ld.so`.
+//!
+//! Not modelled: `glibc-hwcaps` and legacy hwcap subdirectories, entries of an `ld.so.cache` that
+//! its `ld.so.conf` no longer lists, and `LD_LIBRARY_PATH` set by scripts that must run to know it.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
