@@ -215,7 +215,9 @@ pub struct RankFd {
     /// The rank's end (close-on-exec; see [`crate::env::inherit_fd`]). Drop it in the parent
     /// once the rank is started.
     pub fd: OwnedFd,
-    /// `PMI_FD`, `PMI_RANK`, `PMI_SIZE`, `PMI_JOBID`, with `PMI_FD` naming `fd`'s number.
+    /// `PMI_FD`, `PMI_RANK`, `PMI_SIZE`, `PMI_JOBID`, with `PMI_FD` naming `fd`'s number. A
+    /// launcher that moves the descriptor to another number in the child (`dup2`) builds the
+    /// environment for that number with [`crate::env::fd_env`] instead.
     pub env: Vec<(String, String)>,
 }
 
