@@ -11,7 +11,7 @@
 //! - [`server`]: a server for one job (KVS with fences, job and node attributes, name service,
 //!   finalize and abort as events), over inherited socketpairs (`PMI_FD`) or loopback TCP
 //!   (`PMI_PORT`);
-//! - [`env`]: the environment a rank gets, and the removal of stray PMI/PMIx variables;
+//! - [`env`](mod@env): the environment a rank gets, and the removal of stray PMI/PMIx variables;
 //! - [`mapping`]: MPICH's `PMI_process_mapping` format, both ways;
 //! - [`probe`]: which PMI libraries the host has (through `dlopen`).
 //!
