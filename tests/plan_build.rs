@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use cmpirun::cli::{CliRequest, parse_launch};
 use cmpirun::jobspec::{JobSpec, LauncherKind, MountBackendKind, PmiKind};
 use cmpirun::plan::{
-    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, LaunchPlan, LibfabricUse,
-    PlanError, Verdict, build_plan, facts::HostLibfabric, render_text,
+    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, ImageLibrary, LaunchPlan,
+    LibfabricUse, PlanError, Verdict, build_plan, facts::HostLibfabric, render_text,
 };
 use cmpirun::profile::{self, ProfileChoice, SelectedBy};
 
@@ -819,4 +819,61 @@ fn embedded_libfabric_and_open_mpi_checks() {
     ompi.mpi_family = Some("openmpi".into());
     let p = build_plan(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
     assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Warn);
+}
+
+#[test]
+fn host_pmi_libraries_over_the_image_copies() {
+    let c = choice(
+        "name: p\npmi:\n  inject: true\n  host_libraries:\n    - /usr/lib/x86_64-linux-gnu/libpmi2.so.0\n    - /usr/lib/x86_64-linux-gnu/libpmix.so.2\n",
+    );
+    let h = with_paths(
+        host(&[]),
+        &[
+            (
+                "/usr/lib/x86_64-linux-gnu/libpmi2.so.0",
+                &["/usr/lib/x86_64-linux-gnu/libpmi2.so.0"],
+            ),
+            (
+                "/usr/lib/x86_64-linux-gnu/libpmix.so.2",
+                &["/usr/lib/x86_64-linux-gnu/libpmix.so.2"],
+            ),
+        ],
+    );
+    let mut img = mpich5_image();
+    img.pmi_libraries = vec![ImageLibrary {
+        name: "libpmi2.so.0".into(),
+        real_file: "/usr/lib/x86_64-linux-gnu/libpmi2.so.0.0.0".into(),
+    }];
+    let s = spec(&["mpich5.sif", "x"]);
+    let p = build_plan(&s, &c, &[img], &h).unwrap();
+    let dests: Vec<(&str, &str)> = p
+        .binds
+        .iter()
+        .map(|b| (b.source.as_str(), b.destination.as_str()))
+        .collect();
+    assert_eq!(
+        dests,
+        [
+            (
+                "/usr/lib/x86_64-linux-gnu/libpmi2.so.0",
+                "/usr/lib/x86_64-linux-gnu/libpmi2.so.0.0.0"
+            ),
+            (
+                "/usr/lib/x86_64-linux-gnu/libpmix.so.2",
+                "/.cmpirun/lib/libpmix.so.2"
+            ),
+        ]
+    );
+    // The injection directory is on LD_LIBRARY_PATH because something went into it.
+    assert_eq!(
+        env_of(&p, "LD_LIBRARY_PATH"),
+        Some(&EnvAction::Prepend {
+            value: "/.cmpirun/lib".into()
+        })
+    );
+    // --no-inject keeps the image's.
+    let s = spec(&["--no-inject", "mpich5.sif", "x"]);
+    let p = build_plan(&s, &c, &[mpich5_image()], &h).unwrap();
+    assert!(p.binds.is_empty());
+    assert_eq!(check(&p, "pmi-inject")[0].verdict, Verdict::Skipped);
 }

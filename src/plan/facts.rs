@@ -102,8 +102,19 @@ pub struct ImageInfo {
     pub glibc: Option<String>,
     /// The file of the image's glibc.
     pub glibc_file: Option<String>,
+    /// The PMI libraries the image's MPI links (`libpmi2.so.0`, `libpmix.so.2`, …).
+    pub pmi_libraries: Vec<ImageLibrary>,
     /// Why the image's facts could not be read, when they could not.
     pub facts_error: Option<String>,
+}
+
+/// A library inside an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageLibrary {
+    /// The name it is needed as (`DT_NEEDED`).
+    pub name: String,
+    /// The file the loader finds, symlinks resolved inside the image.
+    pub real_file: String,
 }
 
 impl HostFacts {
@@ -265,6 +276,14 @@ impl ImageInfo {
             });
             self.libfabric = f.libfabric_target().map(PathBuf::from);
             self.fabric_needs = m.fabric_needs.iter().map(ToString::to_string).collect();
+            self.pmi_libraries = m
+                .pmi_libraries
+                .iter()
+                .map(|l| ImageLibrary {
+                    name: l.name.clone(),
+                    real_file: l.real_file.clone(),
+                })
+                .collect();
         }
     }
 }

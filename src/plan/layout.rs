@@ -129,40 +129,10 @@ impl RankLayout {
     }
 }
 
-/// Encodes node ids per rank in MPICH's `PMI_process_mapping` grammar
-/// (`pmodels/mpich:src/mpl/src/mpl_rankmap.c`).
-///
-/// Runs of ranks on one node become `(node,1,count)`; consecutive runs of equal length on
-/// consecutive nodes merge into `(start,nodes,count)`. When the whole list is one period
-/// repeated and the period starts at node 0, only the period is written: MPICH restarts the
-/// list from the first block when it runs out, which is how Slurm writes cyclic layouts.
+/// Encodes node ids per rank in MPICH's `PMI_process_mapping` grammar, with the same encoder
+/// cmpirun's PMI server uses (`cmpirun_pmi::mapping`), so the plan shows what ranks will read.
 pub fn process_mapping(node_of_rank: &[u32]) -> String {
-    let mut runs: Vec<(u32, u32)> = Vec::new(); // (node, count)
-    for &n in node_of_rank {
-        match runs.last_mut() {
-            Some((node, count)) if *node == n => *count += 1,
-            _ => runs.push((n, 1)),
-        }
-    }
-    let mut blocks: Vec<(u32, u32, u32)> = Vec::new(); // (start, nodes, count)
-    for (node, count) in runs {
-        match blocks.last_mut() {
-            Some((start, nodes, c)) if *c == count && *start + *nodes == node => *nodes += 1,
-            _ => blocks.push((node, 1, count)),
-        }
-    }
-    let period = (1..=blocks.len())
-        .find(|&p| {
-            blocks.len().is_multiple_of(p)
-                && blocks[0].0 == 0
-                && blocks.chunks(p).all(|c| c == &blocks[..p])
-        })
-        .unwrap_or(blocks.len());
-    let body: Vec<String> = blocks[..period]
-        .iter()
-        .map(|(s, n, c)| format!("({s},{n},{c})"))
-        .collect();
-    format!("(vector,{})", body.join(","))
+    cmpirun_pmi::mapping::format_process_mapping(node_of_rank)
 }
 
 /// A malformed Slurm variable.
@@ -296,7 +266,8 @@ mod tests {
         let l = RankLayout::place(5, &nodes(&[2, 1]), Mapping::Block);
         assert_eq!(l.node_of_rank, [0, 0, 1, 0, 0]);
         assert_eq!(l.local_rank, [0, 1, 0, 2, 3]);
-        assert_eq!(l.process_mapping, "(vector,(0,1,2),(1,1,1),(0,1,2))");
+        // Ranks 3 and 4 come from the restart rule: the list starts over at (0,1,2).
+        assert_eq!(l.process_mapping, "(vector,(0,1,2),(1,1,1))");
     }
 
     #[test]

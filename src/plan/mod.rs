@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use facts::{HostFacts, HostLibfabric, ImageInfo, LibfabricUse};
+pub use facts::{HostFacts, HostLibfabric, ImageInfo, ImageLibrary, LibfabricUse};
 
 use cmpirun_fabric::elf::SymbolVersion;
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
@@ -585,6 +585,20 @@ pub fn build_plan(
     plan_environment(&mut plan, choice, host);
     plan_binds(&mut plan, choice, host);
     plan_fabric(&mut plan, choice, host);
+    if plan
+        .binds
+        .iter()
+        .any(|b| b.destination.starts_with(&format!("{INJECT_DIR}/")))
+    {
+        plan.env.push(env_change(
+            "LD_LIBRARY_PATH",
+            EnvAction::Prepend {
+                value: INJECT_DIR.into(),
+            },
+            EnvScope::All,
+            "the injected host libraries are found first by soname",
+        ));
+    }
     Ok(plan)
 }
 
@@ -748,17 +762,29 @@ fn plan_environment(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFa
             "removed before mpiexec starts, so only the variables hydra sets reach the ranks"
         }
     };
-    for glob in ["PMI_*", "PMIX_*"] {
-        if host.env.keys().any(|k| {
-            crate::profile::GlobPattern::try_from(glob.to_owned())
-                .map(|g| g.matches(k))
-                .unwrap_or(false)
-        }) {
+    // The launcher removes every wire-up variable of another process manager (the PMI crate's
+    // rule); list the families actually present.
+    for (prefix, glob) in [
+        ("PMI_", "PMI_*"),
+        ("PMI2_", "PMI2_*"),
+        ("PMIX_", "PMIX_*"),
+        ("PRTE_", "PRTE_*"),
+        ("OMPI_", "OMPI_*"),
+    ] {
+        let present = host.env.keys().any(|k| {
+            k.starts_with(prefix) && cmpirun_pmi::env::is_wireup_var(std::ffi::OsStr::new(k))
+        });
+        if present {
+            let reason = if prefix == "OMPI_" {
+                format!("{scrub_reason} (OMPI_MCA_* settings stay, except launch state)")
+            } else {
+                scrub_reason.to_owned()
+            };
             env.push(env_change(
                 glob,
                 EnvAction::UnsetMatching,
                 EnvScope::All,
-                scrub_reason,
+                reason,
             ));
         }
     }
@@ -941,7 +967,36 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
         } else {
             for lib in &profile.pmi.host_libraries {
                 match host.paths.get(lib.as_str()).and_then(|v| v.last()) {
-                    Some(p) => plan.binds.push(lib_bind(p, "the profile injects the host PMI library (pmi.inject)")),
+                    Some(p) => {
+                        let name = Path::new(lib.as_str())
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        // Over the image's copy when its MPI links one by this name; otherwise
+                        // into the injection directory, found by soname.
+                        let mut over: Vec<String> = plan
+                            .apps
+                            .iter()
+                            .flat_map(|a| a.image.pmi_libraries.iter())
+                            .filter(|l| l.name == name)
+                            .map(|l| l.real_file.clone())
+                            .collect();
+                        over.sort();
+                        over.dedup();
+                        if over.is_empty() {
+                            plan.binds.push(lib_bind(p, "the profile injects the host PMI library (pmi.inject)"));
+                        }
+                        for dest in over {
+                            plan.binds.push(Bind {
+                                source: p.display().to_string(),
+                                destination: dest,
+                                kind: BindKind::Library,
+                                read_only: true,
+                                when: BindTime::Plan,
+                                reason: format!("the host PMI library over the image's {name} (pmi.inject)"),
+                            });
+                        }
+                    }
                     None => plan.checks.push(Check {
                         name: "pmi-inject".into(),
                         verdict: Verdict::Fail,
@@ -1144,7 +1199,6 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
         push_expect_check(plan, choice, host.libfabric.as_ref());
         return;
     }
-    let mut uses_inject_dir = false;
     match (chosen_libfabric(profile, host), fabric.libfabric.is_empty()) {
         (Some((pattern, path)), _) => {
             let defines = host
@@ -1192,7 +1246,6 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                     &path,
                     "the host libfabric, found through LD_LIBRARY_PATH",
                 ));
-                uses_inject_dir = true;
                 plan.checks.push(Check {
                     name: "libfabric-target".into(),
                     verdict: Verdict::Warn,
@@ -1205,7 +1258,6 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                         dep,
                         "needed by the host libfabric or its providers (dependency closure, glibc left to the image)",
                     ));
-                    uses_inject_dir = true;
                 }
                 if fabric.provider_dir.is_none() && !lf.plugin_dirs.is_empty() {
                     let dirs: Vec<String> = lf
@@ -1277,7 +1329,6 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                     p,
                     "a library the host libfabric needs (fabric.libraries)",
                 ));
-                uses_inject_dir = true;
             }
             None => plan.checks.push(Check {
                 name: "fabric-library".into(),
@@ -1314,16 +1365,6 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                 ),
             });
         }
-    }
-    if uses_inject_dir {
-        plan.env.push(env_change(
-            "LD_LIBRARY_PATH",
-            EnvAction::Prepend {
-                value: INJECT_DIR.into(),
-            },
-            EnvScope::All,
-            "the injected host libraries are found first by soname",
-        ));
     }
     push_expect_check(plan, choice, host.libfabric.as_ref());
 }
