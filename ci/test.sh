@@ -21,4 +21,4 @@ trap cleanup EXIT
 echo "== cargo test" >&2
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 export SLURM_CONF=$slurm_conf
-cargo test --locked --workspace "$@"
+cargo test --locked --workspace --no-fail-fast "$@"
