@@ -72,6 +72,64 @@ pub fn default_dirs() -> Vec<String> {
     ]
 }
 
+/// The `glibc-hwcaps` subdirectories that glibc 2.33 and later search inside every search
+/// directory before the directory itself, best first, for this machine's CPU (x86-64 levels;
+/// none elsewhere, where cmpirun does not model them).
+pub fn glibc_hwcaps_subdirs() -> Vec<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let v2 = has!("cmpxchg16b")
+            && has!("popcnt")
+            && has!("sse3")
+            && has!("sse4.1")
+            && has!("sse4.2")
+            && has!("ssse3");
+        let v3 = v2
+            && has!("avx")
+            && has!("avx2")
+            && has!("bmi1")
+            && has!("bmi2")
+            && has!("f16c")
+            && has!("fma")
+            && has!("lzcnt")
+            && has!("movbe")
+            && has!("xsave");
+        let v4 = v3
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512cd")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        [(v4, "x86-64-v4"), (v3, "x86-64-v3"), (v2, "x86-64-v2")]
+            .into_iter()
+            .filter(|(ok, _)| *ok)
+            .map(|(_, name)| name.to_owned())
+            .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+/// The files the loader tries for `name` in `dir`, in order: the `glibc-hwcaps` subdirectories
+/// (`hwcaps`, from [`glibc_hwcaps_subdirs`] when the glibc is 2.33 or later), then `dir` itself.
+pub fn candidates_in(dir: &str, name: &str, hwcaps: &[String]) -> Vec<String> {
+    let dir = dir.trim_end_matches('/');
+    let mut paths: Vec<String> = hwcaps
+        .iter()
+        .map(|sub| format!("{dir}/glibc-hwcaps/{sub}/{name}"))
+        .collect();
+    paths.push(format!("{dir}/{name}"));
+    paths
+}
+
+/// Whether a glibc of this release searches `glibc-hwcaps` subdirectories (2.33 and later).
+pub fn searches_glibc_hwcaps(glibc: &crate::elf::SymbolVersion) -> bool {
+    glibc.family == "GLIBC" && glibc.numbers.as_slice() >= [2, 33].as_slice()
+}
+
 /// Replaces `$ORIGIN` and `${ORIGIN}` in a search directory.
 pub fn expand_origin(dir: &str, origin: &str) -> String {
     dir.replace("${ORIGIN}", origin).replace("$ORIGIN", origin)
@@ -110,6 +168,9 @@ pub struct HostLoader {
     pub ld_library_path: Vec<String>,
     /// The directories `/etc/ld.so.cache` covers; empty without a cache.
     pub cache_dirs: Vec<String>,
+    /// The `glibc-hwcaps` subdirectories searched in every directory; empty for a glibc older
+    /// than 2.33.
+    pub hwcaps: Vec<String>,
 }
 
 /// A library the host loader would load.
@@ -138,9 +199,17 @@ impl HostLoader {
         } else {
             Vec::new()
         };
+        // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+        let release = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        let hwcaps =
+            crate::elf::SymbolVersion::parse(&format!("GLIBC_{}", release.to_string_lossy()))
+                .filter(searches_glibc_hwcaps)
+                .map(|_| glibc_hwcaps_subdirs())
+                .unwrap_or_default();
         Self {
             ld_library_path,
             cache_dirs,
+            hwcaps,
         }
     }
 
@@ -168,7 +237,11 @@ impl HostLoader {
             &self.cache_dirs,
         )
         .into_iter()
-        .map(|(via, dir)| (via, PathBuf::from(expand_origin(&dir, &origin)).join(name)))
+        .flat_map(|(via, dir)| {
+            candidates_in(&expand_origin(&dir, &origin), name, &self.hwcaps)
+                .into_iter()
+                .map(move |path| (via, PathBuf::from(path)))
+        })
         .find(|(_, path)| fits(path))
         .map(|(via, path)| Found { path, via })
     }
@@ -276,11 +349,32 @@ mod tests {
         let loader = HostLoader {
             ld_library_path: vec![],
             cache_dirs: ld_so_conf_dirs(Path::new("/etc/ld.so.conf")),
+            hwcaps: vec![],
         };
         let found = loader.find("libfabric.so.1", None).unwrap();
         assert_eq!(found.via, Via::LdSoCache);
         assert!(found.path.ends_with("x86_64-linux-gnu/libfabric.so.1"));
         assert_eq!(loader.find("libnonexistent.so.7", None), None);
+    }
+
+    #[test]
+    fn hwcaps_candidates_come_first() {
+        let hw = vec!["x86-64-v3".to_owned(), "x86-64-v2".to_owned()];
+        assert_eq!(
+            candidates_in("/usr/lib/", "libx.so.1", &hw),
+            [
+                "/usr/lib/glibc-hwcaps/x86-64-v3/libx.so.1",
+                "/usr/lib/glibc-hwcaps/x86-64-v2/libx.so.1",
+                "/usr/lib/libx.so.1"
+            ]
+        );
+        let v = |s| crate::elf::SymbolVersion::parse(s).unwrap();
+        assert!(searches_glibc_hwcaps(&v("GLIBC_2.33")));
+        assert!(searches_glibc_hwcaps(&v("GLIBC_2.36")));
+        assert!(!searches_glibc_hwcaps(&v("GLIBC_2.28")));
+        // Every x86-64 machine this runs on is at least v2.
+        assert!(glibc_hwcaps_subdirs().iter().any(|s| s == "x86-64-v2"));
+        assert!(!HostLoader::from_env().hwcaps.is_empty());
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn system_loader(ld_library_path: &[&Path]) -> HostLoader {
             .map(|p| p.to_string_lossy().into_owned())
             .collect(),
         cache_dirs: ld_so_conf_dirs(Path::new("/etc/ld.so.conf")),
+        hwcaps: HostLoader::from_env().hwcaps,
     }
 }
 
@@ -180,6 +181,7 @@ fn wrong_class_or_machine_is_skipped() {
     let loader = HostLoader {
         ld_library_path: path.split(':').map(str::to_owned).collect(),
         cache_dirs: vec![],
+        hwcaps: vec![],
     };
     let found = loader
         .find("libfabric.so.1", Some((&probe, &facts)))
@@ -189,5 +191,38 @@ fn wrong_class_or_machine_is_skipped() {
     assert_eq!(
         ld_so_list(&probe, Some(Path::new(&path)))["libfabric.so.1"],
         good.join("libfabric.so.1")
+    );
+}
+
+/// A copy in a `glibc-hwcaps` subdirectory this CPU supports wins over the one in the directory
+/// itself, for glibc and for the crate.
+#[test]
+fn glibc_hwcaps_subdirectory_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lib");
+    let hw = dir.join("glibc-hwcaps/x86-64-v2");
+    std::fs::create_dir_all(&hw).unwrap();
+    std::fs::copy(
+        "/usr/lib/x86_64-linux-gnu/libfabric.so.1",
+        dir.join("libfabric.so.1"),
+    )
+    .unwrap();
+    std::fs::copy(
+        common::mpich_wheel_lib().join("mpich/libfabric.so.1"),
+        hw.join("libfabric.so.1"),
+    )
+    .unwrap();
+    let probe = build_probe(tmp.path(), &dir, true);
+    let facts = ElfFacts::read(&probe).unwrap();
+    let loader = system_loader(&[]);
+    assert!(!loader.hwcaps.is_empty());
+    let found = loader
+        .find("libfabric.so.1", Some((&probe, &facts)))
+        .unwrap();
+    assert_eq!(found.via, Via::Runpath);
+    assert_eq!(found.path, hw.join("libfabric.so.1"));
+    assert_eq!(
+        ld_so_list(&probe, None)["libfabric.so.1"],
+        hw.join("libfabric.so.1")
     );
 }

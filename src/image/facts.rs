@@ -12,7 +12,10 @@
 //! image, and files of another ELF class or machine are passed over. `tests/image_facts_vs_ld_so.rs`
 //! checks the result against the images' own `ld.so`.
 //!
-//! Not modelled: `glibc-hwcaps` and legacy hwcap subdirectories, entries of an `ld.so.cache` that
+//! `glibc-hwcaps` subdirectories are searched when the image's glibc is 2.33 or later, for this
+//! machine's CPU.
+//!
+//! Not modelled: legacy hwcap subdirectories (`tls`, `haswell`, …), entries of an `ld.so.cache` that
 //! its `ld.so.conf` no longer lists, and `LD_LIBRARY_PATH` set by scripts that must run to know it.
 
 use std::cell::RefCell;
@@ -23,7 +26,8 @@ use std::rc::Rc;
 
 use cmpirun_fabric::elf::{self, ElfError, ElfFacts, ElfKind, SymbolVersion};
 use cmpirun_fabric::loader::{
-    default_dirs, expand_origin, is_glibc_library, search_order, wildcard_match,
+    candidates_in, default_dirs, expand_origin, glibc_hwcaps_subdirs, is_glibc_library,
+    search_order, searches_glibc_hwcaps, wildcard_match,
 };
 
 /// Which step of the loader's search found a library.
@@ -404,7 +408,7 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         Some(real) => Some(lossy(read(fs, &real)?)),
         None => None,
     };
-    let loader = Loader {
+    let mut loader = Loader {
         fs,
         ld_library_path: ld_library_path.clone(),
         cache_dirs: if ld_so_cache {
@@ -414,6 +418,7 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         },
         files: RefCell::new(HashMap::new()),
         kinds: RefCell::new(HashMap::new()),
+        hwcaps: Vec::new(),
     };
     let mut notes = Vec::new();
 
@@ -434,6 +439,17 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         }
         None => None,
     };
+
+    // The image's glibc decides whether glibc-hwcaps subdirectories are searched; the CPU is the
+    // one the ranks will run on, this one.
+    if glibc
+        .as_ref()
+        .and_then(|g| g.version.as_ref())
+        .is_some_and(searches_glibc_hwcaps)
+    {
+        loader.hwcaps = glibc_hwcaps_subdirs();
+    }
+    let loader = loader;
 
     let from_program = match &options.program {
         Some(program) => program_mpi(&loader, program, &mut notes)?,
@@ -489,6 +505,9 @@ struct Loader<'a> {
     files: RefCell<HashMap<String, Rc<Vec<u8>>>>,
     /// The ELF kind of every file checked, so a library needed by many is read once.
     kinds: RefCell<HashMap<String, Option<ElfKind>>>,
+    /// The `glibc-hwcaps` subdirectories searched in every directory (none for a glibc older
+    /// than 2.33).
+    hwcaps: Vec<String>,
 }
 
 /// The object that asks for a library: its path and loader facts.
@@ -600,11 +619,12 @@ impl Loader<'_> {
             }
         }
         for (via, dir) in order {
-            let path = join(&expand_origin(&dir, origin), name);
-            if let Some(real) = resolved_file(self.fs, &path)?
-                && self.fits(&real, want)?
-            {
-                return Ok(Some(make(path, via, real)));
+            for path in candidates_in(&expand_origin(&dir, origin), name, &self.hwcaps) {
+                if let Some(real) = resolved_file(self.fs, &path)?
+                    && self.fits(&real, want)?
+                {
+                    return Ok(Some(make(path, via, real)));
+                }
             }
         }
         Ok(None)
@@ -1691,6 +1711,40 @@ mod tests {
             LibfabricLink::Dynamic(l) => Some(&l.path),
             _ => None,
         }
+    }
+
+    #[test]
+    fn glibc_hwcaps_copies_win_with_a_new_enough_glibc() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let lib = wheel_lib();
+        put(
+            root,
+            "/opt/mpich5/lib/libmpi.so.12",
+            &lib.join("libmpi.so.12"),
+        );
+        put(
+            root,
+            "/opt/mpich5/lib/mpich/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        put(
+            root,
+            "/opt/mpich5/lib/mpich/glibc-hwcaps/x86-64-v2/libfabric.so.1",
+            &lib.join("mpich/libfabric.so.1"),
+        );
+        // Without a libc the glibc release is unknown, and no hwcaps directory is searched.
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
+        assert_eq!(
+            facts_libfabric_path(facts.mpi.as_ref().unwrap()),
+            Some("/opt/mpich5/lib/mpich/libfabric.so.1")
+        );
+        with_glibc(root);
+        let facts = image_facts(&DirRootFs::new(root)).unwrap();
+        assert_eq!(
+            facts_libfabric_path(facts.mpi.as_ref().unwrap()),
+            Some("/opt/mpich5/lib/mpich/glibc-hwcaps/x86-64-v2/libfabric.so.1")
+        );
     }
 
     #[test]
