@@ -377,24 +377,7 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(spec)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let search = profile::ProfileSearch::from_env();
-    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
-    let mut ctx = profile::MatchContext::from_host();
-    let choice = profile::choose(
-        spec.profile.as_deref(),
-        env_profile.as_deref(),
-        &search,
-        &mut ctx,
-    )?;
-    // Host facts first: the libfabric probe forks, which needs a single-threaded process, and
-    // reading images may leave worker threads behind.
-    let host = plan::HostFacts::gather(spec, &choice.profile);
-    let images: Vec<plan::ImageInfo> = spec
-        .apps
-        .iter()
-        .map(|a| plan::ImageInfo::gather(&a.image))
-        .collect();
-    let plan = plan::build_plan(spec, &choice, &images, &host)?;
+    let plan = plan::prepare(spec)?;
     match spec.dry_run {
         Some(DryRunFormat::Json) => {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -516,6 +499,7 @@ fn exit_status(err: &anyhow::Error) -> i32 {
                 .is_some_and(|m| m.is_user_fixable())
             || e.is::<profile::ProfileError>()
             || e.is::<plan::PlanError>()
+            || e.is::<plan::PrepareError>()
     });
     if usage { exit::USAGE } else { exit::FAILURE }
 }

@@ -304,6 +304,41 @@ pub enum PlanError {
     HydraWithoutHosts,
 }
 
+/// Why [`prepare`] could not plan a launch. Both are the user's to fix (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// No usable profile.
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
+    /// The request cannot be planned.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// Plans `spec` on this host: chooses the profile (`--profile`, `$CMPIRUN_PROFILE`, match
+/// rules), gathers the host's and the images' facts, and calls [`build_plan`]. This is the edge
+/// where files are read and the host libfabric is probed; it mounts and starts nothing.
+pub fn prepare(spec: &JobSpec) -> Result<LaunchPlan, PrepareError> {
+    let search = crate::profile::ProfileSearch::from_env();
+    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
+    let mut ctx = crate::profile::MatchContext::from_host();
+    let choice = crate::profile::choose(
+        spec.profile.as_deref(),
+        env_profile.as_deref(),
+        &search,
+        &mut ctx,
+    )?;
+    // Host facts first: the libfabric probe forks, which needs a single-threaded process, and
+    // reading images may leave worker threads behind.
+    let host = HostFacts::gather(spec, &choice.profile);
+    let images: Vec<ImageInfo> = spec
+        .apps
+        .iter()
+        .map(|a| ImageInfo::gather(&a.image))
+        .collect();
+    Ok(build_plan(spec, &choice, &images, &host)?)
+}
+
 /// Builds the plan. Pure: everything it needs is in its arguments.
 ///
 /// `images` holds one [`ImageInfo`] per part of `spec.apps`, in order.
