@@ -256,6 +256,15 @@ fn hydra_with_hosts_and_mpiexec() {
         ]
     );
     assert_eq!(p.layout.process_mapping, "(vector,(0,2,2))");
+    // A host named twice is one node with the slots added up (Open MPI's and hydra's reading).
+    let p = plan(
+        &["-H", "a,a,b", "-n", "3", "img.sif", "hello"],
+        &choice(GENERIC),
+        &h,
+    );
+    assert_eq!(p.layout.nodes.len(), 2);
+    assert_eq!(p.layout.node_of_rank, [0, 0, 1]);
+    assert_eq!(p.launcher.commands[0].argv[2], "a:2,b:1");
     let mut s = spec(&["-n", "3", "-ppn", "1", "-rr", "img.sif", "hello"]);
     s.hosts = spec(&["-H", "a,b,c", "i", "p"]).hosts;
     s.hostfile = Some("/tmp/hosts".into());

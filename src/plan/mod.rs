@@ -444,11 +444,11 @@ pub fn build_plan(
             if !has_hosts {
                 return Err(PlanError::HydraWithoutHosts);
             }
-            spec.hosts
-                .iter()
+            merged_hosts(spec)
+                .into_iter()
                 .map(|h| NodeSlots {
-                    name: h.name.clone(),
-                    slots: spec.ppn.or(h.slots).unwrap_or(1),
+                    slots: spec.ppn.unwrap_or(h.slots),
+                    name: h.name,
                 })
                 .collect()
         }
@@ -644,13 +644,27 @@ fn host_origin(spec: &JobSpec) -> String {
     }
 }
 
+/// The hosts of `-H`/the hostfile, each once, in order of first appearance, with their slots
+/// added up: Open MPI and hydra read `-H a,a,b` as two slots on `a`, not two nodes.
+fn merged_hosts(spec: &JobSpec) -> Vec<NodeSlots> {
+    let mut out: Vec<NodeSlots> = Vec::new();
+    for h in &spec.hosts {
+        let slots = h.slots.unwrap_or(1);
+        match out.iter_mut().find(|n| n.name == h.name) {
+            Some(n) => n.slots += slots,
+            None => out.push(NodeSlots {
+                name: h.name.clone(),
+                slots,
+            }),
+        }
+    }
+    out
+}
+
 fn hydra_hosts(spec: &JobSpec) -> String {
-    spec.hosts
+    merged_hosts(spec)
         .iter()
-        .map(|h| match h.slots {
-            Some(s) => format!("{}:{s}", h.name),
-            None => h.name.clone(),
-        })
+        .map(|h| format!("{}:{}", h.name, h.slots))
         .collect::<Vec<_>>()
         .join(",")
 }
