@@ -7,6 +7,7 @@
 //! touches no namespace and spawns nothing, so it is tested exhaustively; `--dry-run` prints it
 //! ([`render_text`], or JSON) and the launchers carry it out.
 
+pub mod apply;
 pub mod facts;
 pub mod layout;
 mod render;
