@@ -15,7 +15,12 @@ use cmpirun::{exit, plan, profile};
 
 /// Launch MPI jobs in unprivileged containers, one container per node.
 #[derive(Debug, Parser)]
-#[command(name = "cmpirun", version, about)]
+#[command(
+    name = "cmpirun",
+    version,
+    about,
+    after_help = "Any other first argument starts an mpirun-style launch:\n  cmpirun [flags] IMAGE PROGRAM [ARGS] [: [flags] IMAGE PROGRAM [ARGS]]...\nRun `cmpirun --help` for its flags."
+)]
 struct Cli {
     /// More log detail (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
