@@ -437,7 +437,7 @@ impl Parser {
             ));
         }
         // -n4, -N2, -xFOO=1: a one-letter flag with its value attached.
-        if tok.len() > 2 && !tok.starts_with("--") {
+        if tok.len() > 2 && !tok.starts_with("--") && tok.is_char_boundary(2) {
             let (name, value) = tok.split_at(2);
             if let Some(f) = lookup(name)
                 && f.arity == 1
@@ -465,7 +465,7 @@ impl Parser {
                 let n = if name.starts_with("--") {
                     1
                 } else {
-                    name.len() as u8 - 1
+                    u8::try_from(name.len() - 1).unwrap_or(u8::MAX)
                 };
                 self.spec.verbose = self.spec.verbose.saturating_add(n);
             }
@@ -491,7 +491,17 @@ impl Parser {
     ) -> Result<(), CliError> {
         let v = values[0].as_str();
         match act {
-            Act::Np => part.np = Some(positive(name, v)?),
+            Act::Np => {
+                let n = positive(name, v)?;
+                if n > crate::jobspec::MAX_RANKS {
+                    return Err(bad(
+                        name,
+                        v,
+                        format!("at most {} ranks", crate::jobspec::MAX_RANKS),
+                    ));
+                }
+                part.np = Some(n);
+            }
             Act::Ppn => self.spec.ppn = Some(positive(name, v)?),
             Act::Host => {
                 let hosts = parse_host_list(v).map_err(|message| bad(name, v, message))?;
@@ -841,6 +851,72 @@ mod tests {
     fn program_args_are_verbatim() {
         let s = launch(&["-n", "2", "img", "prog", "-n", "--x", "="]);
         assert_eq!(s.apps[0].args, ["-n", "--x", "="]);
+    }
+
+    /// Random command lines from a pool of flags, values and separators never panic.
+    #[test]
+    fn random_command_lines_never_panic() {
+        let pool = [
+            "-n",
+            "-np",
+            "4",
+            "0",
+            "-1",
+            "x",
+            "-N",
+            "-H",
+            "a:2,b",
+            "a,,b",
+            ":",
+            "--",
+            "-x",
+            "A=1",
+            "1A",
+            "-genv",
+            "-env",
+            "-genvall",
+            "-genvnone",
+            "--mca",
+            "--map-by",
+            "node",
+            "ppr:2:node",
+            "--bind",
+            "/a:/b:ro",
+            "--dry-run",
+            "--json",
+            "--dry-run=job",
+            "--force=1",
+            "-v",
+            "-vvv",
+            "--timeout",
+            "--shm",
+            "4g",
+            "img",
+            "prog",
+            "-é",
+            "é",
+            "--launcher=slurm",
+            "--pmi",
+            "pmix",
+            "-",
+            "=",
+            "-n4",
+            "--np=",
+            "-wdir",
+            "",
+        ];
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..20_000 {
+            let len = (state % 12) as usize;
+            let mut argv = Vec::with_capacity(len);
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                argv.push(pool[(state % pool.len() as u64) as usize]);
+            }
+            let _ = parse_launch(&argv);
+        }
     }
 
     #[test]

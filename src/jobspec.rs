@@ -7,6 +7,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The largest job cmpirun plans (ranks over all parts): far above any machine, low enough that
+/// a typo in `-n` cannot make the plan allocate gigabytes.
+pub const MAX_RANKS: u32 = 1 << 22;
+
 /// One launch request: the MPMD parts, where they run, and the options around them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {

@@ -364,6 +364,12 @@ fn bad_usage_exits_2_and_names_the_flag() {
     usage_error(&["-n", "2", "img.sif"], &["no program", "img.sif"]);
     usage_error(&["img.sif", "p", ":", "-n", "2"], &["part 2", "no image"]);
     usage_error(&[], &["no image"]);
+    usage_error(&["-n", "999999999", "img.sif", "prog"], &["-n", "at most"]);
+    // Odd bytes and lengths are errors or accepted, never a crash.
+    usage_error(&["-éx", "img.sif", "prog"], &["-éx"]);
+    let many_v = format!("-{}", "v".repeat(300));
+    let (j, _) = job(&[&many_v, "img.sif", "prog"]);
+    assert_eq!(j["verbose"], 255);
 }
 
 #[test]

@@ -886,3 +886,20 @@ fn host_pmi_libraries_over_the_image_copies() {
     assert!(p.binds.is_empty());
     assert_eq!(check(&p, "pmi-inject")[0].verdict, Verdict::Skipped);
 }
+
+#[test]
+fn too_many_ranks_is_an_error_not_an_allocation() {
+    let e = plan_err(
+        &[
+            "-n", "4000000", "a.sif", "p", ":", "-n", "4000000", "b.sif", "q",
+        ],
+        &choice(GENERIC),
+        &host(&[]),
+    );
+    assert_eq!(e, PlanError::TooManyRanks { ranks: 8_000_000 });
+    // Slot counts that overflow when added up are capped, not a crash.
+    let mut s = spec(&["a.sif", "p"]);
+    s.hosts = spec(&["-H", "localhost:4294967295,localhost:4294967295", "a", "p"]).hosts;
+    let p = build_plan(&s, &choice(GENERIC), &images(&s), &host(&[])).unwrap();
+    assert_eq!(p.layout.size, cmpirun::jobspec::MAX_RANKS);
+}

@@ -23,7 +23,7 @@ pub use layout::{NodeRanks, NodeSlots, RankLayout};
 pub use render::render_text;
 
 use crate::jobspec::{
-    EnvInherit, EnvSetting, JobSpec, LauncherKind, Mapping, MountBackendKind, PmiKind,
+    EnvInherit, EnvSetting, JobSpec, LauncherKind, MAX_RANKS, Mapping, MountBackendKind, PmiKind,
 };
 use crate::profile::{ProfileChoice, SelectedBy};
 
@@ -300,6 +300,12 @@ pub enum PlanError {
     /// A Slurm variable cmpirun could not read.
     #[error("{0}")]
     Slurm(#[from] layout::SlurmVarError),
+    /// More ranks than cmpirun plans.
+    #[error("{ranks} ranks in all: cmpirun plans at most {MAX_RANKS}; check -n")]
+    TooManyRanks {
+        /// The ranks asked for.
+        ranks: u32,
+    },
     /// `--launcher hydra` without hosts.
     #[error("the hydra launcher needs hosts: give -f HOSTFILE or -H HOSTS")]
     HydraWithoutHosts,
@@ -432,7 +438,10 @@ pub fn build_plan(
             let slots = spec
                 .ppn
                 .or_else(|| {
-                    let s: u32 = spec.hosts.iter().map(|h| h.slots.unwrap_or(1)).sum();
+                    let s = spec
+                        .hosts
+                        .iter()
+                        .fold(0u32, |a, h| a.saturating_add(h.slots.unwrap_or(1)));
                     (s > 0).then_some(s)
                 })
                 .unwrap_or(host.cpus.max(1));
@@ -483,7 +492,10 @@ pub fn build_plan(
                 .collect()
         }
     };
-    let capacity: u32 = nodes.iter().map(|n| n.slots).sum();
+    let capacity = nodes
+        .iter()
+        .fold(0u32, |a, n| a.saturating_add(n.slots))
+        .min(MAX_RANKS);
     let mut apps = Vec::with_capacity(spec.apps.len());
     let mut next = 0u32;
     for (i, app) in spec.apps.iter().enumerate() {
@@ -504,7 +516,10 @@ pub fn build_plan(
             ranks,
             wdir: app.wdir.clone().or_else(|| spec.wdir.clone()),
         });
-        next += ranks;
+        next = next.saturating_add(ranks);
+    }
+    if next > MAX_RANKS {
+        return Err(PlanError::TooManyRanks { ranks: next });
     }
     let size = next;
     let layout = RankLayout::place(size, &nodes, spec.mapping);
