@@ -8,6 +8,7 @@ pub mod container;
 pub mod exit;
 pub mod image;
 pub mod jobspec;
+pub mod launch;
 pub mod mount;
 pub mod plan;
 pub mod profile;

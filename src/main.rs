@@ -38,6 +38,14 @@ enum Command {
     /// benchmarks of the mount backends).
     #[command(name = "__mount-check", hide = true)]
     MountCheck(MountCheckArgs),
+    /// One rank of a job started by srun or mpiexec: join or create the node's container and
+    /// run the rank in it (started by cmpirun itself; see docs/launch.md).
+    #[command(name = "__rank", hide = true)]
+    Rank {
+        /// Where the launch plan is: a file, or `env:NAME` for an environment variable.
+        #[arg(long)]
+        plan: String,
+    },
     /// Site profiles: which one applies on this host, why, and whether they are valid.
     Profile {
         #[command(subcommand)]
@@ -204,6 +212,10 @@ fn main() -> ExitCode {
         Command::Shell { opts, image } => {
             container_main(opts, image, cmpirun::container::run::shell_argv())
         }
+        Command::Rank { plan } => match cmpirun::launch::rank::run(&plan) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => report(&anyhow::Error::new(e)),
+        },
     }
 }
 
@@ -409,7 +421,9 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
             failed.join("; ")
         )));
     }
-    anyhow::bail!("launching is not built yet; use --dry-run to see the launch plan")
+    // Single-threaded up to here: the node instance and the ranks are forked next.
+    let code = cmpirun::launch::launch(&plan)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 /// `cmpirun __mount-check`: enter a private user+mount namespace, mount IMAGE with BACKEND,
@@ -505,6 +519,8 @@ fn exit_status(err: &anyhow::Error) -> i32 {
             || e.is::<profile::ProfileError>()
             || e.is::<plan::PlanError>()
             || e.is::<plan::PrepareError>()
+            || e.downcast_ref::<cmpirun::launch::LaunchError>()
+                .is_some_and(|l| l.is_usage())
     });
     if usage { exit::USAGE } else { exit::FAILURE }
 }

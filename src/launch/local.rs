@@ -1,0 +1,462 @@
+//! The local launcher: one node instance, cmpirun's own PMI server, N ranks joined into the
+//! instance, each with its end of a `PMI_FD` socketpair.
+//!
+//! The order matters. The instance and every rank are forked while cmpirun is still
+//! single-threaded (`unshare(CLONE_NEWUSER)` and `setns(CLONE_NEWUSER)` refuse threaded
+//! callers); only then does the PMI server's thread start. From there on one poll loop on the
+//! main thread forwards output, reaps ranks, reacts to PMI events and signals, and ends the job.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cmpirun_pmi::server::{Event, JobConfig, PmiServer};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Pid, pipe2};
+
+use crate::container::instance::NodeInstance;
+use crate::plan::LaunchPlan;
+
+use super::output::{LineBuffer, Stream, tag, write_out};
+use super::status::JobEnd;
+use super::{LaunchError, node};
+
+/// Signals cmpirun passes on to every rank.
+pub const FORWARDED: &[Signal] = &[
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Signals that end the job when cmpirun receives them (the others are only passed on).
+fn ends_job(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGQUIT
+    )
+}
+
+/// How long ranks get between SIGTERM and SIGKILL when the job is torn down
+/// (`CMPIRUN_KILL_GRACE` in seconds overrides it).
+pub fn kill_grace() -> Duration {
+    std::env::var("CMPIRUN_KILL_GRACE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(Duration::from_secs(3), Duration::from_secs_f64)
+}
+
+fn sys(step: &'static str) -> impl FnOnce(Errno) -> LaunchError {
+    move |errno| LaunchError::Sys { step, errno }
+}
+
+/// Runs the job of `plan` on this node. Must be called while cmpirun is single-threaded.
+pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+    if threads > 1 {
+        return Err(LaunchError::Failed(format!(
+            "internal error: {threads} threads before the node instance was created (it must be \
+             created by a single-threaded process)"
+        )));
+    }
+    let cfg = node::node_config(plan, &BTreeMap::new())?;
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(*s);
+    }
+    mask.add(Signal::SIGCHLD);
+    let mut old = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old))
+        .map_err(sys("block signals"))?;
+    let result = run_blocked(plan, &cfg, &mask);
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    result
+}
+
+/// One started rank as the loop sees it.
+struct Rank {
+    pid: Pid,
+    done: bool,
+}
+
+/// One output pipe of one rank.
+struct Pipe {
+    fd: OwnedFd,
+    buf: LineBuffer,
+    stream: Stream,
+}
+
+fn run_blocked(
+    plan: &LaunchPlan,
+    cfg: &crate::container::InstanceConfig,
+    mask: &SigSet,
+) -> Result<JobEnd, LaunchError> {
+    let sigfd = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(sys("signalfd"))?;
+    let size = plan.layout.size;
+    let mut inst = NodeInstance::create(cfg, None, true).map_err(LaunchError::from_instance)?;
+    let kvsname = format!("cmpirun-{}", std::process::id());
+    let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
+    let config = JobConfig::new(kvsname, vec![0; size as usize]).appnums(appnums);
+    let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
+    let mut ranks = Vec::with_capacity(size as usize);
+    let mut pipes = Vec::with_capacity(2 * size as usize);
+    let started = start_ranks(plan, cfg, &inst, &mut server, &mut ranks, &mut pipes);
+    inst.release_namespaces();
+    if let Err(e) = started {
+        for r in &ranks {
+            let _ = kill(r.pid, Signal::SIGKILL);
+            let _ = waitpid(r.pid, None);
+        }
+        inst.close();
+        return Err(e);
+    }
+    // From here on cmpirun may have threads: every fork is done.
+    let handle = server.start().map_err(LaunchError::Pmi)?;
+    let stopper = handle.stopper();
+    let (wake_r, wake_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;
+    let (tx, rx) = mpsc::channel();
+    let events = std::thread::spawn(move || {
+        for ev in handle.events().iter() {
+            if tx.send(ev).is_err() {
+                break;
+            }
+            let _ = nix::unistd::write(&wake_w, b"e");
+        }
+        let _ = handle.join();
+        drop(wake_w);
+    });
+    let mut job = Job {
+        size,
+        ranks,
+        pipes,
+        end: None,
+        teardown: None,
+        killed: false,
+        deadline: plan
+            .job
+            .timeout_secs
+            .map(|s| (Instant::now() + Duration::from_secs(s), s)),
+        grace: kill_grace(),
+    };
+    job.run(&sigfd, wake_r, &rx);
+    stopper.stop();
+    let _ = events.join();
+    inst.close();
+    Ok(job.end.unwrap_or(JobEnd::Success))
+}
+
+/// Forks every rank into the instance. Each child gets its PMI socket, its own stdout/stderr
+/// pipes and (rank 0 only) the caller's stdin: cmpirun points its own descriptors 0, 1, 2 at
+/// them around each fork, which is safe because it is single-threaded and prints nothing then.
+fn start_ranks(
+    plan: &LaunchPlan,
+    cfg: &crate::container::InstanceConfig,
+    inst: &NodeInstance,
+    server: &mut PmiServer,
+    ranks: &mut Vec<Rank>,
+    pipes: &mut Vec<Pipe>,
+) -> Result<(), LaunchError> {
+    let dup = |fd: i32| -> Result<OwnedFd, LaunchError> {
+        // SAFETY: 0, 1 and 2 are open for the life of the process; the borrow is only for this call.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let new = fcntl(b, FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(sys("dup stdio"))?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    };
+    let saved = [dup(0)?, dup(1)?, dup(2)?];
+    let null = std::fs::File::open("/dev/null").map_err(|e| LaunchError::Io {
+        step: "open /dev/null",
+        source: e,
+    })?;
+    let host: Vec<_> = std::env::vars_os().collect();
+    let result = (|| {
+        for rank in 0..plan.layout.size {
+            let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
+            let cmd =
+                node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+            let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+            let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+            let stdin = if rank == 0 {
+                saved[0].as_fd()
+            } else {
+                null.as_fd()
+            };
+            nix::unistd::dup2_stdin(stdin).map_err(sys("dup2"))?;
+            nix::unistd::dup2_stdout(&out_w).map_err(sys("dup2"))?;
+            nix::unistd::dup2_stderr(&err_w).map_err(sys("dup2"))?;
+            fcntl(&pmi.fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(sys("fcntl"))?;
+            let spawned = inst.spawn(&cmd);
+            let _ = fcntl(&pmi.fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+            restore(&saved);
+            let pid = spawned.map_err(LaunchError::from_instance)?;
+            tracing::debug!("rank {rank} started as pid {pid}");
+            ranks.push(Rank { pid, done: false });
+            for (fd, stream) in [(out_r, Stream::Stdout), (err_r, Stream::Stderr)] {
+                pipes.push(Pipe {
+                    fd,
+                    buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream)),
+                    stream,
+                });
+            }
+        }
+        Ok(())
+    })();
+    restore(&saved);
+    result
+}
+
+fn restore(saved: &[OwnedFd; 3]) {
+    let _ = nix::unistd::dup2_stdin(&saved[0]);
+    let _ = nix::unistd::dup2_stdout(&saved[1]);
+    let _ = nix::unistd::dup2_stderr(&saved[2]);
+}
+
+/// The running job, as the main loop sees it.
+struct Job {
+    size: u32,
+    ranks: Vec<Rank>,
+    pipes: Vec<Pipe>,
+    end: Option<JobEnd>,
+    /// When the ranks were sent SIGTERM (the grace period runs from there).
+    teardown: Option<Instant>,
+    killed: bool,
+    deadline: Option<(Instant, u64)>,
+    grace: Duration,
+}
+
+/// After the last rank exited, how long output of their leftover children is still read.
+const DRAIN: Duration = Duration::from_secs(1);
+
+impl Job {
+    fn live(&self) -> usize {
+        self.ranks.iter().filter(|r| !r.done).count()
+    }
+
+    fn run(&mut self, sigfd: &SignalFd, wake: OwnedFd, rx: &mpsc::Receiver<Event>) {
+        let mut wake = Some(wake);
+        let mut all_done_at: Option<Instant> = None;
+        loop {
+            self.reap();
+            if self.live() == 0 {
+                let at = *all_done_at.get_or_insert_with(Instant::now);
+                if self.pipes.is_empty() || at.elapsed() >= DRAIN {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            let mut sooner = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            if let Some((d, secs)) = self.deadline {
+                if now >= d {
+                    self.deadline = None;
+                    self.finish(JobEnd::TimedOut { secs });
+                    continue;
+                }
+                sooner(d);
+            }
+            if let Some(t) = self.teardown {
+                if !self.killed {
+                    if now >= t + self.grace {
+                        self.kill_all(Signal::SIGKILL);
+                        self.killed = true;
+                    } else {
+                        sooner(t + self.grace);
+                    }
+                }
+            }
+            if let Some(at) = all_done_at {
+                sooner(at + DRAIN);
+            }
+            let timeout = match next {
+                None => PollTimeout::NONE,
+                Some(t) => {
+                    let ms = t
+                        .saturating_duration_since(now)
+                        .as_millis()
+                        .clamp(1, 60_000);
+                    PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::NONE)
+                }
+            };
+            let mut pfds: Vec<PollFd> = Vec::with_capacity(self.pipes.len() + 2);
+            pfds.push(PollFd::new(sigfd.as_fd(), PollFlags::POLLIN));
+            if let Some(w) = &wake {
+                pfds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+            }
+            let first_pipe = pfds.len();
+            for p in &self.pipes {
+                pfds.push(PollFd::new(p.fd.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut pfds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::error!("poll: {e}");
+                    break;
+                }
+            }
+            let ready: Vec<bool> = pfds
+                .iter()
+                .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(pfds);
+            if ready[0] {
+                self.signals(sigfd);
+            }
+            if let Some(w) = wake.as_ref().filter(|_| ready[1]) {
+                let mut buf = [0u8; 256];
+                match nix::unistd::read(w.as_fd(), &mut buf) {
+                    Ok(0) => wake = None,
+                    Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+                    Err(_) => wake = None,
+                }
+            }
+            while let Ok(ev) = rx.try_recv() {
+                self.event(ev);
+            }
+            self.read_pipes(&ready[first_pipe..]);
+        }
+        let mut out = Vec::new();
+        for p in &mut self.pipes {
+            p.buf.finish(&mut out);
+            write_out(p.stream, &out);
+            out.clear();
+        }
+    }
+
+    fn read_pipes(&mut self, ready: &[bool]) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out = Vec::new();
+        let mut closed = Vec::new();
+        for (i, p) in self.pipes.iter_mut().enumerate() {
+            if !ready.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            match nix::unistd::read(p.fd.as_fd(), &mut buf) {
+                Ok(0) => {
+                    p.buf.finish(&mut out);
+                    closed.push(i);
+                }
+                Ok(n) => p.buf.push(&buf[..n], &mut out),
+                Err(Errno::EINTR) | Err(Errno::EAGAIN) => {}
+                Err(_) => {
+                    p.buf.finish(&mut out);
+                    closed.push(i);
+                }
+            }
+            write_out(p.stream, &out);
+            out.clear();
+        }
+        for i in closed.into_iter().rev() {
+            self.pipes.remove(i);
+        }
+    }
+
+    fn reap(&mut self) {
+        for rank in 0..self.ranks.len() {
+            if self.ranks[rank].done {
+                continue;
+            }
+            let status = match waitpid(self.ranks[rank].pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => Some(Ok(code)),
+                Ok(WaitStatus::Signaled(_, sig, _)) => Some(Err(sig)),
+                Ok(_) | Err(Errno::EINTR) => None,
+                Err(_) => Some(Ok(crate::exit::FAILURE)),
+            };
+            let Some(status) = status else { continue };
+            self.ranks[rank].done = true;
+            let rank = rank as u32;
+            tracing::debug!("rank {rank} ended: {status:?}");
+            // Failures after the job's end was decided are its consequences.
+            if self.end.is_some() {
+                continue;
+            }
+            match status {
+                Ok(0) => {}
+                Ok(code) => self.finish(JobEnd::RankExited { rank, code }),
+                Err(signal) => self.finish(JobEnd::RankSignaled { rank, signal }),
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Aborted {
+                rank,
+                exit_code,
+                message,
+            } => {
+                if let Some(m) = message.filter(|m| !m.is_empty() && m != "abort") {
+                    tracing::info!("rank {rank} aborted: {m}");
+                }
+                if self.end.is_none() {
+                    self.finish(JobEnd::Aborted {
+                        rank,
+                        code: exit_code,
+                    });
+                }
+            }
+            Event::ProtocolError { rank, error } => {
+                tracing::warn!(
+                    "PMI protocol error from {}: {error}",
+                    rank.map_or("a rank".to_owned(), |r| format!("rank {r}"))
+                );
+            }
+            other => tracing::trace!("PMI: {other:?}"),
+        }
+    }
+
+    fn signals(&mut self, sigfd: &SignalFd) {
+        while let Ok(Some(info)) = sigfd.read_signal() {
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            if sig == Signal::SIGCHLD {
+                continue;
+            }
+            if !ends_job(sig) {
+                self.kill_all(sig);
+                continue;
+            }
+            if self.end.is_none() {
+                self.kill_all(sig);
+                let end = JobEnd::Interrupted(sig);
+                if let Some(msg) = end.message(self.size) {
+                    write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
+                }
+                self.end = Some(end);
+                self.teardown = Some(Instant::now());
+            } else if !self.killed {
+                // A second interrupt: no more waiting.
+                self.kill_all(Signal::SIGKILL);
+                self.killed = true;
+            }
+        }
+    }
+
+    /// Decides how the job ended and starts the teardown: SIGTERM now, SIGKILL after the grace.
+    fn finish(&mut self, end: JobEnd) {
+        if let Some(msg) = end.message(self.size) {
+            write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
+        }
+        self.end = Some(end);
+        if self.teardown.is_none() {
+            self.kill_all(Signal::SIGTERM);
+            self.teardown = Some(Instant::now());
+        }
+    }
+
+    fn kill_all(&self, sig: Signal) {
+        for r in self.ranks.iter().filter(|r| !r.done) {
+            let _ = kill(r.pid, sig);
+        }
+    }
+}

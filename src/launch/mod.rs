@@ -1,0 +1,82 @@
+//! Carrying a [`LaunchPlan`] out: start the ranks, serve or pass PMI, forward output and
+//! signals, and end with the status mpirun users expect (`docs/exit-status.md`).
+//!
+//! The launchers differ only in how ranks get started and where PMI comes from; the node
+//! instance and the rank's command and environment are the same code under all of them
+//! ([`node`]).
+//!
+//! - [`local`]: one node; cmpirun starts the instance and the ranks and serves PMI itself.
+//! - [`external`]: `srun` or `mpiexec.hydra` starts `cmpirun __rank` for every rank.
+//! - [`rank`]: the rank mode: join or create the node's instance, exec the rank.
+//! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
+
+pub mod env;
+pub mod external;
+pub mod local;
+pub mod node;
+pub mod output;
+pub mod rank;
+pub mod status;
+
+use nix::errno::Errno;
+
+use crate::container::InstanceError;
+use crate::jobspec::LauncherKind;
+use crate::plan::LaunchPlan;
+
+/// Errors that stop a launch before or while the ranks start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Bad input the user can fix.
+    #[error("{0}")]
+    Usage(String),
+    /// Something on this host failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The node instance failed.
+    #[error(transparent)]
+    Instance(InstanceError),
+    /// The PMI server failed.
+    #[error("PMI server: {0}")]
+    Pmi(cmpirun_pmi::PmiError),
+    /// A system call failed.
+    #[error("{step}: {errno}")]
+    Sys {
+        /// What was being done.
+        step: &'static str,
+        /// The error.
+        errno: Errno,
+    },
+    /// An I/O operation failed.
+    #[error("{step}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl LaunchError {
+    /// Whether the user can fix this (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            LaunchError::Usage(_) => true,
+            LaunchError::Instance(e) => e.is_usage(),
+            _ => false,
+        }
+    }
+
+    fn from_instance(e: InstanceError) -> LaunchError {
+        LaunchError::Instance(e)
+    }
+}
+
+/// Runs the job `plan` describes and returns cmpirun's exit status. Must be called while
+/// cmpirun is single-threaded.
+pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
+    match plan.launcher.kind {
+        LauncherKind::Local => Ok(local::run(plan)?.exit_code()),
+        LauncherKind::Slurm | LauncherKind::Hydra => external::run(plan),
+    }
+}

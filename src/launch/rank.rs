@@ -1,0 +1,247 @@
+//! `cmpirun __rank --plan SOURCE`: what `srun` and `mpiexec.hydra` start for every rank.
+//!
+//! The rank mode reads the plan, joins its node's instance (creating it when it is the first
+//! rank there; keyed by job step and image), and starts the rank in it with the PMI descriptors
+//! and variables it inherited from srun or hydra passed through untouched (`PMI_FD` stays open
+//! across the exec). It stays as the rank's parent, passes signals on, and exits the way the
+//! rank did, so srun and hydra see the rank's own status.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::hash::{Hash, Hasher};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::container::rendezvous::{join_or_create, runtime_dir};
+use crate::container::run::{Outcome, propagate};
+use crate::plan::LaunchPlan;
+
+use super::{LaunchError, local::FORWARDED, node};
+
+/// The environment variable that carries the plan to the rank mode when the plan source is
+/// `env:` (srun and hydra pass the caller's environment to every task).
+pub const PLAN_VAR: &str = "CMPIRUN_PLAN";
+
+/// Reads the plan: `env:NAME` takes it from variable NAME, anything else is a file.
+pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
+    let text = match source.strip_prefix("env:") {
+        Some(var) => std::env::var(var).map_err(|_| {
+            LaunchError::Usage(format!(
+                "__rank --plan {source}: ${var} is not set (the rank mode is started by cmpirun \
+                 through srun or mpiexec, which pass it)"
+            ))
+        })?,
+        None => std::fs::read_to_string(source)
+            .map_err(|e| LaunchError::Usage(format!("__rank --plan {source}: {e}")))?,
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| LaunchError::Usage(format!("__rank --plan {source}: not a launch plan: {e}")))
+}
+
+/// This task's rank, from what the launcher set: `PMI_RANK` (MPICH-style PMI, Slurm pmi2,
+/// hydra), `OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, then `SLURM_PROCID`.
+pub fn task_rank(env: &BTreeMap<String, String>) -> Option<u32> {
+    [
+        "PMI_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|k| env.get(*k).and_then(|v| v.parse().ok()))
+}
+
+/// The node instance key: the Slurm job step (`SLURM_JOB_ID.SLURM_STEP_ID`), else the launcher
+/// process that started the ranks on this node (hydra's proxy), plus a hash of the image path.
+pub fn instance_key(env: &BTreeMap<String, String>, image: &Path, parent: u32) -> String {
+    let step = match (env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID")) {
+        (Some(j), Some(s)) => format!("slurm-{j}.{s}"),
+        _ => format!("proxy-{parent}"),
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    image.hash(&mut h);
+    let key: String = format!("{step}-{:016x}", h.finish())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    key
+}
+
+/// The wire-up variables this task got from its launcher: they go to the rank unchanged, plus
+/// the PMIx module choices newer clients read from `PMIX_MCA_*` (as enroot's PMIx hook does).
+pub fn launcher_env(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| cmpirun_pmi::env::is_wireup_var(std::ffi::OsStr::new(k)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (from, to) in [
+        ("PMIX_PTL_MODULE", "PMIX_MCA_ptl"),
+        ("PMIX_SECURITY_MODE", "PMIX_MCA_psec"),
+        ("PMIX_GDS_MODULE", "PMIX_MCA_gds"),
+    ] {
+        if let (Some(v), None) = (env.get(from), env.get(to)) {
+            out.push((to.to_owned(), v.clone()));
+        }
+    }
+    out
+}
+
+/// Runs one rank (`cmpirun __rank`). Returns the exit status to end with. Must be called while
+/// cmpirun is single-threaded.
+pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
+    let plan = read_plan(plan_source)?;
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let rank = task_rank(&env).ok_or_else(|| {
+        LaunchError::Usage(
+            "__rank: no PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK or SLURM_PROCID: the rank \
+             mode runs under srun or mpiexec"
+                .into(),
+        )
+    })?;
+    let cfg = node::node_config(&plan, &env)?;
+    let image = node::job_image(&plan)?;
+    let key = instance_key(&env, &image, std::os::unix::process::parent_id());
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(*s);
+    }
+    mask.add(Signal::SIGCHLD);
+    let mut old = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old)).map_err(|errno| {
+        LaunchError::Sys {
+            step: "block signals",
+            errno,
+        }
+    })?;
+    let result = run_member(&plan, &cfg, rank, &key, &env, &mask);
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    Ok(propagate(result?))
+}
+
+fn run_member(
+    plan: &LaunchPlan,
+    cfg: &crate::container::InstanceConfig,
+    rank: u32,
+    key: &str,
+    env: &BTreeMap<String, String>,
+    mask: &SigSet,
+) -> Result<Outcome, LaunchError> {
+    let sigfd = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|errno| LaunchError::Sys {
+            step: "signalfd",
+            errno,
+        })?;
+    let dir = runtime_dir().map_err(|e| LaunchError::Failed(e.to_string()))?;
+    let mut inst = join_or_create(&dir, key, cfg).map_err(|e| match e {
+        crate::container::rendezvous::RendezvousError::Instance(i) => LaunchError::Instance(i),
+        other => LaunchError::Failed(other.to_string()),
+    })?;
+    let host: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let cmd = node::rank_command(
+        plan,
+        cfg,
+        rank,
+        host,
+        inst.env_changes(),
+        &launcher_env(env),
+    );
+    let child = match inst.spawn(&cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            inst.close();
+            return Err(LaunchError::Instance(e));
+        }
+    };
+    inst.release_namespaces();
+    let outcome = wait_forwarding(child, &sigfd);
+    inst.close();
+    Ok(outcome)
+}
+
+/// Waits for the rank, passing on the signals this process gets.
+fn wait_forwarding(child: Pid, sigfd: &SignalFd) -> Outcome {
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Outcome::Exited(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Outcome::Signaled(sig),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return Outcome::Exited(crate::exit::FAILURE),
+        }
+        let mut pfd = [nix::poll::PollFd::new(
+            sigfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE);
+        while let Ok(Some(info)) = sigfd.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) | Err(_) => {}
+                Ok(sig) => {
+                    let _ = kill(child, sig);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> BTreeMap<String, String> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn rank_from_any_launcher() {
+        assert_eq!(task_rank(&env(&[("PMI_RANK", "3")])), Some(3));
+        assert_eq!(
+            task_rank(&env(&[("PMIX_RANK", "2"), ("SLURM_PROCID", "5")])),
+            Some(2)
+        );
+        assert_eq!(task_rank(&env(&[("SLURM_PROCID", "5")])), Some(5));
+        assert_eq!(task_rank(&env(&[])), None);
+    }
+
+    #[test]
+    fn keys() {
+        let a = instance_key(
+            &env(&[("SLURM_JOB_ID", "12"), ("SLURM_STEP_ID", "0")]),
+            Path::new("/x/a.sif"),
+            7,
+        );
+        assert!(a.starts_with("slurm-12.0-"), "{a}");
+        let b = instance_key(&env(&[]), Path::new("/x/a.sif"), 7);
+        assert!(b.starts_with("proxy-7-"), "{b}");
+        assert_ne!(b, instance_key(&env(&[]), Path::new("/x/b.sif"), 7));
+    }
+
+    #[test]
+    fn pmix_modules_translated() {
+        let e = launcher_env(&env(&[
+            ("PMIX_PTL_MODULE", "tcp"),
+            ("PMIX_GDS_MODULE", "hash"),
+            ("PMIX_MCA_gds", "ds21"),
+            ("PMI_FD", "5"),
+            ("HOME", "/h"),
+        ]));
+        assert!(e.contains(&("PMIX_MCA_ptl".into(), "tcp".into())));
+        assert!(!e.contains(&("PMIX_MCA_gds".into(), "hash".into())));
+        assert!(e.contains(&("PMI_FD".into(), "5".into())));
+        assert!(!e.iter().any(|(k, _)| k == "HOME"));
+    }
+}

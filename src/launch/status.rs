@@ -1,0 +1,135 @@
+//! How a job ended, and the exit status cmpirun reports for it (pure; documented in
+//! `docs/exit-status.md`).
+//!
+//! The first event that ends a job decides its status: a rank that fails, a rank that calls
+//! `MPI_Abort`, a signal to cmpirun, or `--timeout`. Whatever the other ranks do while they are
+//! torn down does not change it, because their failures are consequences.
+
+use nix::sys::signal::Signal;
+
+/// Exit status when `--timeout` ended the job (the status of coreutils' `timeout`).
+pub const TIMEOUT: i32 = 124;
+
+/// Added to a signal's number for the exit status of a job that a signal ended (the shell's
+/// convention: 143 for SIGTERM, 137 for SIGKILL).
+pub const SIGNAL_BASE: i32 = 128;
+
+/// What ended a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// Every rank exited with status 0.
+    Success,
+    /// A rank exited with a non-zero status.
+    RankExited {
+        /// The rank.
+        rank: u32,
+        /// Its exit status.
+        code: i32,
+    },
+    /// A rank was killed by a signal that cmpirun did not send.
+    RankSignaled {
+        /// The rank.
+        rank: u32,
+        /// The signal.
+        signal: Signal,
+    },
+    /// A rank called `MPI_Abort` (seen by the PMI server).
+    Aborted {
+        /// The rank.
+        rank: u32,
+        /// The code passed to `MPI_Abort`.
+        code: i32,
+    },
+    /// cmpirun received a signal and passed it to the ranks.
+    Interrupted(Signal),
+    /// `--timeout` expired.
+    TimedOut {
+        /// The timeout in seconds.
+        secs: u64,
+    },
+}
+
+impl JobEnd {
+    /// The exit status of cmpirun.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            JobEnd::Success => 0,
+            JobEnd::RankExited { code, .. } => *code,
+            JobEnd::RankSignaled { signal, .. } | JobEnd::Interrupted(signal) => {
+                SIGNAL_BASE + *signal as i32
+            }
+            // An abort with code 0 is still a failed job.
+            JobEnd::Aborted { code, .. } => {
+                if *code == 0 {
+                    1
+                } else {
+                    code & 0xff
+                }
+            }
+            JobEnd::TimedOut { .. } => TIMEOUT,
+        }
+    }
+
+    /// The one line cmpirun prints about it (none for success).
+    pub fn message(&self, size: u32) -> Option<String> {
+        Some(match self {
+            JobEnd::Success => return None,
+            JobEnd::RankExited { rank, code } => {
+                format!("rank {rank} of {size} exited with status {code}; the job was ended")
+            }
+            JobEnd::RankSignaled { rank, signal } => format!(
+                "rank {rank} of {size} was killed by signal {} ({signal}); the job was ended",
+                *signal as i32
+            ),
+            JobEnd::Aborted { rank, code } => {
+                format!(
+                    "rank {rank} of {size} called MPI_Abort with code {code}; the job was ended"
+                )
+            }
+            JobEnd::Interrupted(signal) => {
+                format!("received {signal}; passed it to the ranks and ended the job")
+            }
+            JobEnd::TimedOut { secs } => {
+                format!("the job did not end within --timeout {secs} s; it was ended")
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        assert_eq!(JobEnd::Success.exit_code(), 0);
+        assert_eq!(JobEnd::RankExited { rank: 1, code: 3 }.exit_code(), 3);
+        assert_eq!(
+            JobEnd::RankSignaled {
+                rank: 0,
+                signal: Signal::SIGKILL
+            }
+            .exit_code(),
+            137
+        );
+        assert_eq!(JobEnd::Aborted { rank: 0, code: 7 }.exit_code(), 7);
+        assert_eq!(JobEnd::Aborted { rank: 0, code: 0 }.exit_code(), 1);
+        assert_eq!(
+            JobEnd::Aborted {
+                rank: 0,
+                code: 256 + 5
+            }
+            .exit_code(),
+            5
+        );
+        assert_eq!(JobEnd::Interrupted(Signal::SIGTERM).exit_code(), 143);
+        assert_eq!(JobEnd::TimedOut { secs: 5 }.exit_code(), TIMEOUT);
+        assert!(JobEnd::Success.message(4).is_none());
+        assert!(
+            JobEnd::Aborted { rank: 2, code: 7 }
+                .message(4)
+                .unwrap()
+                .contains("MPI_Abort with code 7")
+        );
+    }
+}
