@@ -73,7 +73,54 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     })?;
     let result = run_blocked(plan, cmd, &argv[0], &mask, old);
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    let prefix = match (plan.launcher.kind, std::env::var("SLURM_JOB_ID")) {
+        (LauncherKind::Slurm, Ok(job)) => format!("slurm-{job}."),
+        (LauncherKind::Slurm, Err(_)) => "slurm-".to_owned(),
+        _ => "proxy-".to_owned(),
+    };
+    remove_stale_instances(&prefix);
     result
+}
+
+/// Removes this node's rendezvous files of instances (keys starting with `prefix`) that are gone.
+///
+/// An instance removes its files when its last rank ends, but srun and hydra end a failed step
+/// with SIGKILL to every process of it, instance included; its socket and lock then stay behind.
+pub fn remove_stale_instances(prefix: &str) {
+    use crate::container::rendezvous::{Rendezvous, runtime_dir};
+    let Ok(dir) = runtime_dir() else { return };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(key) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".sock").or_else(|| n.strip_suffix(".lock")))
+        else {
+            continue;
+        };
+        if !key.starts_with(prefix) {
+            continue;
+        }
+        let Ok(rv) = Rendezvous::new(&dir, key) else {
+            continue;
+        };
+        let Ok(_guard) = rv.try_lock() else { continue };
+        match std::os::unix::net::UnixStream::connect(rv.socket()) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                tracing::debug!("removing the files of the ended instance {key}");
+                rv.remove_files();
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 fn run_blocked(

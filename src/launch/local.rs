@@ -68,7 +68,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
              created by a single-threaded process)"
         )));
     }
-    let cfg = node::node_config(plan, &BTreeMap::new())?;
+    let cfg = node::node_config(plan, &BTreeMap::new(), &[])?;
     let mut mask = SigSet::empty();
     for s in FORWARDED {
         mask.add(*s);
@@ -264,14 +264,12 @@ impl Job {
                 }
                 sooner(d);
             }
-            if let Some(t) = self.teardown {
-                if !self.killed {
-                    if now >= t + self.grace {
-                        self.kill_all(Signal::SIGKILL);
-                        self.killed = true;
-                    } else {
-                        sooner(t + self.grace);
-                    }
+            if let Some(t) = self.teardown.filter(|_| !self.killed) {
+                if now >= t + self.grace {
+                    self.kill_all(Signal::SIGKILL);
+                    self.killed = true;
+                } else {
+                    sooner(t + self.grace);
                 }
             }
             if let Some(at) = all_done_at {

@@ -42,10 +42,12 @@ pub fn job_image(plan: &LaunchPlan) -> Result<PathBuf, LaunchError> {
 }
 
 /// The node instance configuration: the image, the plan's binds (those of `rank-start` resolved
-/// in `rank_env`, and skipped when a variable they name is unset), the mount backend.
+/// in `rank_env`, and skipped when a variable they name is unset), `extra` binds
+/// (`SRC:DST:ro|rw`) of the launcher, the mount backend.
 pub fn node_config(
     plan: &LaunchPlan,
     rank_env: &BTreeMap<String, String>,
+    extra: &[String],
 ) -> Result<InstanceConfig, LaunchError> {
     let image = job_image(plan)?;
     let mut binds = Vec::new();
@@ -70,6 +72,11 @@ pub fn node_config(
             "{source}:{dest}:{}",
             if b.read_only { "ro" } else { "rw" }
         ));
+    }
+    for e in extra {
+        if !binds.iter().any(|b| b == e) {
+            binds.push(e.clone());
+        }
     }
     let backend = match plan.mount.backend {
         MountBackendKind::Auto => None,

@@ -99,6 +99,29 @@ pub fn launcher_env(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
     out
 }
 
+/// Directories a PMIx server shares with its clients (rendezvous files, the shared-memory
+/// store), bound at the same path: `PMIX_SERVER_TMPDIR` (under Slurm, in slurmd's spool
+/// directory) and `PMIX_SYSTEM_TMPDIR`. `/tmp` and `/var/tmp` are the host's in every instance
+/// already.
+pub fn pmix_binds(env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for var in ["PMIX_SERVER_TMPDIR", "PMIX_SYSTEM_TMPDIR"] {
+        let Some(dir) = env.get(var) else { continue };
+        let dir = dir.trim_end_matches('/');
+        if dir.is_empty()
+            || ["/tmp", "/var/tmp"].contains(&dir)
+            || !Path::new(dir).is_dir()
+            || out
+                .iter()
+                .any(|b: &String| b.starts_with(&format!("{dir}:")))
+        {
+            continue;
+        }
+        out.push(format!("{dir}:{dir}:rw"));
+    }
+    out
+}
+
 /// Runs one rank (`cmpirun __rank`). Returns the exit status to end with. Must be called while
 /// cmpirun is single-threaded.
 pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
@@ -111,7 +134,7 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
                 .into(),
         )
     })?;
-    let cfg = node::node_config(&plan, &env)?;
+    let cfg = node::node_config(&plan, &env, &pmix_binds(&env))?;
     let image = node::job_image(&plan)?;
     let key = instance_key(&env, &image, std::os::unix::process::parent_id());
     let mut mask = SigSet::empty();

@@ -1,0 +1,283 @@
+//! End-to-end tests of the local launcher: real images, real MPI, run as the test user.
+//!
+//! `cmpirun -n N IMAGE PROGRAM` with the test programs of `examples/mpi`; each failure mode ends
+//! the job with the status `docs/exit-status.md` documents and leaves nothing behind.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cmpirun(image: &str) -> TuserCommand {
+    TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+        .env("CMPIRUN_TEST_IMAGE", image)
+}
+
+/// Runs `cmpirun -n N [flags] IMAGE PROGRAM ARGS` as the test user.
+fn run(image: &str, n: u32, flags: &[&str], program: &str, args: &[&str]) -> RunOutput {
+    cmpirun(image)
+        .args(["-n", &n.to_string()])
+        .args(flags)
+        .arg(staged_image(image))
+        .arg(program)
+        .args(args)
+        .run()
+}
+
+/// The `userns=… mntns=…` pairs the mpitest hello lines report, one per rank.
+fn namespaces(out: &RunOutput) -> Vec<(String, String, String)> {
+    out.stdout
+        .lines()
+        .filter(|l| l.contains("hello: rank="))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (field("uid="), field("userns="), field("mntns="))
+        })
+        .collect()
+}
+
+#[test]
+fn mpich4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
+    let uid = tuser().uid.to_string();
+    for n in [1u32, 2, 4, 8] {
+        let out = run("mpich4", n, &[], "/usr/local/bin/mpitest", &[]);
+        out.assert_success();
+        assert!(
+            out.stdout.contains(&format!("mpitest: OK size={n}")),
+            "{out}"
+        );
+        let ns = namespaces(&out);
+        assert_eq!(ns.len(), n as usize, "one hello line per rank:\n{out}");
+        let distinct: BTreeSet<_> = ns.iter().collect();
+        assert_eq!(distinct.len(), 1, "every rank in one container:\n{out}");
+        assert_eq!(ns[0].0, uid, "ranks run as the user:\n{out}");
+        let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+        assert!(!host_userns.to_string_lossy().contains(&ns[0].1), "{out}");
+        let out = run("mpich4", n, &[], "/usr/local/bin/bigmsg", &[]);
+        out.assert_success();
+        assert!(
+            out.stdout
+                .contains(&format!("bigmsg: OK size={n} bytes=16777216")),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn mpich5_ofi_over_tcp_and_shm() {
+    for provider in ["tcp", "shm"] {
+        for program in ["mpitest", "bigmsg"] {
+            let out = run(
+                "mpich5",
+                4,
+                &[
+                    "-x",
+                    &format!("FI_PROVIDER={provider}"),
+                    "-x",
+                    "MPIR_CVAR_CH4_NETMOD=ofi",
+                ],
+                &format!("/usr/local/bin/{program}"),
+                &[],
+            );
+            out.assert_success();
+            assert!(
+                out.stdout.contains(&format!("{program}: OK size=4")),
+                "{provider}:\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn output_tags() {
+    let out = run("mpich4", 2, &["--tag-output"], "/usr/local/bin/hello", &[]);
+    out.assert_success();
+    for r in 0..2 {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("[1,{r}]<stdout>:hello: rank={r} size=2"))),
+            "{out}"
+        );
+    }
+    let out = run(
+        "mpich4",
+        2,
+        &["-l"],
+        "/bin/sh",
+        &[
+            "-c",
+            "echo out $PMI_RANK; echo err $PMI_RANK >&2; printf tail",
+        ],
+    );
+    out.assert_success();
+    for r in 0..2 {
+        assert!(out.stdout.contains(&format!("[{r}] out {r}\n")), "{out}");
+        assert!(out.stdout.contains(&format!("[{r}] tail\n")), "{out}");
+        assert!(out.stderr.contains(&format!("[{r}] err {r}\n")), "{out}");
+    }
+    // Untagged output is still whole lines, with the last partial line kept as written.
+    let out = run("mpich4", 1, &[], "/bin/sh", &["-c", "printf 'a\\nb'"]);
+    out.assert_success();
+    assert_eq!(out.stdout, "a\nb", "{out}");
+}
+
+#[test]
+fn rank_zero_gets_stdin() {
+    let out = cmpirun("mpich4")
+        .args(["-n", "2", "-l"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", "echo got $(cat)"])
+        .stdin("piped")
+        .run();
+    out.assert_success();
+    assert!(out.stdout.contains("[0] got piped\n"), "{out}");
+    assert!(out.stdout.contains("[1] got\n"), "{out}");
+}
+
+/// Runs a failing job and checks its status, its message and that nothing is left behind.
+fn failing_job(args: &[&str], code: i32, message: &str) {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let started = Instant::now();
+    let out = run("mpich4", 4, &[], "/usr/local/bin/abort", args);
+    out.assert_code(code);
+    assert!(out.stderr.contains(message), "{out}");
+    // The other ranks wait in a barrier forever: only a teardown ends the job.
+    assert!(started.elapsed() < Duration::from_secs(30), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn a_rank_that_exits_3_ends_the_job_with_3() {
+    failing_job(
+        &["exit", "3"],
+        3,
+        "cmpirun: rank 1 of 4 exited with status 3",
+    );
+}
+
+#[test]
+fn a_rank_killed_by_a_signal_ends_the_job_with_128_plus_the_signal() {
+    failing_job(
+        &["signal", "9"],
+        137,
+        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
+    );
+}
+
+#[test]
+fn mpi_abort_ends_the_job_with_its_code() {
+    failing_job(
+        &["abort", "7"],
+        7,
+        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
+    );
+}
+
+#[test]
+fn timeout_ends_the_job_with_124() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = run("mpich4", 4, &["--timeout", "2"], "/bin/sleep", &["600"]);
+    out.assert_code(124);
+    assert!(
+        out.stderr.contains("did not end within --timeout 2 s"),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+/// Starts a 4-rank job that never ends and waits until every rank has said it started.
+fn start_hanging_job() -> TuserChild {
+    let child = cmpirun("mpich4")
+        .args(["-n", "4"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sleeps = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("environ"))
+                    .map(|env| {
+                        env.split(|&b| b == 0)
+                            .any(|kv| kv == format!("{TAG_VAR}={}", child.tag()).as_bytes())
+                    })
+                    .unwrap_or(false)
+                    && std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+            })
+            .count();
+        if sleeps == 4 {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "the ranks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_to_cmpirun_reaches_every_rank_and_ends_with_143() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let child = start_hanging_job();
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    let out = child.wait();
+    out.assert_code(143);
+    assert!(out.stderr.contains("received SIGTERM"), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn sigkill_to_cmpirun_leaves_nothing_behind() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let child = start_hanging_job();
+    child.signal(nix::sys::signal::Signal::SIGKILL);
+    let out = child.wait();
+    assert_eq!(out.signal(), Some(9), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn a_missing_program_fails_with_127_and_a_bad_image_with_2() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = run("mpich4", 2, &[], "/no/such/program", &[]);
+    out.assert_code(127);
+    assert!(out.stderr.contains("not found in the container"), "{out}");
+    let out = cmpirun("mpich4")
+        .args(["-n", "2", "/no/such/image.sif", "/usr/local/bin/hello"])
+        .run();
+    out.assert_code(2);
+    assert_no_leftovers(&before, &[]);
+}
+
+#[test]
+fn sixty_four_ranks_on_two_cores() {
+    let out = cmpirun("mpich4")
+        .args(["-n", "64"])
+        .arg(staged_image("mpich4"))
+        .arg("/usr/local/bin/hello")
+        .timeout(Duration::from_secs(300))
+        .run();
+    out.assert_success();
+    let ranks: BTreeSet<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("size=64"))
+        .collect();
+    assert_eq!(ranks.len(), 64, "{out}");
+}
