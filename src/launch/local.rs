@@ -420,12 +420,19 @@ impl Job {
             if sig == Signal::SIGCHLD {
                 continue;
             }
+            // The terminal sends SIGINT/SIGQUIT to the whole foreground process group, ranks
+            // included (SI_KERNEL): they have it already, once is enough.
+            let from_terminal = info.ssi_code == libc::SI_KERNEL;
             if !ends_job(sig) {
-                self.kill_all(sig);
+                if !from_terminal {
+                    self.kill_all(sig);
+                }
                 continue;
             }
             if self.end.is_none() {
-                self.kill_all(sig);
+                if !from_terminal {
+                    self.kill_all(sig);
+                }
                 let end = JobEnd::Interrupted(sig);
                 if let Some(msg) = end.message(self.size) {
                     write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
