@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cmpirun_pmi::server::{Event, JobConfig, PmiServer};
+use cmpirun_pmi::server::{Event, JobConfig, PmiServer, ServerControl};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -63,8 +63,16 @@ fn sys(step: &'static str) -> impl FnOnce(Errno) -> LaunchError {
 pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads > 1 {
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
         return Err(LaunchError::Failed(format!(
-            "internal error: {threads} threads before the node instance was created (it must be \
+            "internal error: threads {names:?} before the node instance was created (it must be \
              created by a single-threaded process)"
         )));
     }
@@ -122,7 +130,7 @@ fn run_blocked(
     }
     // From here on cmpirun may have threads: every fork is done.
     let handle = server.start().map_err(LaunchError::Pmi)?;
-    let stopper = handle.stopper();
+    let control = handle.control();
     let (wake_r, wake_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;
     let (tx, rx) = mpsc::channel();
     let events = std::thread::spawn(move || {
@@ -136,6 +144,7 @@ fn run_blocked(
         drop(wake_w);
     });
     let mut job = Job {
+        control: control.clone(),
         size,
         ranks,
         pipes,
@@ -149,7 +158,7 @@ fn run_blocked(
         grace: kill_grace(),
     };
     job.run(&sigfd, wake_r, &rx);
-    stopper.stop();
+    control.stop();
     let _ = events.join();
     inst.close();
     Ok(job.end.unwrap_or(JobEnd::Success))
@@ -223,6 +232,8 @@ fn restore(saved: &[OwnedFd; 3]) {
 
 /// The running job, as the main loop sees it.
 struct Job {
+    /// Tells the PMI server which ranks have exited (their fences fail at once).
+    control: ServerControl,
     size: u32,
     ranks: Vec<Rank>,
     pipes: Vec<Pipe>,
@@ -372,6 +383,7 @@ impl Job {
             let Some(status) = status else { continue };
             self.ranks[rank].done = true;
             let rank = rank as u32;
+            self.control.rank_exited(rank);
             tracing::debug!("rank {rank} ended: {status:?}");
             // Failures after the job's end was decided are its consequences.
             if self.end.is_some() {

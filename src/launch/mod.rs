@@ -9,9 +9,11 @@
 //! - [`external`]: `srun` or `mpiexec.hydra` starts `cmpirun __rank` for every rank.
 //! - [`rank`]: the rank mode: join or create the node's instance, exec the rank.
 //! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
+//! - [`isolate`]: image facts read in a child, so cmpirun stays single-threaded until it forks.
 
 pub mod env;
 pub mod external;
+pub mod isolate;
 pub mod local;
 pub mod node;
 pub mod output;

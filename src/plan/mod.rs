@@ -335,14 +335,12 @@ pub fn prepare(spec: &JobSpec) -> Result<LaunchPlan, PrepareError> {
         &search,
         &mut ctx,
     )?;
-    // Host facts first: the libfabric probe forks, which needs a single-threaded process, and
-    // reading images may leave worker threads behind.
+    // Host facts first: the libfabric probe forks, which needs a single-threaded process. Images
+    // are read in a child process: backhand's worker threads must not stay in this one, which
+    // the local launcher forks the node instance and the ranks from.
     let host = HostFacts::gather(spec, &choice.profile);
-    let images: Vec<ImageInfo> = spec
-        .apps
-        .iter()
-        .map(|a| ImageInfo::gather(&a.image))
-        .collect();
+    let paths: Vec<std::path::PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
+    let images: Vec<ImageInfo> = crate::launch::isolate::gather_images(&paths);
     Ok(build_plan(spec, &choice, &images, &host)?)
 }
 
