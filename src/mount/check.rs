@@ -75,8 +75,12 @@ pub fn check_mounted_tree(
 }
 
 fn read_tree(dir: &Path, report: &mut CheckReport, buf: &mut [u8]) -> Result<(), MountError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| MountError::io(format!("list {}", dir.display()), e))?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        // Directories another owner keeps private (0700 root) are part of a real image.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(()),
+        Err(e) => return Err(MountError::io(format!("list {}", dir.display()), e)),
+    };
     for entry in entries {
         let entry = entry.map_err(|e| MountError::io(format!("list {}", dir.display()), e))?;
         let path = entry.path();

@@ -54,6 +54,7 @@ pub(super) fn mount(
     let fs = ImageFs {
         image,
         no_open: AtomicBool::new(false),
+        no_opendir: AtomicBool::new(false),
     };
     let mut config = fuser::Config::default();
     config.n_threads = Some(opts.fuse_threads.max(1));
@@ -152,9 +153,11 @@ pub(super) fn close_fds_except(keep: &[i32]) {
 /// The fuser filesystem over a squashfs index.
 struct ImageFs {
     image: SquashImage,
-    /// The kernel accepts ENOSYS for open/opendir and then skips those round trips, keeping
-    /// the page cache (`FUSE_NO_OPEN_SUPPORT`).
+    /// The kernel accepts ENOSYS for open and then skips those round trips, keeping the page
+    /// cache (`FUSE_NO_OPEN_SUPPORT`, Linux ≥ 4.20).
     no_open: AtomicBool,
+    /// The same for opendir (`FUSE_NO_OPENDIR_SUPPORT`, Linux ≥ 5.1).
+    no_opendir: AtomicBool,
 }
 
 impl ImageFs {
@@ -238,6 +241,10 @@ impl Filesystem for ImageFs {
         let _ = config.add_capabilities(wanted & offered);
         self.no_open.store(
             offered.contains(InitFlags::FUSE_NO_OPEN_SUPPORT),
+            Ordering::Relaxed,
+        );
+        self.no_opendir.store(
+            offered.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
             Ordering::Relaxed,
         );
         // Let the kernel read ahead as far as it allows and keep many reads in flight, so
@@ -332,7 +339,7 @@ impl Filesystem for ImageFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_open.load(Ordering::Relaxed) {
+        if self.no_opendir.load(Ordering::Relaxed) {
             return reply.error(Errno::ENOSYS);
         }
         match self.image.entry(ino.0).map(|e| &e.kind) {

@@ -307,19 +307,15 @@ fn corrupt(what: &str) -> std::io::Error {
 /// Turns backhand's path-sorted node list into the entry table.
 fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<Entry>, String> {
     let mut entries: Vec<Entry> = Vec::with_capacity(nodes.len());
-    let mut index: HashMap<PathBuf, u32> = HashMap::with_capacity(nodes.len());
+    // backhand lists nodes in path order, a depth-first walk: the parent of a node at depth d
+    // is the directory last seen at depth d - 1.
+    let mut dirs_on_path: Vec<u32> = Vec::new();
     for node in nodes {
         let idx = u32::try_from(entries.len()).map_err(|_| "too many entries".to_string())?;
+        let depth = node.fullpath.components().count().saturating_sub(1);
         let (name, parent) = if idx == 0 {
             (OsString::new(), 0)
         } else {
-            let parent_path = node
-                .fullpath
-                .parent()
-                .ok_or_else(|| format!("entry {} has no parent", node.fullpath.display()))?;
-            let parent = *index
-                .get(parent_path)
-                .ok_or_else(|| format!("entry {} has no parent", node.fullpath.display()))?;
             let name = node
                 .fullpath
                 .file_name()
@@ -333,6 +329,23 @@ fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<E
                     node.fullpath.display()
                 ));
             }
+            dirs_on_path.truncate(depth);
+            let parent = match (
+                dirs_on_path.get(depth.wrapping_sub(1)),
+                node.fullpath.parent(),
+            ) {
+                (Some(&p), Some(pp))
+                    if pp.file_name().unwrap_or_default() == entries[p as usize].name =>
+                {
+                    p
+                }
+                _ => {
+                    return Err(format!(
+                        "entry {} is not inside the directory listed before it",
+                        node.fullpath.display()
+                    ));
+                }
+            };
             (name, parent)
         };
         let kind = match node.inner {
@@ -358,7 +371,8 @@ fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<E
             }
         }
         if matches!(kind, EntryKind::Dir { .. }) {
-            index.insert(node.fullpath, idx);
+            dirs_on_path.truncate(depth);
+            dirs_on_path.push(idx);
         }
         entries.push(Entry {
             name,
@@ -373,16 +387,19 @@ fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<E
     if entries.is_empty() {
         return Err("no root directory".into());
     }
-    // Path order is byte order of the names within a directory already, but sort anyway so
-    // lookups never depend on the parser's order.
-    let names: Vec<OsString> = entries.iter().map(|e| e.name.clone()).collect();
-    for e in &mut entries {
-        if let EntryKind::Dir { children } = &mut e.kind {
-            children.sort_by(|&a, &b| {
-                names[a as usize]
-                    .as_bytes()
-                    .cmp(names[b as usize].as_bytes())
-            });
+    // Path order is byte order of the names within a directory already; lookups depend on it,
+    // so make sure rather than trust the parser.
+    for i in 0..entries.len() {
+        let EntryKind::Dir { children } = &mut entries[i].kind else {
+            continue;
+        };
+        let mut children = std::mem::take(children);
+        let name = |c: &u32| entries[*c as usize].name.as_bytes();
+        if !children.is_sorted_by(|a, b| name(a) <= name(b)) {
+            children.sort_by(|a, b| name(a).cmp(name(b)));
+        }
+        if let EntryKind::Dir { children: slot } = &mut entries[i].kind {
+            *slot = children;
         }
     }
     Ok(entries)
