@@ -476,6 +476,8 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
         "server_pid": mounted.server_pid(),
         "pid": std::process::id(),
         "mount_seconds": mount_seconds,
+        // The node instance must stay single-threaded after mounting (setns, fork without exec).
+        "threads": std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0),
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;

@@ -154,6 +154,12 @@ fn verify_all_backends(image: &Path, work: &Path, offset: Option<u64>) {
         }
         let out = cmd.run();
         out.assert_success();
+        let mounted: serde_json::Value =
+            serde_json::from_str(out.stdout.lines().next().unwrap_or_default()).unwrap();
+        assert_eq!(
+            mounted["threads"], 1,
+            "{backend}: mounting left the caller multi-threaded"
+        );
         let r = report(&out);
         assert_eq!(
             r["problems"],
