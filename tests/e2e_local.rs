@@ -47,6 +47,9 @@ fn namespaces(out: &RunOutput) -> Vec<(String, String, String)> {
 
 #[test]
 fn mpich4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     let uid = tuser().uid.to_string();
     for n in [1u32, 2, 4, 8] {
         let out = run("mpich4", n, &[], "/usr/local/bin/mpitest", &[]);
@@ -74,6 +77,9 @@ fn mpich4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
 
 #[test]
 fn mpich5_ofi_over_tcp_and_shm() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     for provider in ["tcp", "shm"] {
         for program in ["mpitest", "bigmsg"] {
             let out = run(
@@ -99,6 +105,9 @@ fn mpich5_ofi_over_tcp_and_shm() {
 
 #[test]
 fn output_tags() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     let out = run("mpich4", 2, &["--tag-output"], "/usr/local/bin/hello", &[]);
     out.assert_success();
     for r in 0..2 {
@@ -133,6 +142,9 @@ fn output_tags() {
 
 #[test]
 fn rank_zero_gets_stdin() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     let out = cmpirun("mpich4")
         .args(["-n", "2", "-l"])
         .arg(staged_image("mpich4"))
@@ -267,6 +279,9 @@ fn a_missing_program_fails_with_127_and_a_bad_image_with_2() {
 
 #[test]
 fn sixty_four_ranks_on_two_cores() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     let out = cmpirun("mpich4")
         .args(["-n", "64"])
         .arg(staged_image("mpich4"))

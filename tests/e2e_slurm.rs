@@ -89,6 +89,9 @@ fn mpich4_through_srun_pmi2() {
 
 #[test]
 fn mpich5_through_srun_pmi2() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
     let out = salloc(
         4,
         &[
