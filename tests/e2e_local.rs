@@ -296,3 +296,23 @@ fn sixty_four_ranks_on_two_cores() {
         .collect();
     assert_eq!(ranks.len(), 64, "{out}");
 }
+
+#[test]
+fn four_hundred_ranks_beyond_the_default_open_file_limit() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection
+    // that the leftover checks of the other tests would count.
+    let _serial = exclusive();
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 3 * 400 + 64 {
+        eprintln!("skipped: the hard limit on open files ({hard}) is below what 400 ranks need");
+        return;
+    }
+    let out = cmpirun("mpich4")
+        .args(["-n", "400"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", "[ \"$PMI_SIZE\" = 400 ]"])
+        .timeout(Duration::from_secs(300))
+        .run();
+    out.assert_success();
+}

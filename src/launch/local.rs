@@ -76,6 +76,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
              created by a single-threaded process)"
         )));
     }
+    raise_fd_limit(plan.layout.size);
     let cfg = node::node_config(plan, &BTreeMap::new(), &[])?;
     let mut mask = SigSet::empty();
     for s in FORWARDED {
@@ -88,6 +89,20 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
     let result = run_blocked(plan, &cfg, &mask);
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     result
+}
+
+/// cmpirun holds three descriptors per rank (its PMI socket, the stdout and stderr pipes):
+/// raise the soft limit on open files to the hard limit when the default (often 1024) is too
+/// low for the job. Ranks inherit the raised limit, as they would from mpirun.
+fn raise_fd_limit(size: u32) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let need = 3 * u64::from(size) + 64;
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < need
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(need), hard);
+    }
 }
 
 /// One started rank as the loop sees it.
