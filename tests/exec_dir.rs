@@ -44,7 +44,7 @@ fn runs_as_the_user_in_the_working_directory_with_the_image_environment() {
             "-c",
             "id -u; id -g; pwd; echo FOO=$FOO; echo PATH=$PATH; echo HOME=$HOME; \
              cat /etc/passwd; readlink /proc/self/ns/user; echo LD=${LD_LIBRARY_PATH-unset}; \
-             echo PMI=$PMI_RANK; echo APPT=${APPTAINER_NAME-unset}",
+             echo PMI=$PMI_RANK; echo APPT=${APPTAINER_NAME-unset}; echo COMPLEX=$COMPLEX",
         ],
     )
     .env("LD_LIBRARY_PATH", "/host/lib")
@@ -80,6 +80,11 @@ fn runs_as_the_user_in_the_working_directory_with_the_image_environment() {
     );
     assert!(out.stdout.contains("PMI=7"), "wire-up variables pass");
     assert!(out.stdout.contains("APPT=unset"));
+    assert!(
+        out.stdout.contains("COMPLEX=from-image-seen"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]

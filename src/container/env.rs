@@ -199,6 +199,125 @@ pub fn decode_changes(data: &[u8]) -> Vec<EnvChange> {
         .collect()
 }
 
+/// Evaluates environment scripts without a shell when every line is a plain assignment: blank
+/// lines, comments, `[export] NAME=VALUE` (VALUE unquoted, `"…"` or `'…'`, with `$NAME` and
+/// `${NAME}` expanded), `export NAME` and `unset NAME`. Returns `None` as soon as a line is
+/// anything else, and the caller runs the scripts with the image's `/bin/sh` instead. Sourcing
+/// semantics are kept: an assignment to a name that is not exported changes a shell variable only.
+pub fn eval_simple_scripts(scripts: &[&str], env: &Env) -> Option<Env> {
+    let mut exported = env.clone();
+    let mut local: BTreeMap<OsString, OsString> = BTreeMap::new();
+    for script in scripts {
+        for raw in script.lines() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (export, rest) = match line.strip_prefix("export ") {
+                Some(r) => (true, r.trim_start()),
+                None => (false, line),
+            };
+            if let Some(name) = rest.strip_prefix("unset ") {
+                let name = name.trim();
+                if export || !is_name(name) {
+                    return None;
+                }
+                exported.remove(OsStr::new(name));
+                local.remove(OsStr::new(name));
+                continue;
+            }
+            match rest.split_once('=') {
+                None => {
+                    if !export || !is_name(rest) {
+                        return None;
+                    }
+                    if let Some(v) = local.remove(OsStr::new(rest)) {
+                        exported.insert(rest.into(), v);
+                    }
+                }
+                Some((name, value)) => {
+                    if !is_name(name) {
+                        return None;
+                    }
+                    let value = simple_value(value, &exported, &local)?;
+                    let key = OsString::from(name);
+                    if export || exported.contains_key(&key) {
+                        local.remove(&key);
+                        exported.insert(key, value);
+                    } else {
+                        local.insert(key, value);
+                    }
+                }
+            }
+        }
+    }
+    Some(exported)
+}
+
+fn is_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c == b'_' || c.is_ascii_alphabetic())
+        && b.all(|c| c == b'_' || c.is_ascii_alphanumeric())
+}
+
+/// The value of a simple shell word, or `None` if it needs a shell.
+fn simple_value(
+    word: &str,
+    exported: &Env,
+    local: &BTreeMap<OsString, OsString>,
+) -> Option<OsString> {
+    let lookup = |name: &str| -> OsString {
+        local
+            .get(OsStr::new(name))
+            .or_else(|| exported.get(OsStr::new(name)))
+            .cloned()
+            .unwrap_or_default()
+    };
+    if let Some(inner) = word.strip_prefix('\'') {
+        let inner = inner.strip_suffix('\'')?;
+        return (!inner.contains('\'')).then(|| inner.into());
+    }
+    let (body, quoted) = match word.strip_prefix('"') {
+        Some(inner) => (inner.strip_suffix('"')?, true),
+        None => (word, false),
+    };
+    let mut out = String::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => {
+                let name: String = if chars.peek() == Some(&'{') {
+                    chars.next();
+                    let n: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    n
+                } else {
+                    let mut n = String::new();
+                    while let Some(&c) = chars.peek() {
+                        if c == '_' || c.is_ascii_alphanumeric() {
+                            n.push(c);
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                    n
+                };
+                if !is_name(&name) {
+                    return None;
+                }
+                out.push_str(&lookup(&name).to_string_lossy());
+            }
+            '"' | '\\' | '`' => return None,
+            '\'' if quoted => out.push(c),
+            c if !quoted && (c.is_whitespace() || "'\\;&|<>()*?[]~#{}!".contains(c)) => {
+                return None;
+            }
+            c => out.push(c),
+        }
+    }
+    Some(out.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +455,58 @@ mod tests {
         assert_eq!(parse_env("A=").unwrap(), ("A".into(), "".into()));
         assert!(parse_env("=x").is_err());
         assert!(parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn simple_scripts_are_evaluated_without_a_shell() {
+        let env = base_environment(host(&[("TERM", "x"), ("GONE", "1")]), Path::new("/h"));
+        let docker = "#!/bin/sh\nexport PATH=\"/opt/a/bin:$PATH\"\nexport LANG='C.UTF-8'\n";
+        let custom = "\n# comment\nLOCAL=/opt/l\nexport LIBDIR=${LOCAL}/lib\nTERM=vt100\nunset GONE\nexport LOCAL\nexport EMPTY=\n";
+        let out = eval_simple_scripts(&[docker, custom], &env).unwrap();
+        assert_eq!(
+            get(&out, "PATH"),
+            Some(format!("/opt/a/bin:{DEFAULT_PATH}").as_str())
+        );
+        assert_eq!(get(&out, "LANG"), Some("C.UTF-8"));
+        assert_eq!(get(&out, "LIBDIR"), Some("/opt/l/lib"));
+        assert_eq!(
+            get(&out, "TERM"),
+            Some("vt100"),
+            "assigning an exported name changes it"
+        );
+        assert_eq!(
+            get(&out, "LOCAL"),
+            Some("/opt/l"),
+            "export NAME exports a shell variable"
+        );
+        assert_eq!(get(&out, "EMPTY"), Some(""));
+        assert_eq!(get(&out, "GONE"), None);
+        let local_only = eval_simple_scripts(&["X=1\n"], &env).unwrap();
+        assert_eq!(
+            get(&local_only, "X"),
+            None,
+            "a plain assignment is not exported"
+        );
+    }
+
+    #[test]
+    fn anything_else_needs_a_shell() {
+        let env = base_environment(host(&[]), Path::new("/h"));
+        for script in [
+            "if [ -d /opt ]; then export A=1; fi",
+            "export A=$(uname -m)",
+            "export A=`uname`",
+            "export A=\"x\\\"y\"",
+            "export A=a b",
+            "export A=\"$1\"",
+            "export A=${B:-x}",
+            ". /other.sh",
+            "export A=x; export B=y",
+            "export A=~/bin",
+            "export A='it'\\''s'",
+            "export 1A=x",
+        ] {
+            assert_eq!(eval_simple_scripts(&[script], &env), None, "{script}");
+        }
     }
 }

@@ -548,12 +548,24 @@ fn setup(
     uid: Uid,
     gid: Gid,
 ) -> Result<Ready, (u8, String)> {
+    let started = std::time::Instant::now();
     enter_namespaces(uid, gid)?;
     let assembled = execute(ops).map_err(|e: RootError| {
         let kind = if e.is_usage() { MSG_USAGE } else { MSG_FAILED };
         (kind, e.to_string())
     })?;
+    tracing::debug!(
+        "container root: {} mount operations in {:.1} ms",
+        ops.len(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    let started = std::time::Instant::now();
     let changes = eval_image_env(&cfg.script_env).map_err(|e| (MSG_IMAGE_ENV, e))?;
+    tracing::debug!(
+        "image environment scripts: {} change(s) in {:.1} ms",
+        changes.len(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     let open_ns = |name: &str| {
         fs::File::open(format!("/proc/self/ns/{name}"))
             .map_err(|e| (MSG_FAILED, format!("open /proc/self/ns/{name}: {e}")))
@@ -621,14 +633,38 @@ fn userns_detail(errno: Errno) -> String {
     }
 }
 
-/// Runs the image's `/.singularity.d/env/*.sh` once with the image's `/bin/sh` and returns what
-/// they changed. The shell ends by exec'ing a second shell that stops itself, so the result is
-/// read from `/proc/<pid>/environ` with no tool from the image but `/bin/sh`.
+/// Applies the image's `/.singularity.d/env/*.sh` once, in lexical order, and returns what they
+/// changed. Scripts made only of plain assignments are evaluated here
+/// ([`super::env::eval_simple_scripts`]); otherwise the image's `/bin/sh` sources them and ends by
+/// exec'ing a second shell that stops itself, so the result is read from `/proc/<pid>/environ`
+/// with no tool from the image but `/bin/sh`.
 fn eval_image_env(before: &Env) -> Result<Vec<EnvChange>, String> {
-    let has_scripts = fs::read_dir("/.singularity.d/env")
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
-    if !has_scripts || !Path::new("/bin/sh").exists() {
+    let mut scripts: Vec<PathBuf> = match fs::read_dir("/.singularity.d/env") {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sh") && p.is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if scripts.is_empty() {
+        return Ok(Vec::new());
+    }
+    scripts.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    let texts: Vec<String> = scripts
+        .iter()
+        .filter_map(|p| fs::read(p).ok().and_then(|b| String::from_utf8(b).ok()))
+        .collect();
+    if texts.len() == scripts.len() {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        if let Some(after) = super::env::eval_simple_scripts(&refs, before) {
+            return Ok(image_changes(before, &after));
+        }
+    }
+    if !Path::new("/bin/sh").exists() {
+        tracing::warn!(
+            "the image's environment scripts need a shell and it has no /bin/sh; not applied"
+        );
         return Ok(Vec::new());
     }
     const SCRIPT: &str = "for f in /.singularity.d/env/*.sh; do if [ -f \"$f\" ]; then . \"$f\"; fi; done; \

@@ -46,7 +46,7 @@ fn copy_with_libs(root: &Path, prog: &Path) {
 
 /// Builds a small root directory under `parent`: merged-/usr layout, `/bin/sh` and a few
 /// coreutils, `/etc/passwd`, an environment script setting `FOO=from-image` and prepending
-/// `/opt/image/bin` to `PATH`, and symlinks: `/inside -> /usr` (stays inside) and
+/// `/opt/image/bin` to `PATH`, one that needs a shell (`COMPLEX=$FOO-seen`), and symlinks: `/inside -> /usr` (stays inside) and
 /// `/escape -> ../../../../etc` (climbs out). Everything is readable by the test user.
 pub fn directory_image(parent: &Path) -> PathBuf {
     let root = parent.join("rootfs");
@@ -79,6 +79,12 @@ pub fn directory_image(parent: &Path) -> PathBuf {
     fs::write(
         root.join(".singularity.d/env/90-environment.sh"),
         "export FOO=from-image\nexport BAR=from-image\nexport PATH=/opt/image/bin:$PATH\n",
+    )
+    .unwrap();
+    // Not a plain assignment: evaluated by the image's /bin/sh.
+    fs::write(
+        root.join(".singularity.d/env/95-complex.sh"),
+        "if [ -n \"$FOO\" ]; then export COMPLEX=\"$FOO-seen\"; fi\n",
     )
     .unwrap();
     symlink("/usr", root.join("inside")).unwrap();
