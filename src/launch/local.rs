@@ -159,6 +159,10 @@ fn run_blocked(
         drop(wake_w);
     });
     let mut job = Job {
+        injected: InjectedLibfabric::from_plan(plan),
+        checked: vec![false; size as usize],
+        strict: plan.job.expect_provider.is_some()
+            || plan.checks.iter().any(|c| c.name == "fabric-providers"),
         control: control.clone(),
         size,
         ranks,
@@ -245,8 +249,38 @@ fn restore(saved: &[OwnedFd; 3]) {
     let _ = nix::unistd::dup2_stderr(&saved[2]);
 }
 
+/// The host libfabric the plan binds into the container, to be found in each rank's memory map.
+struct InjectedLibfabric {
+    /// The host file.
+    source: String,
+    /// Its metadata (device and inode identify it in a rank's map).
+    meta: std::fs::Metadata,
+}
+
+impl InjectedLibfabric {
+    fn from_plan(plan: &LaunchPlan) -> Option<InjectedLibfabric> {
+        let bind = plan.binds.iter().find(|b| {
+            b.kind == crate::plan::BindKind::Library
+                && std::path::Path::new(&b.source)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
+        })?;
+        let meta = std::fs::metadata(&bind.source).ok()?;
+        Some(InjectedLibfabric {
+            source: bind.source.clone(),
+            meta,
+        })
+    }
+}
+
 /// The running job, as the main loop sees it.
 struct Job {
+    /// The injected host libfabric, if the plan injects one.
+    injected: Option<InjectedLibfabric>,
+    /// Ranks whose memory map was checked for it.
+    checked: Vec<bool>,
+    /// Whether a rank without the host libfabric fails the job (a provider is expected).
+    strict: bool,
     /// Tells the PMI server which ranks have exited (their fences fail at once).
     control: ServerControl,
     size: u32,
@@ -429,6 +463,8 @@ impl Job {
                     });
                 }
             }
+            Event::Connected { rank } => self.check_injected(rank, false),
+            Event::Finalized { rank } => self.check_injected(rank, true),
             Event::ProtocolError { rank, error } => {
                 tracing::warn!(
                     "PMI protocol error from {}: {error}",
@@ -436,6 +472,68 @@ impl Job {
                 );
             }
             other => tracing::trace!("PMI: {other:?}"),
+        }
+    }
+
+    /// Confirms from the memory map of `rank` that it loaded the injected host libfabric (at
+    /// its first PMI message: the MPI library and its libfabric are loaded by then). A rank that
+    /// has not mapped any libfabric yet is looked at again when it finalizes.
+    fn check_injected(&mut self, rank: u32, last: bool) {
+        let Some(inj) = &self.injected else { return };
+        let Some(r) = self.ranks.get(rank as usize).filter(|r| !r.done) else {
+            return;
+        };
+        if self.checked[rank as usize] {
+            return;
+        }
+        let Ok(maps) = cmpirun_fabric::maps::mapped_files(r.pid.as_raw()) else {
+            return;
+        };
+        let libfabric: Vec<_> = maps
+            .iter()
+            .filter(|m| {
+                std::path::Path::new(&m.path)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
+            })
+            .collect();
+        if let Some(m) = libfabric
+            .iter()
+            .find(|m| cmpirun_fabric::maps::same_file(m, &inj.meta))
+        {
+            self.checked[rank as usize] = true;
+            tracing::info!(
+                "rank {rank} loaded the host libfabric {} (as {}, device {}:{} inode {})",
+                inj.source,
+                m.path,
+                m.dev_major,
+                m.dev_minor,
+                m.inode
+            );
+            return;
+        }
+        let Some(other) = libfabric.first() else {
+            if last {
+                self.checked[rank as usize] = true;
+                tracing::info!("rank {rank} did not load any libfabric");
+            }
+            return;
+        };
+        self.checked[rank as usize] = true;
+        if self.strict {
+            if self.end.is_none() {
+                self.finish(JobEnd::NotInjected {
+                    rank,
+                    loaded: other.path.clone(),
+                    host: inj.source.clone(),
+                });
+            }
+        } else {
+            tracing::warn!(
+                "rank {rank} loaded {}, not the host libfabric {}",
+                other.path,
+                inj.source
+            );
         }
     }
 

@@ -42,6 +42,16 @@ pub enum JobEnd {
     },
     /// cmpirun received a signal and passed it to the ranks.
     Interrupted(Signal),
+    /// A rank loaded another libfabric than the host's the plan injects, and the job expects a
+    /// provider (`--expect-provider` or the profile's expectation).
+    NotInjected {
+        /// The rank.
+        rank: u32,
+        /// The libfabric it loaded (inside the container).
+        loaded: String,
+        /// The host libfabric the plan binds in.
+        host: String,
+    },
     /// `--timeout` expired.
     TimedOut {
         /// The timeout in seconds.
@@ -67,6 +77,7 @@ impl JobEnd {
                 }
             }
             JobEnd::TimedOut { .. } => TIMEOUT,
+            JobEnd::NotInjected { .. } => crate::exit::FAILURE,
         }
     }
 
@@ -89,6 +100,10 @@ impl JobEnd {
             JobEnd::Interrupted(signal) => {
                 format!("received {signal}; passed it to the ranks and ended the job")
             }
+            JobEnd::NotInjected { rank, loaded, host } => format!(
+                "rank {rank} of {size} loaded {loaded}, not the host libfabric {host}; the job \
+                 was ended because it expects the host's provider"
+            ),
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")
             }
