@@ -253,3 +253,53 @@ fn packing_a_file_is_refused_in_one_line() {
     let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1);
 }
+
+#[test]
+fn plain_squashfs_files_and_directories_are_inspected_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tree(dir.path());
+    let sif_path = dir.path().join("img.sif");
+    pack(&src, &sif_path, &[]);
+    let bytes = fs::read(&sif_path).unwrap();
+    let sqfs = dir.path().join("img.squashfs");
+    fs::write(&sqfs, &bytes[32768..]).unwrap();
+
+    for (path, kind) in [(&sqfs, "squashfs"), (&src, "directory")] {
+        let out = cmpirun(&[
+            "image".as_ref(),
+            "inspect".as_ref(),
+            path.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(j["kind"], kind);
+        assert!(j["sif"].is_null());
+        assert_eq!(
+            j["facts"]["runscript"], "#!/bin/sh\nexec \"$@\"\n",
+            "{kind}: {j}"
+        );
+        let text = cmpirun(&["image".as_ref(), "inspect".as_ref(), path.as_os_str()]);
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("Environment scripts: 90-environment.sh"),
+            "{kind}: {text}"
+        );
+    }
+    let j: serde_json::Value = serde_json::from_slice(
+        &cmpirun(&[
+            "image".as_ref(),
+            "inspect".as_ref(),
+            sqfs.as_os_str(),
+            "--json".as_ref(),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(j["root_filesystem"]["offset"], 0);
+    assert_eq!(j["root_filesystem"]["squashfs"]["compression"], "zstd");
+}
