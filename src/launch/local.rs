@@ -135,18 +135,17 @@ fn run_blocked(
     let mut pipes = Vec::with_capacity(2 * size as usize);
     let started = start_ranks(plan, cfg, &inst, &mut server, &mut ranks, &mut pipes);
     inst.release_namespaces();
-    if let Err(e) = started {
-        for r in &ranks {
-            let _ = kill(r.pid, Signal::SIGKILL);
-            let _ = waitpid(r.pid, None);
-        }
-        inst.close();
-        return Err(e);
-    }
+    let wake = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"));
+    let (wake_r, wake_w) = match started.and(wake) {
+        Ok(w) => w,
+        Err(e) => return Err(abandon(&ranks, inst, e)),
+    };
     // From here on cmpirun may have threads: every fork is done.
-    let handle = server.start().map_err(LaunchError::Pmi)?;
+    let handle = match server.start() {
+        Ok(h) => h,
+        Err(e) => return Err(abandon(&ranks, inst, LaunchError::Pmi(e))),
+    };
     let control = handle.control();
-    let (wake_r, wake_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"))?;
     let (tx, rx) = mpsc::channel();
     let events = std::thread::spawn(move || {
         for ev in handle.events().iter() {
@@ -181,6 +180,17 @@ fn run_blocked(
     let _ = events.join();
     inst.close();
     Ok(job.end.unwrap_or(JobEnd::Success))
+}
+
+/// Ends a job that could not be started completely: kills and reaps the ranks already started,
+/// ends the instance, and returns `e`.
+fn abandon(ranks: &[Rank], inst: NodeInstance, e: LaunchError) -> LaunchError {
+    for r in ranks {
+        let _ = kill(r.pid, Signal::SIGKILL);
+        let _ = waitpid(r.pid, None);
+    }
+    inst.close();
+    e
 }
 
 /// Forks every rank into the instance. Each child gets its PMI socket, its own stdout/stderr
