@@ -8,7 +8,10 @@ run as that user too. A benchmark, not a test: it asserts nothing, it measures a
 
 Cases (select with --only):
   launch   hello (MPI_Init + MPI_Finalize) at N = 1, 4, 16, 64: native mpiexec.hydra, cmpirun
-           with each image mount backend, and the per-rank container model (ci/bench/per-rank.c)
+           with each image mount backend, the per-rank container model (ci/bench/per-rank.c),
+           and the native hello under cmpirun's PMI server alone (no container)
+  startup  where the added time at N = 1 goes: planning (--dry-run), `cmpirun exec /bin/true`,
+           `cmpirun -n 1 /bin/true`, `cmpirun -n 1 hello`, next to hydra
   memory   peak RSS at N = 64 of the launcher, the node instance, the FUSE servers, the ranks
   comm     pingpong latency 8 B and bandwidth 1 MiB / 4 MiB, 2 ranks: MPICH 4 over shared memory
            (UCX) and MPICH 5 over libfabric tcp, inside cmpirun against native
@@ -279,6 +282,9 @@ class Bench:
                                "/usr/local/bin/hello"], PER_RANK_ENV))
         if with_pmi_only:
             v.append(("pmi server only", [w / "mini_mpiexec", "-n", n, w / "hello-mpich4"], {}))
+            # hydra's proxy makes every rank a session leader (setsid), so with the kernel's
+            # autogroup scheduling each rank is its own scheduling group; this shows that effect.
+            v.append(("pmi server, setsid", [w / "mini_mpiexec", "-n", n, "setsid", "-w", w / "hello-mpich4"], {}))
         return v
 
     def case_launch(self):
@@ -290,12 +296,13 @@ class Bench:
         say(f"rank) with {' '.join(f'{k}={v}' for k, v in PER_RANK_ENV.items())} (per-rank user")
         say("namespaces break UCX's /proc/<pid>/fd and CMA paths; that model only);")
         say("pmi server only = the native hello started by cmpirun's PMI server with no container")
-        say("(pmi/examples/mini_mpiexec): separates the container's cost from the PMI server's.")
+        say("(pmi/examples/mini_mpiexec): separates the container's cost from the PMI server's;")
+        say("pmi server, setsid = the same with each rank in its own session, as hydra's proxy does.")
         self.md += [
             "### Launch: hello, wall time per job (median ms; ratio to native)",
             "",
-            "| N | runs | native | cmpirun fuse | cmpirun squashfuse | cmpirun extract | per-rank | PMI server only | per-rank / cmpirun fuse |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| N | runs | native | cmpirun fuse | cmpirun squashfuse | cmpirun extract | per-rank | PMI server only | PMI server, setsid per rank | per-rank / cmpirun fuse |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         self.launch = {}
         for n in ns:
@@ -335,6 +342,42 @@ class Bench:
             for b in BACKENDS:
                 say(f"  cmpirun {b:<11} {median(t[f'cmpirun {b}']) - median(t['native']):+.1f} ms")
             say(f"  per-rank           {median(t['per-rank']) - median(t['native']):+.1f} ms")
+        self.md.append("")
+
+    # ---------------------------------------------------------------- start-up breakdown
+
+    def case_startup(self):
+        """Where cmpirun's added time at N = 1 goes: each step alone, interleaved."""
+        runs = self.args.runs or (3 if self.quick else 20)
+        w = self.work
+        img = self.images["mpich4"]
+        variants = [
+            ("hydra /bin/true", ["mpiexec.hydra", "-n", "1", "/bin/true"]),
+            ("hydra hello", ["mpiexec.hydra", "-n", "1", w / "hello-mpich4"]),
+            ("cmpirun --dry-run", [w / "cmpirun", "--dry-run", "-n", "1", img, "/usr/local/bin/hello"]),
+            ("cmpirun exec /bin/true", [w / "cmpirun", "exec", img, "/bin/true"]),
+            ("cmpirun -n 1 /bin/true", [w / "cmpirun", "-n", "1", img, "/bin/true"]),
+            ("cmpirun -n 1 hello", [w / "cmpirun", "-n", "1", img, "/usr/local/bin/hello"]),
+        ]
+        say(f"\n## Start-up breakdown at N = 1 (fuse backend), {runs} rounds")
+        times = {name: [] for name, _ in variants}
+        for name, cmd in variants:
+            self.run(cmd)
+        for r in range(runs):
+            for name, cmd in variants:
+                t, rc, out, err = self.run(cmd)
+                if rc == 0:
+                    times[name].append(t * 1000)
+                else:
+                    self.failures.append(f"startup {name}: rc={rc} {err.strip()[-300:]}")
+            log(f"startup: round {r + 1}/{runs}")
+        self.md += ["### Start-up breakdown at N = 1 (median ms)", "", "| command | median ms | q1–q3 |",
+                    "|---|---:|---:|"]
+        for name, _ in variants:
+            m = median(times[name])
+            q1, q3 = quartiles(times[name])
+            say(f"  {name:<26}{m:>8.1f} ms   ({q1:.0f}–{q3:.0f})")
+            self.md.append(f"| `{name}` | {m:.1f} | {q1:.0f}–{q3:.0f} |")
         self.md.append("")
 
     # ---------------------------------------------------------------- memory
@@ -585,7 +628,7 @@ class Sampler:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few runs, N up to 16: to check the harness")
-    ap.add_argument("--only", default="launch,memory,comm,io,pmi", help="comma-separated cases")
+    ap.add_argument("--only", default="launch,startup,memory,comm,io,pmi", help="comma-separated cases")
     ap.add_argument("--runs", type=int, default=0, help="rounds per case (default: per case)")
     ap.add_argument("--markdown", help="also write the result tables as markdown to this file")
     args = ap.parse_args()
@@ -614,7 +657,7 @@ def main():
         if not launch_ok:
             say(f"cmpirun has no working launcher in this build ({why}): launch, memory and comm skipped")
         for case in only:
-            if case in ("launch", "memory", "comm") and not launch_ok:
+            if case in ("launch", "startup", "memory", "comm") and not launch_ok:
                 continue
             getattr(b, f"case_{case}")()
     finally:
