@@ -316,8 +316,9 @@ impl Executor {
                 match r.node {
                     Node::Missing => {
                         let p = lookup.layer.host_path(&r.path);
-                        let parent = p.parent().unwrap_or(&p);
-                        fs::create_dir_all(parent).map_err(io("create mount point", parent))?;
+                        if let Some(parent) = r.path.parent() {
+                            make_layer_dirs(&lookup, parent)?;
+                        }
                         if src_dir {
                             fs::create_dir(&p).map_err(io("create mount point", &p))?;
                         } else {
@@ -467,6 +468,36 @@ impl Executor {
         }
         Ok(host_path(root, &r.path))
     }
+}
+
+/// Creates the directories of `path` on the mount-point layer. Where the image has the same
+/// directory, the layer's copy takes its permission bits: overlayfs shows the upper layer's
+/// attributes for a merged directory, and `/` or `/home` must not turn into 0700 or lose a
+/// sticky bit. (The owner cannot be copied: image files owned by ids outside the user namespace
+/// have no mapping.)
+fn make_layer_dirs(lookup: &LayerLookup, path: &Path) -> Result<(), RootError> {
+    let mut cur = PathBuf::from("/");
+    let mut dirs = vec![cur.clone()];
+    for c in path.components().skip(1) {
+        cur.push(c);
+        dirs.push(cur.clone());
+    }
+    for d in dirs {
+        let layer = lookup.layer.host_path(&d);
+        if !layer.is_dir() {
+            fs::create_dir(&layer).map_err(io("create mount point", &layer))?;
+        }
+        if let Ok(m) = fs::metadata(lookup.image.host_path(&d))
+            && m.is_dir()
+        {
+            fs::set_permissions(
+                &layer,
+                fs::Permissions::from_mode(m.permissions().mode() & 0o7777),
+            )
+            .map_err(io("chmod mount point", &layer))?;
+        }
+    }
+    Ok(())
 }
 
 /// Remounts a bind read-only. In a user namespace the flags the mount was locked with (nosuid,
