@@ -12,7 +12,8 @@
 # with ratios to squashfuse_ll. A benchmark, not a test: it asserts nothing.
 #
 # Usage (as root): ci/bench-mount.sh [IMAGE]     env: RUNS (default 5), TEST_USER (default tuser)
-# IMAGE defaults to the largest test image in .cache/images, else a squashfs of /usr/share.
+# IMAGE (SIF or squashfs) defaults to the largest test image in .cache/images, else a squashfs of
+# /usr/share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +40,7 @@ if [ -z "$image" ]; then
     mksquashfs /usr/share "$work/usr-share.sqfs" -comp gzip -quiet -no-progress >/dev/null
     image="$work/usr-share.sqfs"
 fi
-cp "$image" "$work/image" 2>/dev/null || true
+cp "$image" "$work/image"
 chmod 0644 "$work/image"
 for d in mnt cache; do
     mkdir -p "$work/$d"

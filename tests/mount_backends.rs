@@ -386,3 +386,30 @@ fn without_dev_fuse_fuse_backends_fail_clearly_and_auto_extracts() {
     assert!(out.stderr.contains("extracting it into"), "{}", out.stderr);
     assert_eq!(report(&out)["problems"], serde_json::json!([]));
 }
+
+/// The real test images (SIF files: the squashfs sits at an offset found by `image::locate`)
+/// through every backend, compared entry by entry with the image.
+#[test]
+fn the_test_images_mount_faithfully_with_every_backend() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let cache = user_dir(work.path(), "cache");
+    for name in TEST_IMAGES {
+        let image = staged_image(name);
+        for backend in BACKENDS {
+            let target = user_dir(work.path(), &format!("mnt-{name}-{backend}"));
+            let before = Snapshot::take();
+            let out = mount_check(&image, backend, &target, &cache)
+                .arg("--verify")
+                .run();
+            out.assert_success();
+            let r = report(&out);
+            assert_eq!(r["problems"], serde_json::json!([]), "{name} via {backend}");
+            assert!(
+                r["files"].as_u64().unwrap() > 100,
+                "{name} via {backend}: {r}"
+            );
+            assert_no_leftovers(&before, &[out.tag.as_str()]);
+        }
+    }
+}

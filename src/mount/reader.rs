@@ -276,9 +276,7 @@ impl SquashImage {
             raw.into()
         } else {
             let mut out = Vec::with_capacity(self.block_size as usize);
-            DefaultCompressor
-                .decompress(&raw, &mut out, self.compressor)
-                .map_err(|e| corrupt(&format!("decompressing a block: {e}")))?;
+            decompress(&raw, &mut out, self.compressor)?;
             if out.len() > self.block_size as usize {
                 return Err(corrupt("block decompresses past the block size"));
             }
@@ -287,6 +285,50 @@ impl SquashImage {
         self.cache.put(start, data.clone());
         Ok(data)
     }
+}
+
+thread_local! {
+    /// A zstd context per server thread: creating one per block costs about half as much as
+    /// decompressing the block.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// The same for zlib (gzip images), reset between blocks.
+    static ZLIB: std::cell::RefCell<Option<flate2::Decompress>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses one block into `out` (empty, with the block size as capacity).
+fn decompress(raw: &[u8], out: &mut Vec<u8>, compressor: Compressor) -> std::io::Result<()> {
+    let fail = |e: &dyn std::fmt::Display| corrupt(&format!("decompressing a block: {e}"));
+    if compressor == Compressor::Zstd {
+        return ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let ctx = match &mut *slot {
+                Some(ctx) => ctx,
+                None => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| fail(&e))?),
+            };
+            ctx.decompress_to_buffer(raw, out)
+                .map(drop)
+                .map_err(|e| fail(&e))
+        });
+    }
+    if compressor == Compressor::Gzip {
+        return ZLIB.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let z = slot.get_or_insert_with(|| flate2::Decompress::new(true));
+            z.reset(true);
+            // Room past a full block, so a full block ends the stream rather than the buffer.
+            out.reserve(64);
+            match z.decompress_vec(raw, out, flate2::FlushDecompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => Ok(()),
+                Ok(_) => Err(corrupt("a block decompresses past the block size")),
+                Err(e) => Err(fail(&e)),
+            }
+        });
+    }
+    DefaultCompressor
+        .decompress(raw, out, compressor)
+        .map_err(|e| fail(&e))
 }
 
 fn copy_part(block: &[u8], from: usize, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
