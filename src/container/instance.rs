@@ -775,6 +775,11 @@ fn serve(
             .collect();
         drop(pfds);
         if sigfd.is_some() && !revents[revents.len() - 1].is_empty() {
+            // SIGTERM: end now, and let nobody join an instance that is going away.
+            if let Some((_, rv)) = &listener {
+                let _guard = rv.lock();
+                rv.remove_files();
+            }
             return;
         }
         let mut closed = Vec::new();
