@@ -190,7 +190,14 @@ fn run_member(
     };
     inst.release_namespaces();
     let outcome = wait_forwarding(child, &sigfd);
-    inst.close();
+    match outcome {
+        // The rank that created the instance waits for it to end (its mounts go with it) once
+        // every rank of the node is done.
+        Outcome::Exited(0) => inst.close(),
+        // A failed rank must not wait for its peers: srun and hydra end the job only when they
+        // see this task exit. The instance ends by itself when the last rank leaves.
+        _ => drop(inst),
+    }
     Ok(outcome)
 }
 
