@@ -118,12 +118,50 @@ pub fn staged_image(name: &str) -> PathBuf {
 ///
 /// The build's own binary may sit under a folder the test user cannot enter (a clone under
 /// `/root`), hence the copy.
+///
+/// It is staged as an installation would lay it out, `<stage>/bin/cmpirun` next to
+/// `<stage>/share/cmpirun/profiles/` holding the repository's `profiles/`, because cmpirun looks
+/// for its shipped profiles beside its own binary and the source tree may be unreadable.
 pub fn cmpirun_bin() -> PathBuf {
-    stage_once(
-        Path::new(env!("CARGO_BIN_EXE_cmpirun")),
-        OsStr::new("cmpirun"),
-        0o755,
-    )
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin_dir = stage_dir().join("bin");
+        let profiles = stage_dir().join("share/cmpirun/profiles");
+        for dir in [&bin_dir, &profiles] {
+            fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        }
+        for dir in [
+            stage_dir().join("share"),
+            stage_dir().join("share/cmpirun"),
+            bin_dir.clone(),
+            profiles.clone(),
+        ] {
+            let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o755));
+        }
+        let shipped = repo_root().join("profiles");
+        let mut wanted = BTreeSet::new();
+        if let Ok(entries) = fs::read_dir(&shipped) {
+            for e in entries.flatten() {
+                if e.path().is_file() {
+                    stage_file(&e.path(), &profiles.join(e.file_name()), 0o644);
+                    wanted.insert(e.file_name());
+                }
+            }
+        }
+        // A profile removed from the source tree must not linger in the staged copy.
+        if let Ok(entries) = fs::read_dir(&profiles) {
+            for e in entries.flatten() {
+                if !wanted.contains(&e.file_name()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let bin = bin_dir.join("cmpirun");
+        stage_file(Path::new(env!("CARGO_BIN_EXE_cmpirun")), &bin, 0o755);
+        bin
+    })
+    .clone()
 }
 
 /// A world-readable folder for staged images and binaries, one per source tree:
@@ -855,15 +893,26 @@ impl Snapshot {
     /// What exists now (in `self`) that did not exist in `before`.
     ///
     /// With `tags` empty, every new process of the test user counts. Otherwise only new processes
-    /// that carry one of `tags`, or carry no tag at all (a helper started with a cleared
-    /// environment), count; processes of other tests running in parallel are ignored.
+    /// that carry one of `tags`, or carry no tag at all and live in a user namespace other than
+    /// the host's (a container's helper started with a cleared environment), count; processes of
+    /// other tests or jobs running at the same time are ignored.
     pub fn leftovers_since(&self, before: &Snapshot, tags: &[&str]) -> Leftovers {
+        let host_userns = fs::read_link("/proc/self/ns/user")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let processes: Vec<ProcInfo> = self
             .processes
             .iter()
             .filter(|(k, _)| !before.processes.contains_key(k))
             .map(|(_, p)| p.clone())
-            .filter(|p| tags.is_empty() || p.tag.as_deref().is_none_or(|t| tags.contains(&t)))
+            .filter(|p| match p.tag.as_deref() {
+                _ if tags.is_empty() => true,
+                Some(t) => tags.contains(&t),
+                // An untagged process is a helper started with a cleared environment; one in a
+                // container (its own user namespace) counts, one in the host's user namespace
+                // belongs to something else running on the machine.
+                None => p.userns != host_userns,
+            })
             .collect();
         // The mounts a leftover process still sees: the stale image mount is usually there.
         let mut process_mounts = Vec::new();
