@@ -18,15 +18,19 @@ if [ "$(id -u)" = 0 ] && id tuser >/dev/null 2>&1; then
     stage=$(mktemp -d /var/tmp/cmpirun-demo.XXXXXX)
     trap 'rm -rf "$stage"' EXIT
     chmod 755 "$stage"
-    cp "$bin" "$stage/cmpirun"
+    # Laid out as an install: bin/cmpirun beside share/cmpirun/profiles, where cmpirun looks for
+    # the shipped site profiles (the clone's profiles/ may be unreadable for tuser too).
+    mkdir -p "$stage/bin" "$stage/share/cmpirun"
+    cp "$bin" "$stage/bin/cmpirun"
+    cp -r profiles "$stage/share/cmpirun/profiles"
     ln "$image" "$stage/" 2>/dev/null || cp "$image" "$stage/"
-    chmod a+r "$stage"/*
+    chmod -R a+rX "$stage"
     job=(-n 4 "$stage/$(basename "$image")" /usr/local/bin/mpitest)
     echo "== (as tuser) cmpirun ${job[*]}" >&2
     cd "$stage"
     setpriv --reuid=tuser --regid=tuser --init-groups --inh-caps=-all --bounding-set=-all -- \
         env -i PATH=/usr/bin:/bin HOME="$(getent passwd tuser | cut -d: -f6)" USER=tuser \
-        "$stage/cmpirun" "${job[@]}"
+        "$stage/bin/cmpirun" "${job[@]}"
 else
     echo "== cmpirun ${job[*]}" >&2
     exec "$bin" "${job[@]}"
