@@ -224,8 +224,8 @@ pub fn instance_config(req: &ExecRequest) -> Result<InstanceConfig, ExecError> {
     Ok(InstanceConfig { root, script_env })
 }
 
-/// Signals passed on to the program (the terminal sends its own to the program's process group).
-const FORWARDED: &[Signal] = &[
+/// Signals cmpirun passes on to the programs it runs (`exec`) and to every rank (launch).
+pub const FORWARDED: &[Signal] = &[
     Signal::SIGINT,
     Signal::SIGTERM,
     Signal::SIGHUP,
@@ -233,6 +233,25 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR1,
     Signal::SIGUSR2,
 ];
+
+/// Blocks [`FORWARDED`] and `SIGCHLD` (so that they are read from a signalfd instead of
+/// interrupting anything), runs `f` with the blocked set and the mask that was in force before,
+/// then restores that mask.
+pub fn with_forwarded_signals_blocked<T, E>(
+    block_failed: impl FnOnce(Errno) -> E,
+    f: impl FnOnce(&SigSet, SigSet) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(*s);
+    }
+    mask.add(Signal::SIGCHLD);
+    let mut old = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old)).map_err(block_failed)?;
+    let result = f(&mask, old);
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    result
+}
 
 /// Runs `cmpirun exec`: returns how the program ended. Must be called while single-threaded.
 pub fn exec(req: &ExecRequest) -> Result<Outcome, ExecError> {
@@ -245,17 +264,10 @@ pub fn exec(req: &ExecRequest) -> Result<Outcome, ExecError> {
         .map(|s| parse_env(s).map_err(|e| usage(e.to_string())))
         .collect::<Result<_, _>>()?;
     let cfg = instance_config(req)?;
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(*s);
-    }
-    mask.add(Signal::SIGCHLD);
-    let mut old = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old))
-        .map_err(|e| ExecError::Failed(format!("block signals: {e}")))?;
-    let result = run_member(req, &cfg, &user_env, &mask);
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    result
+    with_forwarded_signals_blocked(
+        |e| ExecError::Failed(format!("block signals: {e}")),
+        |mask, _| run_member(req, &cfg, &user_env, mask),
+    )
 }
 
 fn run_member(

@@ -18,9 +18,10 @@ use crate::jobspec::{LauncherKind, OutputTag};
 use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
-use super::local::{FORWARDED, kill_grace};
+use super::local::kill_grace;
 use super::rank::PLAN_VAR;
 use super::status::{JobEnd, SIGNAL_BASE};
+use crate::container::run::with_forwarded_signals_blocked;
 
 /// The command line to run: the plan's, with the plan source filled in and the output-tag flag
 /// of the launcher added (`srun --label`, hydra's `-prepend-rank`).
@@ -59,20 +60,13 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         }
     }
     cmd.env(PLAN_VAR, json);
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(*s);
-    }
-    mask.add(Signal::SIGCHLD);
-    let mut old = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old)).map_err(|errno| {
-        LaunchError::Sys {
+    let result = with_forwarded_signals_blocked(
+        |errno| LaunchError::Sys {
             step: "block signals",
             errno,
-        }
-    })?;
-    let result = run_blocked(plan, cmd, &argv[0], &mask, old);
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        },
+        |mask, old| run_blocked(plan, cmd, &argv[0], mask, old),
+    );
     let prefix = match (plan.launcher.kind, std::env::var("SLURM_JOB_ID")) {
         (LauncherKind::Slurm, Ok(job)) => format!("slurm-{job}."),
         (LauncherKind::Slurm, Err(_)) => "slurm-".to_owned(),

@@ -15,27 +15,18 @@ use cmpirun_pmi::server::{Event, JobConfig, PmiServer, ServerControl};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, pipe2};
 
 use crate::container::instance::NodeInstance;
+use crate::container::run::with_forwarded_signals_blocked;
 use crate::plan::LaunchPlan;
 
 use super::output::{LineBuffer, Stream, tag, write_out};
 use super::status::JobEnd;
 use super::{LaunchError, node};
-
-/// Signals cmpirun passes on to every rank.
-pub const FORWARDED: &[Signal] = &[
-    Signal::SIGINT,
-    Signal::SIGTERM,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-];
 
 /// Signals that end the job when cmpirun receives them (the others are only passed on).
 fn ends_job(sig: Signal) -> bool {
@@ -78,17 +69,9 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
     }
     raise_fd_limit(plan.layout.size);
     let cfg = node::node_config(plan, &BTreeMap::new(), &[])?;
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(*s);
-    }
-    mask.add(Signal::SIGCHLD);
-    let mut old = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old))
-        .map_err(sys("block signals"))?;
-    let result = run_blocked(plan, &cfg, &mask);
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    result
+    with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
+        run_blocked(plan, &cfg, mask)
+    })
 }
 
 /// cmpirun holds three descriptors per rank (its PMI socket, the stdout and stderr pipes):

@@ -13,16 +13,16 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::container::rendezvous::{join_or_create, runtime_dir};
-use crate::container::run::{Outcome, propagate};
+use crate::container::run::{Outcome, propagate, with_forwarded_signals_blocked};
 use crate::plan::LaunchPlan;
 
-use super::{LaunchError, local::FORWARDED, node};
+use super::{LaunchError, node};
 
 /// The environment variable that carries the plan to the rank mode when the plan source is
 /// `env:` (srun and hydra pass the caller's environment to every task).
@@ -137,20 +137,13 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let cfg = node::node_config(&plan, &env, &pmix_binds(&env))?;
     let image = node::job_image(&plan)?;
     let key = instance_key(&env, &image, std::os::unix::process::parent_id());
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(*s);
-    }
-    mask.add(Signal::SIGCHLD);
-    let mut old = SigSet::empty();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old)).map_err(|errno| {
-        LaunchError::Sys {
+    let result = with_forwarded_signals_blocked(
+        |errno| LaunchError::Sys {
             step: "block signals",
             errno,
-        }
-    })?;
-    let result = run_member(&plan, &cfg, rank, &key, &env, &mask);
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        },
+        |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
+    );
     Ok(propagate(result?))
 }
 
