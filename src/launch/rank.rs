@@ -9,17 +9,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
-use std::os::fd::AsFd;
 use std::path::Path;
 
-use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
 
 use crate::container::rendezvous::{join_or_create, runtime_dir};
-use crate::container::run::{Outcome, propagate, with_forwarded_signals_blocked};
+use crate::container::run::{Outcome, propagate, wait_forwarding, with_forwarded_signals_blocked};
 use crate::plan::LaunchPlan;
 
 use super::{LaunchError, node};
@@ -182,7 +178,8 @@ fn run_member(
         }
     };
     inst.release_namespaces();
-    let outcome = wait_forwarding(child, &sigfd);
+    // Every signal this process gets is passed on to the rank.
+    let outcome = wait_forwarding(child, &sigfd, |_| true);
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once
         // every rank of the node is done.
@@ -192,31 +189,6 @@ fn run_member(
         _ => drop(inst),
     }
     Ok(outcome)
-}
-
-/// Waits for the rank, passing on the signals this process gets.
-fn wait_forwarding(child: Pid, sigfd: &SignalFd) -> Outcome {
-    loop {
-        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return Outcome::Exited(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Outcome::Signaled(sig),
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => return Outcome::Exited(crate::exit::FAILURE),
-        }
-        let mut pfd = [nix::poll::PollFd::new(
-            sigfd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE);
-        while let Ok(Some(info)) = sigfd.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) | Err(_) => {}
-                Ok(sig) => {
-                    let _ = kill(child, sig);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
