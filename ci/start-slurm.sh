@@ -93,7 +93,9 @@ else
     printf '%s\n' "$new_conf" >"$conf"
     chmod 0644 "$conf"
     export SLURM_CONF=$conf
-    slurmctld -f "$conf"
+    # -c: forget the jobs of a previous cluster (a machine restarted or killed mid-test keeps
+    # them in the state folder, and they would hold the node's CPUs until they time out).
+    slurmctld -c -f "$conf"
     slurmd -f "$conf"
 fi
 
