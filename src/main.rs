@@ -421,6 +421,14 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
             failed.join("; ")
         )));
     }
+    // Failed checks left at this point were overridden with --force: say which.
+    for c in plan.failed_checks() {
+        tracing::warn!(
+            "--force: launching although the {} check failed: {}",
+            c.name,
+            c.message
+        );
+    }
     // Single-threaded up to here: the node instance and the ranks are forked next.
     let code = cmpirun::launch::launch(&plan)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))

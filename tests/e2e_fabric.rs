@@ -1,13 +1,15 @@
-//! After start, cmpirun confirms from each rank's memory map that the injected host libfabric is
-//! the one loaded (says so with `-v`), and with an expected provider a rank that loaded another
-//! libfabric fails the job. The "host" libfabric is the PyPI Open MPI wheel's 2.x copy, kept
-//! outside every image (fetched by `ci/fetch-wheels.sh`), injected into the mpich5 image by the
-//! `ci` profile.
+//! The host libfabric injected into real images. After start, cmpirun confirms from each rank's
+//! memory map that the injected host libfabric is the one loaded (says so with `-v`), and with an
+//! expected provider a rank that loaded another libfabric fails the job. Before start, the glibc
+//! check refuses host libraries built for a newer glibc than the image's. The "host" libfabric is
+//! the PyPI Open MPI wheel's 2.x copy, kept outside every image (fetched by `ci/fetch-wheels.sh`),
+//! injected into the mpich5 image by the `ci` profile.
 
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 
@@ -86,4 +88,153 @@ fn ranks_are_checked_for_the_injected_libfabric() {
         "{out}"
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+/// Runs `cc ARGS` in `dir` (the library builds of the glibc test).
+fn cc(dir: &Path, args: &[&str]) {
+    let out = Command::new("cc")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("cc (gcc) is installed by ci/install-packages.sh");
+    assert!(
+        out.status.success(),
+        "cc {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds, next to the host libfabric `host`, a provider plugin `libfabric/libnewglibc-fi.so`
+/// whose dependency `libnewglibc.so.1` needs `GLIBC_2.99` from `libc.so.6`: linked against a stub
+/// `libc.so.6` (in `dir/stub`, never injected) whose version script defines that version. Returns
+/// the dependency, the file the glibc check must name.
+fn build_newer_glibc_provider(dir: &Path, host: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("stub")).unwrap();
+    std::fs::write(
+        src.join("libc.c"),
+        "void cmpirun_test_newer_glibc(void) {}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("libc.map"),
+        "GLIBC_2.99 { global: cmpirun_test_newer_glibc; local: *; };\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("dep.c"),
+        "extern void cmpirun_test_newer_glibc(void);\n\
+         void cmpirun_test_dep(void) { cmpirun_test_newer_glibc(); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("prov.c"),
+        "extern void cmpirun_test_dep(void);\n\
+         void *fi_prov_ini(void) { cmpirun_test_dep(); return 0; }\n",
+    )
+    .unwrap();
+    let host_dir = host.parent().unwrap();
+    let plugins = host_dir.join("libfabric");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dep = host_dir.join("libnewglibc.so.1");
+    let plugin = plugins.join("libnewglibc-fi.so");
+    let (dep_s, plugin_s) = (dep.to_str().unwrap(), plugin.to_str().unwrap());
+    cc(
+        &src,
+        &[
+            "-shared",
+            "-fPIC",
+            "-nostdlib",
+            "-Wl,-soname,libc.so.6",
+            "-Wl,--version-script=libc.map",
+            "-o",
+            "stub/libc.so.6",
+            "libc.c",
+        ],
+    );
+    cc(
+        &src,
+        &[
+            "-shared",
+            "-fPIC",
+            "-nostdlib",
+            "-Wl,-soname,libnewglibc.so.1",
+            "-o",
+            dep_s,
+            "dep.c",
+            "stub/libc.so.6",
+        ],
+    );
+    cc(
+        &src,
+        &[
+            "-shared",
+            "-fPIC",
+            "-nostdlib",
+            "-Wl,-rpath,$ORIGIN/..",
+            "-Wl,--enable-new-dtags",
+            "-o",
+            plugin_s,
+            "prov.c",
+            dep_s,
+        ],
+    );
+    for f in [&dep, &plugin] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dep
+}
+
+#[test]
+fn a_host_library_needing_a_newer_glibc_is_refused() {
+    let _serial = exclusive();
+    let dir = TuserDir::new();
+    let host = copy_into(dir.path(), "host");
+    build_newer_glibc_provider(dir.path(), &host);
+    let run = |flags: &[&str]| {
+        TuserCommand::cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .args(["--profile", "ci", "-n", "2"])
+            .args(flags)
+            .arg(staged_image("mpich5"))
+            .arg("/usr/local/bin/mpitest")
+            .run()
+    };
+    // The file is found through the plugin's RUNPATH ($ORIGIN/..), and named so.
+    let named = |text: &str| {
+        text.lines().any(|l| {
+            l.contains("glibc")
+                && l.contains("/libnewglibc.so.1 needs GLIBC_2.99")
+                && l.contains("has GLIBC_2.36")
+        })
+    };
+    let dry = run(&["--dry-run"]);
+    dry.assert_success();
+    assert!(named(&dry.stdout), "{dry}");
+    assert!(dry.stdout.contains("FAIL    glibc:"), "{dry}");
+    assert!(
+        dry.stdout
+            .contains("/libfabric/../libnewglibc.so.1 -> /.cmpirun/lib/libnewglibc.so.1"),
+        "the dependency is part of the injection:\n{dry}"
+    );
+    let before = Snapshot::take();
+    let out = run(&[]);
+    out.assert_code(2);
+    assert!(named(&out.stderr), "{out}");
+    // Refused before anything started: no rank printed a line.
+    assert!(!out.stdout.contains("hello:"), "{out}");
+    // --force goes on, with the failed check as a warning; the ranks' libfabric skips the
+    // provider plugin it cannot load and the job runs over tcp.
+    let forced = run(&["--force"]);
+    forced.assert_success();
+    assert!(forced.stdout.contains("mpitest: OK size=2"), "{forced}");
+    assert!(
+        forced
+            .stderr
+            .lines()
+            .any(|l| l.contains("--force") && named(l)),
+        "{forced}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str(), forced.tag.as_str()]);
 }
