@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -237,4 +237,92 @@ fn a_host_library_needing_a_newer_glibc_is_refused() {
         "{forced}"
     );
     assert_no_leftovers(&before, &[out.tag.as_str(), forced.tag.as_str()]);
+}
+
+/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design;
+/// it is made before a snapshot so that it does not count as a leftover.
+fn runtime_dir() {
+    let dir = format!("/tmp/cmpirun-{}", tuser().uid);
+    TuserCommand::new("mkdir")
+        .args(["-p", "-m", "700", &dir])
+        .run()
+        .assert_success();
+}
+
+/// `salloc -n N cmpirun …` as the test user, with the `ci` profile's host libfabric `host`.
+/// salloc waits for the node when other jobs hold it.
+fn salloc_cmpirun(n: u32, host: &Path) -> TuserCommand {
+    TuserCommand::new("salloc")
+        .slurm()
+        .env("CMPIRUN_CI_LIBFABRIC", host)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(std::time::Duration::from_secs(300))
+        .args(["-n", &n.to_string()])
+        .arg(cmpirun_bin())
+        .args(["-n", &n.to_string(), "--profile", "ci", "--pmi", "pmix"])
+}
+
+/// Open MPI's `cm` PML over the `ofi` MTL: libfabric carries every message, so a rank that
+/// passes has used the libfabric it mapped.
+const OMPI_OFI: [&str; 8] = [
+    "-x",
+    "OMPI_MCA_pml=cm",
+    "-x",
+    "OMPI_MCA_mtl=ofi",
+    "-x",
+    "OMPI_MCA_mtl_ofi_provider_exclude=none",
+    "-x",
+    "MPITEST_FABRIC=1",
+];
+
+#[test]
+fn openmpi_runs_with_the_host_libfabric_under_slurm_pmix() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let host = copy_into(dir.path(), "host");
+    let meta = std::fs::metadata(&host).unwrap();
+    let before = Snapshot::take();
+    let out = salloc_cmpirun(4, &host)
+        .args(OMPI_OFI)
+        .arg(staged_image("openmpi4"))
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    out.assert_success();
+    assert!(out.stdout.contains("mpitest: OK size=4"), "{out}");
+    let lines = fabric_lines(&out.stdout);
+    assert_eq!(lines.len(), 4, "one fabric: line per rank:\n{out}");
+    for l in &lines {
+        // The image's own copy is libfabric 1.17; the host's is the wheel's 2.x, bound over it.
+        assert_eq!(
+            (l.dev, l.ino),
+            (Some(meta.dev()), Some(meta.ino())),
+            "rank {} maps {} (dev {:?} ino {:?}), not the host copy {}:\n{out}",
+            l.rank,
+            l.path,
+            l.dev,
+            l.ino,
+            host.display()
+        );
+        assert!(
+            l.fi_version.as_deref().is_some_and(|v| v.starts_with("2.")),
+            "{out}"
+        );
+    }
+    // With --no-inject the same job maps the image's own libfabric 1.17.
+    let own = salloc_cmpirun(2, &host)
+        .arg("--no-inject")
+        .args(OMPI_OFI)
+        .arg(staged_image("openmpi4"))
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    own.assert_success();
+    let lines = fabric_lines(&own.stdout);
+    assert_eq!(lines.len(), 2, "{own}");
+    assert!(
+        lines.iter().all(|l| l.ino != Some(meta.ino())
+            && l.fi_version.as_deref().is_some_and(|v| v.starts_with("1."))),
+        "{own}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str(), own.tag.as_str()]);
 }
