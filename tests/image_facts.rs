@@ -10,8 +10,7 @@ use cmpirun::image::facts::{ImageFacts, LibfabricLink, MpiFamily, Via, image_fac
 use cmpirun::image::{locate, open_rootfs};
 use cmpirun_fabric::elf::SymbolVersion;
 
-/// The facts of test image `name`, read once per test process (reading the 41 MiB libmpich
-/// out of the mpich4 image is the slow part).
+/// The facts of test image `name`, read once per test process.
 fn facts_of(name: &str) -> ImageFacts {
     static CACHE: Mutex<BTreeMap<String, ImageFacts>> = Mutex::new(BTreeMap::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());

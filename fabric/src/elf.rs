@@ -1,7 +1,11 @@
 //! What the dynamic loader needs to know about a shared library or program, read from its bytes.
 //!
-//! The input is a byte slice, so the same code reads a file on the host and a file read out of a
-//! squashfs image without mounting it. Parsing is done by the `object` crate's ELF reader.
+//! The input is a byte slice, or any `object::ReadRef` (such as an `object::ReadCache` over a
+//! reader that decompresses only the parts asked for), so the same code reads a file on the host
+//! and a file read out of a squashfs image without mounting it. Parsing is done by the `object`
+//! crate's ELF reader; only the file header, the section headers, the dynamic section, the
+//! version sections and their string tables are read (and the dynamic symbol table for
+//! [`exported_symbols_in`]).
 //!
 //! ```no_run
 //! use cmpirun_fabric::elf::{ElfFacts, SymbolVersion};
@@ -18,8 +22,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{Dyn, ElfFile, FileHeader, Sym};
-use object::{Endianness, FileKind};
+use object::read::elf::{Dyn, FileHeader, SectionTable, Sym};
+use object::{Endianness, FileKind, ReadRef};
 
 /// Why bytes could not be read as an ELF shared object or program.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,12 @@ pub enum ElfError {
     /// The ELF structures are inconsistent (truncated file, offsets out of range, bad tables).
     #[error("malformed ELF file: {0}")]
     Malformed(#[from] object::read::Error),
+    /// A dynamic-section entry points outside its string table.
+    #[error("malformed ELF file: a {what} points outside the string table")]
+    BadString {
+        /// Which kind of string (for example "DT_NEEDED entry").
+        what: &'static str,
+    },
     /// A string in the dynamic section or version tables is not UTF-8.
     #[error("malformed ELF file: a {what} is not valid UTF-8")]
     NotUtf8 {
@@ -207,12 +217,18 @@ impl ElfFacts {
 
     /// Reads the facts from the bytes of an ELF file.
     pub fn parse(bytes: &[u8]) -> Result<Self, ElfError> {
-        match FileKind::parse(bytes) {
+        Self::parse_in(bytes)
+    }
+
+    /// Reads the facts from an ELF file seen through `data`, asking it only for the header,
+    /// the section headers and the sections the facts come from.
+    pub fn parse_in<'data, R: ReadRef<'data>>(data: R) -> Result<Self, ElfError> {
+        match FileKind::parse(data) {
             Ok(FileKind::Elf64) => {
-                parse_generic::<elf::FileHeader64<Endianness>>(bytes, ElfClass::Elf64)
+                parse_generic::<elf::FileHeader64<Endianness>, R>(data, ElfClass::Elf64)
             }
             Ok(FileKind::Elf32) => {
-                parse_generic::<elf::FileHeader32<Endianness>>(bytes, ElfClass::Elf32)
+                parse_generic::<elf::FileHeader32<Endianness>, R>(data, ElfClass::Elf32)
             }
             _ => Err(ElfError::NotElf),
         }
@@ -256,11 +272,30 @@ impl ElfFacts {
 /// weak), without their version suffix. Used to tell an MPI that embeds libfabric (it exports
 /// `fi_getinfo`) from one that loads it.
 pub fn exported_symbols(bytes: &[u8]) -> Result<BTreeSet<String>, ElfError> {
-    match FileKind::parse(bytes) {
-        Ok(FileKind::Elf64) => exports_generic::<elf::FileHeader64<Endianness>>(bytes),
-        Ok(FileKind::Elf32) => exports_generic::<elf::FileHeader32<Endianness>>(bytes),
+    exported_symbols_in(bytes)
+}
+
+/// [`exported_symbols`] for an ELF file seen through `data` (reads the section headers, the
+/// dynamic symbol table and its strings).
+pub fn exported_symbols_in<'data, R: ReadRef<'data>>(
+    data: R,
+) -> Result<BTreeSet<String>, ElfError> {
+    match FileKind::parse(data) {
+        Ok(FileKind::Elf64) => exports_generic::<elf::FileHeader64<Endianness>, R>(data),
+        Ok(FileKind::Elf32) => exports_generic::<elf::FileHeader32<Endianness>, R>(data),
         _ => Err(ElfError::NotElf),
     }
+}
+
+/// The header's byte order and section table, without reading the symbol tables (which the
+/// `object` crate's whole-file parser reads up front, and which can be most of a library).
+fn header_and_sections<'data, Elf: FileHeader<Endian = Endianness>, R: ReadRef<'data>>(
+    data: R,
+) -> Result<(Endianness, u16, SectionTable<'data, Elf, R>), ElfError> {
+    let header = Elf::parse(data)?;
+    let endian = header.endian()?;
+    let sections = header.sections(endian, data)?;
+    Ok((endian, header.e_machine(endian), sections))
 }
 
 fn of_family<'a>(names: impl Iterator<Item = &'a String>, family: &str) -> BTreeSet<SymbolVersion> {
@@ -283,14 +318,12 @@ fn split_path_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_generic<Elf: FileHeader<Endian = Endianness>>(
-    bytes: &[u8],
+fn parse_generic<'data, Elf: FileHeader<Endian = Endianness>, R: ReadRef<'data>>(
+    bytes: R,
     class: ElfClass,
 ) -> Result<ElfFacts, ElfError> {
-    let file = ElfFile::<Elf, &[u8]>::parse(bytes)?;
-    let endian = file.endian();
-    let machine = Machine(file.elf_header().e_machine(endian));
-    let sections = file.elf_section_table();
+    let (endian, machine, sections) = header_and_sections::<Elf, R>(bytes)?;
+    let machine = Machine(machine);
 
     let mut facts = ElfFacts {
         class,
@@ -317,7 +350,12 @@ fn parse_generic<Elf: FileHeader<Endian = Endianness>>(
                 elf::DT_RUNPATH => "DT_RUNPATH",
                 _ => continue,
             };
-            let value = utf8(entry.string(endian, strings)?, what)?;
+            // `Dyn::string` takes only a byte-slice string table; this is its body.
+            let bytes = u32::try_from(entry.d_val(endian).into())
+                .ok()
+                .and_then(|offset| strings.get(offset).ok())
+                .ok_or(ElfError::BadString { what })?;
+            let value = utf8(bytes, what)?;
             match tag {
                 elf::DT_NEEDED => facts.needed.push(value),
                 elf::DT_SONAME => facts.soname = Some(value),
@@ -356,12 +394,11 @@ fn parse_generic<Elf: FileHeader<Endian = Endianness>>(
     Ok(facts)
 }
 
-fn exports_generic<Elf: FileHeader<Endian = Endianness>>(
-    bytes: &[u8],
+fn exports_generic<'data, Elf: FileHeader<Endian = Endianness>, R: ReadRef<'data>>(
+    bytes: R,
 ) -> Result<BTreeSet<String>, ElfError> {
-    let file = ElfFile::<Elf, &[u8]>::parse(bytes)?;
-    let endian = file.endian();
-    let table = file.elf_dynamic_symbol_table();
+    let (endian, _, sections) = header_and_sections::<Elf, R>(bytes)?;
+    let table = sections.symbols(endian, bytes, elf::SHT_DYNSYM)?;
     let strings = table.strings();
     let mut names = BTreeSet::new();
     for sym in table.iter() {

@@ -6,7 +6,7 @@
 //! links inside the image with [`super::rootfs::resolve`] first.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -57,6 +57,22 @@ impl DirRootFs {
         Ok(Some(host))
     }
 
+    /// Opens the regular file at `path` without following a final symlink.
+    fn open_regular(&self, path: &str) -> io::Result<File> {
+        let host = self.existing(path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&host)?;
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: not a regular file"),
+            ));
+        }
+        Ok(f)
+    }
+
     fn existing(&self, path: &str) -> io::Result<PathBuf> {
         self.host_path(path)?.ok_or_else(|| {
             io::Error::new(
@@ -104,19 +120,17 @@ impl RootFs for DirRootFs {
     }
 
     fn read_file(&self, path: &str) -> io::Result<Vec<u8>> {
-        let host = self.existing(path)?;
-        let mut f: File = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&host)?;
-        if !f.metadata()?.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{path}: not a regular file"),
-            ));
-        }
+        let mut f = self.open_regular(path)?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut f = self.open_regular(path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut buf = Vec::new();
+        f.take(len as u64).read_to_end(&mut buf)?;
         Ok(buf)
     }
 

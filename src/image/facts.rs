@@ -22,7 +22,6 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::rc::Rc;
 
 use cmpirun_fabric::elf::{self, ElfError, ElfFacts, ElfKind, SymbolVersion};
 use cmpirun_fabric::loader::{
@@ -33,7 +32,9 @@ use cmpirun_fabric::loader::{
 /// Which step of the loader's search found a library.
 pub use cmpirun_fabric::loader::Via;
 
-use super::rootfs::{NodeKind, RootFs, resolve};
+use object::ReadCache;
+
+use super::rootfs::{NodeKind, RangedFile, RootFs, resolve};
 
 const LIBFABRIC: &str = "libfabric.so.1";
 const ENV_DIR: &str = "/.singularity.d/env";
@@ -416,7 +417,6 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
         } else {
             Vec::new()
         },
-        files: RefCell::new(HashMap::new()),
         kinds: RefCell::new(HashMap::new()),
         hwcaps: Vec::new(),
     };
@@ -464,7 +464,6 @@ pub fn image_facts_with(fs: &dyn RootFs, options: &FactsOptions) -> Result<Image
                 chosen = Some((family, lib, Vec::new()));
                 break;
             }
-            loader.forget(&lib.real_file);
         }
     } else {
         chosen = from_program;
@@ -500,9 +499,6 @@ struct Loader<'a> {
     ld_library_path: Vec<String>,
     /// The directories the image's `ld.so.cache` covers; empty when it has none.
     cache_dirs: Vec<String>,
-    /// Files read to check their ELF kind, kept for the parse that usually follows (RootFs
-    /// reads whole files).
-    files: RefCell<HashMap<String, Rc<Vec<u8>>>>,
     /// The ELF kind of every file checked, so a library needed by many is read once.
     kinds: RefCell<HashMap<String, Option<ElfKind>>>,
     /// The `glibc-hwcaps` subdirectories searched in every directory (none for a glibc older
@@ -534,41 +530,28 @@ impl Requester<'_> {
 }
 
 impl Loader<'_> {
-    /// The contents of `real`, read once.
-    fn bytes(&self, real: &str) -> Result<Rc<Vec<u8>>, FactsError> {
-        if let Some(b) = self.files.borrow().get(real) {
-            return Ok(Rc::clone(b));
-        }
-        let b = Rc::new(read(self.fs, real)?);
-        self.files
-            .borrow_mut()
-            .insert(real.to_owned(), Rc::clone(&b));
-        Ok(b)
-    }
-
-    /// Drops the kept contents of `real`.
-    fn forget(&self, real: &str) {
-        self.files.borrow_mut().remove(real);
-    }
-
-    /// Whether `real` is an ELF object of kind `want`: the loader skips any other.
+    /// Whether `real` is an ELF object of kind `want`: the loader skips any other. Reads only
+    /// the file's first 64 bytes.
     fn fits(&self, real: &str, want: ElfKind) -> Result<bool, FactsError> {
         if let Some(kind) = self.kinds.borrow().get(real) {
             return Ok(*kind == Some(want));
         }
-        let kind = ElfKind::of(&self.bytes(real)?);
+        let prefix = self.fs.read_at(real, 0, 64).map_err(|e| io_err(real, e))?;
+        let kind = ElfKind::of(&prefix);
         self.kinds.borrow_mut().insert(real.to_owned(), kind);
-        if kind != Some(want) {
-            self.forget(real);
-        }
         Ok(kind == Some(want))
     }
 
-    /// The ELF facts of `real`, after which its contents are no longer kept.
+    /// `real` opened for the ELF parser, which reads only the parts it needs.
+    fn open(&self, real: &str) -> Result<ReadCache<RangedFile<'_>>, FactsError> {
+        let file = RangedFile::open(self.fs, real).map_err(|e| io_err(real, e))?;
+        Ok(ReadCache::new(file))
+    }
+
+    /// The ELF facts of `real`.
     fn parse(&self, real: &str) -> Result<ElfFacts, FactsError> {
-        let bytes = self.bytes(real)?;
-        self.forget(real);
-        ElfFacts::parse(&bytes).map_err(|source| FactsError::Elf {
+        let data = self.open(real)?;
+        ElfFacts::parse_in(&data).map_err(|source| FactsError::Elf {
             path: real.to_owned(),
             source,
         })
@@ -798,9 +781,8 @@ fn mpi_facts(
     notes: &mut Vec<String>,
 ) -> Result<MpiFacts, FactsError> {
     let fs = loader.fs;
-    let root_bytes = loader.bytes(&root.real_file)?;
-    loader.forget(&root.real_file);
-    let root_elf = ElfFacts::parse(&root_bytes).map_err(|source| FactsError::Elf {
+    let root_data = loader.open(&root.real_file)?;
+    let root_elf = ElfFacts::parse_in(&root_data).map_err(|source| FactsError::Elf {
         path: root.real_file.clone(),
         source,
     })?;
@@ -905,7 +887,7 @@ fn mpi_facts(
     let libfabric = match (libfabric, libfabric_needed_by) {
         (Some(found), _) => LibfabricLink::Dynamic(found),
         (None, Some(needed_by)) => LibfabricLink::Unresolved { needed_by },
-        (None, None) => match elf::exported_symbols(&root_bytes) {
+        (None, None) => match elf::exported_symbols_in(&root_data) {
             Ok(exports) if exports.contains("fi_getinfo") => LibfabricLink::Embedded,
             Ok(_) => LibfabricLink::NotLinked,
             Err(source) => {

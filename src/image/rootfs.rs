@@ -41,8 +41,74 @@ pub trait RootFs {
     fn read_link(&self, path: &str) -> io::Result<String>;
     /// The whole contents of the regular file at `path`.
     fn read_file(&self, path: &str) -> io::Result<Vec<u8>>;
+    /// Up to `len` bytes of the regular file at `path` from byte `offset` (fewer only at the end
+    /// of the file). Reading the parts of a library the loader looks at this way costs a few
+    /// blocks instead of the whole file.
+    fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let all = self.read_file(path)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+        let end = start.saturating_add(len).min(all.len());
+        Ok(all[start..end].to_vec())
+    }
     /// The names (not paths) of the entries of the directory at `path`, sorted.
     fn list_dir(&self, path: &str) -> io::Result<Vec<String>>;
+}
+
+/// One regular file inside a [`RootFs`] as a `Read + Seek` stream, read with
+/// [`RootFs::read_at`]: wrapped in an `object::ReadCache`, the ELF parser reads only the parts of
+/// a library it asks for.
+pub struct RangedFile<'a> {
+    fs: &'a dyn RootFs,
+    path: String,
+    size: u64,
+    pos: u64,
+}
+
+impl<'a> RangedFile<'a> {
+    /// The regular file at `path` (symlinks not followed) of `fs`.
+    pub fn open(fs: &'a dyn RootFs, path: &str) -> io::Result<Self> {
+        match fs.metadata(path)? {
+            Some(meta) if meta.kind == NodeKind::File => Ok(RangedFile {
+                fs,
+                path: path.to_owned(),
+                size: meta.size,
+                pos: 0,
+            }),
+            Some(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: not a regular file"),
+            )),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{path}: no such file"),
+            )),
+        }
+    }
+}
+
+impl io::Read for RangedFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let data = self.fs.read_at(&self.path, self.pos, buf.len())?;
+        buf[..data.len()].copy_from_slice(&data);
+        self.pos += data.len() as u64;
+        Ok(data.len())
+    }
+}
+
+impl io::Seek for RangedFile<'_> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            io::SeekFrom::Start(n) => Some(n),
+            io::SeekFrom::End(d) => self.size.checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
 }
 
 /// Resolves `path` inside `fs` like the kernel would inside a chroot at the image root: symlinks

@@ -3,8 +3,11 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
 use backhand::kind::{Kind, LE_V4_0};
 use backhand::{FilesystemReader, InnerNode, Node, Squashfs, SquashfsFileReader};
 
@@ -104,11 +107,24 @@ pub fn superblock(path: &Path, offset: u64, limit: u64) -> Result<SquashfsInfo, 
     })
 }
 
-/// A squashfs filesystem opened with backhand: the whole directory tree is in memory, file data
-/// is read and decompressed on demand.
+/// A file's `frag_index` when its tail is not in a fragment block.
+const NO_FRAGMENT: usize = 0xffff_ffff;
+/// How many decompressed blocks [`SquashfsRootFs`] keeps: enough for the ELF header, the
+/// section headers at the end of a library and the sections read in between to be
+/// decompressed once per library.
+const KEPT_BLOCKS: usize = 8;
+
+/// A squashfs filesystem opened with backhand: the whole directory tree is in memory. File data
+/// is read with `pread` and decompressed here, one block at a time, only for the blocks a read
+/// covers (backhand's own file reader decompresses several blocks ahead on rayon threads).
 pub struct SquashfsRootFs {
     path: PathBuf,
+    file: File,
+    offset: u64,
+    compressor: Compressor,
     fs: FilesystemReader<'static>,
+    /// The last decompressed blocks and fragment blocks, by position, most recent last.
+    blocks: Mutex<Vec<(u64, Arc<[u8]>)>>,
 }
 
 impl std::fmt::Debug for SquashfsRootFs {
@@ -124,16 +140,23 @@ impl SquashfsRootFs {
     /// Opens the squashfs at `offset` of `path`.
     pub fn open(path: &Path, offset: u64) -> Result<Self, ImageError> {
         let file = File::open(path).map_err(|e| ImageError::io(path, e))?;
-        let fs = FilesystemReader::from_reader_with_offset(BufReader::new(file), offset).map_err(
-            |e| ImageError::BadSquashfs {
-                path: path.to_owned(),
-                offset,
-                reason: e.to_string(),
-            },
-        )?;
+        let reader = file.try_clone().map_err(|e| ImageError::io(path, e))?;
+        let bad = |e: backhand::BackhandError| ImageError::BadSquashfs {
+            path: path.to_owned(),
+            offset,
+            reason: e.to_string(),
+        };
+        let squashfs =
+            Squashfs::from_reader_with_offset(BufReader::new(reader), offset).map_err(bad)?;
+        let compressor = squashfs.superblock.compressor;
+        let fs = squashfs.into_filesystem_reader().map_err(bad)?;
         Ok(SquashfsRootFs {
             path: path.to_owned(),
+            file,
+            offset,
+            compressor,
             fs,
+            blocks: Mutex::new(Vec::new()),
         })
     }
 
@@ -153,6 +176,89 @@ impl SquashfsRootFs {
             .map(|i| &self.fs.root.nodes[i]))
     }
 
+    /// Up to `len` bytes of `f` from `offset`, decompressing only the blocks they are in.
+    fn read_range(&self, f: &SquashfsFileReader, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let size = f.file_len() as u64;
+        if offset >= size {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let bs = u64::from(self.fs.block_size);
+        let sizes = f.block_sizes();
+        let mut pos = offset;
+        while pos < end {
+            let index = usize::try_from(pos / bs).map_err(|_| corrupt("file too large"))?;
+            let within = (pos % bs) as usize;
+            let want = ((end - pos) as usize).min(bs as usize - within);
+            let (block, from) = if let Some(ds) = sizes.get(index) {
+                if ds.size() == 0 {
+                    // A hole: zeros, nothing stored.
+                    out.resize(out.len() + want, 0);
+                    pos += want as u64;
+                    continue;
+                }
+                let start = f.blocks_start()
+                    + sizes[..index]
+                        .iter()
+                        .map(|d| u64::from(d.size()))
+                        .sum::<u64>();
+                (self.block(start, ds.size(), ds.uncompressed())?, within)
+            } else {
+                let frag = f.frag_index();
+                let fragment = (frag != NO_FRAGMENT)
+                    .then(|| self.fs.fragments.as_ref()?.get(frag))
+                    .flatten()
+                    .ok_or_else(|| corrupt("file data ends before its size"))?;
+                let block = self.block(
+                    fragment.start,
+                    fragment.size.size(),
+                    fragment.size.uncompressed(),
+                )?;
+                (block, f.block_offset() as usize + within)
+            };
+            let part = block
+                .get(from..from + want)
+                .ok_or_else(|| corrupt("block shorter than the file says"))?;
+            out.extend_from_slice(part);
+            pos += want as u64;
+        }
+        Ok(out)
+    }
+
+    /// The decompressed block stored at `start` (relative to the superblock) in `size` bytes.
+    fn block(&self, start: u64, size: u32, uncompressed: bool) -> io::Result<Arc<[u8]>> {
+        let mut kept = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = kept.iter().position(|(at, _)| *at == start) {
+            let hit = kept.remove(i);
+            let data = Arc::clone(&hit.1);
+            kept.push(hit);
+            return Ok(data);
+        }
+        if size > self.fs.block_size {
+            return Err(corrupt("block larger than the block size"));
+        }
+        let mut raw = vec![0u8; size as usize];
+        self.file.read_exact_at(&mut raw, self.offset + start)?;
+        let data: Arc<[u8]> = if uncompressed {
+            raw.into()
+        } else {
+            let mut out = Vec::with_capacity(self.fs.block_size as usize);
+            DefaultCompressor
+                .decompress(&raw, &mut out, self.compressor)
+                .map_err(|e| corrupt(&format!("decompressing a block: {e}")))?;
+            if out.len() > self.fs.block_size as usize {
+                return Err(corrupt("block decompresses past the block size"));
+            }
+            out.into()
+        };
+        if kept.len() >= KEPT_BLOCKS {
+            kept.remove(0);
+        }
+        kept.push((start, Arc::clone(&data)));
+        Ok(data)
+    }
+
     fn existing(&self, path: &str) -> io::Result<&Node<SquashfsFileReader>> {
         self.node(path)?.ok_or_else(|| {
             io::Error::new(
@@ -161,6 +267,13 @@ impl SquashfsRootFs {
             )
         })
     }
+}
+
+fn corrupt(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt squashfs: {what}"),
+    )
 }
 
 /// `path` as backhand keys its nodes: absolute, no `.`/`..`/empty components.
@@ -209,17 +322,14 @@ impl RootFs for SquashfsRootFs {
     }
 
     fn read_file(&self, path: &str) -> io::Result<Vec<u8>> {
+        self.read_at(path, 0, usize::MAX)
+    }
+
+    fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         match &self.existing(path)?.inner {
-            InnerNode::File(f) => {
-                let mut reader = self
-                    .fs
-                    .file(f)
-                    .reader_checked()
-                    .map_err(|e| io::Error::other(format!("{path}: {e}")))?;
-                let mut buf = Vec::with_capacity(f.file_len().min(1 << 26));
-                reader.read_to_end(&mut buf)?;
-                Ok(buf)
-            }
+            InnerNode::File(f) => self
+                .read_range(f, offset, len)
+                .map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}"))),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{path}: not a regular file"),
