@@ -1,9 +1,12 @@
-//! Reading image facts without leaving threads in cmpirun.
+//! Reading image facts without leaving threads or memory in cmpirun.
 //!
-//! Reading a squashfs with backhand starts rayon's worker threads, which stay for the life of
-//! the process; but the local launcher must still be single-threaded when it forks the node
-//! instance and the ranks. So the facts are read in a forked child, which sends them back as
-//! JSON and exits, taking its threads with it.
+//! The facts of an image seen before come from the user's facts cache
+//! ([`crate::plan::FactsCache`]), read in this process: nothing else is read from the image.
+//! The others are read in a forked child, which sends them back as JSON and exits: the local
+//! launcher must still be single-threaded when it forks the node instance and the ranks, and
+//! whatever reading an image allocates or starts (backhand's file reader starts rayon threads;
+//! the facts reader does not use it, but a decompressor or a future reader might) goes with the
+//! child. The parent then writes them to the cache.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -11,16 +14,54 @@ use std::path::PathBuf;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 
-use crate::plan::ImageInfo;
+use crate::plan::{FactsCache, ImageInfo};
 
-/// [`ImageInfo::gather`] for every path, in a child process. Falls back to reading them in this
-/// process (which then has threads) if the child cannot be used, so a launch still gets the
-/// facts; [`super::local`] refuses to fork a threaded process and says so.
+/// [`ImageInfo::gather`] for every path, through the user's facts cache
+/// ([`FactsCache::from_env`]).
 pub fn gather_images(paths: &[PathBuf]) -> Vec<ImageInfo> {
-    match in_child(paths) {
-        Some(infos) if infos.len() == paths.len() => infos,
-        _ => paths.iter().map(|p| ImageInfo::gather(p)).collect(),
+    gather_images_with(paths, FactsCache::from_env().as_ref())
+}
+
+/// [`ImageInfo::gather`] for every path: from `cache` where it has the image's facts, else in a
+/// child process, keeping what was read in `cache`. Falls back to reading them in this process
+/// (which may then have threads) if the child cannot be used, so a launch still gets the facts;
+/// [`super::local`] refuses to fork a threaded process and says so.
+pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<ImageInfo> {
+    // Keys are taken before the images are read: an image replaced meanwhile has another
+    // identity, so what is stored under the old one is never used for it.
+    let keys: Vec<_> = paths
+        .iter()
+        .map(|p| cache.and(FactsCache::key(p)))
+        .collect();
+    let mut infos: Vec<Option<ImageInfo>> = paths
+        .iter()
+        .zip(&keys)
+        .map(|(p, k)| cache?.load(p, k.as_ref()?))
+        .collect();
+    let missing: Vec<PathBuf> = paths
+        .iter()
+        .zip(&infos)
+        .filter(|(_, i)| i.is_none())
+        .map(|(p, _)| p.clone())
+        .collect();
+    if missing.is_empty() {
+        return infos.into_iter().flatten().collect();
     }
+    let mut read = match in_child(&missing) {
+        Some(read) if read.len() == missing.len() => read,
+        _ => missing.iter().map(|p| ImageInfo::gather(p)).collect(),
+    }
+    .into_iter();
+    for (slot, key) in infos.iter_mut().zip(&keys) {
+        if slot.is_none() {
+            let info = read.next().unwrap_or_default();
+            if let (Some(cache), Some(key)) = (cache, key) {
+                cache.store(key, &info);
+            }
+            *slot = Some(info);
+        }
+    }
+    infos.into_iter().flatten().collect()
 }
 
 fn in_child(paths: &[PathBuf]) -> Option<Vec<ImageInfo>> {

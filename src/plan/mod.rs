@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use facts::{HostFacts, HostLibfabric, ImageInfo, ImageLibrary, LibfabricUse};
+pub use facts::{
+    FactsCache, FactsCacheKey, HostFacts, HostLibfabric, ImageInfo, ImageLibrary, LibfabricUse,
+};
 
 use cmpirun_fabric::elf::SymbolVersion;
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
