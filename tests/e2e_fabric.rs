@@ -326,3 +326,88 @@ fn openmpi_runs_with_the_host_libfabric_under_slurm_pmix() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str(), own.tag.as_str()]);
 }
+
+/// mpich5's ch4 over libfabric's tcp provider.
+const MPICH_OFI: [&str; 2] = ["-x", "MPIR_CVAR_CH4_NETMOD=ofi"];
+
+/// Under srun and mpiexec.hydra each rank's `cmpirun __rank` looks at its rank's memory map:
+/// with `-v` every rank reports the host file; with an expected provider, a rank that loaded
+/// another copy ends the job with the check's message and a failed status.
+#[test]
+fn ranks_are_checked_under_srun_and_hydra() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let host = copy_into(dir.path(), "host");
+    let other = copy_into(dir.path(), "other");
+    let hostname = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("{hostname}:2\n")).unwrap();
+    let hydra = |flags: &[&str]| {
+        TuserCommand::cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .arg("-f")
+            .arg(&hostfile)
+            .args(["-n", "2", "--profile", "ci"])
+            .args(MPICH_OFI)
+            .args(flags)
+            .arg(staged_image("mpich5"))
+            .arg("/usr/local/bin/mpitest")
+            .run()
+    };
+    let srun = |flags: &[&str]| {
+        TuserCommand::new("salloc")
+            .slurm()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .timeout(std::time::Duration::from_secs(300))
+            .args(["-n", "2"])
+            .arg(cmpirun_bin())
+            .args(["-n", "2", "--profile", "ci", "--pmi", "pmi2"])
+            .args(MPICH_OFI)
+            .args(flags)
+            .arg(staged_image("mpich5"))
+            .arg("/usr/local/bin/mpitest")
+            .run()
+    };
+    let ld_path = format!("LD_LIBRARY_PATH={}", other.parent().unwrap().display());
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+    for (launcher, run) in [
+        ("srun", &srun as &dyn Fn(&[&str]) -> RunOutput),
+        ("hydra", &hydra),
+    ] {
+        let out = run(&["-v"]);
+        out.assert_success();
+        assert!(
+            out.stdout.contains("mpitest: OK size=2"),
+            "{launcher}: {out}"
+        );
+        for r in 0..2 {
+            assert!(
+                out.stderr.contains(&format!(
+                    "cmpirun: rank {r} loaded the host libfabric {}",
+                    host.display()
+                )),
+                "{launcher}: {out}"
+            );
+        }
+        // LD_LIBRARY_PATH beats the MPI's RUNPATH: the ranks load another copy.
+        let bad = run(&["--expect-provider", "tcp", "-x", &ld_path]);
+        bad.assert_code(1);
+        assert!(
+            bad.stderr.contains(&format!(
+                "loaded {}, not the host libfabric {}; the job was ended because it expects the \
+                 host's provider",
+                other.display(),
+                host.display()
+            )),
+            "{launcher}: {bad}"
+        );
+        tags.push(out.tag.clone());
+        tags.push(bad.tag.clone());
+    }
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}

@@ -321,6 +321,18 @@ pub fn wait_forwarding(
     sigfd: &SignalFd,
     forward: impl Fn(&libc::signalfd_siginfo) -> bool,
 ) -> Outcome {
+    wait_forwarding_ticking(child, sigfd, forward, || None)
+}
+
+/// Like [`wait_forwarding`], and calls `tick` before every wait: it returns how long the wait
+/// may last at most (`None`: until the next signal), so the caller can look at the child now and
+/// then while it runs (the rank mode's memory-map check).
+pub fn wait_forwarding_ticking(
+    child: Pid,
+    sigfd: &SignalFd,
+    forward: impl Fn(&libc::signalfd_siginfo) -> bool,
+    mut tick: impl FnMut() -> Option<std::time::Duration>,
+) -> Outcome {
     loop {
         match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => return Outcome::Exited(code),
@@ -328,11 +340,15 @@ pub fn wait_forwarding(
             Ok(_) | Err(Errno::EINTR) => {}
             Err(_) => return Outcome::Exited(crate::exit::FAILURE),
         }
+        let timeout = tick().map_or(nix::poll::PollTimeout::NONE, |d| {
+            let ms = d.as_millis().clamp(1, 60_000) as i32;
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE)
+        });
         let mut pfd = [nix::poll::PollFd::new(
             sigfd.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::NONE);
+        let _ = nix::poll::poll(&mut pfd, timeout);
         while let Ok(Some(info)) = sigfd.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) | Err(_) => {}

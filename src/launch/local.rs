@@ -24,6 +24,7 @@ use crate::container::instance::NodeInstance;
 use crate::container::run::with_forwarded_signals_blocked;
 use crate::plan::LaunchPlan;
 
+use super::injected::{Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
 use super::status::JobEnd;
 use super::{LaunchError, node};
@@ -143,8 +144,6 @@ fn run_blocked(
     let mut job = Job {
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
-        strict: plan.job.expect_provider.is_some()
-            || plan.checks.iter().any(|c| c.name == "fabric-providers"),
         control: control.clone(),
         size,
         ranks,
@@ -242,38 +241,12 @@ fn restore(saved: &[OwnedFd; 3]) {
     let _ = nix::unistd::dup2_stderr(&saved[2]);
 }
 
-/// The host libfabric the plan binds into the container, to be found in each rank's memory map.
-struct InjectedLibfabric {
-    /// The host file.
-    source: String,
-    /// Its metadata (device and inode identify it in a rank's map).
-    meta: std::fs::Metadata,
-}
-
-impl InjectedLibfabric {
-    fn from_plan(plan: &LaunchPlan) -> Option<InjectedLibfabric> {
-        let bind = plan.binds.iter().find(|b| {
-            b.kind == crate::plan::BindKind::Library
-                && std::path::Path::new(&b.source)
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
-        })?;
-        let meta = std::fs::metadata(&bind.source).ok()?;
-        Some(InjectedLibfabric {
-            source: bind.source.clone(),
-            meta,
-        })
-    }
-}
-
 /// The running job, as the main loop sees it.
 struct Job {
     /// The injected host libfabric, if the plan injects one.
     injected: Option<InjectedLibfabric>,
     /// Ranks whose memory map was checked for it.
     checked: Vec<bool>,
-    /// Whether a rank without the host libfabric fails the job (a provider is expected).
-    strict: bool,
     /// Tells the PMI server which ranks have exited (their fences fail at once).
     control: ServerControl,
     size: u32,
@@ -479,54 +452,21 @@ impl Job {
         if self.checked[rank as usize] {
             return;
         }
-        let Ok(maps) = cmpirun_fabric::maps::mapped_files(r.pid.as_raw()) else {
-            return;
-        };
-        let libfabric: Vec<_> = maps
-            .iter()
-            .filter(|m| {
-                std::path::Path::new(&m.path)
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
-            })
-            .collect();
-        if let Some(m) = libfabric
-            .iter()
-            .find(|m| cmpirun_fabric::maps::same_file(m, &inj.meta))
-        {
-            self.checked[rank as usize] = true;
-            tracing::info!(
-                "rank {rank} loaded the host libfabric {} (as {}, device {}:{} inode {})",
-                inj.source,
-                m.path,
-                m.dev_major,
-                m.dev_minor,
-                m.inode
-            );
+        let finding = inj.look(r.pid, last);
+        if finding == Finding::Undecided {
             return;
         }
-        let Some(other) = libfabric.first() else {
-            if last {
-                self.checked[rank as usize] = true;
-                tracing::info!("rank {rank} did not load any libfabric");
-            }
-            return;
-        };
         self.checked[rank as usize] = true;
-        if self.strict {
+        if let Some(end) = inj.job_end(rank, &finding) {
             if self.end.is_none() {
-                self.finish(JobEnd::NotInjected {
-                    rank,
-                    loaded: other.path.clone(),
-                    host: inj.source.clone(),
-                });
+                self.finish(end);
             }
-        } else {
-            tracing::warn!(
-                "rank {rank} loaded {}, not the host libfabric {}",
-                other.path,
-                inj.source
-            );
+        } else if let Some((line, warning)) = inj.report(rank, &finding) {
+            if warning {
+                tracing::warn!("{line}");
+            } else {
+                tracing::info!("{line}");
+            }
         }
     }
 

@@ -8,11 +8,13 @@
 //! - [`local`]: one node; cmpirun starts the instance and the ranks and serves PMI itself.
 //! - [`external`]: `srun` or `mpiexec.hydra` starts `cmpirun __rank` for every rank.
 //! - [`rank`]: the rank mode: join or create the node's instance, exec the rank.
+//! - [`injected`]: the check, after start, that each rank loaded the injected host libfabric.
 //! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
 //! - [`isolate`]: image facts read in a child, so cmpirun stays single-threaded until it forks.
 
 pub mod env;
 pub mod external;
+pub mod injected;
 pub mod isolate;
 pub mod local;
 pub mod node;

@@ -15,9 +15,12 @@ use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::container::rendezvous::{join_or_create, runtime_dir};
-use crate::container::run::{Outcome, propagate, wait_forwarding, with_forwarded_signals_blocked};
+use crate::container::run::{
+    Outcome, propagate, wait_forwarding_ticking, with_forwarded_signals_blocked,
+};
 use crate::plan::LaunchPlan;
 
+use super::injected::RankWatch;
 use super::{LaunchError, node};
 
 /// The environment variable that carries the plan to the rank mode when the plan source is
@@ -178,8 +181,23 @@ fn run_member(
         }
     };
     inst.release_namespaces();
-    // Every signal this process gets is passed on to the rank.
-    let outcome = wait_forwarding(child, &sigfd, |_| true);
+    // Every signal this process gets is passed on to the rank; in between, the rank's memory map
+    // shows whether it loaded the injected host libfabric.
+    let mut watch = RankWatch::new(plan, rank, child);
+    let outcome = wait_forwarding_ticking(
+        child,
+        &sigfd,
+        |_| true,
+        || watch.as_mut().and_then(RankWatch::tick),
+    );
+    let outcome = match &watch {
+        Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
+        Some(w) => {
+            w.finish();
+            outcome
+        }
+        None => outcome,
+    };
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once
         // every rank of the node is done.

@@ -1,0 +1,297 @@
+//! After start: confirm from a rank's memory map (`/proc/PID/maps`) that the libfabric it
+//! loaded is the host file the plan binds in (same device and inode), whatever path the
+//! container shows for it. Every launcher uses this: the local launcher looks when a rank first
+//! speaks PMI and when it finalizes; under srun and hydra, each rank's `cmpirun __rank` watches
+//! its own rank ([`RankWatch`]).
+//!
+//! With an expected provider (`--expect-provider`, or the profile's `fabric.providers`), a rank
+//! that loaded another libfabric fails the job instead of running slowly over whatever that one
+//! offers; otherwise it is a warning.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cmpirun_fabric::maps::{MappedFile, mapped_files, same_file};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::plan::{BindKind, LaunchPlan};
+
+use super::output::{Stream, write_out};
+use super::status::JobEnd;
+
+/// The host libfabric the plan binds into the container, to be found in each rank's memory map.
+#[derive(Debug, Clone)]
+pub struct InjectedLibfabric {
+    /// The host file.
+    pub source: String,
+    /// Its metadata: its device and inode show in a rank's map.
+    meta: std::fs::Metadata,
+    /// Whether a rank that loaded another libfabric fails the job (a provider is expected).
+    pub strict: bool,
+}
+
+/// What one look at a rank's memory map decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// No libfabric mapped yet (or the map could not be read): look again later.
+    Undecided,
+    /// The rank mapped the host file.
+    Host(MappedFile),
+    /// The rank mapped another libfabric (the path inside the container).
+    Other(String),
+    /// The rank ended without mapping any libfabric (only after its last look).
+    None,
+}
+
+fn is_libfabric(path: &str) -> bool {
+    Path::new(path)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
+}
+
+impl InjectedLibfabric {
+    /// The host libfabric `plan` injects, if it injects one whose file can be read here.
+    pub fn from_plan(plan: &LaunchPlan) -> Option<InjectedLibfabric> {
+        let bind = plan.binds.iter().find(|b| {
+            b.kind == BindKind::Library
+                && Path::new(&b.source)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
+        })?;
+        let meta = std::fs::metadata(&bind.source).ok()?;
+        Some(InjectedLibfabric {
+            source: bind.source.clone(),
+            meta,
+            strict: plan.job.expect_provider.is_some()
+                || plan.checks.iter().any(|c| c.name == "fabric-providers"),
+        })
+    }
+
+    /// Looks at the memory map of process `pid`. `last`: the rank is about to end, so a map
+    /// without any libfabric is final.
+    pub fn look(&self, pid: Pid, last: bool) -> Finding {
+        let Ok(maps) = mapped_files(pid.as_raw()) else {
+            return Finding::Undecided;
+        };
+        self.decide(&maps, last)
+    }
+
+    /// Decides from the files a process has mapped.
+    pub fn decide(&self, maps: &[MappedFile], last: bool) -> Finding {
+        let mut libfabric = maps.iter().filter(|m| is_libfabric(&m.path)).peekable();
+        let first = libfabric.peek().map(|m| m.path.clone());
+        if let Some(m) = libfabric.find(|m| same_file(m, &self.meta)) {
+            return Finding::Host(m.clone());
+        }
+        match first {
+            Some(path) => Finding::Other(path),
+            None if last => Finding::None,
+            None => Finding::Undecided,
+        }
+    }
+
+    /// The line that reports `finding` for `rank` (`None` for an undecided one), and whether it
+    /// is a warning rather than information for `-v`. A failure is reported by the job's end
+    /// ([`JobEnd::NotInjected`]) instead, see [`InjectedLibfabric::job_end`].
+    pub fn report(&self, rank: u32, finding: &Finding) -> Option<(String, bool)> {
+        match finding {
+            Finding::Undecided => None,
+            Finding::Host(m) => Some((
+                format!(
+                    "rank {rank} loaded the host libfabric {} (as {}, device {}:{} inode {})",
+                    self.source, m.path, m.dev_major, m.dev_minor, m.inode
+                ),
+                false,
+            )),
+            Finding::Other(path) => Some((
+                format!(
+                    "rank {rank} loaded {path}, not the host libfabric {}",
+                    self.source
+                ),
+                true,
+            )),
+            Finding::None => Some((format!("rank {rank} did not load any libfabric"), false)),
+        }
+    }
+
+    /// How the job ends because of `finding`, when it does: a rank that loaded another
+    /// libfabric while a provider is expected.
+    pub fn job_end(&self, rank: u32, finding: &Finding) -> Option<JobEnd> {
+        match finding {
+            Finding::Other(loaded) if self.strict => Some(JobEnd::NotInjected {
+                rank,
+                loaded: loaded.clone(),
+                host: self.source.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// First and longest pause between two looks at a rank's map: libfabric is mapped at exec
+/// (an MPI linked against it) or in `MPI_Init` (a component that loads it), so the first looks
+/// come quickly, then less often for a program that never maps it.
+const FIRST_LOOK: Duration = Duration::from_millis(5);
+const LONGEST_PAUSE: Duration = Duration::from_millis(250);
+
+/// The check as `cmpirun __rank` runs it: it is the rank's parent and looks at the rank's map
+/// between signals until it has decided; a rank that fails the check is ended (SIGTERM, SIGKILL
+/// after the grace period) and the rank mode exits with [`crate::exit::FAILURE`].
+#[derive(Debug)]
+pub struct RankWatch {
+    injected: InjectedLibfabric,
+    rank: u32,
+    size: u32,
+    pid: Pid,
+    verbose: bool,
+    pause: Duration,
+    decided: bool,
+    failed: Option<Instant>,
+    killed: bool,
+    grace: Duration,
+}
+
+impl RankWatch {
+    /// Watches `pid`, rank `rank` of the job of `plan`, if the plan injects a host libfabric.
+    pub fn new(plan: &LaunchPlan, rank: u32, pid: Pid) -> Option<RankWatch> {
+        Some(RankWatch {
+            injected: InjectedLibfabric::from_plan(plan)?,
+            rank,
+            size: plan.layout.size,
+            pid,
+            verbose: plan.job.verbose > 0,
+            pause: FIRST_LOOK,
+            decided: false,
+            failed: None,
+            killed: false,
+            grace: super::local::kill_grace(),
+        })
+    }
+
+    /// Looks once more if still undecided; ends the rank if it failed. Returns when to be called
+    /// again (`None`: not before the next signal).
+    pub fn tick(&mut self) -> Option<Duration> {
+        if let Some(at) = self.failed {
+            if self.killed {
+                return None;
+            }
+            let left = self.grace.saturating_sub(at.elapsed());
+            if left.is_zero() {
+                let _ = kill(self.pid, Signal::SIGKILL);
+                self.killed = true;
+                return None;
+            }
+            return Some(left);
+        }
+        if self.decided {
+            return None;
+        }
+        let finding = self.injected.look(self.pid, false);
+        if finding == Finding::Undecided {
+            let pause = self.pause;
+            self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+            return Some(pause);
+        }
+        self.decided = true;
+        if let Some(end) = self.injected.job_end(self.rank, &finding) {
+            if let Some(msg) = end.message(self.size) {
+                say(&msg);
+            }
+            let _ = kill(self.pid, Signal::SIGTERM);
+            self.failed = Some(Instant::now());
+            return Some(self.grace);
+        }
+        if let Some((line, warning)) = self.injected.report(self.rank, &finding)
+            && (warning || self.verbose)
+        {
+            say(&line);
+        }
+        None
+    }
+
+    /// Whether the rank failed the check (the rank mode then exits with
+    /// [`crate::exit::FAILURE`], whatever the rank did when it was ended).
+    pub fn failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// After the rank ended: says, with `-v`, that it never mapped a libfabric.
+    pub fn finish(&self) {
+        if !self.decided && self.verbose {
+            say(&format!("rank {} did not load any libfabric", self.rank));
+        }
+    }
+}
+
+/// Prints `cmpirun: LINE` in one write: the rank modes of a node share srun's or hydra's stderr,
+/// and their lines must not mix.
+fn say(line: &str) {
+    write_out(Stream::Stderr, format!("cmpirun: {line}\n").as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// A real file stands in for the host libfabric: only its device and inode matter.
+    const HOST: &str = "/proc/self/exe";
+
+    fn injected(strict: bool) -> InjectedLibfabric {
+        InjectedLibfabric {
+            source: "/host/libfabric.so.1".into(),
+            meta: std::fs::metadata(HOST).unwrap(),
+            strict,
+        }
+    }
+
+    /// A mapping of `path` on the host file's device (minor + `other_minor`), inode `inode`
+    /// (0: the host file's).
+    fn mapped(path: &str, other_minor: u32, inode: u64) -> MappedFile {
+        let meta = std::fs::metadata(HOST).unwrap();
+        MappedFile {
+            path: path.into(),
+            dev_major: libc::major(meta.dev()),
+            dev_minor: libc::minor(meta.dev()) + other_minor,
+            inode: if inode == 0 { meta.ino() } else { inode },
+        }
+    }
+
+    #[test]
+    fn decides_by_device_and_inode() {
+        let inj = injected(true);
+        let libc = mapped("/lib/x86_64-linux-gnu/libc.so.6", 0, 7);
+        let host = mapped("/usr/lib/x86_64-linux-gnu/libfabric.so.1.20.0", 0, 0);
+        let same_inode_other_dev = mapped("/opt/lib/libfabric.so.1", 1, 0);
+        assert_eq!(
+            inj.decide(std::slice::from_ref(&libc), false),
+            Finding::Undecided
+        );
+        assert_eq!(inj.decide(std::slice::from_ref(&libc), true), Finding::None);
+        assert_eq!(
+            inj.decide(&[libc.clone(), host.clone()], false),
+            Finding::Host(host.clone())
+        );
+        let other = inj.decide(&[libc, same_inode_other_dev], false);
+        assert_eq!(other, Finding::Other("/opt/lib/libfabric.so.1".into()));
+        assert!(matches!(
+            inj.job_end(3, &other),
+            Some(JobEnd::NotInjected { rank: 3, .. })
+        ));
+        assert_eq!(injected(false).job_end(3, &other), None);
+        let (line, warning) = inj.report(3, &other).unwrap();
+        assert!(warning);
+        assert_eq!(
+            line,
+            "rank 3 loaded /opt/lib/libfabric.so.1, not the host libfabric /host/libfabric.so.1"
+        );
+        let (line, warning) = inj.report(0, &Finding::Host(host)).unwrap();
+        assert!(!warning);
+        assert!(
+            line.starts_with("rank 0 loaded the host libfabric /host/libfabric.so.1 (as "),
+            "{line}"
+        );
+    }
+}
