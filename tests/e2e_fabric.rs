@@ -284,12 +284,24 @@ fn openmpi_runs_with_the_host_libfabric_under_slurm_pmix() {
     let meta = std::fs::metadata(&host).unwrap();
     let before = Snapshot::take();
     let out = salloc_cmpirun(4, &host)
+        .arg("-v")
         .args(OMPI_OFI)
         .arg(staged_image("openmpi4"))
         .arg("/usr/local/bin/mpitest")
         .run();
     out.assert_success();
     assert!(out.stdout.contains("mpitest: OK size=4"), "{out}");
+    // Open MPI loads libfabric with its ofi component in MPI_Init; each rank's cmpirun __rank
+    // sees it in its rank's memory map.
+    for r in 0..4 {
+        assert!(
+            out.stderr.contains(&format!(
+                "cmpirun: rank {r} loaded the host libfabric {}",
+                host.display()
+            )),
+            "{out}"
+        );
+    }
     let lines = fabric_lines(&out.stdout);
     assert_eq!(lines.len(), 4, "one fabric: line per rank:\n{out}");
     for l in &lines {
