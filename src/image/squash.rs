@@ -171,7 +171,7 @@ impl SquashfsRootFs {
             .fs
             .root
             .nodes
-            .binary_search_by(|n| n.fullpath.as_path().cmp(&key))
+            .binary_search_by(|n| path_order(&n.fullpath, &key))
             .ok()
             .map(|i| &self.fs.root.nodes[i]))
     }
@@ -269,6 +269,20 @@ impl SquashfsRootFs {
     }
 }
 
+/// The order of `Path::cmp` (component by component) for normalised absolute paths, computed on
+/// the bytes: with `/` counted below every other byte, comparing the bytes compares the
+/// components. `Path::cmp` splits both paths into components on every call, which made lookups
+/// a good part of reading an image's facts.
+fn path_order(a: &Path, b: &Path) -> std::cmp::Ordering {
+    use std::os::unix::ffi::OsStrExt;
+    let rank = |c: &u8| if *c == b'/' { 0 } else { u16::from(*c) + 1 };
+    a.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(rank)
+        .cmp(b.as_os_str().as_bytes().iter().map(rank))
+}
+
 fn corrupt(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -340,7 +354,7 @@ impl RootFs for SquashfsRootFs {
     fn list_dir(&self, path: &str) -> io::Result<Vec<String>> {
         let key = normalize(path)?;
         let nodes = &self.fs.root.nodes;
-        let Ok(i) = nodes.binary_search_by(|n| n.fullpath.as_path().cmp(&key)) else {
+        let Ok(i) = nodes.binary_search_by(|n| path_order(&n.fullpath, &key)) else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{path}: no such directory in {}", self.path.display()),
@@ -362,5 +376,45 @@ impl RootFs for SquashfsRootFs {
             .collect();
         names.sort();
         Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_order;
+    use std::path::Path;
+
+    #[test]
+    fn byte_order_is_path_order() {
+        let paths = [
+            "/",
+            "/a",
+            "/a-b",
+            "/a/b",
+            "/a/b/c",
+            "/a.b",
+            "/a0",
+            "/ab",
+            "/b",
+            "/a/bc",
+            "/a/b-c",
+            "/\u{e9}t\u{e9}",
+            "/usr/lib",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib.d",
+        ];
+        for a in paths {
+            for b in paths {
+                let (a, b) = (Path::new(a), Path::new(b));
+                assert_eq!(
+                    path_order(a, b),
+                    a.cmp(b),
+                    "{} vs {}",
+                    a.display(),
+                    b.display()
+                );
+            }
+        }
     }
 }
