@@ -8,18 +8,82 @@ use std::collections::BTreeSet;
 
 use common::*;
 
-#[test]
-fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
-    let _serial = exclusive();
+/// The per-user rendezvous directory, made before a snapshot so that it is not a leftover.
+fn runtime_dir() -> String {
     let runtime = format!("/tmp/cmpirun-{}", tuser().uid);
     TuserCommand::new("mkdir")
         .args(["-p", "-m", "700", &runtime])
         .run()
         .assert_success();
-    let dir = TuserDir::new();
+    runtime
+}
+
+/// A hostfile naming this machine with `slots` slots.
+fn hostfile(dir: &TuserDir, slots: u32) -> std::path::PathBuf {
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
     let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("{host}:4\n")).unwrap();
+    std::fs::write(&hostfile, format!("{host}:{slots}\n")).unwrap();
+    hostfile
+}
+
+/// Runs a 4-rank job under hydra whose rank 1 fails as `args` say (the others wait in a
+/// barrier), and checks cmpirun's status and message, as the local launcher gives them, and
+/// that nothing is left behind.
+fn failing_job(args: &[&str], code: i32, message: &str) {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(&dir, 4);
+    let before = Snapshot::take();
+    let out = TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(std::time::Duration::from_secs(120))
+        .arg("-f")
+        .arg(&hosts)
+        .args(["-n", "4"])
+        .arg(staged_image("mpich4"))
+        .arg("/usr/local/bin/abort")
+        .args(args)
+        .run();
+    assert!(!out.timed_out, "{out}");
+    out.assert_code(code);
+    assert!(out.stderr.contains(message), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn a_rank_that_exits_3_ends_the_job_with_3() {
+    failing_job(
+        &["exit", "3"],
+        3,
+        "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
+    );
+}
+
+#[test]
+fn a_rank_killed_by_a_signal_ends_the_job_with_128_plus_the_signal() {
+    failing_job(
+        &["signal", "9"],
+        137,
+        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
+    );
+}
+
+#[test]
+fn mpi_abort_ends_the_job_with_its_code() {
+    failing_job(
+        &["abort", "7"],
+        7,
+        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
+    );
+}
+
+#[test]
+fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hostfile = hostfile(&dir, 4);
     let before = Snapshot::take();
     let dry = TuserCommand::cmpirun()
         .args(["-f"])

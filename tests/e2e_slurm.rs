@@ -127,8 +127,10 @@ fn openmpi4_through_srun_pmix() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-#[test]
-fn a_failing_rank_ends_the_step_and_leaves_nothing() {
+/// Runs a 4-rank job under srun whose rank 1 fails as `args` say (the others wait in a barrier),
+/// and checks cmpirun's status and message, as the local launcher gives them, and that nothing
+/// is left behind: no process, mount, temporary file or rendezvous file.
+fn failing_step(args: &[&str], code: i32, message: &str) {
     let _serial = exclusive();
     let runtime = runtime_dir();
     let before = Snapshot::take();
@@ -137,9 +139,12 @@ fn a_failing_rank_ends_the_step_and_leaves_nothing() {
         &["--pmi", "pmi2"],
         "mpich4",
         "/usr/local/bin/abort",
-        &["exit", "3"],
+        args,
     );
-    assert!(!out.timed_out && !out.success(), "{out}");
+    assert!(!out.timed_out, "{out}");
+    out.assert_code(code);
+    assert!(out.stderr.contains(message), "{out}");
+    assert!(!out.stderr.contains("no rank reported"), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
     let stale: Vec<String> = std::fs::read_dir(&runtime)
         .map(|d| {
@@ -153,4 +158,47 @@ fn a_failing_rank_ends_the_step_and_leaves_nothing() {
         stale.is_empty(),
         "rendezvous files left in {runtime}: {stale:?}"
     );
+}
+
+#[test]
+fn a_rank_that_exits_3_ends_the_step_with_3() {
+    failing_step(
+        &["exit", "3"],
+        3,
+        "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
+    );
+}
+
+#[test]
+fn a_rank_killed_by_a_signal_ends_the_step_with_128_plus_the_signal() {
+    failing_step(
+        &["signal", "9"],
+        137,
+        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
+    );
+}
+
+#[test]
+fn mpi_abort_ends_the_step_with_its_code() {
+    // Slurm's pmi2 plugin kills the whole step with SIGKILL when it gets the abort; the code
+    // comes from the rank's task, which sees the abort on its way to the plugin.
+    failing_step(
+        &["abort", "7"],
+        7,
+        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
+    );
+}
+
+#[test]
+fn timeout_ends_the_step_with_124() {
+    let _serial = exclusive();
+    runtime_dir();
+    let before = Snapshot::take();
+    let out = salloc(2, &["--timeout", "3"], "mpich4", "/bin/sleep", &["600"]);
+    out.assert_code(124);
+    assert!(
+        out.stderr.contains("did not end within --timeout 3 s"),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
 }

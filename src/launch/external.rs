@@ -1,5 +1,6 @@
 //! The slurm and hydra launchers: run the plan's `srun …` or `mpiexec.hydra …` command, whose
-//! tasks are `cmpirun __rank`, and pass its status, signals and `--timeout` through.
+//! tasks are `cmpirun __rank`, pass signals and `--timeout` through, collect the tasks' reports
+//! of how their ranks ended and end with the status the local launcher would give.
 //!
 //! The plan reaches every task in the environment ([`super::rank::PLAN_VAR`]): srun and hydra
 //! pass the caller's environment to their tasks, and no file has to be shared between nodes or
@@ -10,8 +11,10 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::jobspec::{LauncherKind, OutputTag};
@@ -19,9 +22,17 @@ use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
 use super::local::kill_grace;
+use super::output::{Stream, write_out};
 use super::rank::PLAN_VAR;
+use super::report::{Collector, REPORT_VAR, Report};
 use super::status::{JobEnd, SIGNAL_BASE};
 use crate::container::run::with_forwarded_signals_blocked;
+
+/// How long reports still on their way are read after the launcher exited.
+const DRAIN: Duration = Duration::from_millis(300);
+
+/// How long node instances adopted by cmpirun get to end after the launcher exited.
+const REAP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The command line to run: the plan's, with the plan source filled in and the output-tag flag
 /// of the launcher added (`srun --label`, hydra's `-prepend-rank`).
@@ -44,9 +55,11 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
     Ok(argv)
 }
 
-/// Runs the launcher command and returns cmpirun's exit status: the launcher's own (srun and
-/// hydra report the ranks' failures in it), 128+signal when a signal to cmpirun ended the job,
-/// [`super::status::TIMEOUT`] after `--timeout`.
+/// Runs the launcher command and returns cmpirun's exit status: that of the first event that
+/// ended the job, as the local launcher gives it: the first failure a rank's task reported
+/// ([`super::report`]), 128+signal when a signal to cmpirun ended the job,
+/// [`super::status::TIMEOUT`] after `--timeout`; the launcher's own status when it failed and no
+/// rank reported why.
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     let argv = command_line(plan)?;
     let json = serde_json::to_string(plan)
@@ -60,12 +73,26 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         }
     }
     cmd.env(PLAN_VAR, json);
+    let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut collector = match Collector::bind(&nodes) {
+        Ok(c) => {
+            cmd.env(REPORT_VAR, c.env_value());
+            Some(c)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot listen for the ranks' reports ({e}); the job's status will be {}'s",
+                argv[0]
+            );
+            None
+        }
+    };
     let result = with_forwarded_signals_blocked(
         |errno| LaunchError::Sys {
             step: "block signals",
             errno,
         },
-        |mask, old| run_blocked(plan, cmd, &argv[0], mask, old),
+        |mask, old| run_blocked(plan, cmd, &argv[0], collector.as_mut(), mask, old),
     );
     let prefix = match (plan.launcher.kind, std::env::var("SLURM_JOB_ID")) {
         (LauncherKind::Slurm, Ok(job)) => format!("slurm-{job}."),
@@ -117,10 +144,77 @@ pub fn remove_stale_instances(prefix: &str) {
     }
 }
 
+/// Prints one line on stderr in one write, so that it does not mix with the ranks' lines that
+/// srun or hydra write to the same stderr.
+fn say(m: &str) {
+    write_out(Stream::Stderr, format!("cmpirun: {m}\n").as_bytes());
+}
+
+/// Waits for the processes this process adopted as a subreaper (node instances whose creating
+/// task the launcher killed, still unmounting and cleaning up), so that nothing of the job is
+/// left on this node when cmpirun exits; SIGTERM (the instance's "end now") after `patience`.
+fn reap_adopted(patience: Duration) {
+    let start = Instant::now();
+    let mut termed = false;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        if start.elapsed() >= patience && !termed {
+            tracing::warn!("node instances still running {patience:?} after the launcher ended");
+            for pid in adopted_children() {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+            termed = true;
+        }
+        if start.elapsed() >= patience * 2 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// This process's children, from `/proc/self/task/*/children`.
+fn adopted_children() -> Vec<Pid> {
+    let me = std::process::id();
+    std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// Takes the first failure among `reports` as the job's end, unless its end is decided.
+fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
+    for r in reports {
+        tracing::debug!("rank {} reported {:?}", r.rank, r.end);
+        if end.is_some() {
+            continue;
+        }
+        if let Some(m) = r
+            .message
+            .as_deref()
+            .filter(|m| !m.is_empty() && *m != "abort")
+        {
+            tracing::info!("rank {} aborted: {m}", r.rank);
+        }
+        if let Some(e) = JobEnd::of_rank(r.rank, r.end) {
+            if let Some(m) = e.message(size) {
+                say(&m);
+            }
+            *end = Some(e);
+        }
+    }
+}
+
 fn run_blocked(
     plan: &LaunchPlan,
     mut cmd: Command,
     program: &str,
+    mut collector: Option<&mut Collector>,
     mask: &SigSet,
     old: SigSet,
 ) -> Result<i32, LaunchError> {
@@ -137,6 +231,9 @@ fn run_blocked(
             Ok(())
         });
     }
+    // Node instances on this node outlive the task that created them when the launcher kills
+    // it: as their subreaper, cmpirun can wait for them before it exits.
+    let subreaper = nix::sys::prctl::set_child_subreaper(true).is_ok();
     tracing::info!("running {program}");
     let mut child = cmd.spawn().map_err(|e| {
         LaunchError::Usage(format!(
@@ -160,10 +257,25 @@ fn run_blocked(
             let own = status
                 .code()
                 .unwrap_or_else(|| SIGNAL_BASE + status.signal().unwrap_or(0));
-            return Ok(match end {
-                Some(e) => e.exit_code(),
-                None => own,
-            });
+            if let Some(c) = collector.as_mut() {
+                note_reports(&mut end, c.drain(DRAIN), plan.layout.size);
+            }
+            if subreaper {
+                reap_adopted(REAP_PATIENCE);
+            }
+            if end.is_none() && own != 0 {
+                let e = JobEnd::Unreported {
+                    launcher: program.to_owned(),
+                    code: own,
+                };
+                if collector.is_some()
+                    && let Some(m) = e.message(plan.layout.size)
+                {
+                    say(&m);
+                }
+                end = Some(e);
+            }
+            return Ok(end.map_or(0, |e| e.exit_code()));
         }
         let now = Instant::now();
         let mut wait = Duration::from_secs(60);
@@ -171,7 +283,7 @@ fn run_blocked(
             if now >= d {
                 let e = JobEnd::TimedOut { secs };
                 if let Some(m) = e.message(plan.layout.size) {
-                    eprintln!("cmpirun: {m}");
+                    say(&m);
                 }
                 end = Some(e);
                 let _ = kill(pid, Signal::SIGTERM);
@@ -188,15 +300,26 @@ fn run_blocked(
                 wait = wait.min(t + grace - now);
             }
         }
-        let mut pfd = [nix::poll::PollFd::new(
+        let mut pfd = vec![nix::poll::PollFd::new(
             sigfd.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
+        if let Some(c) = collector.as_ref() {
+            pfd.extend(
+                c.fds()
+                    .into_iter()
+                    .map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)),
+            );
+        }
         let ms = wait.as_millis().clamp(1, 60_000) as i32;
         let _ = nix::poll::poll(
             &mut pfd,
             nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE),
         );
+        drop(pfd);
+        if let Some(c) = collector.as_mut() {
+            note_reports(&mut end, c.service(), plan.layout.size);
+        }
         while let Ok(Some(info)) = sigfd.read_signal() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
                 continue;

@@ -26,7 +26,7 @@ use crate::plan::LaunchPlan;
 
 use super::injected::{Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
-use super::status::JobEnd;
+use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, node};
 
 /// Signals that end the job when cmpirun receives them (the others are only passed on).
@@ -404,10 +404,12 @@ impl Job {
             if self.end.is_some() {
                 continue;
             }
-            match status {
-                Ok(0) => {}
-                Ok(code) => self.finish(JobEnd::RankExited { rank, code }),
-                Err(signal) => self.finish(JobEnd::RankSignaled { rank, signal }),
+            let end = match status {
+                Ok(code) => RankEnd::Exited(code),
+                Err(signal) => RankEnd::Signaled(signal as i32),
+            };
+            if let Some(end) = JobEnd::of_rank(rank, end) {
+                self.finish(end);
             }
         }
     }

@@ -9,6 +9,9 @@
 //! - [`external`]: `srun` or `mpiexec.hydra` starts `cmpirun __rank` for every rank.
 //! - [`rank`]: the rank mode: join or create the node's instance, exec the rank.
 //! - [`injected`]: the check, after start, that each rank loaded the injected host libfabric.
+//! - [`report`], [`watch`]: how the rank mode sees its rank end (relaying its PMI connection to
+//!   see an abort) and reports it to the front end, so that srun and hydra jobs end with the
+//!   local launcher's statuses.
 //! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
 //! - [`isolate`]: image facts read in a child, so cmpirun stays single-threaded until it forks.
 
@@ -20,7 +23,9 @@ pub mod local;
 pub mod node;
 pub mod output;
 pub mod rank;
+pub mod report;
 pub mod status;
+pub mod watch;
 
 use nix::errno::Errno;
 

@@ -2,9 +2,9 @@
 //!
 //! The rank mode reads the plan, joins its node's instance (creating it when it is the first
 //! rank there; keyed by job step and image), and starts the rank in it with the PMI descriptors
-//! and variables it inherited from srun or hydra passed through untouched (`PMI_FD` stays open
-//! across the exec). It stays as the rank's parent, passes signals on, and exits the way the
-//! rank did, so srun and hydra see the rank's own status.
+//! and variables it inherited from srun or hydra (`PMI_FD` through a relay that sees an abort,
+//! [`super::watch`]). It stays as the rank's parent, passes signals on, reports a failure of the
+//! rank to the front end ([`super::report`]) and exits the way the rank did.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -15,12 +15,13 @@ use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::container::rendezvous::{join_or_create, runtime_dir};
-use crate::container::run::{
-    Outcome, propagate, wait_forwarding_ticking, with_forwarded_signals_blocked,
-};
+use crate::container::run::{Outcome, propagate, with_forwarded_signals_blocked};
 use crate::plan::LaunchPlan;
 
 use super::injected::RankWatch;
+use super::report::{REPORT_VAR, Target};
+use super::status::RankEnd;
+use super::watch::{Relay, watch};
 use super::{LaunchError, node};
 
 /// The environment variable that carries the plan to the rank mode when the plan source is
@@ -121,6 +122,38 @@ pub fn pmix_binds(env: &BTreeMap<String, String>) -> Vec<String> {
     out
 }
 
+/// With `report`, puts this task between the rank and its launcher's `PMI_FD` connection (see
+/// [`super::watch`]) and gives the rank the relay's descriptor in `wireup`; without one, or
+/// when that fails, the rank gets the launcher's descriptor as it is.
+fn relayed(
+    report: bool,
+    mut wireup: Vec<(String, String)>,
+) -> (Option<Relay>, Vec<(String, String)>) {
+    let Some(fd) = report
+        .then(|| wireup.iter().find(|(k, _)| k == "PMI_FD"))
+        .flatten()
+        .and_then(|(_, v)| v.parse().ok())
+    else {
+        return (None, wireup);
+    };
+    match Relay::new(fd) {
+        Ok(relay) => {
+            if let Some(n) = relay.rank_fd() {
+                for (k, v) in &mut wireup {
+                    if k == "PMI_FD" {
+                        *v = n.to_string();
+                    }
+                }
+            }
+            (Some(relay), wireup)
+        }
+        Err(e) => {
+            tracing::warn!("cannot relay PMI_FD {fd}: {e}; an MPI_Abort code will not be seen");
+            (None, wireup)
+        }
+    }
+}
+
 /// Runs one rank (`cmpirun __rank`). Returns the exit status to end with. Must be called while
 /// cmpirun is single-threaded.
 pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
@@ -164,15 +197,12 @@ fn run_member(
         crate::container::rendezvous::RendezvousError::Instance(i) => LaunchError::Instance(i),
         other => LaunchError::Failed(other.to_string()),
     })?;
-    let host: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    let cmd = node::rank_command(
-        plan,
-        cfg,
-        rank,
-        host,
-        inst.env_changes(),
-        &launcher_env(env),
-    );
+    let host: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| k != REPORT_VAR)
+        .collect();
+    let target = Target::from_env();
+    let (mut relay, wireup) = relayed(target.is_some(), launcher_env(env));
+    let cmd = node::rank_command(plan, cfg, rank, host, inst.env_changes(), &wireup);
     let child = match inst.spawn(&cmd) {
         Ok(c) => c,
         Err(e) => {
@@ -181,23 +211,43 @@ fn run_member(
         }
     };
     inst.release_namespaces();
+    if let Some(r) = &mut relay {
+        r.started();
+    }
     // Every signal this process gets is passed on to the rank; in between, the rank's memory map
     // shows whether it loaded the injected host libfabric.
-    let mut watch = RankWatch::new(plan, rank, child);
-    let outcome = wait_forwarding_ticking(
+    let mut maps = RankWatch::new(plan, rank, child);
+    let mut aborted = false;
+    let watched = watch(
         child,
         &sigfd,
-        |_| true,
-        || watch.as_mut().and_then(RankWatch::tick),
+        relay.as_ref(),
+        |code, message| {
+            aborted = true;
+            if let Some(t) = &target {
+                t.send(rank, RankEnd::Aborted(code), message);
+            }
+        },
+        || maps.as_mut().and_then(RankWatch::tick),
     );
-    let outcome = match &watch {
+    let outcome = match &maps {
         Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
         Some(w) => {
             w.finish();
-            outcome
+            watched.outcome
         }
-        None => outcome,
+        None => watched.outcome,
     };
+    // A rank ended by the launcher's teardown (this task got its signal) did not fail itself.
+    if let Some(t) = target.as_ref().filter(|_| !aborted && !watched.signalled) {
+        let end = match outcome {
+            Outcome::Exited(code) => RankEnd::Exited(code),
+            Outcome::Signaled(sig) => RankEnd::Signaled(sig as i32),
+        };
+        if end != RankEnd::Exited(0) {
+            t.send(rank, end, None);
+        }
+    }
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once
         // every rank of the node is done.

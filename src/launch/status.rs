@@ -6,6 +6,7 @@
 //! torn down does not change it, because their failures are consequences.
 
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 /// Exit status when `--timeout` ended the job (the status of coreutils' `timeout`).
 pub const TIMEOUT: i32 = 124;
@@ -13,6 +14,19 @@ pub const TIMEOUT: i32 = 124;
 /// Added to a signal's number for the exit status of a job that a signal ended (the shell's
 /// convention: 143 for SIGTERM, 137 for SIGKILL).
 pub const SIGNAL_BASE: i32 = 128;
+
+/// How one rank ended, as the process that started it saw it (the local launcher, or the rank's
+/// `cmpirun __rank` task under srun and hydra, which reports it to the front end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankEnd {
+    /// It exited with this status.
+    Exited(i32),
+    /// This signal killed it.
+    Signaled(i32),
+    /// It called `MPI_Abort` with this code (seen on its PMI connection).
+    Aborted(i32),
+}
 
 /// What ended a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +71,34 @@ pub enum JobEnd {
         /// The timeout in seconds.
         secs: u64,
     },
+    /// srun or `mpiexec.hydra` failed and no rank reported how it ended (its task was killed
+    /// before it could, or its node was lost): cmpirun exits with the launcher's status.
+    Unreported {
+        /// The launcher program.
+        launcher: String,
+        /// Its exit status (128 + the signal if a signal killed it).
+        code: i32,
+    },
 }
 
 impl JobEnd {
+    /// What ends the job when `rank` ended as `end`: nothing for a rank that exited with 0.
+    pub fn of_rank(rank: u32, end: RankEnd) -> Option<JobEnd> {
+        match end {
+            RankEnd::Exited(0) => None,
+            RankEnd::Exited(code) => Some(JobEnd::RankExited { rank, code }),
+            RankEnd::Signaled(n) => Some(match Signal::try_from(n) {
+                Ok(signal) => JobEnd::RankSignaled { rank, signal },
+                // A real-time signal has no name here; its status is the shell's all the same.
+                Err(_) => JobEnd::RankExited {
+                    rank,
+                    code: SIGNAL_BASE + n,
+                },
+            }),
+            RankEnd::Aborted(code) => Some(JobEnd::Aborted { rank, code }),
+        }
+    }
+
     /// The exit status of cmpirun.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -78,6 +117,7 @@ impl JobEnd {
             }
             JobEnd::TimedOut { .. } => TIMEOUT,
             JobEnd::NotInjected { .. } => crate::exit::FAILURE,
+            JobEnd::Unreported { code, .. } => *code,
         }
     }
 
@@ -107,6 +147,10 @@ impl JobEnd {
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")
             }
+            JobEnd::Unreported { launcher, code } => format!(
+                "{launcher} ended with status {code} and no rank reported how it ended (a task \
+                 killed before it could report, or a node lost); exiting with {launcher}'s status"
+            ),
         })
     }
 }
@@ -114,6 +158,26 @@ impl JobEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_ends() {
+        assert_eq!(JobEnd::of_rank(0, RankEnd::Exited(0)), None);
+        let codes: Vec<i32> = [
+            RankEnd::Exited(3),
+            RankEnd::Signaled(9),
+            RankEnd::Signaled(40),
+            RankEnd::Aborted(7),
+            RankEnd::Aborted(0),
+        ]
+        .into_iter()
+        .map(|e| JobEnd::of_rank(1, e).unwrap().exit_code())
+        .collect();
+        assert_eq!(codes, [3, 137, 168, 7, 1]);
+        assert_eq!(
+            serde_json::to_string(&RankEnd::Aborted(7)).unwrap(),
+            r#"{"aborted":7}"#
+        );
+    }
 
     #[test]
     fn codes() {
@@ -140,6 +204,17 @@ mod tests {
         assert_eq!(JobEnd::Interrupted(Signal::SIGTERM).exit_code(), 143);
         assert_eq!(JobEnd::TimedOut { secs: 5 }.exit_code(), TIMEOUT);
         assert!(JobEnd::Success.message(4).is_none());
+        let unreported = JobEnd::Unreported {
+            launcher: "srun".into(),
+            code: 137,
+        };
+        assert_eq!(unreported.exit_code(), 137);
+        assert!(
+            unreported
+                .message(4)
+                .unwrap()
+                .contains("srun ended with status 137")
+        );
         assert!(
             JobEnd::Aborted { rank: 2, code: 7 }
                 .message(4)

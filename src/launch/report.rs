@@ -1,0 +1,371 @@
+//! How the `cmpirun __rank` tasks under srun and hydra tell the front end how their rank ended,
+//! so that the job ends with the status the local launcher would give (`docs/exit-status.md`)
+//! rather than srun's or hydra's.
+//!
+//! The front end listens on a TCP socket and passes `TOKEN@HOST:PORT` to every task in
+//! [`REPORT_VAR`] (srun and hydra pass the environment on, as they do the plan). A task whose rank
+//! failed on its own (a non-zero exit, a signal the task did not pass on, `MPI_Abort`) connects,
+//! sends one JSON line and waits for `ok` before it exits or lets the abort through. srun and hydra
+//! only learn of a failure when that task exits (or the abort reaches them), so the first real
+//! failure is in the front end's hands before any teardown starts: reports are kept in arrival
+//! order and the first one wins. Ranks ended by the teardown (the task got SIGTERM or SIGKILL
+//! from srun or hydra) do not report at all.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::status::RankEnd;
+
+/// The variable that carries the front end's address and token to every task.
+pub const REPORT_VAR: &str = "CMPIRUN_REPORT";
+
+/// Overrides the address the front end listens on (an IP address of this host that the compute
+/// nodes can reach).
+pub const ADDR_VAR: &str = "CMPIRUN_REPORT_ADDR";
+
+/// How long a task tries to reach the front end and waits for its answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest report line the front end accepts.
+const MAX_LINE: usize = 4096;
+
+/// Most report connections the front end holds open at once (more wait in the listen backlog).
+const MAX_CONNS: usize = 512;
+
+/// One report: which rank, how it ended, and (for an abort) its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The job's token (from [`REPORT_VAR`]).
+    pub token: String,
+    /// The rank.
+    pub rank: u32,
+    /// How it ended.
+    pub end: RankEnd,
+    /// The abort message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a task reports to, parsed from [`REPORT_VAR`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The job's token.
+    pub token: String,
+    /// `HOST:PORT` (an IP address, or a name the task resolves).
+    pub address: String,
+}
+
+impl Target {
+    /// Parses `TOKEN@HOST:PORT`.
+    pub fn parse(value: &str) -> Option<Target> {
+        let (token, address) = value.split_once('@')?;
+        if token.is_empty() || address.rsplit_once(':').is_none() {
+            return None;
+        }
+        Some(Target {
+            token: token.to_owned(),
+            address: address.to_owned(),
+        })
+    }
+
+    /// The target this task was given, if any.
+    pub fn from_env() -> Option<Target> {
+        std::env::var(REPORT_VAR)
+            .ok()
+            .and_then(|v| Target::parse(&v))
+    }
+
+    /// Sends the report of `rank` and waits for the front end's answer. Failures are logged,
+    /// not returned: the front end then falls back to the launcher's status.
+    pub fn send(&self, rank: u32, end: RankEnd, message: Option<String>) {
+        let report = Report {
+            token: self.token.clone(),
+            rank,
+            end,
+            message,
+        };
+        match self.try_send(&report) {
+            Ok(()) => tracing::debug!("reported rank {rank} {end:?} to {}", self.address),
+            Err(e) => tracing::warn!(
+                "could not report how rank {rank} ended to cmpirun at {}: {e}",
+                self.address
+            ),
+        }
+    }
+
+    fn try_send(&self, report: &Report) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut last = std::io::Error::new(ErrorKind::NotFound, "the address does not resolve");
+        for addr in self.address.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT) {
+                Ok(mut s) => {
+                    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+                    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+                    s.write_all(&line)?;
+                    let mut ack = [0u8; 3];
+                    s.read_exact(&mut ack)?;
+                    return if &ack == b"ok\n" {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("unexpected answer"))
+                    };
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Whether `name` (a node of the layout) is this host.
+fn is_this_host(name: &str, host: &str) -> bool {
+    let short = |n: &str| n.split('.').next().unwrap_or(n).to_owned();
+    name == host
+        || name == "localhost"
+        || short(name) == short(host)
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The address to listen on and the one to hand out: loopback when every node is this host;
+/// else the address this host uses to reach another node of the job (so that node can reach it
+/// back), else the host name's own non-loopback address, else every interface, handed out as
+/// the host name. [`ADDR_VAR`] overrides the choice.
+fn choose_address(nodes: &[String]) -> (SocketAddr, String) {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let any = |ip: IpAddr| (SocketAddr::new(ip, 0), ip.to_string());
+    if let Ok(v) = std::env::var(ADDR_VAR) {
+        match v.parse::<IpAddr>() {
+            Ok(ip) => return any(ip),
+            Err(_) => tracing::warn!("{ADDR_VAR}={v:?} is not an IP address; ignored"),
+        }
+    }
+    let others: Vec<&String> = nodes.iter().filter(|n| !is_this_host(n, &host)).collect();
+    if others.is_empty() {
+        return any(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    for node in others.iter().take(4) {
+        let Ok(addrs) = (node.as_str(), 9).to_socket_addrs() else {
+            continue;
+        };
+        for a in addrs {
+            let unspec: SocketAddr = match a {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            // Connecting a UDP socket sends nothing: it only asks the kernel for the route.
+            let local =
+                UdpSocket::bind(unspec).and_then(|s| s.connect(a).and_then(|()| s.local_addr()));
+            if let Ok(l) = local
+                && !l.ip().is_loopback()
+                && !l.ip().is_unspecified()
+            {
+                return any(l.ip());
+            }
+        }
+    }
+    if let Ok(addrs) = (host.as_str(), 0).to_socket_addrs()
+        && let Some(a) = addrs.into_iter().find(|a| !a.ip().is_loopback())
+    {
+        return any(a.ip());
+    }
+    (SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), host)
+}
+
+fn token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One report connection being read.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// The front end's side: the listening socket and the reports received, in arrival order.
+pub struct Collector {
+    listener: TcpListener,
+    token: String,
+    advertised: String,
+    conns: Vec<Conn>,
+}
+
+impl Collector {
+    /// Listens on an address the job's `nodes` can reach (see [`choose_address`]).
+    pub fn bind(nodes: &[String]) -> std::io::Result<Collector> {
+        let (addr, host) = choose_address(nodes);
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let advertised = match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{host}:{port}"),
+        };
+        tracing::debug!("rank reports: listening on {advertised}");
+        Ok(Collector {
+            listener,
+            token: token()?,
+            advertised,
+            conns: Vec::new(),
+        })
+    }
+
+    /// The value of [`REPORT_VAR`] for the tasks.
+    pub fn env_value(&self) -> String {
+        format!("{}@{}", self.token, self.advertised)
+    }
+
+    /// The descriptors to poll for reading: the listener, then each open connection.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        std::iter::once(self.listener.as_fd())
+            .chain(self.conns.iter().map(|c| c.stream.as_fd()))
+            .collect()
+    }
+
+    /// Accepts and reads whatever is ready without blocking; returns the complete reports, in
+    /// the order they arrived.
+    pub fn service(&mut self) -> Vec<Report> {
+        while self.conns.len() < MAX_CONNS {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.conns.push(Conn {
+                            stream,
+                            buf: Vec::new(),
+                        });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let mut reports = Vec::new();
+        let token = &self.token;
+        self.conns.retain_mut(|c| {
+            let mut chunk = [0u8; 1024];
+            loop {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => return false,
+                    Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+                if c.buf.contains(&b'\n') || c.buf.len() > MAX_LINE {
+                    break;
+                }
+            }
+            let Some(end) = c.buf.iter().position(|&b| b == b'\n') else {
+                return c.buf.len() <= MAX_LINE;
+            };
+            match serde_json::from_slice::<Report>(&c.buf[..end]) {
+                Ok(r) if r.token == *token => {
+                    // The task waits for this answer; a short write to a fresh socket does not
+                    // block.
+                    let _ = c.stream.set_nonblocking(false);
+                    let _ = c.stream.set_write_timeout(Some(Duration::from_millis(200)));
+                    let _ = c.stream.write_all(b"ok\n");
+                    reports.push(r);
+                }
+                Ok(_) => tracing::warn!("a rank report with a wrong token was ignored"),
+                Err(e) => tracing::warn!("a malformed rank report was ignored: {e}"),
+            }
+            false
+        });
+        reports
+    }
+
+    /// Reads what is still on its way for up to `wait` (the launcher has exited; every task
+    /// that reported was answered before it exited, so this only catches stragglers).
+    pub fn drain(&mut self, wait: Duration) -> Vec<Report> {
+        let until = Instant::now() + wait;
+        let mut out = self.service();
+        while !self.conns.is_empty() && Instant::now() < until {
+            let mut pfds: Vec<nix::poll::PollFd> = self
+                .fds()
+                .into_iter()
+                .map(|fd| nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN))
+                .collect();
+            let ms = until
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, 1000) as u16;
+            let _ = nix::poll::poll(&mut pfds, ms);
+            drop(pfds);
+            out.extend(self.service());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = Target::parse("abc@127.0.0.1:4000").unwrap();
+        assert_eq!(
+            (t.token.as_str(), t.address.as_str()),
+            ("abc", "127.0.0.1:4000")
+        );
+        assert_eq!(
+            Target::parse("abc@[::1]:4000").unwrap().address,
+            "[::1]:4000"
+        );
+        assert_eq!(Target::parse("@h:1"), None);
+        assert_eq!(Target::parse("abc"), None);
+        assert_eq!(Target::parse("abc@host"), None);
+    }
+
+    #[test]
+    fn this_host() {
+        assert!(is_this_host("vm", "vm"));
+        assert!(is_this_host("vm.example.org", "vm"));
+        assert!(is_this_host("localhost", "vm"));
+        assert!(is_this_host("127.0.0.1", "vm"));
+        assert!(!is_this_host("node2", "vm"));
+    }
+
+    #[test]
+    fn a_one_node_job_listens_on_loopback() {
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let (addr, advertised) = choose_address(&[host]);
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(advertised, "127.0.0.1");
+    }
+
+    #[test]
+    fn reports_arrive_in_order_and_need_the_token() {
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let mut c = Collector::bind(&[host]).unwrap();
+        let target = Target::parse(&c.env_value()).unwrap();
+        let wrong = Target {
+            token: "nope".into(),
+            address: target.address.clone(),
+        };
+        let senders = std::thread::spawn(move || {
+            target.send(1, RankEnd::Aborted(7), Some("MPI_Abort".into()));
+            wrong.send(2, RankEnd::Exited(3), None);
+            target.send(3, RankEnd::Signaled(15), None);
+        });
+        let mut got = Vec::new();
+        let until = Instant::now() + Duration::from_secs(20);
+        while got.len() < 2 && Instant::now() < until {
+            got.extend(c.drain(Duration::from_millis(50)));
+        }
+        senders.join().unwrap();
+        let ends: Vec<(u32, RankEnd)> = got.iter().map(|r| (r.rank, r.end)).collect();
+        assert_eq!(ends, [(1, RankEnd::Aborted(7)), (3, RankEnd::Signaled(15))]);
+        assert_eq!(got[0].message.as_deref(), Some("MPI_Abort"));
+    }
+}
