@@ -316,3 +316,154 @@ fn four_hundred_ranks_beyond_the_default_open_file_limit() {
         .run();
     out.assert_success();
 }
+
+/// A rank that says it is ready (a file in `dir`), then waits; SIGINT makes it say so and exit 0.
+fn sigint_rank(dir: &std::path::Path) -> String {
+    format!(
+        "trap 'echo \"rank $PMI_RANK got SIGINT\"; exit 0' INT; touch {}/ready.$PMI_RANK; \
+         sleep 600 & wait",
+        dir.display()
+    )
+}
+
+/// Waits until `n` ranks of [`sigint_rank`] are ready.
+fn wait_ready(dir: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(dir).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ready."))
+            .count()
+    }) < n
+    {
+        assert!(Instant::now() < deadline, "the ranks did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The session id and state of a process.
+fn session_and_state(pid: i32) -> (i32, char) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    (rest[3].parse().unwrap(), rest[0].chars().next().unwrap())
+}
+
+/// The processes of run `tag` whose command name is `comm`.
+fn tagged(tag: &str, comm: &str) -> Vec<i32> {
+    let want = format!("{TAG_VAR}={tag}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
+        })
+        .collect()
+}
+
+/// Single quotes for the shell.
+fn sq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Checks that each of the 4 ranks said once that SIGINT reached it.
+fn every_rank_got_sigint_once(out: &RunOutput) {
+    for r in 0..4 {
+        assert_eq!(
+            out.stdout.matches(&format!("rank {r} got SIGINT")).count(),
+            1,
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn sigint_to_cmpirun_reaches_every_rank_once_and_each_rank_leads_its_own_session() {
+    let _serial = exclusive();
+    let dir = TuserDir::new();
+    let before = Snapshot::take();
+    let child = cmpirun("mpich4")
+        .args(["-n", "4"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", &sigint_rank(dir.path())])
+        .spawn();
+    wait_ready(dir.path(), 4);
+    // Each rank its own session, as under hydra (the kernel's autogroup gives each its share).
+    let (cmpirun_session, _) = session_and_state(child.pid());
+    let ranks = tagged(child.tag(), "sh");
+    assert_eq!(ranks.len(), 4, "{ranks:?}");
+    for pid in &ranks {
+        let (session, _) = session_and_state(*pid);
+        assert_eq!(session, *pid, "rank pid {pid} leads its session");
+        assert_ne!(session, cmpirun_session);
+    }
+    child.signal(nix::sys::signal::Signal::SIGINT);
+    let out = child.wait();
+    out.assert_code(130);
+    assert!(out.stderr.contains("received SIGINT"), "{out}");
+    every_rank_got_sigint_once(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn ctrl_c_on_the_terminal_reaches_every_rank_once() {
+    let _serial = exclusive();
+    let dir = TuserDir::new();
+    let before = Snapshot::take();
+    // `script` runs the job on a pseudo-terminal; ^C written to it makes the terminal send
+    // SIGINT to its foreground process group, which the ranks are not in.
+    let job = format!(
+        "{} -n 4 {} /bin/sh -c {}",
+        sq(&cmpirun_bin().to_string_lossy()),
+        sq(&staged_image("mpich4").to_string_lossy()),
+        sq(&sigint_rank(dir.path()))
+    );
+    let driver = format!(
+        "(until [ \"$(ls {} | grep -c ready)\" -ge 4 ]; do sleep 0.1; done; printf '\\003') | \
+         script -qfec {} /dev/null",
+        sq(&dir.path().to_string_lossy()),
+        sq(&job)
+    );
+    let out = TuserCommand::new("sh")
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+        .args(["-c", &driver])
+        .run();
+    out.assert_code(130);
+    assert!(out.stdout.contains("received SIGINT"), "{out}");
+    every_rank_got_sigint_once(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn sigtstp_stops_every_rank_and_sigcont_continues_them() {
+    use nix::sys::signal::Signal;
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let child = start_hanging_job();
+    let sleeps = tagged(child.tag(), "sleep");
+    let states = |want: char| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now: Vec<char> = sleeps.iter().map(|p| session_and_state(*p).1).collect();
+            if now.iter().all(|s| *s == want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rank states {now:?}, want {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    child.signal(Signal::SIGTSTP);
+    states('T');
+    assert_eq!(session_and_state(child.pid()).1, 'T', "cmpirun stopped too");
+    child.signal(Signal::SIGCONT);
+    states('S');
+    child.signal(Signal::SIGTERM);
+    let out = child.wait();
+    out.assert_code(143);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}

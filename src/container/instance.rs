@@ -127,6 +127,11 @@ pub struct MemberCommand {
     pub env: Env,
     /// The working directory inside the container (falls back to `$HOME`, then `/`).
     pub cwd: PathBuf,
+    /// Makes the member a session leader (`setsid`), as hydra's proxy does for each rank: with
+    /// the kernel's autogroup scheduling every session is its own CPU group, so ranks that share
+    /// their launcher's session share one group's CPU time. The member then no longer gets the
+    /// terminal's signals; whoever starts it passes them on.
+    pub new_session: bool,
 }
 
 /// Exit status of a member that could not be started: the program was not found.
@@ -310,6 +315,7 @@ struct Prepared {
     cwd: CString,
     home: Option<CString>,
     name: String,
+    new_session: bool,
 }
 
 fn cstring(b: &[u8]) -> Result<CString, InstanceError> {
@@ -362,6 +368,7 @@ impl Prepared {
                 .get(std::ffi::OsStr::new("HOME"))
                 .and_then(|h| CString::new(h.as_bytes()).ok()),
             name: prog.to_string_lossy().into_owned(),
+            new_session: cmd.new_session,
         })
     }
 }
@@ -375,6 +382,10 @@ fn say(msg: &str) {
 fn member_main(p: &Prepared, parent: Pid, user_ns: BorrowedFd, mnt_ns: BorrowedFd) -> i32 {
     if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != parent {
         return EXIT_JOIN_FAILED;
+    }
+    // A forked child is never a process group leader, so this cannot fail.
+    if p.new_session {
+        let _ = nix::unistd::setsid();
     }
     // The user namespace first: it grants the capabilities needed to join the mount namespace.
     if let Err(e) = setns(user_ns, CloneFlags::CLONE_NEWUSER) {

@@ -295,6 +295,7 @@ fn run_member(
         argv: req.argv.clone(),
         env,
         cwd: cfg.root.cwd.clone().unwrap_or_else(|| "/".into()),
+        new_session: false,
     };
     let child = match inst.spawn(&cmd) {
         Ok(c) => c,

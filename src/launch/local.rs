@@ -15,7 +15,7 @@ use cmpirun_pmi::server::{Event, JobConfig, PmiServer, ServerControl};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, pipe2};
@@ -71,7 +71,17 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
     raise_fd_limit(plan.layout.size);
     let cfg = node::node_config(plan, &BTreeMap::new(), &[])?;
     with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
-        run_blocked(plan, &cfg, mask)
+        // Job control too: the ranks are session leaders, so the terminal's Ctrl-Z stops only
+        // cmpirun, which stops them (and continues them) itself.
+        let mut job_control = SigSet::empty();
+        job_control.add(Signal::SIGTSTP);
+        job_control.add(Signal::SIGCONT);
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&job_control), None)
+            .map_err(sys("block signals"))?;
+        let mut mask = *mask;
+        mask.add(Signal::SIGTSTP);
+        mask.add(Signal::SIGCONT);
+        run_blocked(plan, &cfg, &mask)
     })
 }
 
@@ -202,8 +212,10 @@ fn start_ranks(
     let result = (|| {
         for rank in 0..plan.layout.size {
             let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
-            let cmd =
+            let mut cmd =
                 node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+            // Each rank its own session (its own autogroup), as under hydra's proxy.
+            cmd.new_session = true;
             let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
             let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
             let stdin = if rank == 0 {
@@ -480,19 +492,26 @@ impl Job {
             if sig == Signal::SIGCHLD {
                 continue;
             }
-            // The terminal sends SIGINT/SIGQUIT to the whole foreground process group, ranks
-            // included (SI_KERNEL): they have it already, once is enough.
-            let from_terminal = info.ssi_code == libc::SI_KERNEL;
-            if !ends_job(sig) {
-                if !from_terminal {
-                    self.kill_all(sig);
+            // The ranks are session leaders: the terminal's signals (SI_KERNEL) reach only
+            // cmpirun, so every signal is passed on, once.
+            match sig {
+                Signal::SIGTSTP => {
+                    self.kill_all(Signal::SIGSTOP);
+                    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+                    continue;
                 }
+                Signal::SIGCONT => {
+                    self.kill_all(Signal::SIGCONT);
+                    continue;
+                }
+                _ => {}
+            }
+            if !ends_job(sig) {
+                self.kill_all(sig);
                 continue;
             }
             if self.end.is_none() {
-                if !from_terminal {
-                    self.kill_all(sig);
-                }
+                self.kill_all(sig);
                 let end = JobEnd::Interrupted(sig);
                 if let Some(msg) = end.message(self.size) {
                     write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
@@ -519,9 +538,14 @@ impl Job {
         }
     }
 
+    /// Signals every rank still running, with the processes of its session (what the
+    /// terminal would reach if the ranks were in its foreground group). A rank that has not
+    /// called `setsid` yet has no group of its own: then the rank alone.
     fn kill_all(&self, sig: Signal) {
         for r in self.ranks.iter().filter(|r| !r.done) {
-            let _ = kill(r.pid, sig);
+            if killpg(r.pid, sig).is_err() {
+                let _ = kill(r.pid, sig);
+            }
         }
     }
 }

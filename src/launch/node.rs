@@ -131,5 +131,12 @@ pub fn rank_command(
         .or_else(|| plan.job.wdir.clone())
         .or_else(|| cfg.root.cwd.clone())
         .unwrap_or_else(|| PathBuf::from("/"));
-    MemberCommand { argv, env, cwd }
+    MemberCommand {
+        argv,
+        env,
+        cwd,
+        // Under srun and hydra the task above the rank is the session leader already; the rank
+        // stays in its process group, which is what they signal.
+        new_session: false,
+    }
 }
