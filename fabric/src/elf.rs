@@ -22,7 +22,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{Dyn, FileHeader, SectionTable, Sym};
+use object::read::elf::{Dyn, FileHeader, SectionHeader as _, SectionTable, Sym};
 use object::{Endianness, FileKind, ReadRef};
 
 /// Why bytes could not be read as an ELF shared object or program.
@@ -399,8 +399,16 @@ fn exports_generic<'data, Elf: FileHeader<Endian = Endianness>, R: ReadRef<'data
 ) -> Result<BTreeSet<String>, ElfError> {
     let (endian, _, sections) = header_and_sections::<Elf, R>(bytes)?;
     let table = sections.symbols(endian, bytes, elf::SHT_DYNSYM)?;
-    let strings = table.strings();
     let mut names = BTreeSet::new();
+    if table.is_empty() {
+        return Ok(names);
+    }
+    // The whole string table in one read: through a `ReadCache`, reading thousands of names one
+    // by one costs more than the table.
+    let strtab = sections
+        .section(table.string_section())?
+        .data(endian, bytes)?;
+    let strings = object::StringTable::new(strtab, 0, strtab.len() as u64);
     for sym in table.iter() {
         let bind = sym.st_bind();
         if sym.st_shndx(endian) == elf::SHN_UNDEF
