@@ -88,8 +88,10 @@ pub struct MountOptions {
     pub extract_cache: Option<PathBuf>,
     /// Worker threads of the built-in FUSE server.
     pub fuse_threads: usize,
-    /// Bytes of decompressed data blocks and fragments the built-in server keeps in memory
-    /// (besides the kernel's page cache, which it keeps warm with `keep_cache`).
+    /// Bytes of decompressed data blocks and fragments the built-in server keeps in memory.
+    /// The kernel's page cache (kept warm with `keep_cache`) already holds what was read, so
+    /// this only needs to catch the next read of a partly read block or fragment block: a few
+    /// blocks are as fast as 64 MiB and keep the server small.
     pub block_cache_bytes: usize,
     /// Mount with `allow_other`, so processes of the instance with another uid or gid (setgid
     /// programs, nested user namespaces) can read the image. The kernel still refuses every
@@ -102,7 +104,7 @@ impl Default for MountOptions {
         MountOptions {
             extract_cache: None,
             fuse_threads: 4,
-            block_cache_bytes: 64 << 20,
+            block_cache_bytes: 1 << 20,
             allow_other: true,
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! backhand parses the superblock, id table, inode and directory tables; the tree is then kept
 //! in a compact table whose positions are the inode numbers (root = 1, as FUSE wants). File data
-//! is read with `pread` and decompressed here, behind a bounded LRU of decompressed blocks and
+//! is read with `pread` and decompressed here, behind a small LRU of decompressed blocks and
 //! fragments, because backhand serialises all reads through one mutex and never evicts
 //! fragments.
 
@@ -262,7 +262,7 @@ impl SquashImage {
     }
 
     /// One decompressed block or fragment block, from the cache or the image.
-    fn block(&self, start: u64, word: u32) -> std::io::Result<Arc<[u8]>> {
+    fn block(&self, start: u64, word: u32) -> std::io::Result<Block> {
         if let Some(hit) = self.cache.get(start) {
             return Ok(hit);
         }
@@ -270,24 +270,37 @@ impl SquashImage {
         if size > self.block_size as usize {
             return Err(corrupt("block larger than the block size"));
         }
-        let mut raw = vec![0u8; size];
-        self.file.read_exact_at(&mut raw, self.offset + start)?;
-        let data: Arc<[u8]> = if word & STORED_UNCOMPRESSED != 0 {
-            raw.into()
+        let mut out = Vec::with_capacity(self.block_size as usize);
+        if word & STORED_UNCOMPRESSED != 0 {
+            out.resize(size, 0);
+            self.file.read_exact_at(&mut out, self.offset + start)?;
         } else {
-            let mut out = Vec::with_capacity(self.block_size as usize);
-            decompress(&raw, &mut out, self.compressor)?;
+            // The compressed bytes go to a buffer kept per thread: allocating and zeroing one
+            // per block cost time and left freed blocks scattered over the heap.
+            RAW.with(|cell| {
+                let mut raw = cell.borrow_mut();
+                raw.clear();
+                raw.resize(size, 0);
+                self.file.read_exact_at(&mut raw, self.offset + start)?;
+                decompress(&raw, &mut out, self.compressor)
+            })?;
             if out.len() > self.block_size as usize {
                 return Err(corrupt("block decompresses past the block size"));
             }
-            out.into()
-        };
+        }
+        let data: Block = Arc::new(out);
         self.cache.put(start, data.clone());
         Ok(data)
     }
 }
 
+/// A decompressed block, shared between the cache and the readers copying from it (a `Vec`
+/// rather than `[u8]`, so that making it shareable does not copy it).
+type Block = Arc<Vec<u8>>;
+
 thread_local! {
+    /// The compressed bytes of the block being read, per server thread (at most a block).
+    static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A zstd context per server thread: creating one per block costs about half as much as
     /// decompressing the block.
     static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
@@ -475,7 +488,7 @@ struct BlockCache {
 
 #[derive(Default)]
 struct CacheInner {
-    map: HashMap<u64, (Arc<[u8]>, u64)>,
+    map: HashMap<u64, (Block, u64)>,
     order: BTreeMap<u64, u64>,
     tick: u64,
     bytes: usize,
@@ -489,7 +502,7 @@ impl BlockCache {
         }
     }
 
-    fn get(&self, key: u64) -> Option<Arc<[u8]>> {
+    fn get(&self, key: u64) -> Option<Block> {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let c = &mut *guard;
         c.tick += 1;
@@ -501,7 +514,7 @@ impl BlockCache {
         Some(data.clone())
     }
 
-    fn put(&self, key: u64, data: Arc<[u8]>) {
+    fn put(&self, key: u64, data: Block) {
         if data.len() > self.limit {
             return;
         }
@@ -534,14 +547,14 @@ mod tests {
     #[test]
     fn cache_evicts_least_recently_used_within_its_budget() {
         let cache = BlockCache::new(10);
-        cache.put(1, vec![0u8; 4].into());
-        cache.put(2, vec![0u8; 4].into());
+        cache.put(1, Arc::new(vec![0u8; 4]));
+        cache.put(2, Arc::new(vec![0u8; 4]));
         assert!(cache.get(1).is_some());
-        cache.put(3, vec![0u8; 4].into());
+        cache.put(3, Arc::new(vec![0u8; 4]));
         assert!(cache.get(2).is_none(), "2 was least recently used");
         assert!(cache.get(1).is_some());
         assert!(cache.get(3).is_some());
-        cache.put(4, vec![0u8; 11].into());
+        cache.put(4, Arc::new(vec![0u8; 11]));
         assert!(cache.get(4).is_none(), "larger than the whole budget");
     }
 }
