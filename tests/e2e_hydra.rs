@@ -117,3 +117,52 @@ fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
     assert_eq!(ns.len(), 1, "one container for the four ranks:\n{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+#[test]
+fn sigterm_to_cmpirun_ends_the_job_with_143_and_leaves_nothing() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(&dir, 4);
+    let before = Snapshot::take();
+    let child = TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(std::time::Duration::from_secs(120))
+        .arg("-f")
+        .arg(&hosts)
+        .args(["-n", "4"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    wait_for_sleeps(child.tag(), 4);
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    let out = child.wait();
+    out.assert_code(143);
+    assert!(out.stderr.contains("cmpirun: received SIGTERM"), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+/// Waits until `n` processes named `sleep` carry run `tag`.
+fn wait_for_sleeps(tag: &str, n: usize) {
+    let want = format!("{TAG_VAR}={tag}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let sleeps = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "sleep")
+                    && std::fs::read(e.path().join("environ"))
+                        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
+            })
+            .count();
+        if sleeps >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ranks did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

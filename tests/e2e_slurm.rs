@@ -202,3 +202,66 @@ fn timeout_ends_the_step_with_124() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+#[test]
+fn sigterm_to_cmpirun_ends_the_step_with_143_and_leaves_nothing() {
+    let _serial = exclusive();
+    runtime_dir();
+    let before = Snapshot::take();
+    let child = TuserCommand::new("salloc")
+        .slurm()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args(["-n", "2"])
+        .arg(cmpirun_bin())
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    // The front end is salloc's child; the tasks (also cmpirun) are slurmstepd's.
+    let want = format!("{TAG_VAR}={}", child.tag());
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let front = loop {
+        let procs: Vec<(i32, i32, String)> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let env = std::fs::read(e.path().join("environ")).ok()?;
+                if !env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                let ppid = stat[stat.rfind(')')? + 2..]
+                    .split(' ')
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                Some((pid, ppid, comm.trim().to_owned()))
+            })
+            .collect();
+        let sleeps = procs.iter().filter(|p| p.2 == "sleep").count();
+        let front = procs
+            .iter()
+            .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
+            .map(|p| p.0);
+        if let (2, Some(front)) = (sleeps, front) {
+            break front;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ranks did not start: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(front),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait();
+    out.assert_code(143);
+    assert!(out.stderr.contains("cmpirun: received SIGTERM"), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}

@@ -329,7 +329,11 @@ fn run_blocked(
             }
             let _ = kill(pid, sig);
             if matches!(sig, Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP) && end.is_none() {
-                end = Some(JobEnd::Interrupted(sig));
+                let e = JobEnd::Interrupted(sig);
+                if let Some(m) = e.message(plan.layout.size) {
+                    say(&m);
+                }
+                end = Some(e);
                 term_at = Some(Instant::now());
             }
         }
