@@ -4,10 +4,16 @@
 //! 1. [`NodeInstance::create`] forks the instance process from a single-threaded caller.
 //! 2. The instance [`enter_namespaces`] (user + mount, identity maps), builds the root with
 //!    [`super::executor::execute`] (which ends in `pivot_root`), and evaluates the image's
-//!    environment scripts once ([`eval_image_env`]).
-//! 3. It hands every connection its namespace fds and the environment changes ([`send_ready`]);
-//!    a connection is a membership. [`NodeInstance::spawn`] forks a member that `setns()`es into
-//!    those namespaces, `chdir`s and execs.
+//!    environment scripts once ([`eval_image_env`]). A job whose parts name different images
+//!    gets one mount namespace per image in the one user namespace: before it builds the first
+//!    image's root, the instance mounts the tmpfs every root binds at `/dev/shm`
+//!    ([`mount_shared_shm`]) and forks one *holder* per further image ([`start_holder`]), which
+//!    unshares a mount namespace of its own, builds and enters that image's root, evaluates its
+//!    scripts and stays until the instance ends.
+//! 3. It hands every connection its namespace fds (the user namespace, then one mount
+//!    namespace per image) and each image's environment changes; a connection is a membership.
+//!    [`NodeInstance::spawn`] forks a member that `setns()`es into the user namespace and its
+//!    image's mount namespace, `chdir`s and execs.
 //! 4. When the last connection closes (its holder exited or was killed), the instance kills what
 //!    is left in its user namespace ([`kill_leftovers`]), stops the image server and exits; the
 //!    mount namespace and everything mounted in it go with it.
@@ -34,13 +40,21 @@ use super::env::{
     without_shell_noise,
 };
 use super::executor::{Assembled, RootError, execute};
-use super::plan::{RootConfig, plan_root};
+use super::plan::{MountOp, RootConfig, ShmMode, plan_root};
+
+/// At most this many images in one node instance (one descriptor per image's mount namespace
+/// travels in each membership message).
+pub const MAX_IMAGES: usize = 16;
 
 /// What a node instance is built from.
 #[derive(Debug, Clone)]
 pub struct InstanceConfig {
-    /// The container root.
+    /// The container root (of image 0).
     pub root: RootConfig,
+    /// The roots of further images (1, 2, …): MPMD parts that name another image. Each is built
+    /// in a mount namespace of its own inside the instance's one user namespace, and every root
+    /// binds the same private `/dev/shm`.
+    pub other_roots: Vec<RootConfig>,
     /// The environment the image's scripts are evaluated in (the creator's, filtered by
     /// [`super::env::base_environment`]).
     pub script_env: Env,
@@ -112,8 +126,10 @@ fn io_err(step: &'static str) -> impl FnOnce(std::io::Error) -> InstanceError {
 pub struct NodeInstance {
     conn: UnixStream,
     user_ns: Option<OwnedFd>,
-    mnt_ns: Option<OwnedFd>,
-    changes: Vec<EnvChange>,
+    /// One mount namespace per image (empty once released).
+    mnt_ns: Vec<OwnedFd>,
+    /// What each image's environment scripts change.
+    changes: Vec<Vec<EnvChange>>,
     pid: Pid,
     owned_child: bool,
 }
@@ -132,6 +148,9 @@ pub struct MemberCommand {
     /// their launcher's session share one group's CPU time. The member then no longer gets the
     /// terminal's signals; whoever starts it passes them on.
     pub new_session: bool,
+    /// Which of the instance's images the member runs in: 0 is [`InstanceConfig::root`], `k`
+    /// is `other_roots[k - 1]`.
+    pub image: usize,
 }
 
 /// Exit status of a member that could not be started: the program was not found.
@@ -146,6 +165,8 @@ const MSG_USAGE: u8 = b'U';
 const MSG_FAILED: u8 = b'F';
 const MSG_NO_USERNS: u8 = b'N';
 const MSG_IMAGE_ENV: u8 = b'S';
+/// From a holder: it has its own mount namespace now.
+const MSG_UNSHARED: u8 = b'M';
 
 impl NodeInstance {
     /// Forks a new node instance owned by this process and waits until it is ready.
@@ -162,8 +183,24 @@ impl NodeInstance {
         listener: Option<(UnixListener, super::rendezvous::Rendezvous)>,
         owned: bool,
     ) -> Result<NodeInstance, InstanceError> {
+        if cfg.other_roots.len() >= MAX_IMAGES {
+            return Err(InstanceError::Usage(format!(
+                "{} different images in one job: a node instance holds at most {MAX_IMAGES}",
+                cfg.other_roots.len() + 1
+            )));
+        }
         let (ours, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
-        let ops = plan_root(&cfg.root);
+        let shared = shared_shm_dir(cfg);
+        let ops: Vec<Vec<MountOp>> = std::iter::once(&cfg.root)
+            .chain(&cfg.other_roots)
+            .map(|r| {
+                let mut r = r.clone();
+                if r.shm == ShmMode::Private {
+                    r.shared_shm = shared.clone();
+                }
+                plan_root(&r)
+            })
+            .collect();
         let uid = Uid::current();
         let gid = Gid::current();
         // SAFETY: the caller is single-threaded (documented requirement), so the child may do
@@ -176,7 +213,7 @@ impl NodeInstance {
                     keep.push(l.as_raw_fd());
                 }
                 close_inherited(&keep);
-                let code = instance_main(cfg, &ops, uid, gid, theirs, listener);
+                let code = instance_main(cfg, &ops, shared.as_deref(), uid, gid, theirs, listener);
                 // SAFETY: _exit skips destructors of the parent's copies, which is what we want.
                 unsafe { libc::_exit(code) }
             }
@@ -214,18 +251,18 @@ impl NodeInstance {
         };
         match kind {
             MSG_READY => {
-                if payload.len() < 4 || fds.len() != 2 {
+                let Some((pid, changes)) = decode_ready(&payload)
+                    .filter(|(_, c)| !c.is_empty() && fds.len() == c.len() + 1)
+                else {
                     return fail(InstanceError::Failed("malformed ready message".into()));
-                }
-                let pid = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                };
                 let mut fds = fds.into_iter();
                 let user_ns = fds.next();
-                let mnt_ns = fds.next();
                 Ok(NodeInstance {
                     conn,
                     user_ns,
-                    mnt_ns,
-                    changes: decode_changes(&payload[4..]),
+                    mnt_ns: fds.collect(),
+                    changes,
                     pid: if child.as_raw() > 0 {
                         child
                     } else {
@@ -255,9 +292,9 @@ impl NodeInstance {
         self.pid
     }
 
-    /// What the image's environment scripts changed (apply with
+    /// What each image's environment scripts changed, by image (apply with
     /// [`super::env::member_environment`]).
-    pub fn env_changes(&self) -> &[EnvChange] {
+    pub fn env_changes(&self) -> &[Vec<EnvChange>] {
         &self.changes
     }
 
@@ -267,8 +304,15 @@ impl NodeInstance {
     /// This process must be single-threaded (a threaded process cannot `setns` into a user
     /// namespace; the forked child is a copy of this one). The child gets an empty signal mask.
     pub fn spawn(&self, cmd: &MemberCommand) -> Result<Pid, InstanceError> {
-        let (user_ns, mnt_ns) = match (&self.user_ns, &self.mnt_ns) {
+        let (user_ns, mnt_ns) = match (&self.user_ns, self.mnt_ns.get(cmd.image)) {
             (Some(u), Some(m)) => (u.as_fd(), m.as_fd()),
+            (Some(_), None) if !self.mnt_ns.is_empty() => {
+                return Err(InstanceError::Failed(format!(
+                    "the node instance holds {} image(s), not image {}",
+                    self.mnt_ns.len(),
+                    cmd.image
+                )));
+            }
             _ => {
                 return Err(InstanceError::Failed(
                     "the namespaces of this instance were already released".into(),
@@ -293,7 +337,7 @@ impl NodeInstance {
     /// the last member is started.
     pub fn release_namespaces(&mut self) {
         self.user_ns = None;
-        self.mnt_ns = None;
+        self.mnt_ns.clear();
     }
 
     /// Ends this membership. If this process created the instance, waits until it has exited
@@ -458,7 +502,7 @@ fn send_message(sock: &UnixStream, kind: u8, fds: &[RawFd], payload: &[u8]) -> s
 /// Receives one message sent by [`send_message`].
 fn recv_message(sock: &UnixStream) -> Result<(u8, Vec<OwnedFd>, Vec<u8>), InstanceError> {
     let mut header = [0u8; 8];
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; 2]);
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_IMAGES + 1]);
     let mut fds = Vec::new();
     let got = loop {
         let mut iov = [IoSliceMut::new(&mut header)];
@@ -500,15 +544,67 @@ fn recv_message(sock: &UnixStream) -> Result<(u8, Vec<OwnedFd>, Vec<u8>), Instan
 /// The instance's state once ready.
 struct Ready {
     _assembled: Assembled,
+    /// The holders of the further images' mount namespaces; dropped (told to end, and waited
+    /// for) after the members are gone.
+    _holders: Vec<Holder>,
     user_ns: fs::File,
-    mnt_ns: fs::File,
+    /// One mount namespace per image: the instance's own, then each holder's.
+    mnt_ns: Vec<OwnedFd>,
     payload: Vec<u8>,
+}
+
+impl Ready {
+    /// The descriptors every membership message carries: the user namespace, then one mount
+    /// namespace per image.
+    fn fds(&self) -> Vec<RawFd> {
+        std::iter::once(self.user_ns.as_raw_fd())
+            .chain(self.mnt_ns.iter().map(AsRawFd::as_raw_fd))
+            .collect()
+    }
+}
+
+/// The ready message's payload: the instance's pid, then each image's environment changes
+/// (length-prefixed).
+fn encode_ready(pid: Pid, changes: &[Vec<EnvChange>]) -> Vec<u8> {
+    let mut out = pid.as_raw().to_le_bytes().to_vec();
+    for c in changes {
+        let e = encode_changes(c);
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(&e);
+    }
+    out
+}
+
+/// Reads what [`encode_ready`] wrote.
+fn decode_ready(p: &[u8]) -> Option<(i32, Vec<Vec<EnvChange>>)> {
+    let word = |b: &[u8]| -> Option<[u8; 4]> { b.get(..4)?.try_into().ok() };
+    let pid = i32::from_le_bytes(word(p)?);
+    let mut rest = &p[4..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let len = u32::from_le_bytes(word(rest)?) as usize;
+        let end = 4usize.checked_add(len)?;
+        out.push(decode_changes(rest.get(4..end)?));
+        rest = &rest[end..];
+    }
+    Some((pid, out))
+}
+
+/// The directory a multi-image instance mounts the `/dev/shm` tmpfs of all its roots on: the
+/// first root's staging directory (a host directory no root needs; only the instance's own mount
+/// namespace sees the tmpfs). `None` for a single image, whose root mounts its own.
+fn shared_shm_dir(cfg: &InstanceConfig) -> Option<PathBuf> {
+    let private = std::iter::once(&cfg.root)
+        .chain(&cfg.other_roots)
+        .any(|r| r.shm == ShmMode::Private);
+    (!cfg.other_roots.is_empty() && private).then(|| cfg.root.stage.clone())
 }
 
 /// The body of the instance process. Returns its exit status.
 fn instance_main(
     cfg: &InstanceConfig,
-    ops: &[super::plan::MountOp],
+    ops: &[Vec<MountOp>],
+    shared: Option<&Path>,
     uid: Uid,
     gid: Gid,
     owner: UnixStream,
@@ -534,15 +630,14 @@ fn instance_main(
         let _ = nix::unistd::dup2_stdin(&null);
         let _ = nix::unistd::dup2_stdout(&null);
     }
-    let ready = match setup(cfg, ops, uid, gid) {
+    let ready = match setup(cfg, ops, shared, uid, gid) {
         Ok(r) => r,
         Err((kind, msg)) => {
             let _ = send_message(&owner, kind, &[], msg.as_bytes());
             return 1;
         }
     };
-    let fds = [ready.user_ns.as_raw_fd(), ready.mnt_ns.as_raw_fd()];
-    if send_message(&owner, MSG_READY, &fds, &ready.payload).is_err() {
+    if send_message(&owner, MSG_READY, &ready.fds(), &ready.payload).is_err() {
         kill_leftovers();
         return 0;
     }
@@ -555,19 +650,37 @@ fn instance_main(
 
 fn setup(
     cfg: &InstanceConfig,
-    ops: &[super::plan::MountOp],
+    ops: &[Vec<MountOp>],
+    shared: Option<&Path>,
     uid: Uid,
     gid: Gid,
 ) -> Result<Ready, (u8, String)> {
     let started = std::time::Instant::now();
     enter_namespaces(uid, gid)?;
-    let assembled = execute(ops).map_err(|e: RootError| {
+    if let Some(dir) = shared {
+        mount_shared_shm(dir)?;
+    }
+    // The holders are forked now, while the instance is single-threaded (no image server yet)
+    // and its mount namespace still shows the host: each builds its image's root from there,
+    // at the same time as the instance builds the first one.
+    let mut holders = Vec::with_capacity(cfg.other_roots.len());
+    for (root, ops) in cfg.other_roots.iter().zip(ops.iter().skip(1)) {
+        holders.push(start_holder(
+            ops,
+            &cfg.script_env,
+            root.image.path().display().to_string(),
+        )?);
+    }
+    let first = ops
+        .first()
+        .ok_or((MSG_FAILED, "no container root to build".to_owned()))?;
+    let assembled = execute(first).map_err(|e: RootError| {
         let kind = if e.is_usage() { MSG_USAGE } else { MSG_FAILED };
         (kind, e.to_string())
     })?;
     tracing::debug!(
         "container root: {} mount operations in {:.1} ms",
-        ops.len(),
+        first.len(),
         started.elapsed().as_secs_f64() * 1000.0
     );
     let started = std::time::Instant::now();
@@ -581,14 +694,199 @@ fn setup(
         fs::File::open(format!("/proc/self/ns/{name}"))
             .map_err(|e| (MSG_FAILED, format!("open /proc/self/ns/{name}: {e}")))
     };
-    let mut payload = getpid().as_raw().to_le_bytes().to_vec();
-    payload.extend_from_slice(&encode_changes(&changes));
+    let mut mnt_ns = vec![OwnedFd::from(open_ns("mnt")?)];
+    let mut all = vec![changes];
+    for h in &holders {
+        let (fd, changes) = h.ready()?;
+        mnt_ns.push(fd);
+        all.push(changes);
+    }
     Ok(Ready {
         _assembled: assembled,
+        _holders: holders,
         user_ns: open_ns("user")?,
-        mnt_ns: open_ns("mnt")?,
-        payload,
+        mnt_ns,
+        payload: encode_ready(getpid(), &all),
     })
+}
+
+/// Mounts the tmpfs that every image's root binds at `/dev/shm` (mode 1777, like the host's), in
+/// the instance's own mount namespace only.
+fn mount_shared_shm(dir: &Path) -> Result<(), (u8, String)> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(|e| {
+        (
+            MSG_FAILED,
+            format!(
+                "mount the /dev/shm tmpfs shared by the images on {}: {e}",
+                dir.display()
+            ),
+        )
+    })
+}
+
+/// A child of the instance that holds the mount namespace of one further image: it builds the
+/// image's root, enters it, and stays (the parent of that image's server) until the instance
+/// lets go of it.
+struct Holder {
+    pid: Pid,
+    conn: UnixStream,
+    image: String,
+}
+
+impl Holder {
+    /// Waits until the holder is ready; returns its mount namespace and what the image's
+    /// environment scripts change.
+    fn ready(&self) -> Result<(OwnedFd, Vec<EnvChange>), (u8, String)> {
+        match recv_message(&self.conn) {
+            Ok((MSG_READY, mut fds, payload)) if fds.len() == 1 => {
+                Ok((fds.remove(0), decode_changes(&payload)))
+            }
+            Ok((MSG_READY, ..)) => Err((
+                MSG_FAILED,
+                format!("image {}: malformed ready message", self.image),
+            )),
+            Ok((kind, _, payload)) => Err((
+                kind,
+                format!(
+                    "image {}: {}",
+                    self.image,
+                    String::from_utf8_lossy(&payload)
+                ),
+            )),
+            Err(e) => Err((
+                MSG_FAILED,
+                format!(
+                    "image {}: the process building its root exited before it was ready ({e})",
+                    self.image
+                ),
+            )),
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        let _ = waitpid(self.pid, None);
+    }
+}
+
+/// Forks the holder of one further image (see [`Holder`]).
+fn start_holder(ops: &[MountOp], script_env: &Env, image: String) -> Result<Holder, (u8, String)> {
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| (MSG_FAILED, format!("socketpair for image {image}: {e}")))?;
+    let instance = getpid();
+    // SAFETY: the instance is single-threaded until it mounts its own image, after the holders
+    // are forked.
+    match unsafe { fork() } {
+        Err(e) => Err((
+            MSG_FAILED,
+            format!("fork the process that builds image {image}: {e}"),
+        )),
+        Ok(ForkResult::Child) => {
+            drop(ours);
+            close_inherited(&[theirs.as_raw_fd()]);
+            let code = holder_main(ops, script_env, instance, theirs);
+            // SAFETY: _exit skips destructors of the instance's copies (other holders, the
+            // owner's socket), which are not this process's to drop.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(theirs);
+            let holder = Holder {
+                pid: child,
+                conn: ours,
+                image,
+            };
+            // Until the holder has its own mount namespace it shares the instance's, and would
+            // see (and copy) the next root's staging mounts: wait for it.
+            match recv_message(&holder.conn) {
+                Ok((MSG_UNSHARED, ..)) => Ok(holder),
+                Ok((kind, _, payload)) => Err((
+                    kind,
+                    format!(
+                        "image {}: {}",
+                        holder.image,
+                        String::from_utf8_lossy(&payload)
+                    ),
+                )),
+                Err(e) => Err((
+                    MSG_FAILED,
+                    format!(
+                        "image {}: the process building its root exited ({e})",
+                        holder.image
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// The body of a holder: a mount namespace of its own (the user namespace is the instance's),
+/// the image's root, its environment scripts; then it waits for the instance to end.
+fn holder_main(ops: &[MountOp], script_env: &Env, instance: Pid, conn: UnixStream) -> i32 {
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() || getppid() != instance {
+        return 1;
+    }
+    let fail = |kind: u8, msg: String| {
+        let _ = send_message(&conn, kind, &[], msg.as_bytes());
+        1
+    };
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
+        return fail(
+            MSG_FAILED,
+            format!("unshare a mount namespace for the image: {e}"),
+        );
+    }
+    if send_message(&conn, MSG_UNSHARED, &[], &[]).is_err() {
+        return 1;
+    }
+    let assembled = match execute(ops) {
+        Ok(a) => a,
+        Err(e) => {
+            let kind = if e.is_usage() { MSG_USAGE } else { MSG_FAILED };
+            return fail(kind, e.to_string());
+        }
+    };
+    let changes = match eval_image_env(script_env) {
+        Ok(c) => c,
+        Err(e) => return fail(MSG_IMAGE_ENV, e),
+    };
+    let mnt = match fs::File::open("/proc/self/ns/mnt") {
+        Ok(f) => f,
+        Err(e) => return fail(MSG_FAILED, format!("open /proc/self/ns/mnt: {e}")),
+    };
+    if send_message(
+        &conn,
+        MSG_READY,
+        &[mnt.as_raw_fd()],
+        &encode_changes(&changes),
+    )
+    .is_err()
+    {
+        return 0;
+    }
+    drop(mnt);
+    // Hold on until the instance closes the socket (or dies, and the parent-death signal ends
+    // this process): the image's server is this process's child.
+    let mut buf = [0u8; 16];
+    loop {
+        match (&conn).read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(assembled);
+    0
 }
 
 /// `unshare(CLONE_NEWUSER | CLONE_NEWNS)` with identity maps (the user keeps their uid and gid),
@@ -735,7 +1033,7 @@ fn serve(
     sigfd: Option<&SignalFd>,
 ) {
     let mut conns: Vec<UnixStream> = vec![owner];
-    let fds = [ready.user_ns.as_raw_fd(), ready.mnt_ns.as_raw_fd()];
+    let fds = ready.fds();
     loop {
         if conns.is_empty() {
             match &listener {
@@ -876,4 +1174,26 @@ fn parent_of(pid: i32) -> Option<i32> {
     // The command name may contain spaces and parentheses; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_payload_round_trip() {
+        let images = vec![
+            vec![EnvChange::Set("PATH".into(), "/opt/a/bin:/bin".into())],
+            vec![],
+            vec![
+                EnvChange::Unset("X".into()),
+                EnvChange::Set("IMAGE".into(), "b".into()),
+            ],
+        ];
+        let p = encode_ready(Pid::from_raw(4242), &images);
+        assert_eq!(decode_ready(&p), Some((4242, images)));
+        // Truncated: no panic, no partial answer.
+        assert_eq!(decode_ready(&p[..p.len() - 1]), None);
+        assert_eq!(decode_ready(&p[..3]), None);
+    }
 }

@@ -24,6 +24,16 @@ pub enum ImageSource {
     Directory(PathBuf),
 }
 
+impl ImageSource {
+    /// The image file or directory, for messages.
+    pub fn path(&self) -> &Path {
+        match self {
+            ImageSource::Squashfs { source, .. } => &source.path,
+            ImageSource::Directory(d) => d,
+        }
+    }
+}
+
 /// What `/dev/shm` is inside the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ShmMode {
@@ -111,6 +121,11 @@ pub struct RootConfig {
     pub binds: Vec<Bind>,
     /// What `/dev/shm` is.
     pub shm: ShmMode,
+    /// With [`ShmMode::Private`]: a directory (as the node instance sees it before any root is
+    /// built) bound at `/dev/shm` instead of a fresh tmpfs. A node instance holding the roots of
+    /// several images mounts one tmpfs there and binds it into every root, so MPI shared-memory
+    /// segments are visible to the ranks of every image.
+    pub shared_shm: Option<PathBuf>,
 }
 
 /// Where a bind's source is.
@@ -383,9 +398,17 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
             readonly,
         });
         if is_dev && cfg.shm == ShmMode::Private && !shm_bound {
-            ops.push(MountOp::Tmpfs {
-                dst: "/dev/shm".into(),
-                mode: 0o1777,
+            ops.push(match &cfg.shared_shm {
+                Some(dir) => MountOp::Bind {
+                    src: BindSource::Host(dir.clone()),
+                    dst: "/dev/shm".into(),
+                    recursive: false,
+                    readonly: false,
+                },
+                None => MountOp::Tmpfs {
+                    dst: "/dev/shm".into(),
+                    mode: 0o1777,
+                },
             });
         }
     }
@@ -422,6 +445,7 @@ mod tests {
             host_dirs: vec!["/tmp".into(), "/var/tmp".into()],
             binds: vec![],
             shm: ShmMode::Private,
+            shared_shm: None,
         }
     }
 
@@ -591,6 +615,32 @@ mod tests {
                 .iter()
                 .any(|o| matches!(o, MountOp::Tmpfs { .. }))
         );
+    }
+
+    #[test]
+    fn shared_shm_is_bound_instead_of_a_fresh_tmpfs() {
+        let mut c = cfg();
+        c.shared_shm = Some("/mnt".into());
+        let ops = plan_root(&c);
+        assert!(!ops.iter().any(|o| matches!(o, MountOp::Tmpfs { .. })));
+        let dev = index(
+            &ops,
+            |o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/dev")),
+        );
+        assert_eq!(
+            ops[dev + 1],
+            MountOp::Bind {
+                src: BindSource::Host("/mnt".into()),
+                dst: "/dev/shm".into(),
+                recursive: false,
+                readonly: false,
+            }
+        );
+        // /dev/shm lies inside the /dev bind: no mount point is made for it in the image.
+        assert!(!mount_points(&ops).contains(&"/dev/shm".to_string()));
+        // --shm host keeps the host's, shared or not.
+        c.shm = ShmMode::Host;
+        assert!(!binds(&plan_root(&c)).iter().any(|b| b.0 == "/dev/shm"));
     }
 
     #[test]

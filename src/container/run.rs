@@ -173,27 +173,38 @@ pub fn pick_stage(avoid: &[PathBuf]) -> Option<PathBuf> {
 
 /// Builds the node instance configuration for `req` from the host.
 pub fn instance_config(req: &ExecRequest) -> Result<InstanceConfig, ExecError> {
+    instance_config_images(std::slice::from_ref(req))
+}
+
+/// Builds the configuration of a node instance that holds the roots of several images, one per
+/// request (the first is [`InstanceConfig::root`]), from the host. Every root is staged on the
+/// same host directory, one that holds none of what any root needs: the instance mounts the
+/// `/dev/shm` all roots share there before it builds them.
+pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, ExecError> {
     let cwd = std::env::current_dir()
         .map_err(|e| ExecError::Failed(format!("cannot read the working directory: {e}")))?;
-    let image = image_source(&req.image, req.backend)?;
-    let mut binds = Vec::new();
-    for spec in &req.binds {
-        let b = parse_bind(spec, &cwd).map_err(|e| usage(e.to_string()))?;
-        if fs::symlink_metadata(&b.src).is_err() || fs::metadata(&b.src).is_err() {
-            return Err(usage(format!(
-                "--bind {spec:?}: source {} does not exist on the host",
-                b.src.display()
-            )));
-        }
-        binds.push(b);
-    }
     let account = current_account();
-    let mut avoid: Vec<PathBuf> = vec![req.image.clone(), account.home.clone(), cwd.clone()];
-    if let ImageSource::Squashfs { source, .. } = &image {
-        avoid.push(source.path.clone());
-    }
+    let mut avoid: Vec<PathBuf> = vec![account.home.clone(), cwd.clone()];
     avoid.extend(crate::mount::default_extract_cache());
-    avoid.extend(binds.iter().map(|b| b.src.clone()));
+    let mut roots = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        let image = image_source(&req.image, req.backend)?;
+        let mut binds = Vec::new();
+        for spec in &req.binds {
+            let b = parse_bind(spec, &cwd).map_err(|e| usage(e.to_string()))?;
+            if fs::symlink_metadata(&b.src).is_err() || fs::metadata(&b.src).is_err() {
+                return Err(usage(format!(
+                    "--bind {spec:?}: source {} does not exist on the host",
+                    b.src.display()
+                )));
+            }
+            binds.push(b);
+        }
+        avoid.push(req.image.clone());
+        avoid.push(image.path().to_owned());
+        avoid.extend(binds.iter().map(|b| b.src.clone()));
+        roots.push((image, binds, req.shm));
+    }
     let stage = pick_stage(&avoid).ok_or_else(|| {
         ExecError::Failed(format!(
             "no host directory to stage the container root on (tried {}; each holds the image, \
@@ -201,27 +212,36 @@ pub fn instance_config(req: &ExecRequest) -> Result<InstanceConfig, ExecError> {
             STAGE_CANDIDATES.join(", ")
         ))
     })?;
-    let root = RootConfig {
+    let host_files: Vec<PathBuf> = ["/etc/hosts", "/etc/resolv.conf", "/etc/localtime"]
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .map(PathBuf::from)
+        .collect();
+    let host_dirs: Vec<PathBuf> = ["/tmp", "/var/tmp"]
+        .iter()
+        .filter(|p| Path::new(p).is_dir())
+        .map(PathBuf::from)
+        .collect();
+    let mut roots = roots.into_iter().map(|(image, binds, shm)| RootConfig {
         image,
-        stage,
+        stage: stage.clone(),
         bind_home: account.home.is_dir(),
-        account,
-        cwd: Some(cwd),
-        host_files: ["/etc/hosts", "/etc/resolv.conf", "/etc/localtime"]
-            .iter()
-            .filter(|p| Path::new(p).exists())
-            .map(PathBuf::from)
-            .collect(),
-        host_dirs: ["/tmp", "/var/tmp"]
-            .iter()
-            .filter(|p| Path::new(p).is_dir())
-            .map(PathBuf::from)
-            .collect(),
+        account: account.clone(),
+        cwd: Some(cwd.clone()),
+        host_files: host_files.clone(),
+        host_dirs: host_dirs.clone(),
         binds,
-        shm: req.shm,
-    };
+        shm,
+        shared_shm: None,
+    });
+    let root = roots.next().ok_or_else(|| usage("no image given"))?;
+    let other_roots: Vec<RootConfig> = roots.collect();
     let script_env = base_environment(std::env::vars_os(), &root.account.home);
-    Ok(InstanceConfig { root, script_env })
+    Ok(InstanceConfig {
+        root,
+        other_roots,
+        script_env,
+    })
 }
 
 /// Signals cmpirun passes on to the programs it runs (`exec`) and to every rank (launch).
@@ -288,7 +308,7 @@ fn run_member(
     let env = member_environment(
         std::env::vars_os(),
         &cfg.root.account.home,
-        inst.env_changes(),
+        inst.env_changes().first().map_or(&[], Vec::as_slice),
         user_env,
     );
     let cmd = MemberCommand {
@@ -296,6 +316,7 @@ fn run_member(
         env,
         cwd: cfg.root.cwd.clone().unwrap_or_else(|| "/".into()),
         new_session: false,
+        image: 0,
     };
     let child = match inst.spawn(&cmd) {
         Ok(c) => c,

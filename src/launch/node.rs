@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use crate::container::instance::{InstanceConfig, MemberCommand};
-use crate::container::run::{ExecRequest, instance_config};
+use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
+use crate::container::run::{ExecRequest, instance_config_images};
 use crate::container::{ShmMode, env::member_environment};
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
@@ -24,34 +24,86 @@ pub fn part_of(plan: &LaunchPlan, rank: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// The one image of the job. Every part must use the same image: a node holds one instance.
-pub fn job_image(plan: &LaunchPlan) -> Result<PathBuf, LaunchError> {
-    let first = plan
-        .apps
-        .first()
-        .ok_or_else(|| LaunchError::Usage("the job has no program".into()))?;
-    if let Some(other) = plan.apps.iter().find(|a| a.image.path != first.image.path) {
-        return Err(LaunchError::Usage(format!(
-            "MPMD parts with different images ({} and {}) are not supported yet: a node runs one \
-             container; use one image that holds every program",
-            first.image.path.display(),
-            other.image.path.display()
-        )));
+/// The distinct images of the job, in the order the parts first name them. A node instance
+/// holds one root per image (each in its own mount namespace, all in one user namespace), and
+/// every rank and every task of the job knows this list from the plan.
+pub fn job_images(plan: &LaunchPlan) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for a in &plan.apps {
+        if !out.contains(&a.image.path) {
+            out.push(a.image.path.clone());
+        }
     }
-    Ok(first.image.path.clone())
+    out
 }
 
-/// The node instance configuration: the image, the plan's binds (those of `rank-start` resolved
-/// in `rank_env`, and skipped when a variable they name is unset), `extra` binds
-/// (`SRC:DST:ro|rw`) of the launcher, the mount backend.
+/// The index in [`job_images`] of the image that MPMD part `part` runs in.
+pub fn image_index(plan: &LaunchPlan, part: usize) -> usize {
+    plan.apps
+        .get(part)
+        .and_then(|a| job_images(plan).iter().position(|i| *i == a.image.path))
+        .unwrap_or(0)
+}
+
+/// The node instance configuration: a root per image of the job, each with the plan's binds
+/// for that image (those of `rank-start` resolved in `rank_env`, and skipped when a variable
+/// they name is unset), `extra` binds (`SRC:DST:ro|rw`) of the launcher, the mount backend.
 pub fn node_config(
     plan: &LaunchPlan,
     rank_env: &BTreeMap<String, String>,
     extra: &[String],
 ) -> Result<InstanceConfig, LaunchError> {
-    let image = job_image(plan)?;
+    let images = job_images(plan);
+    if images.is_empty() {
+        return Err(LaunchError::Usage("the job has no program".into()));
+    }
+    if images.len() > MAX_IMAGES {
+        return Err(LaunchError::Usage(format!(
+            "the job's parts name {} different images; a node runs at most {MAX_IMAGES}: put \
+             programs that share an image into one image",
+            images.len()
+        )));
+    }
+    let backend = match plan.mount.backend {
+        MountBackendKind::Auto => None,
+        MountBackendKind::Fuse => Some(MountBackend::Fuse),
+        MountBackendKind::Squashfuse => Some(MountBackend::Squashfuse),
+        MountBackendKind::Extract => Some(MountBackend::Extract),
+    };
+    let reqs: Vec<ExecRequest> = images
+        .into_iter()
+        .map(|image| ExecRequest {
+            binds: image_binds(plan, &image, rank_env, extra),
+            image,
+            env: Vec::new(),
+            backend,
+            shm: ShmMode::Private,
+            instance_key: None,
+            argv: Vec::new(),
+        })
+        .collect();
+    instance_config_images(&reqs).map_err(|e| {
+        if e.is_usage() {
+            LaunchError::Usage(e.to_string())
+        } else {
+            LaunchError::Failed(e.to_string())
+        }
+    })
+}
+
+/// The binds of `image`'s root, as `SRC:DST:ro|rw`: the plan's binds for every image and for
+/// this one, then the launcher's `extra`.
+fn image_binds(
+    plan: &LaunchPlan,
+    image: &std::path::Path,
+    rank_env: &BTreeMap<String, String>,
+    extra: &[String],
+) -> Vec<String> {
     let mut binds = Vec::new();
     for b in &plan.binds {
+        if b.image.as_deref().is_some_and(|i| i != image) {
+            continue;
+        }
         let source = match b.when {
             BindTime::Plan => b.source.clone(),
             BindTime::RankStart => match crate::plan::facts::expand_vars(&b.source, rank_env) {
@@ -78,48 +130,29 @@ pub fn node_config(
             binds.push(e.clone());
         }
     }
-    let backend = match plan.mount.backend {
-        MountBackendKind::Auto => None,
-        MountBackendKind::Fuse => Some(MountBackend::Fuse),
-        MountBackendKind::Squashfuse => Some(MountBackend::Squashfuse),
-        MountBackendKind::Extract => Some(MountBackend::Extract),
-    };
-    let req = ExecRequest {
-        image,
-        binds,
-        env: Vec::new(),
-        backend,
-        shm: ShmMode::Private,
-        instance_key: None,
-        argv: Vec::new(),
-    };
-    instance_config(&req).map_err(|e| {
-        if e.is_usage() {
-            LaunchError::Usage(e.to_string())
-        } else {
-            LaunchError::Failed(e.to_string())
-        }
-    })
+    binds
 }
 
-/// The command of `rank` in the container: its part's program, arguments, working directory
-/// (`-wdir`, else the caller's) and environment (the plan's changes over `host`, the image's
-/// scripts' `changes`, then the launcher's `launcher_env`).
+/// The command of `rank` in the container: its part's image, program, arguments, working
+/// directory (`-wdir`, else the caller's) and environment (the plan's changes over `host`, what
+/// the environment scripts of the part's image change (`changes`, by image as the instance
+/// reports them), then the launcher's `launcher_env`).
 pub fn rank_command(
     plan: &LaunchPlan,
     cfg: &InstanceConfig,
     rank: u32,
     host: Vec<(OsString, OsString)>,
-    changes: &[crate::container::env::EnvChange],
+    changes: &[Vec<crate::container::env::EnvChange>],
     launcher_env: &[(String, String)],
 ) -> MemberCommand {
     let part = part_of(plan, rank);
     let app = &plan.apps[part];
+    let image = image_index(plan, part);
     let rank_env = RankEnv::build(&plan.env, part, host, launcher_env);
     let mut env = member_environment(
         rank_env.inherited.clone(),
         &cfg.root.account.home,
-        changes,
+        changes.get(image).map_or(&[], Vec::as_slice),
         &rank_env.set,
     );
     rank_env.finish(&mut env);
@@ -138,5 +171,6 @@ pub fn rank_command(
         // Under srun and hydra the task above the rank is the session leader already; the rank
         // stays in its process group, which is what they signal.
         new_session: false,
+        image,
     }
 }

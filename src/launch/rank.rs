@@ -1,14 +1,14 @@
 //! `cmpirun __rank --plan SOURCE`: what `srun` and `mpiexec.hydra` start for every rank.
 //!
 //! The rank mode reads the plan, joins its node's instance (creating it when it is the first
-//! rank there; keyed by job step and image), and starts the rank in it with the PMI descriptors
-//! and variables it inherited from srun or hydra (`PMI_FD` through a relay that sees an abort,
-//! [`super::watch`]). It stays as the rank's parent, passes signals on, reports a failure of the
-//! rank to the front end ([`super::report`]) and exits the way the rank did.
+//! rank there; keyed by job step, and holding every image of the job), and starts the rank in it
+//! with the PMI descriptors and variables it inherited from srun or hydra (`PMI_FD` through a
+//! relay that sees an abort, [`super::watch`]). It stays as the rank's parent, passes signals on,
+//! reports a failure of the rank to the front end ([`super::report`]) and exits the way the rank
+//! did.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use nix::sys::signal::SigSet;
@@ -58,15 +58,15 @@ pub fn task_rank(env: &BTreeMap<String, String>) -> Option<u32> {
 }
 
 /// The node instance key: the Slurm job step (`SLURM_JOB_ID.SLURM_STEP_ID`), else the launcher
-/// process that started the ranks on this node (hydra's proxy), plus a hash of the image path.
-pub fn instance_key(env: &BTreeMap<String, String>, image: &Path, parent: u32) -> String {
+/// process that started the ranks on this node (hydra's proxy). Not the image: the instance
+/// holds every image of the job, so the ranks of MPMD parts with different images share its
+/// user namespace (and shared memory).
+pub fn instance_key(env: &BTreeMap<String, String>, parent: u32) -> String {
     let step = match (env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID")) {
         (Some(j), Some(s)) => format!("slurm-{j}.{s}"),
         _ => format!("proxy-{parent}"),
     };
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    image.hash(&mut h);
-    let key: String = format!("{step}-{:016x}", h.finish())
+    let key: String = step
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
@@ -167,8 +167,7 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
         )
     })?;
     let cfg = node::node_config(&plan, &env, &pmix_binds(&env))?;
-    let image = node::job_image(&plan)?;
-    let key = instance_key(&env, &image, std::os::unix::process::parent_id());
+    let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = with_forwarded_signals_blocked(
         |errno| LaunchError::Sys {
             step: "block signals",
@@ -282,15 +281,10 @@ mod tests {
 
     #[test]
     fn keys() {
-        let a = instance_key(
-            &env(&[("SLURM_JOB_ID", "12"), ("SLURM_STEP_ID", "0")]),
-            Path::new("/x/a.sif"),
-            7,
-        );
-        assert!(a.starts_with("slurm-12.0-"), "{a}");
-        let b = instance_key(&env(&[]), Path::new("/x/a.sif"), 7);
-        assert!(b.starts_with("proxy-7-"), "{b}");
-        assert_ne!(b, instance_key(&env(&[]), Path::new("/x/b.sif"), 7));
+        let a = instance_key(&env(&[("SLURM_JOB_ID", "12"), ("SLURM_STEP_ID", "0")]), 7);
+        assert_eq!(a, "slurm-12.0");
+        assert_eq!(instance_key(&env(&[]), 7), "proxy-7");
+        assert_ne!(instance_key(&env(&[]), 8), "proxy-7");
     }
 
     #[test]

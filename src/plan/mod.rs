@@ -180,6 +180,10 @@ pub struct Bind {
     pub when: BindTime,
     /// Why it is there.
     pub reason: String,
+    /// Only the container of this image gets the bind: a host library over the file that one
+    /// image's MPI loads, in a job whose parts name different images. `None`: every image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
 }
 
 /// Which ranks an environment change applies to.
@@ -530,6 +534,9 @@ pub fn build_plan(
             checks.push(c);
         }
     }
+    if let Some(c) = mpmd_images_check(&apps) {
+        checks.push(c);
+    }
 
     // Commands.
     let rank_cmd = [
@@ -770,6 +777,98 @@ fn mpi_family_check(image: &ImageInfo, kind: LauncherKind, pmi: PmiKind) -> Opti
     })
 }
 
+/// How many different images the parts name.
+fn distinct_images(apps: &[AppPlan]) -> usize {
+    let mut seen: Vec<&Path> = Vec::new();
+    for a in apps {
+        if !seen.contains(&a.image.path.as_path()) {
+            seen.push(&a.image.path);
+        }
+    }
+    seen.len()
+}
+
+/// Whether the images of an MPMD job can form one MPI job: the ranks of every part speak to
+/// each other, so they need one MPI family (MPICH ABI, Open MPI, MPI ABI), and preferably one
+/// build of it. `None` for a job with one image.
+fn mpmd_images_check(apps: &[AppPlan]) -> Option<Check> {
+    if distinct_images(apps) < 2 {
+        return None;
+    }
+    let describe = |i: usize| {
+        let img = &apps[i].image;
+        format!(
+            "part {} ({}: {}{})",
+            i + 1,
+            img.path.display(),
+            img.mpi_family.as_deref().unwrap_or("MPI unknown"),
+            img.mpi_library
+                .as_deref()
+                .map(|l| format!(", {l}"))
+                .unwrap_or_default()
+        )
+    };
+    let unknown: Vec<String> = (0..apps.len())
+        .filter(|&i| apps[i].image.mpi_family.is_none())
+        .map(&describe)
+        .collect();
+    let first = (0..apps.len()).find(|&i| apps[i].image.mpi_family.is_some());
+    let differs = first.and_then(|f| {
+        (0..apps.len())
+            .find(|&i| {
+                apps[i].image.mpi_family.is_some()
+                    && apps[i].image.mpi_family != apps[f].image.mpi_family
+            })
+            .map(|i| (f, i))
+    });
+    if let Some((a, b)) = differs {
+        return Some(Check {
+            name: "mpmd-mpi".into(),
+            verdict: Verdict::Fail,
+            message: format!(
+                "{} and {} use different MPI families: the ranks of one job exchange messages through one MPI library's wire protocol, so MPI_Init would fail or hang; build every part's program against one MPI (the images may differ otherwise)",
+                describe(a),
+                describe(b)
+            ),
+        });
+    }
+    if !unknown.is_empty() {
+        return Some(Check {
+            name: "mpmd-mpi".into(),
+            verdict: Verdict::Warn,
+            message: format!(
+                "the MPI of {} is not known, so whether the parts' images use one MPI family is not checked",
+                unknown.join(", ")
+            ),
+        });
+    }
+    let other_build = first.and_then(|f| {
+        (0..apps.len())
+            .find(|&i| apps[i].image.mpi_library != apps[f].image.mpi_library)
+            .map(|i| (f, i))
+    });
+    Some(match other_build {
+        Some((a, b)) => Check {
+            name: "mpmd-mpi".into(),
+            verdict: Verdict::Warn,
+            message: format!(
+                "{} and {} use one MPI family but different library files: ranks of different versions or builds (devices, netmods) of one MPI may not interoperate; use images with the same MPI build if MPI_Init fails",
+                describe(a),
+                describe(b)
+            ),
+        },
+        None => Check {
+            name: "mpmd-mpi".into(),
+            verdict: Verdict::Pass,
+            message: format!(
+                "the parts' {} images use one MPI ({}); every node holds them in one container (one user namespace, one /dev/shm), each image in its own mount namespace",
+                distinct_images(apps),
+                apps[0].image.mpi_library.as_deref().unwrap_or("?")
+            ),
+        },
+    })
+}
+
 fn program_check(name: &str, host: &HostFacts) -> Check {
     match host.programs.get(name) {
         Some(p) => Check {
@@ -970,6 +1069,7 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
                 read_only: b.read_only,
                 when: BindTime::Plan,
                 reason: "--bind".into(),
+                image: None,
             });
         } else {
             plan.checks.push(Check {
@@ -1006,6 +1106,7 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
                 read_only: b.read_only,
                 when: BindTime::Plan,
                 reason: format!("profile {} binds:", profile.name),
+                image: None,
             });
         }
     }
@@ -1018,6 +1119,7 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
                 read_only: false,
                 when: BindTime::RankStart,
                 reason: "the PMIx server shares this directory with its clients (rendezvous files, shared-memory store); resolved in each rank's environment, skipped when unset".into(),
+                image: None,
             });
         }
     }
@@ -1039,19 +1141,26 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
                             .unwrap_or_default();
                         // Over the image's copy when its MPI links one by this name; otherwise
                         // into the injection directory, found by soname.
-                        let mut over: Vec<String> = plan
+                        // With several images, each gets the host library over its own copy only.
+                        let multi = distinct_images(&plan.apps) > 1;
+                        let mut over: Vec<(Option<PathBuf>, String)> = plan
                             .apps
                             .iter()
-                            .flat_map(|a| a.image.pmi_libraries.iter())
-                            .filter(|l| l.name == name)
-                            .map(|l| l.real_file.clone())
+                            .flat_map(|a| {
+                                a.image
+                                    .pmi_libraries
+                                    .iter()
+                                    .map(move |l| (multi.then(|| a.image.path.clone()), l))
+                            })
+                            .filter(|(_, l)| l.name == name)
+                            .map(|(i, l)| (i, l.real_file.clone()))
                             .collect();
                         over.sort();
                         over.dedup();
                         if over.is_empty() {
                             plan.binds.push(lib_bind(p, "the profile injects the host PMI library (pmi.inject)"));
                         }
-                        for dest in over {
+                        for (image, dest) in over {
                             plan.binds.push(Bind {
                                 source: p.display().to_string(),
                                 destination: dest,
@@ -1059,6 +1168,7 @@ fn plan_binds(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) {
                                 read_only: true,
                                 when: BindTime::Plan,
                                 reason: format!("the host PMI library over the image's {name} (pmi.inject)"),
+                                image,
                             });
                         }
                     }
@@ -1086,6 +1196,7 @@ fn lib_bind(src: &Path, reason: &str) -> Bind {
         read_only: true,
         when: BindTime::Plan,
         reason: reason.to_owned(),
+        image: None,
     }
 }
 
@@ -1291,9 +1402,16 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
             let targets: Vec<&ImageInfo> = plan.apps.iter().map(|a| &a.image).collect();
             let known: Vec<PathBuf> = targets.iter().filter_map(|i| i.libfabric.clone()).collect();
             if known.len() == targets.len() && !known.is_empty() {
+                // With several images, each gets the host library over its own MPI's file only.
+                let multi = distinct_images(&plan.apps) > 1;
+                let wanted: Vec<(Option<PathBuf>, PathBuf)> = targets
+                    .iter()
+                    .zip(known)
+                    .map(|(i, dest)| (multi.then(|| i.path.clone()), dest))
+                    .collect();
                 let mut seen = Vec::new();
-                for dest in known {
-                    if seen.contains(&dest) {
+                for (image, dest) in wanted {
+                    if seen.contains(&(image.clone(), dest.clone())) {
                         continue;
                     }
                     plan.binds.push(Bind {
@@ -1303,8 +1421,9 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                         read_only: true,
                         when: BindTime::Plan,
                         reason: "the host libfabric over the exact file the image's MPI loads, so RPATH, RUNPATH and the image's ld.so.cache all find it".into(),
+                        image: image.clone(),
                     });
-                    seen.push(dest);
+                    seen.push((image, dest));
                 }
             } else {
                 plan.binds.push(lib_bind(
@@ -1339,6 +1458,7 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                             when: BindTime::Plan,
                             reason: "the host libfabric's provider plugins, built against it"
                                 .into(),
+                            image: None,
                         });
                     }
                     plan.env.push(env_change(
@@ -1377,6 +1497,7 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                     read_only: true,
                     when: BindTime::Plan,
                     reason: "the host libfabric's provider plugins, built against it".into(),
+                    image: None,
                 });
                 plan.env.push(env_change("FI_PROVIDER_PATH", EnvAction::Set { value: d }, EnvScope::All, "libfabric loads the host's DL providers from here instead of the image's"));
             }
@@ -1428,6 +1549,7 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
                     profile.name,
                     dev.as_str()
                 ),
+                image: None,
             });
         }
     }

@@ -57,6 +57,9 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 .map(|w| format!(", in directory {}", w.display()))
                 .unwrap_or_default()
         )?;
+        if plan.apps.len() > 1 {
+            write_part(o, plan, i)?;
+        }
     }
     let lay = &plan.layout;
     writeln!(
@@ -88,7 +91,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
     for b in &plan.binds {
         writeln!(
             o,
-            "  {} -> {} [{}{}{}]",
+            "  {} -> {} [{}{}{}{}]",
             b.source,
             b.destination,
             serde_kind(&b.kind),
@@ -97,7 +100,11 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 ", resolved at rank start"
             } else {
                 ""
-            }
+            },
+            b.image
+                .as_ref()
+                .map(|i| format!(", only in image {}", i.display()))
+                .unwrap_or_default()
         )?;
         writeln!(o, "    why: {}", b.reason)?;
     }
@@ -154,6 +161,85 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(o, "result: ready to launch")?;
     }
     Ok(())
+}
+
+/// What one part of an MPMD job gets: its image (each image of the job has its own mount
+/// namespace in the node's one container), the binds only its image gets, and the environment
+/// changes only its ranks get.
+fn write_part(o: &mut String, plan: &LaunchPlan, part: usize) -> std::fmt::Result {
+    let a = &plan.apps[part];
+    let img = &a.image;
+    let images: Vec<&std::path::Path> = plan.apps.iter().fold(Vec::new(), |mut v, x| {
+        if !v.contains(&x.image.path.as_path()) {
+            v.push(&x.image.path);
+        }
+        v
+    });
+    let mpi = match (&img.mpi_family, &img.mpi_library) {
+        (Some(f), Some(l)) => format!("{f}, {l}"),
+        (Some(f), None) => f.clone(),
+        _ => "MPI not known".to_owned(),
+    };
+    writeln!(
+        o,
+        "    image: {} ({}{mpi}){}",
+        img.path.display(),
+        img.kind
+            .as_deref()
+            .map(|k| format!("{k}, "))
+            .unwrap_or_default(),
+        if images.len() > 1 {
+            format!(
+                "; mount namespace {} of {} in the node's container, with its own /.singularity.d/env scripts",
+                images.iter().position(|p| *p == img.path).unwrap_or(0) + 1,
+                images.len()
+            )
+        } else {
+            String::new()
+        }
+    )?;
+    let own: Vec<String> = plan
+        .binds
+        .iter()
+        .filter(|b| b.image.as_ref() == Some(&img.path))
+        .map(|b| format!("{} -> {}", b.source, b.destination))
+        .collect();
+    writeln!(
+        o,
+        "    binds: {}{}",
+        if plan.binds.iter().any(|b| b.image.is_none()) {
+            "the job's (below)"
+        } else {
+            "the standard ones"
+        },
+        if own.is_empty() {
+            String::new()
+        } else {
+            format!(", plus for this image only: {}", own.join(", "))
+        }
+    )?;
+    let own: Vec<String> = plan
+        .env
+        .iter()
+        .filter(|e| e.scope == EnvScope::Part(part))
+        .map(|e| match &e.action {
+            EnvAction::Set { value } => format!("{}={value}", e.name),
+            EnvAction::Pass | EnvAction::PassMatching => format!("{} passed through", e.name),
+            EnvAction::Unset | EnvAction::UnsetMatching => format!("{} removed", e.name),
+            EnvAction::Prepend { value } => format!("{}={value}:${}", e.name, e.name),
+            EnvAction::PerRank { value } => format!("{} per rank: {value}", e.name),
+            EnvAction::ClearInherited => "caller's environment not inherited".to_owned(),
+        })
+        .collect();
+    writeln!(
+        o,
+        "    environment: the job's (below){}",
+        if own.is_empty() {
+            String::new()
+        } else {
+            format!(", plus for this part only: {}", own.join(", "))
+        }
+    )
 }
 
 fn serde_kind(k: &super::BindKind) -> &'static str {

@@ -1,0 +1,305 @@
+//! End-to-end tests of MPMD jobs whose parts name different images: `cmpirun -n 2 A.sif prog :
+//! -n 2 B.sif prog`. Every rank on the node runs in one user namespace (so CMA works between
+//! them) and the ranks of each image in that image's own mount namespace, with one private
+//! `/dev/shm` shared by all (so MPI's shared-memory segments are found by name across images).
+//!
+//! The second image is the MPICH 4 test image repacked with a marker file and its own
+//! environment script value, so both parts run the same MPI.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+
+/// The content of `/etc/mpmd-marker`, which only the second image has.
+const MARKER: &str = "second-image";
+
+/// `mpich4` repacked as a second image: the same root plus `/etc/mpmd-marker`, and its
+/// environment script sets `CMPIRUN_TEST_IMAGE=mpich4-mpmd`. Built once (as root, with
+/// `unsquashfs` and `cmpirun image pack`) into the stage folder, again when `mpich4` changes.
+fn second_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let src = image("mpich4");
+        let out = stage_dir().join("mpich4-mpmd.sif");
+        let fresh = match (fs::metadata(&out), fs::metadata(&src)) {
+            (Ok(o), Ok(s)) => o.modified().ok() >= s.modified().ok(),
+            _ => false,
+        };
+        if fresh {
+            return out;
+        }
+        let loc = cmpirun::image::locate(&src).unwrap();
+        let tree = stage_dir().join(format!("mpmd-root.{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tree);
+        let st = Command::new("unsquashfs")
+            .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
+            .arg(&tree)
+            .arg(&src)
+            .status()
+            .expect("unsquashfs (squashfs-tools) must be installed");
+        assert!(st.success(), "unsquashfs of {} failed", src.display());
+        let env = tree.join(".singularity.d/env/90-environment.sh");
+        let text = fs::read_to_string(&env).unwrap();
+        fs::write(
+            &env,
+            text.replace(
+                "CMPIRUN_TEST_IMAGE=\"mpich4\"",
+                "CMPIRUN_TEST_IMAGE=\"mpich4-mpmd\"",
+            ),
+        )
+        .unwrap();
+        fs::write(tree.join("etc/mpmd-marker"), format!("{MARKER}\n")).unwrap();
+        let tmp = stage_dir().join(format!(".mpich4-mpmd.{}.sif", std::process::id()));
+        let st = Command::new(cmpirun_bin())
+            .args(["image", "pack", "-o"])
+            .arg(&tmp)
+            .arg(&tree)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        fs::remove_dir_all(&tree).unwrap();
+        assert!(st.success(), "cmpirun image pack failed");
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::rename(&tmp, &out).unwrap();
+        out
+    })
+    .clone()
+}
+
+fn cmpirun() -> TuserCommand {
+    TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+}
+
+/// `-n N A PROG ARGS : -n M B PROG ARGS` with both images.
+fn two_parts(n: u32, program: &str, args: &[&str], flags: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    for img in [staged_image("mpich4"), second_image()] {
+        if v.len() > flags.len() {
+            v.push(":".into());
+        }
+        v.extend(["-n".into(), n.to_string(), img.display().to_string()]);
+        v.push(program.into());
+        v.extend(args.iter().map(|s| s.to_string()));
+    }
+    v
+}
+
+/// The (rank, userns, mntns) of each hello line.
+fn namespaces(stdout: &str) -> Vec<(u32, String, String)> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("hello: rank="))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            (
+                field("rank=").parse().unwrap(),
+                field("userns="),
+                field("mntns="),
+            )
+        })
+        .collect()
+}
+
+/// Checks a 2+2 mpitest run: passed; one user namespace for all four ranks, not the host's; one
+/// mount namespace per image.
+fn check_mpitest(out: &RunOutput) {
+    out.assert_success();
+    assert!(out.stdout.contains("mpitest: OK size=4"), "{out}");
+    assert!(out.stdout.contains("allreduce: OK sum=10"), "{out}");
+    assert!(out.stdout.contains("ring: OK token=6"), "{out}");
+    let ns = namespaces(&out.stdout);
+    assert_eq!(ns.len(), 4, "one hello line per rank:\n{out}");
+    let users: BTreeSet<_> = ns.iter().map(|n| &n.1).collect();
+    assert_eq!(users.len(), 1, "every rank in one user namespace:\n{out}");
+    let host = fs::read_link("/proc/self/ns/user").unwrap();
+    assert!(!host.to_string_lossy().contains(ns[0].1.as_str()), "{out}");
+    let mnt_of = |r: u32| ns.iter().find(|n| n.0 == r).unwrap().2.clone();
+    assert_eq!(
+        mnt_of(0),
+        mnt_of(1),
+        "part 1 shares a mount namespace:\n{out}"
+    );
+    assert_eq!(
+        mnt_of(2),
+        mnt_of(3),
+        "part 2 shares a mount namespace:\n{out}"
+    );
+    assert_ne!(
+        mnt_of(0),
+        mnt_of(2),
+        "one mount namespace per image:\n{out}"
+    );
+}
+
+#[test]
+fn two_images_run_one_mpi_job_in_one_user_namespace() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = cmpirun()
+        .args(two_parts(2, "/usr/local/bin/mpitest", &[], &[]))
+        .run();
+    check_mpitest(&out);
+    // MPICH's shared-memory transport opens its segments by name in /dev/shm; UCX (MPICH 4's
+    // netmod) with only shared-memory and self transports, and segments found by name rather
+    // than through /proc: both need the one /dev/shm of every image.
+    let out2 = cmpirun()
+        .args(two_parts(
+            2,
+            "/usr/local/bin/mpitest",
+            &[],
+            &["-x", "UCX_TLS=self,sm", "-x", "UCX_POSIX_USE_PROC_LINK=n"],
+        ))
+        .run();
+    check_mpitest(&out2);
+    assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
+}
+
+#[test]
+fn each_image_has_its_own_root_and_scripts_and_all_share_dev_shm() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    // Part 1 (image A) writes a file into /dev/shm; part 2 (image B) waits for it. Each reports
+    // what its image's script set and whether it sees the marker only B has.
+    let a = "echo \"A image=$CMPIRUN_TEST_IMAGE marker=$(cat /etc/mpmd-marker 2>/dev/null || echo none) \
+             user=$(readlink /proc/self/ns/user) mnt=$(readlink /proc/self/ns/mnt) part=$PART\"; \
+             echo from-a > /dev/shm/mpmd-probe; sleep 2";
+    let b = "for i in $(seq 50); do [ -f /dev/shm/mpmd-probe ] && break; sleep 0.1; done; \
+             echo \"B image=$CMPIRUN_TEST_IMAGE marker=$(cat /etc/mpmd-marker) \
+             user=$(readlink /proc/self/ns/user) mnt=$(readlink /proc/self/ns/mnt) part=$PART \
+             shm=$(cat /dev/shm/mpmd-probe)\"";
+    let out = cmpirun()
+        .args(["-n", "1", "-env", "PART", "one"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", a, ":", "-n", "1", "-env", "PART", "two"])
+        .arg(second_image())
+        .args(["/bin/sh", "-c", b])
+        .run();
+    out.assert_success();
+    let line = |p: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p} line:\n{out}"))
+            .to_owned()
+    };
+    let (la, lb) = (line("A "), line("B "));
+    assert!(
+        la.contains("image=mpich4 ") && la.contains("marker=none") && la.contains("part=one"),
+        "{out}"
+    );
+    assert!(
+        lb.contains("image=mpich4-mpmd ")
+            && lb.contains(&format!("marker={MARKER}"))
+            && lb.contains("part=two")
+            && lb.contains("shm=from-a"),
+        "{out}"
+    );
+    let field = |l: &str, k: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(field(&la, "user="), field(&lb, "user="), "{out}");
+    assert_ne!(field(&la, "mnt="), field(&lb, "mnt="), "{out}");
+    // The probe lived in the job's private /dev/shm, not the host's.
+    assert!(!Path::new("/dev/shm/mpmd-probe").exists());
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn dry_run_shows_each_part_with_its_image() {
+    let args = two_parts(2, "/usr/local/bin/mpitest", &[], &["--dry-run"]);
+    let out = cmpirun().args(&args).run();
+    out.assert_success();
+    let b = second_image().display().to_string();
+    assert!(
+        out.stdout.contains(&format!(
+            "part 2: ranks 2-3 (2): /usr/local/bin/mpitest in {b}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains(&format!("    image: {b} (sif, mpich")),
+        "{out}"
+    );
+    assert!(out.stdout.contains("mount namespace 2 of 2"), "{out}");
+    assert!(out.stdout.contains("pass    mpmd-mpi:"), "{out}");
+    let mut json_args = vec!["--json".to_string()];
+    json_args.extend(args);
+    let out = cmpirun().args(&json_args).run();
+    out.assert_success();
+    let plan: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let images: Vec<&str> = plan["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["image"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[1], b);
+    assert_ne!(images[0], images[1]);
+}
+
+#[test]
+fn different_mpi_families_are_refused_unless_forced() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = cmpirun()
+        .args(["-n", "1"])
+        .arg(staged_image("mpich4"))
+        .args(["/usr/local/bin/hello", ":", "-n", "1"])
+        .arg(staged_image("openmpi4"))
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("mpmd-mpi") && out.stderr.contains("different MPI families"),
+        "{out}"
+    );
+    // Forced, the two images still share one node instance; the programs need not be MPI.
+    let out = cmpirun()
+        .args(["--force", "-n", "1"])
+        .arg(staged_image("mpich4"))
+        .args([
+            "/bin/sh",
+            "-c",
+            "readlink /proc/self/ns/user",
+            ":",
+            "-n",
+            "1",
+        ])
+        .arg(staged_image("openmpi4"))
+        .args(["/bin/sh", "-c", "readlink /proc/self/ns/user"])
+        .run();
+    out.assert_success();
+    let users: BTreeSet<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("user:"))
+        .collect();
+    assert_eq!(users.len(), 1, "{out}");
+    assert_eq!(
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with("user:"))
+            .count(),
+        2
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
