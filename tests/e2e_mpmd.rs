@@ -3,6 +3,9 @@
 //! them) and the ranks of each image in that image's own mount namespace, with one private
 //! `/dev/shm` shared by all (so MPI's shared-memory segments are found by name across images).
 //!
+//! Under the local launcher and under Slurm (`srun --mpi=pmi2` inside `salloc`, on the one-node
+//! test cluster of `ci/start-slurm.sh`).
+//!
 //! The second image is the MPICH 4 test image repacked with a marker file and its own
 //! environment script value, so both parts run the same MPI.
 
@@ -302,4 +305,69 @@ fn different_mpi_families_are_refused_unless_forced() {
         2
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design,
+/// like `$XDG_RUNTIME_DIR`; it is made before a snapshot so that it does not count as a leftover.
+fn runtime_dir() {
+    TuserCommand::new("mkdir")
+        .args(["-p", "-m", "700", &format!("/tmp/cmpirun-{}", tuser().uid)])
+        .run()
+        .assert_success();
+}
+
+/// `salloc -n 4 cmpirun ARGS` as the test user on the one-node test cluster.
+fn salloc(args: &[String]) -> RunOutput {
+    TuserCommand::new("salloc")
+        .slurm()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args(["-n", "4"])
+        .arg(cmpirun_bin())
+        .args(args)
+        .run()
+}
+
+#[test]
+fn two_images_through_srun_pmi2_share_one_instance() {
+    let _serial = exclusive();
+    runtime_dir();
+    let before = Snapshot::take();
+    // srun starts four `cmpirun __rank` tasks; the instance key is the job step alone, so the
+    // tasks of both parts join the one instance the first of them creates, which holds both
+    // images.
+    let plan = salloc(&two_parts(
+        2,
+        "/usr/local/bin/mpitest",
+        &[],
+        &["--pmi", "pmi2", "--dry-run"],
+    ));
+    plan.assert_success();
+    assert!(plan.stdout.contains("launcher: slurm"), "{plan}");
+    assert!(
+        plan.stdout.contains("command: srun --mpi=pmi2 -n 4"),
+        "{plan}"
+    );
+    let out = salloc(&two_parts(
+        2,
+        "/usr/local/bin/mpitest",
+        &[],
+        &["--pmi", "pmi2"],
+    ));
+    check_mpitest(&out);
+    let out2 = salloc(&two_parts(
+        2,
+        "/usr/local/bin/mpitest",
+        &[],
+        &[
+            "--pmi",
+            "pmi2",
+            "-x",
+            "UCX_TLS=self,sm",
+            "-x",
+            "UCX_POSIX_USE_PROC_LINK=n",
+        ],
+    ));
+    check_mpitest(&out2);
+    assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
 }
