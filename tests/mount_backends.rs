@@ -413,3 +413,73 @@ fn the_test_images_mount_faithfully_with_every_backend() {
         }
     }
 }
+
+/// A data block that does not decompress (a corrupt image, or a disk error under it): every
+/// read of it fails with EIO and the server says which file, while the rest of the image,
+/// read in the same pass and in a second one, is served as before; no request is left
+/// unanswered (a lost request would hang the reader until the test's timeout).
+#[test]
+fn a_corrupt_block_fails_its_reads_and_the_server_keeps_serving() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let tree = work.path().join("corrupt.tree");
+    fs::create_dir_all(tree.join("small")).unwrap();
+    // The only file with whole blocks, so its first block starts the data, right after the
+    // 96-byte superblock (gzip with default options stores no compressor options).
+    let text: String = (0..40_000).map(|i| format!("line {i}\n")).collect();
+    fs::write(tree.join("big.txt"), &text).unwrap();
+    for i in 0..20 {
+        fs::write(tree.join(format!("small/{i}.txt")), format!("small {i}\n")).unwrap();
+    }
+    let image = work.path().join("corrupt.sqfs");
+    let out = Command::new("mksquashfs")
+        .arg(&tree)
+        .arg(&image)
+        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
+        .output()
+        .expect("mksquashfs (squashfs-tools) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bytes = fs::read(&image).unwrap();
+    for b in &mut bytes[96 + 16..96 + 48] {
+        *b ^= 0x5a;
+    }
+    fs::write(&image, bytes).unwrap();
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let target = user_dir(work.path(), "mnt");
+    let cache = user_dir(work.path(), "cache");
+    let before = Snapshot::take();
+    let out = mount_check(&image, "fuse", &target, &cache)
+        .arg("--passes")
+        .arg("2")
+        .timeout(Duration::from_secs(120))
+        .run();
+    out.assert_code(1);
+    let reports: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 2, "{out}");
+    for r in &reports {
+        let problems = r["problems"].as_array().unwrap();
+        assert_eq!(problems.len(), 1, "{r}");
+        let p = problems[0].as_str().unwrap();
+        assert!(
+            p.contains("big.txt") && p.contains("os error 5"),
+            "EIO for the corrupt file: {p}"
+        );
+        assert_eq!(r["files"], 20, "every other file is read: {r}");
+    }
+    assert!(
+        out.stderr.contains("/big.txt") && out.stderr.contains("corrupt squashfs"),
+        "the server names the file and the fault: {}",
+        out.stderr
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}

@@ -9,7 +9,7 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -132,7 +132,63 @@ fn become_server_child(
     let _ = nix::sys::prctl::set_name(c"cmpirun-fuse");
     let fs = session.as_fd().as_raw_fd();
     close_fds_except(&[2, fs, image_fd]);
+    FUSE_FD.store(fs, Ordering::Relaxed);
     Ok(())
+}
+
+/// The FUSE connection's descriptor in the server child (-1 elsewhere), for [`WorkerWatch`].
+static FUSE_FD: AtomicI32 = AtomicI32::new(-1);
+
+thread_local! {
+    /// Armed by every request a worker serves; dropped when that worker thread ends.
+    static WORKER_WATCH: WorkerWatch = const { WorkerWatch };
+}
+
+/// Ends the whole server when a worker thread ends while the mount is still in use.
+///
+/// fuser's workers leave their loop on an unexpected read error from `/dev/fuse` or a request
+/// it cannot parse (that request then never gets an answer), and a panic outside
+/// [`ImageFs::serve`] ends its thread. The other workers would go on serving, so the job would
+/// not fail, but every process waiting on the lost request (a rank faulting in a page of a
+/// library, say) would wait for ever. Exiting instead makes the kernel abort the connection:
+/// waiting readers get an error at once, and the node instance sees its server gone.
+struct WorkerWatch;
+
+impl Drop for WorkerWatch {
+    fn drop(&mut self) {
+        let fd = FUSE_FD.load(Ordering::Relaxed);
+        if fd < 0 || connection_ended(fd) {
+            return;
+        }
+        let name = nix::sys::prctl::get_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Raw write(2): this runs while the thread's thread-locals are being destroyed, where
+        // the logging machinery may no longer work.
+        let msg = format!(
+            "cmpirun: image server: worker thread {name} ended while the image is mounted; \
+             ending the server so that readers of the image fail instead of waiting for ever\n"
+        );
+        // SAFETY: writes a buffer we own to stderr, then ends the process without running
+        // anything else of it (the other workers are in the middle of requests).
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(1)
+        }
+    }
+}
+
+/// Whether the FUSE connection on `fd` is gone (unmounted or aborted): `poll` then reports an
+/// error on it, as the kernel does for a connection it no longer serves.
+fn connection_ended(fd: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n < 0 || p.revents & (libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 /// Keeps the server's heap close to what it holds (it is per node, but its peak counts against
@@ -176,6 +232,29 @@ struct ImageFs {
 }
 
 impl ImageFs {
+    /// Runs one request's handler on a worker thread: arms the [`WorkerWatch`] of the thread,
+    /// and turns a panic into a logged error instead of the end of the thread. The handler owns
+    /// the reply, so a panic drops it unsent and fuser answers the request with EIO.
+    fn serve(&self, op: &str, ino: u64, handler: impl FnOnce()) {
+        WORKER_WATCH.with(|_| ());
+        let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) else {
+            return;
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        let what = match ino.checked_sub(1).map(|i| i as usize) {
+            Some(i) if i < self.image.entries.len() => self.image.path_of(i).display().to_string(),
+            _ => format!("inode {ino}"),
+        };
+        tracing::error!(
+            "{}: {op} of {what} failed ({why}); answered with an I/O error",
+            self.image.path().display()
+        );
+    }
+
     fn attr(&self, ino: u64, e: &Entry) -> FileAttr {
         let (kind, size, rdev, nlink) = match &e.kind {
             EntryKind::Dir { children } => {
@@ -272,46 +351,54 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.image.lookup(parent.0, name) {
-            Some(ino) => match self.image.entry(ino) {
-                Some(e) => reply.entry(&TTL, &self.attr(ino, e), Generation(0)),
+        self.serve("lookup", parent.0, || {
+            match self.image.lookup(parent.0, name) {
+                Some(ino) => match self.image.entry(ino) {
+                    Some(e) => reply.entry(&TTL, &self.attr(ino, e), Generation(0)),
+                    None => reply.error(Errno::ENOENT),
+                },
                 None => reply.error(Errno::ENOENT),
-            },
-            None => reply.error(Errno::ENOENT),
-        }
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.image.entry(ino.0) {
+        self.serve("getattr", ino.0, || match self.image.entry(ino.0) {
             Some(e) => reply.attr(&TTL, &self.attr(ino.0, e)),
             None => reply.error(Errno::ENOENT),
-        }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.image.entry(ino.0).map(|e| &e.kind) {
-            Some(EntryKind::Symlink(t)) => {
-                use std::os::unix::ffi::OsStrExt;
-                reply.data(t.as_bytes())
+        self.serve("readlink", ino.0, || {
+            match self.image.entry(ino.0).map(|e| &e.kind) {
+                Some(EntryKind::Symlink(t)) => {
+                    use std::os::unix::ffi::OsStrExt;
+                    reply.data(t.as_bytes())
+                }
+                Some(_) => reply.error(Errno::EINVAL),
+                None => reply.error(Errno::ENOENT),
             }
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
-        }
+        })
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        if self.no_open.load(Ordering::Relaxed) {
-            return reply.error(Errno::ENOSYS);
-        }
-        match self.image.entry(ino.0).map(|e| &e.kind) {
-            Some(EntryKind::File(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Some(EntryKind::Dir { .. }) => reply.error(Errno::EISDIR),
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.serve("open", ino.0, || {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                return reply.error(Errno::EROFS);
+            }
+            if self.no_open.load(Ordering::Relaxed) {
+                return reply.error(Errno::ENOSYS);
+            }
+            match self.image.entry(ino.0).map(|e| &e.kind) {
+                Some(EntryKind::File(_)) => {
+                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Some(EntryKind::Dir { .. }) => reply.error(Errno::EISDIR),
+                Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn read(
@@ -325,21 +412,23 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(EntryKind::File(file)) = self.image.entry(ino.0).map(|e| &e.kind) else {
-            return reply.error(Errno::EINVAL);
-        };
-        let mut buf = Vec::new();
-        match self.image.read(file, offset, size as usize, &mut buf) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => {
-                tracing::error!(
-                    "{}: reading {} at {offset}: {e}",
-                    self.image.path().display(),
-                    self.image.path_of((ino.0 - 1) as usize).display()
-                );
-                reply.error(Errno::EIO)
+        self.serve("read", ino.0, || {
+            let Some(EntryKind::File(file)) = self.image.entry(ino.0).map(|e| &e.kind) else {
+                return reply.error(Errno::EINVAL);
+            };
+            let mut buf = Vec::new();
+            match self.image.read(file, offset, size as usize, &mut buf) {
+                Ok(()) => reply.data(&buf),
+                Err(e) => {
+                    tracing::error!(
+                        "{}: reading {} at {offset}: {e}",
+                        self.image.path().display(),
+                        self.image.path_of((ino.0 - 1) as usize).display()
+                    );
+                    reply.error(Errno::EIO)
+                }
             }
-        }
+        })
     }
 
     fn flush(
@@ -350,21 +439,23 @@ impl Filesystem for ImageFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        self.serve("flush", _ino.0, || reply.ok())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_opendir.load(Ordering::Relaxed) {
-            return reply.error(Errno::ENOSYS);
-        }
-        match self.image.entry(ino.0).map(|e| &e.kind) {
-            Some(EntryKind::Dir { .. }) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.serve("opendir", ino.0, || {
+            if self.no_opendir.load(Ordering::Relaxed) {
+                return reply.error(Errno::ENOSYS);
+            }
+            match self.image.entry(ino.0).map(|e| &e.kind) {
+                Some(EntryKind::Dir { .. }) => reply.opened(
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                ),
+                Some(_) => reply.error(Errno::ENOTDIR),
+                None => reply.error(Errno::ENOENT),
+            }
+        })
     }
 
     fn readdir(
@@ -375,20 +466,22 @@ impl Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(list) = self.dir_entries(ino.0) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
-            let kind = self
-                .image
-                .entry(*child)
-                .map(Self::file_type)
-                .unwrap_or(FileType::Directory);
-            if reply.add(INodeNo(*child), i as u64 + 1, kind, name) {
-                break;
+        self.serve("readdir", ino.0, || {
+            let Some(list) = self.dir_entries(ino.0) else {
+                return reply.error(Errno::ENOTDIR);
+            };
+            for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
+                let kind = self
+                    .image
+                    .entry(*child)
+                    .map(Self::file_type)
+                    .unwrap_or(FileType::Directory);
+                if reply.add(INodeNo(*child), i as u64 + 1, kind, name) {
+                    break;
+                }
             }
-        }
-        reply.ok()
+            reply.ok()
+        })
     }
 
     fn readdirplus(
@@ -399,62 +492,68 @@ impl Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(list) = self.dir_entries(ino.0) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
-            let Some(e) = self.image.entry(*child) else {
-                continue;
+        self.serve("readdirplus", ino.0, || {
+            let Some(list) = self.dir_entries(ino.0) else {
+                return reply.error(Errno::ENOTDIR);
             };
-            if reply.add(
-                INodeNo(*child),
-                i as u64 + 1,
-                name,
-                &TTL,
-                &self.attr(*child, e),
-                Generation(0),
-            ) {
-                break;
+            for (i, (child, name)) in list.iter().enumerate().skip(offset as usize) {
+                let Some(e) = self.image.entry(*child) else {
+                    continue;
+                };
+                if reply.add(
+                    INodeNo(*child),
+                    i as u64 + 1,
+                    name,
+                    &TTL,
+                    &self.attr(*child, e),
+                    Generation(0),
+                ) {
+                    break;
+                }
             }
-        }
-        reply.ok()
+            reply.ok()
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bs = self.image.block_size;
-        reply.statfs(
-            self.image.bytes_used.div_ceil(u64::from(bs)),
-            0,
-            0,
-            self.image.entries.len() as u64,
-            0,
-            bs,
-            256,
-            bs,
-        )
+        self.serve("statfs", _ino.0, || {
+            let bs = self.image.block_size;
+            reply.statfs(
+                self.image.bytes_used.div_ceil(u64::from(bs)),
+                0,
+                0,
+                self.image.entries.len() as u64,
+                0,
+                bs,
+                256,
+                bs,
+            )
+        })
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        // Only called without `default_permissions`; answer as the kernel would with it.
-        let Some(e) = self.image.entry(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let mask = mask.bits() as u32;
-        if mask & W_OK != 0 {
-            return reply.error(Errno::EROFS);
-        }
-        let perm = u32::from(e.perm);
-        let bits = if req.uid() == e.uid {
-            perm >> 6
-        } else if req.gid() == e.gid {
-            perm >> 3
-        } else {
-            perm
-        } & 7;
-        if mask & !bits & 7 != 0 {
-            reply.error(Errno::EACCES)
-        } else {
-            reply.ok()
-        }
+        self.serve("access", ino.0, || {
+            // Only called without `default_permissions`; answer as the kernel would with it.
+            let Some(e) = self.image.entry(ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let mask = mask.bits() as u32;
+            if mask & W_OK != 0 {
+                return reply.error(Errno::EROFS);
+            }
+            let perm = u32::from(e.perm);
+            let bits = if req.uid() == e.uid {
+                perm >> 6
+            } else if req.gid() == e.gid {
+                perm >> 3
+            } else {
+                perm
+            } & 7;
+            if mask & !bits & 7 != 0 {
+                reply.error(Errno::EACCES)
+            } else {
+                reply.ok()
+            }
+        })
     }
 }
