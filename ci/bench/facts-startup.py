@@ -14,7 +14,9 @@ Cases:
   (`XDG_CACHE_HOME`) every run: the image facts are read from the image;
 - dry-run warm: the same with the cache of the previous run kept;
 - run -n 1 (cold, warm): `cmpirun -n 1 mpich4.sif /usr/local/bin/hello`, with an empty cache
-  folder every run, and with the cache kept.
+  folder every run, and with the cache kept; interleaved with the floor, native
+  `mpiexec.hydra -n 1 hello` (examples/mpi/hello.c compiled with the host's `mpicc.mpich`, the same
+  MPICH 4.0.2), to give the time cmpirun adds at N = 1.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import ctypes
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,11 +62,15 @@ def main():
         shutil.copy2(images / "mpich4.sif", image)
         os.chmod(image, 0o644)
         hello = "/usr/local/bin/hello"
+        # The floor: the same hello compiled on the host against the same MPICH, under hydra.
+        native = w / "hello-native"
+        subprocess.run(["mpicc.mpich", "-O2", "-o", native, B.ROOT / "examples/mpi/hello.c"], check=True)
         load0 = B.loadavg()
         B.say(f"load average at start: {' '.join(load0)}; {args.runs} runs of each, interleaved")
 
         def run(label, argv, cache):
-            secs, rc, out, err = b.run([bins[label]] + argv, env={"XDG_CACHE_HOME": str(cache)})
+            prog = ["mpiexec.hydra", "-n", "1", native] if label == "native" else [bins[label]] + argv
+            secs, rc, out, err = b.run(prog, env={"XDG_CACHE_HOME": str(cache)})
             if rc != 0:
                 sys.exit(f"{label} {argv} failed ({rc}): {err[-2000:]}")
             return secs * 1000
@@ -75,14 +82,17 @@ def main():
             ("run -n 1 hello (warm)", ["-n", "1", image, hello], "warm"),
         ]
         for name, argv, cache in cases:
-            times = {"old": [], "new": []}
+            labels = ["old", "new"] + (["native"] if argv[0] == "-n" else [])
+            times = {k: [] for k in labels}
             for _ in range(args.runs):
-                for label in ["old", "new"]:
+                for label in labels:
                     if cache == "cold":
                         c = w / "cold"
                         shutil.rmtree(c)
                         c.mkdir()
                         shutil.chown(c, B.TEST_USER, B.TEST_USER)
+                    elif label == "native":
+                        c = w / "cold"
                     else:
                         c = w / f"warm-{label}"
                         # The first, unmeasured run fills the cache.
@@ -91,10 +101,14 @@ def main():
                     times[label].append(run(label, argv, c))
             o, n = (statistics.median(times[k]) for k in ["old", "new"])
             qo, qn = (B.quartiles(times[k]) for k in ["old", "new"])
-            B.say(
+            line = (
                 f"{name:24s} old {o:7.1f} ms ({qo[0]:.0f}-{qo[1]:.0f})   new {n:7.1f} ms "
                 f"({qn[0]:.0f}-{qn[1]:.0f})   new/old {n / o:.2f}"
             )
+            if "native" in times:
+                h = statistics.median(times["native"])
+                line += f"   hydra native {h:.1f} ms: added old +{o - h:.0f} ms, new +{n - h:.0f} ms"
+            B.say(line)
         B.say(f"load average at end: {' '.join(B.loadavg())}")
     finally:
         b.kill_all()
