@@ -115,6 +115,40 @@ fn a_changed_image_is_read_again() {
 }
 
 #[test]
+fn several_images_keep_their_order_when_only_some_are_cached() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = FactsCache::new(&tmp.path().join("facts"));
+    let (mpich4, openmpi4, dir) = (
+        common::image("mpich4"),
+        common::image("openmpi4"),
+        tmp.path().join("not-an-image"),
+    );
+    fs::create_dir(&dir).unwrap();
+    gather(&openmpi4, &cache);
+    let entry = entry_of(&openmpi4, &cache);
+    let text = fs::read_to_string(&entry).unwrap();
+    fs::write(&entry, text.replace("\"openmpi\"", "\"from-the-cache\"")).unwrap();
+    let paths = [
+        mpich4.clone(),
+        openmpi4.clone(),
+        dir.clone(),
+        mpich4.clone(),
+    ];
+    let infos = gather_images_with(&paths, Some(&cache));
+    let families: Vec<Option<&str>> = infos.iter().map(|i| i.mpi_family.as_deref()).collect();
+    assert_eq!(
+        families,
+        [Some("mpich"), Some("from-the-cache"), None, Some("mpich")]
+    );
+    let given: Vec<&Path> = infos.iter().map(|i| i.path.as_path()).collect();
+    assert_eq!(
+        given,
+        paths.iter().map(PathBuf::as_path).collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn directories_are_not_cached() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
