@@ -25,6 +25,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -151,6 +152,10 @@ pub struct MemberCommand {
     /// Which of the instance's images the member runs in: 0 is [`InstanceConfig::root`], `k`
     /// is `other_roots[k - 1]`.
     pub image: usize,
+    /// Descriptors the member gets, `(number in the member, descriptor here)`, set up in the
+    /// child after the fork (this process's own descriptors are left alone). Others are
+    /// inherited as they are: those without close-on-exec.
+    pub fds: Vec<(RawFd, Arc<OwnedFd>)>,
 }
 
 /// Exit status of a member that could not be started: the program was not found.
@@ -360,6 +365,8 @@ struct Prepared {
     home: Option<CString>,
     name: String,
     new_session: bool,
+    /// `(number in the member, descriptor here)`; the descriptors live as long as the command.
+    fds: Vec<(RawFd, RawFd)>,
 }
 
 fn cstring(b: &[u8]) -> Result<CString, InstanceError> {
@@ -413,6 +420,7 @@ impl Prepared {
                 .and_then(|h| CString::new(h.as_bytes()).ok()),
             name: prog.to_string_lossy().into_owned(),
             new_session: cmd.new_session,
+            fds: cmd.fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(),
         })
     }
 }
@@ -430,6 +438,10 @@ fn member_main(p: &Prepared, parent: Pid, user_ns: BorrowedFd, mnt_ns: BorrowedF
     // A forked child is never a process group leader, so this cannot fail.
     if p.new_session {
         let _ = nix::unistd::setsid();
+    }
+    if let Err(e) = remap_fds(&p.fds) {
+        say(&format!("cannot set up the program's descriptors: {e}"));
+        return EXIT_JOIN_FAILED;
     }
     // The user namespace first: it grants the capabilities needed to join the mount namespace.
     if let Err(e) = setns(user_ns, CloneFlags::CLONE_NEWUSER) {
@@ -474,6 +486,26 @@ fn member_main(p: &Prepared, parent: Pid, user_ns: BorrowedFd, mnt_ns: BorrowedF
         say(&format!("{}: not found in the container", p.name));
         EXIT_NOT_FOUND
     }
+}
+
+/// Gives this (forked) process descriptor `target` as a copy of `source`, for every pair. Each
+/// source is first copied above every target, so that a source that is also a target (fd 1 for
+/// 2, say) is not overwritten before it is used; the copies are close-on-exec, the targets not.
+fn remap_fds(fds: &[(RawFd, RawFd)]) -> Result<(), Errno> {
+    let above = fds.iter().map(|(t, _)| *t).max().unwrap_or(2) + 1;
+    let mut copies = Vec::with_capacity(fds.len());
+    for (_, source) in fds {
+        // SAFETY: plain descriptor calls on this process's own table.
+        let copy = unsafe { libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, above) };
+        copies.push(Errno::result(copy)?);
+    }
+    for ((target, _), copy) in fds.iter().zip(copies) {
+        // SAFETY: as above; `copy` was made above every target, so it is never a target.
+        Errno::result(unsafe { libc::dup2(copy, *target) })?;
+        // SAFETY: as above.
+        unsafe { libc::close(copy) };
+    }
+    Ok(())
 }
 
 /// Sends one message: a kind byte, a length, optional fds, then the payload.

@@ -317,6 +317,7 @@ fn run_member(
         cwd: cfg.root.cwd.clone().unwrap_or_else(|| "/".into()),
         new_session: false,
         image: 0,
+        fds: Vec::new(),
     };
     let child = match inst.spawn(&cmd) {
         Ok(c) => c,

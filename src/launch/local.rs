@@ -7,13 +7,13 @@
 //! main thread forwards output, reaps ranks, reacts to PMI events and signals, and ends the job.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use cmpirun_pmi::server::{Event, JobConfig, PmiServer, ServerControl};
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -186,8 +186,8 @@ fn abandon(ranks: &[Rank], inst: NodeInstance, e: LaunchError) -> LaunchError {
 }
 
 /// Forks every rank into the instance. Each child gets its PMI socket, its own stdout/stderr
-/// pipes and (rank 0 only) the caller's stdin: cmpirun points its own descriptors 0, 1, 2 at
-/// them around each fork, which is safe because it is single-threaded and prints nothing then.
+/// pipes and (rank 0 only) the caller's stdin, as descriptors the member sets up after the fork
+/// ([`crate::container::instance::MemberCommand::fds`]); cmpirun's own stay as they are.
 fn start_ranks(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
@@ -196,61 +196,60 @@ fn start_ranks(
     ranks: &mut Vec<Rank>,
     pipes: &mut Vec<Pipe>,
 ) -> Result<(), LaunchError> {
-    let dup = |fd: i32| -> Result<OwnedFd, LaunchError> {
-        // SAFETY: 0, 1 and 2 are open for the life of the process; the borrow is only for this call.
-        let b = unsafe { BorrowedFd::borrow_raw(fd) };
-        let new = fcntl(b, FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(sys("dup stdio"))?;
+    let null: Arc<OwnedFd> = Arc::new(
+        std::fs::File::open("/dev/null")
+            .map_err(|e| LaunchError::Io {
+                step: "open /dev/null",
+                source: e,
+            })?
+            .into(),
+    );
+    // SAFETY: the borrow of descriptor 0 lasts for this call only.
+    let stdin = match fcntl(
+        unsafe { BorrowedFd::borrow_raw(0) },
+        FcntlArg::F_DUPFD_CLOEXEC(3),
+    ) {
         // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+        Ok(fd) => Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }),
+        // cmpirun was started with stdin closed: rank 0 reads /dev/null too.
+        Err(Errno::EBADF) => null.clone(),
+        Err(e) => return Err(sys("dup stdin")(e)),
     };
-    let saved = [dup(0)?, dup(1)?, dup(2)?];
-    let null = std::fs::File::open("/dev/null").map_err(|e| LaunchError::Io {
-        step: "open /dev/null",
-        source: e,
-    })?;
     let host: Vec<_> = std::env::vars_os().collect();
-    let result = (|| {
-        for rank in 0..plan.layout.size {
-            let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
-            let mut cmd =
-                node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
-            // Each rank its own session (its own autogroup), as under hydra's proxy.
-            cmd.new_session = true;
-            let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-            let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-            let stdin = if rank == 0 {
-                saved[0].as_fd()
-            } else {
-                null.as_fd()
-            };
-            nix::unistd::dup2_stdin(stdin).map_err(sys("dup2"))?;
-            nix::unistd::dup2_stdout(&out_w).map_err(sys("dup2"))?;
-            nix::unistd::dup2_stderr(&err_w).map_err(sys("dup2"))?;
-            fcntl(&pmi.fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(sys("fcntl"))?;
-            let spawned = inst.spawn(&cmd);
-            let _ = fcntl(&pmi.fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-            restore(&saved);
-            let pid = spawned.map_err(LaunchError::from_instance)?;
-            tracing::debug!("rank {rank} started as pid {pid}");
-            ranks.push(Rank { pid, done: false });
-            for (fd, stream) in [(out_r, Stream::Stdout), (err_r, Stream::Stderr)] {
-                pipes.push(Pipe {
-                    fd,
-                    buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream)),
-                    stream,
-                });
-            }
+    for rank in 0..plan.layout.size {
+        let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
+        let mut cmd =
+            node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+        // Each rank its own session (its own autogroup), as under hydra's proxy.
+        cmd.new_session = true;
+        let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+        // `PMI_FD` names the socket's number here; the rank gets it at the same number.
+        cmd.fds = vec![
+            (
+                0,
+                if rank == 0 {
+                    stdin.clone()
+                } else {
+                    null.clone()
+                },
+            ),
+            (1, Arc::new(out_w)),
+            (2, Arc::new(err_w)),
+            (pmi.fd.as_raw_fd(), Arc::new(pmi.fd)),
+        ];
+        let pid = inst.spawn(&cmd).map_err(LaunchError::from_instance)?;
+        tracing::debug!("rank {rank} started as pid {pid}");
+        ranks.push(Rank { pid, done: false });
+        for (fd, stream) in [(out_r, Stream::Stdout), (err_r, Stream::Stderr)] {
+            pipes.push(Pipe {
+                fd,
+                buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream)),
+                stream,
+            });
         }
-        Ok(())
-    })();
-    restore(&saved);
-    result
-}
-
-fn restore(saved: &[OwnedFd; 3]) {
-    let _ = nix::unistd::dup2_stdin(&saved[0]);
-    let _ = nix::unistd::dup2_stdout(&saved[1]);
-    let _ = nix::unistd::dup2_stderr(&saved[2]);
+    }
+    Ok(())
 }
 
 /// The running job, as the main loop sees it.

@@ -172,5 +172,6 @@ pub fn rank_command(
         // stays in its process group, which is what they signal.
         new_session: false,
         image,
+        fds: Vec::new(),
     }
 }
