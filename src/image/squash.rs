@@ -109,10 +109,11 @@ pub fn superblock(path: &Path, offset: u64, limit: u64) -> Result<SquashfsInfo, 
 
 /// A file's `frag_index` when its tail is not in a fragment block.
 const NO_FRAGMENT: usize = 0xffff_ffff;
-/// How many decompressed blocks [`SquashfsRootFs`] keeps: enough for the ELF header, the
-/// section headers at the end of a library and the sections read in between to be
-/// decompressed once per library.
-const KEPT_BLOCKS: usize = 8;
+/// How many decompressed blocks [`SquashfsRootFs`] keeps (at most 2 MiB with 128 KiB blocks):
+/// enough that a library's first block, read when it is found, is usually still there when it
+/// is parsed, and that its header, section headers and dynamic section are decompressed once
+/// (the Open MPI image: 52 block reads for 45 distinct blocks, against 66 when 8 are kept).
+const KEPT_BLOCKS: usize = 16;
 
 /// A squashfs filesystem opened with backhand: the whole directory tree is in memory. File data
 /// is read with `pread` and decompressed here, one block at a time, only for the blocks a read
@@ -238,6 +239,7 @@ impl SquashfsRootFs {
         if size > self.fs.block_size {
             return Err(corrupt("block larger than the block size"));
         }
+        tracing::trace!(start, size, "squashfs block read for image facts");
         let mut raw = vec![0u8; size as usize];
         self.file.read_exact_at(&mut raw, self.offset + start)?;
         let data: Arc<[u8]> = if uncompressed {
