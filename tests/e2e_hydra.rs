@@ -166,3 +166,29 @@ fn wait_for_sleeps(tag: &str, n: usize) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn each_rank_leads_its_own_session() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(&dir, 3);
+    let out = TuserCommand::cmpirun()
+        .arg("-f")
+        .arg(&hosts)
+        .args(["-n", "3"])
+        .arg(staged_image("mpich4"))
+        .args([
+            "/bin/sh",
+            "-c",
+            "[ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo \"rank $PMI_RANK leads its session\"",
+        ])
+        .run();
+    out.assert_success();
+    for r in 0..3 {
+        assert!(
+            out.stdout.contains(&format!("rank {r} leads its session")),
+            "{out}"
+        );
+    }
+}

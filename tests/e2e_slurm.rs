@@ -265,3 +265,27 @@ fn sigterm_to_cmpirun_ends_the_step_with_143_and_leaves_nothing() {
     assert!(out.stderr.contains("cmpirun: received SIGTERM"), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+#[test]
+fn each_rank_leads_its_own_session() {
+    // slurmstepd keeps a node's tasks in one session; cmpirun makes each rank a session leader,
+    // so that autogroup scheduling gives each rank its share of the CPUs.
+    let _serial = exclusive();
+    let out = salloc(
+        3,
+        &[],
+        "mpich4",
+        "/bin/sh",
+        &[
+            "-c",
+            "[ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo \"rank $PMI_RANK leads its session\"",
+        ],
+    );
+    out.assert_success();
+    for r in 0..3 {
+        assert!(
+            out.stdout.contains(&format!("rank {r} leads its session")),
+            "{out}"
+        );
+    }
+}

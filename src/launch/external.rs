@@ -328,7 +328,11 @@ fn run_blocked(
                 continue;
             }
             let _ = kill(pid, sig);
-            if matches!(sig, Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP) && end.is_none() {
+            if matches!(
+                sig,
+                Signal::SIGINT | Signal::SIGTERM | Signal::SIGHUP | Signal::SIGQUIT
+            ) && end.is_none()
+            {
                 let e = JobEnd::Interrupted(sig);
                 if let Some(m) = e.message(plan.layout.size) {
                     say(&m);

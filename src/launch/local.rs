@@ -220,8 +220,6 @@ fn start_ranks(
         let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
         let mut cmd =
             node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
-        // Each rank its own session (its own autogroup), as under hydra's proxy.
-        cmd.new_session = true;
         let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
         let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
         // `PMI_FD` names the socket's number here; the rank gets it at the same number.

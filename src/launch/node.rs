@@ -168,9 +168,11 @@ pub fn rank_command(
         argv,
         env,
         cwd,
-        // Under srun and hydra the task above the rank is the session leader already; the rank
-        // stays in its process group, which is what they signal.
-        new_session: false,
+        // Each rank its own session, so that autogroup scheduling gives each its CPU share (as
+        // hydra's proxy does; slurmstepd keeps a node's tasks in its own session). Signals reach
+        // the rank through its parent, cmpirun or the rank mode, which pass every one on, and
+        // the rank dies with that parent (its parent-death signal).
+        new_session: true,
         image,
         fds: Vec::new(),
     }
