@@ -307,6 +307,40 @@ fn different_mpi_families_are_refused_unless_forced() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
+#[test]
+fn sigkill_of_cmpirun_during_a_two_image_job_leaves_nothing() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    // Both parts write into the shared /dev/shm and then wait; cmpirun is killed meanwhile.
+    let wait = "echo x > /dev/shm/mpmd-$PMI_RANK; echo started; sleep 60";
+    let child = cmpirun()
+        .args(["-n", "1"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", wait, ":", "-n", "1"])
+        .arg(second_image())
+        .args(["/bin/sh", "-c", wait])
+        .spawn();
+    let tag = child.tag().to_owned();
+    // Until both ranks run (the images are mounted and both parts started).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let n = Snapshot::take()
+            .leftovers_since(&before, &[tag.as_str()])
+            .processes
+            .iter()
+            .filter(|p| p.comm == "sleep")
+            .count();
+        if n >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.signal(nix::sys::signal::Signal::SIGKILL);
+    let out = child.wait();
+    assert_eq!(out.signal(), Some(9), "{out}");
+    assert_no_leftovers(&before, &[tag.as_str()]);
+}
+
 /// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design,
 /// like `$XDG_RUNTIME_DIR`; it is made before a snapshot so that it does not count as a leftover.
 fn runtime_dir() {
