@@ -149,6 +149,36 @@ fn several_images_keep_their_order_when_only_some_are_cached() {
 }
 
 #[test]
+fn old_entries_are_removed_past_256() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("facts");
+    fs::create_dir(&dir).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    for i in 0..300 {
+        let f = dir.join(format!("{i:032x}.json"));
+        fs::write(&f, "{}").unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&f).unwrap();
+        f.set_modified(old + std::time::Duration::from_secs(i))
+            .unwrap();
+    }
+    fs::write(dir.join("unrelated.txt"), "").unwrap();
+    let cache = FactsCache::new(&dir);
+    let image = common::image("mpich5");
+    gather(&image, &cache);
+    let left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // The newest 127 of the old ones, the new entry, and the file that is not an entry.
+    assert_eq!(left.len(), 129, "{left:?}");
+    assert!(left.contains(&format!("{:032x}.json", 299)));
+    assert!(!left.contains(&format!("{:032x}.json", 172)));
+    assert!(left.contains(&"unrelated.txt".to_owned()));
+    assert!(entry_of(&image, &cache).is_file());
+}
+
+#[test]
 fn directories_are_not_cached() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();

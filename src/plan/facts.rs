@@ -454,9 +454,35 @@ impl FactsCache {
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
         tmp.write_all(&json)?;
         tmp.persist(file).map_err(|e| e.error)?;
+        self.prune();
         Ok(())
     }
+
+    /// Keeps the folder small: every new cmpirun build and every changed image makes a new
+    /// entry, so past [`FACTS_CACHE_MAX`] entries the least recently written half goes.
+    fn prune(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if entries.len() <= FACTS_CACHE_MAX {
+            return;
+        }
+        entries.sort();
+        for (_, path) in &entries[..entries.len() - FACTS_CACHE_MAX / 2] {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::debug!("image facts cache {}: not removed: {e}", path.display());
+            }
+        }
+    }
 }
+
+/// How many entries the facts cache holds before the older ones are removed.
+const FACTS_CACHE_MAX: usize = 256;
 
 /// Expands `$VAR`/`${VAR}` from `env` and the glob in `pattern`; returns the existing paths,
 /// sorted so that version numbers compare as numbers (`1.22.0` after `1.9.0`). An unset
