@@ -184,7 +184,8 @@ impl SquashfsRootFs {
             return Ok(Vec::new());
         }
         let end = size.min(offset.saturating_add(len as u64));
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        // The size comes from the image: reserve no more than 64 MiB up front on its word.
+        let mut out = Vec::with_capacity(((end - offset) as usize).min(1 << 26));
         let bs = u64::from(self.fs.block_size);
         let sizes = f.block_sizes();
         let mut pos = offset;
