@@ -31,30 +31,35 @@ pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<
     // identity, so what is stored under the old one is never used for it.
     let keys: Vec<_> = paths
         .iter()
-        .map(|p| cache.and(FactsCache::key(p)))
+        .map(|p| cache.and_then(|_| FactsCache::key(p)))
         .collect();
     let mut infos: Vec<Option<ImageInfo>> = paths
         .iter()
         .zip(&keys)
         .map(|(p, k)| cache?.load(p, k.as_ref()?))
         .collect();
-    let missing: Vec<PathBuf> = paths
-        .iter()
-        .zip(&infos)
-        .filter(|(_, i)| i.is_none())
-        .map(|(p, _)| p.clone())
-        .collect();
+    // Each image not in the cache is read once, even when several parts of the job run it.
+    let mut missing: Vec<PathBuf> = Vec::new();
+    for (p, i) in paths.iter().zip(&infos) {
+        if i.is_none() && !missing.contains(p) {
+            missing.push(p.clone());
+        }
+    }
     if missing.is_empty() {
         return infos.into_iter().flatten().collect();
     }
-    let mut read = match in_child(&missing) {
+    let read = match in_child(&missing) {
         Some(read) if read.len() == missing.len() => read,
         _ => missing.iter().map(|p| ImageInfo::gather(p)).collect(),
-    }
-    .into_iter();
-    for (slot, key) in infos.iter_mut().zip(&keys) {
+    };
+    for ((slot, key), path) in infos.iter_mut().zip(&keys).zip(paths) {
         if slot.is_none() {
-            let info = read.next().unwrap_or_default();
+            let info = missing
+                .iter()
+                .position(|m| m == path)
+                .and_then(|i| read.get(i))
+                .cloned()
+                .unwrap_or_else(|| ImageInfo::gather(path));
             if let (Some(cache), Some(key)) = (cache, key) {
                 cache.store(key, &info);
             }
