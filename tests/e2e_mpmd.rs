@@ -259,6 +259,85 @@ fn dry_run_shows_each_part_with_its_image() {
     assert_ne!(images[0], images[1]);
 }
 
+/// The host libfabric the `ci` profile injects in these tests.
+const HOST_LIBFABRIC: &str = "/usr/lib/x86_64-linux-gnu/libfabric.so.1";
+
+#[test]
+fn each_image_gets_the_host_library_over_its_own_mpis_file() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    // MPICH 4 (ch4:ucx) does not load libfabric, so the host copy goes into its injection
+    // directory; MPICH 5 loads /opt/mpich5/lib/mpich/libfabric.so.1 (RUNPATH), and only its root
+    // gets the host copy there.
+    let cmd = || {
+        cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", HOST_LIBFABRIC)
+            .args(["--profile", "ci"])
+    };
+    let parts = |prog: &[&str]| -> Vec<String> {
+        let mut v = vec!["-n".to_string(), "1".into()];
+        v.push(staged_image("mpich4").display().to_string());
+        v.extend(prog.iter().map(|s| s.to_string()));
+        v.extend([":".into(), "-n".into(), "1".into()]);
+        v.push(staged_image("mpich5").display().to_string());
+        v.extend(prog.iter().map(|s| s.to_string()));
+        v
+    };
+    let plan = cmd().arg("--dry-run").args(parts(&["/bin/true"])).run();
+    plan.assert_success();
+    let a = staged_image("mpich4").display().to_string();
+    let b = staged_image("mpich5").display().to_string();
+    assert!(
+        plan.stdout.contains(&format!(
+            "{HOST_LIBFABRIC} -> /.cmpirun/lib/libfabric.so.1 [library, ro, only in image {a}]"
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.stdout.contains(&format!(
+            "{HOST_LIBFABRIC} -> /opt/mpich5/lib/mpich/libfabric.so.1 [library, ro, only in image {b}]"
+        )),
+        "{plan}"
+    );
+    assert!(plan.stdout.contains("warn    mpmd-mpi:"), "{plan}");
+    // Launched (--force: the host libfabric is older than MPICH 5's), each root has its own.
+    let probe = "echo \"$CMPIRUN_TEST_IMAGE inject=$(stat -L -c '%d:%i' /.cmpirun/lib/libfabric.so.1 2>/dev/null || echo none) \
+                 over=$(stat -L -c '%d:%i' /opt/mpich5/lib/mpich/libfabric.so.1 2>/dev/null || echo none)\"";
+    let out = cmd()
+        .arg("--force")
+        .args(parts(&["/bin/sh", "-c", probe]))
+        .run();
+    out.assert_success();
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(HOST_LIBFABRIC).unwrap();
+    let host = format!(
+        "{}:{}",
+        nix::sys::stat::makedev(
+            nix::sys::stat::major(m.dev()),
+            nix::sys::stat::minor(m.dev())
+        ),
+        m.ino()
+    );
+    let line = |img: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{img} ")))
+            .unwrap_or_else(|| panic!("no line of {img}:\n{out}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("mpich4"),
+        format!("mpich4 inject={host} over=none"),
+        "{out}"
+    );
+    assert_eq!(
+        line("mpich5"),
+        format!("mpich5 inject=none over={host}"),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
 #[test]
 fn different_mpi_families_are_refused_unless_forced() {
     let _serial = exclusive();

@@ -1401,40 +1401,65 @@ fn plan_fabric(plan: &mut LaunchPlan, choice: &ProfileChoice, host: &HostFacts) 
             }
             let targets: Vec<&ImageInfo> = plan.apps.iter().map(|a| &a.image).collect();
             let known: Vec<PathBuf> = targets.iter().filter_map(|i| i.libfabric.clone()).collect();
-            if known.len() == targets.len() && !known.is_empty() {
-                // With several images, each gets the host library over its own MPI's file only.
-                let multi = distinct_images(&plan.apps) > 1;
-                let wanted: Vec<(Option<PathBuf>, PathBuf)> = targets
-                    .iter()
-                    .zip(known)
-                    .map(|(i, dest)| (multi.then(|| i.path.clone()), dest))
-                    .collect();
-                let mut seen = Vec::new();
-                for (image, dest) in wanted {
-                    if seen.contains(&(image.clone(), dest.clone())) {
+            // With several images, each is decided on its own: the host library over the file
+            // its MPI loads, only in its own root; or, where that file is not known, into the
+            // injection directory of that root.
+            let multi = distinct_images(&plan.apps) > 1;
+            let over_bind = |image: Option<PathBuf>, dest: &Path| {
+                Bind {
+                source: path.display().to_string(),
+                destination: dest.display().to_string(),
+                kind: BindKind::Library,
+                read_only: true,
+                when: BindTime::Plan,
+                reason: "the host libfabric over the exact file the image's MPI loads, so RPATH, RUNPATH and the image's ld.so.cache all find it".into(),
+                image,
+            }
+            };
+            let unknown_target = |img: &str| Check {
+                name: "libfabric-target".into(),
+                verdict: Verdict::Warn,
+                message: format!(
+                    "where {img}'s MPI loads libfabric from is not known, so {} goes into {INJECT_DIR} on LD_LIBRARY_PATH; an RPATH in the image's MPI would still win",
+                    path.display()
+                ),
+            };
+            if multi {
+                let mut seen: Vec<PathBuf> = Vec::new();
+                for i in &targets {
+                    if seen.contains(&i.path) {
                         continue;
                     }
-                    plan.binds.push(Bind {
-                        source: path.display().to_string(),
-                        destination: dest.display().to_string(),
-                        kind: BindKind::Library,
-                        read_only: true,
-                        when: BindTime::Plan,
-                        reason: "the host libfabric over the exact file the image's MPI loads, so RPATH, RUNPATH and the image's ld.so.cache all find it".into(),
-                        image: image.clone(),
-                    });
-                    seen.push((image, dest));
+                    seen.push(i.path.clone());
+                    match &i.libfabric {
+                        Some(dest) => plan.binds.push(over_bind(Some(i.path.clone()), dest)),
+                        None => {
+                            let mut b = lib_bind(
+                                &path,
+                                "the host libfabric, found through LD_LIBRARY_PATH",
+                            );
+                            b.image = Some(i.path.clone());
+                            plan.binds.push(b);
+                            plan.checks
+                                .push(unknown_target(&i.path.display().to_string()));
+                        }
+                    }
+                }
+            } else if known.len() == targets.len() && !known.is_empty() {
+                let mut seen = Vec::new();
+                for dest in known {
+                    if seen.contains(&dest) {
+                        continue;
+                    }
+                    plan.binds.push(over_bind(None, &dest));
+                    seen.push(dest);
                 }
             } else {
                 plan.binds.push(lib_bind(
                     &path,
                     "the host libfabric, found through LD_LIBRARY_PATH",
                 ));
-                plan.checks.push(Check {
-                    name: "libfabric-target".into(),
-                    verdict: Verdict::Warn,
-                    message: format!("where the image's MPI loads libfabric from is not known, so {} goes into {INJECT_DIR} on LD_LIBRARY_PATH; an RPATH in the image's MPI would still win", path.display()),
-                });
+                plan.checks.push(unknown_target("the image"));
             }
             if let Some(lf) = &host.libfabric {
                 for dep in &lf.dependencies {
