@@ -3,8 +3,8 @@
 //! them) and the ranks of each image in that image's own mount namespace, with one private
 //! `/dev/shm` shared by all (so MPI's shared-memory segments are found by name across images).
 //!
-//! Under the local launcher and under Slurm (`srun --mpi=pmi2` inside `salloc`, on the one-node
-//! test cluster of `ci/start-slurm.sh`).
+//! Under the local launcher, under hydra (`-f hostfile`), and under Slurm (`srun --mpi=pmi2`
+//! inside `salloc`, on the one-node test cluster of `ci/start-slurm.sh`).
 //!
 //! The second image is the MPICH 4 test image repacked with a marker file and its own
 //! environment script value, so both parts run the same MPI.
@@ -483,4 +483,25 @@ fn two_images_through_srun_pmi2_share_one_instance() {
     ));
     check_mpitest(&out2);
     assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
+}
+
+#[test]
+fn two_images_through_mpiexec_hydra_share_one_instance() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let hosts = dir.path().join("hosts");
+    fs::write(&hosts, format!("{host}:4\n")).unwrap();
+    let before = Snapshot::take();
+    // Under hydra the instance key is the proxy that starts the node's ranks: the ranks of both
+    // parts join one instance.
+    let mut args = vec!["-f".to_string(), hosts.display().to_string()];
+    args.extend(two_parts(2, "/usr/local/bin/mpitest", &[], &[]));
+    let plan = cmpirun().arg("--dry-run").args(&args).run();
+    plan.assert_success();
+    assert!(plan.stdout.contains("launcher: hydra"), "{plan}");
+    let out = cmpirun().args(&args).run();
+    check_mpitest(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
