@@ -7,18 +7,10 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use cmpirun::launch::isolate::gather_images_with;
 use cmpirun::plan::{FactsCache, ImageInfo};
 use common::{TuserCommand, TuserDir, staged_image};
-
-/// One test at a time: gathering forks, and a fork while another thread has the staged cmpirun
-/// open for writing would keep it busy (ETXTBSY) for the user test's exec.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn gather(image: &Path, cache: &FactsCache) -> ImageInfo {
     let mut infos = gather_images_with(&[image.to_owned()], Some(cache));
@@ -32,7 +24,6 @@ fn entry_of(image: &Path, cache: &FactsCache) -> PathBuf {
 
 #[test]
 fn a_second_gathering_is_served_from_the_cache() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = FactsCache::new(&tmp.path().join("facts"));
     let image = common::image("mpich4");
@@ -60,7 +51,6 @@ fn a_second_gathering_is_served_from_the_cache() {
 
 #[test]
 fn a_corrupt_entry_is_read_afresh_and_rewritten() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = FactsCache::new(&tmp.path().join("facts"));
     let image = common::image("openmpi4");
@@ -78,7 +68,6 @@ fn a_corrupt_entry_is_read_afresh_and_rewritten() {
 
 #[test]
 fn an_unwritable_cache_folder_is_not_an_error() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     // A folder below a regular file can be neither created nor written, not even by root.
     let file = tmp.path().join("file");
@@ -92,7 +81,6 @@ fn an_unwritable_cache_folder_is_not_an_error() {
 
 #[test]
 fn a_changed_image_is_read_again() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = FactsCache::new(&tmp.path().join("facts"));
     let image = tmp.path().join("copy.sif");
@@ -116,7 +104,6 @@ fn a_changed_image_is_read_again() {
 
 #[test]
 fn several_images_keep_their_order_when_only_some_are_cached() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cache = FactsCache::new(&tmp.path().join("facts"));
     let (mpich4, openmpi4, dir) = (
@@ -150,7 +137,6 @@ fn several_images_keep_their_order_when_only_some_are_cached() {
 
 #[test]
 fn old_entries_are_removed_past_256() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("facts");
     fs::create_dir(&dir).unwrap();
@@ -180,7 +166,6 @@ fn old_entries_are_removed_past_256() {
 
 #[test]
 fn directories_are_not_cached() {
-    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     assert!(FactsCache::key(tmp.path()).is_none());
 }
@@ -189,7 +174,6 @@ fn directories_are_not_cached() {
 /// with a cache folder it may not write to.
 #[test]
 fn dry_run_as_tuser_with_writable_and_read_only_caches() {
-    let _serial = serial();
     let image = staged_image("mpich4");
     let work = TuserDir::new();
     let dry_run = |cache_home: &Path| {

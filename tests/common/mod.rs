@@ -214,15 +214,21 @@ fn stage_file(src: &Path, dst: &Path, mode: u32) {
     // A binary is always copied: cargo rewrites it in place, and a link would follow the old inode.
     let linked = mode & 0o111 == 0 && fs::hard_link(src, &tmp).is_ok();
     if !linked {
-        fs::copy(src, &tmp)
-            .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", src.display(), tmp.display()));
-        let f = fs::File::options()
-            .write(true)
-            .open(&tmp)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", tmp.display()));
-        if let Ok(mtime) = meta.modified() {
-            let _ = f.set_modified(mtime);
-        }
+        // Copied by a `cp` process, not in this one: a test thread forking at that moment would
+        // inherit a descriptor open for writing on the copy, and the exec of the staged binary
+        // by another thread would fail with "text file busy" until that child execs.
+        let status = Command::new("cp")
+            .arg("--preserve=timestamps")
+            .arg(src)
+            .arg(&tmp)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cp: {e}"));
+        assert!(
+            status.success(),
+            "cannot copy {} to {}: cp {status}",
+            src.display(),
+            tmp.display()
+        );
     }
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", tmp.display()));
