@@ -122,30 +122,35 @@ fn namespaces(stdout: &str) -> Vec<(u32, String, String)> {
 /// mount namespace per image.
 fn check_mpitest(out: &RunOutput) {
     out.assert_success();
-    assert!(out.stdout.contains("mpitest: OK size=4"), "{out}");
-    assert!(out.stdout.contains("allreduce: OK sum=10"), "{out}");
-    assert!(out.stdout.contains("ring: OK token=6"), "{out}");
-    let ns = namespaces(&out.stdout);
-    assert_eq!(ns.len(), 4, "one hello line per rank:\n{out}");
+    check_mpitest_output(&out.stdout, &out.to_string());
+}
+
+/// [`check_mpitest`] on the ranks' output `stdout` (`what` describes the run on failure).
+fn check_mpitest_output(stdout: &str, what: &str) {
+    assert!(stdout.contains("mpitest: OK size=4"), "{what}");
+    assert!(stdout.contains("allreduce: OK sum=10"), "{what}");
+    assert!(stdout.contains("ring: OK token=6"), "{what}");
+    let ns = namespaces(stdout);
+    assert_eq!(ns.len(), 4, "one hello line per rank:\n{what}");
     let users: BTreeSet<_> = ns.iter().map(|n| &n.1).collect();
-    assert_eq!(users.len(), 1, "every rank in one user namespace:\n{out}");
+    assert_eq!(users.len(), 1, "every rank in one user namespace:\n{what}");
     let host = fs::read_link("/proc/self/ns/user").unwrap();
-    assert!(!host.to_string_lossy().contains(ns[0].1.as_str()), "{out}");
+    assert!(!host.to_string_lossy().contains(ns[0].1.as_str()), "{what}");
     let mnt_of = |r: u32| ns.iter().find(|n| n.0 == r).unwrap().2.clone();
     assert_eq!(
         mnt_of(0),
         mnt_of(1),
-        "part 1 shares a mount namespace:\n{out}"
+        "part 1 shares a mount namespace:\n{what}"
     );
     assert_eq!(
         mnt_of(2),
         mnt_of(3),
-        "part 2 shares a mount namespace:\n{out}"
+        "part 2 shares a mount namespace:\n{what}"
     );
     assert_ne!(
         mnt_of(0),
         mnt_of(2),
-        "one mount namespace per image:\n{out}"
+        "one mount namespace per image:\n{what}"
     );
 }
 
@@ -503,5 +508,37 @@ fn two_images_through_mpiexec_hydra_share_one_instance() {
     assert!(plan.stdout.contains("launcher: hydra"), "{plan}");
     let out = cmpirun().args(&args).run();
     check_mpitest(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn two_images_in_an_sbatch_job() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let script = dir.path().join("mpmd.sbatch");
+    let args: Vec<String> = two_parts(2, "/usr/local/bin/mpitest", &[], &["--pmi", "pmi2"]);
+    fs::write(
+        &script,
+        format!("#!/bin/sh\nexec \"$CMPIRUN\" {}\n", args.join(" ")),
+    )
+    .unwrap();
+    let output = dir.path().join("job.out");
+    let before = Snapshot::take();
+    let out = TuserCommand::new("sbatch")
+        .args(["--wait", "-n", "4", "-o"])
+        .arg(&output)
+        .arg(&script)
+        .env("CMPIRUN", cmpirun_bin())
+        .current_dir(dir.path())
+        .slurm()
+        .timeout(Duration::from_secs(180))
+        .run();
+    let job = fs::read_to_string(&output).unwrap_or_default();
+    assert!(
+        out.success(),
+        "sbatch failed:\n{out}\n--- job output ---\n{job}"
+    );
+    check_mpitest_output(&job, &job);
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
