@@ -1149,7 +1149,8 @@ fn serve(
 }
 
 /// Kills every process left in this instance's user namespace (descendants of members that
-/// outlived them), except the instance itself and its own children (the image server).
+/// outlived them), except the instance itself and its own children (the image server, and the
+/// holders of further images, which stop their own servers when they are let go).
 fn kill_leftovers() {
     let me = getpid();
     let Ok(own) = fs::read_link("/proc/self/ns/user") else {
