@@ -77,6 +77,38 @@ fn second_image() -> PathBuf {
     .clone()
 }
 
+/// `mpich4` unpacked into a directory image whose environment scripts fail (a script that the
+/// image's shell must run, and that exits 3). Made once into the stage folder.
+fn failing_env_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let out = stage_dir().join("mpich4-badenv");
+        if out.join(".singularity.d/env/99-fail.sh").is_file() {
+            return out;
+        }
+        let src = image("mpich4");
+        let loc = cmpirun::image::locate(&src).unwrap();
+        let tmp = stage_dir().join(format!(".mpich4-badenv.{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let st = Command::new("unsquashfs")
+            .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("unsquashfs (squashfs-tools) must be installed");
+        assert!(st.success(), "unsquashfs of {} failed", src.display());
+        fs::write(
+            tmp.join(".singularity.d/env/99-fail.sh"),
+            "if true; then exit 3; fi\n",
+        )
+        .unwrap();
+        let _ = fs::remove_dir_all(&out);
+        fs::rename(&tmp, &out).unwrap();
+        out
+    })
+    .clone()
+}
+
 fn cmpirun() -> TuserCommand {
     TuserCommand::cmpirun()
         .env("CMPIRUN_KILL_GRACE", "2")
@@ -540,5 +572,28 @@ fn two_images_in_an_sbatch_job() {
         "sbatch failed:\n{out}\n--- job output ---\n{job}"
     );
     check_mpitest_output(&job, &job);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn a_second_image_that_fails_ends_the_launch_cleanly() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = cmpirun()
+        .args(["-n", "1"])
+        .arg(staged_image("mpich4"))
+        .args(["/usr/local/bin/hello", ":", "-n", "1"])
+        .arg(failing_env_image())
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains(&format!(
+            "image {}: /bin/sh exited with status 3",
+            failing_env_image().display()
+        )),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("hello: rank="), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
