@@ -224,9 +224,12 @@ impl Collector {
         format!("{}@{}", self.token, self.advertised)
     }
 
-    /// The descriptors to poll for reading: the listener, then each open connection.
+    /// The descriptors to poll for reading: the listener (unless as many connections as it
+    /// takes are open), then each open connection.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        std::iter::once(self.listener.as_fd())
+        let listener = (self.conns.len() < MAX_CONNS).then(|| self.listener.as_fd());
+        listener
+            .into_iter()
             .chain(self.conns.iter().map(|c| c.stream.as_fd()))
             .collect()
     }
