@@ -219,42 +219,12 @@ fn sigterm_to_cmpirun_ends_the_step_with_143_and_leaves_nothing() {
         .args(["/bin/sleep", "600"])
         .spawn();
     // The front end is salloc's child; the tasks (also cmpirun) are slurmstepd's.
-    let want = format!("{TAG_VAR}={}", child.tag());
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    let front = loop {
-        let procs: Vec<(i32, i32, String)> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let env = std::fs::read(e.path().join("environ")).ok()?;
-                if !env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
-                    return None;
-                }
-                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-                let ppid = stat[stat.rfind(')')? + 2..]
-                    .split(' ')
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-                Some((pid, ppid, comm.trim().to_owned()))
-            })
-            .collect();
-        let sleeps = procs.iter().filter(|p| p.2 == "sleep").count();
-        let front = procs
-            .iter()
-            .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
-            .map(|p| p.0);
-        if let (2, Some(front)) = (sleeps, front) {
-            break front;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ranks did not start: {procs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let procs = wait_for_ranks(&child, 2);
+    let front = procs
+        .iter()
+        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
+        .map(|p| p.0)
+        .unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(front),
         nix::sys::signal::Signal::SIGTERM,
@@ -288,4 +258,89 @@ fn each_rank_leads_its_own_session() {
             "{out}"
         );
     }
+}
+
+/// Waits until `n` `sleep` ranks of run `child` run; returns its processes (pid, parent, name).
+fn wait_for_ranks(child: &TuserChild, n: usize) -> Vec<(i32, i32, String)> {
+    let want = format!("{TAG_VAR}={}", child.tag());
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    loop {
+        let procs: Vec<(i32, i32, String)> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let env = std::fs::read(e.path().join("environ")).ok()?;
+                if !env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                let ppid = stat[stat.rfind(')')? + 2..]
+                    .split(' ')
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                Some((pid, ppid, comm.trim().to_owned()))
+            })
+            .collect();
+        let sleeps = procs.iter().filter(|p| p.2 == "sleep").count();
+        let front = procs.iter().any(|p| p.2 == "cmpirun" && p.1 == child.pid());
+        if sleeps == n && front {
+            return procs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ranks did not start: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_task_killed_before_it_reports_ends_the_step_with_sruns_status() {
+    let _serial = exclusive();
+    runtime_dir();
+    let before = Snapshot::take();
+    let child = TuserCommand::new("salloc")
+        .slurm()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args(["-n", "2"])
+        .arg(cmpirun_bin())
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    let procs = wait_for_ranks(&child, 2);
+    let front = procs
+        .iter()
+        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
+        .map(|p| p.0);
+    assert!(front.is_some(), "{procs:?}");
+    // A task (cmpirun __rank under slurmstepd) dies without a word, as on a lost node.
+    let task = procs
+        .iter()
+        .find(|p| {
+            p.2 == "cmpirun"
+                && std::fs::read_to_string(format!("/proc/{}/comm", p.1))
+                    .is_ok_and(|c| c.trim() == "slurmstepd")
+        })
+        .map(|p| p.0)
+        .unwrap_or_else(|| panic!("no task under slurmstepd: {procs:?}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(task),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait();
+    assert!(!out.timed_out && !out.success(), "{out}");
+    let code = out.code().unwrap();
+    assert!(
+        out.stderr.contains(&format!(
+            "cmpirun: srun ended with status {code} and no rank reported how it ended"
+        )),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
