@@ -91,7 +91,8 @@ pub struct MountOptions {
     /// Bytes of decompressed data blocks and fragments the built-in server keeps in memory.
     /// The kernel's page cache (kept warm with `keep_cache`) already holds what was read, so
     /// this only needs to catch the next read of a partly read block or fragment block: a few
-    /// blocks are as fast as 64 MiB and keep the server small.
+    /// blocks are as fast as 64 MiB and keep the server small. At least four blocks are kept
+    /// whatever this says, so that images with large blocks still cache their fragments.
     pub block_cache_bytes: usize,
     /// Mount with `allow_other`, so processes of the instance with another uid or gid (setgid
     /// programs, nested user namespaces) can read the image. The kernel still refuses every
@@ -104,7 +105,7 @@ impl Default for MountOptions {
         MountOptions {
             extract_cache: None,
             fuse_threads: 4,
-            block_cache_bytes: 1 << 20,
+            block_cache_bytes: 512 << 10,
             allow_other: true,
         }
     }

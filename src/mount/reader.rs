@@ -105,7 +105,8 @@ impl std::fmt::Debug for SquashImage {
 }
 
 impl SquashImage {
-    /// Opens and indexes the squashfs `src`, keeping up to `cache_bytes` of decompressed data.
+    /// Opens and indexes the squashfs `src`, keeping up to `cache_bytes` of decompressed data
+    /// (but at least four blocks).
     pub(crate) fn open(src: &SquashfsSource, cache_bytes: usize) -> Result<Self, MountError> {
         let file = File::open(&src.path)
             .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
@@ -163,7 +164,7 @@ impl SquashImage {
             bytes_used: sb.bytes_used,
             mkfs_time: sb.mod_time,
             table_start: sb.inode_table,
-            cache: BlockCache::new(cache_bytes),
+            cache: BlockCache::new(cache_bytes.max(4 * block_size as usize)),
         })
     }
 
