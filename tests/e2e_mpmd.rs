@@ -522,6 +522,39 @@ fn two_images_through_srun_pmi2_share_one_instance() {
     assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
 }
 
+/// A program printing each rank's `MPI_APPNUM` (its MPMD part), built on the host with MPICH's
+/// `mpicc` (the host's Debian MPICH is the images' MPICH 4) into `dir`.
+fn appnum_program(dir: &Path) -> PathBuf {
+    let src = dir.join("appnum.c");
+    fs::write(
+        &src,
+        r#"#include <mpi.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    int rank, flag, *appnum;
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_APPNUM, &appnum, &flag);
+    printf("appnum: rank=%d appnum=%d\n", rank, flag ? *appnum : -1);
+    MPI_Finalize();
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let bin = dir.join("appnum");
+    let st = Command::new("mpicc.mpich")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("mpicc.mpich (libmpich-dev) must be installed");
+    assert!(st.success(), "mpicc.mpich failed");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
 #[test]
 fn two_images_through_mpiexec_hydra_share_one_instance() {
     let _serial = exclusive();
@@ -530,6 +563,7 @@ fn two_images_through_mpiexec_hydra_share_one_instance() {
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
     let hosts = dir.path().join("hosts");
     fs::write(&hosts, format!("{host}:4\n")).unwrap();
+    let appnum = appnum_program(dir.path());
     let before = Snapshot::take();
     // Under hydra the instance key is the proxy that starts the node's ranks: the ranks of both
     // parts join one instance.
@@ -538,9 +572,31 @@ fn two_images_through_mpiexec_hydra_share_one_instance() {
     let plan = cmpirun().arg("--dry-run").args(&args).run();
     plan.assert_success();
     assert!(plan.stdout.contains("launcher: hydra"), "{plan}");
+    // One hydra section per part, so each rank learns its part's number.
+    assert!(
+        plan.stdout.contains("__rank --plan {plan} : -n 2 "),
+        "{plan}"
+    );
     let out = cmpirun().args(&args).run();
     check_mpitest(&out);
-    assert_no_leftovers(&before, &[out.tag.as_str()]);
+    let mut args = vec![
+        "-f".to_string(),
+        hosts.display().to_string(),
+        "-B".into(),
+        dir.path().display().to_string(),
+    ];
+    let app = appnum.display().to_string();
+    args.extend(two_parts(2, &app, &[], &[]));
+    let out2 = cmpirun().args(&args).run();
+    out2.assert_success();
+    for (rank, part) in [(0, 0), (1, 0), (2, 1), (3, 1)] {
+        assert!(
+            out2.stdout
+                .contains(&format!("appnum: rank={rank} appnum={part}")),
+            "{out2}"
+        );
+    }
+    assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
 }
 
 #[test]

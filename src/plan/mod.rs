@@ -580,7 +580,12 @@ pub fn build_plan(
                 Some(f) => argv.extend(["-f".to_owned(), f.display().to_string()]),
                 None => argv.extend(["-hosts".to_owned(), hydra_hosts(spec)]),
             }
-            argv.extend(["-n".to_owned(), size.to_string()]);
+            // An MPMD job is given to hydra as one section per part, so that hydra's PMI tells
+            // each rank its part's number (MPI_APPNUM), as the local launcher does.
+            let mpmd = apps.len() > 1;
+            if !mpmd {
+                argv.extend(["-n".to_owned(), size.to_string()]);
+            }
             if let Some(p) = spec.ppn {
                 argv.extend(["-ppn".to_owned(), p.to_string()]);
             }
@@ -588,11 +593,26 @@ pub fn build_plan(
                 argv.push("-rr".to_owned());
             }
             argv.extend(profile.launcher.mpiexec_args.iter().cloned());
-            argv.extend(rank_cmd.iter().cloned());
+            if mpmd {
+                for (i, app) in apps.iter().enumerate() {
+                    if i > 0 {
+                        argv.push(":".to_owned());
+                    }
+                    argv.extend(["-n".to_owned(), app.ranks.to_string()]);
+                    argv.extend(rank_cmd.iter().cloned());
+                }
+            } else {
+                argv.extend(rank_cmd.iter().cloned());
+            }
             commands.push(CommandLine {
                 argv,
                 why: format!(
-                    "{mpiexec} starts every rank on the listed hosts and serves PMI; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank"
+                    "{mpiexec} starts every rank on the listed hosts and serves PMI{}; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank",
+                    if mpmd {
+                        ", one section per MPMD part (its MPI_APPNUM)"
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
