@@ -206,7 +206,29 @@ fn two_images_run_one_mpi_job_in_one_user_namespace() {
         ))
         .run();
     check_mpitest(&out2);
-    assert_no_leftovers(&before, &[out.tag.as_str(), out2.tag.as_str()]);
+    // Each rank's MPI_APPNUM is its part's number.
+    let dir = TuserDir::new();
+    let app = appnum_program(dir.path()).display().to_string();
+    let out3 = cmpirun()
+        .args(two_parts(
+            2,
+            &app,
+            &[],
+            &["-B", &dir.path().display().to_string()],
+        ))
+        .run();
+    out3.assert_success();
+    for (rank, part) in [(0, 0), (1, 0), (2, 1), (3, 1)] {
+        assert!(
+            out3.stdout
+                .contains(&format!("appnum: rank={rank} appnum={part}")),
+            "{out3}"
+        );
+    }
+    assert_no_leftovers(
+        &before,
+        &[out.tag.as_str(), out2.tag.as_str(), out3.tag.as_str()],
+    );
 }
 
 #[test]
