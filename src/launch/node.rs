@@ -4,14 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
 use crate::container::run::{ExecRequest, instance_config_images};
 use crate::container::{ShmMode, env::member_environment};
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
-use crate::plan::{BindTime, LaunchPlan};
+use crate::plan::{AppPlan, Bind, BindTime, LaunchPlan};
 
 use super::LaunchError;
 use super::env::RankEnv;
@@ -28,8 +28,12 @@ pub fn part_of(plan: &LaunchPlan, rank: u32) -> usize {
 /// holds one root per image (each in its own mount namespace, all in one user namespace), and
 /// every rank and every task of the job knows this list from the plan.
 pub fn job_images(plan: &LaunchPlan) -> Vec<PathBuf> {
+    distinct_images(&plan.apps)
+}
+
+fn distinct_images(apps: &[AppPlan]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
-    for a in &plan.apps {
+    for a in apps {
         if !out.contains(&a.image.path) {
             out.push(a.image.path.clone());
         }
@@ -39,9 +43,16 @@ pub fn job_images(plan: &LaunchPlan) -> Vec<PathBuf> {
 
 /// The index in [`job_images`] of the image that MPMD part `part` runs in.
 pub fn image_index(plan: &LaunchPlan, part: usize) -> usize {
-    plan.apps
-        .get(part)
-        .and_then(|a| job_images(plan).iter().position(|i| *i == a.image.path))
+    part_image(&plan.apps, part)
+}
+
+fn part_image(apps: &[AppPlan], part: usize) -> usize {
+    apps.get(part)
+        .and_then(|a| {
+            distinct_images(apps)
+                .iter()
+                .position(|i| *i == a.image.path)
+        })
         .unwrap_or(0)
 }
 
@@ -73,7 +84,7 @@ pub fn node_config(
     let reqs: Vec<ExecRequest> = images
         .into_iter()
         .map(|image| ExecRequest {
-            binds: image_binds(plan, &image, rank_env, extra),
+            binds: image_binds(&plan.binds, &image, rank_env, extra),
             image,
             env: Vec::new(),
             backend,
@@ -94,13 +105,13 @@ pub fn node_config(
 /// The binds of `image`'s root, as `SRC:DST:ro|rw`: the plan's binds for every image and for
 /// this one, then the launcher's `extra`.
 fn image_binds(
-    plan: &LaunchPlan,
-    image: &std::path::Path,
+    plan_binds: &[Bind],
+    image: &Path,
     rank_env: &BTreeMap<String, String>,
     extra: &[String],
 ) -> Vec<String> {
     let mut binds = Vec::new();
-    for b in &plan.binds {
+    for b in plan_binds {
         if b.image.as_deref().is_some_and(|i| i != image) {
             continue;
         }
@@ -175,5 +186,78 @@ pub fn rank_command(
         new_session: true,
         image,
         fds: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{BindKind, ImageInfo};
+
+    fn app(image: &str) -> AppPlan {
+        AppPlan {
+            image: ImageInfo {
+                path: image.into(),
+                ..ImageInfo::default()
+            },
+            program: "/bin/true".into(),
+            args: Vec::new(),
+            first_rank: 0,
+            ranks: 1,
+            wdir: None,
+        }
+    }
+
+    #[test]
+    fn one_root_per_distinct_image_in_order_of_first_use() {
+        let apps = [app("/b.sif"), app("/a.sif"), app("/b.sif"), app("/c")];
+        assert_eq!(
+            distinct_images(&apps),
+            vec![
+                PathBuf::from("/b.sif"),
+                PathBuf::from("/a.sif"),
+                PathBuf::from("/c")
+            ]
+        );
+        let parts: Vec<usize> = (0..5).map(|p| part_image(&apps, p)).collect();
+        // Part 2 reuses part 0's image; an unknown part falls back to the first image.
+        assert_eq!(parts, vec![0, 1, 0, 2, 0]);
+    }
+
+    #[test]
+    fn binds_scoped_to_an_image_go_into_that_root_only() {
+        let bind = |src: &str, dst: &str, image: Option<&str>, when: BindTime| Bind {
+            source: src.into(),
+            destination: dst.into(),
+            kind: BindKind::Library,
+            read_only: true,
+            when,
+            reason: String::new(),
+            image: image.map(PathBuf::from),
+        };
+        let binds = [
+            bind(
+                "/h/lf.so",
+                "/.cmpirun/lib/lf.so",
+                Some("/a.sif"),
+                BindTime::Plan,
+            ),
+            bind("/h/lf.so", "/opt/b/lf.so", Some("/b.sif"), BindTime::Plan),
+            bind("/dev/null", "/x", None, BindTime::Plan),
+            bind("$UNSET_DIR", "$UNSET_DIR", None, BindTime::RankStart),
+        ];
+        let env = BTreeMap::new();
+        assert_eq!(
+            image_binds(&binds, Path::new("/a.sif"), &env, &["/s:/s:rw".into()]),
+            vec![
+                "/h/lf.so:/.cmpirun/lib/lf.so:ro",
+                "/dev/null:/x:ro",
+                "/s:/s:rw"
+            ]
+        );
+        assert_eq!(
+            image_binds(&binds, Path::new("/b.sif"), &env, &[]),
+            vec!["/h/lf.so:/opt/b/lf.so:ro", "/dev/null:/x:ro"]
+        );
     }
 }
