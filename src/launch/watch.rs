@@ -14,7 +14,7 @@ use cmpirun_pmi::wire::{DEFAULT_MAX_MESSAGE, Decoded, decode};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, Shutdown, SockFlag, SockType, send, shutdown, socketpair,
@@ -209,11 +209,12 @@ fn ends_job(sig: Signal) -> bool {
     )
 }
 
-/// Waits for `child`, passing on every signal read from `sigfd` (but `SIGCHLD`), relaying its
-/// PMI connection through `relay` and calling `on_abort(code, message)` when the rank sends an
-/// `abort`, before the server gets it; `tick` is called before each wait and says when it wants
-/// to be called again (`None`: not before something happens). The caller keeps `relay` (and so the launcher's
-/// descriptor) until it exits, as it would hold `PMI_FD` without the relay.
+/// Waits for `child`, passing on every signal read from `sigfd` (but `SIGCHLD`) to its process
+/// group, relaying its PMI connection through `relay` and calling `on_abort(code, message)` when
+/// the rank sends an `abort`, before the server gets it. `tick` is called before each wait and
+/// says when it wants to be called again (`None`: not before something happens). The caller
+/// keeps `relay` (and so the launcher's descriptor) until it exits, as it would hold `PMI_FD`
+/// without the relay.
 pub fn watch(
     child: Pid,
     sigfd: &SignalFd,
@@ -228,7 +229,11 @@ pub fn watch(
                 Ok(Signal::SIGCHLD) | Err(_) => {}
                 Ok(sig) => {
                     *signalled |= ends_job(sig);
-                    let _ = kill(child, sig);
+                    // The rank leads its own session: its process group is the rank and what it
+                    // started (the rank alone before it has called setsid).
+                    if killpg(child, sig).is_err() {
+                        let _ = kill(child, sig);
+                    }
                 }
             }
         }
