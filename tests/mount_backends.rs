@@ -171,6 +171,12 @@ fn verify_all_backends(image: &Path, work: &Path, offset: Option<u64>) {
             "{backend}: too few files read: {r}"
         );
         assert!(r["bytes"].as_u64().unwrap() > 5_000_000, "{backend}: {r}");
+        // The unmount ends the server's workers; that is not a worker lost while in use.
+        assert!(
+            !out.stderr.contains("image server:"),
+            "{backend}: {}",
+            out.stderr
+        );
         assert_no_leftovers(&before, &[out.tag.as_str()]);
         if backend == "extract" {
             assert!(
@@ -479,6 +485,11 @@ fn a_corrupt_block_fails_its_reads_and_the_server_keeps_serving() {
     assert!(
         out.stderr.contains("/big.txt") && out.stderr.contains("corrupt squashfs"),
         "the server names the file and the fault: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("image server:"),
+        "no worker was lost: {}",
         out.stderr
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
