@@ -192,3 +192,40 @@ fn each_rank_leads_its_own_session() {
         );
     }
 }
+
+#[test]
+fn a_rank_mode_that_cannot_start_its_rank_reports_its_status() {
+    // Each task finds a file where its runtime directory should be: it fails before its rank
+    // starts, and says so to cmpirun.
+    let _serial = exclusive();
+    let dir = TuserDir::new();
+    let hosts = hostfile(&dir, 2);
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir(&xdg).unwrap();
+    std::fs::write(xdg.join("cmpirun"), "").unwrap();
+    for p in [&xdg, &xdg.join("cmpirun")] {
+        nix::unistd::chown(
+            p,
+            Some(nix::unistd::Uid::from_raw(tuser().uid)),
+            Some(nix::unistd::Gid::from_raw(tuser().gid)),
+        )
+        .unwrap();
+    }
+    let before = Snapshot::take();
+    let out = TuserCommand::cmpirun()
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .timeout(std::time::Duration::from_secs(120))
+        .arg("-f")
+        .arg(&hosts)
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_code(1);
+    assert!(out.stderr.contains("of 2 exited with status 1"), "{out}");
+    assert!(
+        out.stderr.contains("is not a directory owned by uid"),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}

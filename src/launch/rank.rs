@@ -166,16 +166,32 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
                 .into(),
         )
     })?;
-    let cfg = node::node_config(&plan, &env, &pmix_binds(&env))?;
     let key = instance_key(&env, std::os::unix::process::parent_id());
-    let result = with_forwarded_signals_blocked(
-        |errno| LaunchError::Sys {
-            step: "block signals",
-            errno,
-        },
-        |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
-    );
-    Ok(propagate(result?))
+    let result = node::node_config(&plan, &env, &pmix_binds(&env)).and_then(|cfg| {
+        with_forwarded_signals_blocked(
+            |errno| LaunchError::Sys {
+                step: "block signals",
+                errno,
+            },
+            |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
+        )
+    });
+    match result {
+        Ok(outcome) => Ok(propagate(outcome)),
+        Err(e) => {
+            // The rank never ran: without a report the job's status would be the launcher's
+            // teardown of the other ranks.
+            if let Some(t) = Target::from_env() {
+                let code = if e.is_usage() {
+                    crate::exit::USAGE
+                } else {
+                    crate::exit::FAILURE
+                };
+                t.send(rank, RankEnd::Exited(code), None);
+            }
+            Err(e)
+        }
+    }
 }
 
 fn run_member(
