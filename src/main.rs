@@ -292,12 +292,9 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
 fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let inspection = cmpirun::image::inspect::inspect(image)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&inspection.report)?);
+        emit_line(&serde_json::to_string_pretty(&inspection.report)?);
     } else {
-        print!(
-            "{}",
-            cmpirun::image::inspect::render_text(&inspection.report)
-        );
+        emit(&cmpirun::image::inspect::render_text(&inspection.report));
     }
     match inspection.problem {
         Some(problem) => Ok(report(&anyhow::Error::new(problem))),
@@ -318,23 +315,23 @@ fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
             let choice =
                 profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&choice)?);
+                emit_line(&serde_json::to_string_pretty(&choice)?);
             } else {
-                print!("{}", profile::show::render_choice(&choice));
+                emit(&profile::show::render_choice(&choice));
             }
             Ok(ExitCode::SUCCESS)
         }
         ProfileAction::Check { profile: named } => {
             let (lines, errors) = profile::show::validate_all(&search);
             for l in &lines {
-                println!("{l}");
+                emit_line(l);
             }
             if let Some(e) = errors.into_iter().next() {
                 return Err(e.into());
             }
             let choice =
                 profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
-            print!("{}", profile::show::render_choice(&choice));
+            emit(&profile::show::render_choice(&choice));
             if let Some(o) = choice.outcome.as_ref().filter(|o| !o.matched) {
                 anyhow::bail!(exit::UsageError(format!(
                     "{}:{}: profile {} does not match this host: {}",
@@ -370,11 +367,11 @@ fn launch_main(args: &[OsString]) -> ExitCode {
     };
     let spec = match request {
         CliRequest::Help => {
-            print!("{}", cli::HELP);
+            emit(cli::HELP);
             return ExitCode::SUCCESS;
         }
         CliRequest::Version => {
-            println!("cmpirun {}", env!("CARGO_PKG_VERSION"));
+            emit_line(&format!("cmpirun {}", env!("CARGO_PKG_VERSION")));
             return ExitCode::SUCCESS;
         }
         CliRequest::Launch(spec) => spec,
@@ -391,17 +388,17 @@ fn launch_main(args: &[OsString]) -> ExitCode {
 
 fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
     if spec.dry_run == Some(DryRunFormat::Job) {
-        println!("{}", serde_json::to_string_pretty(spec)?);
+        emit_line(&serde_json::to_string_pretty(spec)?);
         return Ok(ExitCode::SUCCESS);
     }
     let plan = plan::prepare(spec)?;
     match spec.dry_run {
         Some(DryRunFormat::Json) => {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            emit_line(&serde_json::to_string_pretty(&plan)?);
             return Ok(ExitCode::SUCCESS);
         }
         Some(_) => {
-            print!("{}", plan::render_text(&plan));
+            emit(&plan::render_text(&plan));
             return Ok(ExitCode::SUCCESS);
         }
         None => {}
@@ -510,6 +507,26 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(exit::FAILURE as u8)
     })
+}
+
+/// Writes `text` to stdout. When the reader has gone away (`cmpirun image inspect IMAGE | head`),
+/// the command ends quietly with status 0, as other Unix tools' output ends there, rather than
+/// with a panic; only commands that hold nothing to clean up print through here.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("cmpirun: cannot write to standard output: {e}");
+            std::process::exit(exit::FAILURE);
+        }
+        std::process::exit(0);
+    }
+}
+
+/// [`emit`] with a line end.
+fn emit_line(text: &str) {
+    emit(&format!("{text}\n"));
 }
 
 /// Prints an error on one line and chooses the exit status: 2 for anything the user can fix

@@ -379,3 +379,30 @@ fn launching_without_dry_run_does_not_pretend() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
 }
+
+/// A reader that has gone away (`cmpirun --help | head -0`) ends the command quietly with
+/// status 0: no panic from a broken pipe, nothing on stderr.
+#[test]
+fn a_closed_stdout_ends_the_output_quietly() {
+    let image =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sif/one-group.sif");
+    let image = image.to_str().unwrap();
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["image", "inspect", "--json", image],
+        &["image", "inspect", image],
+        &["--dry-run=job", "-n", "2", "image.sif", "/bin/true"],
+    ] {
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_cmpirun"))
+            .args(args)
+            .stdout(std::process::Stdio::from(writer))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
