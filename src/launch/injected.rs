@@ -129,10 +129,14 @@ impl InjectedLibfabric {
     }
 }
 
-/// First and longest pause between two looks at a rank's map: libfabric is mapped at exec
-/// (an MPI linked against it) or in `MPI_Init` (a component that loads it), so the first looks
-/// come quickly, then less often for a program that never maps it.
+/// Pauses between two looks at a rank's map. libfabric is mapped at exec (an MPI linked against
+/// it) or in `MPI_Init` (a component that loads it, such as Open MPI's `mtl ofi`, which is
+/// unloaded again in `MPI_Finalize`: a short job maps it for well under a second). So the looks
+/// come at most [`FAST_PAUSE`] apart for the first [`FAST_FOR`], then back off to
+/// [`LONGEST_PAUSE`] for a program that never maps it.
 const FIRST_LOOK: Duration = Duration::from_millis(5);
+const FAST_PAUSE: Duration = Duration::from_millis(20);
+const FAST_FOR: Duration = Duration::from_secs(5);
 const LONGEST_PAUSE: Duration = Duration::from_millis(250);
 
 /// The check as `cmpirun __rank` runs it: it is the rank's parent and looks at the rank's map
@@ -146,6 +150,7 @@ pub struct RankWatch {
     pid: Pid,
     verbose: bool,
     pause: Duration,
+    started: Instant,
     decided: bool,
     failed: Option<Instant>,
     killed: bool,
@@ -162,6 +167,7 @@ impl RankWatch {
             pid,
             verbose: plan.job.verbose > 0,
             pause: FIRST_LOOK,
+            started: Instant::now(),
             decided: false,
             failed: None,
             killed: false,
@@ -190,7 +196,12 @@ impl RankWatch {
         let finding = self.injected.look(self.pid, false);
         if finding == Finding::Undecided {
             let pause = self.pause;
-            self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+            let longest = if self.started.elapsed() < FAST_FOR {
+                FAST_PAUSE
+            } else {
+                LONGEST_PAUSE
+            };
+            self.pause = (self.pause * 2).min(longest);
             return Some(pause);
         }
         self.decided = true;
