@@ -76,7 +76,11 @@ impl RankEnv {
         let unset = |k: &OsStr| {
             changes.iter().any(|c| match c.action {
                 EnvAction::Unset => OsStr::new(&c.name) == k,
-                EnvAction::UnsetMatching => glob_matches(&c.name, k),
+                // The plan's globbed unsets remove wire-up state only (the PMI crate's rule):
+                // `OMPI_*` goes for `OMPI_COMM_WORLD_RANK`, while `OMPI_MCA_*` settings stay.
+                EnvAction::UnsetMatching => {
+                    glob_matches(&c.name, k) && cmpirun_pmi::env::is_wireup_var(k)
+                }
                 _ => false,
             })
         };
@@ -203,10 +207,19 @@ mod tests {
                 EnvScope::All,
             ),
             change("GONE", EnvAction::Unset, EnvScope::All),
-            change("OLD_*", EnvAction::UnsetMatching, EnvScope::All),
+            change("OMPI_*", EnvAction::UnsetMatching, EnvScope::All),
         ];
-        let e = RankEnv::build(&changes, 0, host(&[("GONE", "1"), ("OLD_A", "1")]), &[]);
-        assert!(e.inherited.is_empty());
+        let e = RankEnv::build(
+            &changes,
+            0,
+            host(&[
+                ("GONE", "1"),
+                ("OMPI_COMM_WORLD_RANK", "1"),
+                ("OMPI_MCA_btl", "self"),
+            ]),
+            &[],
+        );
+        assert_eq!(e.inherited, host(&[("OMPI_MCA_btl", "self")]));
         assert_eq!(e.set, host(&[("X", "v")]));
         let mut fin: BTreeMap<OsString, OsString> =
             host(&[("GONE", "from image"), ("LD_LIBRARY_PATH", "/a")])

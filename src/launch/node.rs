@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::container::ShmMode;
+use crate::container::env::{Env, member_environment};
 use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
 use crate::container::run::{ExecRequest, instance_config_images};
-use crate::container::{ShmMode, env::member_environment};
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
 use crate::plan::{AppPlan, Bind, BindTime, LaunchPlan};
@@ -103,8 +104,10 @@ pub fn node_config(
 }
 
 /// The binds of `image`'s root, as `SRC:DST:ro|rw`: the plan's binds for every image and for
-/// this one, then the launcher's `extra`.
-fn image_binds(
+/// this one, then the launcher's `extra`, each once. Binds resolved at rank start (`$VAR` paths
+/// such as `$PMIX_SERVER_TMPDIR`) are expanded from `rank_env`; those whose variables are unset
+/// or empty, or whose source does not exist, are left out.
+pub fn image_binds(
     plan_binds: &[Bind],
     image: &Path,
     rank_env: &BTreeMap<String, String>,
@@ -131,10 +134,12 @@ fn image_binds(
                 }
             }
         };
-        binds.push(format!(
-            "{source}:{dest}:{}",
-            if b.read_only { "ro" } else { "rw" }
-        ));
+        let spec = format!("{source}:{dest}:{}", if b.read_only { "ro" } else { "rw" });
+        // Two rank-start binds can name one directory ($PMIX_SERVER_TMPDIR and
+        // $PMIX_SYSTEM_TMPDIR often do); a second mount over it would only hide the first.
+        if !binds.contains(&spec) {
+            binds.push(spec);
+        }
     }
     for e in extra {
         if !binds.iter().any(|b| b == e) {
@@ -142,6 +147,29 @@ fn image_binds(
         }
     }
     binds
+}
+
+/// The final environment of a rank of MPMD part `part`: the plan's changes over `host` (the
+/// caller's environment), what the environment scripts of the part's image change
+/// (`image_changes`), then the launcher's `launcher_env` and the plan's values, and last the
+/// plan's prepends and unsets. `home` is the account's home in the container.
+pub fn rank_environment(
+    plan: &LaunchPlan,
+    part: usize,
+    host: Vec<(OsString, OsString)>,
+    home: &Path,
+    image_changes: &[crate::container::env::EnvChange],
+    launcher_env: &[(String, String)],
+) -> Env {
+    let rank_env = RankEnv::build(&plan.env, part, host, launcher_env);
+    let mut env = member_environment(
+        rank_env.inherited.clone(),
+        home,
+        image_changes,
+        &rank_env.set,
+    );
+    rank_env.finish(&mut env);
+    env
 }
 
 /// The command of `rank` in the container: its part's image, program, arguments, working
@@ -159,14 +187,14 @@ pub fn rank_command(
     let part = part_of(plan, rank);
     let app = &plan.apps[part];
     let image = image_index(plan, part);
-    let rank_env = RankEnv::build(&plan.env, part, host, launcher_env);
-    let mut env = member_environment(
-        rank_env.inherited.clone(),
+    let env = rank_environment(
+        plan,
+        part,
+        host,
         &cfg.root.account.home,
         changes.get(image).map_or(&[], Vec::as_slice),
-        &rank_env.set,
+        launcher_env,
     );
-    rank_env.finish(&mut env);
     let mut argv: Vec<OsString> = vec![app.program.clone().into()];
     argv.extend(app.args.iter().map(OsString::from));
     let cwd = app

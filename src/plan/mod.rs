@@ -7,7 +7,6 @@
 //! touches no namespace and spawns nothing, so it is tested exhaustively; `--dry-run` prints it
 //! ([`render_text`], or JSON) and the launchers carry it out.
 
-pub mod apply;
 pub mod facts;
 pub mod layout;
 mod render;
@@ -216,7 +215,8 @@ pub enum EnvAction {
     PassMatching,
     /// Remove it.
     Unset,
-    /// Remove every variable whose name matches the glob in `name`.
+    /// Remove every wire-up variable of a process manager (the PMI crate's `is_wireup_var`)
+    /// whose name matches the glob in `name`; `OMPI_MCA_*` settings other than launch state stay.
     UnsetMatching,
     /// Set in each rank when it starts (by the launcher or cmpirun's PMI server).
     PerRank {
