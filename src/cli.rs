@@ -609,10 +609,14 @@ impl Parser {
                 self.spec.expect_provider = Some(v.to_owned());
             }
             Act::Shm => {
-                let digits = v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', '%']);
+                // What tmpfs's size= takes: a whole number with an optional k/m/g/t suffix, or
+                // a percentage of the node's memory. Checked here, so a bad value is a usage
+                // error before any container is made rather than a failed mount on every node.
+                let digits = v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', 't', 'T', '%']);
                 if digits.is_empty()
                     || !digits.bytes().all(|b| b.is_ascii_digit())
                     || v.len() - digits.len() > 1
+                    || digits.parse::<u64>().is_err()
                 {
                     return Err(bad(
                         name,

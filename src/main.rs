@@ -228,6 +228,7 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
         env: opts.env,
         backend: opts.image_mount,
         shm: opts.shm,
+        shm_size: None,
         instance_key: opts.instance_key,
         argv,
     };

@@ -351,7 +351,22 @@ fn bad_usage_exits_2_and_names_the_flag() {
         &["--bind", "/a:/b:rx", "img.sif", "prog"],
         &["--bind", "rx"],
     );
-    usage_error(&["--shm", "lots", "img.sif", "prog"], &["--shm"]);
+    for bad in [
+        "lots",
+        "4gb",
+        "1.5g",
+        "g",
+        "%",
+        "-1m",
+        "50%%",
+        "99999999999999999999k",
+    ] {
+        usage_error(&["--shm", bad, "img.sif", "prog"], &["--shm", bad]);
+    }
+    for good in ["1024", "512k", "2T", "50%", "0"] {
+        let (j, _) = job(&["--shm", good, "img.sif", "prog"]);
+        assert_eq!(j["shm_size"], good);
+    }
     usage_error(&["--timeout", "-1", "img.sif", "prog"], &["--timeout"]);
     usage_error(&["--json", "img.sif", "prog"], &["--json", "--dry-run"]);
     usage_error(&["--force=yes", "img.sif", "prog"], &["--force"]);

@@ -411,10 +411,10 @@ impl Executor {
                     remount_readonly(&target)?;
                 }
             }
-            MountOp::Tmpfs { dst, mode } => {
+            MountOp::Tmpfs { dst, mode, size } => {
                 let root = self.root()?.to_owned();
                 let target = self.destination(&root, dst, None)?;
-                let opts = format!("mode={mode:o}");
+                let opts = super::plan::tmpfs_options(*mode, size.as_deref());
                 mount(
                     Some("tmpfs"),
                     &target,

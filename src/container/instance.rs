@@ -632,6 +632,15 @@ fn shared_shm_dir(cfg: &InstanceConfig) -> Option<PathBuf> {
     (!cfg.other_roots.is_empty() && private).then(|| cfg.root.stage.clone())
 }
 
+/// The size limit of the `/dev/shm` tmpfs that every image's root shares: that of the first root
+/// with a private one (the launchers give every root the job's `--shm`).
+fn shared_shm_size(cfg: &InstanceConfig) -> Option<&str> {
+    std::iter::once(&cfg.root)
+        .chain(&cfg.other_roots)
+        .find(|r| r.shm == ShmMode::Private)
+        .and_then(|r| r.shm_size.as_deref())
+}
+
 /// The body of the instance process. Returns its exit status.
 fn instance_main(
     cfg: &InstanceConfig,
@@ -690,7 +699,7 @@ fn setup(
     let started = std::time::Instant::now();
     enter_namespaces(uid, gid)?;
     if let Some(dir) = shared {
-        mount_shared_shm(dir)?;
+        mount_shared_shm(dir, shared_shm_size(cfg))?;
     }
     // The holders are forked now, while the instance is single-threaded (no image server yet)
     // and its mount namespace still shows the host: each builds its image's root from there,
@@ -742,15 +751,16 @@ fn setup(
     })
 }
 
-/// Mounts the tmpfs that every image's root binds at `/dev/shm` (mode 1777, like the host's), in
-/// the instance's own mount namespace only.
-fn mount_shared_shm(dir: &Path) -> Result<(), (u8, String)> {
+/// Mounts the tmpfs that every image's root binds at `/dev/shm` (mode 1777, like the host's, and
+/// of `size`, if given), in the instance's own mount namespace only.
+fn mount_shared_shm(dir: &Path, size: Option<&str>) -> Result<(), (u8, String)> {
+    let opts = super::plan::tmpfs_options(0o1777, size);
     nix::mount::mount(
         Some("tmpfs"),
         dir,
         Some("tmpfs"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some("mode=1777"),
+        Some(opts.as_str()),
     )
     .map_err(|e| {
         (

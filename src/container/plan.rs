@@ -34,6 +34,15 @@ impl ImageSource {
     }
 }
 
+/// The mount options of a tmpfs whose root has permission bits `mode` and whose size is
+/// limited to `size` (a tmpfs `size=` value such as `4g` or `50%`), if given.
+pub fn tmpfs_options(mode: u32, size: Option<&str>) -> String {
+    match size {
+        Some(size) => format!("mode={mode:o},size={size}"),
+        None => format!("mode={mode:o}"),
+    }
+}
+
 /// What `/dev/shm` is inside the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ShmMode {
@@ -126,6 +135,9 @@ pub struct RootConfig {
     /// several images mounts one tmpfs there and binds it into every root, so MPI shared-memory
     /// segments are visible to the ranks of every image.
     pub shared_shm: Option<PathBuf>,
+    /// With [`ShmMode::Private`]: the size limit of the `/dev/shm` tmpfs (`--shm SIZE`, a tmpfs
+    /// `size=` value); `None` keeps tmpfs's default, half the node's memory.
+    pub shm_size: Option<String>,
 }
 
 /// Where a bind's source is.
@@ -204,6 +216,8 @@ pub enum MountOp {
         dst: PathBuf,
         /// Permission bits of its root.
         mode: u32,
+        /// Its `size=` option, if limited.
+        size: Option<String>,
     },
     /// Make the assembled root the root of the mount namespace.
     PivotRoot {
@@ -408,6 +422,7 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
                 None => MountOp::Tmpfs {
                     dst: "/dev/shm".into(),
                     mode: 0o1777,
+                    size: cfg.shm_size.clone(),
                 },
             });
         }
@@ -446,6 +461,7 @@ mod tests {
             binds: vec![],
             shm: ShmMode::Private,
             shared_shm: None,
+            shm_size: None,
         }
     }
 
@@ -512,7 +528,8 @@ mod tests {
             ops[dev + 1],
             MountOp::Tmpfs {
                 dst: "/dev/shm".into(),
-                mode: 0o1777
+                mode: 0o1777,
+                size: None,
             }
         );
         // Mount points are made before the root is assembled, binds after.
@@ -615,6 +632,26 @@ mod tests {
                 .iter()
                 .any(|o| matches!(o, MountOp::Tmpfs { .. }))
         );
+    }
+
+    #[test]
+    fn shm_size_limits_the_private_tmpfs() {
+        let mut c = cfg();
+        c.shm_size = Some("64m".into());
+        let tmpfs: Vec<MountOp> = plan_root(&c)
+            .into_iter()
+            .filter(|o| matches!(o, MountOp::Tmpfs { .. }))
+            .collect();
+        assert_eq!(
+            tmpfs,
+            [MountOp::Tmpfs {
+                dst: "/dev/shm".into(),
+                mode: 0o1777,
+                size: Some("64m".into()),
+            }]
+        );
+        assert_eq!(tmpfs_options(0o1777, Some("64m")), "mode=1777,size=64m");
+        assert_eq!(tmpfs_options(0o1777, None), "mode=1777");
     }
 
     #[test]

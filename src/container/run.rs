@@ -33,6 +33,9 @@ pub struct ExecRequest {
     pub backend: Option<MountBackend>,
     /// `--shm`.
     pub shm: ShmMode,
+    /// With [`ShmMode::Private`]: the size limit of `/dev/shm` (a tmpfs `size=` value, the job's
+    /// `--shm SIZE`); `None` keeps tmpfs's default.
+    pub shm_size: Option<String>,
     /// Join (or create) the node instance of this key instead of a private one.
     pub instance_key: Option<String>,
     /// The program and its arguments.
@@ -203,7 +206,7 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         avoid.push(req.image.clone());
         avoid.push(image.path().to_owned());
         avoid.extend(binds.iter().map(|b| b.src.clone()));
-        roots.push((image, binds, req.shm));
+        roots.push((image, binds, req.shm, req.shm_size.clone()));
     }
     let stage = pick_stage(&avoid).ok_or_else(|| {
         ExecError::Failed(format!(
@@ -222,18 +225,21 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         .filter(|p| Path::new(p).is_dir())
         .map(PathBuf::from)
         .collect();
-    let mut roots = roots.into_iter().map(|(image, binds, shm)| RootConfig {
-        image,
-        stage: stage.clone(),
-        bind_home: account.home.is_dir(),
-        account: account.clone(),
-        cwd: Some(cwd.clone()),
-        host_files: host_files.clone(),
-        host_dirs: host_dirs.clone(),
-        binds,
-        shm,
-        shared_shm: None,
-    });
+    let mut roots = roots
+        .into_iter()
+        .map(|(image, binds, shm, shm_size)| RootConfig {
+            image,
+            stage: stage.clone(),
+            bind_home: account.home.is_dir(),
+            account: account.clone(),
+            cwd: Some(cwd.clone()),
+            host_files: host_files.clone(),
+            host_dirs: host_dirs.clone(),
+            binds,
+            shm,
+            shared_shm: None,
+            shm_size,
+        });
     let root = roots.next().ok_or_else(|| usage("no image given"))?;
     let other_roots: Vec<RootConfig> = roots.collect();
     let script_env = base_environment(std::env::vars_os(), &root.account.home);

@@ -90,6 +90,7 @@ pub fn node_config(
             env: Vec::new(),
             backend,
             shm: ShmMode::Private,
+            shm_size: plan.mount.shm_size.clone(),
             instance_key: None,
             argv: Vec::new(),
         })
