@@ -320,9 +320,9 @@ fn four_hundred_ranks_beyond_the_default_open_file_limit() {
 /// A rank that says it is ready (a file in `dir`), then waits; SIGINT makes it say so and exit 0.
 fn sigint_rank(dir: &std::path::Path) -> String {
     format!(
-        "trap 'echo \"rank $PMI_RANK got SIGINT\"; exit 0' INT; touch {}/ready.$PMI_RANK; \
-         sleep 600 & wait",
-        dir.display()
+        "trap 'echo \"rank $PMI_RANK got SIGINT\"; exit 0' INT; \
+         echo $$ >{d}/pid.$PMI_RANK && mv {d}/pid.$PMI_RANK {d}/ready.$PMI_RANK; sleep 600 & wait",
+        d = dir.display()
     )
 }
 
@@ -390,9 +390,15 @@ fn sigint_to_cmpirun_reaches_every_rank_once_and_each_rank_leads_its_own_session
         .spawn();
     wait_ready(dir.path(), 4);
     // Each rank its own session, as under hydra (the kernel's autogroup gives each its share).
+    // The ranks' pids come from their ready files: a scan for `sh` processes would also catch
+    // a rank's child between its fork and its exec of `sleep`.
     let (cmpirun_session, _) = session_and_state(child.pid());
-    let ranks = tagged(child.tag(), "sh");
-    assert_eq!(ranks.len(), 4, "{ranks:?}");
+    let ranks: Vec<i32> = (0..4)
+        .map(|r| {
+            let f = dir.path().join(format!("ready.{r}"));
+            std::fs::read_to_string(&f).unwrap().trim().parse().unwrap()
+        })
+        .collect();
     for pid in &ranks {
         let (session, _) = session_and_state(*pid);
         assert_eq!(session, *pid, "rank pid {pid} leads its session");
@@ -459,7 +465,12 @@ fn sigtstp_stops_every_rank_and_sigcont_continues_them() {
     };
     child.signal(Signal::SIGTSTP);
     states('T');
-    assert_eq!(session_and_state(child.pid()).1, 'T', "cmpirun stopped too");
+    // cmpirun stops itself after it has stopped the ranks: wait for it too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while session_and_state(child.pid()).1 != 'T' {
+        assert!(Instant::now() < deadline, "cmpirun did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.signal(Signal::SIGCONT);
     states('S');
     child.signal(Signal::SIGTERM);
