@@ -107,14 +107,11 @@ impl JobEnd {
             JobEnd::RankSignaled { signal, .. } | JobEnd::Interrupted(signal) => {
                 SIGNAL_BASE + *signal as i32
             }
-            // An abort with code 0 is still a failed job.
-            JobEnd::Aborted { code, .. } => {
-                if *code == 0 {
-                    1
-                } else {
-                    code & 0xff
-                }
-            }
+            // An abort is a failed job even when its code is 0 modulo 256 (0, 256, …).
+            JobEnd::Aborted { code, .. } => match code & 0xff {
+                0 => 1,
+                status => status,
+            },
             JobEnd::TimedOut { .. } => TIMEOUT,
             JobEnd::NotInjected { .. } => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
@@ -193,6 +190,7 @@ mod tests {
         );
         assert_eq!(JobEnd::Aborted { rank: 0, code: 7 }.exit_code(), 7);
         assert_eq!(JobEnd::Aborted { rank: 0, code: 0 }.exit_code(), 1);
+        assert_eq!(JobEnd::Aborted { rank: 0, code: 256 }.exit_code(), 1);
         assert_eq!(
             JobEnd::Aborted {
                 rank: 0,
