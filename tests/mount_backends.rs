@@ -494,3 +494,58 @@ fn a_corrupt_block_fails_its_reads_and_the_server_keeps_serving() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+/// A `squashfuse_ll` that never serves the mount (a wedged FUSE server, which cannot be caused
+/// on purpose with the real one, so a stand-in that sleeps is found first on PATH): the start
+/// gives up at its deadline with one line naming the image, the backend, the deadline and the
+/// way out, and leaves no process, mount or temporary directory behind.
+#[test]
+fn a_squashfuse_ll_that_never_serves_times_out_and_leaves_nothing() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let image = build_image(work.path(), "hang.sqfs", &[]);
+    let cache = user_dir(work.path(), "cache");
+    let target = user_dir(work.path(), "mnt");
+    let bin = work.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let fake = bin.join("squashfuse_ll");
+    fs::write(&fake, "#!/bin/sh\nexec sleep 300\n").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
+
+    let before = Snapshot::take();
+    let started = Instant::now();
+    let out = mount_check(&image, "squashfuse", &target, &cache)
+        .env("PATH", &path)
+        .env("CMPIRUN_MOUNT_TIMEOUT", "1.5")
+        .timeout(Duration::from_secs(60))
+        .run();
+    let took = started.elapsed();
+    out.assert_code(2);
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for needle in [
+        "hang.sqfs",
+        "squashfuse",
+        "1.5 s",
+        "--image-mount extract",
+        "CMPIRUN_MOUNT_TIMEOUT",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+
+    let out = mount_check(&image, "squashfuse", &target, &cache)
+        .env("PATH", &path)
+        .env("CMPIRUN_MOUNT_TIMEOUT", "soon")
+        .run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("CMPIRUN_MOUNT_TIMEOUT") && out.stderr.contains("seconds"),
+        "{}",
+        out.stderr
+    );
+}

@@ -157,6 +157,31 @@ pub enum MountError {
         /// The error (part of the message, so not also a `source`).
         error: std::io::Error,
     },
+    /// The FUSE server did not serve the mount within its start deadline; it was killed and
+    /// the mount removed.
+    #[error(
+        "{path}: the {backend} image server did not serve the image within {seconds} s and was \
+         stopped: use --image-mount extract (or fuse), or allow it longer with \
+         CMPIRUN_MOUNT_TIMEOUT=SECONDS"
+    )]
+    StartTimeout {
+        /// The backend.
+        backend: MountBackend,
+        /// The image file.
+        path: PathBuf,
+        /// The deadline that passed.
+        seconds: f64,
+    },
+    /// A setting (environment variable) with a value that cannot be used.
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    BadSetting {
+        /// The setting's name.
+        name: String,
+        /// The value found.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
     /// The FUSE server (built-in or `squashfuse_ll`) did not come up.
     #[error("{backend} image server for {path} failed: {reason}")]
     Server {
@@ -179,6 +204,8 @@ impl MountError {
                 | MountError::SquashfuseMissing
                 | MountError::UnknownBackend(_)
                 | MountError::BadImage { .. }
+                | MountError::StartTimeout { .. }
+                | MountError::BadSetting { .. }
         )
     }
 

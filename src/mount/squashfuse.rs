@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use nix::unistd::Pid;
 
@@ -27,6 +28,7 @@ pub(super) fn mount(
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
     let bin = find_binary()?;
+    let timeout = start_timeout()?;
     let image = File::open(&src.path)
         .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
     check_magic(&image, src)?;
@@ -53,25 +55,42 @@ pub(super) fn mount(
     drop(dev);
     drop(image);
     let pid = Pid::from_raw(child.id() as i32);
-    // A GETATTR of the mount root is answered only once squashfuse_ll has opened the image and
-    // entered its loop.
-    if let Err(e) = nix::sys::stat::stat(target) {
+    let kill_and_reap = || {
         unmount();
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let status = nix::sys::wait::waitpid(pid, None);
-        let how = match status {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-            Ok(other) => format!("ended ({other:?})"),
-            Err(_) => format!("is gone ({e})"),
-        };
-        return Err(MountError::Server {
-            backend: MountBackend::Squashfuse,
-            path: src.path.clone(),
-            reason: format!(
-                "{} {how} before serving the image (its own message, if any, is above)",
-                bin.display()
-            ),
-        });
+        nix::sys::wait::waitpid(pid, None)
+    };
+    // A GETATTR of the mount root is answered only once squashfuse_ll has opened the image and
+    // entered its loop.
+    match wait_served(target, timeout) {
+        Served::Yes => {}
+        Served::No(e) => {
+            let how = match kill_and_reap() {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    format!("exited with status {code}")
+                }
+                Ok(other) => format!("ended ({other:?})"),
+                Err(_) => format!("is gone ({e})"),
+            };
+            return Err(MountError::Server {
+                backend: MountBackend::Squashfuse,
+                path: src.path.clone(),
+                reason: format!(
+                    "{} {how} before serving the image (its own message, if any, is above)",
+                    bin.display()
+                ),
+            });
+        }
+        Served::TimedOut(waiter) => {
+            // Killing the server aborts the FUSE connection, which ends the waiting stat.
+            let _ = kill_and_reap();
+            let _ = waiter.join();
+            return Err(MountError::StartTimeout {
+                backend: MountBackend::Squashfuse,
+                path: src.path.clone(),
+                seconds: timeout.as_secs_f64(),
+            });
+        }
     }
     // The Child handle would not kill on drop; MountedImage owns the pid from here.
     std::mem::forget(child);
@@ -85,6 +104,70 @@ pub(super) fn mount(
         MountBackend::Squashfuse,
         pid,
     ))
+}
+
+/// How long `squashfuse_ll` may take to serve the mount root when nothing says otherwise.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The environment variable that overrides [`DEFAULT_START_TIMEOUT`] (seconds, may be
+/// fractional).
+pub const START_TIMEOUT_ENV: &str = "CMPIRUN_MOUNT_TIMEOUT";
+
+/// The start deadline: `$CMPIRUN_MOUNT_TIMEOUT` seconds, else [`DEFAULT_START_TIMEOUT`].
+fn start_timeout() -> Result<Duration, MountError> {
+    let Some(raw) = std::env::var_os(START_TIMEOUT_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(DEFAULT_START_TIMEOUT);
+    };
+    let text = raw.to_string_lossy();
+    match text.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err(MountError::BadSetting {
+            name: START_TIMEOUT_ENV.into(),
+            value: text.into_owned(),
+            expected: "a positive number of seconds, e.g. 30".into(),
+        }),
+    }
+}
+
+enum Served {
+    Yes,
+    No(nix::errno::Errno),
+    /// The stat still waits in this thread; it ends once the server is killed.
+    TimedOut(std::thread::JoinHandle<()>),
+}
+
+/// Stats the mount root within `timeout`. A stat waiting on a FUSE server cannot be
+/// interrupted, so it runs in a short-lived thread; the caller is single-threaded again once
+/// it has been joined (at once when served, after killing the server otherwise).
+fn wait_served(target: &Path, timeout: Duration) -> Served {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = target.to_owned();
+    let waiter = match std::thread::Builder::new()
+        .name("mount-wait".into())
+        .spawn(move || {
+            let _ = tx.send(nix::sys::stat::stat(&path).map(drop));
+        }) {
+        Ok(w) => w,
+        // No thread to spare: wait without a deadline, as before.
+        Err(_) => {
+            return match nix::sys::stat::stat(target) {
+                Ok(_) => Served::Yes,
+                Err(e) => Served::No(e),
+            };
+        }
+    };
+    match rx.recv_timeout(timeout) {
+        Ok(result) => {
+            let _ = waiter.join();
+            match result {
+                Ok(()) => Served::Yes,
+                Err(e) => Served::No(e),
+            }
+        }
+        Err(_) => Served::TimedOut(waiter),
+    }
 }
 
 /// Refuses a file without the squashfs magic at `offset`, with a message naming the file,
