@@ -423,3 +423,92 @@ fn ranks_are_checked_under_srun_and_hydra() {
     let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     assert_no_leftovers(&before, &tags);
 }
+
+/// MPICH 4 (Debian, ch4:ucx) is an MPI that never loads libfabric: the plan still injects the
+/// host copy (its `mpi-libfabric` check only warns), and its ranks speak PMI. When the job
+/// expects the host's provider, such a rank fails the job at its finalize, under the local
+/// launcher and under srun with PMI-2 (the rank mode sees the PMI commands through its relay);
+/// a program that never speaks PMI does not; without the expectation the ranks are reported
+/// with `-v` and the job passes.
+#[test]
+fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let host = copy_into(dir.path(), "host");
+    // The ci profile without its expected providers: injection, and only reports.
+    let report_only = dir.path().join("report-only.yaml");
+    std::fs::write(
+        &report_only,
+        "name: report-only\nfabric:\n  inject: true\n  libfabric:\n    - $CMPIRUN_CI_LIBFABRIC\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&report_only, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let report_only = report_only.display().to_string();
+    let local = |flags: &[&str], prog: &[&str]| {
+        TuserCommand::cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .args(["-n", "2"])
+            .args(flags)
+            .arg(staged_image("mpich4"))
+            .args(prog)
+            .run()
+    };
+    let srun = |flags: &[&str], prog: &[&str]| {
+        TuserCommand::new("salloc")
+            .slurm()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .timeout(std::time::Duration::from_secs(300))
+            .args(["-n", "2"])
+            .arg(cmpirun_bin())
+            .args(["-n", "2", "--pmi", "pmi2"])
+            .args(flags)
+            .arg(staged_image("mpich4"))
+            .args(prog)
+            .run()
+    };
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+    for (launcher, run) in [
+        ("local", &local as &dyn Fn(&[&str], &[&str]) -> RunOutput),
+        ("srun", &srun),
+    ] {
+        let expect = ["--profile", "ci", "--expect-provider", "tcp"];
+        let bad = run(&expect, &["/usr/local/bin/mpitest"]);
+        bad.assert_code(1);
+        assert!(
+            bad.stderr.contains(&format!(
+                "spoke PMI but loaded no libfabric (its MPI used another transport), not the \
+                 host libfabric {}; the job was ended because it expects the host's provider \
+                 (--expect-provider tcp): make the image's MPI use libfabric",
+                host.display()
+            )) && bad.stderr.contains("--no-inject"),
+            "{launcher}: {bad}"
+        );
+        // Not an MPI program: no PMI, not failed.
+        let plain = run(&expect, &["uname", "-n"]);
+        plain.assert_success();
+        assert!(!plain.stderr.contains("libfabric"), "{launcher}: {plain}");
+        // Without an expected provider: reported with -v only.
+        let ok = run(
+            &["-v", "--profile", &report_only],
+            &["/usr/local/bin/mpitest"],
+        );
+        ok.assert_success();
+        assert!(ok.stdout.contains("mpitest: OK size=2"), "{launcher}: {ok}");
+        for r in 0..2 {
+            assert!(
+                ok.stderr
+                    .contains(&format!("rank {r} did not load any libfabric")),
+                "{launcher}: {ok}"
+            );
+        }
+        for out in [bad, plain, ok] {
+            tags.push(out.tag.clone());
+        }
+    }
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}

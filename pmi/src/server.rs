@@ -1109,7 +1109,7 @@ impl PmiServer {
             }
             "barrier_in" => self.enter_fence(cid, rank, Pending::Barrier, &msg),
             "finalize" => {
-                self.finalize(rank);
+                self.finalize(rank, events);
                 self.send(cid, &ok("finalize_ack"));
             }
             "abort" => self.abort(rank, &msg, events),
@@ -1226,7 +1226,7 @@ impl PmiServer {
                 self.send(cid, &m)
             }
             "finalize" => {
-                self.finalize(rank);
+                self.finalize(rank, events);
                 self.send(cid, &ok(&msg));
             }
             "abort" => self.abort(rank, &msg, events),
@@ -1306,11 +1306,12 @@ impl PmiServer {
         }
     }
 
-    fn finalize(&mut self, rank: u32) {
+    fn finalize(&mut self, rank: u32, events: &mut Vec<Event>) {
         let state = &mut self.ranks[rank as usize];
         if state.life != Life::Finalized {
             state.life = Life::Finalized;
             self.report.finalized.push(rank);
+            events.push(Event::Finalized { rank });
         }
     }
 

@@ -6,7 +6,11 @@
 //!
 //! With an expected provider (`--expect-provider`, or the profile's `fabric.providers`), a rank
 //! that loaded another libfabric fails the job instead of running slowly over whatever that one
-//! offers; otherwise it is a warning.
+//! offers; otherwise it is a warning. So does an MPI rank (one that spoke PMI) that reaches
+//! `PMI_Finalize`, or ends, without having mapped any libfabric: its MPI used another transport
+//! (UCX, shared memory, sockets). A program that never spoke PMI (`hostname`) is not an MPI rank
+//! and is never failed for that; where PMI is not visible (`srun --mpi=pmix`), such a rank is
+//! only reported.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,8 +31,11 @@ pub struct InjectedLibfabric {
     pub source: String,
     /// Its metadata: its device and inode show in a rank's map.
     meta: std::fs::Metadata,
-    /// Whether a rank that loaded another libfabric fails the job (a provider is expected).
+    /// Whether a rank that loaded another libfabric, or an MPI rank that loaded none, fails the
+    /// job (a provider is expected).
     pub strict: bool,
+    /// Where the expectation comes from, for the message (`--expect-provider tcp`).
+    expected: String,
 }
 
 /// What one look at a rank's memory map decided.
@@ -60,21 +67,28 @@ impl InjectedLibfabric {
                     .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
         })?;
         let meta = std::fs::metadata(&bind.source).ok()?;
+        let expected = match &plan.job.expect_provider {
+            Some(p) => format!("--expect-provider {p}"),
+            None => format!("profile {}'s fabric.providers", plan.profile.name),
+        };
         Some(InjectedLibfabric {
             source: bind.source.clone(),
             meta,
             strict: plan.job.expect_provider.is_some()
                 || plan.checks.iter().any(|c| c.name == "fabric-providers"),
+            expected,
         })
     }
 
     /// Looks at the memory map of process `pid`. `last`: the rank is about to end, so a map
     /// without any libfabric is final.
     pub fn look(&self, pid: Pid, last: bool) -> Finding {
-        let Ok(maps) = mapped_files(pid.as_raw()) else {
-            return Finding::Undecided;
-        };
-        self.decide(&maps, last)
+        match mapped_files(pid.as_raw()) {
+            // A process that has exited (a zombie) maps nothing at all: its last map is lost.
+            Ok(maps) if !maps.is_empty() => self.decide(&maps, last),
+            _ if last => Finding::None,
+            _ => Finding::Undecided,
+        }
     }
 
     /// Decides from the files a process has mapped.
@@ -115,14 +129,19 @@ impl InjectedLibfabric {
         }
     }
 
-    /// How the job ends because of `finding`, when it does: a rank that loaded another
-    /// libfabric while a provider is expected.
-    pub fn job_end(&self, rank: u32, finding: &Finding) -> Option<JobEnd> {
+    /// How the job ends because of `finding`, when it does, while a provider is expected: a
+    /// rank that loaded another libfabric, or an MPI rank (`mpi`: it spoke PMI) that loaded none.
+    pub fn job_end(&self, rank: u32, finding: &Finding, mpi: bool) -> Option<JobEnd> {
         match finding {
             Finding::Other(loaded) if self.strict => Some(JobEnd::NotInjected {
                 rank,
                 loaded: loaded.clone(),
                 host: self.source.clone(),
+            }),
+            Finding::None if self.strict && mpi => Some(JobEnd::NoLibfabric {
+                rank,
+                host: self.source.clone(),
+                expected: self.expected.clone(),
             }),
             _ => None,
         }
@@ -152,6 +171,8 @@ pub struct RankWatch {
     pause: Duration,
     started: Instant,
     decided: bool,
+    /// The rank spoke PMI (the relay saw its first command): it is an MPI rank.
+    mpi: bool,
     failed: Option<Instant>,
     killed: bool,
     grace: Duration,
@@ -169,6 +190,7 @@ impl RankWatch {
             pause: FIRST_LOOK,
             started: Instant::now(),
             decided: false,
+            mpi: false,
             failed: None,
             killed: false,
             grace: super::local::kill_grace(),
@@ -204,13 +226,23 @@ impl RankWatch {
             self.pause = (self.pause * 2).min(longest);
             return Some(pause);
         }
+        self.conclude(finding, true)
+    }
+
+    /// Acts on a decided `finding`: ends the job or reports. `alive`: the rank still runs and
+    /// must be ended when it failed.
+    fn conclude(&mut self, finding: Finding, alive: bool) -> Option<Duration> {
         self.decided = true;
-        if let Some(end) = self.injected.job_end(self.rank, &finding) {
+        if let Some(end) = self.injected.job_end(self.rank, &finding, self.mpi) {
             if let Some(msg) = end.message(self.size) {
                 say(&msg);
             }
-            let _ = kill(self.pid, Signal::SIGTERM);
             self.failed = Some(Instant::now());
+            if !alive {
+                self.killed = true;
+                return None;
+            }
+            let _ = kill(self.pid, Signal::SIGTERM);
             return Some(self.grace);
         }
         if let Some((line, warning)) = self.injected.report(self.rank, &finding)
@@ -221,15 +253,35 @@ impl RankWatch {
         None
     }
 
+    /// The rank sent PMI command `cmd` (seen by the relay before the server gets it): the rank
+    /// is an MPI rank. At `finalize` the rank waits for the server's answer, so its map is
+    /// looked at a last time: libfabric may have been loaded late, and a rank that has mapped
+    /// none by now never used it.
+    pub fn pmi_command(&mut self, cmd: &str) {
+        self.mpi = true;
+        if cmd == "finalize" && !self.decided {
+            let finding = self.injected.look(self.pid, true);
+            self.conclude(finding, true);
+        }
+    }
+
     /// Whether the rank failed the check (the rank mode then exits with
     /// [`crate::exit::FAILURE`], whatever the rank did when it was ended).
     pub fn failed(&self) -> bool {
         self.failed.is_some()
     }
 
-    /// After the rank ended: says, with `-v`, that it never mapped a libfabric.
-    pub fn finish(&self) {
-        if !self.decided && self.verbose {
+    /// After the rank ended (`ok`: with status 0, by itself) without any look having found a
+    /// libfabric: an MPI rank fails the check when a provider is expected (then
+    /// [`RankWatch::failed`]); otherwise `-v` says that it never mapped one.
+    pub fn finish(&mut self, ok: bool) {
+        if self.decided {
+            return;
+        }
+        // A rank that failed by itself ends the job already, with its own status.
+        if ok || !self.mpi {
+            self.conclude(Finding::None, false);
+        } else if self.verbose {
             say(&format!("rank {} did not load any libfabric", self.rank));
         }
     }
@@ -255,6 +307,7 @@ mod tests {
             source: "/host/libfabric.so.1".into(),
             meta: std::fs::metadata(HOST).unwrap(),
             strict,
+            expected: "--expect-provider tcp".into(),
         }
     }
 
@@ -288,10 +341,17 @@ mod tests {
         let other = inj.decide(&[libc, same_inode_other_dev], false);
         assert_eq!(other, Finding::Other("/opt/lib/libfabric.so.1".into()));
         assert!(matches!(
-            inj.job_end(3, &other),
+            inj.job_end(3, &other, false),
             Some(JobEnd::NotInjected { rank: 3, .. })
         ));
-        assert_eq!(injected(false).job_end(3, &other), None);
+        assert_eq!(injected(false).job_end(3, &other, true), None);
+        // No libfabric at all fails only an MPI rank, and only when a provider is expected.
+        assert!(matches!(
+            inj.job_end(2, &Finding::None, true),
+            Some(JobEnd::NoLibfabric { rank: 2, .. })
+        ));
+        assert_eq!(inj.job_end(2, &Finding::None, false), None);
+        assert_eq!(injected(false).job_end(2, &Finding::None, true), None);
         let (line, warning) = inj.report(3, &other).unwrap();
         assert!(warning);
         assert_eq!(

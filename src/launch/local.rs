@@ -154,6 +154,7 @@ fn run_blocked(
     let mut job = Job {
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
+        connected: vec![false; size as usize],
         control: control.clone(),
         size,
         ranks,
@@ -256,6 +257,8 @@ struct Job {
     injected: Option<InjectedLibfabric>,
     /// Ranks whose memory map was checked for it.
     checked: Vec<bool>,
+    /// Ranks that spoke PMI (MPI ranks).
+    connected: Vec<bool>,
     /// Tells the PMI server which ranks have exited (their fences fail at once).
     control: ServerControl,
     size: u32,
@@ -419,6 +422,9 @@ impl Job {
             };
             if let Some(end) = JobEnd::of_rank(rank, end) {
                 self.finish(end);
+            } else if self.connected[rank as usize] {
+                // An MPI rank that ended before its finalize was looked at.
+                self.check_injected(rank, true);
             }
         }
     }
@@ -440,7 +446,12 @@ impl Job {
                     });
                 }
             }
-            Event::Connected { rank } => self.check_injected(rank, false),
+            Event::Connected { rank } => {
+                if let Some(c) = self.connected.get_mut(rank as usize) {
+                    *c = true;
+                }
+                self.check_injected(rank, false)
+            }
             Event::Finalized { rank } => self.check_injected(rank, true),
             Event::ProtocolError { rank, error } => {
                 tracing::warn!(
@@ -454,21 +465,27 @@ impl Job {
 
     /// Confirms from the memory map of `rank` that it loaded the injected host libfabric (at
     /// its first PMI message: the MPI library and its libfabric are loaded by then). A rank that
-    /// has not mapped any libfabric yet is looked at again when it finalizes.
+    /// has not mapped any libfabric yet is looked at again when it finalizes (`last`), or, when
+    /// it ended first, counts as one that loaded none. Only MPI ranks (they spoke PMI) come here,
+    /// so one that loaded none fails a job that expects the host's provider.
     fn check_injected(&mut self, rank: u32, last: bool) {
         let Some(inj) = &self.injected else { return };
-        let Some(r) = self.ranks.get(rank as usize).filter(|r| !r.done) else {
+        let Some(r) = self.ranks.get(rank as usize) else {
             return;
         };
-        if self.checked[rank as usize] {
+        if self.checked[rank as usize] || (r.done && !last) {
             return;
         }
-        let finding = inj.look(r.pid, last);
+        let finding = if r.done {
+            Finding::None
+        } else {
+            inj.look(r.pid, last)
+        };
         if finding == Finding::Undecided {
             return;
         }
         self.checked[rank as usize] = true;
-        if let Some(end) = inj.job_end(rank, &finding) {
+        if let Some(end) = inj.job_end(rank, &finding, true) {
             if self.end.is_none() {
                 self.finish(end);
             }

@@ -231,7 +231,8 @@ fn run_member(
     }
     // Every signal this process gets is passed on to the rank; in between, the rank's memory map
     // shows whether it loaded the injected host libfabric.
-    let mut maps = RankWatch::new(plan, rank, child);
+    // The relay's commands and the ticks both reach the check.
+    let maps = std::cell::RefCell::new(RankWatch::new(plan, rank, child));
     let mut aborted = false;
     let watched = watch(
         child,
@@ -243,15 +244,20 @@ fn run_member(
                 t.send(rank, RankEnd::Aborted(code), message);
             }
         },
-        || maps.as_mut().and_then(RankWatch::tick),
+        |cmd| {
+            if let Some(w) = maps.borrow_mut().as_mut() {
+                w.pmi_command(cmd);
+            }
+        },
+        || maps.borrow_mut().as_mut().and_then(RankWatch::tick),
     );
+    let mut maps = maps.into_inner();
+    if let Some(w) = maps.as_mut().filter(|w| !w.failed()) {
+        w.finish(!aborted && !watched.signalled && watched.outcome == Outcome::Exited(0));
+    }
     let outcome = match &maps {
         Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
-        Some(w) => {
-            w.finish();
-            watched.outcome
-        }
-        None => watched.outcome,
+        _ => watched.outcome,
     };
     // A rank ended by the launcher's teardown (this task got its signal) did not fail itself.
     if let Some(t) = target.as_ref().filter(|_| !aborted && !watched.signalled) {

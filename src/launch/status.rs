@@ -66,6 +66,16 @@ pub enum JobEnd {
         /// The host libfabric the plan binds in.
         host: String,
     },
+    /// An MPI rank (it spoke PMI) reached `PMI_Finalize`, or ended, without mapping any
+    /// libfabric while the job expects the host's provider: its MPI used another transport.
+    NoLibfabric {
+        /// The rank.
+        rank: u32,
+        /// The host libfabric the plan binds in.
+        host: String,
+        /// Where the expectation comes from (`--expect-provider tcp`, or the profile's).
+        expected: String,
+    },
     /// `--timeout` expired.
     TimedOut {
         /// The timeout in seconds.
@@ -113,7 +123,7 @@ impl JobEnd {
                 status => status,
             },
             JobEnd::TimedOut { .. } => TIMEOUT,
-            JobEnd::NotInjected { .. } => crate::exit::FAILURE,
+            JobEnd::NotInjected { .. } | JobEnd::NoLibfabric { .. } => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
         }
     }
@@ -140,6 +150,17 @@ impl JobEnd {
             JobEnd::NotInjected { rank, loaded, host } => format!(
                 "rank {rank} of {size} loaded {loaded}, not the host libfabric {host}; the job \
                  was ended because it expects the host's provider"
+            ),
+            JobEnd::NoLibfabric {
+                rank,
+                host,
+                expected,
+            } => format!(
+                "rank {rank} of {size} spoke PMI but loaded no libfabric (its MPI used another \
+                 transport), not the host libfabric {host}; the job was ended because it expects \
+                 the host's provider ({expected}): make the image's MPI use libfabric (MPICH: -x \
+                 MPIR_CVAR_CH4_NETMOD=ofi, with FI_PROVIDER), or run with --no-inject and without \
+                 {expected}"
             ),
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")

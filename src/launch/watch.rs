@@ -6,7 +6,9 @@
 //! still waits for an answer: its exit never shows the code. So when the launcher gave the task a
 //! `PMI_FD`, the task sits between the rank and the server ([`Relay`]): the rank gets one end of a
 //! socketpair as its `PMI_FD`, the task copies bytes both ways, and it sees an `abort` before the
-//! server does. Nothing else is changed on the connection.
+//! server does. Nothing else is changed on the connection. The relay also tells the rank mode
+//! which commands the rank sent (it is an MPI rank once it speaks PMI; at `finalize` its memory
+//! map is looked at a last time, [`super::injected::RankWatch`]).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -150,7 +152,7 @@ impl Flow {
     }
 }
 
-/// Finds an `abort` in the rank's PMI messages (PMI-1 `cmd=abort exitcode=N`, PMI-2
+/// Reads the rank's PMI messages: their commands, and finds an `abort` in them (PMI-1 `cmd=abort exitcode=N`, PMI-2
 /// `cmd=abort;isworld=1;msg=…;`, which has no code: 1, as the local launcher's server reads it).
 struct AbortScanner {
     buf: Vec<u8>,
@@ -158,7 +160,12 @@ struct AbortScanner {
 }
 
 impl AbortScanner {
-    fn push(&mut self, bytes: &[u8]) -> Option<(i32, Option<String>)> {
+    /// Takes the next bytes from the rank; calls `on_cmd` with each complete message's command.
+    fn push(
+        &mut self,
+        bytes: &[u8],
+        mut on_cmd: impl FnMut(&str),
+    ) -> Option<(i32, Option<String>)> {
         if self.broken {
             return None;
         }
@@ -168,6 +175,7 @@ impl AbortScanner {
             match decode(&self.buf, DEFAULT_MAX_MESSAGE) {
                 Ok(Decoded::Message(msg, used)) => {
                     self.buf.drain(..used);
+                    on_cmd(&msg.cmd);
                     if msg.cmd == "abort" && found.is_none() {
                         let code = msg
                             .get_int("exitcode")
@@ -211,7 +219,8 @@ fn ends_job(sig: Signal) -> bool {
 
 /// Waits for `child`, passing on every signal read from `sigfd` (but `SIGCHLD`) to its process
 /// group, relaying its PMI connection through `relay` and calling `on_abort(code, message)` when
-/// the rank sends an `abort`, before the server gets it. `tick` is called before each wait and
+/// the rank sends an `abort`, before the server gets it; `on_cmd` is called with the command of
+/// every message the rank sends, also before the server gets it. `tick` is called before each wait and
 /// says when it wants to be called again (`None`: not before something happens). The caller
 /// keeps `relay` (and so the launcher's descriptor) until it exits, as it would hold `PMI_FD`
 /// without the relay.
@@ -220,6 +229,7 @@ pub fn watch(
     sigfd: &SignalFd,
     relay: Option<&Relay>,
     mut on_abort: impl FnMut(i32, Option<String>),
+    mut on_cmd: impl FnMut(&str),
     mut tick: impl FnMut() -> Option<std::time::Duration>,
 ) -> Watched {
     let mut signalled = false;
@@ -313,7 +323,7 @@ pub fn watch(
         let is_ready = |at: Option<usize>| at.is_some_and(|i| ready[i]);
         if is_ready(down_at) && up_flow.wants_read() {
             let new = up_flow.read(r.down.as_fd()).to_vec();
-            if let Some((code, message)) = scanner.push(&new) {
+            if let Some((code, message)) = scanner.push(&new, &mut on_cmd) {
                 // Before the server sees the abort and the launcher kills this task.
                 on_abort(code, message);
             }
@@ -353,12 +363,19 @@ mod tests {
             buf: Vec::new(),
             broken: false,
         };
+        let mut cmds = Vec::new();
         assert_eq!(
-            s.push(b"cmd=init pmi_version=1 pmi_subversion=1\ncmd=abo"),
+            s.push(b"cmd=init pmi_version=1 pmi_subversion=1\ncmd=abo", |c| {
+                cmds.push(c.to_owned())
+            }),
             None
         );
+        assert_eq!(cmds, ["init"]);
         assert_eq!(
-            s.push(b"rt exitcode=7 message=application called MPI_Abort(MPI_COMM_WORLD, 7)\n"),
+            s.push(
+                b"rt exitcode=7 message=application called MPI_Abort(MPI_COMM_WORLD, 7)\n",
+                |_| {}
+            ),
             Some((
                 7,
                 Some("application called MPI_Abort(MPI_COMM_WORLD, 7)".into())
@@ -371,8 +388,8 @@ mod tests {
             buf: Vec::new(),
             broken: false,
         };
-        assert_eq!(s.push(&wire), Some((1, Some("oops".into()))));
-        assert_eq!(s.push(b"\x00garbage"), None);
+        assert_eq!(s.push(&wire, |_| {}), Some((1, Some("oops".into()))));
+        assert_eq!(s.push(b"\x00garbage", |_| {}), None);
         assert!(s.broken);
     }
 }
