@@ -427,7 +427,8 @@ fn ranks_are_checked_under_srun_and_hydra() {
 /// MPICH 4 (Debian, ch4:ucx) is an MPI that never loads libfabric: the plan still injects the
 /// host copy (its `mpi-libfabric` check only warns), and its ranks speak PMI. When the job
 /// expects the host's provider, such a rank fails the job at its finalize, under the local
-/// launcher and under srun with PMI-2 (the rank mode sees the PMI commands through its relay);
+/// launcher, under srun with PMI-2 and under hydra (the rank mode sees the PMI commands through
+/// its relay);
 /// a program that never speaks PMI does not; without the expectation the ranks are reported
 /// with `-v` and the job passes.
 #[test]
@@ -469,11 +470,28 @@ fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
             .args(prog)
             .run()
     };
+    let hostname = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("{hostname}:2\n")).unwrap();
+    std::fs::set_permissions(&hostfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let hydra = |flags: &[&str], prog: &[&str]| {
+        TuserCommand::cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .arg("-f")
+            .arg(&hostfile)
+            .args(["-n", "2"])
+            .args(flags)
+            .arg(staged_image("mpich4"))
+            .args(prog)
+            .run()
+    };
     let before = Snapshot::take();
     let mut tags = Vec::new();
     for (launcher, run) in [
         ("local", &local as &dyn Fn(&[&str], &[&str]) -> RunOutput),
         ("srun", &srun),
+        ("hydra", &hydra),
     ] {
         let expect = ["--profile", "ci", "--expect-provider", "tcp"];
         let bad = run(&expect, &["/usr/local/bin/mpitest"]);
