@@ -165,6 +165,17 @@ enum ImageCommand {
         #[arg(long)]
         deterministic: bool,
     },
+    /// List the extract backend's cache of unpacked images (least recently used first), or
+    /// remove the entries no running job uses.
+    Cache {
+        /// Remove every entry not in use by a running job.
+        #[arg(long)]
+        clear: bool,
+        /// The cache directory (default: $XDG_CACHE_HOME/cmpirun/extract, else
+        /// ~/.cache/cmpirun/extract).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,6 +296,67 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
                 Err(e) => report(&anyhow::Error::new(e)),
             }
         }
+        ImageCommand::Cache { clear, dir } => match image_cache(clear, dir) {
+            Ok(code) => code,
+            Err(e) => report(&e),
+        },
+    }
+}
+
+/// `cmpirun image cache [--clear]`: the extract cache's entries with their sizes.
+fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use cmpirun::image::sif::human_size;
+    use cmpirun::mount;
+    let Some(dir) = dir.or_else(mount::default_extract_cache) else {
+        return Err(anyhow::Error::new(exit::UsageError(
+            "cannot find the extract cache: neither XDG_CACHE_HOME nor HOME is set; use --dir DIR"
+                .into(),
+        )));
+    };
+    if clear {
+        let removed = mount::clear_cache(&dir)?;
+        let bytes: u64 = removed.iter().map(|e| e.bytes).sum();
+        let kept = mount::cache_entries(&dir)?.len();
+        emit_line(&format!(
+            "removed {} extracted images ({}) from {}; {kept} in use kept",
+            removed.len(),
+            human_size(bytes),
+            dir.display()
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let entries = mount::cache_entries(&dir)?;
+    let total: u64 = entries.iter().map(|e| e.bytes).sum();
+    let limit = mount::cache_limit()?;
+    let mut text = format!(
+        "{}: {} extracted images, {} (limit {}, {})\n",
+        dir.display(),
+        entries.len(),
+        human_size(total),
+        human_size(limit),
+        mount::CACHE_LIMIT_ENV
+    );
+    for e in &entries {
+        let age = e.last_used.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        text.push_str(&format!(
+            "{:>10}  last used {:>6} ago  {}{}\n",
+            human_size(e.bytes),
+            ago(age),
+            e.path.display(),
+            if e.in_use { "  (in use)" } else { "" }
+        ));
+    }
+    emit(&text);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A short age: `42s`, `17m`, `5h`, `3d`.
+fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
     }
 }
 

@@ -44,38 +44,94 @@ pub(super) fn mount(
             )
         })?,
     };
-    let tree = extract_cached(src, &cache, opts)?;
+    let (tree, in_use) = extract_and_hold(src, &cache, opts)?;
     bind_read_only(&tree, target)?;
     Ok(MountedImage {
         root: target.to_owned(),
         backend: MountBackend::Extract,
         server: None,
         extracted: Some(tree),
+        _cache_lock: Some(in_use),
         mounted: true,
     })
 }
 
-/// Makes sure the image is extracted in `cache` and returns the tree's directory.
-pub(crate) fn extract_cached(
+/// Makes sure the image is extracted in `cache`; returns the tree's directory and a shared
+/// lock on the entry: while it is held, pruning
+/// leaves the entry alone.
+fn extract_and_hold(
     src: &SquashfsSource,
     cache: &Path,
     opts: &MountOptions,
-) -> Result<PathBuf, MountError> {
+) -> Result<(PathBuf, Flock<File>), MountError> {
     let image = SquashImage::open(src, opts.block_cache_bytes)?;
     let key = image_key(&image, src)?;
     std::fs::create_dir_all(cache)
         .map_err(|e| MountError::io(format!("create extract cache {}", cache.display()), e))?;
     let tree = cache.join(&key);
     let lock_path = cache.join(format!("{key}.lock"));
-    let lock_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| MountError::io(format!("open lock file {}", lock_path.display()), e))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| MountError::io(format!("lock {}", lock_path.display()), e))?;
+    let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?.ok_or_else(|| {
+        MountError::io(
+            format!("lock {}", lock_path.display()),
+            nix::errno::Errno::EWOULDBLOCK,
+        )
+    })?;
+    // The lock file's modification time is the entry's last use, for pruning.
+    let _ = lock.set_modified(std::time::SystemTime::now());
+    let (tree, fresh) = fill_entry(&image, src, cache, &key, tree)?;
+    let lock = share(lock, &lock_path)?;
+    if fresh {
+        prune(cache, &key, cache_limit()?);
+    }
+    Ok((tree, lock))
+}
+
+/// Turns the exclusive lock into a shared one (other ranks may use the entry, pruning may not
+/// remove it).
+fn share(lock: Flock<File>, lock_path: &Path) -> Result<Flock<File>, MountError> {
+    let file = lock
+        .unlock()
+        .map_err(|(_, e)| MountError::io(format!("unlock {}", lock_path.display()), e))?;
+    Flock::lock(file, FlockArg::LockShared)
+        .map_err(|(_, e)| MountError::io(format!("lock {}", lock_path.display()), e))
+}
+
+/// Opens and locks `path`, making sure the file locked is still the one at `path` (pruning
+/// unlinks the lock files of the entries it removes). `None`: a non-blocking lock is held
+/// by another process.
+fn lock_entry(path: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountError> {
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| MountError::io(format!("open lock file {}", path.display()), e))?;
+        let lock = match Flock::lock(file, how) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(MountError::io(format!("lock {}", path.display()), e)),
+        };
+        let held = lock
+            .metadata()
+            .map_err(|e| MountError::io(format!("stat {}", path.display()), e))?;
+        match std::fs::metadata(path) {
+            Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => return Ok(Some(lock)),
+            _ => continue,
+        }
+    }
+}
+
+/// Extracts the image into `tree` unless it is there; `true` if it was extracted now. The
+/// caller holds the entry's exclusive lock.
+fn fill_entry(
+    image: &SquashImage,
+    src: &SquashfsSource,
+    cache: &Path,
+    key: &str,
+    tree: PathBuf,
+) -> Result<(PathBuf, bool), MountError> {
     let first = !WARNED.swap(true, Ordering::Relaxed);
     // Killed extractions of other images leave temporaries too; those whose extractor is gone
     // can go now (a live one keeps its pid in the name).
@@ -88,7 +144,7 @@ pub(crate) fn extract_cached(
                 tree.display()
             );
         }
-        return Ok(tree);
+        return Ok((tree, false));
     }
     if first {
         tracing::warn!(
@@ -102,7 +158,7 @@ pub(crate) fn extract_cached(
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
     let tmp = cache.join(format!("{prefix}{}", std::process::id()));
-    let result = extract_into(&image, &tmp).and_then(|()| {
+    let result = extract_into(image, &tmp).and_then(|()| {
         std::fs::rename(&tmp, &tree).map_err(|e| {
             MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
         })
@@ -111,7 +167,164 @@ pub(crate) fn extract_cached(
         let _ = remove_tree(&tmp);
         return Err(e);
     }
-    Ok(tree)
+    Ok((tree, true))
+}
+
+/// The default size limit of the extract cache.
+pub const DEFAULT_CACHE_LIMIT: u64 = 20 << 30;
+
+/// The environment variable that overrides [`DEFAULT_CACHE_LIMIT`]: bytes, with an optional
+/// `K`, `M`, `G` or `T` suffix (powers of 1024).
+pub const CACHE_LIMIT_ENV: &str = "CMPIRUN_EXTRACT_CACHE_MAX";
+
+/// The cache's size limit: `$CMPIRUN_EXTRACT_CACHE_MAX`, else [`DEFAULT_CACHE_LIMIT`].
+pub fn cache_limit() -> Result<u64, MountError> {
+    let Some(raw) = std::env::var_os(CACHE_LIMIT_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(DEFAULT_CACHE_LIMIT);
+    };
+    let text = raw.to_string_lossy().trim().to_owned();
+    let (num, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => 64,
+            };
+            (&text[..i], shift)
+        }
+        _ => (text.as_str(), 0),
+    };
+    match num.parse::<u64>() {
+        Ok(n) if shift < 64 && n.checked_shl(shift).is_some_and(|v| v >> shift == n) => {
+            Ok(n << shift)
+        }
+        _ => Err(MountError::BadSetting {
+            name: CACHE_LIMIT_ENV.into(),
+            value: text,
+            expected: "a size in bytes with an optional K, M, G or T suffix, e.g. 20G".into(),
+        }),
+    }
+}
+
+/// One extracted image in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// The entry's directory (named by the image's hash).
+    pub path: PathBuf,
+    /// Bytes the tree takes on disk.
+    pub bytes: u64,
+    /// When a job last started with it.
+    pub last_used: std::time::SystemTime,
+    /// Whether a running job holds it (its lock is taken).
+    pub in_use: bool,
+}
+
+/// Lists the extracted images in `cache`, least recently used first.
+pub fn cache_entries(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
+    let rd = match std::fs::read_dir(cache) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(MountError::io(format!("read {}", cache.display()), e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains('.') || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        let lock_path = cache.join(format!("{name}.lock"));
+        let last_used = std::fs::metadata(&lock_path)
+            .or_else(|_| entry.metadata())
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let in_use = match lock_entry(&lock_path, FlockArg::LockExclusiveNonblock) {
+            Ok(Some(_)) => false,
+            Ok(None) => true,
+            Err(_) => true,
+        };
+        out.push(CacheEntry {
+            bytes: tree_bytes(&path),
+            path,
+            last_used,
+            in_use,
+        });
+    }
+    out.sort_by_key(|e| e.last_used);
+    Ok(out)
+}
+
+/// Removes every entry of `cache` no running job holds; returns the entries removed.
+pub fn clear_cache(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
+    let mut removed = Vec::new();
+    for entry in cache_entries(cache)? {
+        if remove_entry(cache, &entry.path)? {
+            removed.push(entry);
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes one entry if nobody holds it: takes its lock without waiting, removes the tree,
+/// then unlinks the lock file while still holding it. `false`: it is in use.
+fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError> {
+    let Some(name) = tree.file_name() else {
+        return Ok(false);
+    };
+    let lock_path = cache.join(format!("{}.lock", name.to_string_lossy()));
+    let Some(_lock) = lock_entry(&lock_path, FlockArg::LockExclusiveNonblock)? else {
+        return Ok(false);
+    };
+    remove_tree(tree).map_err(|e| MountError::io(format!("remove {}", tree.display()), e))?;
+    let _ = std::fs::remove_file(&lock_path);
+    Ok(true)
+}
+
+/// Removes the least recently used entries no job holds until the cache fits in `limit`
+/// bytes; never `keep` (the entry just made). Failures only leave the cache larger.
+fn prune(cache: &Path, keep: &str, limit: u64) {
+    let Ok(entries) = cache_entries(cache) else {
+        return;
+    };
+    let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+    for e in entries {
+        if total <= limit {
+            break;
+        }
+        if e.in_use || e.path.file_name().is_some_and(|n| n == keep) {
+            continue;
+        }
+        match remove_entry(cache, &e.path) {
+            Ok(true) => {
+                tracing::info!(
+                    "extract cache over {limit} bytes: removed {} ({} bytes, unused)",
+                    e.path.display(),
+                    e.bytes
+                );
+                total = total.saturating_sub(e.bytes);
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!("extract cache: {err}"),
+        }
+    }
+}
+
+/// Bytes a tree takes on disk (allocated blocks), not following symlinks.
+fn tree_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir()
+        && let Ok(rd) = std::fs::read_dir(path)
+    {
+        for entry in rd.flatten() {
+            total += tree_bytes(&entry.path());
+        }
+    }
+    total
 }
 
 /// Removes `<key>.tmp-<pid>` directories in `cache`: with `prefix` (a key's, whose lock is

@@ -25,7 +25,10 @@ use nix::sys::wait::WaitPidFlag;
 use nix::unistd::Pid;
 
 pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
-pub use extract::default_extract_cache;
+pub use extract::{
+    CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, cache_entries, cache_limit, clear_cache,
+    default_extract_cache,
+};
 
 /// How to make an image's squashfs visible at a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -263,6 +266,9 @@ pub struct MountedImage {
     server: Option<Pid>,
     /// The extracted tree behind a bind mount, for the extract backend.
     extracted: Option<PathBuf>,
+    /// A shared lock on the extracted tree's cache entry, so pruning leaves it alone while the
+    /// image is in use.
+    _cache_lock: Option<nix::fcntl::Flock<std::fs::File>>,
     mounted: bool,
 }
 
@@ -345,6 +351,7 @@ impl MountedImage {
             backend,
             server: Some(server),
             extracted: None,
+            _cache_lock: None,
             mounted: true,
         }
     }
