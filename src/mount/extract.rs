@@ -57,8 +57,7 @@ pub(super) fn mount(
 }
 
 /// Makes sure the image is extracted in `cache`; returns the tree's directory and a shared
-/// lock on the entry: while it is held, pruning
-/// leaves the entry alone.
+/// lock on the entry: while it is held, pruning leaves the entry alone.
 fn extract_and_hold(
     src: &SquashfsSource,
     cache: &Path,
@@ -70,30 +69,39 @@ fn extract_and_hold(
         .map_err(|e| MountError::io(format!("create extract cache {}", cache.display()), e))?;
     let tree = cache.join(&key);
     let lock_path = cache.join(format!("{key}.lock"));
-    let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?.ok_or_else(|| {
-        MountError::io(
-            format!("lock {}", lock_path.display()),
-            nix::errno::Errno::EWOULDBLOCK,
-        )
-    })?;
-    // The lock file's modification time is the entry's last use, for pruning.
-    let _ = lock.set_modified(std::time::SystemTime::now());
-    let (tree, fresh) = fill_entry(&image, src, cache, &key, tree)?;
-    let lock = share(lock, &lock_path)?;
-    if fresh {
-        prune(cache, &key, cache_limit()?);
+    // The limit is checked before anything is extracted, so a bad value fails at once.
+    let limit = cache_limit()?;
+    loop {
+        let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?.ok_or_else(|| {
+            MountError::io(
+                format!("lock {}", lock_path.display()),
+                nix::errno::Errno::EWOULDBLOCK,
+            )
+        })?;
+        // The lock file's modification time is the entry's last use, for pruning.
+        let _ = lock.set_modified(std::time::SystemTime::now());
+        let (tree, fresh) = fill_entry(&image, src, cache, &key, tree.clone())?;
+        // Linux converts a flock by dropping it and taking the new one, so a pruner may slip
+        // in between and remove the entry; it unlinks the lock file while still holding it,
+        // so a lock file that is no longer at its path means: start again.
+        lock.relock(FlockArg::LockShared)
+            .map_err(|e| MountError::io(format!("lock {}", lock_path.display()), e))?;
+        if !still_at(&lock, &lock_path) {
+            continue;
+        }
+        if fresh {
+            prune(cache, &key, limit);
+        }
+        return Ok((tree, lock));
     }
-    Ok((tree, lock))
 }
 
-/// Turns the exclusive lock into a shared one (other ranks may use the entry, pruning may not
-/// remove it).
-fn share(lock: Flock<File>, lock_path: &Path) -> Result<Flock<File>, MountError> {
-    let file = lock
-        .unlock()
-        .map_err(|(_, e)| MountError::io(format!("unlock {}", lock_path.display()), e))?;
-    Flock::lock(file, FlockArg::LockShared)
-        .map_err(|(_, e)| MountError::io(format!("lock {}", lock_path.display()), e))
+/// Whether the open (locked) file `file` is still the one at `path`.
+fn still_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(held), Ok(now)) => held.ino() == now.ino() && held.dev() == now.dev(),
+        _ => false,
+    }
 }
 
 /// Opens and locks `path`, making sure the file locked is still the one at `path` (pruning
@@ -113,12 +121,8 @@ fn lock_entry(path: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountEr
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
             Err((_, e)) => return Err(MountError::io(format!("lock {}", path.display()), e)),
         };
-        let held = lock
-            .metadata()
-            .map_err(|e| MountError::io(format!("stat {}", path.display()), e))?;
-        match std::fs::metadata(path) {
-            Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => return Ok(Some(lock)),
-            _ => continue,
+        if still_at(&lock, path) {
+            return Ok(Some(lock));
         }
     }
 }
