@@ -627,10 +627,12 @@ fn exit_status(err: &anyhow::Error) -> i32 {
 
 fn init_logging(verbose: u8) {
     // backhand logs every corrupt-image detail at error level; cmpirun reports those itself in
-    // one line, so backhand's own messages appear only when asked for with -vv.
+    // one line, so backhand's own messages appear only when asked for with -vv. fuser warns
+    // about every operation the image server leaves to its default answer (ENOSYS for xattrs,
+    // which `ls -l` asks for): noise to a user, shown from -vv on.
     let level = match verbose {
-        0 => "warn,backhand=off",
-        1 => "info,backhand=off",
+        0 => "warn,backhand=off,fuser=error",
+        1 => "info,backhand=off,fuser=error",
         2 => "debug",
         _ => "trace",
     };
