@@ -72,11 +72,19 @@ fn leftover_processes_are_found_by_tag() {
         ])
         .run();
     out.assert_success();
-    let left = Snapshot::take().leftovers_since(&before, &[out.tag.as_str()]);
-    assert!(
-        left.processes.iter().any(|p| p.comm == "sleep"),
-        "the detached sleep was not reported: {left}"
-    );
+    // The detached child may still be `setsid` between its fork and its exec of `sleep`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = Snapshot::take().leftovers_since(&before, &[out.tag.as_str()]);
+        if left.processes.iter().any(|p| p.comm == "sleep") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detached sleep was not reported: {left}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let other = Snapshot::take().leftovers_since(&before, &["some-other-run"]);
     assert!(other.processes.iter().all(|p| p.comm != "sleep"), "{other}");
     kill_tagged(&out.tag);
