@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-
 use common::*;
 
 /// The per-user rendezvous directory, made before a snapshot so that it is not a leftover.
@@ -101,20 +99,9 @@ fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/mpitest")
         .run();
-    out.assert_success();
+    let hellos = assert_mpitest_ok(&out, 4);
     assert!(out.stdout.contains("[0] mpitest: OK size=4"), "{out}");
-    let ns: BTreeSet<String> = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("hello: rank="))
-        .map(|l| {
-            l.split_whitespace()
-                .filter(|w| w.starts_with("userns=") || w.starts_with("mntns="))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    assert_eq!(ns.len(), 1, "one container for the four ranks:\n{out}");
+    assert_one_container_per_host(&hellos, tuser().uid);
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 

@@ -28,50 +28,21 @@ fn run(image: &str, n: u32, flags: &[&str], program: &str, args: &[&str]) -> Run
         .run()
 }
 
-/// The `userns=… mntns=…` pairs the mpitest hello lines report, one per rank.
-fn namespaces(out: &RunOutput) -> Vec<(String, String, String)> {
-    out.stdout
-        .lines()
-        .filter(|l| l.contains("hello: rank="))
-        .map(|l| {
-            let field = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            (field("uid="), field("userns="), field("mntns="))
-        })
-        .collect()
-}
-
 #[test]
 fn mpich4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
     // Serial: every run mounts an image, which shows host-wide as a FUSE connection
     // that the leftover checks of the other tests would count.
     let _serial = exclusive();
-    let uid = tuser().uid.to_string();
+    let uid = tuser().uid;
     for n in [1u32, 2, 4, 8] {
         let out = run("mpich4", n, &[], "/usr/local/bin/mpitest", &[]);
-        out.assert_success();
-        assert!(
-            out.stdout.contains(&format!("mpitest: OK size={n}")),
-            "{out}"
-        );
-        let ns = namespaces(&out);
-        assert_eq!(ns.len(), n as usize, "one hello line per rank:\n{out}");
-        let distinct: BTreeSet<_> = ns.iter().collect();
-        assert_eq!(distinct.len(), 1, "every rank in one container:\n{out}");
-        assert_eq!(ns[0].0, uid, "ranks run as the user:\n{out}");
+        let hellos = assert_mpitest_ok(&out, n);
+        assert_one_container_per_host(&hellos, uid);
+        let userns = hellos[0].userns.unwrap().to_string();
         let host_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
-        assert!(!host_userns.to_string_lossy().contains(&ns[0].1), "{out}");
+        assert!(!host_userns.to_string_lossy().contains(&userns), "{out}");
         let out = run("mpich4", n, &[], "/usr/local/bin/bigmsg", &[]);
-        out.assert_success();
-        assert!(
-            out.stdout
-                .contains(&format!("bigmsg: OK size={n} bytes=16777216")),
-            "{out}"
-        );
+        assert_bigmsg_ok(&out, n);
     }
 }
 

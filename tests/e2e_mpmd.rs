@@ -129,27 +129,6 @@ fn two_parts(n: u32, program: &str, args: &[&str], flags: &[&str]) -> Vec<String
     v
 }
 
-/// The (rank, userns, mntns) of each hello line.
-fn namespaces(stdout: &str) -> Vec<(u32, String, String)> {
-    stdout
-        .lines()
-        .filter(|l| l.starts_with("hello: rank="))
-        .map(|l| {
-            let field = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(k))
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            (
-                field("rank=").parse().unwrap(),
-                field("userns="),
-                field("mntns="),
-            )
-        })
-        .collect()
-}
-
 /// Checks a 2+2 mpitest run: passed; one user namespace for all four ranks, not the host's; one
 /// mount namespace per image.
 fn check_mpitest(out: &RunOutput) {
@@ -162,13 +141,14 @@ fn check_mpitest_output(stdout: &str, what: &str) {
     assert!(stdout.contains("mpitest: OK size=4"), "{what}");
     assert!(stdout.contains("allreduce: OK sum=10"), "{what}");
     assert!(stdout.contains("ring: OK token=6"), "{what}");
-    let ns = namespaces(stdout);
+    let ns = hello_lines(stdout);
     assert_eq!(ns.len(), 4, "one hello line per rank:\n{what}");
-    let users: BTreeSet<_> = ns.iter().map(|n| &n.1).collect();
+    let users: BTreeSet<_> = ns.iter().map(|h| h.userns).collect();
     assert_eq!(users.len(), 1, "every rank in one user namespace:\n{what}");
+    let userns = ns[0].userns.unwrap().to_string();
     let host = fs::read_link("/proc/self/ns/user").unwrap();
-    assert!(!host.to_string_lossy().contains(ns[0].1.as_str()), "{what}");
-    let mnt_of = |r: u32| ns.iter().find(|n| n.0 == r).unwrap().2.clone();
+    assert!(!host.to_string_lossy().contains(&userns), "{what}");
+    let mnt_of = |r: u32| ns.iter().find(|h| h.rank == r).unwrap().mntns;
     assert_eq!(
         mnt_of(0),
         mnt_of(1),

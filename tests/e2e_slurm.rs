@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
@@ -38,28 +37,8 @@ fn salloc(n: u32, flags: &[&str], image: &str, program: &str, args: &[&str]) -> 
 
 /// Checks an mpitest run of `n` ranks: passed, one container for all.
 fn check_mpitest(out: &RunOutput, n: u32) {
-    out.assert_success();
-    assert!(
-        out.stdout.contains(&format!("mpitest: OK size={n}")),
-        "{out}"
-    );
-    let ns: Vec<String> = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("hello: rank="))
-        .map(|l| {
-            l.split_whitespace()
-                .filter(|w| w.starts_with("userns=") || w.starts_with("mntns="))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    assert_eq!(ns.len(), n as usize, "{out}");
-    assert_eq!(
-        ns.iter().collect::<BTreeSet<_>>().len(),
-        1,
-        "one container:\n{out}"
-    );
+    let hellos = assert_mpitest_ok(out, n);
+    assert_one_container_per_host(&hellos, tuser().uid);
 }
 
 #[test]
