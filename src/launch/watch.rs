@@ -209,6 +209,10 @@ pub struct Watched {
     pub signalled: bool,
 }
 
+/// How long a task whose rank was killed by a job-ending signal (or SIGKILL) waits for the same
+/// teardown to signal the task itself, before it reports the kill as the rank's own failure.
+const TEARDOWN_SKEW_MS: u8 = 200;
+
 /// Signals with which srun, hydra or the user end a job.
 fn ends_job(sig: Signal) -> bool {
     matches!(
@@ -262,8 +266,18 @@ pub fn watch(
             Err(_) => Some(Outcome::Exited(crate::exit::FAILURE)),
         };
         if let Some(outcome) = outcome {
-            // A teardown signal may have reached the rank first: count it before judging.
+            // A teardown signal may have reached the rank first: count it before judging. srun
+            // signals the processes of a step one by one, so when the rank was ended by such a
+            // signal and this task has none yet, it waits a moment for its own.
             read_signals(&mut signalled);
+            if !signalled
+                && matches!(outcome, Outcome::Signaled(sig) if sig == Signal::SIGKILL || ends_job(sig))
+            {
+                let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+                if matches!(poll(&mut fds, PollTimeout::from(TEARDOWN_SKEW_MS)), Ok(n) if n > 0) {
+                    read_signals(&mut signalled);
+                }
+            }
             if let Some(r) = relay {
                 up_flow.flush(r.up.as_fd());
             }
