@@ -5,7 +5,7 @@
 //! because mpirun's single-dash long flags (`-np`, `-genv`) are not clap's.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -165,14 +165,14 @@ enum ImageCommand {
         #[arg(long)]
         deterministic: bool,
     },
-    /// List the extract backend's cache of unpacked images (least recently used first), or
-    /// remove the entries no running job uses.
+    /// List the extract backend's cache of unpacked images and the library cache of unpacked
+    /// MPI stacks (least recently used first), or remove the entries no running job uses.
     Cache {
         /// Remove every entry not in use by a running job.
         #[arg(long)]
         clear: bool,
-        /// The cache directory (default: $XDG_CACHE_HOME/cmpirun/extract, else
-        /// ~/.cache/cmpirun/extract).
+        /// Only this cache directory (default: both, $XDG_CACHE_HOME/cmpirun/extract and
+        /// $XDG_CACHE_HOME/cmpirun/libraries, or $CMPIRUN_LIBRARY_CACHE).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
@@ -241,6 +241,8 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
         shm: opts.shm,
         shm_size: None,
         instance_key: opts.instance_key,
+        library_cache: None,
+        cached_files: Vec::new(),
         argv,
     };
     match exec(&req) {
@@ -303,33 +305,56 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
     }
 }
 
-/// `cmpirun image cache [--clear]`: the extract cache's entries with their sizes.
+/// `cmpirun image cache [--clear]`: the entries of the extract cache and of the library cache
+/// (or of the cache `--dir`), with their sizes.
 fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use cmpirun::mount;
+    let caches: Vec<(PathBuf, &str)> = match dir {
+        Some(dir) => vec![(dir, "entries")],
+        None => {
+            let Some(extract) = mount::default_extract_cache() else {
+                return Err(anyhow::Error::new(exit::UsageError(
+                    "cannot find the extract cache: neither XDG_CACHE_HOME nor HOME is set; use \
+                     --dir DIR"
+                        .into(),
+                )));
+            };
+            let env = |k: &str| std::env::var(k).ok();
+            std::iter::once((extract, "extracted images"))
+                .chain(mount::library_cache_in(env).map(|d| (d, "unpacked MPI stacks")))
+                .collect()
+        }
+    };
+    // A bad limit fails before anything is removed.
+    let limit = mount::cache_limit()?;
+    let mut text = String::new();
+    for (dir, what) in caches {
+        text.push_str(&cache_report(&dir, what, clear, limit)?);
+    }
+    emit(&text);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `cmpirun image cache` says of one cache (`what` names its entries); with `clear`, after
+/// removing the entries no running job uses.
+fn cache_report(dir: &Path, what: &str, clear: bool, limit: u64) -> anyhow::Result<String> {
     use cmpirun::image::sif::human_size;
     use cmpirun::mount;
-    let Some(dir) = dir.or_else(mount::default_extract_cache) else {
-        return Err(anyhow::Error::new(exit::UsageError(
-            "cannot find the extract cache: neither XDG_CACHE_HOME nor HOME is set; use --dir DIR"
-                .into(),
-        )));
-    };
     if clear {
-        let removed = mount::clear_cache(&dir)?;
+        let removed = mount::clear_cache(dir)?;
         let bytes: u64 = removed.iter().map(|e| e.bytes).sum();
-        let kept = mount::cache_entries(&dir)?.len();
-        emit_line(&format!(
-            "removed {} extracted images ({}) from {}; {kept} in use kept",
+        let kept = mount::cache_entries(dir)?.len();
+        return Ok(format!(
+            "removed {} {what} ({}) from {}; {kept} in use kept\n",
             removed.len(),
             human_size(bytes),
             dir.display()
         ));
-        return Ok(ExitCode::SUCCESS);
     }
-    let entries = mount::cache_entries(&dir)?;
+    let entries = mount::cache_entries(dir)?;
     let total: u64 = entries.iter().map(|e| e.bytes).sum();
-    let limit = mount::cache_limit()?;
     let mut text = format!(
-        "{}: {} extracted images, {} (limit {}, {})\n",
+        "{}: {} {what}, {} (limit {}, {})\n",
         dir.display(),
         entries.len(),
         human_size(total),
@@ -346,8 +371,7 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             if e.in_use { "  (in use)" } else { "" }
         ));
     }
-    emit(&text);
-    Ok(ExitCode::SUCCESS)
+    Ok(text)
 }
 
 /// A short age: `42s`, `17m`, `5h`, `3d`.

@@ -128,6 +128,9 @@ pub struct RootConfig {
     pub host_dirs: Vec<PathBuf>,
     /// `--bind` values, in command-line order.
     pub binds: Vec<Bind>,
+    /// Image files served from the node's library cache: read-only binds over the image's own
+    /// copies (same content). One is left out where any other bind covers its destination.
+    pub cached: Vec<Bind>,
     /// What `/dev/shm` is.
     pub shm: ShmMode,
     /// With [`ShmMode::Private`]: a directory (as the node instance sees it before any root is
@@ -358,6 +361,15 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
             b.readonly,
         ));
     }
+    // Library-cache copies only where nothing else is bound: an injected host library at the
+    // same path, or a host directory over theirs, wins.
+    let cached: Vec<_> = cfg
+        .cached
+        .iter()
+        .filter(|c| !binds.iter().any(|b| is_under(&c.dst, &b.1)))
+        .map(|c| (BindSource::Host(c.src.clone()), c.dst.clone(), false, true))
+        .collect();
+    binds.extend(cached);
     // Parents before children, so a bind below another one lands in the bound tree; stable, so
     // equal depths keep their order.
     binds.sort_by_key(|b| b.1.components().count());
@@ -459,6 +471,7 @@ mod tests {
             host_files: vec!["/etc/hosts".into(), "/etc/resolv.conf".into()],
             host_dirs: vec!["/tmp".into(), "/var/tmp".into()],
             binds: vec![],
+            cached: vec![],
             shm: ShmMode::Private,
             shared_shm: None,
             shm_size: None,

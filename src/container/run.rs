@@ -17,7 +17,7 @@ use crate::mount::{MountBackend, SquashfsSource, choose_backend};
 
 use super::env::{base_environment, member_environment, parse_env};
 use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance};
-use super::plan::{Account, ImageSource, RootConfig, ShmMode, parse_bind};
+use super::plan::{Account, Bind, ImageSource, RootConfig, ShmMode, parse_bind};
 use super::rendezvous::{RendezvousError, join_or_create, runtime_dir};
 
 /// What `cmpirun exec` was asked to do.
@@ -38,6 +38,12 @@ pub struct ExecRequest {
     pub shm_size: Option<String>,
     /// Join (or create) the node instance of this key instead of a private one.
     pub instance_key: Option<String>,
+    /// The library cache to serve `cached_files` from (`None`: off).
+    pub library_cache: Option<PathBuf>,
+    /// Files of the image (absolute paths inside it: the MPI stack the image facts name) to
+    /// serve from the node's library cache rather than through the image mount, when the image
+    /// is mounted (not extracted).
+    pub cached_files: Vec<PathBuf>,
     /// The program and its arguments.
     pub argv: Vec<OsString>,
 }
@@ -206,7 +212,11 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         avoid.push(req.image.clone());
         avoid.push(image.path().to_owned());
         avoid.extend(binds.iter().map(|b| b.src.clone()));
-        roots.push((image, binds, req.shm, req.shm_size.clone()));
+        let cached = match &req.library_cache {
+            Some(cache) => cached_binds(&image, cache, &req.cached_files),
+            None => Vec::new(),
+        };
+        roots.push((image, binds, cached, req.shm, req.shm_size.clone()));
     }
     let stage = pick_stage(&avoid).ok_or_else(|| {
         ExecError::Failed(format!(
@@ -227,7 +237,7 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         .collect();
     let mut roots = roots
         .into_iter()
-        .map(|(image, binds, shm, shm_size)| RootConfig {
+        .map(|(image, binds, cached, shm, shm_size)| RootConfig {
             image,
             stage: stage.clone(),
             bind_home: account.home.is_dir(),
@@ -236,6 +246,7 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
             host_files: host_files.clone(),
             host_dirs: host_dirs.clone(),
             binds,
+            cached,
             shm,
             shared_shm: None,
             shm_size,
@@ -248,6 +259,45 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         other_roots,
         script_env,
     })
+}
+
+/// Read-only binds of `files` from the node's library cache over the image's copies, for an
+/// image that a FUSE server serves. The cache is an optimisation: when it is off, or cannot be
+/// filled (no space, no writable home), the files are read through the mount as before.
+fn cached_binds(image: &ImageSource, cache: &Path, files: &[PathBuf]) -> Vec<Bind> {
+    let ImageSource::Squashfs { source, backend } = image else {
+        return Vec::new();
+    };
+    if files.is_empty() || *backend == MountBackend::Extract {
+        return Vec::new();
+    }
+    let tree = match crate::mount::hold_library_files(source, cache, files) {
+        Ok(tree) => tree,
+        Err(e) => {
+            tracing::warn!(
+                "library cache {}: {e}; reading the image's MPI libraries through the mount \
+                 (set {}=off to skip the cache)",
+                cache.display(),
+                crate::mount::LIBRARY_CACHE_ENV
+            );
+            return Vec::new();
+        }
+    };
+    files
+        .iter()
+        .filter_map(|f| {
+            let src = tree.join(f.strip_prefix("/").unwrap_or(f));
+            // A file the image does not have (or not as a regular file) was not unpacked.
+            fs::symlink_metadata(&src)
+                .is_ok_and(|m| m.is_file())
+                .then(|| Bind {
+                    src,
+                    dst: f.clone(),
+                    readonly: true,
+                    recursive: false,
+                })
+        })
+        .collect()
 }
 
 /// Signals cmpirun passes on to the programs it runs (`exec`) and to every rank (launch).

@@ -86,6 +86,8 @@ pub fn node_config(
         .into_iter()
         .map(|image| ExecRequest {
             binds: image_binds(&plan.binds, &image, rank_env, extra),
+            library_cache: plan.mount.library_cache.clone(),
+            cached_files: stack_files(plan, &image),
             image,
             env: Vec::new(),
             backend,
@@ -102,6 +104,16 @@ pub fn node_config(
             LaunchError::Failed(e.to_string())
         }
     })
+}
+
+/// The files of `image`'s MPI stack (the facts' libraries, symlinks resolved), which the node
+/// serves from its library cache.
+fn stack_files(plan: &LaunchPlan, image: &Path) -> Vec<PathBuf> {
+    plan.apps
+        .iter()
+        .find(|a| a.image.path == image)
+        .map(|a| a.image.stack_files.iter().map(PathBuf::from).collect())
+        .unwrap_or_default()
 }
 
 /// The binds of `image`'s root, as `SRC:DST:ro|rw`: the plan's binds for every image and for

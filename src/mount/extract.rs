@@ -1,9 +1,16 @@
-//! The extract backend: unpack the squashfs once per node into a cache and bind it read-only.
+//! The extract backend: unpack the squashfs once per node into a cache and bind it read-only;
+//! and the library cache: unpack only the files of the image's MPI stack, to be bound over the
+//! image's copies in the mounted root.
 //!
-//! Used where FUSE is not (no `/dev/fuse`, permission denied). The cache holds one directory per
-//! image, named by a hash of the image's identity; it is filled in a temporary sibling and
-//! renamed into place under a lock file, so concurrent ranks of a node extract it once and never
-//! see a half-written tree.
+//! The extract backend is used where FUSE is not (no `/dev/fuse`, permission denied). Each cache
+//! holds one directory per image, named by a hash of the image's identity; it is filled in a
+//! temporary sibling and renamed into place under a lock file, so concurrent ranks of a node
+//! extract it once and never see a half-written tree.
+//!
+//! The library cache exists because a FUSE mount's page cache ends with the mount: each job
+//! mounts the image anew, so every job would read and decompress its MPI libraries again (about
+//! 35 ms of a one-rank MPICH launch here). Files of a host filesystem keep their pages between
+//! jobs; bound over the image's copies, the same bytes load from memory from the second job on.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,14 +27,66 @@ use super::{MountBackend, MountError, MountOptions, MountedImage, SquashfsSource
 /// The warning that extraction is in use is given once per process.
 static WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The user's cache folder for cmpirun: `$XDG_CACHE_HOME/cmpirun`, else `$HOME/.cache/cmpirun`,
+/// with the variables read through `var`.
+fn user_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let set = |name: &str| var(name).filter(|v| !v.is_empty());
+    let base = match set("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(set("HOME")?).join(".cache"),
+    };
+    Some(base.join("cmpirun"))
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
 /// The default extract cache: `$XDG_CACHE_HOME/cmpirun/extract`, else
 /// `$HOME/.cache/cmpirun/extract`.
 pub fn default_extract_cache() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
-    };
-    Some(base.join("cmpirun").join("extract"))
+    Some(user_cache_in(env_var)?.join("extract"))
+}
+
+/// The environment variable that moves the library cache (a directory) or turns it off (`off`).
+pub const LIBRARY_CACHE_ENV: &str = "CMPIRUN_LIBRARY_CACHE";
+
+/// The library cache's directory in an environment read through `var`: `$CMPIRUN_LIBRARY_CACHE`
+/// if it names one, else `$XDG_CACHE_HOME/cmpirun/libraries` (or
+/// `$HOME/.cache/cmpirun/libraries`). `None`: turned off (`CMPIRUN_LIBRARY_CACHE=off`, `no`, `0`
+/// or `false`), or no home to keep it in.
+pub fn library_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    match var(LIBRARY_CACHE_ENV).filter(|v| !v.is_empty()) {
+        Some(v)
+            if ["off", "no", "0", "false"]
+                .iter()
+                .any(|off| v.eq_ignore_ascii_case(off)) =>
+        {
+            None
+        }
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => Some(user_cache_in(var)?.join("libraries")),
+    }
+}
+
+/// Entries of the library cache this process uses: their shared locks are held until it exits,
+/// so that pruning by another job leaves them alone while this one's containers bind them.
+static HELD: std::sync::Mutex<Vec<Flock<File>>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes sure the library cache `cache` holds `files` (absolute paths inside image `src`, regular
+/// files; others are skipped) and returns the entry's directory, under which each file is at its
+/// image path. The entry is unpacked once per node (per cache folder) and image, and stays
+/// locked until this process exits.
+pub fn hold_library_files(
+    src: &SquashfsSource,
+    cache: &Path,
+    files: &[PathBuf],
+) -> Result<PathBuf, MountError> {
+    let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
+    if let Ok(mut held) = HELD.lock() {
+        held.push(lock);
+    }
+    Ok(tree)
 }
 
 pub(super) fn mount(
@@ -44,7 +103,7 @@ pub(super) fn mount(
             )
         })?,
     };
-    let (tree, in_use) = extract_and_hold(src, &cache, opts)?;
+    let (tree, in_use) = extract_and_hold(src, &cache, opts, None)?;
     bind_read_only(&tree, target)?;
     Ok(MountedImage {
         root: target.to_owned(),
@@ -56,36 +115,51 @@ pub(super) fn mount(
     })
 }
 
-/// Makes sure the image is extracted in `cache`; returns the tree's directory and a shared
-/// lock on the entry: while it is held, pruning leaves the entry alone.
+/// Makes sure the image is extracted in `cache` (only the regular files `only` and their
+/// directories, if given); returns the tree's directory and a shared lock on the entry: while
+/// it is held, pruning leaves the entry alone.
 fn extract_and_hold(
     src: &SquashfsSource,
     cache: &Path,
     opts: &MountOptions,
+    only: Option<&[PathBuf]>,
 ) -> Result<(PathBuf, Flock<File>), MountError> {
-    let image = SquashImage::open(src, opts.block_cache_bytes)?;
-    let key = image_key(&image, src)?;
+    let key = image_key(src)?;
     std::fs::create_dir_all(cache)
         .map_err(|e| MountError::io(format!("create extract cache {}", cache.display()), e))?;
     let tree = cache.join(&key);
     let lock_path = cache.join(format!("{key}.lock"));
     // The limit is checked before anything is extracted, so a bad value fails at once.
     let limit = cache_limit()?;
+    let lock_err = |e| MountError::io(format!("lock {}", lock_path.display()), e);
     loop {
-        let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?.ok_or_else(|| {
-            MountError::io(
-                format!("lock {}", lock_path.display()),
-                nix::errno::Errno::EWOULDBLOCK,
-            )
-        })?;
-        // The lock file's modification time is the entry's last use, for pruning.
+        // An entry that is there is used under a shared lock, so that jobs of the same image
+        // run side by side; only filling one takes the exclusive lock.
+        let lock = lock_entry(&lock_path, FlockArg::LockShared)?
+            .ok_or(nix::errno::Errno::EWOULDBLOCK)
+            .map_err(lock_err)?;
+        if tree.is_dir() {
+            // The lock file's modification time is the entry's last use, for pruning.
+            let _ = lock.set_modified(std::time::SystemTime::now());
+            if only.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "image {}: FUSE mount not in use; using the copy extracted in {}",
+                    src.path.display(),
+                    tree.display()
+                );
+            }
+            return Ok((tree, lock));
+        }
+        drop(lock);
+        let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?
+            .ok_or(nix::errno::Errno::EWOULDBLOCK)
+            .map_err(lock_err)?;
         let _ = lock.set_modified(std::time::SystemTime::now());
-        let (tree, fresh) = fill_entry(&image, src, cache, &key, tree.clone())?;
+        let (tree, fresh) = fill_entry(src, opts, only, cache, &key, tree.clone())?;
         // Linux converts a flock by dropping it and taking the new one, so a pruner may slip
         // in between and remove the entry; it unlinks the lock file while still holding it,
         // so a lock file that is no longer at its path means: start again.
-        lock.relock(FlockArg::LockShared)
-            .map_err(|e| MountError::io(format!("lock {}", lock_path.display()), e))?;
+        lock.relock(FlockArg::LockShared).map_err(lock_err)?;
         if !still_at(&lock, &lock_path) {
             continue;
         }
@@ -127,16 +201,18 @@ fn lock_entry(path: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountEr
     }
 }
 
-/// Extracts the image into `tree` unless it is there; `true` if it was extracted now. The
-/// caller holds the entry's exclusive lock.
+/// Extracts the image (or the files `only`) into `tree` unless it is there; `true` if it was
+/// extracted now. The caller holds the entry's exclusive lock.
 fn fill_entry(
-    image: &SquashImage,
     src: &SquashfsSource,
+    opts: &MountOptions,
+    only: Option<&[PathBuf]>,
     cache: &Path,
     key: &str,
     tree: PathBuf,
 ) -> Result<(PathBuf, bool), MountError> {
-    let first = !WARNED.swap(true, Ordering::Relaxed);
+    // Only the extract backend warns: the library cache is no fallback.
+    let first = only.is_none() && !WARNED.swap(true, Ordering::Relaxed);
     // Killed extractions of other images leave temporaries too; those whose extractor is gone
     // can go now (a live one keeps its pid in the name).
     remove_stale_temporaries(cache, None);
@@ -157,12 +233,22 @@ fn fill_entry(
             tree.display()
         );
     }
+    if let Some(files) = only {
+        tracing::info!(
+            "image {}: unpacking its MPI stack ({} files) into the library cache {} (once per \
+             node and image)",
+            src.path.display(),
+            files.len(),
+            tree.display()
+        );
+    }
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
     // Left-overs of an extraction that was killed: nobody else works on this key while we
     // hold the lock.
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
     let tmp = cache.join(format!("{prefix}{}", std::process::id()));
-    let result = extract_into(image, &tmp).and_then(|()| {
+    let result = extract_into(&image, &tmp, only).and_then(|()| {
         std::fs::rename(&tmp, &tree).map_err(|e| {
             MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
         })
@@ -356,13 +442,36 @@ fn remove_stale_temporaries(cache: &Path, prefix: Option<&str>) {
 
 /// A name for the image's extracted tree: a hash of its superblock and metadata tables (which
 /// describe every file's blocks) and of the file's identity, so a rewritten image never reuses
-/// a stale tree.
-fn image_key(image: &SquashImage, src: &SquashfsSource) -> Result<String, MountError> {
+/// a stale tree. Reads only the superblock and the tables, without parsing them.
+fn image_key(src: &SquashfsSource) -> Result<String, MountError> {
     let file = File::open(&src.path)
         .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
     let meta = file
         .metadata()
         .map_err(|e| MountError::io(format!("stat image {}", src.path.display()), e))?;
+    let mut sb = [0u8; 96];
+    file.read_exact_at(&mut sb, src.offset)
+        .map_err(|e| MountError::io(format!("read image {}", src.path.display()), e))?;
+    let le64 = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&sb[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    // The squashfs superblock: magic "hsqs" at 0, bytes_used at 40, inode_table_start at 64.
+    let (bytes_used, table_start) = (le64(40), le64(64));
+    if &sb[..4] != b"hsqs"
+        || table_start > bytes_used
+        || src
+            .offset
+            .checked_add(bytes_used)
+            .is_none_or(|end| end > meta.len())
+    {
+        return Err(MountError::BadImage {
+            path: src.path.clone(),
+            offset: src.offset,
+            reason: "no squashfs superblock there".into(),
+        });
+    }
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for v in [
         meta.dev(),
@@ -371,17 +480,12 @@ fn image_key(image: &SquashImage, src: &SquashfsSource) -> Result<String, MountE
         meta.mtime() as u64,
         meta.mtime_nsec() as u64,
         src.offset,
-        image.bytes_used,
-        u64::from(image.mkfs_time),
     ] {
         h.update(&v.to_le_bytes());
     }
-    let mut sb = [0u8; 96];
-    file.read_exact_at(&mut sb, src.offset)
-        .map_err(|e| MountError::io(format!("read image {}", src.path.display()), e))?;
     h.update(&sb);
-    let mut pos = image.table_start;
-    let end = image.bytes_used;
+    let mut pos = table_start;
+    let end = bytes_used;
     let mut buf = vec![0u8; 1 << 20];
     while pos < end {
         let n = ((end - pos) as usize).min(buf.len());
@@ -395,8 +499,13 @@ fn image_key(image: &SquashImage, src: &SquashfsSource) -> Result<String, MountE
 
 /// Writes every entry of `image` under `dir` (which must not exist), preserving modes,
 /// modification times, symlinks and fifos. Device nodes and sockets cannot be made without
-/// privileges and are left out.
-fn extract_into(image: &SquashImage, dir: &Path) -> Result<(), MountError> {
+/// privileges and are left out. With `only`: just those regular files (absolute paths in the
+/// image) and the directories that lead to them.
+fn extract_into(
+    image: &SquashImage,
+    dir: &Path,
+    only: Option<&[PathBuf]>,
+) -> Result<(), MountError> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         MountError::io(format!("extract: {what} {}", p.display()), e)
     };
@@ -404,12 +513,30 @@ fn extract_into(image: &SquashImage, dir: &Path) -> Result<(), MountError> {
     let mut skipped = 0usize;
     let mut buf = Vec::new();
     let chunk = (image.block_size as usize * 8).max(1 << 20);
+    let wanted = only.map(selection);
+    let mut kept = vec![true; image.entries.len()];
     for (i, e) in image.entries.iter().enumerate() {
         let path = if i == 0 {
             dir.to_owned()
         } else {
             paths[e.parent as usize].join(&e.name)
         };
+        if let Some(wanted) = &wanted
+            && i != 0
+        {
+            let inside = Path::new("/").join(path.strip_prefix(dir).unwrap_or(&path));
+            let keep = kept[e.parent as usize]
+                && match &e.kind {
+                    EntryKind::Dir { .. } => wanted.dirs.contains(&inside),
+                    EntryKind::File(_) => wanted.files.contains(&inside),
+                    _ => false,
+                };
+            if !keep {
+                kept[i] = false;
+                paths.push(path);
+                continue;
+            }
+        }
         match &e.kind {
             EntryKind::Dir { .. } => {
                 std::fs::DirBuilder::new()
@@ -462,7 +589,9 @@ fn extract_into(image: &SquashImage, dir: &Path) -> Result<(), MountError> {
     }
     // Directory modes last and deepest first, so read-only directories could be filled.
     for (i, e) in image.entries.iter().enumerate().rev() {
-        if let EntryKind::Dir { .. } = e.kind {
+        if let EntryKind::Dir { .. } = e.kind
+            && kept[i]
+        {
             let path = &paths[i];
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(u32::from(e.perm)))
                 .map_err(|err| io("chmod", path, err))?;
@@ -476,6 +605,29 @@ fn extract_into(image: &SquashImage, dir: &Path) -> Result<(), MountError> {
         );
     }
     Ok(())
+}
+
+/// The files to unpack and every directory above them, as absolute paths in the image.
+struct Selection {
+    files: std::collections::HashSet<PathBuf>,
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+fn selection(files: &[PathBuf]) -> Selection {
+    let mut sel = Selection {
+        files: files.iter().cloned().collect(),
+        dirs: std::collections::HashSet::new(),
+    };
+    for f in files {
+        let mut dir = f.parent();
+        while let Some(d) = dir {
+            if !sel.dirs.insert(d.to_owned()) {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    sel
 }
 
 fn set_mtime(path: &Path, mtime: u32, symlink: bool) {

@@ -26,8 +26,8 @@ use nix::unistd::Pid;
 
 pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
 pub use extract::{
-    CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, cache_entries, cache_limit, clear_cache,
-    default_extract_cache,
+    CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, LIBRARY_CACHE_ENV, cache_entries,
+    cache_limit, clear_cache, default_extract_cache, hold_library_files, library_cache_in,
 };
 
 /// How to make an image's squashfs visible at a directory.

@@ -87,10 +87,6 @@ pub(crate) struct SquashImage {
     pub entries: Vec<Entry>,
     /// Bytes used by the squashfs.
     pub bytes_used: u64,
-    /// The squashfs superblock's build time, part of the image's identity.
-    pub mkfs_time: u32,
-    /// Start of the metadata tables (everything after the data), part of the image's identity.
-    pub table_start: u64,
     cache: BlockCache,
 }
 
@@ -162,8 +158,6 @@ impl SquashImage {
             fragments,
             entries,
             bytes_used: sb.bytes_used,
-            mkfs_time: sb.mod_time,
-            table_start: sb.inode_table,
             cache: BlockCache::new(cache_bytes.max(4 * block_size as usize)),
         })
     }

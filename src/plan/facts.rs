@@ -106,6 +106,10 @@ pub struct ImageInfo {
     pub pmi_libraries: Vec<ImageLibrary>,
     /// Why the image's facts could not be read, when they could not.
     pub facts_error: Option<String>,
+    /// The files of the image's C library and MPI stack (paths inside the image, symlinks
+    /// resolved): what each node serves from its library cache (see `docs/images.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_files: Vec<String>,
 }
 
 /// A library inside an image.
@@ -285,12 +289,23 @@ impl ImageInfo {
                 })
                 .collect();
         }
+        let glibc = f.glibc.iter().map(|g| &g.real_file);
+        let stack = f
+            .mpi
+            .iter()
+            .flat_map(|m| m.stack.iter().map(|l| &l.real_file));
+        self.stack_files.clear();
+        for file in glibc.chain(stack) {
+            if !self.stack_files.contains(file) {
+                self.stack_files.push(file.clone());
+            }
+        }
     }
 }
 
 /// The version of the facts cache's file format and of what [`ImageInfo::gather`] computes:
 /// raise it when either changes, so that older entries are not used.
-const FACTS_CACHE_FORMAT: u32 = 1;
+const FACTS_CACHE_FORMAT: u32 = 2;
 
 /// The image facts of earlier launches, one small JSON file per image in the user's cache
 /// folder, so that a launch of an image already seen reads no library out of it.

@@ -136,6 +136,11 @@ pub struct MountPlan {
     pub reason: String,
     /// Size limit of the node's private `/dev/shm` (`--shm`), if any.
     pub shm_size: Option<String>,
+    /// Where each node keeps its copies of the images' MPI stacks (`ImageInfo::stack_files`),
+    /// bound over the image's own: `$CMPIRUN_LIBRARY_CACHE`, else
+    /// `$XDG_CACHE_HOME/cmpirun/libraries`. `None`: off. Not used for an extracted image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library_cache: Option<PathBuf>,
 }
 
 /// When a bind's paths are known.
@@ -619,23 +624,30 @@ pub fn build_plan(
     }
 
     // Mount.
-    let mount = match (spec.image_mount, profile.mount) {
+    let library_cache = crate::mount::library_cache_in(|k| host.env.get(k).cloned());
+    let mut mount = match (spec.image_mount, profile.mount) {
         (Some(b), _) => MountPlan {
             backend: b,
             reason: format!("--image-mount {}", b.as_str()),
             shm_size: spec.shm_size.clone(),
+            library_cache: None,
         },
         (None, Some(b)) => MountPlan {
             backend: b,
             reason: format!("profile {} sets mount: {}", profile.name, b.as_str()),
             shm_size: spec.shm_size.clone(),
+            library_cache: None,
         },
         (None, None) => MountPlan {
             backend: MountBackendKind::Auto,
             reason: "the default: built-in FUSE, then squashfuse, then extraction".into(),
             shm_size: spec.shm_size.clone(),
+            library_cache: None,
         },
     };
+    if mount.backend != MountBackendKind::Extract {
+        mount.library_cache = library_cache;
+    }
 
     let mut plan = LaunchPlan {
         job: spec.clone(),

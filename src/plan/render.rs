@@ -81,6 +81,36 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
     if let Some(s) = &plan.mount.shm_size {
         writeln!(o, "  /dev/shm: private tmpfs of size {s} (--shm)")?;
     }
+    match &plan.mount.library_cache {
+        Some(dir) => {
+            writeln!(o, "  library cache: {}", dir.display())?;
+            writeln!(
+                o,
+                "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
+            )?;
+            let mut seen = Vec::new();
+            for a in &plan.apps {
+                if seen.contains(&&a.image.path) {
+                    continue;
+                }
+                seen.push(&a.image.path);
+                writeln!(
+                    o,
+                    "    {}: {}",
+                    a.image.path.display(),
+                    if a.image.stack_files.is_empty() {
+                        "(no MPI stack known)".to_owned()
+                    } else {
+                        a.image.stack_files.join(" ")
+                    }
+                )?;
+            }
+        }
+        None => writeln!(
+            o,
+            "  library cache: off (CMPIRUN_LIBRARY_CACHE=off, no home, or an extracted image)"
+        )?,
+    }
     writeln!(o, "binds:")?;
     if plan.binds.is_empty() {
         writeln!(
