@@ -629,6 +629,58 @@ mod tests {
     }
 
     #[test]
+    fn library_cache_copies_yield_to_every_other_bind() {
+        let cached = |dst: &str| Bind {
+            src: PathBuf::from("/cache/k").join(dst.trim_start_matches('/')),
+            dst: dst.into(),
+            readonly: true,
+            recursive: false,
+        };
+        let mut c = cfg();
+        c.cached = vec![
+            cached("/usr/lib/libmpi.so.12.0.0"),
+            cached("/usr/lib/libfabric.so.1.20.0"),
+            cached("/opt/mpi/lib/libucp.so.0"),
+            cached("/tmp/lib.so"),
+        ];
+        c.binds = vec![
+            // An injected host library over the image's copy.
+            parse_bind(
+                "/host/libfabric.so.1:/usr/lib/libfabric.so.1.20.0:ro",
+                Path::new("/"),
+            )
+            .unwrap(),
+            // A host directory over the image's.
+            parse_bind("/sw/mpi:/opt/mpi", Path::new("/")).unwrap(),
+        ];
+        let ops = plan_root(&c);
+        let bound = |dst: &str| -> Vec<BindSource> {
+            ops.iter()
+                .filter_map(|o| match o {
+                    MountOp::Bind { src, dst: d, .. } if d == Path::new(dst) => Some(src.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            bound("/usr/lib/libmpi.so.12.0.0"),
+            [BindSource::Host("/cache/k/usr/lib/libmpi.so.12.0.0".into())]
+        );
+        assert!(ops.contains(&MountOp::Bind {
+            src: BindSource::Host("/cache/k/usr/lib/libmpi.so.12.0.0".into()),
+            dst: "/usr/lib/libmpi.so.12.0.0".into(),
+            recursive: false,
+            readonly: true,
+        }));
+        assert_eq!(
+            bound("/usr/lib/libfabric.so.1.20.0"),
+            [BindSource::Host("/host/libfabric.so.1".into())]
+        );
+        assert!(bound("/opt/mpi/lib/libucp.so.0").is_empty());
+        assert!(bound("/tmp/lib.so").is_empty());
+    }
+
+    #[test]
     fn host_shm_keeps_dev_shm() {
         let mut c = cfg();
         c.shm = ShmMode::Host;

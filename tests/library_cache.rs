@@ -1,0 +1,177 @@
+//! The library cache: a launch binds the node's unpacked copy of the image's C library and MPI
+//! stack over the image's files (same bytes), fills it once, and does without it when it is
+//! off, unusable, or the image is extracted anyway.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+fn cmpirun(cache: &Path) -> TuserCommand {
+    TuserCommand::cmpirun()
+        .env("CMPIRUN_LIBRARY_CACHE", cache)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+}
+
+/// The mountinfo line of the mount at `path` inside the container, and the file's SHA-256 there.
+fn script(path: &str) -> String {
+    format!(
+        "grep -F ' {path} ' /proc/self/mountinfo || echo 'no mount at {path}'; sha256sum {path}"
+    )
+}
+
+fn sha256(text: &str) -> String {
+    text.lines()
+        .find_map(|l| {
+            let (sum, _) = l.split_once("  ")?;
+            (sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sum.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no sha256sum line in {text:?}"))
+}
+
+/// The cache's entry directories (not lock files).
+fn entries(cache: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(cache) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
+    // Serial: every run mounts an image, which shows host-wide as a FUSE connection that the
+    // leftover checks of the other tests would count.
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let cache = work.path().join("libraries");
+    let image = staged_image("mpich4");
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+
+    // The plan names the cache and the files.
+    let out = cmpirun(&cache)
+        .args(["--dry-run", "--json", "-n", "1"])
+        .arg(&image)
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_success();
+    let plan: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        plan["mount"]["library_cache"].as_str(),
+        Some(cache.to_str().unwrap()),
+        "{out}"
+    );
+    let files: Vec<String> = plan["apps"][0]["image"]["stack_files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stack_files: {out}"))
+        .iter()
+        .map(|f| f.as_str().unwrap().to_owned())
+        .collect();
+    let mpi = plan["apps"][0]["image"]["mpi_library"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(files.contains(&mpi), "{files:?}");
+    assert!(files.iter().any(|f| f.ends_with("/libc.so.6")), "{files:?}");
+
+    // The first launch unpacks them and binds the copies.
+    let out = cmpirun(&cache)
+        .args(["-v", "-n", "1"])
+        .arg(&image)
+        .args(["sh", "-c", &script(&mpi)])
+        .run();
+    tags.push(out.tag.clone());
+    out.assert_success();
+    assert!(out.stderr.contains("unpacking its MPI stack"), "{out}");
+    let entry = match entries(&cache).as_slice() {
+        [one] => one.clone(),
+        other => panic!("expected one cache entry, found {other:?}"),
+    };
+    let copy = entry.join(mpi.trim_start_matches('/'));
+    let mount = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!(" {mpi} ")))
+        .unwrap_or_else(|| panic!("{mpi} is not a mount point: {out}"));
+    assert!(
+        mount.contains(copy.to_str().unwrap()) && mount.contains(" ro"),
+        "{mount}"
+    );
+    for f in &files {
+        assert!(
+            entry.join(f.trim_start_matches('/')).is_file(),
+            "{f} not in {}",
+            entry.display()
+        );
+    }
+    // The copy holds the image's bytes.
+    let in_container = sha256(&out.stdout);
+    let image_copy = cmpirun(&cache)
+        .arg("exec")
+        .arg(&image)
+        .args(["sha256sum", &mpi])
+        .run();
+    tags.push(image_copy.tag.clone());
+    image_copy.assert_success();
+    assert_eq!(in_container, sha256(&image_copy.stdout));
+
+    // Later launches use it as it is, and MPI runs from it.
+    let out = cmpirun(&cache)
+        .args(["-v", "-n", "2"])
+        .arg(&image)
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    tags.push(out.tag.clone());
+    assert_mpitest_ok(&out, 2);
+    assert!(!out.stderr.contains("unpacking"), "{out}");
+    assert_eq!(entries(&cache), vec![entry.clone()]);
+
+    // Off, or with the image extracted anyway: the image's own file, and no cache made.
+    let other = work.path().join("other");
+    for (setting, flags) in [
+        ("off", &[][..]),
+        (other.to_str().unwrap(), &["--image-mount", "extract"][..]),
+    ] {
+        let out = TuserCommand::cmpirun()
+            .env("CMPIRUN_LIBRARY_CACHE", setting)
+            .timeout(Duration::from_secs(300))
+            .args(["-n", "1"])
+            .args(flags)
+            .arg(&image)
+            .args(["sh", "-c", &script(&mpi)])
+            .run();
+        tags.push(out.tag.clone());
+        out.assert_success();
+        assert!(
+            out.stdout.contains(&format!("no mount at {mpi}")),
+            "{setting}: {out}"
+        );
+        assert_eq!(sha256(&out.stdout), in_container);
+    }
+    assert!(!other.exists());
+
+    // A cache that cannot be made: a warning, and the job runs from the image.
+    let out = cmpirun(Path::new("/proc/cmpirun-library-cache"))
+        .args(["-n", "1"])
+        .arg(&image)
+        .args(["sh", "-c", &script(&mpi)])
+        .run();
+    tags.push(out.tag.clone());
+    out.assert_success();
+    assert!(
+        out.stderr
+            .contains("library cache /proc/cmpirun-library-cache")
+            && out.stderr.contains("CMPIRUN_LIBRARY_CACHE=off"),
+        "{out}"
+    );
+    assert!(out.stdout.contains(&format!("no mount at {mpi}")), "{out}");
+
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}
