@@ -179,6 +179,8 @@ fn dry_run_as_tuser_with_writable_and_read_only_caches() {
     let dry_run = |cache_home: &Path| {
         let out = TuserCommand::cmpirun()
             .env("XDG_CACHE_HOME", cache_home)
+            // The library cache's folder is shown, and would differ with XDG_CACHE_HOME.
+            .env("CMPIRUN_LIBRARY_CACHE", "/nonexistent/libraries")
             .args(["--dry-run", "-n", "1"])
             .arg(&image)
             .arg("/usr/local/bin/hello")

@@ -13,7 +13,6 @@
 //! jobs; bound over the image's copies, the same bytes load from memory from the second job on.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MsFlags;
 
-use super::reader::{EntryKind, SquashImage};
+use super::reader::{EntryKind, FileData, SquashImage};
 use super::{MountBackend, MountError, MountOptions, MountedImage, SquashfsSource};
 
 /// The warning that extraction is in use is given once per process.
@@ -511,8 +510,8 @@ fn extract_into(
     };
     let mut paths: Vec<PathBuf> = Vec::with_capacity(image.entries.len());
     let mut skipped = 0usize;
-    let mut buf = Vec::new();
-    let chunk = (image.block_size as usize * 8).max(1 << 20);
+    // Regular files are created in the walk and filled after it, in parallel.
+    let mut files: Vec<(usize, &FileData)> = Vec::new();
     let wanted = only.map(selection);
     let mut kept = vec![true; image.entries.len()];
     for (i, e) in image.entries.iter().enumerate() {
@@ -545,26 +544,13 @@ fn extract_into(
                     .map_err(|err| io("create directory", &path, err))?;
             }
             EntryKind::File(data) => {
-                let mut f = OpenOptions::new()
+                OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(&path)
                     .map_err(|err| io("create", &path, err))?;
-                let mut off = 0u64;
-                while off < data.size {
-                    image
-                        .read(data, off, chunk, &mut buf)
-                        .map_err(|err| io("read image data for", &path, err))?;
-                    if buf.is_empty() {
-                        break;
-                    }
-                    f.write_all(&buf).map_err(|err| io("write", &path, err))?;
-                    off += buf.len() as u64;
-                }
-                f.set_permissions(std::fs::Permissions::from_mode(u32::from(e.perm)))
-                    .map_err(|err| io("chmod", &path, err))?;
-                set_mtime(&path, e.mtime, false);
+                files.push((i, data));
             }
             EntryKind::Symlink(t) => {
                 std::os::unix::fs::symlink(t, &path).map_err(|err| io("symlink", &path, err))?;
@@ -587,6 +573,13 @@ fn extract_into(
         }
         paths.push(path);
     }
+    fill_files(image, &paths, &files)?;
+    for &(i, _) in &files {
+        let (e, path) = (&image.entries[i], &paths[i]);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(u32::from(e.perm)))
+            .map_err(|err| io("chmod", path, err))?;
+        set_mtime(path, e.mtime, false);
+    }
     // Directory modes last and deepest first, so read-only directories could be filled.
     for (i, e) in image.entries.iter().enumerate().rev() {
         if let EntryKind::Dir { .. } = e.kind
@@ -605,6 +598,88 @@ fn extract_into(
         );
     }
     Ok(())
+}
+
+/// Writes the contents of `files` (entry index, data) into the files already created at
+/// `paths[index]`, in pieces of up to 1 MiB shared out among a thread per CPU (at most 4):
+/// decompression is the cost, and a node's first launch waits for it. The threads end before
+/// this returns.
+fn fill_files(
+    image: &SquashImage,
+    paths: &[PathBuf],
+    files: &[(usize, &FileData)],
+) -> Result<(), MountError> {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    let chunk = (image.block_size as u64 * 8).max(1 << 20);
+    let pieces: Vec<(usize, u64)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, (_, data))| (0..data.size.div_ceil(chunk)).map(move |k| (f, k * chunk)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<MountError>> = Mutex::new(None);
+    let work = || {
+        let mut buf = Vec::new();
+        let mut open: Option<(usize, File)> = None;
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(f, off)) = pieces.get(n) else {
+                return;
+            };
+            if failed.lock().map_or(true, |e| e.is_some()) {
+                return;
+            }
+            let (i, data) = files[f];
+            let path = &paths[i];
+            let result = (|| {
+                if open.as_ref().is_none_or(|(g, _)| *g != f) {
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(|e| ("open", e))?;
+                    open = Some((f, file));
+                }
+                image
+                    .read(data, off, chunk as usize, &mut buf)
+                    .map_err(|e| ("read image data for", e))?;
+                if let Some((_, file)) = &open {
+                    file.write_all_at(&buf, off).map_err(|e| ("write", e))?;
+                }
+                Ok(())
+            })();
+            if let Err((what, e)) = result
+                && let Ok(mut slot) = failed.lock()
+            {
+                slot.get_or_insert(MountError::io(
+                    format!("extract: {what} {}", path.display()),
+                    e,
+                ));
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(pieces.len());
+    if threads <= 1 {
+        work();
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+    }
+    match failed.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(MountError::io(
+            "extract",
+            std::io::Error::other("an extracting thread failed"),
+        )),
+    }
 }
 
 /// The files to unpack and every directory above them, as absolute paths in the image.
