@@ -157,6 +157,44 @@ fn binds_read_only_and_missing_mount_points() {
 }
 
 #[test]
+fn a_host_directory_is_bound_with_the_mounts_inside_it() {
+    // Serial: the test's own tmpfs would count as a leftover mount in other tests.
+    let _serial = exclusive();
+    let f = fixture();
+    let data = f.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let inner = TestTmpfs::mount(&data.join("inner"), nix::mount::MsFlags::empty());
+    std::fs::write(inner.0.join("f.txt"), "inside the inner mount\n").unwrap();
+    let ro = format!("{}:/srv/d:ro", data.display());
+    let out = exec(
+        &f,
+        &[
+            "--bind",
+            &ro,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /srv/d/inner/f.txt data/inner/f.txt; \
+             touch /srv/d/inner/x 2>/dev/null && echo inner-writable; \
+             touch data/inner/y && echo cwd-inner-ok",
+        ],
+    )
+    .run();
+    drop(inner);
+    out.assert_success();
+    assert_eq!(
+        out.stdout.matches("inside the inner mount").count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        !out.stdout.contains("inner-writable"),
+        "a read-only bind is read-only below too: {out}"
+    );
+    assert!(out.stdout.contains("cwd-inner-ok"), "{out}");
+}
+
+#[test]
 fn dev_shm_is_private_unless_host_is_asked() {
     let _serial = exclusive();
     let f = fixture();

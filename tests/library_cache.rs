@@ -172,6 +172,20 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     );
     assert!(out.stdout.contains(&format!("no mount at {mpi}")), "{out}");
 
+    // A cache on a noexec filesystem could not be loaded from: not used, with a warning.
+    // (It is mounted inside /var/tmp, which the container binds with the mounts below it.)
+    let noexec = TestTmpfs::mount(&work.path().join("noexec"), nix::mount::MsFlags::MS_NOEXEC);
+    let out = cmpirun(&noexec.0.join("libraries"))
+        .args(["-n", "1"])
+        .arg(&image)
+        .args(["sh", "-c", &script(&mpi)])
+        .run();
+    tags.push(out.tag.clone());
+    drop(noexec);
+    out.assert_success();
+    assert!(out.stderr.contains("noexec"), "{out}");
+    assert!(out.stdout.contains(&format!("no mount at {mpi}")), "{out}");
+
     let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     assert_no_leftovers(&before, &tags);
 }

@@ -409,6 +409,9 @@ impl Executor {
                 })?;
                 if *readonly {
                     remount_readonly(&target)?;
+                    if *recursive {
+                        readonly_below(&target);
+                    }
                 }
             }
             MountOp::Tmpfs { dst, mode, size } => {
@@ -498,6 +501,35 @@ fn make_layer_dirs(lookup: &LayerLookup, path: &Path) -> Result<(), RootError> {
         }
     }
     Ok(())
+}
+
+/// Makes the mounts below a recursive bind read-only too (`mount_setattr` with `AT_RECURSIVE`,
+/// Linux 5.12 and later); on an older kernel only the bind itself is read-only, which is logged.
+fn readonly_below(target: &Path) {
+    let Ok(path) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: mount_attr is plain data; zeroed is its empty value.
+    let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
+    attr.attr_set = libc::MOUNT_ATTR_RDONLY;
+    // SAFETY: the path is a valid C string and `attr` a live mount_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &mut attr as *mut libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        tracing::info!(
+            "{}: the mounts below this read-only bind stay writable (mount_setattr: {})",
+            target.display(),
+            Errno::last()
+        );
+    }
 }
 
 /// Remounts a bind read-only. In a user namespace the flags the mount was locked with (nosuid,

@@ -289,11 +289,12 @@ pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
             });
         }
     };
+    // With the mounts below it, as the host directories are (see `plan_root`).
     Ok(Bind {
         src,
         dst,
         readonly,
-        recursive: false,
+        recursive: true,
     })
 }
 
@@ -321,19 +322,22 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
     for d in ["/proc", "/sys", "/dev"] {
         binds.push((BindSource::Host(d.into()), d.into(), true, false));
     }
+    // Host directories are bound with the mounts below them: in a user namespace the kernel
+    // refuses (EINVAL) a plain bind of a directory that has mounts inside it (an automounted
+    // project folder in a home, a tmpfs in /var/tmp), since it would uncover what they hide.
     for d in &cfg.host_dirs {
-        binds.push((BindSource::Host(d.clone()), d.clone(), false, false));
+        binds.push((BindSource::Host(d.clone()), d.clone(), true, false));
     }
     let home = cfg.account.home.clone();
     if cfg.bind_home && home != Path::new("/") && !binds.iter().any(|b| is_under(&home, &b.1)) {
-        binds.push((BindSource::Host(home.clone()), home, false, false));
+        binds.push((BindSource::Host(home.clone()), home, true, false));
     }
     if let Some(cwd) = &cfg.cwd {
         let covered = binds.iter().any(|b| is_under(cwd, &b.1))
             || cwd == Path::new("/")
             || SYSTEM_DIRS.iter().any(|d| is_under(cwd, Path::new(d)));
         if !covered {
-            binds.push((BindSource::Host(cwd.clone()), cwd.clone(), false, false));
+            binds.push((BindSource::Host(cwd.clone()), cwd.clone(), true, false));
         }
     }
     for f in &cfg.host_files {
@@ -521,10 +525,10 @@ mod tests {
                 ("/proc".into(), true, false),
                 ("/sys".into(), true, false),
                 ("/dev".into(), true, false),
-                ("/tmp".into(), false, false),
-                ("/var/tmp".into(), false, false),
-                ("/home/tuser".into(), false, false),
-                ("/work/job".into(), false, false),
+                ("/tmp".into(), true, false),
+                ("/var/tmp".into(), true, false),
+                ("/home/tuser".into(), true, false),
+                ("/work/job".into(), true, false),
                 ("/etc/hosts".into(), false, true),
                 ("/etc/resolv.conf".into(), false, true),
                 ("/etc/passwd".into(), false, true),
@@ -613,13 +617,13 @@ mod tests {
         assert!(pos("/home/tuser") < pos("/home/tuser/in"));
         assert_eq!(
             b[pos("/home/tuser/in")],
-            ("/home/tuser/in".into(), false, true)
+            ("/home/tuser/in".into(), true, true)
         );
         assert_eq!(b.iter().filter(|x| x.0 == "/tmp").count(), 1);
         assert!(ops.contains(&MountOp::Bind {
             src: BindSource::Host("/scratch".into()),
             dst: "/tmp".into(),
-            recursive: false,
+            recursive: true,
             readonly: false,
         }));
         // No mount point is made in the image for a destination inside another bind.

@@ -218,6 +218,14 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         };
         roots.push((image, binds, cached, req.shm, req.shm_size.clone()));
     }
+    let host_dirs: Vec<PathBuf> = ["/tmp", "/var/tmp"]
+        .iter()
+        .filter(|p| Path::new(p).is_dir())
+        .map(PathBuf::from)
+        .collect();
+    // Binds take the mounts below their sources with them, so the staging tmpfs must not be
+    // mounted inside one.
+    avoid.extend(host_dirs.iter().cloned());
     let stage = pick_stage(&avoid).ok_or_else(|| {
         ExecError::Failed(format!(
             "no host directory to stage the container root on (tried {}; each holds the image, \
@@ -228,11 +236,6 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
     let host_files: Vec<PathBuf> = ["/etc/hosts", "/etc/resolv.conf", "/etc/localtime"]
         .iter()
         .filter(|p| Path::new(p).exists())
-        .map(PathBuf::from)
-        .collect();
-    let host_dirs: Vec<PathBuf> = ["/tmp", "/var/tmp"]
-        .iter()
-        .filter(|p| Path::new(p).is_dir())
         .map(PathBuf::from)
         .collect();
     let mut roots = roots
@@ -283,6 +286,19 @@ fn cached_binds(image: &ImageSource, cache: &Path, files: &[PathBuf]) -> Vec<Bin
             return Vec::new();
         }
     };
+    // Libraries are mapped executable, which a noexec filesystem (a /tmp mounted so) forbids.
+    if nix::sys::statvfs::statvfs(&tree)
+        .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+    {
+        tracing::warn!(
+            "library cache {}: its filesystem is mounted noexec, so libraries there cannot be \
+             loaded; reading the image's MPI libraries through the mount (point {} at a \
+             directory on another filesystem, or set it to off)",
+            cache.display(),
+            crate::mount::LIBRARY_CACHE_ENV
+        );
+        return Vec::new();
+    }
     files
         .iter()
         .filter_map(|f| {

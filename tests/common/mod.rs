@@ -1218,3 +1218,39 @@ pub fn fabric_lines(stdout: &str) -> Vec<FabricLine> {
         })
         .collect()
 }
+
+/// A tmpfs mounted (by the test, as root) on a new folder `dir` owned by the test user, with
+/// extra mount `flags` (`MS_NOEXEC`, as some sites mount `/tmp`); unmounted when dropped. Tests
+/// that use one must hold [`exclusive`]: the leftover checks of other tests would count it.
+pub struct TestTmpfs(pub PathBuf);
+
+impl TestTmpfs {
+    /// Mounts it.
+    pub fn mount(dir: &Path, flags: nix::mount::MsFlags) -> TestTmpfs {
+        use nix::mount::{MsFlags, mount};
+        fs::create_dir(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755,size=256m"),
+        )
+        .unwrap_or_else(|e| panic!("cannot mount a tmpfs on {}: {e}", dir.display()));
+        let guard = TestTmpfs(dir.to_owned());
+        let u = tuser();
+        nix::unistd::chown(
+            dir,
+            Some(nix::unistd::Uid::from_raw(u.uid)),
+            Some(nix::unistd::Gid::from_raw(u.gid)),
+        )
+        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
+        guard
+    }
+}
+
+impl Drop for TestTmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
