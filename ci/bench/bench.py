@@ -361,8 +361,10 @@ class Bench:
             ("cmpirun -n 1 hello", [w / "cmpirun", "-n", "1", img, "/usr/local/bin/hello"]),
             ("cmpirun -n 1 hello, first", [w / "cmpirun", "-n", "1", img, "/usr/local/bin/hello"]),
         ]
-        # ", first": the image's first launch by this user, i.e. without the image-facts cache
-        # (a fresh, empty XDG_CACHE_HOME for every run); the others find the facts cached.
+        # ", first": the image's first launch by this user on this node, i.e. without the
+        # image-facts cache and the library cache (a fresh, empty XDG_CACHE_HOME for every run:
+        # the facts are read from the image and its MPI stack is unpacked); the others find both
+        # filled.
         fresh = iter(range(1_000_000))
 
         def env_of(name):

@@ -274,6 +274,9 @@ fn cached_binds(image: &ImageSource, cache: &Path, files: &[PathBuf]) -> Vec<Bin
     if files.is_empty() || *backend == MountBackend::Extract {
         return Vec::new();
     }
+    // Bind sources must not depend on the working directory of whoever opens them.
+    let cache = std::path::absolute(cache).unwrap_or_else(|_| cache.to_owned());
+    let cache = cache.as_path();
     let tree = match crate::mount::hold_library_files(source, cache, files) {
         Ok(tree) => tree,
         Err(e) => {

@@ -456,7 +456,8 @@ fn image_key(src: &SquashfsSource) -> Result<String, MountError> {
         b.copy_from_slice(&sb[at..at + 8]);
         u64::from_le_bytes(b)
     };
-    // The squashfs superblock: magic "hsqs" at 0, bytes_used at 40, inode_table_start at 64.
+    // The squashfs superblock: magic "hsqs" at 0, modification time at 8, bytes_used at 40,
+    // inode_table_start at 64.
     let (bytes_used, table_start) = (le64(40), le64(64));
     if &sb[..4] != b"hsqs"
         || table_start > bytes_used
@@ -471,6 +472,9 @@ fn image_key(src: &SquashfsSource) -> Result<String, MountError> {
             reason: "no squashfs superblock there".into(),
         });
     }
+    let mkfs_time = u32::from_le_bytes([sb[8], sb[9], sb[10], sb[11]]);
+    // The same values, in the same order, as before the key was read without parsing the
+    // image, so that trees extracted then are still found.
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for v in [
         meta.dev(),
@@ -479,6 +483,8 @@ fn image_key(src: &SquashfsSource) -> Result<String, MountError> {
         meta.mtime() as u64,
         meta.mtime_nsec() as u64,
         src.offset,
+        bytes_used,
+        u64::from(mkfs_time),
     ] {
         h.update(&v.to_le_bytes());
     }

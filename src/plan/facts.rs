@@ -107,7 +107,7 @@ pub struct ImageInfo {
     /// Why the image's facts could not be read, when they could not.
     pub facts_error: Option<String>,
     /// The files of the image's C library and MPI stack (paths inside the image, symlinks
-    /// resolved): what each node serves from its library cache (see `docs/images.md`).
+    /// resolved): what each node serves from its library cache (see `docs/containers.md`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_files: Vec<String>,
 }
