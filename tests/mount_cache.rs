@@ -145,6 +145,20 @@ fn the_least_recently_used_unused_entries_go_and_one_in_use_stays() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let held_bytes = tree_bytes(&held);
+    // A second job of the same image uses the entry alongside the first (a shared lock), rather
+    // than waiting for it to end.
+    let second = TuserCommand::cmpirun()
+        .args(["exec", "--image-mount", "extract"])
+        .arg(&held_image)
+        .arg("true")
+        .env("XDG_CACHE_HOME", &xdg)
+        .timeout(Duration::from_secs(60))
+        .run();
+    second.assert_success();
+    assert!(
+        second.stderr.contains("using the copy extracted in"),
+        "{second}"
+    );
 
     let images: Vec<PathBuf> = (0..4)
         .map(|i| small_image(work.path(), &format!("img{i}.sqfs"), i + 1))
