@@ -23,6 +23,18 @@ fn script(path: &str) -> String {
     )
 }
 
+/// Runs `cmd` (cmpirun with its flags) as a one-rank job of [`script`] for `path` in `image`;
+/// records the run's tag for the leftover check.
+fn run_script(cmd: TuserCommand, image: &Path, path: &str, tags: &mut Vec<String>) -> RunOutput {
+    let out = cmd
+        .args(["-n", "1"])
+        .arg(image)
+        .args(["sh", "-c", &script(path)])
+        .run();
+    tags.push(out.tag.clone());
+    out
+}
+
 fn sha256(text: &str) -> String {
     text.lines()
         .find_map(|l| {
@@ -81,12 +93,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     assert!(files.iter().any(|f| f.ends_with("/libc.so.6")), "{files:?}");
 
     // The first launch unpacks them and binds the copies.
-    let out = cmpirun(&cache)
-        .args(["-v", "-n", "1"])
-        .arg(&image)
-        .args(["sh", "-c", &script(&mpi)])
-        .run();
-    tags.push(out.tag.clone());
+    let out = run_script(cmpirun(&cache).arg("-v"), &image, &mpi, &mut tags);
     out.assert_success();
     assert!(out.stderr.contains("unpacking its MPI stack"), "{out}");
     let entry = match entries(&cache).as_slice() {
@@ -138,15 +145,11 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
         ("off", &[][..]),
         (other.to_str().unwrap(), &["--image-mount", "extract"][..]),
     ] {
-        let out = TuserCommand::cmpirun()
+        let cmd = TuserCommand::cmpirun()
             .env("CMPIRUN_LIBRARY_CACHE", setting)
             .timeout(Duration::from_secs(300))
-            .args(["-n", "1"])
-            .args(flags)
-            .arg(&image)
-            .args(["sh", "-c", &script(&mpi)])
-            .run();
-        tags.push(out.tag.clone());
+            .args(flags);
+        let out = run_script(cmd, &image, &mpi, &mut tags);
         out.assert_success();
         assert!(
             out.stdout.contains(&format!("no mount at {mpi}")),
@@ -157,12 +160,8 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     assert!(!other.exists());
 
     // A cache that cannot be made: a warning, and the job runs from the image.
-    let out = cmpirun(Path::new("/proc/cmpirun-library-cache"))
-        .args(["-n", "1"])
-        .arg(&image)
-        .args(["sh", "-c", &script(&mpi)])
-        .run();
-    tags.push(out.tag.clone());
+    let cmd = cmpirun(Path::new("/proc/cmpirun-library-cache"));
+    let out = run_script(cmd, &image, &mpi, &mut tags);
     out.assert_success();
     assert!(
         out.stderr
@@ -175,12 +174,12 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     // A cache on a noexec filesystem could not be loaded from: not used, with a warning.
     // (It is mounted inside /var/tmp, which the container binds with the mounts below it.)
     let noexec = TestTmpfs::mount(&work.path().join("noexec"), nix::mount::MsFlags::MS_NOEXEC);
-    let out = cmpirun(&noexec.0.join("libraries"))
-        .args(["-n", "1"])
-        .arg(&image)
-        .args(["sh", "-c", &script(&mpi)])
-        .run();
-    tags.push(out.tag.clone());
+    let out = run_script(
+        cmpirun(&noexec.0.join("libraries")),
+        &image,
+        &mpi,
+        &mut tags,
+    );
     drop(noexec);
     out.assert_success();
     assert!(out.stderr.contains("noexec"), "{out}");
