@@ -319,9 +319,8 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
                         .into(),
                 )));
             };
-            let env = |k: &str| std::env::var(k).ok();
             std::iter::once((extract, "extracted images"))
-                .chain(mount::library_cache_in(env).map(|d| (d, "unpacked MPI stacks")))
+                .chain(library_cache_here().map(|d| (d, "unpacked MPI stacks")))
                 .collect()
         }
     };
@@ -333,6 +332,19 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     }
     emit(&text);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The library cache a launch from here would use: `$CMPIRUN_LIBRARY_CACHE`, else the chosen
+/// profile's `library_cache`, else the user's cache folder (also when no profile can be chosen).
+fn library_cache_here() -> Option<PathBuf> {
+    let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let search = profile::ProfileSearch::from_env();
+    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
+    let mut ctx = profile::MatchContext::from_host();
+    match profile::choose(None, env_profile.as_deref(), &search, &mut ctx) {
+        Ok(choice) => plan::library_cache_dir(&choice.profile, &vars, &mut Vec::new()).0,
+        Err(_) => cmpirun::mount::library_cache_in(|k| vars.get(k).cloned()),
+    }
 }
 
 /// What `cmpirun image cache` says of one cache (`what` names its entries); with `clear`, after

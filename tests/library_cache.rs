@@ -188,3 +188,40 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     assert_no_leftovers(&before, &tags);
 }
+
+#[test]
+fn a_site_profile_moves_the_library_cache() {
+    let work = TuserDir::new();
+    let dir = work.path().join("node-local");
+    let profile = work.path().join("site.yaml");
+    std::fs::write(
+        &profile,
+        format!("name: site\nlibrary_cache: {}/$USER\n", dir.display()),
+    )
+    .unwrap();
+    let expected = dir.join(TEST_USER);
+    let out = TuserCommand::cmpirun()
+        .env("CMPIRUN_PROFILE", &profile)
+        .args(["--dry-run", "-n", "1"])
+        .arg(staged_image("mpich4"))
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&format!(
+            "library cache: {} (profile site sets library_cache:",
+            expected.display()
+        )),
+        "{out}"
+    );
+    let out = TuserCommand::cmpirun()
+        .env("CMPIRUN_PROFILE", &profile)
+        .args(["image", "cache"])
+        .run();
+    out.assert_success();
+    assert!(
+        out.stdout
+            .contains(&format!("{}: 0 unpacked MPI stacks", expected.display())),
+        "{out}"
+    );
+}

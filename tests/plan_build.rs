@@ -706,6 +706,82 @@ fn mount_backend_precedence() {
     assert_eq!(p.mount.shm_size.as_deref(), Some("1g"));
 }
 
+#[test]
+fn library_cache_precedence_environment_profile_default() {
+    let cache = |p: &LaunchPlan| {
+        p.mount
+            .library_cache
+            .clone()
+            .map(|d| d.display().to_string())
+    };
+    let home = [("HOME", "/home/u"), ("USER", "u")];
+    // The default: the user's cache folder.
+    let plain = choice("name: m\n");
+    let p = plan(&["img.sif", "x"], &plain, &host(&home));
+    assert_eq!(
+        cache(&p).as_deref(),
+        Some("/home/u/.cache/cmpirun/libraries")
+    );
+    let p = plan(
+        &["img.sif", "x"],
+        &plain,
+        &host(&[("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/u")]),
+    );
+    assert_eq!(cache(&p).as_deref(), Some("/xdg/cmpirun/libraries"));
+    // The site's node-local folder, with the user's name in it.
+    let site = choice("name: site\nlibrary_cache: /local/$USER/cmpirun\n");
+    let p = plan(&["img.sif", "x"], &site, &host(&home));
+    assert_eq!(cache(&p).as_deref(), Some("/local/u/cmpirun"));
+    assert!(
+        p.mount.library_cache_reason.contains("profile site"),
+        "{p:?}"
+    );
+    // The user's setting wins over the site's.
+    let mut h = host(&home);
+    h.env.insert("CMPIRUN_LIBRARY_CACHE".into(), "/mine".into());
+    assert_eq!(
+        cache(&plan(&["img.sif", "x"], &site, &h)).as_deref(),
+        Some("/mine")
+    );
+    h.env.insert("CMPIRUN_LIBRARY_CACHE".into(), "off".into());
+    assert_eq!(cache(&plan(&["img.sif", "x"], &site, &h)), None);
+    // A variable the site's path names but that is unset: the default, with a warning.
+    let p = plan(&["img.sif", "x"], &site, &host(&[("HOME", "/home/u")]));
+    assert_eq!(
+        cache(&p).as_deref(),
+        Some("/home/u/.cache/cmpirun/libraries")
+    );
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("library_cache /local/$USER/cmpirun")),
+        "{:?}",
+        p.warnings
+    );
+    // Off by the site, and off for an extracted image whatever the settings.
+    let off = choice("name: off\nlibrary_cache: off\n");
+    let p = plan(&["img.sif", "x"], &off, &host(&home));
+    assert_eq!(cache(&p), None);
+    assert!(p.mount.library_cache_reason.contains("library_cache: off"));
+    let p = plan(
+        &["--image-mount", "extract", "img.sif", "x"],
+        &site,
+        &host(&home),
+    );
+    assert_eq!(cache(&p), None);
+    // A relative path is refused where the profile is read.
+    let e = profile::parse_text(
+        Path::new("/site/bad.yaml"),
+        "name: bad\nlibrary_cache: cache\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("/site/bad.yaml") && e.contains("library_cache") && e.contains("off"),
+        "{e}"
+    );
+}
+
 /// An image whose MPICH loads libfabric dynamically and needs FABRIC_1.9, with glibc 2.36.
 fn mpich5_image() -> ImageInfo {
     ImageInfo {

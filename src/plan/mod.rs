@@ -141,6 +141,10 @@ pub struct MountPlan {
     /// `$XDG_CACHE_HOME/cmpirun/libraries`. `None`: off. Not used for an extracted image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub library_cache: Option<PathBuf>,
+    /// Where the library cache setting comes from (`$CMPIRUN_LIBRARY_CACHE`, the profile, the
+    /// default), or why there is none.
+    #[serde(default)]
+    pub library_cache_reason: String,
 }
 
 /// When a bind's paths are known.
@@ -624,29 +628,37 @@ pub fn build_plan(
     }
 
     // Mount.
-    let library_cache = crate::mount::library_cache_in(|k| host.env.get(k).cloned());
+    let (library_cache, library_cache_reason) =
+        library_cache_dir(profile, &host.env, &mut warnings);
     let mut mount = match (spec.image_mount, profile.mount) {
         (Some(b), _) => MountPlan {
             backend: b,
             reason: format!("--image-mount {}", b.as_str()),
             shm_size: spec.shm_size.clone(),
             library_cache: None,
+            library_cache_reason: String::new(),
         },
         (None, Some(b)) => MountPlan {
             backend: b,
             reason: format!("profile {} sets mount: {}", profile.name, b.as_str()),
             shm_size: spec.shm_size.clone(),
             library_cache: None,
+            library_cache_reason: String::new(),
         },
         (None, None) => MountPlan {
             backend: MountBackendKind::Auto,
             reason: "the default: built-in FUSE, then squashfuse, then extraction".into(),
             shm_size: spec.shm_size.clone(),
             library_cache: None,
+            library_cache_reason: String::new(),
         },
     };
-    if mount.backend != MountBackendKind::Extract {
+    if mount.backend == MountBackendKind::Extract {
+        mount.library_cache_reason =
+            "off: the image is extracted, its files are host files already".into();
+    } else {
         mount.library_cache = library_cache;
+        mount.library_cache_reason = library_cache_reason;
     }
 
     let mut plan = LaunchPlan {
@@ -690,6 +702,68 @@ pub fn build_plan(
         ));
     }
     Ok(plan)
+}
+
+/// Where the nodes keep the library cache in environment `vars`, and why:
+/// `$CMPIRUN_LIBRARY_CACHE` (the user's), else the profile's `library_cache` (the site's; a
+/// `$VAR` in it that is unset is a warning and the default is used), else
+/// `$XDG_CACHE_HOME/cmpirun/libraries`.
+pub fn library_cache_dir(
+    profile: &crate::profile::SiteProfile,
+    vars: &std::collections::BTreeMap<String, String>,
+    warnings: &mut Vec<String>,
+) -> (Option<PathBuf>, String) {
+    use crate::mount::{LIBRARY_CACHE_ENV, library_cache_in};
+    use crate::profile::LibraryCacheSetting;
+    let env = |k: &str| vars.get(k).cloned();
+    let from_env = vars.get(LIBRARY_CACHE_ENV).filter(|v| !v.is_empty());
+    let default = |reason: String| {
+        let dir = library_cache_in(|k| (k != LIBRARY_CACHE_ENV).then(|| env(k)).flatten());
+        match dir {
+            Some(d) => (Some(d), reason),
+            None => (None, "off: neither XDG_CACHE_HOME nor HOME is set".into()),
+        }
+    };
+    match (from_env, &profile.library_cache) {
+        (Some(v), _) => {
+            let dir = library_cache_in(env);
+            let reason = match &dir {
+                Some(_) => format!("{LIBRARY_CACHE_ENV}={v}"),
+                None => format!("off: {LIBRARY_CACHE_ENV}={v}"),
+            };
+            (dir, reason)
+        }
+        (None, Some(LibraryCacheSetting::Off)) => (
+            None,
+            format!("off: profile {} sets library_cache: off", profile.name),
+        ),
+        (None, Some(LibraryCacheSetting::Dir(p))) => {
+            match crate::plan::facts::expand_vars(p.as_str(), vars) {
+                Some(dir) => (
+                    Some(PathBuf::from(dir)),
+                    format!(
+                        "profile {} sets library_cache: {}",
+                        profile.name,
+                        p.as_str()
+                    ),
+                ),
+                None => {
+                    warnings.push(format!(
+                        "profile {}: library_cache {} names a variable that is not set; the \
+                         library cache is in the user's cache folder instead",
+                        profile.name,
+                        p.as_str()
+                    ));
+                    default(format!(
+                        "the default (profile {}'s {} could not be expanded)",
+                        profile.name,
+                        p.as_str()
+                    ))
+                }
+            }
+        }
+        (None, None) => default("the default: the user's cache folder".into()),
+    }
 }
 
 fn host_origin(spec: &JobSpec) -> String {

@@ -83,7 +83,12 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
     }
     match &plan.mount.library_cache {
         Some(dir) => {
-            writeln!(o, "  library cache: {}", dir.display())?;
+            writeln!(
+                o,
+                "  library cache: {} ({})",
+                dir.display(),
+                plan.mount.library_cache_reason
+            )?;
             writeln!(
                 o,
                 "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
@@ -106,10 +111,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 )?;
             }
         }
-        None => writeln!(
-            o,
-            "  library cache: off (CMPIRUN_LIBRARY_CACHE=off, no home, or an extracted image)"
-        )?,
+        None => writeln!(o, "  library cache: {}", plan.mount.library_cache_reason)?,
     }
     writeln!(o, "binds:")?;
     if plan.binds.is_empty() {

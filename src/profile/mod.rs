@@ -17,7 +17,7 @@ use serde::Serialize;
 
 pub use schema::{
     BindEntry, EnvSection, FabricSection, GlobPattern, HostPath, LauncherChoice, LauncherSection,
-    MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName, VarName,
+    LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName, VarName,
 };
 
 use crate::jobspec::MountBackendKind;
@@ -49,6 +49,8 @@ pub struct SiteProfile {
     pub env: EnvSection,
     /// Image mount backend.
     pub mount: Option<MountBackendKind>,
+    /// Where nodes keep their copies of the images' MPI stacks.
+    pub library_cache: Option<LibraryCacheSetting>,
 }
 
 /// Errors from finding, reading, merging and choosing profiles. All are the user's (or the
@@ -374,6 +376,7 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
         merge_env(&mut into.env, env);
     }
     set(&mut into.mount, &f.mount);
+    set(&mut into.library_cache, &f.library_cache);
 }
 
 fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {

@@ -44,6 +44,59 @@ pub struct ProfileFile {
     /// How images are mounted.
     #[serde(default)]
     pub mount: Option<MountBackendKind>,
+    /// Where nodes keep their copies of the images' MPI stacks (`off`: nowhere).
+    #[serde(default)]
+    pub library_cache: Option<LibraryCacheSetting>,
+}
+
+/// The `library_cache:` value: `off`, or an absolute directory (which may use `$VAR`s, such as
+/// `/local/$USER/cmpirun-libraries`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum LibraryCacheSetting {
+    /// No library cache.
+    Off,
+    /// This directory.
+    Dir(HostPath),
+}
+
+impl TryFrom<String> for LibraryCacheSetting {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(LibraryCacheSetting::Off);
+        }
+        HostPath::try_from(s)
+            .map(LibraryCacheSetting::Dir)
+            .map_err(|e| format!("{e}; use off or an absolute directory"))
+    }
+}
+
+// By a visitor rather than `try_from`: an error raised while the scalar is read carries the
+// key and the line of the value.
+impl<'de> Deserialize<'de> for LibraryCacheSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LibraryCacheSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("off or an absolute directory")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                LibraryCacheSetting::try_from(v.to_owned()).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl From<LibraryCacheSetting> for String {
+    fn from(s: LibraryCacheSetting) -> String {
+        match s {
+            LibraryCacheSetting::Off => "off".into(),
+            LibraryCacheSetting::Dir(p) => p.into(),
+        }
+    }
 }
 
 /// When a profile applies: every condition given must hold.

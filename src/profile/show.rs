@@ -63,6 +63,7 @@ pub fn render_choice(choice: &ProfileChoice) -> String {
         "binds": p.binds,
         "env": p.env,
         "mount": p.mount,
+        "library_cache": p.library_cache,
     });
     prune(&mut value);
     let settings = serde_yaml::to_string(&value).unwrap_or_default();
