@@ -1,7 +1,9 @@
 //! A read-only squashfs index for serving and extracting images.
 //!
-//! backhand parses the superblock, id table, inode and directory tables; the tree is then kept
-//! in a compact table whose positions are the inode numbers (root = 1, as FUSE wants). File data
+//! backhand parses the superblock, id table, inode and directory tables; the tree is then built
+//! straight from those tables (backhand's own tree makes a path per node and sorts them all,
+//! half the mount time of an image with many files) and kept in a compact table whose
+//! positions are the inode numbers (root = 1, as FUSE wants). File data
 //! is read with `pread` and decompressed here, behind a small LRU of decompressed blocks and
 //! fragments, because backhand serialises all reads through one mutex and never evicts
 //! fragments.
@@ -10,13 +12,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::BufReader;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use backhand::Squashfs;
 use backhand::compression::{CompressionAction, Compressor, DefaultCompressor};
-use backhand::{InnerNode, Squashfs, SquashfsFileReader};
 
 use super::{MountError, SquashfsSource};
 
@@ -117,14 +119,14 @@ impl SquashImage {
         // backhand is not hardened against every corrupt image; a panic in its parser must
         // become an error naming the file, not a crash of the node instance.
         let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let sq = Squashfs::from_reader_with_offset(BufReader::new(reader), src.offset)?;
-            let sb = sq.superblock;
-            let fs = sq.into_filesystem_reader()?;
-            Ok::<_, backhand::BackhandError>((sb, fs))
+            let mut sq = Squashfs::from_reader_with_offset(BufReader::new(reader), src.offset)
+                .map_err(|e| e.to_string())?;
+            let entries = walk_tree(&sq)?;
+            Ok::<_, String>((sq.superblock, sq.fragments.take(), entries))
         }))
         .map_err(|_| bad("the squashfs parser failed on it (corrupt image?)".into()))?
-        .map_err(|e| bad(e.to_string()))?;
-        let (sb, mut fs) = parsed;
+        .map_err(bad)?;
+        let (sb, fragments, entries) = parsed;
         let compressor = sb.compressor;
         if !matches!(
             compressor,
@@ -134,10 +136,8 @@ impl SquashImage {
                 "compression {compressor:?} is not supported (use gzip, xz, zstd or lz4)"
             )));
         }
-        let block_size = fs.block_size;
-        let fragments = fs
-            .fragments
-            .take()
+        let block_size = sb.block_size;
+        let fragments = fragments
             .unwrap_or_default()
             .into_iter()
             .map(|f| {
@@ -147,8 +147,6 @@ impl SquashImage {
                 )
             })
             .collect();
-        let nodes = std::mem::take(&mut fs.root.nodes);
-        let entries = build_entries(nodes).map_err(bad)?;
         Ok(SquashImage {
             path: src.path.clone(),
             file,
@@ -354,111 +352,203 @@ fn corrupt(what: &str) -> std::io::Error {
     )
 }
 
-/// Turns backhand's path-sorted node list into the entry table.
-fn build_entries(nodes: Vec<backhand::Node<SquashfsFileReader>>) -> Result<Vec<Entry>, String> {
-    let mut entries: Vec<Entry> = Vec::with_capacity(nodes.len());
-    // backhand lists nodes in path order, a depth-first walk: the parent of a node at depth d
-    // is the directory last seen at depth d - 1.
-    let mut dirs_on_path: Vec<u32> = Vec::new();
-    for node in nodes {
-        let idx = u32::try_from(entries.len()).map_err(|_| "too many entries".to_string())?;
-        let depth = node.fullpath.components().count().saturating_sub(1);
-        let (name, parent) = if idx == 0 {
-            (OsString::new(), 0)
-        } else {
-            let name = node
-                .fullpath
-                .file_name()
-                .ok_or_else(|| format!("entry {} has no name", node.fullpath.display()))?
-                .to_owned();
+/// Builds the entry table from backhand's parsed tables: breadth first from the root, so a
+/// directory always comes before what it holds, each directory's children sorted by name.
+fn walk_tree(sq: &Squashfs<'_>) -> Result<Vec<Entry>, String> {
+    let mut entries: Vec<Entry> = Vec::with_capacity(sq.inodes.len() + 1);
+    entries.push(make_entry(sq, &sq.root_inode, OsString::new(), 0)?);
+    if !matches!(entries[0].kind, EntryKind::Dir { .. }) {
+        return Err("the root is not a directory".into());
+    }
+    let mut queue = std::collections::VecDeque::from([(0u32, &sq.root_inode)]);
+    let mut visited = std::collections::HashSet::new();
+    while let Some((idx, dir)) = queue.pop_front() {
+        // A corrupt image can list a directory twice (or inside itself): never walk one again.
+        if !visited.insert(dir.header.inode_number) {
+            return Err(format!(
+                "directory {} is listed more than once (corrupt image?)",
+                path_in(&entries, idx as usize).display()
+            ));
+        }
+        let mut children = Vec::new();
+        for (name, key) in dir_listing(sq, dir).map_err(|e| {
+            format!(
+                "directory {}: {e}",
+                path_in(&entries, idx as usize).display()
+            )
+        })? {
+            let at = || path_in(&entries, idx as usize).join(OsStr::from_bytes(&name));
             // A name that could climb out of a directory must never reach an extraction.
-            let bytes = name.as_bytes();
-            if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
-                return Err(format!(
-                    "entry {} has an invalid name",
-                    node.fullpath.display()
-                ));
+            if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+                return Err(format!("entry {} has an invalid name", at().display()));
             }
-            dirs_on_path.truncate(depth);
-            let parent = match (
-                dirs_on_path.get(depth.wrapping_sub(1)),
-                node.fullpath.parent(),
-            ) {
-                (Some(&p), Some(pp))
-                    if pp.file_name().unwrap_or_default() == entries[p as usize].name =>
-                {
-                    p
-                }
-                _ => {
-                    return Err(format!(
-                        "entry {} is not inside the directory listed before it",
-                        node.fullpath.display()
-                    ));
-                }
-            };
-            (name, parent)
-        };
-        let kind = match node.inner {
-            InnerNode::Dir(_) => EntryKind::Dir {
-                children: Vec::new(),
-            },
-            InnerNode::File(f) => EntryKind::File(file_data(&f)),
-            InnerNode::Symlink(s) => EntryKind::Symlink(s.link.into_os_string()),
-            InnerNode::CharacterDevice(d) => EntryKind::CharDevice(d.device_number),
-            InnerNode::BlockDevice(d) => EntryKind::BlockDevice(d.device_number),
-            InnerNode::NamedPipe => EntryKind::Fifo,
-            InnerNode::Socket => EntryKind::Socket,
-        };
-        if idx != 0 {
-            match &mut entries[parent as usize].kind {
-                EntryKind::Dir { children } => children.push(idx),
-                _ => {
-                    return Err(format!(
-                        "{} is inside a non-directory",
-                        node.fullpath.display()
-                    ));
-                }
+            let inode = sq
+                .inodes
+                .get(&key)
+                .ok_or_else(|| format!("entry {} names a missing inode {key}", at().display()))?;
+            let child = u32::try_from(entries.len()).map_err(|_| "too many entries".to_string())?;
+            let entry = make_entry(sq, inode, OsString::from_vec(name), idx)?;
+            if matches!(entry.kind, EntryKind::Dir { .. }) {
+                queue.push_back((child, inode));
             }
+            entries.push(entry);
+            children.push(child);
         }
-        if matches!(kind, EntryKind::Dir { .. }) {
-            dirs_on_path.truncate(depth);
-            dirs_on_path.push(idx);
-        }
-        entries.push(Entry {
-            name,
-            parent,
-            perm: node.header.permissions & 0o7777,
-            uid: node.header.uid,
-            gid: node.header.gid,
-            mtime: node.header.mtime,
-            kind,
-        });
-    }
-    if entries.is_empty() {
-        return Err("no root directory".into());
-    }
-    // Path order is byte order of the names within a directory already; lookups depend on it,
-    // so make sure rather than trust the parser.
-    for i in 0..entries.len() {
-        let EntryKind::Dir { children } = &mut entries[i].kind else {
-            continue;
-        };
-        let mut children = std::mem::take(children);
+        // Squashfs sorts directories by name, and lookups depend on it: make sure rather than
+        // trust the image.
         let name = |c: &u32| entries[*c as usize].name.as_bytes();
         if !children.is_sorted_by(|a, b| name(a) <= name(b)) {
             children.sort_by(|a, b| name(a).cmp(name(b)));
         }
-        if let EntryKind::Dir { children: slot } = &mut entries[i].kind {
+        if let EntryKind::Dir { children: slot } = &mut entries[idx as usize].kind {
             *slot = children;
         }
     }
     Ok(entries)
 }
 
-fn file_data(f: &SquashfsFileReader) -> FileData {
-    let mut pos = f.blocks_start();
-    let blocks = f
-        .block_sizes()
+/// The path of entry `idx` inside the image, for messages.
+fn path_in(entries: &[Entry], idx: usize) -> PathBuf {
+    let mut parts = Vec::new();
+    let mut i = idx;
+    while i != 0 {
+        parts.push(entries[i].name.as_os_str());
+        i = entries[i].parent as usize;
+    }
+    let mut p = PathBuf::from("/");
+    for part in parts.iter().rev() {
+        p.push(part);
+    }
+    p
+}
+
+/// One entry from its inode.
+fn make_entry(
+    sq: &Squashfs<'_>,
+    inode: &backhand::Inode,
+    name: OsString,
+    parent: u32,
+) -> Result<Entry, String> {
+    use backhand::v4::inode::InodeInner as I;
+    let header = backhand::NodeHeader::from_inode(inode.header, &sq.id)
+        .map_err(|e| format!("inode {}: {e}", inode.header.inode_number))?;
+    let kind = match &inode.inner {
+        I::BasicDirectory(_) | I::ExtendedDirectory(_) => EntryKind::Dir {
+            children: Vec::new(),
+        },
+        I::BasicFile(f) => EntryKind::File(file_data(
+            u64::from(f.blocks_start),
+            &f.block_sizes,
+            f.frag_index,
+            f.block_offset,
+            u64::from(f.file_size),
+        )),
+        I::ExtendedFile(f) => EntryKind::File(file_data(
+            f.blocks_start,
+            &f.block_sizes,
+            f.frag_index,
+            f.block_offset,
+            f.file_size,
+        )),
+        I::BasicSymlink(l) => EntryKind::Symlink(OsString::from_vec(l.target_path.clone())),
+        I::ExtendedSymlink(l) => EntryKind::Symlink(OsString::from_vec(l.target_path.clone())),
+        I::BasicCharacterDevice(d) => EntryKind::CharDevice(d.device_number),
+        I::ExtendedCharacterDevice(d) => EntryKind::CharDevice(d.device_number),
+        I::BasicBlockDevice(d) => EntryKind::BlockDevice(d.device_number),
+        I::ExtendedBlockDevice(d) => EntryKind::BlockDevice(d.device_number),
+        I::BasicNamedPipe(_) | I::ExtendedNamedPipe(_) => EntryKind::Fifo,
+        I::BasicSocket(_) | I::ExtendedSocket(_) => EntryKind::Socket,
+    };
+    Ok(Entry {
+        name,
+        parent,
+        perm: header.permissions & 0o7777,
+        uid: header.uid,
+        gid: header.gid,
+        mtime: header.mtime,
+        kind,
+    })
+}
+
+/// The entries of directory `dir`: each name and the number of its inode. Read here from the
+/// directory table backhand decompressed (its own reader of it is private). The layout, little
+/// endian: a header (entry count - 1, start of the inodes' metadata block, base inode number:
+/// three u32) followed by its entries (offset in that block: u16, inode number - base: i16,
+/// type: u16, name length - 1: u16, the name), repeated until the listing's size.
+fn dir_listing(sq: &Squashfs<'_>, dir: &backhand::Inode) -> Result<Vec<(Vec<u8>, u32)>, String> {
+    use backhand::v4::inode::InodeInner as I;
+    let (block_index, file_size, block_offset) = match &dir.inner {
+        I::BasicDirectory(d) => (
+            u64::from(d.block_index),
+            u32::from(d.file_size),
+            usize::from(d.block_offset),
+        ),
+        I::ExtendedDirectory(d) => (
+            u64::from(d.block_index),
+            d.file_size,
+            usize::from(d.block_offset),
+        ),
+        _ => return Err("not a directory".into()),
+    };
+    // The size counts 3 bytes for the "." and ".." entries that are not stored.
+    if file_size < 4 {
+        return Ok(Vec::new());
+    }
+    let truncated = || "directory table entry out of range (corrupt image?)".to_string();
+    let start = *sq.dir_blocks.0.get(&block_index).ok_or_else(truncated)? as usize;
+    let bytes = sq
+        .dir_blocks
+        .1
+        .get(start..)
+        .and_then(|b| b.get(block_offset..))
+        .and_then(|b| b.get(..file_size as usize - 3))
+        .ok_or_else(truncated)?;
+    let u16_at = |p: usize| {
+        bytes
+            .get(p..p + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |p: usize| {
+        bytes
+            .get(p..p + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 12 <= bytes.len() {
+        let count = u32_at(pos).ok_or_else(truncated)?;
+        let base = u32_at(pos + 8).ok_or_else(truncated)?;
+        if count >= 256 {
+            return Err(format!(
+                "a directory header counts {} entries (at most 256)",
+                count + 1
+            ));
+        }
+        pos += 12;
+        for _ in 0..=count {
+            let delta = u16_at(pos + 2).ok_or_else(truncated)? as i16;
+            let len = usize::from(u16_at(pos + 6).ok_or_else(truncated)?) + 1;
+            let name = bytes.get(pos + 8..pos + 8 + len).ok_or_else(truncated)?;
+            let key = i64::from(base) + i64::from(delta);
+            let key = u32::try_from(key).map_err(|_| "inode number out of range".to_string())?;
+            out.push((name.to_vec(), key));
+            pos += 8 + len;
+        }
+    }
+    Ok(out)
+}
+
+/// Where a file's bytes are, from its inode: where its blocks start, their sizes, the
+/// fragment holding its tail (or none) and its size.
+fn file_data(
+    blocks_start: u64,
+    sizes: &[backhand::DataSize],
+    frag_index: u32,
+    block_offset: u32,
+    size: u64,
+) -> FileData {
+    let mut pos = blocks_start;
+    let blocks = sizes
         .iter()
         .map(|ds| {
             let word = ds.size() | (ds.uncompressed() as u32 * STORED_UNCOMPRESSED);
@@ -467,11 +557,10 @@ fn file_data(f: &SquashfsFileReader) -> FileData {
             (here, word)
         })
         .collect();
-    let frag = f.frag_index() as u32;
     FileData {
-        size: f.file_len() as u64,
+        size,
         blocks,
-        fragment: (frag != NO_FRAGMENT).then_some((frag, f.block_offset())),
+        fragment: (frag_index != NO_FRAGMENT).then_some((frag_index, block_offset)),
     }
 }
 
