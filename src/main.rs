@@ -171,8 +171,9 @@ enum ImageCommand {
         /// Remove every entry not in use by a running job.
         #[arg(long)]
         clear: bool,
-        /// Only this cache directory (default: both, $XDG_CACHE_HOME/cmpirun/extract and
-        /// $XDG_CACHE_HOME/cmpirun/libraries, or $CMPIRUN_LIBRARY_CACHE).
+        /// Only this cache directory (default: both, $XDG_CACHE_HOME/cmpirun/extract and the
+        /// library cache a launch would use: $CMPIRUN_LIBRARY_CACHE, the profile's
+        /// library_cache, else $XDG_CACHE_HOME/cmpirun/libraries).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
