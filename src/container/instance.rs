@@ -794,22 +794,27 @@ impl Holder {
                 MSG_FAILED,
                 format!("image {}: malformed ready message", self.image),
             )),
-            Ok((kind, _, payload)) => Err((
-                kind,
-                format!(
-                    "image {}: {}",
-                    self.image,
-                    String::from_utf8_lossy(&payload)
-                ),
-            )),
-            Err(e) => Err((
-                MSG_FAILED,
-                format!(
-                    "image {}: the process building its root exited before it was ready ({e})",
-                    self.image
-                ),
-            )),
+            other => Err(holder_failure(&self.image, other, " before it was ready")),
         }
+    }
+}
+
+/// What a holder's answer other than the one awaited means: the failure it reported, or that it
+/// exited (`when`: " before it was ready", or nothing).
+fn holder_failure(
+    image: &str,
+    got: Result<(u8, Vec<OwnedFd>, Vec<u8>), InstanceError>,
+    when: &str,
+) -> (u8, String) {
+    match got {
+        Ok((kind, _, payload)) => (
+            kind,
+            format!("image {image}: {}", String::from_utf8_lossy(&payload)),
+        ),
+        Err(e) => (
+            MSG_FAILED,
+            format!("image {image}: the process building its root exited{when} ({e})"),
+        ),
     }
 }
 
@@ -851,21 +856,7 @@ fn start_holder(ops: &[MountOp], script_env: &Env, image: String) -> Result<Hold
             // see (and copy) the next root's staging mounts: wait for it.
             match recv_message(&holder.conn) {
                 Ok((MSG_UNSHARED, ..)) => Ok(holder),
-                Ok((kind, _, payload)) => Err((
-                    kind,
-                    format!(
-                        "image {}: {}",
-                        holder.image,
-                        String::from_utf8_lossy(&payload)
-                    ),
-                )),
-                Err(e) => Err((
-                    MSG_FAILED,
-                    format!(
-                        "image {}: the process building its root exited ({e})",
-                        holder.image
-                    ),
-                )),
+                other => Err(holder_failure(&holder.image, other, "")),
             }
         }
     }

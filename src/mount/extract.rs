@@ -50,21 +50,29 @@ pub fn default_extract_cache() -> Option<PathBuf> {
 /// The environment variable that moves the library cache (a directory) or turns it off (`off`).
 pub const LIBRARY_CACHE_ENV: &str = "CMPIRUN_LIBRARY_CACHE";
 
-/// The library cache's directory in an environment read through `var`: `$CMPIRUN_LIBRARY_CACHE`
-/// if it names one, else `$XDG_CACHE_HOME/cmpirun/libraries` (or
-/// `$HOME/.cache/cmpirun/libraries`). `None`: turned off (`CMPIRUN_LIBRARY_CACHE=off`, `no`, `0`
-/// or `false`), or no home to keep it in.
+/// What a `CMPIRUN_LIBRARY_CACHE` value means: `None` for `off` (or `no`, `0`, `false`), else
+/// the directory it names.
+pub fn library_cache_setting(value: &str) -> Option<PathBuf> {
+    let off = ["off", "no", "0", "false"]
+        .iter()
+        .any(|off| value.eq_ignore_ascii_case(off));
+    (!off).then(|| PathBuf::from(value))
+}
+
+/// The library cache's default directory in an environment read through `var`:
+/// `$XDG_CACHE_HOME/cmpirun/libraries`, else `$HOME/.cache/cmpirun/libraries`; `None` with
+/// neither set.
+pub fn default_library_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    Some(user_cache_in(var)?.join("libraries"))
+}
+
+/// The library cache's directory in an environment read through `var`: as
+/// `$CMPIRUN_LIBRARY_CACHE` says ([`library_cache_setting`]), else the default
+/// ([`default_library_cache_in`]). `None`: turned off, or no home to keep it in.
 pub fn library_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     match var(LIBRARY_CACHE_ENV).filter(|v| !v.is_empty()) {
-        Some(v)
-            if ["off", "no", "0", "false"]
-                .iter()
-                .any(|off| v.eq_ignore_ascii_case(off)) =>
-        {
-            None
-        }
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => Some(user_cache_in(var)?.join("libraries")),
+        Some(v) => library_cache_setting(&v),
+        None => default_library_cache_in(var),
     }
 }
 

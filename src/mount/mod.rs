@@ -27,7 +27,8 @@ use nix::unistd::Pid;
 pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
 pub use extract::{
     CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, LIBRARY_CACHE_ENV, cache_entries,
-    cache_limit, clear_cache, default_extract_cache, hold_library_files, library_cache_in,
+    cache_limit, clear_cache, default_extract_cache, default_library_cache_in, hold_library_files,
+    library_cache_in, library_cache_setting,
 };
 
 /// How to make an image's squashfs visible at a directory.

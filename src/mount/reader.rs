@@ -195,17 +195,7 @@ impl SquashImage {
 
     /// The full path of entry `idx` inside the image (for messages and checks).
     pub(crate) fn path_of(&self, idx: usize) -> PathBuf {
-        let mut parts = Vec::new();
-        let mut i = idx;
-        while i != 0 {
-            parts.push(self.entries[i].name.as_os_str());
-            i = self.entries[i].parent as usize;
-        }
-        let mut p = PathBuf::from("/");
-        for part in parts.iter().rev() {
-            p.push(part);
-        }
-        p
+        path_in(&self.entries, idx)
     }
 
     /// Reads up to `len` bytes of `file` from `offset` into `out` (cleared first).
@@ -407,7 +397,7 @@ fn walk_tree(sq: &Squashfs<'_>) -> Result<Vec<Entry>, String> {
     Ok(entries)
 }
 
-/// The path of entry `idx` inside the image, for messages.
+/// The path of entry `idx` of `entries` inside the image.
 fn path_in(entries: &[Entry], idx: usize) -> PathBuf {
     let mut parts = Vec::new();
     let mut i = idx;

@@ -628,38 +628,32 @@ pub fn build_plan(
     }
 
     // Mount.
-    let (library_cache, library_cache_reason) =
-        library_cache_dir(profile, &host.env, &mut warnings);
-    let mut mount = match (spec.image_mount, profile.mount) {
-        (Some(b), _) => MountPlan {
-            backend: b,
-            reason: format!("--image-mount {}", b.as_str()),
-            shm_size: spec.shm_size.clone(),
-            library_cache: None,
-            library_cache_reason: String::new(),
-        },
-        (None, Some(b)) => MountPlan {
-            backend: b,
-            reason: format!("profile {} sets mount: {}", profile.name, b.as_str()),
-            shm_size: spec.shm_size.clone(),
-            library_cache: None,
-            library_cache_reason: String::new(),
-        },
-        (None, None) => MountPlan {
-            backend: MountBackendKind::Auto,
-            reason: "the default: built-in FUSE, then squashfuse, then extraction".into(),
-            shm_size: spec.shm_size.clone(),
-            library_cache: None,
-            library_cache_reason: String::new(),
-        },
+    let (backend, mount_reason) = match (spec.image_mount, profile.mount) {
+        (Some(b), _) => (b, format!("--image-mount {}", b.as_str())),
+        (None, Some(b)) => (
+            b,
+            format!("profile {} sets mount: {}", profile.name, b.as_str()),
+        ),
+        (None, None) => (
+            MountBackendKind::Auto,
+            "the default: built-in FUSE, then squashfuse, then extraction".into(),
+        ),
     };
-    if mount.backend == MountBackendKind::Extract {
-        mount.library_cache_reason =
-            "off: the image is extracted, its files are host files already".into();
+    let (library_cache, library_cache_reason) = if backend == MountBackendKind::Extract {
+        (
+            None,
+            "off: the image is extracted, its files are host files already".into(),
+        )
     } else {
-        mount.library_cache = library_cache;
-        mount.library_cache_reason = library_cache_reason;
-    }
+        library_cache_dir(profile, &host.env, &mut warnings)
+    };
+    let mount = MountPlan {
+        backend,
+        reason: mount_reason,
+        shm_size: spec.shm_size.clone(),
+        library_cache,
+        library_cache_reason,
+    };
 
     let mut plan = LaunchPlan {
         job: spec.clone(),
@@ -713,20 +707,16 @@ pub fn library_cache_dir(
     vars: &std::collections::BTreeMap<String, String>,
     warnings: &mut Vec<String>,
 ) -> (Option<PathBuf>, String) {
-    use crate::mount::{LIBRARY_CACHE_ENV, library_cache_in};
+    use crate::mount::{LIBRARY_CACHE_ENV, default_library_cache_in, library_cache_setting};
     use crate::profile::LibraryCacheSetting;
-    let env = |k: &str| vars.get(k).cloned();
     let from_env = vars.get(LIBRARY_CACHE_ENV).filter(|v| !v.is_empty());
-    let default = |reason: String| {
-        let dir = library_cache_in(|k| (k != LIBRARY_CACHE_ENV).then(|| env(k)).flatten());
-        match dir {
-            Some(d) => (Some(d), reason),
-            None => (None, "off: neither XDG_CACHE_HOME nor HOME is set".into()),
-        }
+    let default = |reason: String| match default_library_cache_in(|k| vars.get(k).cloned()) {
+        Some(d) => (Some(d), reason),
+        None => (None, "off: neither XDG_CACHE_HOME nor HOME is set".into()),
     };
     match (from_env, &profile.library_cache) {
         (Some(v), _) => {
-            let dir = library_cache_in(env);
+            let dir = library_cache_setting(v);
             let reason = match &dir {
                 Some(_) => format!("{LIBRARY_CACHE_ENV}={v}"),
                 None => format!("off: {LIBRARY_CACHE_ENV}={v}"),
