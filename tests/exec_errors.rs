@@ -83,14 +83,7 @@ fn bad_input_is_a_usage_error() {
 fn squashfs_image(dir: &TuserDir) -> PathBuf {
     let root = support::directory_image(dir.path());
     let out = dir.path().join("image.sqfs");
-    let st = Command::new("mksquashfs")
-        .arg(&root)
-        .arg(&out)
-        .args(["-noappend", "-quiet", "-no-progress"])
-        .status()
-        .expect("mksquashfs (squashfs-tools) must be installed");
-    assert!(st.success());
-    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    mksquashfs(&root, &out, &[]);
     out
 }
 

@@ -7,7 +7,6 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -94,20 +93,8 @@ fn build_image(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     fs::create_dir(&tree).unwrap();
     make_tree(&tree);
     let image = dir.join(name);
-    let out = Command::new("mksquashfs")
-        .arg(&tree)
-        .arg(&image)
-        .args(["-noappend", "-quiet", "-no-progress"])
-        .args(extra)
-        .output()
-        .expect("mksquashfs (squashfs-tools) must be installed");
-    assert!(
-        out.status.success(),
-        "mksquashfs failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mksquashfs(&tree, &image, extra);
     fs::set_permissions(&tree, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
     image
 }
 
@@ -438,17 +425,7 @@ fn a_corrupt_block_fails_its_reads_and_the_server_keeps_serving() {
         fs::write(tree.join(format!("small/{i}.txt")), format!("small {i}\n")).unwrap();
     }
     let image = work.path().join("corrupt.sqfs");
-    let out = Command::new("mksquashfs")
-        .arg(&tree)
-        .arg(&image)
-        .args(["-noappend", "-quiet", "-no-progress", "-comp", "gzip"])
-        .output()
-        .expect("mksquashfs (squashfs-tools) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mksquashfs(&tree, &image, &["-comp", "gzip"]);
     let mut bytes = fs::read(&image).unwrap();
     for b in &mut bytes[96 + 16..96 + 48] {
         *b ^= 0x5a;

@@ -4,9 +4,8 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,18 +25,7 @@ fn small_image(dir: &Path, name: &str, seed: u64) -> PathBuf {
         .collect();
     fs::write(tree.join("data.bin"), data).unwrap();
     let image = dir.join(name);
-    let out = Command::new("mksquashfs")
-        .arg(&tree)
-        .arg(&image)
-        .args(["-noappend", "-quiet", "-no-progress"])
-        .output()
-        .expect("mksquashfs (squashfs-tools) must be installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
+    mksquashfs(&tree, &image, &[]);
     image
 }
 

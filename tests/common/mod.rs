@@ -1254,3 +1254,21 @@ impl Drop for TestTmpfs {
         let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// Packs `tree` into the squashfs `image` (`mksquashfs TREE IMAGE -noappend -quiet -no-progress
+/// extra…`) and makes the image readable by the test user.
+pub fn mksquashfs(tree: &Path, image: &Path, extra: &[&str]) {
+    let out = Command::new("mksquashfs")
+        .arg(tree)
+        .arg(image)
+        .args(["-noappend", "-quiet", "-no-progress"])
+        .args(extra)
+        .output()
+        .expect("mksquashfs (squashfs-tools) must be installed");
+    assert!(
+        out.status.success(),
+        "mksquashfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::set_permissions(image, fs::Permissions::from_mode(0o644)).unwrap();
+}
