@@ -239,16 +239,6 @@ fn a_host_library_needing_a_newer_glibc_is_refused() {
     assert_no_leftovers(&before, &[out.tag.as_str(), forced.tag.as_str()]);
 }
 
-/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design;
-/// it is made before a snapshot so that it does not count as a leftover.
-fn runtime_dir() {
-    let dir = format!("/tmp/cmpirun-{}", tuser().uid);
-    TuserCommand::new("mkdir")
-        .args(["-p", "-m", "700", &dir])
-        .run()
-        .assert_success();
-}
-
 /// `salloc -n N cmpirun …` as the test user, with the `ci` profile's host libfabric `host`.
 /// salloc waits for the node when other jobs hold it.
 fn salloc_cmpirun(n: u32, host: &Path) -> TuserCommand {

@@ -6,14 +6,12 @@ mod common;
 
 use common::*;
 
-/// The per-user rendezvous directory, made before a snapshot so that it is not a leftover.
-fn runtime_dir() -> String {
-    let runtime = format!("/tmp/cmpirun-{}", tuser().uid);
-    TuserCommand::new("mkdir")
-        .args(["-p", "-m", "700", &runtime])
-        .run()
-        .assert_success();
-    runtime
+/// `cmpirun -f HOSTS -n N` as the test user: a job through hydra.
+fn hydra(hosts: &std::path::Path, n: u32) -> TuserCommand {
+    TuserCommand::cmpirun()
+        .arg("-f")
+        .arg(hosts)
+        .args(["-n", &n.to_string()])
 }
 
 /// A hostfile naming this machine with `slots` slots.
@@ -33,12 +31,9 @@ fn failing_job(args: &[&str], code: i32, message: &str) {
     let dir = TuserDir::new();
     let hosts = hostfile(&dir, 4);
     let before = Snapshot::take();
-    let out = TuserCommand::cmpirun()
+    let out = hydra(&hosts, 4)
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(std::time::Duration::from_secs(120))
-        .arg("-f")
-        .arg(&hosts)
-        .args(["-n", "4"])
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/abort")
         .args(args)
@@ -83,19 +78,15 @@ fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
     let dir = TuserDir::new();
     let hostfile = hostfile(&dir, 4);
     let before = Snapshot::take();
-    let dry = TuserCommand::cmpirun()
-        .args(["-f"])
-        .arg(&hostfile)
-        .args(["-n", "4", "--dry-run"])
+    let dry = hydra(&hostfile, 4)
+        .arg("--dry-run")
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/mpitest")
         .run();
     dry.assert_success();
     assert!(dry.stdout.contains("launcher: hydra"), "{dry}");
-    let out = TuserCommand::cmpirun()
-        .args(["-f"])
-        .arg(&hostfile)
-        .args(["-n", "4", "-l"])
+    let out = hydra(&hostfile, 4)
+        .arg("-l")
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/mpitest")
         .run();
@@ -112,12 +103,9 @@ fn sigterm_to_cmpirun_ends_the_job_with_143_and_leaves_nothing() {
     let dir = TuserDir::new();
     let hosts = hostfile(&dir, 4);
     let before = Snapshot::take();
-    let child = TuserCommand::cmpirun()
+    let child = hydra(&hosts, 4)
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(std::time::Duration::from_secs(120))
-        .arg("-f")
-        .arg(&hosts)
-        .args(["-n", "4"])
         .arg(staged_image("mpich4"))
         .args(["/bin/sleep", "600"])
         .spawn();
@@ -160,10 +148,7 @@ fn each_rank_leads_its_own_session() {
     runtime_dir();
     let dir = TuserDir::new();
     let hosts = hostfile(&dir, 3);
-    let out = TuserCommand::cmpirun()
-        .arg("-f")
-        .arg(&hosts)
-        .args(["-n", "3"])
+    let out = hydra(&hosts, 3)
         .arg(staged_image("mpich4"))
         .args([
             "/bin/sh",
@@ -199,12 +184,9 @@ fn a_rank_mode_that_cannot_start_its_rank_reports_its_status() {
         .unwrap();
     }
     let before = Snapshot::take();
-    let out = TuserCommand::cmpirun()
+    let out = hydra(&hosts, 2)
         .env("XDG_RUNTIME_DIR", &xdg)
         .timeout(std::time::Duration::from_secs(120))
-        .arg("-f")
-        .arg(&hosts)
-        .args(["-n", "2"])
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/hello")
         .run();

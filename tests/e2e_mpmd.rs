@@ -459,15 +459,6 @@ fn sigkill_of_cmpirun_during_a_two_image_job_leaves_nothing() {
     assert_no_leftovers(&before, &[tag.as_str()]);
 }
 
-/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design,
-/// like `$XDG_RUNTIME_DIR`; it is made before a snapshot so that it does not count as a leftover.
-fn runtime_dir() {
-    TuserCommand::new("mkdir")
-        .args(["-p", "-m", "700", &format!("/tmp/cmpirun-{}", tuser().uid)])
-        .run()
-        .assert_success();
-}
-
 /// `salloc -n 4 cmpirun ARGS` as the test user on the one-node test cluster.
 fn salloc(args: &[String]) -> RunOutput {
     TuserCommand::new("salloc")

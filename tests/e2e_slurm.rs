@@ -8,17 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design,
-/// like `$XDG_RUNTIME_DIR`; it is made before a snapshot so that it does not count as a leftover.
-fn runtime_dir() -> String {
-    let dir = format!("/tmp/cmpirun-{}", tuser().uid);
-    TuserCommand::new("mkdir")
-        .args(["-p", "-m", "700", &dir])
-        .run()
-        .assert_success();
-    dir
-}
-
 /// `salloc -n N cmpirun -n N FLAGS IMAGE PROGRAM ARGS` as the test user.
 fn salloc(n: u32, flags: &[&str], image: &str, program: &str, args: &[&str]) -> RunOutput {
     TuserCommand::new("salloc")
@@ -187,23 +176,7 @@ fn sigterm_to_cmpirun_ends_the_step_with_143_and_leaves_nothing() {
     let _serial = exclusive();
     runtime_dir();
     let before = Snapshot::take();
-    let child = TuserCommand::new("salloc")
-        .slurm()
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-n", "2"])
-        .arg(cmpirun_bin())
-        .args(["-n", "2"])
-        .arg(staged_image("mpich4"))
-        .args(["/bin/sleep", "600"])
-        .spawn();
-    // The front end is salloc's child; the tasks (also cmpirun) are slurmstepd's.
-    let procs = wait_for_ranks(&child, 2);
-    let front = procs
-        .iter()
-        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
-        .map(|p| p.0)
-        .unwrap();
+    let (child, _, front) = sleeping_job();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(front),
         nix::sys::signal::Signal::SIGTERM,
@@ -237,6 +210,29 @@ fn each_rank_leads_its_own_session() {
             "{out}"
         );
     }
+}
+
+/// Starts `salloc -n 2 cmpirun -n 2 mpich4 /bin/sleep 600` and waits until both ranks run;
+/// returns the run, its processes (pid, parent, name) and the pid of cmpirun's front end, which
+/// is salloc's child (the tasks, also cmpirun, are slurmstepd's).
+fn sleeping_job() -> (TuserChild, Vec<(i32, i32, String)>, i32) {
+    let child = TuserCommand::new("salloc")
+        .slurm()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args(["-n", "2"])
+        .arg(cmpirun_bin())
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    let procs = wait_for_ranks(&child, 2);
+    let front = procs
+        .iter()
+        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
+        .map(|p| p.0)
+        .unwrap_or_else(|| panic!("no front end under salloc: {procs:?}"));
+    (child, procs, front)
 }
 
 /// Waits until `n` `sleep` ranks of run `child` run; returns its processes (pid, parent, name).
@@ -281,22 +277,7 @@ fn a_task_killed_before_it_reports_ends_the_step_with_sruns_status() {
     let _serial = exclusive();
     runtime_dir();
     let before = Snapshot::take();
-    let child = TuserCommand::new("salloc")
-        .slurm()
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-n", "2"])
-        .arg(cmpirun_bin())
-        .args(["-n", "2"])
-        .arg(staged_image("mpich4"))
-        .args(["/bin/sleep", "600"])
-        .spawn();
-    let procs = wait_for_ranks(&child, 2);
-    let front = procs
-        .iter()
-        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
-        .map(|p| p.0);
-    assert!(front.is_some(), "{procs:?}");
+    let (child, procs, _) = sleeping_job();
     // A task (cmpirun __rank under slurmstepd) dies without a word, as on a lost node.
     let task = procs
         .iter()

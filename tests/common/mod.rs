@@ -1272,3 +1272,14 @@ pub fn mksquashfs(tree: &Path, image: &Path, extra: &[&str]) {
     );
     fs::set_permissions(image, fs::Permissions::from_mode(0o644)).unwrap();
 }
+
+/// The per-user rendezvous directory of node instances (`/tmp/cmpirun-UID`) persists by design,
+/// like `$XDG_RUNTIME_DIR`; made before a snapshot, it does not count as a leftover. Returns it.
+pub fn runtime_dir() -> String {
+    let dir = format!("/tmp/cmpirun-{}", tuser().uid);
+    TuserCommand::new("mkdir")
+        .args(["-p", "-m", "700", &dir])
+        .run()
+        .assert_success();
+    dir
+}
