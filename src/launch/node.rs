@@ -12,7 +12,7 @@ use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
 use crate::container::run::{ExecRequest, instance_config_images};
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
-use crate::plan::{AppPlan, Bind, BindTime, LaunchPlan};
+use crate::plan::{AppPlan, Bind, BindTime, LaunchPlan, image_apps};
 
 use super::LaunchError;
 use super::env::RankEnv;
@@ -33,13 +33,10 @@ pub fn job_images(plan: &LaunchPlan) -> Vec<PathBuf> {
 }
 
 fn distinct_images(apps: &[AppPlan]) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
-    for a in apps {
-        if !out.contains(&a.image.path) {
-            out.push(a.image.path.clone());
-        }
-    }
-    out
+    image_apps(apps)
+        .into_iter()
+        .map(|a| a.image.path.clone())
+        .collect()
 }
 
 /// The index in [`job_images`] of the image that MPMD part `part` runs in.

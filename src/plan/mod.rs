@@ -873,15 +873,21 @@ fn mpi_family_check(image: &ImageInfo, kind: LauncherKind, pmi: PmiKind) -> Opti
     })
 }
 
-/// How many different images the parts name.
-fn distinct_images(apps: &[AppPlan]) -> usize {
-    let mut seen: Vec<&Path> = Vec::new();
+/// The first part naming each different image, in the order the parts first name them: the
+/// job's images (a node instance holds one root per image).
+pub fn image_apps(apps: &[AppPlan]) -> Vec<&AppPlan> {
+    let mut out: Vec<&AppPlan> = Vec::new();
     for a in apps {
-        if !seen.contains(&a.image.path.as_path()) {
-            seen.push(&a.image.path);
+        if !out.iter().any(|o| o.image.path == a.image.path) {
+            out.push(a);
         }
     }
-    seen.len()
+    out
+}
+
+/// How many different images the parts name.
+fn distinct_images(apps: &[AppPlan]) -> usize {
+    image_apps(apps).len()
 }
 
 /// Whether the images of an MPMD job can form one MPI job: the ranks of every part speak to

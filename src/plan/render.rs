@@ -93,12 +93,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 o,
                 "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
             )?;
-            let mut seen = Vec::new();
-            for a in &plan.apps {
-                if seen.contains(&&a.image.path) {
-                    continue;
-                }
-                seen.push(&a.image.path);
+            for a in super::image_apps(&plan.apps) {
                 writeln!(
                     o,
                     "    {}: {}",
