@@ -198,3 +198,33 @@ fn a_rank_mode_that_cannot_start_its_rank_reports_its_status() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+/// A node's first launch of an image under hydra: four `cmpirun __rank` tasks start at once with
+/// an empty library cache; only the one that creates the node instance fills it, and no launch
+/// hangs. Repeated, each time with an empty cache.
+#[test]
+fn cold_first_launches_under_hydra_never_hang() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(&dir, 4);
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+    for i in 0..8 {
+        let out = hydra(&hosts, 4)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .env(
+                "CMPIRUN_LIBRARY_CACHE",
+                dir.path().join(format!("libraries-{i}")),
+            )
+            .timeout(std::time::Duration::from_secs(60))
+            .arg(staged_image("mpich4"))
+            .arg("/usr/local/bin/mpitest")
+            .run();
+        tags.push(out.tag.clone());
+        let hellos = assert_mpitest_ok(&out, 4);
+        assert_one_container_per_host(&hellos, tuser().uid);
+    }
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}

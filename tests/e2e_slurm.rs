@@ -304,3 +304,46 @@ fn a_task_killed_before_it_reports_ends_the_step_with_sruns_status() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+/// A node's first launch of an image under srun: every task of the step starts at once and
+/// finds the library cache empty. Only the task that creates the node instance fills the entry;
+/// the others wait for the instance, never for a cache lock that a task whose ranks wait for
+/// theirs in MPI wire-up holds (one launch in five hung so before). Repeated, each time with an
+/// empty cache.
+#[test]
+fn cold_first_launches_under_srun_fill_the_library_cache_once_and_never_hang() {
+    let _serial = exclusive();
+    runtime_dir();
+    let work = TuserDir::new();
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+    for i in 0..8 {
+        let cache = work.path().join(format!("libraries-{i}"));
+        let out = TuserCommand::new("salloc")
+            .slurm()
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .env("CMPIRUN_LIBRARY_CACHE", &cache)
+            .timeout(Duration::from_secs(60))
+            .args(["-n", "4"])
+            .arg(cmpirun_bin())
+            .args(["-n", "4"])
+            .arg(staged_image("mpich4"))
+            .arg("/usr/local/bin/mpitest")
+            .run();
+        tags.push(out.tag.clone());
+        check_mpitest(&out, 4);
+        let entries: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.contains('.'))
+            .collect();
+        assert_eq!(
+            entries.len(),
+            1,
+            "one entry in {}: {entries:?}",
+            cache.display()
+        );
+    }
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}

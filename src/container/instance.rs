@@ -196,6 +196,9 @@ impl NodeInstance {
         }
         let (ours, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
         let shared = shared_shm_dir(cfg);
+        // The library cache is filled here, by the creator only; the instance keeps the
+        // entries' locks.
+        let mut cache_locks = Vec::new();
         let ops: Vec<Vec<MountOp>> = std::iter::once(&cfg.root)
             .chain(&cfg.other_roots)
             .map(|r| {
@@ -203,6 +206,7 @@ impl NodeInstance {
                 if r.shm == ShmMode::Private {
                     r.shared_shm = shared.clone();
                 }
+                cache_locks.extend(super::library_cache::resolve(&mut r));
                 plan_root(&r)
             })
             .collect();
@@ -214,6 +218,7 @@ impl NodeInstance {
             ForkResult::Child => {
                 drop(ours);
                 let mut keep = vec![theirs.as_raw_fd()];
+                keep.extend(&cache_locks);
                 if let Some((l, _)) = &listener {
                     keep.push(l.as_raw_fd());
                 }

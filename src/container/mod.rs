@@ -5,6 +5,7 @@
 //! - [`executor`]: the only code that mounts the root, from the plan.
 //! - [`env`]: the environment of a member (pure).
 //! - [`instance`]: the node instance process and how members join it.
+//! - [`library_cache`]: the node's unpacked MPI stacks, as an instance's creator uses them.
 //! - [`rendezvous`]: how unrelated processes of one user find the instance of a key.
 //! - [`run`]: `cmpirun exec` / `cmpirun shell`, gathered from the host and the command line.
 
@@ -12,6 +13,7 @@ pub mod accounts;
 pub mod env;
 pub mod executor;
 pub mod instance;
+pub mod library_cache;
 pub mod plan;
 pub mod rendezvous;
 pub mod resolve;

@@ -128,6 +128,10 @@ pub struct RootConfig {
     pub host_dirs: Vec<PathBuf>,
     /// `--bind` values, in command-line order.
     pub binds: Vec<Bind>,
+    /// The image files to serve from the node's library cache (`None`: the cache is off). The
+    /// instance's creator alone fills the cache entry and turns this into [`Self::cached`]
+    /// ([`super::library_cache`]), so the ranks that join an instance never touch the cache.
+    pub library_cache: Option<LibraryCache>,
     /// Image files served from the node's library cache: read-only binds over the image's own
     /// copies (same content). One is left out where any other bind covers its destination.
     pub cached: Vec<Bind>,
@@ -141,6 +145,15 @@ pub struct RootConfig {
     /// With [`ShmMode::Private`]: the size limit of the `/dev/shm` tmpfs (`--shm SIZE`, a tmpfs
     /// `size=` value); `None` keeps tmpfs's default, half the node's memory.
     pub shm_size: Option<String>,
+}
+
+/// What a root asks of the node's library cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryCache {
+    /// The cache folder (absolute).
+    pub dir: PathBuf,
+    /// Files of the image (absolute paths inside it: the MPI stack the image facts name).
+    pub files: Vec<PathBuf>,
 }
 
 /// Where a bind's source is.
@@ -475,6 +488,7 @@ mod tests {
             host_files: vec!["/etc/hosts".into(), "/etc/resolv.conf".into()],
             host_dirs: vec!["/tmp".into(), "/var/tmp".into()],
             binds: vec![],
+            library_cache: None,
             cached: vec![],
             shm: ShmMode::Private,
             shared_shm: None,

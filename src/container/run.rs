@@ -17,7 +17,7 @@ use crate::mount::{MountBackend, SquashfsSource, choose_backend};
 
 use super::env::{base_environment, member_environment, parse_env};
 use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance};
-use super::plan::{Account, Bind, ImageSource, RootConfig, ShmMode, parse_bind};
+use super::plan::{Account, ImageSource, LibraryCache, RootConfig, ShmMode, parse_bind};
 use super::rendezvous::{RendezvousError, join_or_create, runtime_dir};
 
 /// What `cmpirun exec` was asked to do.
@@ -212,11 +212,12 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         avoid.push(req.image.clone());
         avoid.push(image.path().to_owned());
         avoid.extend(binds.iter().map(|b| b.src.clone()));
-        let cached = match &req.library_cache {
-            Some(cache) => cached_binds(&image, cache, &req.cached_files),
-            None => Vec::new(),
-        };
-        roots.push((image, binds, cached, req.shm, req.shm_size.clone()));
+        // Bind sources must not depend on the working directory of whoever opens them.
+        let cache = req.library_cache.as_ref().map(|dir| LibraryCache {
+            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+            files: req.cached_files.clone(),
+        });
+        roots.push((image, binds, cache, req.shm, req.shm_size.clone()));
     }
     let host_dirs: Vec<PathBuf> = ["/tmp", "/var/tmp"]
         .iter()
@@ -240,7 +241,7 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         .collect();
     let mut roots = roots
         .into_iter()
-        .map(|(image, binds, cached, shm, shm_size)| RootConfig {
+        .map(|(image, binds, library_cache, shm, shm_size)| RootConfig {
             image,
             stage: stage.clone(),
             bind_home: account.home.is_dir(),
@@ -249,7 +250,8 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
             host_files: host_files.clone(),
             host_dirs: host_dirs.clone(),
             binds,
-            cached,
+            library_cache,
+            cached: Vec::new(),
             shm,
             shared_shm: None,
             shm_size,
@@ -262,61 +264,6 @@ pub fn instance_config_images(reqs: &[ExecRequest]) -> Result<InstanceConfig, Ex
         other_roots,
         script_env,
     })
-}
-
-/// Read-only binds of `files` from the node's library cache over the image's copies, for an
-/// image that a FUSE server serves. The cache is an optimisation: when it is off, or cannot be
-/// filled (no space, no writable home), the files are read through the mount as before.
-fn cached_binds(image: &ImageSource, cache: &Path, files: &[PathBuf]) -> Vec<Bind> {
-    let ImageSource::Squashfs { source, backend } = image else {
-        return Vec::new();
-    };
-    if files.is_empty() || *backend == MountBackend::Extract {
-        return Vec::new();
-    }
-    // Bind sources must not depend on the working directory of whoever opens them.
-    let cache = std::path::absolute(cache).unwrap_or_else(|_| cache.to_owned());
-    let cache = cache.as_path();
-    let tree = match crate::mount::hold_library_files(source, cache, files) {
-        Ok(tree) => tree,
-        Err(e) => {
-            tracing::warn!(
-                "library cache {}: {e}; reading the image's MPI libraries through the mount \
-                 (set {}=off to skip the cache)",
-                cache.display(),
-                crate::mount::LIBRARY_CACHE_ENV
-            );
-            return Vec::new();
-        }
-    };
-    // Libraries are mapped executable, which a noexec filesystem (a /tmp mounted so) forbids.
-    if nix::sys::statvfs::statvfs(&tree)
-        .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
-    {
-        tracing::warn!(
-            "library cache {}: its filesystem is mounted noexec, so libraries there cannot be \
-             loaded; reading the image's MPI libraries through the mount (point {} at a \
-             directory on another filesystem, or set it to off)",
-            cache.display(),
-            crate::mount::LIBRARY_CACHE_ENV
-        );
-        return Vec::new();
-    }
-    files
-        .iter()
-        .filter_map(|f| {
-            let src = tree.join(f.strip_prefix("/").unwrap_or(f));
-            // A file the image does not have (or not as a regular file) was not unpacked.
-            fs::symlink_metadata(&src)
-                .is_ok_and(|m| m.is_file())
-                .then(|| Bind {
-                    src,
-                    dst: f.clone(),
-                    readonly: true,
-                    recursive: false,
-                })
-        })
-        .collect()
 }
 
 /// Signals cmpirun passes on to the programs it runs (`exec`) and to every rank (launch).

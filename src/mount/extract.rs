@@ -77,23 +77,30 @@ pub fn library_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf>
 }
 
 /// Entries of the library cache this process uses: their shared locks are held until it exits,
-/// so that pruning by another job leaves them alone while this one's containers bind them.
+/// so that pruning by another job leaves them alone while this one's containers bind them. They
+/// are never dropped (dropping a `Flock` unlocks the open file, which a node instance forked from
+/// this process shares).
 static HELD: std::sync::Mutex<Vec<Flock<File>>> = std::sync::Mutex::new(Vec::new());
 
 /// Makes sure the library cache `cache` holds `files` (absolute paths inside image `src`, regular
 /// files; others are skipped) and returns the entry's directory, under which each file is at its
-/// image path. The entry is unpacked once per node (per cache folder) and image, and stays
-/// locked until this process exits.
+/// image path, and the descriptor of the entry's shared lock. The entry is unpacked once per
+/// cache folder and image; the lock is held until this process exits, and by any process forked
+/// from it that keeps the descriptor open (the node instance).
 pub fn hold_library_files(
     src: &SquashfsSource,
     cache: &Path,
     files: &[PathBuf],
-) -> Result<PathBuf, MountError> {
+) -> Result<(PathBuf, std::os::fd::RawFd), MountError> {
+    use std::os::fd::AsRawFd;
     let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
-    if let Ok(mut held) = HELD.lock() {
-        held.push(lock);
+    let fd = lock.as_raw_fd();
+    match HELD.lock() {
+        Ok(mut held) => held.push(lock),
+        // A poisoned list still must not unlock the entry.
+        Err(_) => std::mem::forget(lock),
     }
-    Ok(tree)
+    Ok((tree, fd))
 }
 
 pub(super) fn mount(
@@ -125,6 +132,17 @@ pub(super) fn mount(
 /// Makes sure the image is extracted in `cache` (only the regular files `only` and their
 /// directories, if given); returns the tree's directory and a shared lock on the entry: while
 /// it is held, pruning leaves the entry alone.
+///
+/// Two locks per entry, so that no process waits for a lock while it holds one another waits
+/// for:
+/// - `<key>.lock`, the *use* lock: taken shared before the entry is looked at, and held for as
+///   long as the entry is in use, filling included. Only pruning and `image cache --clear` take
+///   it exclusively, never waiting for it (a held entry is skipped), and hold it only while they
+///   remove the entry.
+/// - `<key>.fill`, the *fill* lock: taken exclusively to fill a missing entry and let go as soon
+///   as it is filled. Its holder waits for nothing; a process waiting for it holds only use
+///   locks, which nobody waits for. After the wait the entry is looked at again: usually the
+///   holder filled it. An extractor that dies lets go of it, and the next one starts over.
 fn extract_and_hold(
     src: &SquashfsSource,
     cache: &Path,
@@ -138,43 +156,38 @@ fn extract_and_hold(
     let lock_path = cache.join(format!("{key}.lock"));
     // The limit is checked before anything is extracted, so a bad value fails at once.
     let limit = cache_limit()?;
-    let lock_err = |e| MountError::io(format!("lock {}", lock_path.display()), e);
-    loop {
-        // An entry that is there is used under a shared lock, so that jobs of the same image
-        // run side by side; only filling one takes the exclusive lock.
-        let lock = lock_entry(&lock_path, FlockArg::LockShared)?
-            .ok_or(nix::errno::Errno::EWOULDBLOCK)
-            .map_err(lock_err)?;
-        if tree.is_dir() {
-            // The lock file's modification time is the entry's last use, for pruning.
-            let _ = lock.set_modified(std::time::SystemTime::now());
-            if only.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "image {}: FUSE mount not in use; using the copy extracted in {}",
-                    src.path.display(),
-                    tree.display()
-                );
-            }
-            return Ok((tree, lock));
+    let in_use = lock_entry(&lock_path, FlockArg::LockShared)?.ok_or_else(|| {
+        MountError::io(
+            format!("lock {}", lock_path.display()),
+            nix::errno::Errno::EWOULDBLOCK,
+        )
+    })?;
+    // The lock file's modification time is the entry's last use, for pruning.
+    let _ = in_use.set_modified(std::time::SystemTime::now());
+    if tree.is_dir() {
+        if only.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "image {}: FUSE mount not in use; using the copy extracted in {}",
+                src.path.display(),
+                tree.display()
+            );
         }
-        drop(lock);
-        let lock = lock_entry(&lock_path, FlockArg::LockExclusive)?
-            .ok_or(nix::errno::Errno::EWOULDBLOCK)
-            .map_err(lock_err)?;
-        let _ = lock.set_modified(std::time::SystemTime::now());
-        let (tree, fresh) = fill_entry(src, opts, only, cache, &key, tree.clone())?;
-        // Linux converts a flock by dropping it and taking the new one, so a pruner may slip
-        // in between and remove the entry; it unlinks the lock file while still holding it,
-        // so a lock file that is no longer at its path means: start again.
-        lock.relock(FlockArg::LockShared).map_err(lock_err)?;
-        if !still_at(&lock, &lock_path) {
-            continue;
-        }
-        if fresh {
-            prune(cache, &key, limit);
-        }
-        return Ok((tree, lock));
+        return Ok((tree, in_use));
     }
+    let fill_path = cache.join(format!("{key}.fill"));
+    let fill = lock_entry(&fill_path, FlockArg::LockExclusive)?.ok_or_else(|| {
+        MountError::io(
+            format!("lock {}", fill_path.display()),
+            nix::errno::Errno::EWOULDBLOCK,
+        )
+    })?;
+    let filled = fill_entry(src, opts, only, cache, &key, tree);
+    drop(fill);
+    let (tree, fresh) = filled?;
+    if fresh {
+        prune(cache, &key, limit);
+    }
+    Ok((tree, in_use))
 }
 
 /// Whether the open (locked) file `file` is still the one at `path`.
@@ -209,7 +222,7 @@ fn lock_entry(path: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountEr
 }
 
 /// Extracts the image (or the files `only`) into `tree` unless it is there; `true` if it was
-/// extracted now. The caller holds the entry's exclusive lock.
+/// extracted now. The caller holds the entry's use lock shared and its fill lock.
 fn fill_entry(
     src: &SquashfsSource,
     opts: &MountOptions,
@@ -251,10 +264,10 @@ fn fill_entry(
     }
     let image = SquashImage::open(src, opts.block_cache_bytes)?;
     // Left-overs of an extraction that was killed: nobody else works on this key while we
-    // hold the lock.
+    // hold its fill lock, on this node or another one sharing the cache.
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
-    let tmp = cache.join(format!("{prefix}{}", std::process::id()));
+    let tmp = cache.join(format!("{prefix}{}", temporary_owner()));
     let result = extract_into(&image, &tmp, only).and_then(|()| {
         std::fs::rename(&tmp, &tree).map_err(|e| {
             MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
@@ -364,8 +377,9 @@ pub fn clear_cache(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
     Ok(removed)
 }
 
-/// Removes one entry if nobody holds it: takes its lock without waiting, removes the tree,
-/// then unlinks the lock file while still holding it. `false`: it is in use.
+/// Removes one entry if nobody holds it: takes its use lock without waiting, removes the tree,
+/// then unlinks the fill lock file and the use lock file while still holding the use lock
+/// (whoever fills an entry holds its use lock). `false`: it is in use.
 fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError> {
     let Some(name) = tree.file_name() else {
         return Ok(false);
@@ -375,6 +389,7 @@ fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError> {
         return Ok(false);
     };
     remove_tree(tree).map_err(|e| MountError::io(format!("remove {}", tree.display()), e))?;
+    let _ = std::fs::remove_file(cache.join(format!("{}.fill", name.to_string_lossy())));
     let _ = std::fs::remove_file(&lock_path);
     Ok(true)
 }
@@ -424,22 +439,49 @@ fn tree_bytes(path: &Path) -> u64 {
     total
 }
 
-/// Removes `<key>.tmp-<pid>` directories in `cache`: with `prefix` (a key's, whose lock is
-/// held) all of that key's, without it those whose process no longer exists.
+/// What names a temporary tree's extractor: `<host>.<pid>`. A cache folder may be shared by
+/// several nodes (a home on a network filesystem), and a pid means something only on its own
+/// node.
+fn temporary_owner() -> String {
+    format!("{}.{}", this_host(), std::process::id())
+}
+
+fn this_host() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// Whether the extractor named by a temporary's `owner` (`<host>.<pid>`, or `<pid>` as earlier
+/// versions named it) is known to be gone: it ran on this host and its process no longer
+/// exists. One of another host is never known to be gone.
+fn owner_gone(owner: &str, this_host: &str) -> bool {
+    let (host, pid) = match owner.rsplit_once('.') {
+        Some((host, pid)) => (host, pid),
+        None => (this_host, owner),
+    };
+    host == this_host
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes `<key>.tmp-<owner>` directories in `cache`: with `prefix` (a key's, whose fill lock
+/// is held) all of that key's, without it those whose extractor is known to be gone.
 fn remove_stale_temporaries(cache: &Path, prefix: Option<&str>) {
     let Ok(rd) = std::fs::read_dir(cache) else {
         return;
     };
+    let this_host = this_host();
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((_, pid)) = name.split_once(".tmp-") else {
+        let Some((_, owner)) = name.split_once(".tmp-") else {
             continue;
         };
         let stale = match prefix {
             Some(prefix) => name.starts_with(prefix),
-            None => pid
-                .parse::<u32>()
-                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+            None => owner_gone(owner, &this_host),
         };
         if stale {
             let _ = remove_tree(&entry.path());
@@ -784,4 +826,130 @@ fn bind_read_only(tree: &Path, target: &Path) -> Result<(), MountError> {
         let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
         MountError::io(format!("make {} read-only", target.display()), e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A small squashfs with `/lib/libx.so` in a fresh folder (kept alive by the returned guard).
+    fn image() -> (tempfile::TempDir, SquashfsSource) {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("lib")).expect("tree");
+        std::fs::write(tree.join("lib/libx.so"), vec![7u8; 100_000]).expect("file");
+        let path = dir.path().join("image.sqfs");
+        let status = std::process::Command::new("mksquashfs")
+            .arg(&tree)
+            .arg(&path)
+            .args(["-noappend", "-quiet", "-no-progress"])
+            .status()
+            .expect("mksquashfs (squashfs-tools) runs");
+        assert!(status.success());
+        let size = std::fs::metadata(&path).expect("image").len();
+        let src = SquashfsSource {
+            path,
+            offset: 0,
+            size,
+        };
+        (dir, src)
+    }
+
+    /// A process that finds an entry being filled waits only for the fill: once the filler has
+    /// it in place it gets the entry, although the filler goes on holding it (for its job) as
+    /// it would, and while it waited it held nothing the filler needed.
+    #[test]
+    fn a_waiter_gets_the_entry_when_its_fill_ends_while_the_filler_uses_it() {
+        let (dir, src) = image();
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&cache).expect("cache folder");
+        let key = image_key(&src).expect("key");
+        // The filler: uses the entry and fills it.
+        let in_use = lock_entry(&cache.join(format!("{key}.lock")), FlockArg::LockShared)
+            .expect("use lock")
+            .expect("not held exclusively");
+        let fill = lock_entry(&cache.join(format!("{key}.fill")), FlockArg::LockExclusive)
+            .expect("fill lock")
+            .expect("free");
+        let (tx, rx) = mpsc::channel();
+        let files = vec![PathBuf::from("/lib/libx.so")];
+        let waiter = {
+            let (src, cache, files) = (src.clone(), cache.clone(), files.clone());
+            std::thread::spawn(move || {
+                let got = extract_and_hold(&src, &cache, &MountOptions::default(), Some(&files));
+                let _ = tx.send(got.map(|(tree, _lock)| tree).map_err(|e| e.to_string()));
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the waiter must wait for the fill"
+        );
+        // The fill ends: the entry is in place; the filler keeps using it.
+        let (tree, fresh) = fill_entry(
+            &src,
+            &MountOptions::default(),
+            Some(&files),
+            &cache,
+            &key,
+            cache.join(&key),
+        )
+        .expect("fill");
+        assert!(fresh);
+        drop(fill);
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiter got the entry while the filler still holds it")
+            .expect("no error");
+        assert_eq!(got, tree);
+        assert_eq!(
+            std::fs::read(tree.join("lib/libx.so")).expect("cached copy"),
+            vec![7u8; 100_000]
+        );
+        waiter.join().expect("waiter thread");
+        drop(in_use);
+    }
+
+    /// With nobody holding it, an entry is filled by the first process and used by the next
+    /// without a second extraction; removing it takes its lock files along.
+    #[test]
+    fn an_entry_is_filled_once_and_removed_with_its_lock_files() {
+        let (dir, src) = image();
+        let cache = dir.path().join("cache");
+        let files = vec![PathBuf::from("/lib/libx.so")];
+        let (tree, first) =
+            extract_and_hold(&src, &cache, &MountOptions::default(), Some(&files)).expect("fill");
+        let mtime = std::fs::metadata(tree.join("lib/libx.so"))
+            .and_then(|m| m.modified())
+            .expect("file");
+        let (again, second) =
+            extract_and_hold(&src, &cache, &MountOptions::default(), Some(&files)).expect("use");
+        assert_eq!(tree, again);
+        drop((first, second));
+        assert_eq!(
+            std::fs::metadata(again.join("lib/libx.so"))
+                .and_then(|m| m.modified())
+                .expect("file"),
+            mtime
+        );
+        assert!(remove_entry(&cache, &tree).expect("remove"));
+        let left: Vec<_> = std::fs::read_dir(&cache)
+            .expect("cache")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn temporaries_of_other_hosts_are_never_known_to_be_gone() {
+        assert!(!owner_gone("n2.4000000", "n1"));
+        assert!(!owner_gone(&format!("n1.{}", std::process::id()), "n1"));
+        assert!(owner_gone("n1.4000000", "n1"));
+        assert!(
+            owner_gone("4000000", "n1"),
+            "an earlier version's name: this host"
+        );
+        assert!(!owner_gone("n1.x", "n1"));
+    }
 }
