@@ -55,6 +55,15 @@ fn entries(cache: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// The image path of the MPI library (a regular file: symlinks resolved) in a `--dry-run --json`
+/// plan.
+fn mpi_library(plan: &serde_json::Value) -> String {
+    plan["apps"][0]["image"]["mpi_library"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no mpi_library: {plan}"))
+        .to_owned()
+}
+
 #[test]
 fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     // Serial: every run mounts an image, which shows host-wide as a FUSE connection that the
@@ -85,10 +94,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
         .iter()
         .map(|f| f.as_str().unwrap().to_owned())
         .collect();
-    let mpi = plan["apps"][0]["image"]["mpi_library"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mpi = mpi_library(&plan);
     assert!(files.contains(&mpi), "{files:?}");
     assert!(files.iter().any(|f| f.ends_with("/libc.so.6")), "{files:?}");
 
@@ -224,4 +230,93 @@ fn a_site_profile_moves_the_library_cache() {
             .contains(&format!("{}: 0 unpacked MPI stacks", expected.display())),
         "{out}"
     );
+}
+
+/// Makes the cached copy `copy` shorter, as a full disk or a user's mistake would.
+fn truncate(copy: &Path) {
+    let mut perm = std::fs::metadata(copy).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(copy, perm).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(copy)
+        .and_then(|f| f.set_len(4096))
+        .unwrap();
+}
+
+#[test]
+fn a_damaged_library_cache_entry_is_unpacked_again_or_left_out() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let cache = work.path().join("libraries");
+    let image = staged_image("mpich4");
+    let before = Snapshot::take();
+    let mut tags = Vec::new();
+    let dry = cmpirun(&cache)
+        .args(["--dry-run", "--json", "-n", "1"])
+        .arg(&image)
+        .arg("/usr/local/bin/hello")
+        .run();
+    dry.assert_success();
+    let mpi = &mpi_library(&serde_json::from_str(&dry.stdout).unwrap());
+    let out = run_script(cmpirun(&cache), &image, mpi, &mut tags);
+    out.assert_success();
+    let entry = match entries(&cache).as_slice() {
+        [one] => one.clone(),
+        other => panic!("expected one cache entry, found {other:?}"),
+    };
+    let image_sum = sha256(&out.stdout);
+    let real = entry.join(mpi.trim_start_matches('/'));
+    let len = std::fs::metadata(&real).unwrap().len();
+
+    // No job holds the entry: it is unpacked again, and MPI runs from it.
+    truncate(&real);
+    let out = cmpirun(&cache)
+        .args(["-n", "2"])
+        .arg(&image)
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    tags.push(out.tag.clone());
+    assert_mpitest_ok(&out, 2);
+    assert!(
+        out.stderr
+            .contains("the entry was damaged; unpacked it again"),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(&real).unwrap().len(), len);
+
+    // A running job holds it: the damaged copy is left out (read through the image mount), with
+    // a warning, and the job runs.
+    let holder = cmpirun(&cache)
+        .args(["-n", "1"])
+        .arg(&image)
+        .args(["sleep", "60"])
+        .spawn();
+    // Held: its lock cannot be taken exclusively.
+    let lock = entry.with_extension("lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let file = std::fs::File::open(&lock).unwrap();
+        if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    truncate(&real);
+    let out = run_script(cmpirun(&cache), &image, mpi, &mut tags);
+    out.assert_success();
+    assert!(
+        out.stderr.contains("is damaged") && out.stderr.contains("another job uses the entry"),
+        "{out}"
+    );
+    assert_eq!(sha256(&out.stdout), image_sum, "the image's bytes: {out}");
+    holder.kill_all();
+    tags.push(holder.tag().to_owned());
+    drop(holder.wait());
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
 }

@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::os::fd::RawFd;
+use std::path::Path;
 
 use crate::mount::MountBackend;
 
@@ -35,7 +36,7 @@ fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>,
         return None;
     }
     let dir = cache.dir.as_path();
-    let (tree, lock) = match crate::mount::hold_library_files(source, dir, &cache.files) {
+    let held = match crate::mount::hold_library_files(source, dir, &cache.files) {
         Ok(held) => held,
         Err(e) => {
             tracing::warn!(
@@ -47,6 +48,7 @@ fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>,
             return None;
         }
     };
+    let tree = held.tree;
     // Libraries are mapped executable, which a noexec filesystem (a /tmp mounted so) forbids.
     if nix::sys::statvfs::statvfs(&tree)
         .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
@@ -63,6 +65,13 @@ fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>,
     let binds = cache
         .files
         .iter()
+        // A damaged copy is read through the mount.
+        .filter(|f| {
+            !held
+                .damaged
+                .iter()
+                .any(|(d, _)| d == *f || d == Path::new("/"))
+        })
         .filter_map(|f| {
             let src = tree.join(f.strip_prefix("/").unwrap_or(f));
             // A file the image does not have (or not as a regular file) was not unpacked.
@@ -76,5 +85,5 @@ fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>,
                 })
         })
         .collect();
-    Some((binds, lock))
+    Some((binds, held.lock_fd))
 }

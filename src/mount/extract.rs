@@ -82,25 +82,152 @@ pub fn library_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf>
 /// this process shares).
 static HELD: std::sync::Mutex<Vec<Flock<File>>> = std::sync::Mutex::new(Vec::new());
 
+/// An entry of the library cache, held: its shared lock stays taken until this process exits.
+#[derive(Debug)]
+pub struct HeldLibraries {
+    /// The entry's directory: each file is at its image path under it.
+    pub tree: PathBuf,
+    /// The descriptor of the entry's shared lock, which a process forked from this one (the
+    /// node instance) keeps open to go on holding the entry.
+    pub lock_fd: std::os::fd::RawFd,
+    /// Files of the entry that failed their check ([`check_library_files`]), with what is
+    /// wrong: they must not be bound (the job reads them through the image mount).
+    pub damaged: Vec<(PathBuf, String)>,
+}
+
+/// The file, inside a library-cache entry, that lists what the entry holds: each unpacked
+/// file's image path, size and modification time, as the image has them. Written into the
+/// temporary tree before it is renamed into place, so an entry without one was not made by
+/// this version (or not completely).
+const MANIFEST: &str = ".cmpirun-manifest.json";
+
+/// One file of a library-cache entry as the image has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ManifestFile {
+    /// Absolute path inside the image.
+    path: PathBuf,
+    /// Size in bytes.
+    size: u64,
+    /// Modification time (seconds), which extraction gives the copy.
+    mtime: i64,
+}
+
 /// Makes sure the library cache `cache` holds `files` (absolute paths inside image `src`, regular
-/// files; others are skipped) and returns the entry's directory, under which each file is at its
-/// image path, and the descriptor of the entry's shared lock. The entry is unpacked once per
-/// cache folder and image; the lock is held until this process exits, and by any process forked
-/// from it that keeps the descriptor open (the node instance).
+/// files; others are skipped) and returns the entry, held. The entry is unpacked once per cache
+/// folder and image; the lock is held until this process exits, and by any process forked from
+/// it that keeps the descriptor open (the node instance).
+///
+/// Each copy is checked before it is used ([`check_library_files`]): a damaged entry (a copy
+/// truncated or changed after it was made) is removed and unpacked again when no other job
+/// uses it; otherwise its damaged files are left out, with a warning.
 pub fn hold_library_files(
     src: &SquashfsSource,
     cache: &Path,
     files: &[PathBuf],
-) -> Result<(PathBuf, std::os::fd::RawFd), MountError> {
-    use std::os::fd::AsRawFd;
+) -> Result<HeldLibraries, MountError> {
     let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
-    let fd = lock.as_raw_fd();
+    let mut damaged = check_library_files(&tree);
+    let (tree, lock) = if damaged.is_empty() {
+        (tree, lock)
+    } else {
+        // Another job may hold the entry; removing it waits for nobody.
+        drop(lock);
+        let removed = remove_entry(cache, &tree)?;
+        let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
+        if removed {
+            damaged = check_library_files(&tree);
+            for (file, problem) in &damaged {
+                tracing::warn!(
+                    "library cache {}: {} is damaged after unpacking it again ({problem}); \
+                     reading it through the image mount",
+                    tree.display(),
+                    file.display()
+                );
+            }
+            if damaged.is_empty() {
+                tracing::warn!(
+                    "library cache {}: the entry was damaged; unpacked it again",
+                    tree.display()
+                );
+            }
+        } else {
+            damaged = check_library_files(&tree);
+            for (file, problem) in &damaged {
+                tracing::warn!(
+                    "library cache {}: {} is damaged ({problem}) and another job uses the \
+                     entry; reading it through the image mount (`cmpirun image cache --clear` \
+                     removes the entry once no job uses it)",
+                    tree.display(),
+                    file.display()
+                );
+            }
+        }
+        (tree, lock)
+    };
+    let lock_fd = std::os::fd::AsRawFd::as_raw_fd(&*lock);
     match HELD.lock() {
         Ok(mut held) => held.push(lock),
         // A poisoned list still must not unlock the entry.
         Err(_) => std::mem::forget(lock),
     }
-    Ok((tree, fd))
+    Ok(HeldLibraries {
+        tree,
+        lock_fd,
+        damaged,
+    })
+}
+
+/// Checks every copy a library-cache entry lists against its manifest: a regular file of the
+/// image's size and modification time. This costs one small read and a `stat` per file (9 for
+/// the MPICH test image), and finds a copy that was truncated (a full disk, a user's mistake)
+/// or rewritten; it does not read the bytes, so a copy changed in place with its size and time
+/// kept is not found. An entry without a readable manifest is damaged as a whole (the path
+/// `/`). Returns the damaged files with what is wrong.
+pub fn check_library_files(tree: &Path) -> Vec<(PathBuf, String)> {
+    let manifest = match std::fs::read(tree.join(MANIFEST))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Vec<ManifestFile>>(&b).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => return vec![(PathBuf::from("/"), format!("no manifest: {e}"))],
+    };
+    manifest
+        .into_iter()
+        .filter_map(|f| {
+            let copy = tree.join(f.path.strip_prefix("/").unwrap_or(&f.path));
+            let problem = match std::fs::symlink_metadata(&copy) {
+                Err(e) => format!("cannot stat the copy: {e}"),
+                Ok(m) if !m.is_file() => "the copy is not a regular file".to_owned(),
+                Ok(m) if m.len() != f.size => {
+                    format!("{} bytes, the image's file has {}", m.len(), f.size)
+                }
+                Ok(m) if m.mtime() != f.mtime => {
+                    "changed since it was unpacked (modification time)".to_owned()
+                }
+                Ok(_) => return None,
+            };
+            Some((f.path, problem))
+        })
+        .collect()
+}
+
+/// Writes the manifest of the library-cache tree `tmp` (being filled with `files`).
+fn write_manifest(tmp: &Path, files: &[PathBuf]) -> Result<(), MountError> {
+    let listed: Vec<ManifestFile> = files
+        .iter()
+        .filter_map(|f| {
+            let m = std::fs::symlink_metadata(tmp.join(f.strip_prefix("/").unwrap_or(f))).ok()?;
+            m.is_file().then(|| ManifestFile {
+                path: f.clone(),
+                size: m.len(),
+                mtime: m.mtime(),
+            })
+        })
+        .collect();
+    let path = tmp.join(MANIFEST);
+    let json = serde_json::to_vec(&listed)
+        .map_err(|e| MountError::io(format!("write {}", path.display()), e))?;
+    std::fs::write(&path, json).map_err(|e| MountError::io(format!("write {}", path.display()), e))
 }
 
 pub(super) fn mount(
@@ -268,11 +395,13 @@ fn fill_entry(
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
     let tmp = cache.join(format!("{prefix}{}", temporary_owner()));
-    let result = extract_into(&image, &tmp, only).and_then(|()| {
-        std::fs::rename(&tmp, &tree).map_err(|e| {
-            MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
-        })
-    });
+    let result = extract_into(&image, &tmp, only)
+        .and_then(|()| only.map_or(Ok(()), |files| write_manifest(&tmp, files)))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &tree).map_err(|e| {
+                MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
+            })
+        });
     if let Err(e) = result {
         let _ = remove_tree(&tmp);
         return Err(e);
@@ -939,6 +1068,47 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// A copy truncated after the entry was made is found; the entry is unpacked again when no
+    /// other job holds it, and the damaged file is left out while one does.
+    #[test]
+    fn a_damaged_copy_is_found_and_refilled_or_left_out() {
+        let (dir, src) = image();
+        let cache = dir.path().join("cache");
+        let files = vec![PathBuf::from("/lib/libx.so")];
+        let (tree, lock) =
+            extract_and_hold(&src, &cache, &MountOptions::default(), Some(&files)).expect("fill");
+        assert_eq!(check_library_files(&tree), vec![]);
+        let copy = tree.join("lib/libx.so");
+        let truncate = || {
+            let mut perm = std::fs::metadata(&copy).expect("copy").permissions();
+            perm.set_mode(0o644);
+            std::fs::set_permissions(&copy, perm).expect("chmod");
+            OpenOptions::new()
+                .write(true)
+                .open(&copy)
+                .and_then(|f| f.set_len(10))
+                .expect("truncate");
+        };
+        truncate();
+        let damaged = check_library_files(&tree);
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(damaged[0].0, PathBuf::from("/lib/libx.so"));
+        assert!(damaged[0].1.contains("10 bytes"), "{damaged:?}");
+        // Nobody else holds it: unpacked again.
+        drop(lock);
+        let held = hold_library_files(&src, &cache, &files).expect("hold");
+        assert_eq!(held.damaged, vec![]);
+        assert_eq!(std::fs::metadata(&copy).expect("copy").len(), 100_000);
+        // This process holds it now (as a running job would): left out, not removed.
+        truncate();
+        let again = hold_library_files(&src, &cache, &files).expect("hold");
+        assert_eq!(again.tree, held.tree);
+        assert_eq!(again.damaged.len(), 1, "{:?}", again.damaged);
+        // An entry without a manifest (an earlier version's) is damaged as a whole.
+        std::fs::remove_file(tree.join(MANIFEST)).expect("remove manifest");
+        assert_eq!(check_library_files(&tree)[0].0, PathBuf::from("/"));
     }
 
     #[test]

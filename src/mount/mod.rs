@@ -26,9 +26,9 @@ use nix::unistd::Pid;
 
 pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
 pub use extract::{
-    CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, LIBRARY_CACHE_ENV, cache_entries,
-    cache_limit, clear_cache, default_extract_cache, default_library_cache_in, hold_library_files,
-    library_cache_in, library_cache_setting,
+    CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, HeldLibraries, LIBRARY_CACHE_ENV,
+    cache_entries, cache_limit, check_library_files, clear_cache, default_extract_cache,
+    default_library_cache_in, hold_library_files, library_cache_in, library_cache_setting,
 };
 
 /// How to make an image's squashfs visible at a directory.
