@@ -249,7 +249,7 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
     match exec(&req) {
         Ok(outcome) => ExitCode::from(propagate(outcome) as u8),
         Err(e) => {
-            eprintln!("cmpirun: {e}");
+            say(&format!("cmpirun: {e}"));
             ExitCode::from(if e.is_usage() {
                 exit::USAGE
             } else {
@@ -283,14 +283,14 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
             };
             match cmpirun::image::pack::pack(&dir, &output, &opts) {
                 Ok(r) => {
-                    eprintln!(
+                    say(&format!(
                         "cmpirun: wrote {} ({} entries, {} of file data, squashfs {} at offset {})",
                         r.output.display(),
                         r.entries,
                         cmpirun::image::sif::human_size(r.file_bytes),
                         cmpirun::image::sif::human_size(r.squashfs_size),
                         r.squashfs_offset
-                    );
+                    ));
                     ExitCode::SUCCESS
                 }
                 Err(e) if e.is_usage() => {
@@ -627,11 +627,17 @@ fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("cmpirun: cannot write to standard output: {e}");
+            say(&format!("cmpirun: cannot write to standard output: {e}"));
             std::process::exit(exit::FAILURE);
         }
         std::process::exit(0);
     }
+}
+
+/// Writes `line` and a line end to stderr; a closed stderr drops it (`eprintln!` would panic).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// [`emit`] with a line end.
@@ -642,7 +648,7 @@ fn emit_line(text: &str) {
 /// Prints an error on one line and chooses the exit status: 2 for anything the user can fix
 /// by changing the command line or an input file, 1 otherwise.
 fn report(err: &anyhow::Error) -> ExitCode {
-    eprintln!("cmpirun: {err:#}");
+    say(&format!("cmpirun: {err:#}"));
     ExitCode::from(exit_status(err) as u8)
 }
 
@@ -662,6 +668,23 @@ fn exit_status(err: &anyhow::Error) -> i32 {
     if usage { exit::USAGE } else { exit::FAILURE }
 }
 
+/// cmpirun's log output: standard error, where a failed write (a reader that went away, as
+/// with `cmpirun -v … 2>&1 | head`) drops the line. The log never stops or fails the job, and
+/// the logger never reports its own failure (which would panic writing to the same closed
+/// stream).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_logging(verbose: u8) {
     // backhand logs every corrupt-image detail at error level; cmpirun reports those itself in
     // one line, so backhand's own messages appear only when asked for with -vv. fuser warns
@@ -677,7 +700,7 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
