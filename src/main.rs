@@ -592,7 +592,7 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
         "pid": std::process::id(),
         "mount_seconds": mount_seconds,
         // The node instance must stay single-threaded after mounting (setns, fork without exec).
-        "threads": std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0),
+        "threads": lasting_threads(),
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
@@ -617,6 +617,24 @@ fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(exit::FAILURE as u8)
     })
+}
+
+/// This process's threads, not counting those that are still leaving: a joined thread (the
+/// extract backend unpacks on several) can stay listed in `/proc/self/task` for a moment after
+/// its join returned. Waits up to a second for the count to reach one.
+fn lasting_threads() -> usize {
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut n = count();
+    while n > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        n = count();
+    }
+    n
 }
 
 /// Writes `text` to stdout. When the reader has gone away (`cmpirun image inspect IMAGE | head`),

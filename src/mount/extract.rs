@@ -267,7 +267,8 @@ pub(super) fn mount(
 ///   it exclusively, never waiting for it (a held entry is skipped), and hold it only while they
 ///   remove the entry.
 /// - `<key>.fill`, the *fill* lock: taken exclusively to fill a missing entry and let go as soon
-///   as it is filled. Its holder waits for nothing; a process waiting for it holds only use
+///   as it is filled (its file is removed first, so the cache holds only entries and use-lock
+///   files at rest). Its holder waits for nothing; a process waiting for it holds only use
 ///   locks, which nobody waits for. After the wait the entry is looked at again: usually the
 ///   holder filled it. An extractor that dies lets go of it, and the next one starts over.
 fn extract_and_hold(
@@ -309,6 +310,9 @@ fn extract_and_hold(
         )
     })?;
     let filled = fill_entry(src, opts, only, cache, &key, tree);
+    // The fill lock file goes while still locked: whoever waits on it then finds it is no
+    // longer at its path, and looks at the entry again (`lock_entry`).
+    let _ = std::fs::remove_file(&fill_path);
     drop(fill);
     let (tree, fresh) = filled?;
     if fresh {
