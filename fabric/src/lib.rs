@@ -11,7 +11,8 @@
 //! - [`libfabric`]: a host libfabric loaded by path: its `fi_version()`, the providers that answer
 //!   `fi_getinfo` on this node, and its provider plugins (`lib<name>-fi.so`).
 //! - [`loader`]: the dynamic loader's search order (RPATH, `LD_LIBRARY_PATH`, RUNPATH,
-//!   `ld.so.cache`, default directories) and the list of glibc's own libraries.
+//!   `ld.so.cache`, default directories), the list of glibc's own libraries, and the
+//!   `ld.so.conf` parser, over the host's files or any others ([`loader::ConfFiles`]).
 //! - [`closure`]: the libraries a set of host libraries pulls in, without glibc's, each with the
 //!   newest `GLIBC_x.y` it needs.
 //! - [`host`]: all of the above for one host libfabric, in one serialisable value.

@@ -4,6 +4,10 @@
 //! the object that needs it (only when that object has no `DT_RUNPATH`), `LD_LIBRARY_PATH`, the
 //! object's `DT_RUNPATH`, `/etc/ld.so.cache`, then the default directories. `$ORIGIN` is the
 //! directory the needing object was found in (as found, symlinks not resolved).
+//!
+//! The `ld.so.cache` is approximated by the directories of `ld.so.conf`; its parser
+//! ([`ld_so_conf_dirs_in`]) reads files through [`ConfFiles`], so the same code reads the host's
+//! configuration ([`HostFiles`], [`ld_so_conf_dirs`]) and an image's, read without mounting it.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -247,24 +251,90 @@ impl HostLoader {
     }
 }
 
+/// How the `ld.so.conf` reader gets at files: on the host ([`HostFiles`]), or inside an image
+/// that is read without mounting it (the `cmpirun` crate's image facts).
+pub trait ConfFiles {
+    /// A read that failed and must stop the reading ([`std::convert::Infallible`] where an
+    /// unreadable file counts as empty, as for ldconfig).
+    type Error;
+    /// `path` with every symlink resolved, when it names a regular file; `None` otherwise.
+    fn regular_file(&self, path: &str) -> Result<Option<String>, Self::Error>;
+    /// The text of the regular file `real` (as [`ConfFiles::regular_file`] returned it);
+    /// `None` to pass over it.
+    fn read_text(&self, real: &str) -> Result<Option<String>, Self::Error>;
+    /// The names of the entries of the directory `dir`, sorted; empty when it is not a
+    /// directory.
+    fn dir_entries(&self, dir: &str) -> Result<Vec<String>, Self::Error>;
+}
+
+/// The host's own files: symlinks resolved by the host, unreadable files counted as empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostFiles;
+
+impl ConfFiles for HostFiles {
+    type Error = std::convert::Infallible;
+
+    fn regular_file(&self, path: &str) -> Result<Option<String>, Self::Error> {
+        Ok(std::fs::canonicalize(path)
+            .ok()
+            .filter(|real| real.is_file())
+            .map(|real| real.to_string_lossy().into_owned()))
+    }
+
+    fn read_text(&self, real: &str) -> Result<Option<String>, Self::Error> {
+        Ok(std::fs::read_to_string(real).ok())
+    }
+
+    fn dir_entries(&self, dir: &str) -> Result<Vec<String>, Self::Error> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
 /// The directories of an `ld.so.conf` file on the host, following `include` lines (with `*`
 /// wildcards in their last component). Unreadable files count as empty, as for ldconfig.
 pub fn ld_so_conf_dirs(conf: &Path) -> Vec<String> {
-    let mut dirs = Vec::new();
-    let mut visited = BTreeSet::new();
-    read_conf(conf, &mut dirs, &mut visited);
-    dirs
+    match ld_so_conf_dirs_in(&HostFiles, &conf.to_string_lossy()) {
+        Ok(dirs) => dirs,
+        Err(never) => match never {},
+    }
 }
 
-fn read_conf(conf: &Path, dirs: &mut Vec<String>, visited: &mut BTreeSet<PathBuf>) {
-    let Ok(real) = std::fs::canonicalize(conf) else {
-        return;
+/// The directories of the `ld.so.conf` file `conf` as `files` sees it, in order and without
+/// repeats, following `include` lines (relative to the including file's directory, with `*`
+/// wildcards in their last component, as Debian's `include /etc/ld.so.conf.d/*.conf`). A file
+/// included twice (or including itself) is read once.
+pub fn ld_so_conf_dirs_in<F: ConfFiles + ?Sized>(
+    files: &F,
+    conf: &str,
+) -> Result<Vec<String>, F::Error> {
+    let mut dirs = Vec::new();
+    let mut visited = BTreeSet::new();
+    read_conf(files, conf, &mut dirs, &mut visited)?;
+    Ok(dirs)
+}
+
+fn read_conf<F: ConfFiles + ?Sized>(
+    files: &F,
+    path: &str,
+    dirs: &mut Vec<String>,
+    visited: &mut BTreeSet<String>,
+) -> Result<(), F::Error> {
+    let Some(real) = files.regular_file(path)? else {
+        return Ok(());
     };
     if !visited.insert(real.clone()) {
-        return;
+        return Ok(());
     }
-    let Ok(text) = std::fs::read_to_string(&real) else {
-        return;
+    let Some(text) = files.read_text(&real)? else {
+        return Ok(());
     };
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -273,25 +343,16 @@ fn read_conf(conf: &Path, dirs: &mut Vec<String>, visited: &mut BTreeSet<PathBuf
             if pattern.is_empty() {
                 continue;
             }
-            let pattern = real.parent().unwrap_or(Path::new("/")).join(pattern);
-            let dir = pattern.parent().unwrap_or(Path::new("/"));
-            let file = pattern
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                continue;
+            let pattern = if pattern.starts_with('/') {
+                pattern.to_owned()
+            } else {
+                join(parent(&real), pattern)
             };
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| wildcard_match(&file, n))
-                .collect();
-            names.sort();
-            for n in names {
-                read_conf(&dir.join(n), dirs, visited);
+            for file in glob_files(files, &pattern)? {
+                read_conf(files, &file, dirs, visited)?;
             }
         } else if line.starts_with('/') {
+            // Old syntax allowed "dir=type" and lists separated by spaces or commas.
             for d in line.split([' ', '\t', ',', ':']) {
                 let d = d.split('=').next().unwrap_or("");
                 if d.starts_with('/') && !dirs.iter().any(|x| x == d) {
@@ -299,6 +360,38 @@ fn read_conf(conf: &Path, dirs: &mut Vec<String>, visited: &mut BTreeSet<PathBuf
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The files matching `pattern`, whose last component may hold `*` wildcards, sorted.
+fn glob_files<F: ConfFiles + ?Sized>(files: &F, pattern: &str) -> Result<Vec<String>, F::Error> {
+    let dir = parent(pattern);
+    let name = pattern.rsplit('/').next().unwrap_or(pattern);
+    if !name.contains('*') {
+        return Ok(vec![pattern.to_owned()]);
+    }
+    Ok(files
+        .dir_entries(dir)?
+        .into_iter()
+        .filter(|n| wildcard_match(name, n))
+        .map(|n| join(dir, &n))
+        .collect())
+}
+
+/// The directory part of an absolute path (`/` for a top-level name).
+fn parent(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
     }
 }
 
@@ -375,6 +468,28 @@ mod tests {
         // Every x86-64 machine this runs on is at least v2.
         assert!(glibc_hwcaps_subdirs().iter().any(|s| s == "x86-64-v2"));
         assert!(!HostLoader::from_env().hwcaps.is_empty());
+    }
+
+    #[test]
+    fn ld_so_conf_includes_globs_repeats_and_loops() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().to_str().unwrap();
+        std::fs::create_dir(root.path().join("conf.d")).unwrap();
+        std::fs::write(
+            root.path().join("ld.so.conf"),
+            format!("# comment\n/first /second=libc5,/first\ninclude conf.d/*.conf\ninclude {r}/ld.so.conf\n"),
+        )
+        .unwrap();
+        std::fs::write(root.path().join("conf.d/b.conf"), "/b\n").unwrap();
+        std::fs::write(
+            root.path().join("conf.d/a.conf"),
+            "/a # why\ninclude ../ld.so.conf\n",
+        )
+        .unwrap();
+        std::fs::write(root.path().join("conf.d/c.txt"), "/not-read\n").unwrap();
+        let dirs = ld_so_conf_dirs(&root.path().join("ld.so.conf"));
+        assert_eq!(dirs, ["/first", "/second", "/a", "/b"]);
+        assert!(ld_so_conf_dirs(&root.path().join("missing.conf")).is_empty());
     }
 
     #[test]
