@@ -195,25 +195,7 @@ fn dependency_binds(plan: &mut LaunchPlan, profile: &SiteProfile, lf: &HostLibfa
             .iter()
             .map(|d| d.display().to_string())
             .collect();
-        for d in &dirs {
-            plan.binds.push(Bind {
-                source: d.clone(),
-                destination: d.clone(),
-                kind: BindKind::Directory,
-                read_only: true,
-                when: BindTime::Plan,
-                reason: "the host libfabric's provider plugins, built against it".into(),
-                image: None,
-            });
-        }
-        plan.env.push(env_change(
-            "FI_PROVIDER_PATH",
-            EnvAction::Set {
-                value: dirs.join(":"),
-            },
-            EnvScope::All,
-            "libfabric loads the host's DL providers from here instead of the image's",
-        ));
+        provider_plugins(plan, &dirs);
     }
 }
 
@@ -221,19 +203,7 @@ fn dependency_binds(plan: &mut LaunchPlan, profile: &SiteProfile, lf: &HostLibfa
 fn provider_dir(plan: &mut LaunchPlan, profile: &SiteProfile, host: &HostFacts) {
     if let Some(dir) = &profile.fabric.provider_dir {
         match host.paths.get(dir.as_str()).and_then(|v| v.last()) {
-            Some(d) => {
-                let d = d.display().to_string();
-                plan.binds.push(Bind {
-                    source: d.clone(),
-                    destination: d.clone(),
-                    kind: BindKind::Directory,
-                    read_only: true,
-                    when: BindTime::Plan,
-                    reason: "the host libfabric's provider plugins, built against it".into(),
-                    image: None,
-                });
-                plan.env.push(env_change("FI_PROVIDER_PATH", EnvAction::Set { value: d }, EnvScope::All, "libfabric loads the host's DL providers from here instead of the image's"));
-            }
+            Some(d) => provider_plugins(plan, &[d.display().to_string()]),
             None => plan.checks.push(Check {
                 name: "provider-dir".into(),
                 verdict: Verdict::Fail,
@@ -294,4 +264,28 @@ fn devices(plan: &mut LaunchPlan, profile: &SiteProfile, host: &HostFacts) {
             });
         }
     }
+}
+
+/// Binds the host libfabric's provider plugin directories `dirs` and points `FI_PROVIDER_PATH`
+/// at them.
+fn provider_plugins(plan: &mut LaunchPlan, dirs: &[String]) {
+    for d in dirs {
+        plan.binds.push(Bind {
+            source: d.clone(),
+            destination: d.clone(),
+            kind: BindKind::Directory,
+            read_only: true,
+            when: BindTime::Plan,
+            reason: "the host libfabric's provider plugins, built against it".into(),
+            image: None,
+        });
+    }
+    plan.env.push(env_change(
+        "FI_PROVIDER_PATH",
+        EnvAction::Set {
+            value: dirs.join(":"),
+        },
+        EnvScope::All,
+        "libfabric loads the host's DL providers from here instead of the image's",
+    ));
 }
