@@ -516,17 +516,28 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
     let image_paths: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
     let images = facts::gather_images(&image_paths);
     let plan = plan::build(spec, &choice, &images, &host)?;
-    match spec.dry_run {
-        Some(DryRunFormat::Json) => {
-            emit_line(&serde_json::to_string_pretty(&plan)?);
-            return Ok(ExitCode::SUCCESS);
-        }
-        Some(_) => {
-            emit(&plan::dry_run_text(&plan));
-            return Ok(ExitCode::SUCCESS);
-        }
-        None => {}
+    if let Some(format) = spec.dry_run {
+        print_plan(&plan, format)?;
+        return Ok(ExitCode::SUCCESS);
     }
+    check_plan(spec, &plan)?;
+    // Single-threaded up to here: the node instance and the ranks are forked next.
+    let code = cmpirun::launch::launch(&plan)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// `--dry-run`: the plan as text, or as JSON.
+fn print_plan(plan: &plan::LaunchPlan, format: DryRunFormat) -> anyhow::Result<()> {
+    match format {
+        DryRunFormat::Json => emit_line(&serde_json::to_string_pretty(plan)?),
+        _ => emit(&plan::dry_run_text(plan)),
+    }
+    Ok(())
+}
+
+/// The plan's warnings and checks before a launch: a failed check stops it (a usage error that
+/// names every failed check) unless `--force`, which only warns.
+fn check_plan(spec: &cmpirun::jobspec::JobSpec, plan: &plan::LaunchPlan) -> anyhow::Result<()> {
     for w in &plan.warnings {
         if !spec.warnings.contains(w) {
             tracing::warn!("{w}");
@@ -550,9 +561,7 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
             c.message
         );
     }
-    // Single-threaded up to here: the node instance and the ranks are forked next.
-    let code = cmpirun::launch::launch(&plan)?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    Ok(())
 }
 
 /// `cmpirun __mount-check`: enter a private user+mount namespace, mount IMAGE with BACKEND,
