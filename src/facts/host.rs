@@ -63,74 +63,32 @@ impl HostFacts {
     /// Gathers the facts of this host that `spec` and `profile` need.
     pub fn gather(spec: &JobSpec, profile: &SiteProfile) -> HostFacts {
         let env: BTreeMap<String, String> = std::env::vars().collect();
-        let hostname = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
-        let mut programs = BTreeMap::new();
-        let mpiexec = profile
-            .launcher
-            .mpiexec
-            .clone()
-            .unwrap_or_else(|| "mpiexec.hydra".into());
-        for name in ["srun", mpiexec.as_str()] {
-            if let Ok(p) = which::which(name) {
-                programs.insert(name.to_owned(), p);
-            }
-        }
-        let mut patterns: Vec<String> = Vec::new();
-        let f = &profile.fabric;
-        patterns.extend(f.libfabric.iter().map(|p| p.as_str().to_owned()));
-        patterns.extend(f.provider_dir.iter().map(|p| p.as_str().to_owned()));
-        patterns.extend(f.devices.iter().map(|p| p.as_str().to_owned()));
-        patterns.extend(f.libraries.iter().map(|p| p.as_str().to_owned()));
-        patterns.extend(
-            profile
-                .pmi
-                .host_libraries
-                .iter()
-                .map(|p| p.as_str().to_owned()),
-        );
-        patterns.extend(profile.binds.iter().map(|b| b.source.as_str().to_owned()));
-        patterns.extend(spec.binds.iter().map(|b| b.source.display().to_string()));
-        let mut paths = BTreeMap::new();
-        for p in patterns {
-            let found = existing_host_paths(&p, &env);
-            paths.insert(p, found);
-        }
-        let cmpirun = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun"));
+        let paths = path_patterns(spec, profile)
+            .into_iter()
+            .map(|p| {
+                let found = existing_host_paths(&p, &env);
+                (p, found)
+            })
+            .collect();
         let mut facts = HostFacts {
-            hostname,
-            cpus,
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
             env,
-            programs,
+            programs: launcher_programs(profile),
             paths,
-            cmpirun,
+            cmpirun: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun")),
             libfabric: None,
             libfabric_error: None,
         };
-        // The library itself is only read, not loaded: loading it would start libfabric's
-        // threads in this process, which must stay single-threaded to create user namespaces.
         if let Some(path) = facts.libfabric_named_by(profile).map(|(_, p)| p) {
-            let loader = cmpirun_fabric::loader::HostLoader::from_env();
-            let expects = !profile.fabric.providers.is_empty() || spec.expect_provider.is_some();
-            let injects = !spec.no_inject && profile.fabric.inject != Some(false);
-            match cmpirun_fabric::host::HostFabric::inspect(&path, &loader) {
-                Ok(mut h) => {
-                    // Only the providers check needs the library loaded; that happens in a
-                    // forked child so this process never starts libfabric's threads.
-                    let probe_error = (expects && injects)
-                        .then(|| h.probe_in_child(PROBE_TIMEOUT).err())
-                        .flatten()
-                        .map(|e| e.to_string());
-                    let mut lf = HostLibfabric::from_fabric(&h);
-                    lf.probe_error = probe_error;
-                    facts.libfabric = Some(lf);
-                }
-                Err(e) => facts.libfabric_error = Some(e.to_string()),
+            match read_libfabric(&path, spec, profile) {
+                Ok(lf) => facts.libfabric = Some(lf),
+                Err(e) => facts.libfabric_error = Some(e),
             }
         }
         facts
@@ -150,6 +108,70 @@ impl HostFacts {
                 .map(|p| (c, p.clone()))
         })
     }
+}
+
+/// The launcher programs on `PATH`: `srun`, and the profile's `mpiexec` (else
+/// `mpiexec.hydra`).
+fn launcher_programs(profile: &SiteProfile) -> BTreeMap<String, PathBuf> {
+    let mut programs = BTreeMap::new();
+    let mpiexec = profile
+        .launcher
+        .mpiexec
+        .clone()
+        .unwrap_or_else(|| "mpiexec.hydra".into());
+    for name in ["srun", mpiexec.as_str()] {
+        if let Ok(p) = which::which(name) {
+            programs.insert(name.to_owned(), p);
+        }
+    }
+    programs
+}
+
+/// Every host path pattern the plan may bind, as written: the profile's fabric and PMI
+/// libraries, provider directory, devices and `binds:`, and `--bind`'s sources.
+fn path_patterns(spec: &JobSpec, profile: &SiteProfile) -> Vec<String> {
+    let mut patterns: Vec<String> = Vec::new();
+    let f = &profile.fabric;
+    patterns.extend(f.libfabric.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.provider_dir.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.devices.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.libraries.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(
+        profile
+            .pmi
+            .host_libraries
+            .iter()
+            .map(|p| p.as_str().to_owned()),
+    );
+    patterns.extend(profile.binds.iter().map(|b| b.source.as_str().to_owned()));
+    patterns.extend(spec.binds.iter().map(|b| b.source.display().to_string()));
+    patterns
+}
+
+/// Reads the host libfabric at `path` (its versions, dependency closure, plugins), and probes
+/// its providers when the launch expects some and injects it; `Err` says why it could not be
+/// read.
+fn read_libfabric(
+    path: &Path,
+    spec: &JobSpec,
+    profile: &SiteProfile,
+) -> Result<HostLibfabric, String> {
+    // The library itself is only read, not loaded: loading it would start libfabric's
+    // threads in this process, which must stay single-threaded to create user namespaces.
+    let loader = cmpirun_fabric::loader::HostLoader::from_env();
+    let expects = !profile.fabric.providers.is_empty() || spec.expect_provider.is_some();
+    let injects = !spec.no_inject && profile.fabric.inject != Some(false);
+    let mut h =
+        cmpirun_fabric::host::HostFabric::inspect(path, &loader).map_err(|e| e.to_string())?;
+    // Only the providers check needs the library loaded; that happens in a forked child so
+    // this process never starts libfabric's threads.
+    let probe_error = (expects && injects)
+        .then(|| h.probe_in_child(PROBE_TIMEOUT).err())
+        .flatten()
+        .map(|e| e.to_string());
+    let mut lf = HostLibfabric::from_fabric(&h);
+    lf.probe_error = probe_error;
+    Ok(lf)
 }
 
 /// How long a libfabric probe may take (`fi_getinfo` asks every provider's hardware).
