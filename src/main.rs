@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use cmpirun::cli::{self, CliRequest};
 use cmpirun::jobspec::DryRunFormat;
-use cmpirun::{exit, plan, profile};
+use cmpirun::{exit, facts, plan, profile};
 
 /// Launch MPI jobs in unprivileged containers, one container per node.
 #[derive(Debug, Parser)]
@@ -339,13 +339,21 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 /// profile's `library_cache`, else the user's cache folder (also when no profile can be chosen).
 fn library_cache_here() -> Option<PathBuf> {
     let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-    let search = profile::ProfileSearch::from_env();
-    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
-    let mut ctx = profile::MatchContext::from_host();
-    match profile::choose(None, env_profile.as_deref(), &search, &mut ctx) {
+    match choose_profile(None, &profile::ProfileSearch::from_env()) {
         Ok(choice) => plan::library_cache_dir(&choice.profile, &vars, &mut Vec::new()).0,
         Err(_) => cmpirun::mount::library_cache_in(|k| vars.get(k).cloned()),
     }
+}
+
+/// The profile a launch from here uses: `named` (`--profile`), else `$CMPIRUN_PROFILE`, else
+/// the profile in `search` whose match rules fit this host best.
+fn choose_profile(
+    named: Option<&str>,
+    search: &profile::ProfileSearch,
+) -> Result<profile::ProfileChoice, profile::ProfileError> {
+    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
+    let mut ctx = profile::MatchContext::from_host();
+    profile::choose(named, env_profile.as_deref(), search, &mut ctx)
 }
 
 /// What `cmpirun image cache` says of one cache (`what` names its entries); with `clear`, after
@@ -415,15 +423,12 @@ fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode
 /// `cmpirun profile show|check`.
 fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
     let search = profile::ProfileSearch::from_env();
-    let env_profile = std::env::var("CMPIRUN_PROFILE").ok();
-    let mut ctx = profile::MatchContext::from_host();
     match action {
         ProfileAction::Show {
             profile: named,
             json,
         } => {
-            let choice =
-                profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
+            let choice = choose_profile(named.as_deref(), &search)?;
             if json {
                 emit_line(&serde_json::to_string_pretty(&choice)?);
             } else {
@@ -439,8 +444,7 @@ fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
             if let Some(e) = errors.into_iter().next() {
                 return Err(e.into());
             }
-            let choice =
-                profile::choose(named.as_deref(), env_profile.as_deref(), &search, &mut ctx)?;
+            let choice = choose_profile(named.as_deref(), &search)?;
             emit(&profile::show::render_choice(&choice));
             if let Some(o) = choice.outcome.as_ref().filter(|o| !o.matched) {
                 anyhow::bail!(exit::UsageError(format!(
@@ -469,7 +473,7 @@ fn names_subcommand(args: &[OsString]) -> bool {
             .any(|c| c.get_name() == first || c.get_all_aliases().any(|a| a == first))
 }
 
-/// The mpirun-style launch: argv → JobSpec → plan → launch (or print the plan).
+/// The mpirun-style launch: argv → JobSpec, then [`run_launch`].
 fn launch_main(args: &[OsString]) -> ExitCode {
     let request = match cli::parse_launch(args) {
         Ok(r) => r,
@@ -496,23 +500,44 @@ fn launch_main(args: &[OsString]) -> ExitCode {
     }
 }
 
+/// One launch, as ARCHITECTURE.md draws it: JobSpec → profile → host facts → image facts →
+/// plan → checks → launch (or print the plan). Files are read and the host libfabric is probed
+/// here, before the plan; nothing is mounted or started before `launch`.
 fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
     if spec.dry_run == Some(DryRunFormat::Job) {
         emit_line(&serde_json::to_string_pretty(spec)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let plan = plan::prepare(spec)?;
-    match spec.dry_run {
-        Some(DryRunFormat::Json) => {
-            emit_line(&serde_json::to_string_pretty(&plan)?);
-            return Ok(ExitCode::SUCCESS);
-        }
-        Some(_) => {
-            emit(&plan::render_text(&plan));
-            return Ok(ExitCode::SUCCESS);
-        }
-        None => {}
+    let choice = choose_profile(spec.profile.as_deref(), &profile::ProfileSearch::from_env())?;
+    // Host facts first: the libfabric probe forks, which needs a single-threaded process. Images
+    // are read in a child process, so that whatever reading them starts (threads) does not stay
+    // in this one, which the local launcher forks the node instance and the ranks from.
+    let host = facts::HostFacts::gather(spec, &choice.profile);
+    let image_paths: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
+    let images = facts::gather_images(&image_paths);
+    let plan = plan::build(spec, &choice, &images, &host)?;
+    if let Some(format) = spec.dry_run {
+        print_plan(&plan, format)?;
+        return Ok(ExitCode::SUCCESS);
     }
+    check_plan(spec, &plan)?;
+    // Single-threaded up to here: the node instance and the ranks are forked next.
+    let code = cmpirun::launch::launch(&plan)?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// `--dry-run`: the plan as text, or as JSON.
+fn print_plan(plan: &plan::LaunchPlan, format: DryRunFormat) -> anyhow::Result<()> {
+    match format {
+        DryRunFormat::Json => emit_line(&serde_json::to_string_pretty(plan)?),
+        _ => emit(&plan::dry_run_text(plan)),
+    }
+    Ok(())
+}
+
+/// The plan's warnings and checks before a launch: a failed check stops it (a usage error that
+/// names every failed check) unless `--force`, which only warns.
+fn check_plan(spec: &cmpirun::jobspec::JobSpec, plan: &plan::LaunchPlan) -> anyhow::Result<()> {
     for w in &plan.warnings {
         if !spec.warnings.contains(w) {
             tracing::warn!("{w}");
@@ -536,9 +561,7 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
             c.message
         );
     }
-    // Single-threaded up to here: the node instance and the ranks are forked next.
-    let code = cmpirun::launch::launch(&plan)?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    Ok(())
 }
 
 /// `cmpirun __mount-check`: enter a private user+mount namespace, mount IMAGE with BACKEND,
@@ -679,7 +702,6 @@ fn exit_status(err: &anyhow::Error) -> i32 {
                 .is_some_and(|m| m.is_user_fixable())
             || e.is::<profile::ProfileError>()
             || e.is::<plan::PlanError>()
-            || e.is::<plan::PrepareError>()
             || e.downcast_ref::<cmpirun::launch::LaunchError>()
                 .is_some_and(|l| l.is_usage())
     });

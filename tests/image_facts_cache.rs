@@ -8,11 +8,10 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use cmpirun::launch::isolate::gather_images_with;
-use cmpirun::plan::{FactsCache, ImageInfo};
+use cmpirun::facts::{FactsCache, ImageSummary, gather_images_with};
 use common::{TuserCommand, TuserDir, staged_image};
 
-fn gather(image: &Path, cache: &FactsCache) -> ImageInfo {
+fn gather(image: &Path, cache: &FactsCache) -> ImageSummary {
     let mut infos = gather_images_with(&[image.to_owned()], Some(cache));
     assert_eq!(infos.len(), 1);
     infos.remove(0)
@@ -27,7 +26,7 @@ fn a_second_gathering_is_served_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = FactsCache::new(&tmp.path().join("facts"));
     let image = common::image("mpich4");
-    let fresh = ImageInfo::gather(&image);
+    let fresh = ImageSummary::read(&image);
     assert_eq!(fresh.mpi_family.as_deref(), Some("mpich"));
 
     let first = gather(&image, &cache);
@@ -75,7 +74,7 @@ fn an_unwritable_cache_folder_is_not_an_error() {
     let cache = FactsCache::new(&file.join("facts"));
     let image = common::image("mpich5");
     let info = gather(&image, &cache);
-    assert_eq!(info, ImageInfo::gather(&image));
+    assert_eq!(info, ImageSummary::read(&image));
     assert_eq!(info.mpi_family.as_deref(), Some("mpich"));
 }
 

@@ -1,14 +1,14 @@
-//! `build_plan` is pure: these tests give it a JobSpec, a profile and facts as values and check
+//! `plan::build` is pure: these tests give it a JobSpec, a profile and facts as values and check
 //! every decision (launcher, layout, commands, binds, environment, checks).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use cmpirun::cli::{CliRequest, parse_launch};
+use cmpirun::facts::{HostFacts, HostLibfabric, ImageLibrary, ImageSummary, LibfabricUse};
 use cmpirun::jobspec::{JobSpec, LauncherKind, MountBackendKind, PmiKind};
 use cmpirun::plan::{
-    BindKind, BindTime, EnvAction, EnvScope, HostFacts, ImageInfo, ImageLibrary, LaunchPlan,
-    LibfabricUse, PlanError, Verdict, build_plan, facts::HostLibfabric, render_text,
+    BindKind, BindTime, EnvAction, EnvScope, LaunchPlan, PlanError, Verdict, dry_run_text,
 };
 use cmpirun::profile::{self, ProfileChoice, SelectedBy};
 
@@ -82,22 +82,22 @@ fn with_paths(mut h: HostFacts, paths: &[(&str, &[&str])]) -> HostFacts {
     h
 }
 
-fn images(s: &JobSpec) -> Vec<ImageInfo> {
+fn images(s: &JobSpec) -> Vec<ImageSummary> {
     s.apps
         .iter()
-        .map(|a| ImageInfo {
+        .map(|a| ImageSummary {
             path: a.image.clone(),
             kind: Some("sif".into()),
-            ..ImageInfo::default()
+            ..ImageSummary::default()
         })
         .collect()
 }
 
 fn plan(args: &[&str], c: &ProfileChoice, h: &HostFacts) -> LaunchPlan {
     let s = spec(args);
-    let p = build_plan(&s, c, &images(&s), h).unwrap_or_else(|e| panic!("{e}"));
+    let p = cmpirun::plan::build(&s, c, &images(&s), h).unwrap_or_else(|e| panic!("{e}"));
     // Every plan renders and round-trips through JSON.
-    let _ = render_text(&p);
+    let _ = dry_run_text(&p);
     let json = serde_json::to_string(&p).unwrap();
     assert_eq!(serde_json::from_str::<LaunchPlan>(&json).unwrap(), p);
     p
@@ -105,7 +105,7 @@ fn plan(args: &[&str], c: &ProfileChoice, h: &HostFacts) -> LaunchPlan {
 
 fn plan_err(args: &[&str], c: &ProfileChoice, h: &HostFacts) -> PlanError {
     let s = spec(args);
-    build_plan(&s, c, &images(&s), h).unwrap_err()
+    cmpirun::plan::build(&s, c, &images(&s), h).unwrap_err()
 }
 
 fn check<'a>(p: &'a LaunchPlan, name: &str) -> Vec<&'a cmpirun::plan::Check> {
@@ -268,7 +268,7 @@ fn hydra_with_hosts_and_mpiexec() {
     let mut s = spec(&["-n", "3", "-ppn", "1", "-rr", "img.sif", "hello"]);
     s.hosts = spec(&["-H", "a,b,c", "i", "p"]).hosts;
     s.hostfile = Some("/tmp/hosts".into());
-    let p = build_plan(&s, &choice(GENERIC), &images(&s), &h).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), &images(&s), &h).unwrap();
     let argv = &p.launcher.commands[0].argv;
     assert_eq!(
         &argv[..7],
@@ -539,13 +539,13 @@ fn injection_over_the_exact_file_with_image_facts() {
         ],
     );
     let s = spec(&["-n", "2", "img.sif", "x"]);
-    let imgs = vec![ImageInfo {
+    let imgs = vec![ImageSummary {
         path: "img.sif".into(),
         kind: Some("sif".into()),
         libfabric: Some("/opt/mpich/lib/libfabric.so.1".into()),
-        ..ImageInfo::default()
+        ..ImageSummary::default()
     }];
-    let p = build_plan(&s, &c, &imgs, &h).unwrap();
+    let p = cmpirun::plan::build(&s, &c, &imgs, &h).unwrap();
     let lib = p
         .binds
         .iter()
@@ -682,14 +682,14 @@ fn named_profile_that_does_not_match_fails_its_check() {
 #[test]
 fn image_problems_are_checks() {
     let s = spec(&["img.sif", "x"]);
-    let imgs = vec![ImageInfo {
+    let imgs = vec![ImageSummary {
         path: "img.sif".into(),
         error: Some("img.sif: no such file".into()),
-        ..ImageInfo::default()
+        ..ImageSummary::default()
     }];
-    let p = build_plan(&s, &choice(GENERIC), &imgs, &host(&[])).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), &imgs, &host(&[])).unwrap();
     assert_eq!(check(&p, "image")[0].verdict, Verdict::Fail);
-    assert!(render_text(&p).contains("FAIL    image: img.sif: no such file"));
+    assert!(dry_run_text(&p).contains("FAIL    image: img.sif: no such file"));
 }
 
 #[test]
@@ -783,8 +783,8 @@ fn library_cache_precedence_environment_profile_default() {
 }
 
 /// An image whose MPICH loads libfabric dynamically and needs FABRIC_1.9, with glibc 2.36.
-fn mpich5_image() -> ImageInfo {
-    ImageInfo {
+fn mpich5_image() -> ImageSummary {
+    ImageSummary {
         path: "mpich5.sif".into(),
         kind: Some("sif".into()),
         mpi_family: Some("mpich".into()),
@@ -794,7 +794,7 @@ fn mpich5_image() -> ImageInfo {
         fabric_needs: vec!["FABRIC_1.0".into(), "FABRIC_1.9".into()],
         glibc: Some("GLIBC_2.36".into()),
         glibc_file: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
-        ..ImageInfo::default()
+        ..ImageSummary::default()
     }
 }
 
@@ -822,7 +822,7 @@ const HOSTLIB: &str = "name: h\nfabric:\n  libfabric: [/host/libfabric.so.1]\n";
 fn compatible_host_libfabric_is_bound_over_the_image_copy_with_its_closure() {
     let s = spec(&["-n", "2", "mpich5.sif", "x"]);
     let h = host_lib(&["FABRIC_1.0", "FABRIC_1.9", "FABRIC_2.0"], "GLIBC_2.34");
-    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
     for name in ["mpi-libfabric", "fabric-versions", "glibc", "mpi-family"] {
         assert_eq!(
             check(&p, name)[0].verdict,
@@ -860,7 +860,7 @@ fn compatible_host_libfabric_is_bound_over_the_image_copy_with_its_closure() {
 fn old_host_libfabric_is_refused_naming_the_fabric_version() {
     let s = spec(&["-n", "2", "mpich5.sif", "x"]);
     let h = host_lib(&["FABRIC_1.0", "FABRIC_1.6"], "GLIBC_2.34");
-    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
     let f = check(&p, "fabric-versions")[0];
     assert_eq!(f.verdict, Verdict::Fail);
     assert!(f.message.contains("lacks FABRIC_1.9"), "{}", f.message);
@@ -868,7 +868,7 @@ fn old_host_libfabric_is_refused_naming_the_fabric_version() {
     assert!(!p.may_launch());
     let s = spec(&["--force", "-n", "2", "mpich5.sif", "x"]);
     assert!(
-        build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h)
+        cmpirun::plan::build(&s, &choice(HOSTLIB), &[mpich5_image()], &h)
             .unwrap()
             .may_launch()
     );
@@ -878,7 +878,7 @@ fn old_host_libfabric_is_refused_naming_the_fabric_version() {
 fn host_library_needing_a_newer_glibc_is_refused_naming_both_versions() {
     let s = spec(&["mpich5.sif", "x"]);
     let h = host_lib(&["FABRIC_1.9"], "GLIBC_2.38");
-    let p = build_plan(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(HOSTLIB), &[mpich5_image()], &h).unwrap();
     let g = check(&p, "glibc")[0];
     assert_eq!(g.verdict, Verdict::Fail);
     assert!(
@@ -896,13 +896,13 @@ fn embedded_libfabric_and_open_mpi_checks() {
     img.libfabric = None;
     let s = spec(&["mpich5.sif", "x"]);
     let h = host_lib(&["FABRIC_1.9"], "GLIBC_2.34");
-    let p = build_plan(&s, &choice(HOSTLIB), &[img], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(HOSTLIB), &[img], &h).unwrap();
     let e = check(&p, "mpi-libfabric")[0];
     assert_eq!(e.verdict, Verdict::Fail);
     assert!(e.message.contains("carries libfabric inside itself"));
     let mut ompi = mpich5_image();
     ompi.mpi_family = Some("openmpi".into());
-    let p = build_plan(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
     assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Warn);
 }
 
@@ -930,7 +930,7 @@ fn host_pmi_libraries_over_the_image_copies() {
         real_file: "/usr/lib/x86_64-linux-gnu/libpmi2.so.0.0.0".into(),
     }];
     let s = spec(&["mpich5.sif", "x"]);
-    let p = build_plan(&s, &c, &[img], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &c, &[img], &h).unwrap();
     let dests: Vec<(&str, &str)> = p
         .binds
         .iter()
@@ -958,7 +958,7 @@ fn host_pmi_libraries_over_the_image_copies() {
     );
     // --no-inject keeps the image's.
     let s = spec(&["--no-inject", "mpich5.sif", "x"]);
-    let p = build_plan(&s, &c, &[mpich5_image()], &h).unwrap();
+    let p = cmpirun::plan::build(&s, &c, &[mpich5_image()], &h).unwrap();
     assert!(p.binds.is_empty());
     assert_eq!(check(&p, "pmi-inject")[0].verdict, Verdict::Skipped);
 }
@@ -976,6 +976,6 @@ fn too_many_ranks_is_an_error_not_an_allocation() {
     // Slot counts that overflow when added up are capped, not a crash.
     let mut s = spec(&["a.sif", "p"]);
     s.hosts = spec(&["-H", "localhost:4294967295,localhost:4294967295", "a", "p"]).hosts;
-    let p = build_plan(&s, &choice(GENERIC), &images(&s), &host(&[])).unwrap();
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), &images(&s), &host(&[])).unwrap();
     assert_eq!(p.layout.size, cmpirun::jobspec::MAX_RANKS);
 }

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use cmpirun::cli::{CliRequest, parse_launch};
 use cmpirun::container::env::{Env, EnvChange};
+use cmpirun::facts::{HostFacts, ImageSummary};
 use cmpirun::jobspec::JobSpec;
 use cmpirun::launch::node::{image_binds, rank_environment};
-use cmpirun::plan::{HostFacts, ImageInfo, LaunchPlan, build_plan};
+use cmpirun::plan::LaunchPlan;
 use cmpirun::profile::{self, ProfileChoice, SelectedBy};
 
 fn spec(args: &[&str]) -> JobSpec {
@@ -48,16 +49,16 @@ fn plan(args: &[&str], yaml: &str, host_env: &[(&str, &str)], paths: &[&str]) ->
         ..HostFacts::default()
     };
     let s = spec(args);
-    let images: Vec<ImageInfo> = s
+    let images: Vec<ImageSummary> = s
         .apps
         .iter()
-        .map(|a| ImageInfo {
+        .map(|a| ImageSummary {
             path: a.image.clone(),
             kind: Some("sif".into()),
             ..Default::default()
         })
         .collect();
-    build_plan(&s, &choice, &images, &host).unwrap()
+    cmpirun::plan::build(&s, &choice, &images, &host).unwrap()
 }
 
 fn host(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {

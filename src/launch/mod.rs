@@ -13,12 +13,10 @@
 //!   see an abort) and reports it to the front end, so that srun and hydra jobs end with the
 //!   local launcher's statuses.
 //! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
-//! - [`isolate`]: image facts read in a child, so cmpirun stays single-threaded until it forks.
 
 pub mod env;
 pub mod external;
 pub mod injected;
-pub mod isolate;
 pub mod local;
 pub mod node;
 pub mod output;

@@ -130,19 +130,17 @@ pub fn image_binds(
         }
         let source = match b.when {
             BindTime::Plan => b.source.clone(),
-            BindTime::RankStart => match crate::plan::facts::expand_vars(&b.source, rank_env) {
+            BindTime::RankStart => match crate::facts::expand_vars(&b.source, rank_env) {
                 Some(s) if std::path::Path::new(&s).exists() => s,
                 _ => continue,
             },
         };
         let dest = match b.when {
             BindTime::Plan => b.destination.clone(),
-            BindTime::RankStart => {
-                match crate::plan::facts::expand_vars(&b.destination, rank_env) {
-                    Some(d) => d,
-                    None => continue,
-                }
-            }
+            BindTime::RankStart => match crate::facts::expand_vars(&b.destination, rank_env) {
+                Some(d) => d,
+                None => continue,
+            },
         };
         let spec = format!("{source}:{dest}:{}", if b.read_only { "ro" } else { "rw" });
         // Two rank-start binds can name one directory ($PMIX_SERVER_TMPDIR and
@@ -230,13 +228,14 @@ pub fn rank_command(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{BindKind, ImageInfo};
+    use crate::facts::ImageSummary;
+    use crate::plan::BindKind;
 
     fn app(image: &str) -> AppPlan {
         AppPlan {
-            image: ImageInfo {
+            image: ImageSummary {
                 path: image.into(),
-                ..ImageInfo::default()
+                ..ImageSummary::default()
             },
             program: "/bin/true".into(),
             args: Vec::new(),

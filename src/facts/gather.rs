@@ -1,7 +1,7 @@
-//! Reading image facts without leaving threads or memory in cmpirun.
+//! The facts of a job's images, gathered without leaving threads or memory in cmpirun.
 //!
 //! The facts of an image seen before come from the user's facts cache
-//! ([`crate::plan::FactsCache`]), read in this process: nothing else is read from the image.
+//! ([`FactsCache`]), read in this process: nothing else is read from the image.
 //! The others are read in a forked child, which sends them back as JSON and exits: the local
 //! launcher must still be single-threaded when it forks the node instance and the ranks, and
 //! whatever reading an image allocates or starts (backhand's file reader starts rayon threads;
@@ -14,26 +14,27 @@ use std::path::PathBuf;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 
-use crate::plan::{FactsCache, ImageInfo};
+use super::cache::FactsCache;
+use super::image::ImageSummary;
 
-/// [`ImageInfo::gather`] for every path, through the user's facts cache
+/// [`ImageSummary::read`] for every path, through the user's facts cache
 /// ([`FactsCache::from_env`]).
-pub fn gather_images(paths: &[PathBuf]) -> Vec<ImageInfo> {
+pub fn gather_images(paths: &[PathBuf]) -> Vec<ImageSummary> {
     gather_images_with(paths, FactsCache::from_env().as_ref())
 }
 
-/// [`ImageInfo::gather`] for every path: from `cache` where it has the image's facts, else in a
+/// [`ImageSummary::read`] for every path: from `cache` where it has the image's facts, else in a
 /// child process, keeping what was read in `cache`. Falls back to reading them in this process
 /// (which may then have threads) if the child cannot be used, so a launch still gets the facts;
-/// [`super::local`] refuses to fork a threaded process and says so.
-pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<ImageInfo> {
+/// [`crate::launch::local`] refuses to fork a threaded process and says so.
+pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<ImageSummary> {
     // Keys are taken before the images are read: an image replaced meanwhile has another
     // identity, so what is stored under the old one is never used for it.
     let keys: Vec<_> = paths
         .iter()
         .map(|p| cache.and_then(|_| FactsCache::key(p)))
         .collect();
-    let mut infos: Vec<Option<ImageInfo>> = paths
+    let mut infos: Vec<Option<ImageSummary>> = paths
         .iter()
         .zip(&keys)
         .map(|(p, k)| cache?.load(p, k.as_ref()?))
@@ -48,9 +49,9 @@ pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<
     if missing.is_empty() {
         return infos.into_iter().flatten().collect();
     }
-    let read = match in_child(&missing) {
+    let read = match read_in_child(&missing) {
         Some(read) if read.len() == missing.len() => read,
-        _ => missing.iter().map(|p| ImageInfo::gather(p)).collect(),
+        _ => missing.iter().map(|p| ImageSummary::read(p)).collect(),
     };
     for ((slot, key), path) in infos.iter_mut().zip(&keys).zip(paths) {
         if slot.is_none() {
@@ -59,7 +60,7 @@ pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<
                 .position(|m| m == path)
                 .and_then(|i| read.get(i))
                 .cloned()
-                .unwrap_or_else(|| ImageInfo::gather(path));
+                .unwrap_or_else(|| ImageSummary::read(path));
             if let (Some(cache), Some(key)) = (cache, key) {
                 cache.store(key, &info);
             }
@@ -69,14 +70,16 @@ pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<
     infos.into_iter().flatten().collect()
 }
 
-fn in_child(paths: &[PathBuf]) -> Option<Vec<ImageInfo>> {
+/// [`ImageSummary::read`] for every path in a forked child, which sends them back as JSON;
+/// `None` when the child could not be started or did not answer.
+fn read_in_child(paths: &[PathBuf]) -> Option<Vec<ImageSummary>> {
     let (mut rd, wr) = std::io::pipe().ok()?;
     // SAFETY: called while cmpirun is single-threaded (before any image is read); the child only
     // reads files, writes to the pipe and exits with _exit.
     match unsafe { fork() }.ok()? {
         ForkResult::Child => {
             drop(rd);
-            let infos: Vec<ImageInfo> = paths.iter().map(|p| ImageInfo::gather(p)).collect();
+            let infos: Vec<ImageSummary> = paths.iter().map(|p| ImageSummary::read(p)).collect();
             let code = match serde_json::to_vec(&infos) {
                 Ok(json) => {
                     let mut wr = wr;

@@ -2,12 +2,12 @@
 
 use std::fmt::Write;
 
-use super::{BindTime, EnvAction, EnvScope, LaunchPlan, Verdict};
+use super::types::{BindKind, BindTime, EnvAction, EnvScope, LaunchPlan, Verdict};
 use crate::jobspec::LauncherKind;
 
 /// Renders `plan` as text for people: profile, launcher and command lines, rank layout, mount,
 /// binds, environment and checks, each with why.
-pub fn render_text(plan: &LaunchPlan) -> String {
+pub fn dry_run_text(plan: &LaunchPlan) -> String {
     let mut o = String::new();
     // Writing to a String cannot fail.
     let _ = write_plan(&mut o, plan);
@@ -93,7 +93,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 o,
                 "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
             )?;
-            for a in super::image_apps(&plan.apps) {
+            for a in super::parts::image_apps(&plan.apps) {
                 writeln!(
                     o,
                     "    {}: {}",
@@ -269,12 +269,12 @@ fn write_part(o: &mut String, plan: &LaunchPlan, part: usize) -> std::fmt::Resul
     )
 }
 
-fn serde_kind(k: &super::BindKind) -> &'static str {
+fn serde_kind(k: &BindKind) -> &'static str {
     match k {
-        super::BindKind::Library => "library",
-        super::BindKind::Device => "device",
-        super::BindKind::Directory => "directory",
-        super::BindKind::Path => "path",
+        BindKind::Library => "library",
+        BindKind::Device => "device",
+        BindKind::Directory => "directory",
+        BindKind::Path => "path",
     }
 }
 

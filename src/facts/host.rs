@@ -1,0 +1,206 @@
+//! What the host offers a launch, gathered once at the edge: its name, CPUs, environment, the
+//! launcher programs on `PATH`, which of the profile's and `--bind`'s host paths exist, and the
+//! host libfabric the profile names as `cmpirun-fabric` reads it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::patterns::existing_host_paths;
+use crate::jobspec::JobSpec;
+use crate::profile::{HostPath, SiteProfile};
+
+/// What the host offers, as data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// This host's name.
+    pub hostname: String,
+    /// CPUs available to this process (the default rank count of a local job).
+    pub cpus: u32,
+    /// The environment of the cmpirun process.
+    pub env: BTreeMap<String, String>,
+    /// Launcher programs found on `PATH` (`srun`, `mpiexec.hydra`, or the profile's
+    /// `mpiexec`), by the name they were looked up with.
+    pub programs: BTreeMap<String, PathBuf>,
+    /// For every host path pattern in the profile and in `--bind` (as written), the existing
+    /// files it names after `$VAR` expansion, version-sorted. Missing key or empty list: none.
+    pub paths: BTreeMap<String, Vec<PathBuf>>,
+    /// The cmpirun executable, as ranks started by srun or hydra must call it.
+    pub cmpirun: PathBuf,
+    /// The host libfabric the profile names, when one was found and could be read.
+    pub libfabric: Option<HostLibfabric>,
+    /// Why the host libfabric could not be read, when it could not.
+    pub libfabric_error: Option<String>,
+}
+
+/// The host libfabric the profile names, as `cmpirun-fabric` read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostLibfabric {
+    /// The library file.
+    pub path: PathBuf,
+    /// The file it resolves to.
+    pub real_path: PathBuf,
+    /// `fi_version()` as `major.minor`, when the library was probed.
+    pub version: Option<String>,
+    /// Providers that answered `fi_getinfo` on this node, when the library was probed.
+    pub providers: Option<Vec<String>>,
+    /// The `FABRIC_x.y` versions it defines.
+    pub fabric_versions: Vec<String>,
+    /// The directories of its provider plugins.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// The libraries it and its plugins need, without glibc's and without itself.
+    pub dependencies: Vec<PathBuf>,
+    /// The newest `GLIBC_x.y` it or a dependency needs.
+    pub glibc_needs: Option<String>,
+    /// The library that needs it.
+    pub glibc_needed_by: Option<PathBuf>,
+    /// Why the library could not be probed for its providers, when that was tried and failed.
+    pub probe_error: Option<String>,
+}
+
+impl HostFacts {
+    /// Gathers the facts of this host that `spec` and `profile` need.
+    pub fn gather(spec: &JobSpec, profile: &SiteProfile) -> HostFacts {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let paths = path_patterns(spec, profile)
+            .into_iter()
+            .map(|p| {
+                let found = existing_host_paths(&p, &env);
+                (p, found)
+            })
+            .collect();
+        let mut facts = HostFacts {
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            env,
+            programs: launcher_programs(profile),
+            paths,
+            cmpirun: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun")),
+            libfabric: None,
+            libfabric_error: None,
+        };
+        if let Some(path) = facts.libfabric_named_by(profile).map(|(_, p)| p) {
+            match read_libfabric(&path, spec, profile) {
+                Ok(lf) => facts.libfabric = Some(lf),
+                Err(e) => facts.libfabric_error = Some(e),
+            }
+        }
+        facts
+    }
+
+    /// The host libfabric `profile` names on this host: the first `fabric.libfabric` candidate
+    /// that names a file; within a glob, the highest version. The pattern it came from is
+    /// returned with it.
+    pub fn libfabric_named_by<'a>(
+        &self,
+        profile: &'a SiteProfile,
+    ) -> Option<(&'a HostPath, PathBuf)> {
+        profile.fabric.libfabric.iter().find_map(|c| {
+            self.paths
+                .get(c.as_str())
+                .and_then(|v| v.last())
+                .map(|p| (c, p.clone()))
+        })
+    }
+}
+
+/// The launcher programs on `PATH`: `srun`, and the profile's `mpiexec` (else
+/// `mpiexec.hydra`).
+fn launcher_programs(profile: &SiteProfile) -> BTreeMap<String, PathBuf> {
+    let mut programs = BTreeMap::new();
+    let mpiexec = profile
+        .launcher
+        .mpiexec
+        .clone()
+        .unwrap_or_else(|| "mpiexec.hydra".into());
+    for name in ["srun", mpiexec.as_str()] {
+        if let Ok(p) = which::which(name) {
+            programs.insert(name.to_owned(), p);
+        }
+    }
+    programs
+}
+
+/// Every host path pattern the plan may bind, as written: the profile's fabric and PMI
+/// libraries, provider directory, devices and `binds:`, and `--bind`'s sources.
+fn path_patterns(spec: &JobSpec, profile: &SiteProfile) -> Vec<String> {
+    let mut patterns: Vec<String> = Vec::new();
+    let f = &profile.fabric;
+    patterns.extend(f.libfabric.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.provider_dir.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.devices.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(f.libraries.iter().map(|p| p.as_str().to_owned()));
+    patterns.extend(
+        profile
+            .pmi
+            .host_libraries
+            .iter()
+            .map(|p| p.as_str().to_owned()),
+    );
+    patterns.extend(profile.binds.iter().map(|b| b.source.as_str().to_owned()));
+    patterns.extend(spec.binds.iter().map(|b| b.source.display().to_string()));
+    patterns
+}
+
+/// Reads the host libfabric at `path` (its versions, dependency closure, plugins), and probes
+/// its providers when the launch expects some and injects it; `Err` says why it could not be
+/// read.
+fn read_libfabric(
+    path: &Path,
+    spec: &JobSpec,
+    profile: &SiteProfile,
+) -> Result<HostLibfabric, String> {
+    // The library itself is only read, not loaded: loading it would start libfabric's
+    // threads in this process, which must stay single-threaded to create user namespaces.
+    let loader = cmpirun_fabric::loader::HostLoader::from_env();
+    let expects = !profile.fabric.providers.is_empty() || spec.expect_provider.is_some();
+    let injects = !spec.no_inject && profile.fabric.inject != Some(false);
+    let mut h =
+        cmpirun_fabric::host::HostFabric::inspect(path, &loader).map_err(|e| e.to_string())?;
+    // Only the providers check needs the library loaded; that happens in a forked child so
+    // this process never starts libfabric's threads.
+    let probe_error = (expects && injects)
+        .then(|| h.probe_in_child(PROBE_TIMEOUT).err())
+        .flatten()
+        .map(|e| e.to_string());
+    let mut lf = HostLibfabric::from_fabric(&h);
+    lf.probe_error = probe_error;
+    Ok(lf)
+}
+
+/// How long a libfabric probe may take (`fi_getinfo` asks every provider's hardware).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+impl HostLibfabric {
+    /// Copies what the plan needs from `cmpirun-fabric`'s view of the library.
+    pub fn from_fabric(h: &cmpirun_fabric::host::HostFabric) -> HostLibfabric {
+        let roots: Vec<&Path> = std::iter::once(h.path.as_path())
+            .chain(h.plugins.iter().map(|p| p.path.as_path()))
+            .collect();
+        let newest = h.closure.newest_glibc_need();
+        HostLibfabric {
+            path: h.path.clone(),
+            real_path: h.real_path.clone(),
+            version: h.api_version.as_ref().map(ToString::to_string),
+            providers: h.providers.as_ref().map(|_| h.provider_names()),
+            fabric_versions: h.fabric_versions.iter().map(ToString::to_string).collect(),
+            plugin_dirs: h.plugin_dirs.clone(),
+            dependencies: h
+                .closure
+                .libraries
+                .iter()
+                .filter(|l| !roots.contains(&l.path.as_path()))
+                .map(|l| l.path.clone())
+                .collect(),
+            glibc_needs: newest.map(|(_, v)| v.to_string()),
+            glibc_needed_by: newest.map(|(l, _)| l.path.clone()),
+            probe_error: None,
+        }
+    }
+}
