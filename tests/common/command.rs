@@ -18,8 +18,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::processes::list_processes;
-use super::{RunOutput, TEST_USER, cmpirun_bin, require_slurm, tuser};
+use super::{RunOutput, TEST_USER, cmpirun_bin, require_slurm, tagged_processes, tuser};
 
 /// The environment variable that marks every process a [`TuserCommand`] starts, so leftovers can
 /// be attributed to the run that made them even when tests run in parallel.
@@ -335,13 +334,10 @@ impl TuserChild {
 
 /// SIGKILLs every process of [`TEST_USER`] whose environment carries `tag` in [`TAG_VAR`].
 pub fn kill_tagged(tag: &str) {
-    let uid = tuser().uid;
-    for p in list_processes(uid) {
-        if p.tag.as_deref() == Some(tag) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+    for p in tagged_processes(tag) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }

@@ -14,7 +14,12 @@
 //!   [`assert_no_leftovers`] compares after it; [`exclusive`] serialises the tests that do.
 //! - **The MPI test programs** (`programs.rs`): [`program`] names them, [`hello_lines`],
 //!   [`fabric_lines`] and [`find_fields_all`] parse their output, [`assert_mpitest_ok`] and
-//!   [`assert_bigmsg_ok`] check a job's.
+//!   [`assert_bigmsg_ok`] check a job's; [`RankFailure`] names the ways the `abort` program fails
+//!   a job.
+//! - **Job command lines** (`jobs.rs`): [`hostfile`], [`hydra_cmpirun`] and [`salloc_cmpirun`]
+//!   start the jobs several test files run the same way.
+//! - **Waiting** (`wait.rs`): [`wait_for_file`] and [`wait_for_tagged`] wait for what a running
+//!   job does.
 //!
 //! How a test uses them:
 //!
@@ -43,6 +48,7 @@
 mod command;
 mod exclusive;
 mod images;
+mod jobs;
 mod leftovers;
 mod processes;
 mod programs;
@@ -50,10 +56,11 @@ mod run_output;
 mod scratch;
 mod slurm;
 mod user;
+mod wait;
 
 // Every test binary uses a different subset, so some of these re-exports go unused in each.
 #[allow(unused_imports)]
 pub use {
-    command::*, exclusive::*, images::*, leftovers::*, processes::*, programs::*, run_output::*,
-    scratch::*, slurm::*, user::*,
+    command::*, exclusive::*, images::*, jobs::*, leftovers::*, processes::*, programs::*,
+    run_output::*, scratch::*, slurm::*, user::*, wait::*,
 };

@@ -4,7 +4,7 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
-use super::TAG_VAR;
+use super::{TAG_VAR, tuser};
 
 /// One process of the test user, as seen in `/proc`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,4 +97,13 @@ pub(super) fn list_processes(uid: u32) -> Vec<ProcInfo> {
         });
     }
     out
+}
+
+/// The processes of the test user whose environment carries `tag` in [`TAG_VAR`]: those of one
+/// run (zombies left out).
+pub fn tagged_processes(tag: &str) -> Vec<ProcInfo> {
+    list_processes(tuser().uid)
+        .into_iter()
+        .filter(|p| p.tag.as_deref() == Some(tag))
+        .collect()
 }

@@ -12,6 +12,48 @@ pub fn program(name: &str) -> String {
     format!("/usr/local/bin/{name}")
 }
 
+/// One way rank 1 of a 4-rank job of the `abort` test program fails while the other ranks wait
+/// in a barrier: only a teardown ends such a job. The status and message are cmpirun's, the same
+/// under every launcher (`docs/exit-status.md`).
+#[derive(Debug, Clone, Copy)]
+pub struct RankFailure {
+    /// The arguments of `abort`.
+    pub args: [&'static str; 2],
+    /// The status cmpirun ends the job with.
+    pub code: i32,
+    /// What cmpirun's stderr says about the rank.
+    pub message: &'static str,
+}
+
+/// `abort exit 3`: rank 1 exits with status 3, and so does the job.
+pub const RANK_EXITS_3: RankFailure = RankFailure {
+    args: ["exit", "3"],
+    code: 3,
+    message: "cmpirun: rank 1 of 4 exited with status 3",
+};
+
+/// `abort signal 9`: rank 1 is killed by SIGKILL; the job ends with 128 + 9.
+pub const RANK_KILLED_BY_SIGKILL: RankFailure = RankFailure {
+    args: ["signal", "9"],
+    code: 137,
+    message: "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
+};
+
+/// `abort abort 7`: rank 1 calls `MPI_Abort` with code 7, the job's status.
+pub const RANK_CALLS_MPI_ABORT_7: RankFailure = RankFailure {
+    args: ["abort", "7"],
+    code: 7,
+    message: "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
+};
+
+impl RankFailure {
+    /// Checks that the job `out` ended with this failure's status and message.
+    pub fn assert_ended(&self, out: &RunOutput) {
+        out.assert_code(self.code);
+        assert!(out.stderr.contains(self.message), "{out}");
+    }
+}
+
 /// One `hello:` line of `mpitest` (or `hello`, which prints only rank, size and host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloLine {

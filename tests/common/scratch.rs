@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{TuserCommand, stage_dir, tuser};
+use super::{TuserCommand, chown_to_tuser, stage_dir, tuser};
 
 /// A folder owned by [`TEST_USER`](super::TEST_USER) inside [`stage_dir`], removed (as root)
 /// when dropped.
@@ -19,7 +19,6 @@ pub struct TuserDir {
 impl TuserDir {
     /// Creates a fresh, empty folder owned by the test user.
     pub fn new() -> TuserDir {
-        let user = tuser();
         let parent = stage_dir().join("work");
         fs::create_dir_all(&parent)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", parent.display()));
@@ -32,12 +31,7 @@ impl TuserDir {
         ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        nix::unistd::chown(
-            &path,
-            Some(nix::unistd::Uid::from_raw(user.uid)),
-            Some(nix::unistd::Gid::from_raw(user.gid)),
-        )
-        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", path.display()));
+        chown_to_tuser(&path);
         TuserDir { path }
     }
 
@@ -79,13 +73,7 @@ impl TestTmpfs {
         )
         .unwrap_or_else(|e| panic!("cannot mount a tmpfs on {}: {e}", dir.display()));
         let guard = TestTmpfs(dir.to_owned());
-        let u = tuser();
-        nix::unistd::chown(
-            dir,
-            Some(nix::unistd::Uid::from_raw(u.uid)),
-            Some(nix::unistd::Gid::from_raw(u.gid)),
-        )
-        .unwrap_or_else(|e| panic!("cannot chown {}: {e}", dir.display()));
+        chown_to_tuser(dir);
         guard
     }
 }

@@ -1,6 +1,6 @@
 //! The unprivileged test user the container tests run their programs as.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The unprivileged user the container tests run as (created by `ci/setup-test-user.sh`).
@@ -35,4 +35,15 @@ pub fn tuser() -> TestUser {
         TestUser { uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir }
     })
     .clone()
+}
+
+/// Gives `path` to [`TEST_USER`] and the user's primary group (the tests run as root).
+pub fn chown_to_tuser(path: &Path) {
+    let user = tuser();
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(user.uid)),
+        Some(nix::unistd::Gid::from_raw(user.gid)),
+    )
+    .unwrap_or_else(|e| panic!("cannot chown {}: {e}", path.display()));
 }
