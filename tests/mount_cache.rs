@@ -90,7 +90,6 @@ fn extract(work: &Path, image: &Path, cache: &Path, limit: u64) -> PathBuf {
 fn the_least_recently_used_unused_entries_go_and_one_in_use_stays() {
     let _serial = exclusive();
     let work = TuserDir::new();
-    let u = tuser();
     let xdg = work.path().join("xdg");
     fs::create_dir(&xdg).unwrap();
     let mnt = work.path().join("mnt");
