@@ -5,21 +5,9 @@ mod common;
 #[path = "container/support.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn wait_for(path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn members_of_one_instance_share_namespaces_and_cma() {
@@ -39,7 +27,7 @@ fn members_of_one_instance_share_namespaces_and_cma() {
 
     let out_file = dir.path().join("served");
     let server = exec(Some(&key), &["./cma", "serve", "served"]).spawn();
-    wait_for(&out_file);
+    wait_for_file(&out_file, Duration::from_secs(30));
     let served = std::fs::read_to_string(&out_file).unwrap();
     let fields: Vec<&str> = served.split_whitespace().collect();
     assert_eq!(fields.len(), 3, "{served}");

@@ -241,14 +241,10 @@ fn a_host_library_needing_a_newer_glibc_is_refused() {
 
 /// `salloc -n N cmpirun …` as the test user, with the `ci` profile's host libfabric `host`.
 /// salloc waits for the node when other jobs hold it.
-fn salloc_cmpirun(n: u32, host: &Path) -> TuserCommand {
-    TuserCommand::new("salloc")
-        .slurm()
+fn salloc_ci_pmix(n: u32, host: &Path) -> TuserCommand {
+    salloc_cmpirun(n)
         .env("CMPIRUN_CI_LIBFABRIC", host)
-        .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(std::time::Duration::from_secs(300))
-        .args(["-n", &n.to_string()])
-        .arg(cmpirun_bin())
         .args(["-n", &n.to_string(), "--profile", "ci", "--pmi", "pmix"])
 }
 
@@ -273,7 +269,7 @@ fn openmpi_runs_with_the_host_libfabric_under_slurm_pmix() {
     let host = copy_into(dir.path(), "host");
     let meta = std::fs::metadata(&host).unwrap();
     let before = Snapshot::take();
-    let out = salloc_cmpirun(4, &host)
+    let out = salloc_ci_pmix(4, &host)
         .arg("-v")
         .args(OMPI_OFI)
         .arg(staged_image("openmpi4"))
@@ -312,7 +308,7 @@ fn openmpi_runs_with_the_host_libfabric_under_slurm_pmix() {
         );
     }
     // With --no-inject the same job maps the image's own libfabric 1.17.
-    let own = salloc_cmpirun(2, &host)
+    let own = salloc_ci_pmix(2, &host)
         .arg("--no-inject")
         .args(OMPI_OFI)
         .arg(staged_image("openmpi4"))
@@ -342,16 +338,12 @@ fn ranks_are_checked_under_srun_and_hydra() {
     let dir = TuserDir::new();
     let host = copy_into(dir.path(), "host");
     let other = copy_into(dir.path(), "other");
-    let hostname = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("{hostname}:2\n")).unwrap();
+    let hostfile = hostfile(dir.path(), 2);
     let hydra = |flags: &[&str]| {
-        TuserCommand::cmpirun()
+        hydra_cmpirun(&hostfile, 2)
             .env("CMPIRUN_CI_LIBFABRIC", &host)
             .env("CMPIRUN_KILL_GRACE", "2")
-            .arg("-f")
-            .arg(&hostfile)
-            .args(["-n", "2", "--profile", "ci"])
+            .args(["--profile", "ci"])
             .args(MPICH_OFI)
             .args(flags)
             .arg(staged_image("mpich5"))
@@ -359,13 +351,9 @@ fn ranks_are_checked_under_srun_and_hydra() {
             .run()
     };
     let srun = |flags: &[&str]| {
-        TuserCommand::new("salloc")
-            .slurm()
+        salloc_cmpirun(2)
             .env("CMPIRUN_CI_LIBFABRIC", &host)
-            .env("CMPIRUN_KILL_GRACE", "2")
             .timeout(std::time::Duration::from_secs(300))
-            .args(["-n", "2"])
-            .arg(cmpirun_bin())
             .args(["-n", "2", "--profile", "ci", "--pmi", "pmi2"])
             .args(MPICH_OFI)
             .args(flags)
@@ -447,30 +435,20 @@ fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
             .run()
     };
     let srun = |flags: &[&str], prog: &[&str]| {
-        TuserCommand::new("salloc")
-            .slurm()
+        salloc_cmpirun(2)
             .env("CMPIRUN_CI_LIBFABRIC", &host)
-            .env("CMPIRUN_KILL_GRACE", "2")
             .timeout(std::time::Duration::from_secs(300))
-            .args(["-n", "2"])
-            .arg(cmpirun_bin())
             .args(["-n", "2", "--pmi", "pmi2"])
             .args(flags)
             .arg(staged_image("mpich4"))
             .args(prog)
             .run()
     };
-    let hostname = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("{hostname}:2\n")).unwrap();
-    std::fs::set_permissions(&hostfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let hostfile = hostfile(dir.path(), 2);
     let hydra = |flags: &[&str], prog: &[&str]| {
-        TuserCommand::cmpirun()
+        hydra_cmpirun(&hostfile, 2)
             .env("CMPIRUN_CI_LIBFABRIC", &host)
             .env("CMPIRUN_KILL_GRACE", "2")
-            .arg("-f")
-            .arg(&hostfile)
-            .args(["-n", "2"])
             .args(flags)
             .arg(staged_image("mpich4"))
             .args(prog)

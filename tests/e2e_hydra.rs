@@ -6,69 +6,43 @@ mod common;
 
 use common::*;
 
-/// `cmpirun -f HOSTS -n N` as the test user: a job through hydra.
-fn hydra(hosts: &std::path::Path, n: u32) -> TuserCommand {
-    TuserCommand::cmpirun()
-        .arg("-f")
-        .arg(hosts)
-        .args(["-n", &n.to_string()])
-}
-
-/// A hostfile naming this machine with `slots` slots.
-fn hostfile(dir: &TuserDir, slots: u32) -> std::path::PathBuf {
-    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    let hostfile = dir.path().join("hosts");
-    std::fs::write(&hostfile, format!("{host}:{slots}\n")).unwrap();
-    hostfile
-}
-
-/// Runs a 4-rank job under hydra whose rank 1 fails as `args` say (the others wait in a
+/// Runs a 4-rank job under hydra whose rank 1 fails as `failure` says (the others wait in a
 /// barrier), and checks cmpirun's status and message, as the local launcher gives them, and
 /// that nothing is left behind.
-fn failing_job(args: &[&str], code: i32, message: &str) {
+fn failing_job(failure: &RankFailure) {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let hosts = hostfile(&dir, 4);
+    let hosts = hostfile(dir.path(), 4);
     let before = Snapshot::take();
-    let out = hydra(&hosts, 4)
+    let out = hydra_cmpirun(&hosts, 4)
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(std::time::Duration::from_secs(120))
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/abort")
-        .args(args)
+        .args(failure.args)
         .run();
     assert!(!out.timed_out, "{out}");
-    out.assert_code(code);
-    assert!(out.stderr.contains(message), "{out}");
+    failure.assert_ended(&out);
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
 #[test]
 fn a_rank_that_exits_3_ends_the_job_with_3() {
-    failing_job(
-        &["exit", "3"],
-        3,
-        "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
-    );
+    failing_job(&RankFailure {
+        message: "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
+        ..RANK_EXITS_3
+    });
 }
 
 #[test]
 fn a_rank_killed_by_a_signal_ends_the_job_with_128_plus_the_signal() {
-    failing_job(
-        &["signal", "9"],
-        137,
-        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
-    );
+    failing_job(&RANK_KILLED_BY_SIGKILL);
 }
 
 #[test]
 fn mpi_abort_ends_the_job_with_its_code() {
-    failing_job(
-        &["abort", "7"],
-        7,
-        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
-    );
+    failing_job(&RANK_CALLS_MPI_ABORT_7);
 }
 
 #[test]
@@ -76,16 +50,16 @@ fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let hostfile = hostfile(&dir, 4);
+    let hostfile = hostfile(dir.path(), 4);
     let before = Snapshot::take();
-    let dry = hydra(&hostfile, 4)
+    let dry = hydra_cmpirun(&hostfile, 4)
         .arg("--dry-run")
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/mpitest")
         .run();
     dry.assert_success();
     assert!(dry.stdout.contains("launcher: hydra"), "{dry}");
-    let out = hydra(&hostfile, 4)
+    let out = hydra_cmpirun(&hostfile, 4)
         .arg("-l")
         .arg(staged_image("mpich4"))
         .arg("/usr/local/bin/mpitest")
@@ -101,15 +75,20 @@ fn sigterm_to_cmpirun_ends_the_job_with_143_and_leaves_nothing() {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let hosts = hostfile(&dir, 4);
+    let hosts = hostfile(dir.path(), 4);
     let before = Snapshot::take();
-    let child = hydra(&hosts, 4)
+    let child = hydra_cmpirun(&hosts, 4)
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(std::time::Duration::from_secs(120))
         .arg(staged_image("mpich4"))
         .args(["/bin/sleep", "600"])
         .spawn();
-    wait_for_sleeps(child.tag(), 4);
+    wait_for_tagged(
+        child.tag(),
+        std::time::Duration::from_secs(60),
+        "the ranks did not start",
+        |procs| count_named(procs, "sleep") >= 4,
+    );
     child.signal(nix::sys::signal::Signal::SIGTERM);
     let out = child.wait();
     out.assert_code(143);
@@ -117,38 +96,13 @@ fn sigterm_to_cmpirun_ends_the_job_with_143_and_leaves_nothing() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-/// Waits until `n` processes named `sleep` carry run `tag`.
-fn wait_for_sleeps(tag: &str, n: usize) {
-    let want = format!("{TAG_VAR}={tag}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let sleeps = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "sleep")
-                    && std::fs::read(e.path().join("environ"))
-                        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
-            })
-            .count();
-        if sleeps >= n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ranks did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn each_rank_leads_its_own_session() {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let hosts = hostfile(&dir, 3);
-    let out = hydra(&hosts, 3)
+    let hosts = hostfile(dir.path(), 3);
+    let out = hydra_cmpirun(&hosts, 3)
         .arg(staged_image("mpich4"))
         .args([
             "/bin/sh",
@@ -171,20 +125,15 @@ fn a_rank_mode_that_cannot_start_its_rank_reports_its_status() {
     // starts, and says so to cmpirun.
     let _serial = exclusive();
     let dir = TuserDir::new();
-    let hosts = hostfile(&dir, 2);
+    let hosts = hostfile(dir.path(), 2);
     let xdg = dir.path().join("xdg");
     std::fs::create_dir(&xdg).unwrap();
     std::fs::write(xdg.join("cmpirun"), "").unwrap();
     for p in [&xdg, &xdg.join("cmpirun")] {
-        nix::unistd::chown(
-            p,
-            Some(nix::unistd::Uid::from_raw(tuser().uid)),
-            Some(nix::unistd::Gid::from_raw(tuser().gid)),
-        )
-        .unwrap();
+        chown_to_tuser(p);
     }
     let before = Snapshot::take();
-    let out = hydra(&hosts, 2)
+    let out = hydra_cmpirun(&hosts, 2)
         .env("XDG_RUNTIME_DIR", &xdg)
         .timeout(std::time::Duration::from_secs(120))
         .arg(staged_image("mpich4"))
@@ -207,11 +156,11 @@ fn cold_first_launches_under_hydra_never_hang() {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let hosts = hostfile(&dir, 4);
+    let hosts = hostfile(dir.path(), 4);
     let before = Snapshot::take();
     let mut tags = Vec::new();
     for i in 0..8 {
-        let out = hydra(&hosts, 4)
+        let out = hydra_cmpirun(&hosts, 4)
             .env("CMPIRUN_KILL_GRACE", "2")
             .env(
                 "CMPIRUN_LIBRARY_CACHE",

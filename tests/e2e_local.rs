@@ -128,13 +128,12 @@ fn rank_zero_gets_stdin() {
 }
 
 /// Runs a failing job and checks its status, its message and that nothing is left behind.
-fn failing_job(args: &[&str], code: i32, message: &str) {
+fn failing_job(failure: &RankFailure) {
     let _serial = exclusive();
     let before = Snapshot::take();
     let started = Instant::now();
-    let out = run("mpich4", 4, &[], "/usr/local/bin/abort", args);
-    out.assert_code(code);
-    assert!(out.stderr.contains(message), "{out}");
+    let out = run("mpich4", 4, &[], "/usr/local/bin/abort", &failure.args);
+    failure.assert_ended(&out);
     // The other ranks wait in a barrier forever: only a teardown ends the job.
     assert!(started.elapsed() < Duration::from_secs(30), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
@@ -142,29 +141,17 @@ fn failing_job(args: &[&str], code: i32, message: &str) {
 
 #[test]
 fn a_rank_that_exits_3_ends_the_job_with_3() {
-    failing_job(
-        &["exit", "3"],
-        3,
-        "cmpirun: rank 1 of 4 exited with status 3",
-    );
+    failing_job(&RANK_EXITS_3);
 }
 
 #[test]
 fn a_rank_killed_by_a_signal_ends_the_job_with_128_plus_the_signal() {
-    failing_job(
-        &["signal", "9"],
-        137,
-        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
-    );
+    failing_job(&RANK_KILLED_BY_SIGKILL);
 }
 
 #[test]
 fn mpi_abort_ends_the_job_with_its_code() {
-    failing_job(
-        &["abort", "7"],
-        7,
-        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
-    );
+    failing_job(&RANK_CALLS_MPI_ABORT_7);
 }
 
 #[test]
@@ -187,28 +174,13 @@ fn start_hanging_job() -> TuserChild {
         .arg(staged_image("mpich4"))
         .args(["/bin/sleep", "600"])
         .spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let sleeps = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("environ"))
-                    .map(|env| {
-                        env.split(|&b| b == 0)
-                            .any(|kv| kv == format!("{TAG_VAR}={}", child.tag()).as_bytes())
-                    })
-                    .unwrap_or(false)
-                    && std::fs::read_to_string(e.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "sleep")
-            })
-            .count();
-        if sleeps == 4 {
-            return child;
-        }
-        assert!(Instant::now() < deadline, "the ranks did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_tagged(
+        child.tag(),
+        Duration::from_secs(60),
+        "the ranks did not start",
+        |procs| count_named(procs, "sleep") == 4,
+    );
+    child
 }
 
 #[test]
@@ -318,21 +290,6 @@ fn session_and_state(pid: i32) -> (i32, char) {
     (rest[3].parse().unwrap(), rest[0].chars().next().unwrap())
 }
 
-/// The processes of run `tag` whose command name is `comm`.
-fn tagged(tag: &str, comm: &str) -> Vec<i32> {
-    let want = format!("{TAG_VAR}={tag}");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-                && std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
-        })
-        .collect()
-}
-
 /// Single quotes for the shell.
 fn sq(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -419,7 +376,11 @@ fn sigtstp_stops_every_rank_and_sigcont_continues_them() {
     let _serial = exclusive();
     let before = Snapshot::take();
     let child = start_hanging_job();
-    let sleeps = tagged(child.tag(), "sleep");
+    let sleeps: Vec<i32> = tagged_processes(child.tag())
+        .into_iter()
+        .filter(|p| p.comm == "sleep")
+        .map(|p| p.pid)
+        .collect();
     let states = |want: char| {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -23,6 +23,19 @@ use common::*;
 /// The content of `/etc/mpmd-marker`, which only the second image has.
 const MARKER: &str = "second-image";
 
+/// Unpacks the root of SIF image `src` into `tree` (as root), replacing what `tree` held.
+fn unpack(src: &Path, tree: &Path) {
+    let loc = cmpirun::image::locate(src).unwrap();
+    let _ = fs::remove_dir_all(tree);
+    let st = Command::new("unsquashfs")
+        .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
+        .arg(tree)
+        .arg(src)
+        .status()
+        .expect("unsquashfs (squashfs-tools) must be installed");
+    assert!(st.success(), "unsquashfs of {} failed", src.display());
+}
+
 /// `mpich4` repacked as a second image: the same root plus `/etc/mpmd-marker`, and its
 /// environment script sets `CMPIRUN_TEST_IMAGE=mpich4-mpmd`. Built once (as root, with
 /// `unsquashfs` and `cmpirun image pack`) into the stage folder, again when `mpich4` changes.
@@ -38,16 +51,8 @@ fn second_image() -> PathBuf {
         if fresh {
             return out;
         }
-        let loc = cmpirun::image::locate(&src).unwrap();
         let tree = stage_dir().join(format!("mpmd-root.{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tree);
-        let st = Command::new("unsquashfs")
-            .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
-            .arg(&tree)
-            .arg(&src)
-            .status()
-            .expect("unsquashfs (squashfs-tools) must be installed");
-        assert!(st.success(), "unsquashfs of {} failed", src.display());
+        unpack(&src, &tree);
         let env = tree.join(".singularity.d/env/90-environment.sh");
         let text = fs::read_to_string(&env).unwrap();
         fs::write(
@@ -86,17 +91,8 @@ fn failing_env_image() -> PathBuf {
         if out.join(".singularity.d/env/99-fail.sh").is_file() {
             return out;
         }
-        let src = image("mpich4");
-        let loc = cmpirun::image::locate(&src).unwrap();
         let tmp = stage_dir().join(format!(".mpich4-badenv.{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        let st = Command::new("unsquashfs")
-            .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
-            .arg(&tmp)
-            .arg(&src)
-            .status()
-            .expect("unsquashfs (squashfs-tools) must be installed");
-        assert!(st.success(), "unsquashfs of {} failed", src.display());
+        unpack(&image("mpich4"), &tmp);
         fs::write(
             tmp.join(".singularity.d/env/99-fail.sh"),
             "if true; then exit 3; fi\n",
@@ -461,14 +457,7 @@ fn sigkill_of_cmpirun_during_a_two_image_job_leaves_nothing() {
 
 /// `salloc -n 4 cmpirun ARGS` as the test user on the one-node test cluster.
 fn salloc(args: &[String]) -> RunOutput {
-    TuserCommand::new("salloc")
-        .slurm()
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-n", "4"])
-        .arg(cmpirun_bin())
-        .args(args)
-        .run()
+    salloc_cmpirun(4).args(args).run()
 }
 
 #[test]
@@ -553,9 +542,7 @@ fn two_images_through_mpiexec_hydra_share_one_instance() {
     let _serial = exclusive();
     runtime_dir();
     let dir = TuserDir::new();
-    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    let hosts = dir.path().join("hosts");
-    fs::write(&hosts, format!("{host}:4\n")).unwrap();
+    let hosts = hostfile(dir.path(), 4);
     let appnum = appnum_program(dir.path());
     let before = Snapshot::take();
     // Under hydra the instance key is the proxy that starts the node's ranks: the ranks of both

@@ -10,12 +10,7 @@ use common::*;
 
 /// `salloc -n N cmpirun -n N FLAGS IMAGE PROGRAM ARGS` as the test user.
 fn salloc(n: u32, flags: &[&str], image: &str, program: &str, args: &[&str]) -> RunOutput {
-    TuserCommand::new("salloc")
-        .slurm()
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-n", &n.to_string()])
-        .arg(cmpirun_bin())
+    salloc_cmpirun(n)
         .args(["-n", &n.to_string()])
         .args(flags)
         .arg(staged_image(image))
@@ -95,10 +90,10 @@ fn openmpi4_through_srun_pmix() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-/// Runs a 4-rank job under srun whose rank 1 fails as `args` say (the others wait in a barrier),
-/// and checks cmpirun's status and message, as the local launcher gives them, and that nothing
-/// is left behind: no process, mount, temporary file or rendezvous file.
-fn failing_step(args: &[&str], code: i32, message: &str) {
+/// Runs a 4-rank job under srun whose rank 1 fails as `failure` says (the others wait in a
+/// barrier), and checks cmpirun's status and message, as the local launcher gives them, and that
+/// nothing is left behind: no process, mount, temporary file or rendezvous file.
+fn failing_step(failure: &RankFailure) {
     let _serial = exclusive();
     let runtime = runtime_dir();
     let before = Snapshot::take();
@@ -107,11 +102,10 @@ fn failing_step(args: &[&str], code: i32, message: &str) {
         &["--pmi", "pmi2"],
         "mpich4",
         "/usr/local/bin/abort",
-        args,
+        &failure.args,
     );
     assert!(!out.timed_out, "{out}");
-    out.assert_code(code);
-    assert!(out.stderr.contains(message), "{out}");
+    failure.assert_ended(&out);
     assert!(!out.stderr.contains("no rank reported"), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
     let stale: Vec<String> = std::fs::read_dir(&runtime)
@@ -130,31 +124,22 @@ fn failing_step(args: &[&str], code: i32, message: &str) {
 
 #[test]
 fn a_rank_that_exits_3_ends_the_step_with_3() {
-    failing_step(
-        &["exit", "3"],
-        3,
-        "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
-    );
+    failing_step(&RankFailure {
+        message: "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
+        ..RANK_EXITS_3
+    });
 }
 
 #[test]
 fn a_rank_killed_by_a_signal_ends_the_step_with_128_plus_the_signal() {
-    failing_step(
-        &["signal", "9"],
-        137,
-        "cmpirun: rank 1 of 4 was killed by signal 9 (SIGKILL)",
-    );
+    failing_step(&RANK_KILLED_BY_SIGKILL);
 }
 
 #[test]
 fn mpi_abort_ends_the_step_with_its_code() {
     // Slurm's pmi2 plugin kills the whole step with SIGKILL when it gets the abort; the code
     // comes from the rank's task, which sees the abort on its way to the plugin.
-    failing_step(
-        &["abort", "7"],
-        7,
-        "cmpirun: rank 1 of 4 called MPI_Abort with code 7",
-    );
+    failing_step(&RANK_CALLS_MPI_ABORT_7);
 }
 
 #[test]
@@ -213,15 +198,10 @@ fn each_rank_leads_its_own_session() {
 }
 
 /// Starts `salloc -n 2 cmpirun -n 2 mpich4 /bin/sleep 600` and waits until both ranks run;
-/// returns the run, its processes (pid, parent, name) and the pid of cmpirun's front end, which
-/// is salloc's child (the tasks, also cmpirun, are slurmstepd's).
-fn sleeping_job() -> (TuserChild, Vec<(i32, i32, String)>, i32) {
-    let child = TuserCommand::new("salloc")
-        .slurm()
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-n", "2"])
-        .arg(cmpirun_bin())
+/// returns the run, its processes and the pid of cmpirun's front end, which is salloc's child
+/// (the tasks, also cmpirun, are slurmstepd's).
+fn sleeping_job() -> (TuserChild, Vec<ProcInfo>, i32) {
+    let child = salloc_cmpirun(2)
         .args(["-n", "2"])
         .arg(staged_image("mpich4"))
         .args(["/bin/sleep", "600"])
@@ -229,47 +209,25 @@ fn sleeping_job() -> (TuserChild, Vec<(i32, i32, String)>, i32) {
     let procs = wait_for_ranks(&child, 2);
     let front = procs
         .iter()
-        .find(|p| p.2 == "cmpirun" && p.1 == child.pid())
-        .map(|p| p.0)
+        .find(|p| p.comm == "cmpirun" && p.ppid == child.pid())
+        .map(|p| p.pid)
         .unwrap_or_else(|| panic!("no front end under salloc: {procs:?}"));
     (child, procs, front)
 }
 
-/// Waits until `n` `sleep` ranks of run `child` run; returns its processes (pid, parent, name).
-fn wait_for_ranks(child: &TuserChild, n: usize) -> Vec<(i32, i32, String)> {
-    let want = format!("{TAG_VAR}={}", child.tag());
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    loop {
-        let procs: Vec<(i32, i32, String)> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let env = std::fs::read(e.path().join("environ")).ok()?;
-                if !env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
-                    return None;
-                }
-                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-                let ppid = stat[stat.rfind(')')? + 2..]
-                    .split(' ')
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-                Some((pid, ppid, comm.trim().to_owned()))
-            })
-            .collect();
-        let sleeps = procs.iter().filter(|p| p.2 == "sleep").count();
-        let front = procs.iter().any(|p| p.2 == "cmpirun" && p.1 == child.pid());
-        if sleeps == n && front {
-            return procs;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ranks did not start: {procs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Waits until `n` `sleep` ranks of run `child` run, and its front end; returns its processes.
+fn wait_for_ranks(child: &TuserChild, n: usize) -> Vec<ProcInfo> {
+    wait_for_tagged(
+        child.tag(),
+        Duration::from_secs(150),
+        "the ranks did not start",
+        |procs| {
+            let front = procs
+                .iter()
+                .any(|p| p.comm == "cmpirun" && p.ppid == child.pid());
+            count_named(procs, "sleep") == n && front
+        },
+    )
 }
 
 #[test]
@@ -282,11 +240,11 @@ fn a_task_killed_before_it_reports_ends_the_step_with_sruns_status() {
     let task = procs
         .iter()
         .find(|p| {
-            p.2 == "cmpirun"
-                && std::fs::read_to_string(format!("/proc/{}/comm", p.1))
+            p.comm == "cmpirun"
+                && std::fs::read_to_string(format!("/proc/{}/comm", p.ppid))
                     .is_ok_and(|c| c.trim() == "slurmstepd")
         })
-        .map(|p| p.0)
+        .map(|p| p.pid)
         .unwrap_or_else(|| panic!("no task under slurmstepd: {procs:?}"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(task),
@@ -319,13 +277,9 @@ fn cold_first_launches_under_srun_fill_the_library_cache_once_and_never_hang() {
     let mut tags = Vec::new();
     for i in 0..8 {
         let cache = work.path().join(format!("libraries-{i}"));
-        let out = TuserCommand::new("salloc")
-            .slurm()
-            .env("CMPIRUN_KILL_GRACE", "2")
+        let out = salloc_cmpirun(4)
             .env("CMPIRUN_LIBRARY_CACHE", &cache)
             .timeout(Duration::from_secs(60))
-            .args(["-n", "4"])
-            .arg(cmpirun_bin())
             .args(["-n", "4"])
             .arg(staged_image("mpich4"))
             .arg("/usr/local/bin/mpitest")

@@ -7,7 +7,7 @@ mod common;
 mod support;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -232,18 +232,6 @@ fn exit_status_and_signals_pass_through() {
     assert_eq!(out.stdout, "through stdin\n");
 }
 
-fn wait_for(path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigterm_is_forwarded_and_nothing_is_left() {
     let _serial = exclusive();
@@ -252,7 +240,7 @@ fn sigterm_is_forwarded_and_nothing_is_left() {
     let ready = f.dir.path().join("ready");
     let script = format!("touch {}; exec sleep 60", ready.display());
     let child = exec(&f, &["--", "/bin/sh", "-c", &script]).spawn();
-    wait_for(&ready);
+    wait_for_file(&ready, Duration::from_secs(20));
     child.signal(Signal::SIGTERM);
     let out = child.wait();
     assert_eq!(out.signal(), Some(Signal::SIGTERM as i32), "{out:?}");
@@ -271,7 +259,7 @@ fn sigkill_of_cmpirun_leaves_nothing() {
         ready.display()
     );
     let child = exec(&f, &["--", "/bin/sh", "-c", &script]).spawn();
-    wait_for(&ready);
+    wait_for_file(&ready, Duration::from_secs(20));
     child.signal(Signal::SIGKILL);
     let out = child.wait();
     assert_eq!(out.signal(), Some(Signal::SIGKILL as i32));

@@ -102,13 +102,7 @@ fn build_image(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
 fn user_dir(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
     fs::create_dir(&p).unwrap();
-    let u = tuser();
-    nix::unistd::chown(
-        &p,
-        Some(nix::unistd::Uid::from_raw(u.uid)),
-        Some(nix::unistd::Gid::from_raw(u.gid)),
-    )
-    .unwrap();
+    chown_to_tuser(&p);
     p
 }
 

@@ -90,18 +90,12 @@ fn extract(work: &Path, image: &Path, cache: &Path, limit: u64) -> PathBuf {
 fn the_least_recently_used_unused_entries_go_and_one_in_use_stays() {
     let _serial = exclusive();
     let work = TuserDir::new();
-    let u = tuser();
     let xdg = work.path().join("xdg");
     fs::create_dir(&xdg).unwrap();
     let mnt = work.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     for p in [&xdg, &mnt] {
-        nix::unistd::chown(
-            p,
-            Some(nix::unistd::Uid::from_raw(u.uid)),
-            Some(nix::unistd::Gid::from_raw(u.gid)),
-        )
-        .unwrap();
+        chown_to_tuser(p);
     }
     let cache = xdg.join("cmpirun/extract");
 
