@@ -355,7 +355,7 @@ fn pmi_choice_and_pmix() {
     assert_eq!(pmix[0].source, "$PMIX_SERVER_TMPDIR");
     assert!(matches!(
         env_of(&p, "PMIX_MCA_ptl"),
-        Some(EnvAction::PerRank { .. })
+        Some(EnvAction::FromLauncher { .. })
     ));
     assert!(p.env.iter().any(|e| e.name == "PMIX_MCA_gds"
         && e.action

@@ -104,7 +104,8 @@ impl RankEnv {
                 | EnvAction::PassMatching
                 | EnvAction::PerRank { .. }
                 | EnvAction::UnsetMatching
-                | EnvAction::ClearInherited => {}
+                | EnvAction::ClearInherited
+                | EnvAction::FromLauncher { .. } => {}
             }
         }
         set.extend(
@@ -112,6 +113,17 @@ impl RankEnv {
                 .iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         );
+        // After the launcher's own: a value it gives under another name, where it gives none
+        // under this one.
+        let given = |name: &str| launcher.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        for c in &changes {
+            if let EnvAction::FromLauncher { variable } = &c.action
+                && given(&c.name).is_none()
+                && let Some(value) = given(variable)
+            {
+                set.push((c.name.clone().into(), value.into()));
+            }
+        }
         RankEnv {
             inherited,
             set,
@@ -188,6 +200,45 @@ mod tests {
             &[],
         );
         assert_eq!(e.inherited, host(&[("B", "2"), ("C_X", "3")]));
+    }
+
+    #[test]
+    fn a_launcher_value_under_another_name() {
+        let from = |to: &str, variable: &str| {
+            change(
+                to,
+                EnvAction::FromLauncher {
+                    variable: variable.into(),
+                },
+                EnvScope::All,
+            )
+        };
+        let changes = [
+            from("PMIX_MCA_ptl", "PMIX_PTL_MODULE"),
+            from("PMIX_MCA_gds", "PMIX_GDS_MODULE"),
+            from("PMIX_MCA_psec", "PMIX_SECURITY_MODE"),
+        ];
+        let e = RankEnv::build(
+            &changes,
+            0,
+            host(&[("PMIX_MCA_psec", "caller's")]),
+            &[
+                ("PMIX_PTL_MODULE".into(), "tcp".into()),
+                ("PMIX_GDS_MODULE".into(), "hash".into()),
+                ("PMIX_MCA_gds".into(), "ds21".into()),
+            ],
+        );
+        // Translated where the launcher gives no value under the new name; nothing where it
+        // gives none under the old one.
+        assert_eq!(
+            e.set,
+            host(&[
+                ("PMIX_PTL_MODULE", "tcp"),
+                ("PMIX_GDS_MODULE", "hash"),
+                ("PMIX_MCA_gds", "ds21"),
+                ("PMIX_MCA_ptl", "tcp"),
+            ])
+        );
     }
 
     #[test]

@@ -76,16 +76,26 @@ fn profile_binds(plan: &mut LaunchPlan, profile: &SiteProfile, host: &HostFacts)
     }
 }
 
-/// The profile's `pmi.pmix_dirs`, resolved in each rank's environment when it starts.
+/// The directories a PMIx server shares with its clients, resolved in each rank's environment
+/// when it starts: the profile's `pmi.pmix_dirs`, then the two a PMIx server names in the
+/// variables it gives every task (`srun --mpi=pmix` sets both), each once.
 fn pmix_dirs(plan: &mut LaunchPlan, profile: &SiteProfile) {
-    for d in &profile.pmi.pmix_dirs {
+    let named = profile.pmi.pmix_dirs.iter().map(|d| d.as_str());
+    for dir in named.chain(["$PMIX_SERVER_TMPDIR", "$PMIX_SYSTEM_TMPDIR"]) {
+        if plan
+            .binds
+            .iter()
+            .any(|b| b.when == BindTime::RankStart && b.source == dir)
+        {
+            continue;
+        }
         plan.binds.push(Bind {
-            source: d.as_str().to_owned(),
-            destination: d.as_str().to_owned(),
+            source: dir.to_owned(),
+            destination: dir.to_owned(),
             kind: BindKind::Directory,
             read_only: false,
             when: BindTime::RankStart,
-            reason: "the PMIx server shares this directory with its clients (rendezvous files, shared-memory store); resolved in each rank's environment, skipped when unset".into(),
+            reason: "the PMIx server shares this directory with its clients (rendezvous files, shared-memory store); resolved in each rank's environment, skipped when unset, not a directory, or /tmp or /var/tmp (bound already)".into(),
             image: None,
         });
     }

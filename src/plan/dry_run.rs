@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::types::{BindKind, BindTime, EnvAction, EnvScope, LaunchPlan, Verdict};
+use super::types::{BindKind, BindTime, EnvAction, EnvChange, EnvScope, LaunchPlan, Verdict};
 use crate::jobspec::LauncherKind;
 
 /// Renders `plan` as text for people: profile, launcher and command lines, rank layout, mount,
@@ -144,16 +144,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             EnvScope::All => String::new(),
             EnvScope::Part(i) => format!(" (part {})", i + 1),
         };
-        let what = match &e.action {
-            EnvAction::Set { value } => format!("{}={value}", e.name),
-            EnvAction::Prepend { value } => format!("{}={value}:${}", e.name, e.name),
-            EnvAction::Pass => format!("{} passed through", e.name),
-            EnvAction::PassMatching => format!("{} passed through", e.name),
-            EnvAction::Unset => format!("{} removed", e.name),
-            EnvAction::UnsetMatching => format!("{} removed", e.name),
-            EnvAction::PerRank { value } => format!("{} per rank: {value}", e.name),
-            EnvAction::ClearInherited => "caller's environment not inherited".to_owned(),
-        };
+        let what = env_change_text(e);
         writeln!(o, "  {what}{scope}")?;
         writeln!(o, "    why: {}", e.reason)?;
     }
@@ -249,14 +240,7 @@ fn write_part(o: &mut String, plan: &LaunchPlan, part: usize) -> std::fmt::Resul
         .env
         .iter()
         .filter(|e| e.scope == EnvScope::Part(part))
-        .map(|e| match &e.action {
-            EnvAction::Set { value } => format!("{}={value}", e.name),
-            EnvAction::Pass | EnvAction::PassMatching => format!("{} passed through", e.name),
-            EnvAction::Unset | EnvAction::UnsetMatching => format!("{} removed", e.name),
-            EnvAction::Prepend { value } => format!("{}={value}:${}", e.name, e.name),
-            EnvAction::PerRank { value } => format!("{} per rank: {value}", e.name),
-            EnvAction::ClearInherited => "caller's environment not inherited".to_owned(),
-        })
+        .map(env_change_text)
         .collect();
     writeln!(
         o,
@@ -267,6 +251,22 @@ fn write_part(o: &mut String, plan: &LaunchPlan, part: usize) -> std::fmt::Resul
             format!(", plus for this part only: {}", own.join(", "))
         }
     )
+}
+
+/// One environment change as the dry run shows it.
+fn env_change_text(e: &EnvChange) -> String {
+    match &e.action {
+        EnvAction::Set { value } => format!("{}={value}", e.name),
+        EnvAction::Prepend { value } => format!("{}={value}:${}", e.name, e.name),
+        EnvAction::Pass | EnvAction::PassMatching => format!("{} passed through", e.name),
+        EnvAction::Unset | EnvAction::UnsetMatching => format!("{} removed", e.name),
+        EnvAction::PerRank { value } => format!("{} per rank: {value}", e.name),
+        EnvAction::ClearInherited => "caller's environment not inherited".to_owned(),
+        EnvAction::FromLauncher { variable } => format!(
+            "{} per rank: ${variable}, when the launcher sets it and not {}",
+            e.name, e.name
+        ),
+    }
 }
 
 fn serde_kind(k: &BindKind) -> &'static str {

@@ -134,8 +134,8 @@ fn launcher_variables(kind: LauncherKind, pmi: PmiKind, process_mapping: &str) -
             ] {
                 env.push(env_change(
                     to,
-                    EnvAction::PerRank {
-                        value: format!("${from}, when set and {to} is not"),
+                    EnvAction::FromLauncher {
+                        variable: from.to_owned(),
                     },
                     EnvScope::All,
                     "newer PMIx clients read the server's module choice from PMIX_MCA_* (as enroot's PMIx hook does)",

@@ -209,6 +209,12 @@ pub enum EnvAction {
     },
     /// The caller's environment is not inherited.
     ClearInherited,
+    /// Set when each rank starts to the value the launcher gives `variable`, if it gives that
+    /// one and not this one (the rank mode applies it).
+    FromLauncher {
+        /// The launcher's variable.
+        variable: String,
+    },
 }
 
 /// One environment change.
