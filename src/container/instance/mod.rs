@@ -2,22 +2,22 @@
 //!
 //! Life of an instance, in order (each step one function):
 //! 1. [`NodeInstance::create`] plans every image's root (filling the library cache) and forks
-//!    the instance process from a single-threaded caller ([`process`]).
+//!    the instance process from a single-threaded caller (`process.rs`).
 //! 2. The instance leaves the terminal's signals to its members, enters a user and mount
 //!    namespace of its own ([`crate::sys::userns::enter_user_namespace`]: identity maps), builds
 //!    the root with [`crate::container::executor::execute`] (which ends in `pivot_root`), and
-//!    evaluates the image's environment scripts once ([`image_env`]). A job whose parts name
+//!    evaluates the image's environment scripts once (`image_env.rs`). A job whose parts name
 //!    different images gets one mount namespace per image in the one user namespace: before it
 //!    builds the first image's root, the instance mounts the tmpfs every root binds at
-//!    `/dev/shm` and forks one *holder* per further image ([`holder`]), which unshares a mount
+//!    `/dev/shm` and forks one *holder* per further image (`holder.rs`), which unshares a mount
 //!    namespace of its own, builds and enters that image's root, evaluates its scripts and stays
 //!    until the instance ends.
 //! 3. It hands every connection its namespace fds (the user namespace, then one mount
-//!    namespace per image) and each image's environment changes ([`protocol`]); a connection is
-//!    a membership ([`serve`]). [`NodeInstance::spawn`] forks a member ([`member`]) that
+//!    namespace per image) and each image's environment changes (`protocol.rs`); a connection is
+//!    a membership (`serve.rs`). [`NodeInstance::spawn`] forks a member (`member.rs`) that
 //!    `setns()`es into the user namespace and its image's mount namespace, `chdir`s and execs.
 //! 4. When the last connection closes (its holder exited or was killed), the instance kills what
-//!    is left in its user namespace ([`serve::kill_leftovers`]), stops the image server and
+//!    is left in its user namespace (`serve.rs`), stops the image server and
 //!    exits; the mount namespace and everything mounted in it go with it.
 //!
 //! Unrelated processes of one user (the rank shims of one job step on a node) find the instance
