@@ -14,3 +14,4 @@ pub mod launch;
 pub mod mount;
 pub mod plan;
 pub mod profile;
+pub mod sys;

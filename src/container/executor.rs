@@ -13,7 +13,6 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, fstat};
-use nix::sys::statvfs::{FsFlags, statvfs};
 
 use crate::mount::{MountError, MountOptions, MountedImage, mount_squashfs};
 
@@ -532,24 +531,9 @@ fn readonly_below(target: &Path) {
     }
 }
 
-/// Remounts a bind read-only. In a user namespace the flags the mount was locked with (nosuid,
-/// nodev, noexec, atime) must be kept or the kernel refuses with EPERM.
+/// Remounts a bind read-only, keeping the flags the kernel locked
+/// ([`crate::sys::remount::remount_read_only`]).
 fn remount_readonly(target: &Path) -> Result<(), RootError> {
-    let st = statvfs(target).map_err(sys("statvfs", target))?;
-    let f = st.flags();
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-    for (have, keep) in [
-        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ] {
-        if f.contains(have) {
-            flags |= keep;
-        }
-    }
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-        .map_err(sys("remount read-only", target))
+    crate::sys::remount::remount_read_only(target, MsFlags::empty())
+        .map_err(|e| sys(e.step, target)(e.errno))
 }

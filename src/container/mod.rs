@@ -4,9 +4,11 @@
 //! - [`resolve`]: symlink-safe path resolution inside the root (pure).
 //! - [`executor`]: the only code that mounts the root, from the plan.
 //! - [`env`]: the environment of a member (pure).
-//! - [`instance`]: the node instance process and how members join it.
+//! - [`instance`]: the node instance: its handle, its process and holders, its members, the
+//!   socket protocol between them, and [`instance::join_or_create`].
 //! - [`library_cache`]: the node's unpacked MPI stacks, as an instance's creator uses them.
-//! - [`rendezvous`]: how unrelated processes of one user find the instance of a key.
+//! - [`rendezvous`]: the lock and socket files by which unrelated processes of one user find
+//!   the instance of a key.
 //! - [`run`]: `cmpirun exec` / `cmpirun shell`, gathered from the host and the command line.
 
 pub mod accounts;

@@ -1,21 +1,20 @@
-//! Finding the node instance of a key (job step + image) from unrelated processes of one user.
+//! The files by which unrelated processes of one user find the node instance of a key (job step
+//! + image): the per-user runtime directory, and per key a lock file and a socket path.
 //!
 //! Per key, a per-user runtime directory holds `<key>.lock` and `<key>.sock`. A process takes the
 //! lock (`flock`), connects to the socket if an instance listens there, or else creates the
-//! instance with a listener bound to it; then it lets go of the lock. The instance removes both
+//! instance with a listener bound to it; then it lets go of the lock
+//! ([`crate::container::instance::join_or_create`]). The instance removes both
 //! files under the same lock when its last member leaves, so there is no election race and no
 //! file outlives the instance (an instance killed with SIGKILL leaves a stale socket, which the
 //! next joiner finds refused and replaces).
 
 use std::fs::{self, File};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::Uid;
-
-use super::instance::{InstanceConfig, InstanceError, NodeInstance};
 
 /// The files of one key.
 #[derive(Debug, Clone)]
@@ -46,9 +45,6 @@ pub enum RendezvousError {
         /// What failed.
         message: String,
     },
-    /// The instance itself failed.
-    #[error(transparent)]
-    Instance(#[from] InstanceError),
 }
 
 /// The per-user runtime directory: `$XDG_RUNTIME_DIR/cmpirun` when that is a directory owned by
@@ -173,43 +169,4 @@ impl Rendezvous {
             let _ = fs::remove_dir(dir);
         }
     }
-}
-
-/// Joins the instance of `key`, creating it from `cfg` if none is running.
-///
-/// The caller must be single-threaded. A created instance is not tied to its creator's life: it
-/// ends when its last member's handle is gone.
-pub fn join_or_create(
-    dir: &Path,
-    key: &str,
-    cfg: &InstanceConfig,
-) -> Result<NodeInstance, RendezvousError> {
-    let rv = Rendezvous::new(dir, key)?;
-    let guard = rv.try_lock()?;
-    match NodeInstance::connect(&rv.socket) {
-        Ok(inst) => {
-            drop(guard);
-            return Ok(inst);
-        }
-        Err(InstanceError::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) => {}
-        Err(e) => return Err(e.into()),
-    }
-    // A stale socket of an instance that was killed.
-    let _ = fs::remove_file(&rv.socket);
-    let listener = UnixListener::bind(&rv.socket).map_err(|e| RendezvousError::Lock {
-        path: rv.socket.clone(),
-        message: format!("bind: {e}"),
-    })?;
-    // The creator waits for the instance when it closes its own membership: the instance is its
-    // child, and reaping it there leaves no zombie behind.
-    let result = NodeInstance::create(cfg, Some((listener, rv.clone())), true);
-    if result.is_err() {
-        rv.remove_files();
-    }
-    drop(guard);
-    Ok(result?)
 }

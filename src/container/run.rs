@@ -16,9 +16,9 @@ use crate::image::{ImageKind, locate};
 use crate::mount::{MountBackend, SquashfsSource, choose_backend};
 
 use super::env::{base_environment, member_environment, parse_env};
-use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance};
+use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance, join_or_create};
 use super::plan::{Account, ImageSource, LibraryCache, RootConfig, ShmMode, parse_bind};
-use super::rendezvous::{RendezvousError, join_or_create, runtime_dir};
+use super::rendezvous::{RendezvousError, runtime_dir};
 
 /// What `cmpirun exec` was asked to do.
 #[derive(Debug, Clone)]
@@ -79,8 +79,8 @@ impl ExecError {
     pub fn is_usage(&self) -> bool {
         match self {
             ExecError::Usage(_) => true,
+            ExecError::Instance(InstanceError::Rendezvous(RendezvousError::BadKey(_))) => true,
             ExecError::Instance(e) => e.is_usage(),
-            ExecError::Rendezvous(RendezvousError::Instance(e)) => e.is_usage(),
             ExecError::Rendezvous(RendezvousError::BadKey(_)) => true,
             _ => false,
         }

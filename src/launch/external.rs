@@ -21,10 +21,10 @@ use crate::jobspec::{LauncherKind, OutputTag};
 use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
-use super::local::kill_grace;
 use super::output::{Stream, write_out};
 use super::rank::PLAN_VAR;
 use super::report::{Collector, REPORT_VAR, Report};
+use super::settings::kill_grace;
 use super::status::{JobEnd, SIGNAL_BASE};
 use crate::container::run::with_forwarded_signals_blocked;
 
@@ -61,6 +61,7 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 /// [`super::status::TIMEOUT`] after `--timeout`; the launcher's own status when it failed and no
 /// rank reported why.
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
+    super::settings::log_settings();
     let argv = command_line(plan)?;
     let json = serde_json::to_string(plan)
         .map_err(|e| LaunchError::Failed(format!("cannot serialise the plan: {e}")))?;

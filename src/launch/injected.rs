@@ -193,7 +193,7 @@ impl RankWatch {
             mpi: false,
             failed: None,
             killed: false,
-            grace: super::local::kill_grace(),
+            grace: super::settings::kill_grace(),
         })
     }
 

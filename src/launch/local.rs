@@ -37,22 +37,13 @@ fn ends_job(sig: Signal) -> bool {
     )
 }
 
-/// How long ranks get between SIGTERM and SIGKILL when the job is torn down
-/// (`CMPIRUN_KILL_GRACE` in seconds overrides it).
-pub fn kill_grace() -> Duration {
-    std::env::var("CMPIRUN_KILL_GRACE")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map_or(Duration::from_secs(3), Duration::from_secs_f64)
-}
-
 fn sys(step: &'static str) -> impl FnOnce(Errno) -> LaunchError {
     move |errno| LaunchError::Sys { step, errno }
 }
 
 /// Runs the job of `plan` on this node. Must be called while cmpirun is single-threaded.
 pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
+    super::settings::log_settings();
     let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
     if threads > 1 {
         let names: Vec<String> = std::fs::read_dir("/proc/self/task")
@@ -166,7 +157,7 @@ fn run_blocked(
             .job
             .timeout_secs
             .map(|s| (Instant::now() + Duration::from_secs(s), s)),
-        grace: kill_grace(),
+        grace: super::settings::kill_grace(),
     };
     job.run(&sigfd, wake_r, &rx);
     control.stop();

@@ -12,6 +12,7 @@
 //! - [`report`], [`watch`]: how the rank mode sees its rank end (relaying its PMI connection to
 //!   see an abort) and reports it to the front end, so that srun and hydra jobs end with the
 //!   local launcher's statuses.
+//! - [`settings`]: what a user may change through the environment (`CMPIRUN_KILL_GRACE`).
 //! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
 
 pub mod env;
@@ -22,6 +23,7 @@ pub mod node;
 pub mod output;
 pub mod rank;
 pub mod report;
+pub mod settings;
 pub mod status;
 pub mod watch;
 

@@ -14,7 +14,8 @@ use std::path::Path;
 use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::container::rendezvous::{join_or_create, runtime_dir};
+use crate::container::instance::join_or_create;
+use crate::container::rendezvous::runtime_dir;
 use crate::container::run::{Outcome, propagate, with_forwarded_signals_blocked};
 use crate::plan::LaunchPlan;
 
@@ -209,8 +210,8 @@ fn run_member(
         })?;
     let dir = runtime_dir().map_err(|e| LaunchError::Failed(e.to_string()))?;
     let mut inst = join_or_create(&dir, key, cfg).map_err(|e| match e {
-        crate::container::rendezvous::RendezvousError::Instance(i) => LaunchError::Instance(i),
-        other => LaunchError::Failed(other.to_string()),
+        crate::container::InstanceError::Rendezvous(r) => LaunchError::Failed(r.to_string()),
+        other => LaunchError::Instance(other),
     })?;
     let host: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k != REPORT_VAR)

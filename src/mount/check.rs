@@ -29,29 +29,11 @@ pub struct CheckReport {
 }
 
 /// Enters a new user and mount namespace as the same uid/gid (identity maps,
-/// `setgroups=deny`) and makes every mount private, as a node instance does before mounting.
-/// The caller must be single-threaded.
+/// `setgroups=deny`) and makes every mount private, as a node instance does before mounting
+/// ([`crate::sys::userns::enter_user_namespace`]). The caller must be single-threaded.
 pub fn enter_private_namespaces() -> Result<(), MountError> {
-    use nix::mount::MsFlags;
-    use nix::sched::CloneFlags;
-    let uid = nix::unistd::getuid();
-    let gid = nix::unistd::getgid();
-    nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
-        .map_err(|e| MountError::io("unshare a user and mount namespace", e))?;
-    let write = |file: &str, text: String| {
-        std::fs::write(file, text).map_err(|e| MountError::io(format!("write {file}"), e))
-    };
-    write("/proc/self/setgroups", "deny".into())?;
-    write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
-    write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| MountError::io("make / private", e))
+    crate::sys::userns::enter_user_namespace()
+        .map_err(|e| MountError::io("enter a user and mount namespace", std::io::Error::other(e)))
 }
 
 /// Walks the tree at `root` and reads every regular file. With `verify`, also compares each

@@ -924,8 +924,9 @@ pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Binds `tree` at `target` read-only, nosuid, nodev, keeping the flags the kernel locks on
-/// the source mount (noexec, atime) so the read-only remount is allowed in a user namespace.
+/// Binds `tree` at `target` read-only, nosuid, nodev, keeping the flags the kernel locked on
+/// the source mount (noexec, atime) so the read-only remount is allowed in a user namespace
+/// ([`crate::sys::remount::remount_read_only`]).
 fn bind_read_only(tree: &Path, target: &Path) -> Result<(), MountError> {
     nix::mount::mount(
         Some(tree),
@@ -940,24 +941,10 @@ fn bind_read_only(tree: &Path, target: &Path) -> Result<(), MountError> {
             e,
         )
     })?;
-    let locked = nix::sys::statvfs::statvfs(tree)
-        .map(|s| s.flags())
-        .unwrap_or(nix::sys::statvfs::FsFlags::empty());
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | super::image_mount_flags();
-    use nix::sys::statvfs::FsFlags;
-    for (have, keep) in [
-        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-    ] {
-        if locked.contains(have) {
-            flags |= keep;
-        }
-    }
-    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| {
+    crate::sys::remount::remount_read_only(target, super::image_mount_flags()).map_err(|e| {
+        // The bind is useless writable: take it away again.
         let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-        MountError::io(format!("make {} read-only", target.display()), e)
+        MountError::io(format!("make {} read-only", target.display()), e.errno)
     })
 }
 

@@ -74,30 +74,28 @@ pub(super) fn mount(
         }
     };
     let parent = nix::unistd::getpid();
-    // SAFETY: the child only runs the server (threads, reads, writes to the FUSE fd) and then
-    // `_exit`s; it never returns into the caller. The caller is expected to be single-threaded
-    // here (it has just entered a new user namespace), so no lock is held by a vanished thread.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            limit_malloc();
-            let code = match become_server_child(parent, &session, image_fd) {
-                Ok(()) => match session.run() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::error!("image server for {}: {e}", src.path.display());
-                        1
-                    }
-                },
-                Err(()) => 1,
-            };
-            // SAFETY: _exit skips the caller's atexit handlers and destructors, which belong
-            // to the parent.
-            unsafe { libc::_exit(code) }
+    // Owns the session: the child serves it, the parent drops it with this closure.
+    let serve = move || {
+        limit_malloc();
+        match become_server_child(parent, &session, image_fd) {
+            Ok(()) => match session.run() {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("image server for {}: {e}", src.path.display());
+                    1
+                }
+            },
+            Err(()) => 1,
         }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            // Only the child may hold the connection: if it dies, the kernel aborts the mount
-            // instead of leaving readers hanging.
-            drop(session);
+    };
+    // SAFETY: the caller is expected to be single-threaded here (it has just entered a new user
+    // namespace), so no lock is held by a vanished thread and the child may start the server's
+    // threads.
+    match unsafe { crate::sys::process::fork_child(serve) } {
+        Ok(child) => {
+            // Only the child holds the connection now (the parent's `session` went with the
+            // uncalled `serve`): if it dies, the kernel aborts the mount instead of leaving
+            // readers hanging.
             tracing::debug!(
                 "image {} served at {} by built-in FUSE server pid {child}",
                 src.path.display(),
@@ -106,7 +104,6 @@ pub(super) fn mount(
             Ok(MountedImage::new_served(target, MountBackend::Fuse, child))
         }
         Err(e) => {
-            drop(session);
             unmount();
             Err(MountError::io("fork the image server", e))
         }
@@ -131,7 +128,7 @@ fn become_server_child(
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     let _ = nix::sys::prctl::set_name(c"cmpirun-fuse");
     let fs = session.as_fd().as_raw_fd();
-    close_fds_except(&[2, fs, image_fd]);
+    crate::sys::process::close_fds_except(0, &[2, fs, image_fd]);
     FUSE_FD.store(fs, Ordering::Relaxed);
     Ok(())
 }
@@ -203,22 +200,6 @@ fn limit_malloc() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
-}
-
-/// Closes every descriptor but `keep` (and stdin/stdout become closed too).
-pub(super) fn close_fds_except(keep: &[i32]) {
-    let mut keep: Vec<u32> = keep.iter().filter_map(|&f| u32::try_from(f).ok()).collect();
-    keep.sort_unstable();
-    let mut next = 0u32;
-    for k in keep {
-        if k > next {
-            // SAFETY: close_range only closes descriptors; nothing in this process uses them.
-            unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
-        }
-        next = k + 1;
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0) };
 }
 
 /// The fuser filesystem over a squashfs index.

@@ -226,28 +226,10 @@ fn spawn(
             libc::setpgid(0, 0);
             // Keep stdio, the image and the FUSE fd; inherited PMI sockets and pipes must not
             // be held open by the server.
-            close_other_fds(img_fd, dev_fd);
+            crate::sys::process::close_fds_except(3, &[img_fd, dev_fd]);
             Ok(())
         });
     }
     cmd.spawn()
         .map_err(|e| MountError::io(format!("start {}", bin.display()), e))
-}
-
-/// Closes every descriptor above stdio except `a` and `b`, without allocating (it runs
-/// between fork and exec).
-fn close_other_fds(a: i32, b: i32) {
-    let (lo, hi) = (a.min(b) as u32, a.max(b) as u32);
-    let mut next = 3u32;
-    for k in [lo, hi] {
-        if k >= next {
-            if k > next {
-                // SAFETY: closing descriptors nobody in the child uses.
-                unsafe { libc::syscall(libc::SYS_close_range, next, k - 1, 0) };
-            }
-            next = k + 1;
-        }
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, next, u32::MAX, 0) };
 }
