@@ -123,6 +123,7 @@ pub fn probe_library(name: &str) -> LibraryProbe {
     // SAFETY: PMIx_Get_version is declared `const char *PMIx_Get_version(void)` in pmix.h and
     // may be called before PMIx_Init; it returns a static string.
     if let Ok(f) = unsafe { lib.get::<GetVersion>(b"PMIx_Get_version") } {
+        // SAFETY: as above: a call with no arguments that returns a static string.
         let p = unsafe { f() };
         if !p.is_null() {
             // SAFETY: non-null, NUL-terminated static string from the library.
