@@ -240,10 +240,7 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
         env: opts.env,
         backend: opts.image_mount,
         shm: opts.shm,
-        shm_size: None,
         instance_key: opts.instance_key,
-        library_cache: None,
-        cached_files: Vec::new(),
         argv,
     };
     match exec(&req) {

@@ -195,6 +195,22 @@ fn ld_library_path_gets_the_injection_directory_first() {
     );
 }
 
+/// [`image_binds`] as `SRC:DST:ro|rw`.
+fn binds(
+    plan_binds: &[cmpirun::plan::Bind],
+    image: &Path,
+    env: &BTreeMap<String, String>,
+) -> Vec<String> {
+    image_binds(plan_binds, image, env)
+        .expect("binds")
+        .iter()
+        .map(|b| {
+            let mode = if b.readonly { "ro" } else { "rw" };
+            format!("{}:{}:{mode}", b.src.display(), b.dst.display())
+        })
+        .collect()
+}
+
 #[test]
 fn binds_expand_rank_start_sources() {
     let slurm = [
@@ -214,12 +230,12 @@ fn binds_expand_rank_start_sources() {
     let rw = format!("{d}:{d}:rw");
 
     // An unset variable leaves its bind out.
-    let b = image_binds(&p.binds, image, &env(&[("PMIX_SERVER_TMPDIR", d)]), &[]);
+    let b = binds(&p.binds, image, &env(&[("PMIX_SERVER_TMPDIR", d)]));
     assert_eq!(b, ["/scratch:/scratch:ro".to_owned(), rw.clone()]);
 
     // Two variables naming one directory give one bind.
     let both = env(&[("PMIX_SERVER_TMPDIR", d), ("PMIX_SYSTEM_TMPDIR", d)]);
-    let b = image_binds(&p.binds, image, &both, std::slice::from_ref(&rw));
+    let b = binds(&p.binds, image, &both);
     assert_eq!(b, ["/scratch:/scratch:ro".to_owned(), rw.clone()]);
 
     // A directory that does not exist on this node is left out, as is an empty variable.
@@ -227,6 +243,6 @@ fn binds_expand_rank_start_sources() {
         ("PMIX_SERVER_TMPDIR", "/nonexistent/pmix.1.0"),
         ("PMIX_SYSTEM_TMPDIR", ""),
     ]);
-    let b = image_binds(&p.binds, image, &gone, &[]);
+    let b = binds(&p.binds, image, &gone);
     assert_eq!(b, ["/scratch:/scratch:ro".to_owned()]);
 }

@@ -9,9 +9,13 @@
 //! - [`library_cache`]: the node's unpacked MPI stacks, as an instance's creator uses them.
 //! - [`rendezvous`]: the lock and socket files by which unrelated processes of one user find
 //!   the instance of a key.
-//! - [`run`]: `cmpirun exec` / `cmpirun shell`, gathered from the host and the command line.
+//! - [`config`]: the node instance's configuration from typed [`config::RootRequest`]s (every
+//!   launcher's and `cmpirun exec`'s) and the host.
+//! - [`run`]: `cmpirun exec` / `cmpirun shell`: the command line's request, one member, its
+//!   exit status and signals.
 
 pub mod accounts;
+pub mod config;
 pub mod env;
 pub mod executor;
 pub mod instance;

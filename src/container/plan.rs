@@ -285,13 +285,6 @@ pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => src.clone(),
     };
-    if !dst.is_absolute() {
-        return Err(BindSpecError::RelativeDestination(spec.into()));
-    }
-    let dst = normalize(&dst).map_err(|_| BindSpecError::Climbs(spec.into()))?;
-    if dst == Path::new("/") {
-        return Err(BindSpecError::Root(spec.into()));
-    }
     let readonly = match fields.get(2) {
         None | Some(&"rw") => false,
         Some(&"ro") => true,
@@ -302,13 +295,33 @@ pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
             });
         }
     };
-    // With the mounts below it, as the host directories are (see `plan_root`).
-    Ok(Bind {
-        src,
-        dst,
-        readonly,
-        recursive: true,
-    })
+    Bind::new(src, &dst, readonly, spec)
+}
+
+impl Bind {
+    /// A bind of host path `src` at container path `dst`, which must be absolute and not `/`
+    /// (`.` and `..` are resolved), with the mounts below `src`, as the host directories are
+    /// (see `plan_root`). `spec` names the bind in errors.
+    pub fn new(
+        src: PathBuf,
+        dst: &Path,
+        readonly: bool,
+        spec: &str,
+    ) -> Result<Bind, BindSpecError> {
+        if !dst.is_absolute() {
+            return Err(BindSpecError::RelativeDestination(spec.into()));
+        }
+        let dst = normalize(dst).map_err(|_| BindSpecError::Climbs(spec.into()))?;
+        if dst == Path::new("/") {
+            return Err(BindSpecError::Root(spec.into()));
+        }
+        Ok(Bind {
+            src,
+            dst,
+            readonly,
+            recursive: true,
+        })
+    }
 }
 
 /// Staging path of the image mount.

@@ -60,7 +60,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         )));
     }
     raise_fd_limit(plan.layout.size);
-    let cfg = node::node_config(plan, &BTreeMap::new(), &[])?;
+    let cfg = node::node_config(plan, &BTreeMap::new())?;
     with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
         // Job control too: the ranks are session leaders, so the terminal's Ctrl-Z stops only
         // cmpirun, which stops them (and continues them) itself.

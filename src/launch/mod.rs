@@ -45,6 +45,12 @@ pub enum LaunchError {
     /// The node instance failed.
     #[error(transparent)]
     Instance(InstanceError),
+    /// The node instance cannot be configured.
+    #[error(transparent)]
+    Config(#[from] crate::container::config::ConfigError),
+    /// A bind of the plan cannot be made.
+    #[error(transparent)]
+    Bind(#[from] crate::container::plan::BindSpecError),
     /// The PMI server failed.
     #[error("PMI server: {0}")]
     Pmi(cmpirun_pmi::PmiError),
@@ -70,8 +76,9 @@ impl LaunchError {
     /// Whether the user can fix this (exit status 2).
     pub fn is_usage(&self) -> bool {
         match self {
-            LaunchError::Usage(_) => true,
+            LaunchError::Usage(_) | LaunchError::Bind(_) => true,
             LaunchError::Instance(e) => e.is_usage(),
+            LaunchError::Config(e) => e.is_usage(),
             _ => false,
         }
     }

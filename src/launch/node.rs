@@ -7,12 +7,14 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::container::ShmMode;
+use crate::container::config::{RootRequest, instance_config};
 use crate::container::env::{Env, member_environment};
 use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
-use crate::container::run::{ExecRequest, instance_config_images};
+use crate::container::plan::{Bind as RootBind, LibraryCache};
+use crate::facts::patterns::expand_vars;
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
-use crate::plan::{AppPlan, Bind, BindTime, LaunchPlan, image_apps};
+use crate::plan::{AppPlan, Bind, BindKind, BindTime, LaunchPlan, image_apps};
 
 use super::LaunchError;
 use super::env::RankEnv;
@@ -55,12 +57,12 @@ fn part_image(apps: &[AppPlan], part: usize) -> usize {
 }
 
 /// The node instance configuration: a root per image of the job, each with the plan's binds
-/// for that image (those of `rank-start` resolved in `rank_env`, and skipped when a variable
-/// they name is unset), `extra` binds (`SRC:DST:ro|rw`) of the launcher, the mount backend.
+/// for that image (those of `rank-start` resolved in `rank_env`), the mount backend, the
+/// private `/dev/shm` and the library cache; the host's part is
+/// [`crate::container::config::instance_config`]'s.
 pub fn node_config(
     plan: &LaunchPlan,
     rank_env: &BTreeMap<String, String>,
-    extra: &[String],
 ) -> Result<InstanceConfig, LaunchError> {
     let images = job_images(plan);
     if images.is_empty() {
@@ -79,28 +81,21 @@ pub fn node_config(
         MountBackendKind::Squashfuse => Some(MountBackend::Squashfuse),
         MountBackendKind::Extract => Some(MountBackend::Extract),
     };
-    let reqs: Vec<ExecRequest> = images
-        .into_iter()
-        .map(|image| ExecRequest {
-            binds: image_binds(&plan.binds, &image, rank_env, extra),
-            library_cache: plan.mount.library_cache.clone(),
-            cached_files: stack_files(plan, &image),
+    let mut roots = Vec::with_capacity(images.len());
+    for image in images {
+        roots.push(RootRequest {
+            binds: image_binds(&plan.binds, &image, rank_env)?,
+            library_cache: plan.mount.library_cache.as_ref().map(|dir| LibraryCache {
+                dir: dir.clone(),
+                files: stack_files(plan, &image),
+            }),
             image,
-            env: Vec::new(),
             backend,
             shm: ShmMode::Private,
             shm_size: plan.mount.shm_size.clone(),
-            instance_key: None,
-            argv: Vec::new(),
-        })
-        .collect();
-    instance_config_images(&reqs).map_err(|e| {
-        if e.is_usage() {
-            LaunchError::Usage(e.to_string())
-        } else {
-            LaunchError::Failed(e.to_string())
-        }
-    })
+        });
+    }
+    Ok(instance_config(&roots)?)
 }
 
 /// The files of `image`'s MPI stack (the facts' libraries, symlinks resolved), which the node
@@ -113,48 +108,53 @@ fn stack_files(plan: &LaunchPlan, image: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The binds of `image`'s root, as `SRC:DST:ro|rw`: the plan's binds for every image and for
-/// this one, then the launcher's `extra`, each once. Binds resolved at rank start (`$VAR` paths
-/// such as `$PMIX_SERVER_TMPDIR`) are expanded from `rank_env`; those whose variables are unset
-/// or empty, or whose source does not exist, are left out.
+/// Host directories every root binds already: a rank-start bind that resolves to one of them
+/// is left out.
+const BOUND_ALREADY: &[&str] = &["/tmp", "/var/tmp"];
+
+/// The binds of `image`'s root: the plan's binds for every image and for this one, each once.
+/// Binds resolved at rank start (`$VAR` paths such as `$PMIX_SERVER_TMPDIR`) are expanded from
+/// `rank_env`; those whose variables are unset or empty, whose source does not exist (or is not
+/// a directory, for a directory bind), or that name a host directory every root binds already
+/// ([`BOUND_ALREADY`]) are left out.
 pub fn image_binds(
     plan_binds: &[Bind],
     image: &Path,
     rank_env: &BTreeMap<String, String>,
-    extra: &[String],
-) -> Vec<String> {
-    let mut binds = Vec::new();
+) -> Result<Vec<RootBind>, LaunchError> {
+    let mut binds: Vec<RootBind> = Vec::new();
     for b in plan_binds {
         if b.image.as_deref().is_some_and(|i| i != image) {
             continue;
         }
-        let source = match b.when {
-            BindTime::Plan => b.source.clone(),
-            BindTime::RankStart => match crate::facts::expand_vars(&b.source, rank_env) {
-                Some(s) if std::path::Path::new(&s).exists() => s,
-                _ => continue,
-            },
+        let (source, dest) = match b.when {
+            BindTime::Plan => (b.source.clone(), b.destination.clone()),
+            BindTime::RankStart => {
+                let (Some(s), Some(d)) = (
+                    expand_vars(&b.source, rank_env),
+                    expand_vars(&b.destination, rank_env),
+                ) else {
+                    continue;
+                };
+                let usable = match b.kind {
+                    BindKind::Directory => Path::new(&s).is_dir(),
+                    _ => Path::new(&s).exists(),
+                };
+                if !usable || BOUND_ALREADY.contains(&s.trim_end_matches('/')) {
+                    continue;
+                }
+                (s, d)
+            }
         };
-        let dest = match b.when {
-            BindTime::Plan => b.destination.clone(),
-            BindTime::RankStart => match crate::facts::expand_vars(&b.destination, rank_env) {
-                Some(d) => d,
-                None => continue,
-            },
-        };
-        let spec = format!("{source}:{dest}:{}", if b.read_only { "ro" } else { "rw" });
+        let spec = format!("{source}:{dest}");
+        let bind = RootBind::new(PathBuf::from(&source), Path::new(&dest), b.read_only, &spec)?;
         // Two rank-start binds can name one directory ($PMIX_SERVER_TMPDIR and
         // $PMIX_SYSTEM_TMPDIR often do); a second mount over it would only hide the first.
-        if !binds.contains(&spec) {
-            binds.push(spec);
+        if !binds.contains(&bind) {
+            binds.push(bind);
         }
     }
-    for e in extra {
-        if !binds.iter().any(|b| b == e) {
-            binds.push(e.clone());
-        }
-    }
-    binds
+    Ok(binds)
 }
 
 /// The final environment of a rank of MPMD part `part`: the plan's changes over `host` (the
@@ -282,19 +282,57 @@ mod tests {
             bind("/h/lf.so", "/opt/b/lf.so", Some("/b.sif"), BindTime::Plan),
             bind("/dev/null", "/x", None, BindTime::Plan),
             bind("$UNSET_DIR", "$UNSET_DIR", None, BindTime::RankStart),
+            // A PMIx server's directories: resolved when the rank starts; one already bound
+            // as a host directory, and a second naming the same one, left out.
+            Bind {
+                read_only: false,
+                kind: BindKind::Directory,
+                ..bind("$SERVER_DIR", "$SERVER_DIR", None, BindTime::RankStart)
+            },
+            Bind {
+                read_only: false,
+                kind: BindKind::Directory,
+                ..bind("$SYSTEM_DIR", "$SYSTEM_DIR", None, BindTime::RankStart)
+            },
+            Bind {
+                read_only: false,
+                kind: BindKind::Directory,
+                ..bind("$TMP_DIR", "$TMP_DIR", None, BindTime::RankStart)
+            },
         ];
-        let env = BTreeMap::new();
+        let env: BTreeMap<String, String> = [
+            ("SERVER_DIR", "/usr"),
+            ("SYSTEM_DIR", "/usr"),
+            ("TMP_DIR", "/tmp"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let specs = |image: &str| -> Vec<String> {
+            image_binds(&binds, Path::new(image), &env)
+                .expect("binds")
+                .iter()
+                .map(|b| {
+                    let mode = if b.readonly { "ro" } else { "rw" };
+                    format!("{}:{}:{mode}", b.src.display(), b.dst.display())
+                })
+                .collect()
+        };
         assert_eq!(
-            image_binds(&binds, Path::new("/a.sif"), &env, &["/s:/s:rw".into()]),
+            specs("/a.sif"),
             vec![
                 "/h/lf.so:/.cmpirun/lib/lf.so:ro",
                 "/dev/null:/x:ro",
-                "/s:/s:rw"
+                "/usr:/usr:rw"
             ]
         );
         assert_eq!(
-            image_binds(&binds, Path::new("/b.sif"), &env, &[]),
-            vec!["/h/lf.so:/opt/b/lf.so:ro", "/dev/null:/x:ro"]
+            specs("/b.sif"),
+            vec![
+                "/h/lf.so:/opt/b/lf.so:ro",
+                "/dev/null:/x:ro",
+                "/usr:/usr:rw"
+            ]
         );
     }
 }

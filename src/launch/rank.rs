@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::Path;
 
 use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -80,47 +79,13 @@ pub fn instance_key(env: &BTreeMap<String, String>, parent: u32) -> String {
     key
 }
 
-/// The wire-up variables this task got from its launcher: they go to the rank unchanged, plus
-/// the PMIx module choices newer clients read from `PMIX_MCA_*` (as enroot's PMIx hook does).
+/// The wire-up variables this task got from its launcher: they go to the rank unchanged (the
+/// plan may add others from them: `PMIX_MCA_*` from a PMIx server's module choice).
 pub fn launcher_env(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = env
-        .iter()
+    env.iter()
         .filter(|(k, _)| cmpirun_pmi::env::is_wireup_var(std::ffi::OsStr::new(k)))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (from, to) in [
-        ("PMIX_PTL_MODULE", "PMIX_MCA_ptl"),
-        ("PMIX_SECURITY_MODE", "PMIX_MCA_psec"),
-        ("PMIX_GDS_MODULE", "PMIX_MCA_gds"),
-    ] {
-        if let (Some(v), None) = (env.get(from), env.get(to)) {
-            out.push((to.to_owned(), v.clone()));
-        }
-    }
-    out
-}
-
-/// Directories a PMIx server shares with its clients (rendezvous files, the shared-memory
-/// store), bound at the same path: `PMIX_SERVER_TMPDIR` (under Slurm, in slurmd's spool
-/// directory) and `PMIX_SYSTEM_TMPDIR`. `/tmp` and `/var/tmp` are the host's in every instance
-/// already.
-pub fn pmix_binds(env: &BTreeMap<String, String>) -> Vec<String> {
-    let mut out = Vec::new();
-    for var in ["PMIX_SERVER_TMPDIR", "PMIX_SYSTEM_TMPDIR"] {
-        let Some(dir) = env.get(var) else { continue };
-        let dir = dir.trim_end_matches('/');
-        if dir.is_empty()
-            || ["/tmp", "/var/tmp"].contains(&dir)
-            || !Path::new(dir).is_dir()
-            || out
-                .iter()
-                .any(|b: &String| b.starts_with(&format!("{dir}:")))
-        {
-            continue;
-        }
-        out.push(format!("{dir}:{dir}:rw"));
-    }
-    out
+        .collect()
 }
 
 /// With `report`, puts this task between the rank and its launcher's `PMI_FD` connection (see
@@ -168,7 +133,7 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
         )
     })?;
     let key = instance_key(&env, std::os::unix::process::parent_id());
-    let result = node::node_config(&plan, &env, &pmix_binds(&env)).and_then(|cfg| {
+    let result = node::node_config(&plan, &env).and_then(|cfg| {
         with_forwarded_signals_blocked(
             |errno| LaunchError::Sys {
                 step: "block signals",
@@ -311,16 +276,13 @@ mod tests {
     }
 
     #[test]
-    fn pmix_modules_translated() {
+    fn the_launchers_wireup_variables_pass() {
         let e = launcher_env(&env(&[
             ("PMIX_PTL_MODULE", "tcp"),
-            ("PMIX_GDS_MODULE", "hash"),
-            ("PMIX_MCA_gds", "ds21"),
             ("PMI_FD", "5"),
             ("HOME", "/h"),
         ]));
-        assert!(e.contains(&("PMIX_MCA_ptl".into(), "tcp".into())));
-        assert!(!e.contains(&("PMIX_MCA_gds".into(), "hash".into())));
+        assert!(e.contains(&("PMIX_PTL_MODULE".into(), "tcp".into())));
         assert!(e.contains(&("PMI_FD".into(), "5".into())));
         assert!(!e.iter().any(|(k, _)| k == "HOME"));
     }
