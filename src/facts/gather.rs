@@ -12,7 +12,6 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, fork};
 
 use super::cache::FactsCache;
 use super::image::ImageSummary;
@@ -74,36 +73,30 @@ pub fn gather_images_with(paths: &[PathBuf], cache: Option<&FactsCache>) -> Vec<
 /// `None` when the child could not be started or did not answer.
 fn read_in_child(paths: &[PathBuf]) -> Option<Vec<ImageSummary>> {
     let (mut rd, wr) = std::io::pipe().ok()?;
-    // SAFETY: called while cmpirun is single-threaded (before any image is read); the child only
-    // reads files, writes to the pipe and exits with _exit.
-    match unsafe { fork() }.ok()? {
-        ForkResult::Child => {
-            drop(rd);
+    // SAFETY: called while cmpirun is single-threaded (before any image is read), so the child
+    // may do anything: it reads files, writes to the pipe and ends.
+    let child = unsafe {
+        crate::sys::process::fork_child(move || {
+            let mut wr = wr;
             let infos: Vec<ImageSummary> = paths.iter().map(|p| ImageSummary::read(p)).collect();
-            let code = match serde_json::to_vec(&infos) {
-                Ok(json) => {
-                    let mut wr = wr;
-                    i32::from(wr.write_all(&json).is_err())
-                }
+            match serde_json::to_vec(&infos) {
+                Ok(json) => i32::from(wr.write_all(&json).is_err()),
                 Err(_) => 1,
-            };
-            // SAFETY: leaves the child without running the parent's destructors.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => {
-            drop(wr);
-            let mut json = Vec::new();
-            let read = rd.read_to_end(&mut json);
-            let status = loop {
-                match waitpid(child, None) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    other => break other,
-                }
-            };
-            match (read, status) {
-                (Ok(_), Ok(WaitStatus::Exited(_, 0))) => serde_json::from_slice(&json).ok(),
-                _ => None,
             }
+        })
+    }
+    .ok()?;
+    // The parent's copy of the write end went with the closure: the read ends with the child.
+    let mut json = Vec::new();
+    let read = rd.read_to_end(&mut json);
+    let status = loop {
+        match waitpid(child, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
         }
+    };
+    match (read, status) {
+        (Ok(_), Ok(WaitStatus::Exited(_, 0))) => serde_json::from_slice(&json).ok(),
+        _ => None,
     }
 }
