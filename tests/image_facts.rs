@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use cmpirun::image::facts::{ImageFacts, LibfabricLink, MpiFamily, Via, image_facts};
+use cmpirun::image::content::{ImageFacts, LibfabricLink, MpiFamily, Via, image_facts};
 use cmpirun::image::{locate, open_rootfs};
 use cmpirun_fabric::elf::SymbolVersion;
 
@@ -161,7 +161,7 @@ fn summaries_name_what_a_launch_checks() {
 
 #[test]
 fn the_test_programs_load_the_images_mpi() {
-    use cmpirun::image::facts::{FactsOptions, image_facts_with};
+    use cmpirun::image::content::{FactsOptions, image_facts_with};
     let options = FactsOptions {
         program: Some("/usr/local/bin/mpitest".into()),
         ..FactsOptions::default()

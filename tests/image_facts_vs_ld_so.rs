@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use cmpirun::image::facts::image_facts;
+use cmpirun::image::content::image_facts;
 use cmpirun::image::{locate, open_rootfs};
 
 /// `name => path` for every library `ld.so --list FILE` loads inside the unpacked root.

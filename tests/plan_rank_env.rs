@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use cmpirun::cli::{CliRequest, parse_launch};
-use cmpirun::container::env::{Env, EnvChange};
+use cmpirun::container::member_env::{Env, EnvChange};
 use cmpirun::facts::{HostFacts, ImageSummary};
 use cmpirun::jobspec::JobSpec;
 use cmpirun::launch::node::{image_binds, rank_environment};

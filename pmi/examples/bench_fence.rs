@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cmpirun_pmi::env::inherit_fd;
 use cmpirun_pmi::server::{JobConfig, PmiServer};
+use cmpirun_pmi::wireup::inherit_fd;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

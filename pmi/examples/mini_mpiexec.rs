@@ -8,8 +8,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitCode};
 use std::time::Duration;
 
-use cmpirun_pmi::env::{inherit_fd, scrub_env};
 use cmpirun_pmi::server::{Event, JobConfig, PmiServer};
+use cmpirun_pmi::wireup::{inherit_fd, scrub_env};
 
 fn main() -> ExitCode {
     match run() {

@@ -11,7 +11,7 @@
 //! - [`server`]: a server for one job (KVS with fences, job and node attributes, name service,
 //!   finalize and abort as events), over inherited socketpairs (`PMI_FD`) or loopback TCP
 //!   (`PMI_PORT`);
-//! - [`env`](mod@env): the environment a rank gets, and the removal of stray PMI/PMIx variables;
+//! - [`wireup`]: the wire-up variables a rank gets, and the removal of stray PMI/PMIx variables;
 //! - [`mapping`]: MPICH's `PMI_process_mapping` format, both ways;
 //! - [`probe`]: which PMI libraries the host has (through `dlopen`).
 //!
@@ -29,7 +29,7 @@
 //! let mut cmd = std::process::Command::new("./mpi_program");
 //! cmd.envs(rank0.env.iter().map(|(k, v)| (k, v)));
 //! // SAFETY: inherit_fd only calls fcntl, which is async-signal-safe.
-//! unsafe { cmd.pre_exec(move || cmpirun_pmi::env::inherit_fd(fd)) };
+//! unsafe { cmd.pre_exec(move || cmpirun_pmi::wireup::inherit_fd(fd)) };
 //! let mut child = cmd.spawn()?;
 //! drop(rank0); // the parent's copy, so a dead rank reads as a disconnect
 //! let handle = server.start()?;
@@ -47,11 +47,11 @@
 //! `examples/bench_fence.rs` measures a 256-rank fence against MPICH's hydra. The protocol
 //! details every client depends on are written down in `docs/pmi.md` of the repository.
 
-pub mod env;
 pub mod mapping;
 pub mod probe;
 pub mod server;
 pub mod wire;
+pub mod wireup;
 
 pub use server::{Event, JobConfig, JobReport, PmiError, PmiServer, ServerControl, ServerHandle};
 pub use wire::{Message, Wire, WireError};

@@ -13,9 +13,9 @@ use nix::unistd::{Gid, Group, Uid, User};
 use crate::image::{ImageKind, locate};
 use crate::mount::{MountBackend, MountError, SquashfsSource, choose_backend};
 
-use super::env::base_environment;
 use super::instance::InstanceConfig;
-use super::plan::{Account, Bind, ImageSource, LibraryCache, RootConfig, ShmMode};
+use super::member_env::base_environment;
+use super::root::{Account, HostBind, ImageSource, LibraryCache, RootConfig, ShmMode};
 
 /// One root of a node instance, as a launcher or `cmpirun exec` asks for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct RootRequest {
     /// The image path.
     pub image: PathBuf,
     /// Binds beyond the built-in ones, in order (sources absolute and on this host).
-    pub binds: Vec<Bind>,
+    pub binds: Vec<HostBind>,
     /// The mount backend asked for (`None`: FUSE where usable, else extraction).
     pub backend: Option<MountBackend>,
     /// What `/dev/shm` is.

@@ -17,8 +17,8 @@ use nix::sys::stat::{Mode, fstat};
 use crate::mount::{MountError, MountOptions, MountedImage, mount_squashfs};
 
 use super::accounts::merge_account_file;
-use super::plan::{AccountFile, BindSource, ImageSource, MountOp};
 use super::resolve::{DirLookup, Lookup, Node, ResolveError, host_path, resolve_in_root};
+use super::root::{AccountFile, BindSource, ImageSource, MountOp};
 
 /// Why the container root could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +277,7 @@ impl Executor {
             }
             MountOp::WriteAccountFile { file, entry, out } => {
                 let image = DirLookup {
-                    root: self.stage()?.join(super::plan::STAGE_IMAGE),
+                    root: self.stage()?.join(super::root::STAGE_IMAGE),
                 };
                 let name = match file {
                     AccountFile::Passwd => "/etc/passwd",
@@ -304,10 +304,10 @@ impl Executor {
                 let stage = self.stage()?.to_owned();
                 let lookup = LayerLookup {
                     layer: DirLookup {
-                        root: stage.join(super::plan::STAGE_LAYER),
+                        root: stage.join(super::root::STAGE_LAYER),
                     },
                     image: DirLookup {
-                        root: stage.join(super::plan::STAGE_IMAGE),
+                        root: stage.join(super::root::STAGE_IMAGE),
                     },
                 };
                 let (_, src_dir) = self.source(like)?;
@@ -416,7 +416,7 @@ impl Executor {
             MountOp::Tmpfs { dst, mode, size } => {
                 let root = self.root()?.to_owned();
                 let target = self.destination(&root, dst, None)?;
-                let opts = super::plan::tmpfs_options(*mode, size.as_deref());
+                let opts = super::root::tmpfs_options(*mode, size.as_deref());
                 mount(
                     Some("tmpfs"),
                     &target,

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use crate::mount::MountBackend;
 
-use super::plan::{Bind, ImageSource, LibraryCache, RootConfig};
+use super::root::{HostBind, ImageSource, LibraryCache, RootConfig};
 
 /// Fills `root`'s library-cache entry and sets [`RootConfig::cached`] to its binds; returns the
 /// descriptor of the entry's shared lock, which the node instance keeps open for its life (so
@@ -28,7 +28,7 @@ pub fn resolve(root: &mut RootConfig) -> Option<RawFd> {
 
 /// Read-only binds of the cache's files over the image's copies, for an image that a FUSE
 /// server serves, and the entry's lock descriptor.
-fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>, RawFd)> {
+fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<HostBind>, RawFd)> {
     let ImageSource::Squashfs { source, backend } = image else {
         return None;
     };
@@ -77,7 +77,7 @@ fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<Bind>,
             // A file the image does not have (or not as a regular file) was not unpacked.
             fs::symlink_metadata(&src)
                 .is_ok_and(|m| m.is_file())
-                .then(|| Bind {
+                .then(|| HostBind {
                     src,
                     dst: f.clone(),
                     readonly: true,

@@ -1,9 +1,9 @@
 //! One unprivileged container per node: the node instance, its root, its members.
 //!
-//! - [`plan`]: the container root as data (pure), from a [`plan::RootConfig`].
+//! - [`root`]: the container root as data (pure), from a [`root::RootConfig`].
 //! - [`resolve`]: symlink-safe path resolution inside the root (pure).
 //! - [`executor`]: the only code that mounts the root, from the plan.
-//! - [`env`]: the environment of a member (pure).
+//! - [`member_env`]: the environment of a member (pure).
 //! - [`instance`]: the node instance: its handle, its process and holders, its members, the
 //!   socket protocol between them, and [`instance::join_or_create`].
 //! - [`library_cache`]: the node's unpacked MPI stacks, as an instance's creator uses them.
@@ -16,14 +16,14 @@
 
 pub mod accounts;
 pub mod config;
-pub mod env;
 pub mod executor;
 pub mod instance;
 pub mod library_cache;
-pub mod plan;
+pub mod member_env;
 pub mod rendezvous;
 pub mod resolve;
+pub mod root;
 pub mod run;
 
 pub use instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance};
-pub use plan::{RootConfig, ShmMode};
+pub use root::{RootConfig, ShmMode};

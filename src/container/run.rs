@@ -16,10 +16,10 @@ use nix::unistd::Pid;
 use crate::mount::MountBackend;
 
 use super::config::{ConfigError, RootRequest, instance_config};
-use super::env::{member_environment, parse_env};
 use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance, join_or_create};
-use super::plan::{ShmMode, parse_bind};
+use super::member_env::{member_environment, parse_env};
 use super::rendezvous::{RendezvousError, runtime_dir};
+use super::root::{ShmMode, parse_bind};
 
 /// What `cmpirun exec` was asked to do.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::facts::{ImageFacts, LibfabricLink};
+use crate::image::content::{ImageFacts, LibfabricLink};
 
 /// How an image's MPI gets at libfabric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +97,7 @@ impl ImageSummary {
         let facts = crate::image::open_rootfs(&loc)
             .map_err(|e| e.to_string())
             .and_then(|fs| {
-                crate::image::facts::image_facts(fs.as_ref()).map_err(|e| e.to_string())
+                crate::image::content::image_facts(fs.as_ref()).map_err(|e| e.to_string())
             });
         match facts {
             Ok(f) => info.apply_facts(&f),

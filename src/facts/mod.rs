@@ -2,8 +2,8 @@
 //! what the host offers ([`HostFacts`]) and what each image of the job is ([`ImageSummary`]).
 //!
 //! This is where a launch reads files, probes the host libfabric and reads images; it mounts
-//! and starts nothing that outlives it. Not to be confused with [`crate::image::facts`], which
-//! reads one image's filesystem ([`crate::image::facts::ImageFacts`]): this module calls it for
+//! and starts nothing that outlives it. It calls [`crate::image::content`], which
+//! reads what one image holds ([`crate::image::content::ImageFacts`]), for
 //! every image of a job and keeps what the plan decides on.
 //!
 //! - [`host`]: the host's name, CPUs, environment, launcher programs, existing profile paths and

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::facts::ImageFacts;
+use super::content::ImageFacts;
 use super::sif::{self, Arch, Descriptor, Extra, Link, SifFile};
 use super::squash::{self, SquashfsInfo};
 use super::{ImageError, ImageKind, ImageLocation};
@@ -236,7 +236,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
 /// Opens the root filesystem and reads the facts a launch needs.
 fn read_facts(loc: &ImageLocation) -> Result<ImageFacts, ImageError> {
     let fs = super::open_rootfs(loc)?;
-    super::facts::image_facts(fs.as_ref()).map_err(|e| ImageError::Facts {
+    super::content::image_facts(fs.as_ref()).map_err(|e| ImageError::Facts {
         path: loc.path.clone(),
         error: e.to_string(),
     })

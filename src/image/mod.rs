@@ -3,8 +3,8 @@
 //! [`locate`] finds an image's root filesystem without mounting anything and refuses images that
 //! cannot be launched on this host; [`open_rootfs`] then reads files inside it.
 
+pub mod content;
 pub mod dir;
-pub mod facts;
 pub mod inspect;
 pub mod pack;
 pub mod rootfs;

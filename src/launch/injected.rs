@@ -48,7 +48,7 @@ pub enum Finding {
     /// The rank mapped another libfabric (the path inside the container).
     Other(String),
     /// The rank ended without mapping any libfabric (only after its last look).
-    None,
+    NoLibfabric,
 }
 
 fn is_libfabric(path: &str) -> bool {
@@ -86,7 +86,7 @@ impl InjectedLibfabric {
         match mapped_files(pid.as_raw()) {
             // A process that has exited (a zombie) maps nothing at all: its last map is lost.
             Ok(maps) if !maps.is_empty() => self.decide(&maps, last),
-            _ if last => Finding::None,
+            _ if last => Finding::NoLibfabric,
             _ => Finding::Undecided,
         }
     }
@@ -100,7 +100,7 @@ impl InjectedLibfabric {
         }
         match first {
             Some(path) => Finding::Other(path),
-            None if last => Finding::None,
+            None if last => Finding::NoLibfabric,
             None => Finding::Undecided,
         }
     }
@@ -125,7 +125,9 @@ impl InjectedLibfabric {
                 ),
                 true,
             )),
-            Finding::None => Some((format!("rank {rank} did not load any libfabric"), false)),
+            Finding::NoLibfabric => {
+                Some((format!("rank {rank} did not load any libfabric"), false))
+            }
         }
     }
 
@@ -138,7 +140,7 @@ impl InjectedLibfabric {
                 loaded: loaded.clone(),
                 host: self.source.clone(),
             }),
-            Finding::None if self.strict && mpi => Some(JobEnd::NoLibfabric {
+            Finding::NoLibfabric if self.strict && mpi => Some(JobEnd::NoLibfabric {
                 rank,
                 host: self.source.clone(),
                 expected: self.expected.clone(),
@@ -280,7 +282,7 @@ impl RankWatch {
         }
         // A rank that failed by itself ends the job already, with its own status.
         if ok || !self.mpi {
-            self.conclude(Finding::None, false);
+            self.conclude(Finding::NoLibfabric, false);
         } else if self.verbose {
             say(&format!("rank {} did not load any libfabric", self.rank));
         }
@@ -333,7 +335,10 @@ mod tests {
             inj.decide(std::slice::from_ref(&libc), false),
             Finding::Undecided
         );
-        assert_eq!(inj.decide(std::slice::from_ref(&libc), true), Finding::None);
+        assert_eq!(
+            inj.decide(std::slice::from_ref(&libc), true),
+            Finding::NoLibfabric
+        );
         assert_eq!(
             inj.decide(&[libc.clone(), host.clone()], false),
             Finding::Host(host.clone())
@@ -347,11 +352,14 @@ mod tests {
         assert_eq!(injected(false).job_end(3, &other, true), None);
         // No libfabric at all fails only an MPI rank, and only when a provider is expected.
         assert!(matches!(
-            inj.job_end(2, &Finding::None, true),
+            inj.job_end(2, &Finding::NoLibfabric, true),
             Some(JobEnd::NoLibfabric { rank: 2, .. })
         ));
-        assert_eq!(inj.job_end(2, &Finding::None, false), None);
-        assert_eq!(injected(false).job_end(2, &Finding::None, true), None);
+        assert_eq!(inj.job_end(2, &Finding::NoLibfabric, false), None);
+        assert_eq!(
+            injected(false).job_end(2, &Finding::NoLibfabric, true),
+            None
+        );
         let (line, warning) = inj.report(3, &other).unwrap();
         assert!(warning);
         assert_eq!(

@@ -468,7 +468,7 @@ impl Job {
             return;
         }
         let finding = if r.done {
-            Finding::None
+            Finding::NoLibfabric
         } else {
             inj.look(r.pid, last)
         };

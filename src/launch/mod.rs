@@ -6,22 +6,24 @@
 //! ([`node`]).
 //!
 //! - [`local`]: one node; cmpirun starts the instance and the ranks and serves PMI itself.
-//! - [`external`]: `srun` or `mpiexec.hydra` starts `cmpirun __rank` for every rank.
+//! - [`front_end`]: the job's front end when `srun` or `mpiexec.hydra` starts the ranks (each
+//!   as `cmpirun __rank`): runs the launcher, gathers the ranks' reports, ends as mpirun would.
 //! - [`rank`]: the rank mode: join or create the node's instance, exec the rank.
 //! - [`injected`]: the check, after start, that each rank loaded the injected host libfabric.
 //! - [`report`], [`watch`]: how the rank mode sees its rank end (relaying its PMI connection to
 //!   see an abort) and reports it to the front end, so that srun and hydra jobs end with the
 //!   local launcher's statuses.
 //! - [`settings`]: what a user may change through the environment (`CMPIRUN_KILL_GRACE`).
-//! - [`status`], [`output`], [`env`]: the pure parts (exit status, output lines, environment).
+//! - [`status`], [`output`], [`rank_env`]: the pure parts (exit status, output lines, a rank's
+//!   environment).
 
-pub mod env;
-pub mod external;
+pub mod front_end;
 pub mod injected;
 pub mod local;
 pub mod node;
 pub mod output;
 pub mod rank;
+pub mod rank_env;
 pub mod report;
 pub mod settings;
 pub mod status;
@@ -50,7 +52,7 @@ pub enum LaunchError {
     Config(#[from] crate::container::config::ConfigError),
     /// A bind of the plan cannot be made.
     #[error(transparent)]
-    Bind(#[from] crate::container::plan::BindSpecError),
+    Bind(#[from] crate::container::root::BindSpecError),
     /// The PMI server failed.
     #[error("PMI server: {0}")]
     Pmi(cmpirun_pmi::PmiError),
@@ -93,6 +95,6 @@ impl LaunchError {
 pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     match plan.launcher.kind {
         LauncherKind::Local => Ok(local::run(plan)?.exit_code()),
-        LauncherKind::Slurm | LauncherKind::Hydra => external::run(plan),
+        LauncherKind::Slurm | LauncherKind::Hydra => front_end::run(plan),
     }
 }

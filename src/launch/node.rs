@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 
 use crate::container::ShmMode;
 use crate::container::config::{RootRequest, instance_config};
-use crate::container::env::{Env, member_environment};
 use crate::container::instance::{InstanceConfig, MAX_IMAGES, MemberCommand};
-use crate::container::plan::{Bind as RootBind, LibraryCache};
+use crate::container::member_env::{Env, member_environment};
+use crate::container::root::{HostBind, LibraryCache};
 use crate::facts::patterns::expand_vars;
 use crate::jobspec::MountBackendKind;
 use crate::mount::MountBackend;
 use crate::plan::{AppPlan, Bind, BindKind, BindTime, LaunchPlan, image_apps};
 
 use super::LaunchError;
-use super::env::RankEnv;
+use super::rank_env::RankEnv;
 
 /// The MPMD part that `rank` belongs to.
 pub fn part_of(plan: &LaunchPlan, rank: u32) -> usize {
@@ -116,13 +116,13 @@ const BOUND_ALREADY: &[&str] = &["/tmp", "/var/tmp"];
 /// Binds resolved at rank start (`$VAR` paths such as `$PMIX_SERVER_TMPDIR`) are expanded from
 /// `rank_env`; those whose variables are unset or empty, whose source does not exist (or is not
 /// a directory, for a directory bind), or that name a host directory every root binds already
-/// ([`BOUND_ALREADY`]) are left out.
+/// (`BOUND_ALREADY`) are left out.
 pub fn image_binds(
     plan_binds: &[Bind],
     image: &Path,
     rank_env: &BTreeMap<String, String>,
-) -> Result<Vec<RootBind>, LaunchError> {
-    let mut binds: Vec<RootBind> = Vec::new();
+) -> Result<Vec<HostBind>, LaunchError> {
+    let mut binds: Vec<HostBind> = Vec::new();
     for b in plan_binds {
         if b.image.as_deref().is_some_and(|i| i != image) {
             continue;
@@ -147,7 +147,7 @@ pub fn image_binds(
             }
         };
         let spec = format!("{source}:{dest}");
-        let bind = RootBind::new(PathBuf::from(&source), Path::new(&dest), b.read_only, &spec)?;
+        let bind = HostBind::new(PathBuf::from(&source), Path::new(&dest), b.read_only, &spec)?;
         // Two rank-start binds can name one directory ($PMIX_SERVER_TMPDIR and
         // $PMIX_SYSTEM_TMPDIR often do); a second mount over it would only hide the first.
         if !binds.contains(&bind) {
@@ -166,7 +166,7 @@ pub fn rank_environment(
     part: usize,
     host: Vec<(OsString, OsString)>,
     home: &Path,
-    image_changes: &[crate::container::env::EnvChange],
+    image_changes: &[crate::container::member_env::EnvChange],
     launcher_env: &[(String, String)],
 ) -> Env {
     let rank_env = RankEnv::build(&plan.env, part, host, launcher_env);
@@ -189,7 +189,7 @@ pub fn rank_command(
     cfg: &InstanceConfig,
     rank: u32,
     host: Vec<(OsString, OsString)>,
-    changes: &[Vec<crate::container::env::EnvChange>],
+    changes: &[Vec<crate::container::member_env::EnvChange>],
     launcher_env: &[(String, String)],
 ) -> MemberCommand {
     let part = part_of(plan, rank);

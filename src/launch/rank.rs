@@ -83,7 +83,7 @@ pub fn instance_key(env: &BTreeMap<String, String>, parent: u32) -> String {
 /// plan may add others from them: `PMIX_MCA_*` from a PMIx server's module choice).
 pub fn launcher_env(env: &BTreeMap<String, String>) -> Vec<(String, String)> {
     env.iter()
-        .filter(|(k, _)| cmpirun_pmi::env::is_wireup_var(std::ffi::OsStr::new(k)))
+        .filter(|(k, _)| cmpirun_pmi::wireup::is_wireup_var(std::ffi::OsStr::new(k)))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

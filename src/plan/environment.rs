@@ -74,7 +74,7 @@ fn scrub_wireup(kind: LauncherKind, host: &HostFacts) -> Vec<EnvChange> {
         ("OMPI_", "OMPI_*"),
     ] {
         let present = host.env.keys().any(|k| {
-            k.starts_with(prefix) && cmpirun_pmi::env::is_wireup_var(std::ffi::OsStr::new(k))
+            k.starts_with(prefix) && cmpirun_pmi::wireup::is_wireup_var(std::ffi::OsStr::new(k))
         });
         if present {
             let reason = if prefix == "OMPI_" {

@@ -10,7 +10,7 @@
 //!    socketpair, `PMI_FD`) or, once, [`PmiServer::listen_tcp`] and then
 //!    [`PmiServer::tcp_env`] per rank (`PMI_PORT` + `PMI_ID`).
 //! 3. Fork the ranks with the environment returned for each, keeping the rank's descriptor
-//!    open across `exec` ([`crate::env::inherit_fd`]), then drop the parent's copy of it so
+//!    open across `exec` ([`crate::wireup::inherit_fd`]), then drop the parent's copy of it so
 //!    that a rank that dies is seen as a disconnect.
 //! 4. [`PmiServer::start`] runs the loop on its own thread and returns a [`ServerHandle`]
 //!    whose [`ServerHandle::events`] channel reports what ranks do ([`Event`]); or
@@ -54,12 +54,12 @@ use transport::{End, Transport, send_nosignal};
 /// The rank's end of a socketpair, and the environment that tells the rank about it.
 #[derive(Debug)]
 pub struct RankFd {
-    /// The rank's end (close-on-exec; see [`crate::env::inherit_fd`]). Drop it in the parent
+    /// The rank's end (close-on-exec; see [`crate::wireup::inherit_fd`]). Drop it in the parent
     /// once the rank is started.
     pub fd: OwnedFd,
     /// `PMI_FD`, `PMI_RANK`, `PMI_SIZE`, `PMI_JOBID`, with `PMI_FD` naming `fd`'s number. A
     /// launcher that moves the descriptor to another number in the child (`dup2`) builds the
-    /// environment for that number with [`crate::env::fd_env`] instead.
+    /// environment for that number with [`crate::wireup::fd_env`] instead.
     pub env: Vec<(String, String)>,
 }
 
@@ -191,7 +191,7 @@ impl PmiServer {
         self.job.open(cid, Some(rank));
         let fd: OwnedFd = theirs.into();
         let config = self.job.config();
-        let env = crate::env::fd_env(rank, self.job.size(), &config.kvsname, fd.as_raw_fd());
+        let env = crate::wireup::fd_env(rank, self.job.size(), &config.kvsname, fd.as_raw_fd());
         Ok(RankFd { fd, env })
     }
 
@@ -206,7 +206,7 @@ impl PmiServer {
     pub fn tcp_env(&mut self, rank: u32) -> Result<Vec<(String, String)>, PmiError> {
         self.job.check_rank(rank)?;
         let addr = self.listen_tcp()?;
-        Ok(crate::env::port_env(
+        Ok(crate::wireup::port_env(
             rank,
             self.job.size(),
             &self.job.config().kvsname,

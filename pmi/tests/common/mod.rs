@@ -9,8 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use cmpirun_pmi::env::{inherit_fd, scrub_env};
 use cmpirun_pmi::server::{Event, JobConfig, JobReport, PmiError, PmiServer};
+use cmpirun_pmi::wireup::{inherit_fd, scrub_env};
 
 /// The C sources of the test clients.
 pub fn client_src(name: &str) -> PathBuf {

@@ -13,7 +13,7 @@ use super::member::{MemberCommand, start as start_member};
 use super::process::{RootPlans, start as start_instance};
 use super::protocol::{MSG_READY, Message, decode_ready, failure_error, recv_message};
 use super::{InstanceConfig, InstanceError, MAX_IMAGES};
-use crate::container::env::EnvChange;
+use crate::container::member_env::EnvChange;
 use crate::container::rendezvous::{Rendezvous, RendezvousError};
 
 /// A handle on a node instance. While it exists (and any member started through it runs), the
@@ -124,7 +124,7 @@ impl NodeInstance {
     }
 
     /// What each image's environment scripts changed, by image (apply with
-    /// [`crate::container::env::member_environment`]).
+    /// [`crate::container::member_env::member_environment`]).
     pub fn env_changes(&self) -> &[Vec<EnvChange>] {
         &self.changes
     }

@@ -22,9 +22,9 @@ use super::image_env::eval_image_env;
 use super::protocol::{
     MSG_FAILED, MSG_READY, MSG_UNSHARED, Message, SetupError, recv_message, send_message,
 };
-use crate::container::env::{Env, EnvChange, decode_changes, encode_changes};
 use crate::container::executor::execute;
-use crate::container::plan::MountOp;
+use crate::container::member_env::{Env, EnvChange, decode_changes, encode_changes};
+use crate::container::root::MountOp;
 use crate::sys::SysError;
 use crate::sys::process::{close_fds_except, fork_child};
 

@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
-use crate::container::env::{
+use crate::container::member_env::{
     Env, EnvChange, eval_simple_scripts, image_changes, parse_environ, without_shell_noise,
 };
 use crate::sys::process::fork_child;

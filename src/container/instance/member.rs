@@ -18,7 +18,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::unistd::{Pid, getpid, getppid};
 
 use super::InstanceError;
-use crate::container::env::{DEFAULT_PATH, Env};
+use crate::container::member_env::{DEFAULT_PATH, Env};
 use crate::sys::process::fork_child;
 
 /// A program to start in the container.
@@ -26,7 +26,7 @@ use crate::sys::process::fork_child;
 pub struct MemberCommand {
     /// Program and arguments; a program without `/` is looked up in the container's `PATH`.
     pub argv: Vec<OsString>,
-    /// The complete environment (see [`crate::container::env::member_environment`]).
+    /// The complete environment (see [`crate::container::member_env::member_environment`]).
     pub env: Env,
     /// The working directory inside the container (falls back to `$HOME`, then `/`).
     pub cwd: PathBuf,

@@ -36,9 +36,9 @@ use nix::errno::Errno;
 pub use handle::{NodeInstance, join_or_create};
 pub use member::{EXIT_JOIN_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, MemberCommand};
 
-use super::env::Env;
-use super::plan::RootConfig;
+use super::member_env::Env;
 use super::rendezvous::RendezvousError;
+use super::root::RootConfig;
 
 /// At most this many images in one node instance (one descriptor per image's mount namespace
 /// travels in each membership message).
@@ -54,7 +54,7 @@ pub struct InstanceConfig {
     /// binds the same private `/dev/shm`.
     pub other_roots: Vec<RootConfig>,
     /// The environment the image's scripts are evaluated in (the creator's, filtered by
-    /// [`super::env::base_environment`]).
+    /// [`super::member_env::base_environment`]).
     pub script_env: Env,
 }
 

@@ -16,8 +16,8 @@ use nix::unistd::Pid;
 
 use super::image_env::ImageEnvError;
 use super::{InstanceError, MAX_IMAGES};
-use crate::container::env::{EnvChange, decode_changes, encode_changes};
 use crate::container::executor::RootError;
+use crate::container::member_env::{EnvChange, decode_changes, encode_changes};
 use crate::sys::SysError;
 use crate::sys::userns::UserNsError;
 

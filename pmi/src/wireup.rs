@@ -65,7 +65,7 @@ pub fn is_wireup_var(name: &OsStr) -> bool {
 /// The environment `vars` without the variables [`is_wireup_var`] names.
 ///
 /// ```
-/// use cmpirun_pmi::env::scrub_env;
+/// use cmpirun_pmi::wireup::scrub_env;
 ///
 /// let env = [("PATH", "/bin"), ("PMIX_NAMESPACE", "x"), ("PMI_FD", "5"), ("OMPI_MCA_btl", "self")];
 /// let kept: Vec<_> = scrub_env(env).into_iter().map(|(k, _)| k).collect();

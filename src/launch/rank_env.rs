@@ -2,7 +2,7 @@
 //!
 //! The plan lists every change with its reason; this module only applies them, in three layers
 //! that match how a container member's environment is built
-//! ([`crate::container::env::member_environment`]):
+//! ([`crate::container::member_env::member_environment`]):
 //!
 //! 1. [`RankEnv::inherited`]: the caller's variables that reach the rank (all of them, or only
 //!    the passed ones after `-genvnone`), minus what the plan unsets and minus stray PMI/PMIx
@@ -79,14 +79,14 @@ impl RankEnv {
                 // The plan's globbed unsets remove wire-up state only (the PMI crate's rule):
                 // `OMPI_*` goes for `OMPI_COMM_WORLD_RANK`, while `OMPI_MCA_*` settings stay.
                 EnvAction::UnsetMatching => {
-                    glob_matches(&c.name, k) && cmpirun_pmi::env::is_wireup_var(k)
+                    glob_matches(&c.name, k) && cmpirun_pmi::wireup::is_wireup_var(k)
                 }
                 _ => false,
             })
         };
         // Stray wire-up variables never cross, whatever the plan lists: a launcher sets its own.
         let inherited: Vec<(OsString, OsString)> =
-            cmpirun_pmi::env::scrub_env(host.iter().cloned())
+            cmpirun_pmi::wireup::scrub_env(host.iter().cloned())
                 .into_iter()
                 .filter(|(k, _)| (!clear || passed(k)) && !unset(k))
                 .collect();

@@ -69,7 +69,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
     for (k, _) in std::env::vars_os() {
-        if cmpirun_pmi::env::is_wireup_var(&k) {
+        if cmpirun_pmi::wireup::is_wireup_var(&k) {
             cmd.env_remove(k);
         }
     }

@@ -55,7 +55,7 @@ pub enum ShmMode {
 
 /// One bind of a host path into the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bind {
+pub struct HostBind {
     /// The host path.
     pub src: PathBuf,
     /// The absolute path inside the container.
@@ -127,14 +127,14 @@ pub struct RootConfig {
     /// exist.
     pub host_dirs: Vec<PathBuf>,
     /// `--bind` values, in command-line order.
-    pub binds: Vec<Bind>,
+    pub binds: Vec<HostBind>,
     /// The image files to serve from the node's library cache (`None`: the cache is off). The
     /// instance's creator alone fills the cache entry and turns this into [`Self::cached`]
     /// ([`super::library_cache`]), so the ranks that join an instance never touch the cache.
     pub library_cache: Option<LibraryCache>,
     /// Image files served from the node's library cache: read-only binds over the image's own
     /// copies (same content). One is left out where any other bind covers its destination.
-    pub cached: Vec<Bind>,
+    pub cached: Vec<HostBind>,
     /// What `/dev/shm` is.
     pub shm: ShmMode,
     /// With [`ShmMode::Private`]: a directory (as the node instance sees it before any root is
@@ -271,7 +271,7 @@ pub enum BindSpecError {
 }
 
 /// Parses one `--bind SRC[:DST[:ro|rw]]` value; a relative source is taken relative to `cwd`.
-pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
+pub fn parse_bind(spec: &str, cwd: &Path) -> Result<HostBind, BindSpecError> {
     let fields: Vec<&str> = spec.split(':').collect();
     if fields.len() > 3 {
         return Err(BindSpecError::TooManyFields(spec.into()));
@@ -295,10 +295,10 @@ pub fn parse_bind(spec: &str, cwd: &Path) -> Result<Bind, BindSpecError> {
             });
         }
     };
-    Bind::new(src, &dst, readonly, spec)
+    HostBind::new(src, &dst, readonly, spec)
 }
 
-impl Bind {
+impl HostBind {
     /// A bind of host path `src` at container path `dst`, which must be absolute and not `/`
     /// (`.` and `..` are resolved), with the mounts below `src`, as the host directories are
     /// (see `plan_root`). `spec` names the bind in errors.
@@ -307,7 +307,7 @@ impl Bind {
         dst: &Path,
         readonly: bool,
         spec: &str,
-    ) -> Result<Bind, BindSpecError> {
+    ) -> Result<HostBind, BindSpecError> {
         if !dst.is_absolute() {
             return Err(BindSpecError::RelativeDestination(spec.into()));
         }
@@ -315,7 +315,7 @@ impl Bind {
         if dst == Path::new("/") {
             return Err(BindSpecError::Root(spec.into()));
         }
-        Ok(Bind {
+        Ok(HostBind {
             src,
             dst,
             readonly,
@@ -661,7 +661,7 @@ mod tests {
 
     #[test]
     fn library_cache_copies_yield_to_every_other_bind() {
-        let cached = |dst: &str| Bind {
+        let cached = |dst: &str| HostBind {
             src: PathBuf::from("/cache/k").join(dst.trim_start_matches('/')),
             dst: dst.into(),
             readonly: true,
