@@ -47,6 +47,22 @@ pub fn kill_grace() -> Duration {
         .map_or(Duration::from_secs(3), Duration::from_secs_f64)
 }
 
+/// After how long a PMI fence that waits for ranks is reported, then at each doubling
+/// (`CMPIRUN_WIREUP_REPORT` in seconds overrides the PMI server's default; 0: never).
+fn wireup_report() -> Option<Duration> {
+    let default = Some(cmpirun_pmi::server::DEFAULT_FENCE_REPORT);
+    let Ok(text) = std::env::var("CMPIRUN_WIREUP_REPORT") else {
+        return default;
+    };
+    match text.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+        Ok(Ok(after)) => Some(after),
+        _ => {
+            tracing::warn!("CMPIRUN_WIREUP_REPORT={text:?} is not a number of seconds; ignored");
+            default
+        }
+    }
+}
+
 fn sys(step: &'static str) -> impl FnOnce(Errno) -> LaunchError {
     move |errno| LaunchError::Sys { step, errno }
 }
@@ -123,7 +139,9 @@ fn run_blocked(
     let mut inst = NodeInstance::create(cfg, None, true).map_err(LaunchError::from_instance)?;
     let kvsname = format!("cmpirun-{}", std::process::id());
     let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
-    let config = JobConfig::new(kvsname, vec![0; size as usize]).appnums(appnums);
+    let config = JobConfig::new(kvsname, vec![0; size as usize])
+        .appnums(appnums)
+        .fence_report(wireup_report());
     let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
@@ -458,6 +476,9 @@ impl Job {
                     "PMI protocol error from {}: {error}",
                     rank.map_or("a rank".to_owned(), |r| format!("rank {r}"))
                 );
+            }
+            Event::FenceWaiting(wait) => {
+                tracing::warn!("{wait}; the job goes on waiting (--timeout ends it)");
             }
             other => tracing::trace!("PMI: {other:?}"),
         }

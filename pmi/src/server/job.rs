@@ -7,7 +7,7 @@
 //! the name service and the life of every rank. What each PMI-1/PMI-2 command does to that state
 //! is in the sibling `commands` module.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::mapping::{format_process_mapping, normalize_nodes};
@@ -247,6 +247,8 @@ pub(super) struct RankState {
     pub(super) conn: Option<ConnId>,
     /// The fence it waits in, with the `thrid` to echo.
     pub(super) fence: Option<(Pending, Option<String>)>,
+    /// The command of its last message (empty: none yet), for a report of a waiting fence.
+    pub(super) last_command: String,
 }
 
 /// A deferred `info-getnodeattr;wait=TRUE` reply.
@@ -298,6 +300,7 @@ impl Job {
                 life: Life::Waiting,
                 conn: None,
                 fence: None,
+                last_command: String::new(),
             })
             .collect();
         Ok(Self {
@@ -401,6 +404,7 @@ impl Job {
             arrived: Vec::new(),
             never_connected: Vec::new(),
             not_in_fence: Vec::new(),
+            last_command: BTreeMap::new(),
             finalized: Vec::new(),
         };
         for (rank, state) in (0..self.size).zip(&self.ranks) {
@@ -408,7 +412,11 @@ impl Job {
                 (Some(_), _) => &mut wait.arrived,
                 (None, Life::Waiting) => &mut wait.never_connected,
                 (None, Life::Finalized) => &mut wait.finalized,
-                (None, _) => &mut wait.not_in_fence,
+                (None, _) => {
+                    let last = state.last_command.clone();
+                    wait.last_command.entry(last).or_default().push(rank);
+                    &mut wait.not_in_fence
+                }
             };
             list.push(rank);
         }

@@ -9,6 +9,7 @@
 //! ending the job is the launcher's decision. It has no clock of its own, so its tests give it
 //! the times.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -31,13 +32,15 @@ use super::job::Job;
 ///     arrived: vec![0, 1, 2, 3, 6],
 ///     never_connected: vec![4, 5],
 ///     not_in_fence: vec![7],
+///     last_command: [("get".to_owned(), vec![7])].into(),
 ///     finalized: vec![],
 /// };
 /// assert_eq!(
 ///     wait.to_string(),
 ///     "PMI fence 1 (0 completed) has waited 30 s for 3 of 8 ranks: arrived 0-3,6; \
 ///      missing 4-5,7; never connected to the PMI server: 4-5 (not in MPI_Init yet, or an MPI \
-///      that does not use this PMI server); connected but not in the fence: 7"
+///      that does not use this PMI server); connected but not in the fence: 7 (last PMI \
+///      command: get from 7)"
 /// );
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +60,9 @@ pub struct FenceWait {
     pub never_connected: Vec<u32>,
     /// Ranks missing that have spoken PMI but not entered the fence.
     pub not_in_fence: Vec<u32>,
+    /// The ranks of `not_in_fence` by the command of the last PMI message each sent: where
+    /// in its wire-up each stopped talking to the server.
+    pub last_command: BTreeMap<String, Vec<u32>>,
     /// Ranks missing that have finalized (they will not enter it).
     pub finalized: Vec<u32>,
 }
@@ -98,10 +104,16 @@ impl fmt::Display for FenceWait {
             )?;
         }
         if !self.not_in_fence.is_empty() {
+            let last: Vec<String> = self
+                .last_command
+                .iter()
+                .map(|(cmd, ranks)| format!("{cmd} from {}", rank_ranges(ranks)))
+                .collect();
             write!(
                 f,
-                "; connected but not in the fence: {}",
-                rank_ranges(&self.not_in_fence)
+                "; connected but not in the fence: {} (last PMI command: {})",
+                rank_ranges(&self.not_in_fence),
+                last.join(", ")
             )?;
         }
         if !self.finalized.is_empty() {
@@ -285,6 +297,7 @@ mod tests {
                 arrived: vec![0],
                 never_connected: vec![1],
                 not_in_fence: vec![],
+                last_command: BTreeMap::new(),
                 finalized: vec![],
             }
         );
@@ -315,6 +328,10 @@ mod tests {
         let w = watch.check(&job, t0 + secs(100)).expect("a report");
         assert_eq!(w.waited, secs(100));
         assert_eq!((w.arrived, w.not_in_fence), (vec![1], vec![0, 2]));
+        assert_eq!(
+            w.last_command,
+            [("get_maxes".to_owned(), vec![0, 2])].into()
+        );
         assert!(w.never_connected.is_empty());
         assert_eq!(watch.next_due(), Some(t0 + secs(120)));
         assert_eq!(watch.check(&job, t0 + secs(110)), None);
@@ -326,12 +343,22 @@ mod tests {
         for r in 0..8 {
             enter(&mut job, r, Wire::V1);
         }
-        // The second fence: ranks 0-3 and 6 arrive, 7 finalized (it will never come), 4-5 busy.
+        // The second fence: ranks 0-3 and 6 arrive, 7 finalized (it will never come), 4-5 busy
+        // after a put and a get.
         for r in [0, 1, 2, 3, 6] {
             enter(&mut job, r, Wire::V1);
         }
         let mut out = Vec::new();
         job.receive(7, Message::new(Wire::V1, "finalize"), &mut out);
+        let put = Message::new(Wire::V1, "put")
+            .with("key", "k")
+            .with("value", "v");
+        job.receive(4, put, &mut out);
+        job.receive(
+            5,
+            Message::new(Wire::V2, "kvs-get").with("key", "k"),
+            &mut out,
+        );
         let mut watch = FenceWatch::new(Some(secs(5)));
         let t0 = Instant::now();
         watch.check(&job, t0);
@@ -341,7 +368,8 @@ mod tests {
         assert_eq!(
             w.to_string(),
             "PMI fence 2 (1 completed) has waited 5.0 s for 3 of 8 ranks: arrived 0-3,6; \
-             missing 4-5,7; connected but not in the fence: 4-5; finalized: 7"
+             missing 4-5,7; connected but not in the fence: 4-5 (last PMI command: kvs-get from \
+             5, put from 4); finalized: 7"
         );
     }
 
