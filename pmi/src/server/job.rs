@@ -51,7 +51,7 @@ pub struct JobConfig {
 /// seconds of each other (256 ranks through init and a fence take about 3 s on a loaded 2-core
 /// machine, `examples/bench_fence.rs`), so a longer wait is almost always a hang; a user still
 /// watching a silent job gets told before giving up on it. A fence an application enters while
-/// other ranks are busy (MPICH's barrier in `MPI_Finalize`) may wait longer for good reasons: the
+/// other ranks are busy (a barrier in `MPI_Finalize`, say) may wait longer for good reasons: the
 /// report is a notice, and it repeats at 60, 120, 240 s … rather than every few seconds.
 pub const DEFAULT_FENCE_REPORT: Duration = Duration::from_secs(30);
 
