@@ -77,6 +77,7 @@ fn run() -> Result<ExitCode, Box<dyn std::error::Error>> {
                 children.iter_mut().for_each(|c| drop(c.kill()));
             }
             Event::ProtocolError { rank, error } => eprintln!("rank {rank:?}: {error}"),
+            Event::FenceWaiting(wait) => eprintln!("{wait}"),
             _ => {}
         }
     }

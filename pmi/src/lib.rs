@@ -9,8 +9,8 @@
 //!
 //! - [`wire`]: the codec for both protocols, an incremental decoder over a byte buffer;
 //! - [`server`]: a server for one job (KVS with fences, job and node attributes, name service,
-//!   finalize and abort as events), over inherited socketpairs (`PMI_FD`) or loopback TCP
-//!   (`PMI_PORT`);
+//!   finalize and abort as events, a fence that waits too long reported with the ranks it waits
+//!   for), over inherited socketpairs (`PMI_FD`) or loopback TCP (`PMI_PORT`);
 //! - [`wireup`]: the wire-up variables a rank gets, and the removal of stray PMI/PMIx variables;
 //! - [`mapping`]: MPICH's `PMI_process_mapping` format, both ways;
 //! - [`probe`]: which PMI libraries the host has (through `dlopen`).
@@ -53,5 +53,7 @@ pub mod server;
 pub mod wire;
 pub mod wireup;
 
-pub use server::{Event, JobConfig, JobReport, PmiError, PmiServer, ServerControl, ServerHandle};
+pub use server::{
+    Event, FenceWait, JobConfig, JobReport, PmiError, PmiServer, ServerControl, ServerHandle,
+};
 pub use wire::{Message, Wire, WireError};

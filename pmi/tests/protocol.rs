@@ -293,6 +293,44 @@ fn ranks_that_never_connect_time_out() {
 }
 
 #[test]
+fn a_fence_that_waits_is_reported_with_its_missing_ranks_and_still_completes() {
+    let config = JobConfig::single_node("kvs_w", 3).fence_report(Some(Duration::from_millis(200)));
+    let (h, mut c) = job(config);
+    c[0].v1("cmd=init pmi_version=1 pmi_subversion=1");
+    c[0].recv();
+    c[1].v1("cmd=init pmi_version=1 pmi_subversion=1");
+    c[1].recv();
+    c[0].v1("cmd=barrier_in");
+    let started = std::time::Instant::now();
+    let ev = events_until(&h, |e| matches!(e, Event::FenceWaiting(_)));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    let Some(Event::FenceWaiting(wait)) = ev.last() else {
+        panic!("{ev:?}")
+    };
+    assert_eq!((wait.number, wait.completed), (1, 0));
+    assert_eq!(wait.arrived, [0]);
+    assert_eq!(wait.not_in_fence, [1]);
+    assert_eq!(wait.never_connected, [2]);
+    // The next report comes when the wait has doubled.
+    let ev = events_until(&h, |e| matches!(e, Event::FenceWaiting(_)));
+    let Some(Event::FenceWaiting(again)) = ev.last() else {
+        panic!("{ev:?}")
+    };
+    assert!(again.waited >= Duration::from_millis(400), "{again:?}");
+    // Reported, not failed: the fence completes when the others arrive.
+    c[1].v1("cmd=barrier_in");
+    c[2].v1("cmd=init pmi_version=1 pmi_subversion=1");
+    c[2].recv();
+    c[2].v1("cmd=barrier_in");
+    for client in &mut c {
+        let m = client.recv();
+        assert_eq!((m.cmd.as_str(), m.get("rc")), ("barrier_out", Some("0")));
+    }
+    h.stop();
+    assert_eq!(h.join().unwrap().fences, 1);
+}
+
+#[test]
 fn tcp_clients_identify_with_initack_or_fullinit() {
     let mut server = PmiServer::new(JobConfig::single_node("kvs_h", 2)).unwrap();
     let env = server.tcp_env(1).unwrap();

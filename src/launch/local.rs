@@ -114,7 +114,9 @@ fn run_blocked(
     let mut inst = NodeInstance::create(cfg, None, true).map_err(LaunchError::from_instance)?;
     let kvsname = format!("cmpirun-{}", std::process::id());
     let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
-    let config = JobConfig::new(kvsname, vec![0; size as usize]).appnums(appnums);
+    let config = JobConfig::new(kvsname, vec![0; size as usize])
+        .appnums(appnums)
+        .fence_report(super::settings::wireup_report());
     let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
@@ -449,6 +451,9 @@ impl Job {
                     "PMI protocol error from {}: {error}",
                     rank.map_or("a rank".to_owned(), |r| format!("rank {r}"))
                 );
+            }
+            Event::FenceWaiting(wait) => {
+                tracing::warn!("{wait}; the job goes on waiting (--timeout ends it)");
             }
             other => tracing::trace!("PMI: {other:?}"),
         }

@@ -5,6 +5,7 @@
 //! | variable | default | what |
 //! |---|---|---|
 //! | `CMPIRUN_KILL_GRACE` | 3 | seconds ranks get between SIGTERM and SIGKILL when the job is torn down |
+//! | `CMPIRUN_WIREUP_REPORT` | 30 | seconds a PMI fence of the local launcher waits for ranks before it is reported (again at each doubling; 0: never) |
 //!
 //! `cmpirun -v` shows them ([`log_settings`]).
 
@@ -25,13 +26,33 @@ pub fn kill_grace() -> Duration {
         .unwrap_or(DEFAULT_KILL_GRACE)
 }
 
-/// A finite, non-negative number of seconds.
+/// A finite, non-negative number of seconds that a `Duration` holds.
 fn parse_seconds(s: &str) -> Option<Duration> {
     s.trim()
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+}
+
+/// The variable that sets [`wireup_report`], in seconds (0: never).
+pub const WIREUP_REPORT_VAR: &str = "CMPIRUN_WIREUP_REPORT";
+
+/// After how long a PMI fence of the local launcher that waits for ranks is reported, then at
+/// each doubling: [`WIREUP_REPORT_VAR`] if set to a number of seconds (a warning when it is set
+/// to something else), else the PMI server's default
+/// ([`cmpirun_pmi::server::DEFAULT_FENCE_REPORT`]).
+pub fn wireup_report() -> Option<Duration> {
+    let default = Some(cmpirun_pmi::server::DEFAULT_FENCE_REPORT);
+    let Ok(text) = std::env::var(WIREUP_REPORT_VAR) else {
+        return default;
+    };
+    match parse_seconds(&text) {
+        Some(after) => Some(after),
+        None => {
+            tracing::warn!("{WIREUP_REPORT_VAR}={text:?} is not a number of seconds; ignored");
+            default
+        }
+    }
 }
 
 /// Logs the launch settings at `-v` (info level), and a value that is set but not understood.
@@ -65,5 +86,10 @@ mod tests {
         assert_eq!(parse_seconds("-1"), None);
         assert_eq!(parse_seconds("inf"), None);
         assert_eq!(parse_seconds("soon"), None);
+        assert_eq!(
+            parse_seconds("1e300"),
+            None,
+            "too long for a Duration, and no panic"
+        );
     }
 }

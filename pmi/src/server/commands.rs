@@ -18,6 +18,10 @@ impl Job {
     /// A whole message arrived on `cid`.
     pub(crate) fn receive(&mut self, cid: ConnId, msg: Message, out: &mut Vec<Output>) {
         let rank = self.rank_of(cid);
+        if let Some(r) = rank {
+            // Reuses the string's buffer: no allocation per message.
+            self.ranks[r as usize].last_command.clone_from(&msg.cmd);
+        }
         // Identification and version negotiation are the only messages allowed before the
         // server knows the rank (TCP mode).
         match (msg.wire, msg.cmd.as_str()) {

@@ -7,13 +7,14 @@
 //! the name service and the life of every rank. What each PMI-1/PMI-2 command does to that state
 //! is in the sibling `commands` module.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::mapping::{format_process_mapping, normalize_nodes};
 use crate::wire::{DEFAULT_MAX_MESSAGE, Message, Wire};
 
 use super::error::PmiError;
+use super::watch::FenceWait;
 
 /// Limits a PMI-1 client is told (`get_maxes`); the same as hydra's.
 pub(super) const KVSNAME_MAX: usize = 256;
@@ -39,7 +40,20 @@ pub struct JobConfig {
     /// How long ranks may take to send their first PMI message; `None` waits forever (right
     /// for jobs whose programs might not use MPI at all).
     pub connect_timeout: Option<Duration>,
+    /// How long a fence (PMI-1 barrier, PMI-2 fence) may wait for ranks before the server
+    /// reports it with an [`Event::FenceWaiting`], and again each time the wait has doubled;
+    /// `None` never reports. The server goes on waiting either way. Default:
+    /// [`DEFAULT_FENCE_REPORT`].
+    pub fence_report: Option<Duration>,
 }
+
+/// The default [`JobConfig::fence_report`]: 30 s. A healthy job's ranks all reach a fence within
+/// seconds of each other (256 ranks through init and a fence take about 3 s on a loaded 2-core
+/// machine, `examples/bench_fence.rs`), so a longer wait is almost always a hang; a user still
+/// watching a silent job gets told before giving up on it. A fence an application enters while
+/// other ranks are busy (a barrier in `MPI_Finalize`, say) may wait longer for good reasons: the
+/// report is a notice, and it repeats at 60, 120, 240 s … rather than every few seconds.
+pub const DEFAULT_FENCE_REPORT: Duration = Duration::from_secs(30);
 
 impl JobConfig {
     /// A job with this KVS name and layout, every rank in application 0, no connect timeout.
@@ -51,6 +65,7 @@ impl JobConfig {
             universe_size: None,
             max_message: DEFAULT_MAX_MESSAGE,
             connect_timeout: None,
+            fence_report: Some(DEFAULT_FENCE_REPORT),
         }
     }
 
@@ -63,6 +78,13 @@ impl JobConfig {
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Builder: set [`JobConfig::fence_report`] (`None`: never report).
+    #[must_use]
+    pub fn fence_report(mut self, after: Option<Duration>) -> Self {
+        self.fence_report = after;
         self
     }
 
@@ -153,6 +175,10 @@ pub enum Event {
         /// The ranks that did not connect.
         missing: Vec<u32>,
     },
+    /// A fence has waited [`JobConfig::fence_report`] for ranks that have not entered it (and
+    /// again each time the wait has doubled); the server goes on waiting. Its `Display` is the
+    /// line to show a user.
+    FenceWaiting(FenceWait),
 }
 
 /// What the server saw over the job's lifetime.
@@ -221,6 +247,8 @@ pub(super) struct RankState {
     pub(super) conn: Option<ConnId>,
     /// The fence it waits in, with the `thrid` to echo.
     pub(super) fence: Option<(Pending, Option<String>)>,
+    /// The command of its last message (empty: none yet), for a report of a waiting fence.
+    pub(super) last_command: String,
 }
 
 /// A deferred `info-getnodeattr;wait=TRUE` reply.
@@ -252,6 +280,8 @@ pub(crate) struct Job {
     pub(super) node_waiters: Vec<NodeWaiter>,
     /// Ranks waiting in the current fence.
     pub(super) in_fence: u32,
+    /// Fences begun (a first rank entered), completed or not: the number of the current one.
+    pub(super) fences_begun: u64,
     pub(super) report: JobReport,
 }
 
@@ -270,6 +300,7 @@ impl Job {
                 life: Life::Waiting,
                 conn: None,
                 fence: None,
+                last_command: String::new(),
             })
             .collect();
         Ok(Self {
@@ -284,6 +315,7 @@ impl Job {
             node_attrs: HashMap::new(),
             node_waiters: Vec::new(),
             in_fence: 0,
+            fences_begun: 0,
             report: JobReport::default(),
         })
     }
@@ -354,6 +386,41 @@ impl Job {
         (0..self.size)
             .filter(|&r| self.ranks[r as usize].life == Life::Waiting)
             .collect()
+    }
+
+    /// The number of the fence ranks wait in (1 for the job's first), or `None` when none
+    /// waits. A fence that completes or fails is over: the next one has the next number.
+    pub(crate) fn fence_in_progress(&self) -> Option<u64> {
+        (self.in_fence > 0).then_some(self.fences_begun)
+    }
+
+    /// Who is where while ranks wait in the fence in progress, which has waited `waited`.
+    pub(crate) fn fence_wait(&self, waited: Duration) -> FenceWait {
+        let mut wait = FenceWait {
+            number: self.fences_begun,
+            completed: self.report.fences,
+            waited,
+            size: self.size,
+            arrived: Vec::new(),
+            never_connected: Vec::new(),
+            not_in_fence: Vec::new(),
+            last_command: BTreeMap::new(),
+            finalized: Vec::new(),
+        };
+        for (rank, state) in (0..self.size).zip(&self.ranks) {
+            let list = match (&state.fence, state.life) {
+                (Some(_), _) => &mut wait.arrived,
+                (None, Life::Waiting) => &mut wait.never_connected,
+                (None, Life::Finalized) => &mut wait.finalized,
+                (None, _) => {
+                    let last = state.last_command.clone();
+                    wait.last_command.entry(last).or_default().push(rank);
+                    &mut wait.not_in_fence
+                }
+            };
+            list.push(rank);
+        }
+        wait
     }
 
     /// The connection is gone (closed by the peer, unusable, or closed by the job): forget it;
@@ -493,6 +560,9 @@ impl Job {
         let thrid = msg.get("thrid").map(str::to_owned);
         let state = &mut self.ranks[rank as usize];
         if state.fence.is_none() {
+            if self.in_fence == 0 {
+                self.fences_begun += 1;
+            }
             self.in_fence += 1;
         }
         state.fence = Some((kind, thrid));

@@ -17,7 +17,9 @@
 //!    [`PmiServer::run`] runs it on the calling thread with a callback.
 //! 5. The loop ends by itself once every rank has finalized, aborted or disconnected, when
 //!    [`ServerControl::stop`] is called, or with [`PmiError::ConnectTimeout`] when a rank has not
-//!    connected within [`JobConfig::connect_timeout`]. It returns a [`JobReport`].
+//!    connected within [`JobConfig::connect_timeout`]. It returns a [`JobReport`]. A fence that
+//!    waits longer than [`JobConfig::fence_report`] is reported ([`Event::FenceWaiting`]: which
+//!    ranks it waits for), again each time its wait has doubled, and waited for still.
 //!
 //! The server never kills anything: an abort or a disconnect is an [`Event`], and the launcher
 //! decides what happens to the other ranks. The launcher tells the server when a rank's process
@@ -28,8 +30,9 @@
 //! (`transport.rs`: sockets, the wake pipe, `poll(2)`, bytes in and out, the wire codec) and the
 //! job (`job.rs` and `commands.rs`: the KVS, fences and barriers, node attributes, the name
 //! service, the life of every rank), a plain state machine that takes whole messages and
-//! returns the replies to queue, the connections to close and the events to report. This
-//! module runs the loop that joins them.
+//! returns the replies to queue, the connections to close and the events to report. The fence
+//! watch (`watch.rs`) is given the job and the time after every round and says when a fence has
+//! waited long enough to report. This module runs the loop that joins them.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -44,12 +47,15 @@ mod commands;
 mod error;
 mod job;
 mod transport;
+mod watch;
 
 pub use error::PmiError;
 use error::io_err;
 use job::{ConnId, Job, Output};
-pub use job::{Event, JobConfig, JobReport};
+pub use job::{DEFAULT_FENCE_REPORT, Event, JobConfig, JobReport};
 use transport::{End, Transport, send_nosignal};
+use watch::FenceWatch;
+pub use watch::{FenceWait, rank_ranges};
 
 /// The rank's end of a socketpair, and the environment that tells the rank about it.
 #[derive(Debug)]
@@ -238,6 +244,7 @@ impl PmiServer {
     /// calling `on_event` for every [`Event`].
     pub fn run(mut self, mut on_event: impl FnMut(Event)) -> Result<JobReport, PmiError> {
         let started = Instant::now();
+        let mut watch = FenceWatch::new(self.job.config().fence_report);
         let mut events = Vec::new();
         loop {
             for e in events.drain(..) {
@@ -245,6 +252,9 @@ impl PmiServer {
             }
             if self.job.is_over() && self.transport.all_sent() {
                 return Ok(self.job.into_report());
+            }
+            if let Some(wait) = watch.check(&self.job, Instant::now()) {
+                on_event(Event::FenceWaiting(wait));
             }
             let deadline = self.connect_deadline(started);
             if let Some(d) = deadline
@@ -259,7 +269,8 @@ impl PmiServer {
                     timeout: self.job.config().connect_timeout.unwrap_or_default(),
                 });
             }
-            let ready = self.transport.poll(poll_timeout(deadline))?;
+            let wake_at = deadline.into_iter().chain(watch.next_due()).min();
+            let ready = self.transport.poll(poll_timeout(wake_at))?;
             if ready.wake && self.take_controls(&mut events) {
                 for e in events.drain(..) {
                     on_event(e);
