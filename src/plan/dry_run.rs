@@ -73,7 +73,12 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         }
     )?;
     for (id, n) in lay.nodes.iter().enumerate() {
-        writeln!(o, "  node {id} {}: ranks {}", n.name, ranges(&n.ranks))?;
+        writeln!(
+            o,
+            "  node {id} {}: ranks {}",
+            n.name,
+            cmpirun_pmi::server::rank_ranges(&n.ranks)
+        )?;
     }
     writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
     writeln!(o, "mount: {}", plan.mount.backend.as_str())?;
@@ -276,27 +281,6 @@ fn serde_kind(k: &BindKind) -> &'static str {
         BindKind::Directory => "directory",
         BindKind::Path => "path",
     }
-}
-
-/// `0-3,8,10-11`.
-fn ranges(ranks: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < ranks.len() {
-        let start = ranks[i];
-        let mut end = start;
-        while i + 1 < ranks.len() && ranks[i + 1] == end + 1 {
-            i += 1;
-            end += 1;
-        }
-        out.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
-        i += 1;
-    }
-    out.join(",")
 }
 
 /// Joins arguments for display, quoting the ones a shell would split.
