@@ -334,7 +334,21 @@ fn each_image_gets_the_host_library_over_its_own_mpis_file() {
         )),
         "{plan}"
     );
-    assert!(plan.stdout.contains("warn    mpmd-mpi:"), "{plan}");
+    // MPICH 4 over UCX and MPICH 5 over libfabric do not wire up with each other: refused
+    // unless --force.
+    assert!(plan.stdout.contains("FAIL    mpmd-mpi:"), "{plan}");
+    let refused = cmd().args(parts(&["/bin/true"])).run();
+    refused.assert_code(2);
+    assert!(
+        refused.stderr.contains("mpmd-mpi")
+            && refused
+                .stderr
+                .contains("different versions (library files)")
+            && refused
+                .stderr
+                .contains("libmpich.so.12.2.2 with ucx against libmpi.so.12 with ofi+ucx"),
+        "{refused}"
+    );
     // Launched (--force: the host libfabric is older than MPICH 5's), each root has its own.
     let probe = "echo \"$CMPIRUN_TEST_IMAGE inject=$(stat -L -c '%d:%i' /.cmpirun/lib/libfabric.so.1 2>/dev/null || echo none) \
                  over=$(stat -L -c '%d:%i' /opt/mpich5/lib/mpich/libfabric.so.1 2>/dev/null || echo none)\"";

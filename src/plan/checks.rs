@@ -161,6 +161,33 @@ fn mpmd_images_check(apps: &[AppPlan]) -> Option<Check> {
             ),
         });
     }
+    // Different versions or network modules of one MPI do not wire up with each other: MPICH
+    // 4 over UCX and MPICH 5 over libfabric wait for each other in MPI_Init for ever.
+    let mismatch = first.and_then(|f| {
+        (0..apps.len()).find_map(|i| {
+            let (x, y) = (&apps[f].image, &apps[i].image);
+            if mpi_build(x) != mpi_build(y) {
+                Some((f, i, "versions (library files)"))
+            } else if netmods(x) != netmods(y) {
+                Some((f, i, "network modules"))
+            } else {
+                None
+            }
+        })
+    });
+    if let Some((a, b, what)) = mismatch {
+        return Some(Check {
+            name: "mpmd-mpi".into(),
+            verdict: Verdict::Fail,
+            message: format!(
+                "{} and {} use one MPI family but different {what} ({} against {}): ranks of different builds of one MPI do not wire up with each other (MPI_Init waits for ever); use images with the same MPI build, or --force to launch anyway",
+                describe(a),
+                describe(b),
+                build_text(&apps[a].image),
+                build_text(&apps[b].image),
+            ),
+        });
+    }
     let other_build = first.and_then(|f| {
         (0..apps.len())
             .find(|&i| apps[i].image.mpi_library != apps[f].image.mpi_library)
@@ -186,6 +213,46 @@ fn mpmd_images_check(apps: &[AppPlan]) -> Option<Check> {
             ),
         },
     })
+}
+
+/// The MPI library's file name, which carries its version (`libmpich.so.12.2.2`).
+fn mpi_build(image: &ImageSummary) -> Option<&str> {
+    let lib = image.mpi_library.as_deref()?;
+    Some(lib.rsplit('/').next().unwrap_or(lib))
+}
+
+/// The network modules the image's MPI stack loads, as far as its libraries tell: `ofi`
+/// (libfabric) and `ucx` (`libucp`).
+fn netmods(image: &ImageSummary) -> Vec<&'static str> {
+    let mut mods = Vec::new();
+    if matches!(
+        image.libfabric_use,
+        Some(LibfabricUse::Dynamic | LibfabricUse::Embedded | LibfabricUse::Unresolved)
+    ) {
+        mods.push("ofi");
+    }
+    if image.stack_files.iter().any(|f| {
+        f.rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with("libucp.so"))
+    }) {
+        mods.push("ucx");
+    }
+    mods
+}
+
+/// `libmpich.so.12.2.2 with ucx`, for messages.
+fn build_text(image: &ImageSummary) -> String {
+    let mods = netmods(image);
+    format!(
+        "{} with {}",
+        mpi_build(image).unwrap_or("?"),
+        if mods.is_empty() {
+            "no known network module".to_owned()
+        } else {
+            mods.join("+")
+        }
+    )
 }
 
 fn parse_versions<'a>(v: impl IntoIterator<Item = &'a String>) -> Vec<SymbolVersion> {
