@@ -365,6 +365,7 @@ impl Job {
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::new();
         let mut closed = Vec::new();
+        let mut gone: Option<Stream> = None;
         for (i, p) in self.pipes.iter_mut().enumerate() {
             if !ready.get(i).copied().unwrap_or(false) {
                 continue;
@@ -381,11 +382,20 @@ impl Job {
                     closed.push(i);
                 }
             }
-            write_out(p.stream, &out);
+            if !write_out(p.stream, &out) {
+                gone.get_or_insert(p.stream);
+            }
             out.clear();
         }
         for i in closed.into_iter().rev() {
             self.pipes.remove(i);
+        }
+        // The reader of cmpirun's output went away: the job ends, as under hydra (the ranks'
+        // further output is read and dropped, so none of them blocks on a full pipe).
+        if let Some(stream) = gone.filter(|_| self.end.is_none()) {
+            self.finish(JobEnd::OutputClosed {
+                stream: stream.name(),
+            });
         }
     }
 

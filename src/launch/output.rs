@@ -86,19 +86,31 @@ impl LineBuffer {
     }
 }
 
-/// Writes `data` to cmpirun's stdout or stderr, ignoring a closed reader (the job goes on, as it
-/// would under mpirun with its output piped to `head`).
-pub fn write_out(stream: Stream, data: &[u8]) {
+/// Writes `data` to cmpirun's stdout or stderr. `false`: the stream's reader went away (a
+/// closed pipe, `EPIPE`), which ends a job ([`super::status::JobEnd::OutputClosed`]); other
+/// write errors drop the data.
+pub fn write_out(stream: Stream, data: &[u8]) -> bool {
     if data.is_empty() {
-        return;
+        return true;
     }
-    let _ = match stream {
+    let written = match stream {
         Stream::Stdout => {
             let mut o = std::io::stdout().lock();
             o.write_all(data).and_then(|_| o.flush())
         }
         Stream::Stderr => std::io::stderr().lock().write_all(data),
     };
+    !matches!(written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+impl Stream {
+    /// `standard output` or `standard error`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "standard output",
+            Stream::Stderr => "standard error",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -81,6 +81,13 @@ pub enum JobEnd {
         /// The timeout in seconds.
         secs: u64,
     },
+    /// cmpirun's standard output or error, where the ranks' output goes, was closed by its
+    /// reader (`cmpirun … | head`): the job ends as if cmpirun had been killed by SIGPIPE, as
+    /// under `mpiexec.hydra`.
+    OutputClosed {
+        /// `standard output` or `standard error`.
+        stream: &'static str,
+    },
     /// srun or `mpiexec.hydra` failed and no rank reported how it ended (its task was killed
     /// before it could, or its node was lost): cmpirun exits with the launcher's status.
     Unreported {
@@ -123,6 +130,7 @@ impl JobEnd {
                 status => status,
             },
             JobEnd::TimedOut { .. } => TIMEOUT,
+            JobEnd::OutputClosed { .. } => SIGNAL_BASE + Signal::SIGPIPE as i32,
             JobEnd::NotInjected { .. } | JobEnd::NoLibfabric { .. } => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
         }
@@ -165,6 +173,10 @@ impl JobEnd {
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")
             }
+            JobEnd::OutputClosed { stream } => format!(
+                "the reader of cmpirun's {stream} went away; the job was ended (status 141, as \
+                 for SIGPIPE)"
+            ),
             JobEnd::Unreported { launcher, code } => format!(
                 "{launcher} ended with status {code} and no rank reported how it ended (a task \
                  killed before it could report, or a node lost); exiting with {launcher}'s status"
