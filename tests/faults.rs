@@ -58,3 +58,64 @@ fn a_closed_stdout_ends_the_job_with_141() {
     );
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+/// The image's FUSE server killed while two ranks run (as the OOM killer would): the node
+/// instance sees it, ends the ranks and says so, and the job ends with status 1 instead of
+/// running on with its files gone (it exited 0 before).
+#[test]
+fn a_killed_image_server_ends_the_job_and_says_so() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let before = Snapshot::take();
+    let ready = work.path().join("ready");
+    let child = TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .env("CMPIRUN_LIBRARY_CACHE", "off")
+        .timeout(Duration::from_secs(120))
+        .args(["--image-mount", "fuse", "-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args([
+            "/bin/sh",
+            "-c",
+            &format!("touch {}.$PMI_RANK; sleep 30", ready.display()),
+        ])
+        .spawn();
+    for r in 0..2 {
+        wait_for_file(
+            &ready.with_extension(r.to_string()),
+            Duration::from_secs(60),
+        );
+    }
+    let procs = wait_for_tagged(
+        child.tag(),
+        Duration::from_secs(60),
+        "two sleeping ranks",
+        |p| p.iter().filter(|p| p.comm == "sleep").count() == 2,
+    );
+    // The built-in FUSE server, a fork of the node instance, names itself so.
+    let server = procs
+        .iter()
+        .find(|p| p.comm == "cmpirun-fuse")
+        .map(|p| p.pid)
+        .unwrap_or_else(|| panic!("no image server: {procs:?}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let tag = child.tag().to_owned();
+    let out = child.wait();
+    out.assert_code(1);
+    assert!(
+        out.stderr.contains("the image mount of node")
+            && out
+                .stderr
+                .contains("was killed by signal 9 (SIGKILL)); the job was ended"),
+        "{out}"
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(25),
+        "ended at once, not after the ranks' sleep: {out}"
+    );
+    assert_no_leftovers(&before, &[tag.as_str()]);
+}

@@ -202,7 +202,7 @@ fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
         {
             tracing::info!("rank {} aborted: {m}", r.rank);
         }
-        if let Some(e) = JobEnd::of_rank(r.rank, r.end) {
+        if let Some(e) = JobEnd::of_report(r.rank, r.end, r.message.as_deref()) {
             if let Some(m) = e.message(size) {
                 say(&m);
             }

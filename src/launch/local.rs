@@ -145,6 +145,7 @@ fn run_blocked(
         drop(wake_w);
     });
     let mut job = Job {
+        instance: &inst,
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
         connected: vec![false; size as usize],
@@ -162,10 +163,12 @@ fn run_blocked(
         grace: super::settings::kill_grace(),
     };
     job.run(&sigfd, wake_r, &rx);
+    let end = job.end.take().unwrap_or(JobEnd::Success);
+    drop(job);
     control.stop();
     let _ = events.join();
     inst.close();
-    Ok(job.end.unwrap_or(JobEnd::Success))
+    Ok(end)
 }
 
 /// Ends a job that could not be started completely: kills and reaps the ranks already started,
@@ -245,7 +248,9 @@ fn start_ranks(
 }
 
 /// The running job, as the main loop sees it.
-struct Job {
+struct Job<'a> {
+    /// The node instance, which says why it ended the ranks if an image mount ended.
+    instance: &'a NodeInstance,
     /// The injected host libfabric, if the plan injects one.
     injected: Option<InjectedLibfabric>,
     /// Ranks whose memory map was checked for it.
@@ -268,7 +273,7 @@ struct Job {
 /// After the last rank exited, how long output of their leftover children is still read.
 const DRAIN: Duration = Duration::from_secs(1);
 
-impl Job {
+impl Job<'_> {
     fn live(&self) -> usize {
         self.ranks.iter().filter(|r| !r.done).count()
     }
@@ -415,14 +420,36 @@ impl Job {
             let rank = rank as u32;
             self.control.rank_exited(rank);
             tracing::debug!("rank {rank} ended: {status:?}");
-            // Failures after the job's end was decided are its consequences.
-            if self.end.is_some() {
-                continue;
-            }
             let end = match status {
                 Ok(code) => RankEnd::Exited(code),
                 Err(signal) => RankEnd::Signaled(signal as i32),
             };
+            // A rank that failed because an image mount ended (its files vanished, or the node
+            // instance killed it for that): the mount is the reason, also when the failure of a
+            // rank that saw its files vanish first was taken for the job's end.
+            if end != RankEnd::Exited(0)
+                && matches!(
+                    self.end,
+                    None | Some(JobEnd::RankExited { .. } | JobEnd::RankSignaled { .. })
+                )
+                && let Some(message) = self.instance.mount_lost()
+            {
+                let lost = JobEnd::MountLost { rank, message };
+                match self.end {
+                    None => self.finish(lost),
+                    Some(_) => {
+                        if let Some(msg) = lost.message(self.size) {
+                            write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
+                        }
+                        self.end = Some(lost);
+                    }
+                }
+                continue;
+            }
+            // Failures after the job's end was decided are its consequences.
+            if self.end.is_some() {
+                continue;
+            }
             if let Some(end) = JobEnd::of_rank(rank, end) {
                 self.finish(end);
             } else if self.connected[rank as usize] {

@@ -225,14 +225,23 @@ fn run_member(
         Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
         _ => watched.outcome,
     };
+    // Killed by the node instance because an image mount ended: say so, whatever else ends.
+    let lost = (outcome == Outcome::Signaled(nix::sys::signal::Signal::SIGKILL)
+        && !watched.signalled)
+        .then(|| inst.mount_lost())
+        .flatten();
+    if let Some(message) = &lost {
+        tracing::error!("rank {rank}: {message}");
+    }
     // A rank ended by the launcher's teardown (this task got its signal) did not fail itself.
     if let Some(t) = target.as_ref().filter(|_| !aborted && !watched.signalled) {
-        let end = match outcome {
-            Outcome::Exited(code) => RankEnd::Exited(code),
-            Outcome::Signaled(sig) => RankEnd::Signaled(sig as i32),
+        let end = match (outcome, &lost) {
+            (_, Some(_)) => RankEnd::MountLost,
+            (Outcome::Exited(code), None) => RankEnd::Exited(code),
+            (Outcome::Signaled(sig), None) => RankEnd::Signaled(sig as i32),
         };
         if end != RankEnd::Exited(0) {
-            t.send(rank, end, None);
+            t.send(rank, end, lost);
         }
     }
     match outcome {

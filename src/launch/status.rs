@@ -26,6 +26,9 @@ pub enum RankEnd {
     Signaled(i32),
     /// It called `MPI_Abort` with this code (seen on its PMI connection).
     Aborted(i32),
+    /// Its node instance killed it because an image mount of the node ended (its server died);
+    /// the report's message says which.
+    MountLost,
 }
 
 /// What ended a job.
@@ -81,6 +84,15 @@ pub enum JobEnd {
         /// The timeout in seconds.
         secs: u64,
     },
+    /// An image mount of a node ended while the job ran (its server died: killed, or chosen by
+    /// the OOM killer), so the node instance ended every rank there.
+    MountLost {
+        /// The rank that saw it.
+        rank: u32,
+        /// The node instance's account (`the image mount of node n1 ended (…); the job was
+        /// ended`).
+        message: String,
+    },
     /// cmpirun's standard output or error, where the ranks' output goes, was closed by its
     /// reader (`cmpirun … | head`): the job ends as if cmpirun had been killed by SIGPIPE, as
     /// under `mpiexec.hydra`.
@@ -113,6 +125,22 @@ impl JobEnd {
                 },
             }),
             RankEnd::Aborted(code) => Some(JobEnd::Aborted { rank, code }),
+            RankEnd::MountLost => Some(JobEnd::MountLost {
+                rank,
+                message: "the image mount of its node ended; the job was ended".into(),
+            }),
+        }
+    }
+
+    /// [`Self::of_rank`], with the message the rank's report carried (for a lost mount, the
+    /// node instance's account).
+    pub fn of_report(rank: u32, end: RankEnd, message: Option<&str>) -> Option<JobEnd> {
+        match (end, message) {
+            (RankEnd::MountLost, Some(m)) if !m.is_empty() => Some(JobEnd::MountLost {
+                rank,
+                message: m.to_owned(),
+            }),
+            _ => JobEnd::of_rank(rank, end),
         }
     }
 
@@ -131,7 +159,9 @@ impl JobEnd {
             },
             JobEnd::TimedOut { .. } => TIMEOUT,
             JobEnd::OutputClosed { .. } => SIGNAL_BASE + Signal::SIGPIPE as i32,
-            JobEnd::NotInjected { .. } | JobEnd::NoLibfabric { .. } => crate::exit::FAILURE,
+            JobEnd::NotInjected { .. } | JobEnd::NoLibfabric { .. } | JobEnd::MountLost { .. } => {
+                crate::exit::FAILURE
+            }
             JobEnd::Unreported { code, .. } => *code,
         }
     }
@@ -173,6 +203,7 @@ impl JobEnd {
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")
             }
+            JobEnd::MountLost { rank, message } => format!("rank {rank} of {size}: {message}"),
             JobEnd::OutputClosed { stream } => format!(
                 "the reader of cmpirun's {stream} went away; the job was ended (status 141, as \
                  for SIGPIPE)"

@@ -161,6 +161,27 @@ impl NodeInstance {
         self.mnt_ns.clear();
     }
 
+    /// Why the instance ended its processes, if it did because an image mount ended (its
+    /// server died): the message the instance sent ([`super::protocol::MSG_MOUNT_LOST`]). Does
+    /// not wait: call it when a member was killed by a signal nobody here sent.
+    pub fn mount_lost(&self) -> Option<String> {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        // Peek first, without blocking: a member gets nothing else after the handshake.
+        let mut kind = [0u8; 1];
+        match recv(
+            self.conn.as_raw_fd(),
+            &mut kind,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(1) if kind[0] == super::protocol::MSG_MOUNT_LOST => {}
+            _ => return None,
+        }
+        super::protocol::recv_message(&self.conn)
+            .ok()
+            .map(|m| m.text())
+    }
+
     /// Ends this membership. If this process created the instance, waits until it has exited
     /// (so its mounts are gone when this returns) unless other members keep it alive.
     pub fn close(mut self) {

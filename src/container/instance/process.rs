@@ -120,7 +120,8 @@ fn instance_main(
 
 /// Leaves the terminal's signals and input to the members: a process group of its own,
 /// SIGINT/SIGQUIT/SIGHUP/SIGPIPE ignored, stdin and stdout on `/dev/null`. SIGTERM (which ends
-/// the instance) is blocked and read from the returned descriptor.
+/// the instance) and SIGCHLD (an image server or a holder that died) are blocked and read from
+/// the returned descriptor.
 fn detach_from_terminal() -> Result<SignalFd, SetupError> {
     let zero = Pid::from_raw(0);
     nix::unistd::setpgid(zero, zero).map_err(SysError::at("leave the terminal's process group"))?;
@@ -135,10 +136,11 @@ fn detach_from_terminal() -> Result<SignalFd, SetupError> {
     }
     let mut term = SigSet::empty();
     term.add(Signal::SIGTERM);
+    term.add(Signal::SIGCHLD);
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&term), None)
-        .map_err(SysError::at("block SIGTERM"))?;
+        .map_err(SysError::at("block SIGTERM and SIGCHLD"))?;
     let sigfd = SignalFd::with_flags(&term, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(SysError::at("signalfd for SIGTERM"))?;
+        .map_err(SysError::at("signalfd for SIGTERM and SIGCHLD"))?;
     let null = fs::File::options()
         .read(true)
         .write(true)

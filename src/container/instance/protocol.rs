@@ -33,6 +33,9 @@ pub const MSG_NO_USERNS: u8 = b'N';
 pub const MSG_IMAGE_ENV: u8 = b'S';
 /// From a holder: it has its own mount namespace now.
 pub const MSG_UNSHARED: u8 = b'M';
+/// To every member, after the instance is ready: an image mount ended (its server died), so
+/// the instance killed every process in its namespace; the payload says which and how.
+pub const MSG_MOUNT_LOST: u8 = b'L';
 
 /// One message as received.
 #[derive(Debug)]

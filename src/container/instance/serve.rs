@@ -14,7 +14,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::unistd::{Pid, getpid};
 
 use super::process::ReadyInstance;
-use super::protocol::{MSG_READY, send_message};
+use super::protocol::{MSG_MOUNT_LOST, MSG_READY, send_message};
 use crate::container::rendezvous::Rendezvous;
 
 /// Why the instance stopped serving before its last member left.
@@ -33,7 +33,8 @@ pub enum ServeError {
     },
 }
 
-/// Accepts members and counts live connections until none is left (or SIGTERM).
+/// Accepts members and counts live connections until none is left (or SIGTERM, or an image
+/// server died: then every member is told, [`MSG_MOUNT_LOST`]).
 pub fn serve(
     creator: UnixStream,
     listener: Option<(UnixListener, Rendezvous)>,
@@ -81,12 +82,28 @@ pub fn serve(
             .collect();
         drop(pfds);
         if revents.last().is_some_and(|r| !r.is_empty()) {
-            // SIGTERM: end now, and let nobody join an instance that is going away.
-            if let Some((_, rv)) = &listener {
-                let _guard = rv.lock();
-                rv.remove_files();
+            let (term, child) = read_signals(sigterm);
+            // An image server (or a holder, whose server died) is gone while members run: their
+            // files are gone too. Say so to every member, end every process of the instance, and
+            // end the instance.
+            if let Some(how) = child.then(died_child).flatten() {
+                let text = format!(
+                    "the image mount of node {} ended ({how}); the job was ended",
+                    hostname()
+                );
+                tracing::error!("node instance: {text}");
+                for c in &conns {
+                    let _ = send_message(c, MSG_MOUNT_LOST, &[], text.as_bytes());
+                }
+                forget_rendezvous(&listener);
+                return Ok(());
             }
-            return Ok(());
+            if term {
+                // SIGTERM: end now, and let nobody join an instance that is going away.
+                forget_rendezvous(&listener);
+                return Ok(());
+            }
+            continue;
         }
         drop_closed(&mut conns, &revents[..nconns]);
         if let Some((l, _)) = &listener
@@ -97,6 +114,54 @@ pub fn serve(
             conns.push(c);
         }
     }
+}
+
+/// Removes the rendezvous files (under their lock), so that nobody joins an instance that is
+/// going away.
+fn forget_rendezvous(listener: &Option<(UnixListener, Rendezvous)>) {
+    if let Some((_, rv)) = listener {
+        let _guard = rv.lock();
+        rv.remove_files();
+    }
+}
+
+/// Reads the pending signals: whether SIGTERM came, and whether SIGCHLD did.
+fn read_signals(sigfd: &SignalFd) -> (bool, bool) {
+    let (mut term, mut child) = (false, false);
+    while let Ok(Some(info)) = sigfd.read_signal() {
+        match Signal::try_from(info.ssi_signo as i32) {
+            Ok(Signal::SIGTERM) => term = true,
+            Ok(Signal::SIGCHLD) => child = true,
+            _ => {}
+        }
+    }
+    (term, child)
+}
+
+/// How a child of the instance that ended did (`its server, pid 12, was killed by signal 9
+/// (SIGKILL)`), without reaping it: the image's mount and the holders reap their own. The
+/// instance's children are the first image's server and the holders of further images, none
+/// of which ends while members run.
+fn died_child() -> Option<String> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::All, flags) {
+        Ok(WaitStatus::Exited(pid, code)) => {
+            Some(format!("its server, pid {pid}, exited with status {code}"))
+        }
+        Ok(WaitStatus::Signaled(pid, sig, _)) => Some(format!(
+            "its server, pid {pid}, was killed by signal {} ({sig})",
+            sig as i32
+        )),
+        _ => None,
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Accepts every member already waiting on `l`, without waiting for more.
