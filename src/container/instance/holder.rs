@@ -176,21 +176,64 @@ fn holder_main(ops: &[MountOp], script_env: &Env, instance: Pid, conn: UnixStrea
         return 0;
     }
     drop(mnt);
-    wait_until_let_go(&conn);
+    let code = wait_until_let_go(&conn);
     drop(assembled);
-    0
+    code
 }
 
+/// The exit status of a holder whose image server ended before the instance let it go: the
+/// instance, whose child the holder is, takes it for a lost mount.
+pub const EXIT_SERVER_ENDED: i32 = 3;
+
 /// Holds on until the instance closes the socket (or dies, and the parent-death signal ends
-/// this process): the image's server is this process's child.
-fn wait_until_let_go(conn: &UnixStream) {
+/// this process), or the image's server, this process's child, ends (SIGCHLD, blocked since
+/// the instance forked this process): returns the holder's exit status.
+fn wait_until_let_go(conn: &UnixStream) -> i32 {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signal::SigSet;
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    let mut child = SigSet::empty();
+    child.add(Signal::SIGCHLD);
+    // Without it, the holder still ends with the instance; it only cannot notice its server.
+    let sigfd = SignalFd::with_flags(&child, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).ok();
     let mut buf = [0u8; 16];
     loop {
-        match (&*conn).read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+        let mut pfds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        if let Some(s) = &sigfd {
+            pfds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        }
+        if let Err(e) = poll(&mut pfds, PollTimeout::NONE)
+            && e != nix::errno::Errno::EINTR
+        {
+            return 0;
+        }
+        let ready: Vec<bool> = pfds
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        if ready.get(1).copied().unwrap_or(false)
+            && let Some(s) = &sigfd
+        {
+            while let Ok(Some(_)) = s.read_signal() {}
+            let flags = nix::sys::wait::WaitPidFlag::WEXITED
+                | nix::sys::wait::WaitPidFlag::WNOHANG
+                | nix::sys::wait::WaitPidFlag::WNOWAIT;
+            if matches!(
+                nix::sys::wait::waitid(nix::sys::wait::Id::All, flags),
+                Ok(nix::sys::wait::WaitStatus::Exited(..)
+                    | nix::sys::wait::WaitStatus::Signaled(..))
+            ) {
+                return EXIT_SERVER_ENDED;
+            }
+        }
+        if ready[0] {
+            match (&*conn).read(&mut buf) {
+                Ok(0) => return 0,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return 0,
+            }
         }
     }
 }

@@ -146,6 +146,9 @@ fn died_child() -> Option<String> {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
     match waitid(Id::All, flags) {
+        Ok(WaitStatus::Exited(pid, super::holder::EXIT_SERVER_ENDED)) => Some(format!(
+            "the server of one of its images ended; its holder, pid {pid}, left"
+        )),
         Ok(WaitStatus::Exited(pid, code)) => {
             Some(format!("its server, pid {pid}, exited with status {code}"))
         }
