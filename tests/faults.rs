@@ -1,4 +1,5 @@
-//! Faults of the environment a job runs in: output to a reader that went away (stderr, stdout).
+//! Faults of the environment a job runs in: output to a reader that went away (stderr, stdout),
+//! an image server that dies while the job runs (under each launcher).
 
 mod common;
 
@@ -59,16 +60,13 @@ fn a_closed_stdout_ends_the_job_with_141() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-/// The image's FUSE server killed while two ranks run (as the OOM killer would): the node
-/// instance sees it, ends the ranks and says so, and the job ends with status 1 instead of
-/// running on with its files gone (it exited 0 before).
-#[test]
-fn a_killed_image_server_ends_the_job_and_says_so() {
-    let _serial = exclusive();
-    let work = TuserDir::new();
+/// Starts `job` (two ranks that sleep, in the mpich4 image with the built-in FUSE server),
+/// kills the image's FUSE server once both ranks sleep (as the OOM killer would), and checks
+/// that the node instance saw it, ended the ranks and said so, and the job ended with status 1
+/// at once instead of running on with its files gone (it exited 0 before), leaving nothing.
+fn kill_the_image_server(job: TuserCommand, ready: &std::path::Path) {
     let before = Snapshot::take();
-    let ready = work.path().join("ready");
-    let child = TuserCommand::cmpirun()
+    let child = job
         .env("CMPIRUN_KILL_GRACE", "2")
         .env("CMPIRUN_LIBRARY_CACHE", "off")
         .timeout(Duration::from_secs(120))
@@ -107,7 +105,8 @@ fn a_killed_image_server_ends_the_job_and_says_so() {
     let out = child.wait();
     out.assert_code(1);
     assert!(
-        out.stderr.contains("the image mount of node")
+        out.stderr.contains("cmpirun: rank ")
+            && out.stderr.contains("the image mount of node")
             && out
                 .stderr
                 .contains("was killed by signal 9 (SIGKILL)); the job was ended"),
@@ -118,4 +117,31 @@ fn a_killed_image_server_ends_the_job_and_says_so() {
         "ended at once, not after the ranks' sleep: {out}"
     );
     assert_no_leftovers(&before, &[tag.as_str()]);
+}
+
+#[test]
+fn a_killed_image_server_ends_a_local_job_and_says_so() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    kill_the_image_server(TuserCommand::cmpirun(), &work.path().join("ready"));
+}
+
+#[test]
+fn a_killed_image_server_ends_a_job_under_srun_and_says_so() {
+    let _serial = exclusive();
+    runtime_dir();
+    let work = TuserDir::new();
+    kill_the_image_server(salloc_cmpirun(2), &work.path().join("ready"));
+}
+
+#[test]
+fn a_killed_image_server_ends_a_job_under_hydra_and_says_so() {
+    let _serial = exclusive();
+    runtime_dir();
+    let work = TuserDir::new();
+    let hosts = hostfile(work.path(), 2);
+    kill_the_image_server(
+        TuserCommand::cmpirun().arg("-f").arg(&hosts),
+        &work.path().join("ready"),
+    );
 }

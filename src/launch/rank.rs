@@ -230,7 +230,8 @@ fn run_member(
         && !watched.signalled)
         .then(|| inst.mount_lost())
         .flatten();
-    if let Some(message) = &lost {
+    // The front end says it for the job; without one, this task does.
+    if let Some(message) = lost.as_ref().filter(|_| target.is_none()) {
         tracing::error!("rank {rank}: {message}");
     }
     // A rank ended by the launcher's teardown (this task got its signal) did not fail itself.
