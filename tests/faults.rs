@@ -1,5 +1,6 @@
 //! Faults of the environment a job runs in: output to a reader that went away (stderr, stdout),
-//! an image server that dies while the job runs (under each launcher).
+//! an image server that dies while the job runs (under each launcher), a job beyond the node's
+//! limits.
 
 mod common;
 
@@ -144,4 +145,26 @@ fn a_killed_image_server_ends_a_job_under_hydra_and_says_so() {
         TuserCommand::cmpirun().arg("-f").arg(&hosts),
         &work.path().join("ready"),
     );
+}
+
+/// `-n 100000` on one node: more descriptors or processes than the node's limits allow. The job
+/// is refused before anything starts, with the numbers and what to do (three `EMFILE` lines and
+/// status 1 before).
+#[test]
+fn a_job_beyond_the_nodes_limits_is_refused_with_the_numbers() {
+    let before = Snapshot::take();
+    let out = TuserCommand::cmpirun()
+        .args(["-n", "100000"])
+        .arg(staged_image("mpich4"))
+        .arg("/bin/true")
+        .run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("cmpirun: the job needs ")
+            && out.stderr.contains("on this node, but the limit is ")
+            && out.stderr.contains("run fewer ranks on this node"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("EMFILE"), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
 }

@@ -25,7 +25,7 @@ use super::output::{Stream, write_out};
 use super::rank::PLAN_VAR;
 use super::report::{Collector, REPORT_VAR, Report};
 use super::settings::kill_grace;
-use super::status::{JobEnd, SIGNAL_BASE};
+use super::status::{JobEnd, RankEnd, SIGNAL_BASE};
 use crate::container::run::with_forwarded_signals_blocked;
 
 /// How long reports still on their way are read after the launcher exited.
@@ -192,6 +192,20 @@ fn adopted_children() -> Vec<Pid> {
 fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
     for r in reports {
         tracing::debug!("rank {} reported {:?}", r.rank, r.end);
+        // A lost image mount is the reason, also when a rank that failed on a vanished file
+        // reported first.
+        if matches!(
+            end,
+            Some(JobEnd::RankExited { .. } | JobEnd::RankSignaled { .. })
+        ) && r.end == RankEnd::MountLost
+            && let Some(e) = JobEnd::of_report(r.rank, r.end, r.message.as_deref())
+        {
+            if let Some(m) = e.message(size) {
+                say(&m);
+            }
+            *end = Some(e);
+            continue;
+        }
         if end.is_some() {
             continue;
         }

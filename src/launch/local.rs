@@ -59,7 +59,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
              created by a single-threaded process)"
         )));
     }
-    raise_fd_limit(plan.layout.size);
+    ensure_limits(plan.layout.size)?;
     let cfg = node::node_config(plan, &BTreeMap::new())?;
     with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
         // Job control too: the ranks are session leaders, so the terminal's Ctrl-Z stops only
@@ -76,18 +76,76 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
     })
 }
 
-/// cmpirun holds three descriptors per rank (its PMI socket, the stdout and stderr pipes):
-/// raise the soft limit on open files to the hard limit when the default (often 1024) is too
-/// low for the job. Ranks inherit the raised limit, as they would from mpirun.
-fn raise_fd_limit(size: u32) {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let need = 3 * u64::from(size) + 64;
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < need
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(need), hard);
+/// Makes sure this node's limits let the job start, before anything is started: cmpirun holds
+/// three descriptors per rank (its PMI socket, the stdout and stderr pipes), and each rank is a
+/// process of the user. The soft limit on open files (often 1024) is raised as far as the hard
+/// limit allows (the ranks inherit it, as they would from mpirun); a job that needs more than the
+/// hard limits, or more processes than the kernel's `pid_max` leaves, is refused with the
+/// numbers and what to do, instead of failing half-started with `EMFILE`.
+fn ensure_limits(size: u32) -> Result<(), LaunchError> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    let size = u64::from(size);
+    let files = 3 * size + 64;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(sys("getrlimit"))?;
+    if hard != RLIM_INFINITY && hard < files {
+        return Err(LaunchError::Limit {
+            what: "open files".into(),
+            need: files,
+            limit: hard,
+            fix: "run fewer ranks on this node (-n, or across nodes with -f HOSTFILE or srun), \
+                  or ask the site to raise the hard limit (ulimit -Hn, limits.conf)"
+                .into(),
+        });
     }
+    if soft < files {
+        setrlimit(Resource::RLIMIT_NOFILE, files, hard).map_err(sys("setrlimit"))?;
+    }
+    // Each rank a process, besides those the user runs already.
+    let running = user_processes();
+    let procs = size + running + 16;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NPROC).map_err(sys("getrlimit"))?;
+    if hard != RLIM_INFINITY && hard < procs {
+        return Err(LaunchError::Limit {
+            what: format!("processes of this user ({running} running)"),
+            need: procs,
+            limit: hard,
+            fix: "run fewer ranks on this node, or ask the site to raise the hard limit \
+                  (ulimit -Hu, limits.conf)"
+                .into(),
+        });
+    }
+    if soft != RLIM_INFINITY && soft < procs {
+        setrlimit(Resource::RLIMIT_NPROC, procs, hard).map_err(sys("setrlimit"))?;
+    }
+    if let Some(pid_max) = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        && pid_max < size + 1000
+    {
+        return Err(LaunchError::Limit {
+            what: "process ids on this node (kernel.pid_max)".into(),
+            need: size + 1000,
+            limit: pid_max,
+            fix: "run fewer ranks on this node, or across nodes with -f HOSTFILE or srun".into(),
+        });
+    }
+    Ok(())
+}
+
+/// How many processes this user runs on this node.
+fn user_processes() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::getuid().as_raw();
+    std::fs::read_dir("/proc").map_or(0, |d| {
+        d.flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
+            .count() as u64
+    })
 }
 
 /// One started rank as the loop sees it.

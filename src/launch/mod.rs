@@ -50,6 +50,18 @@ pub enum LaunchError {
     /// The node instance cannot be configured.
     #[error(transparent)]
     Config(#[from] crate::container::config::ConfigError),
+    /// The node's limits do not let the job start.
+    #[error("the job needs {need} {what} on this node, but the limit is {limit}: {fix}")]
+    Limit {
+        /// What is limited.
+        what: String,
+        /// How many the job needs.
+        need: u64,
+        /// The limit.
+        limit: u64,
+        /// What to do.
+        fix: String,
+    },
     /// A bind of the plan cannot be made.
     #[error(transparent)]
     Bind(#[from] crate::container::root::BindSpecError),
@@ -78,7 +90,7 @@ impl LaunchError {
     /// Whether the user can fix this (exit status 2).
     pub fn is_usage(&self) -> bool {
         match self {
-            LaunchError::Usage(_) | LaunchError::Bind(_) => true,
+            LaunchError::Usage(_) | LaunchError::Bind(_) | LaunchError::Limit { .. } => true,
             LaunchError::Instance(e) => e.is_usage(),
             LaunchError::Config(e) => e.is_usage(),
             _ => false,

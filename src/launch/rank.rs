@@ -28,6 +28,10 @@ use super::{LaunchError, node};
 /// `env:` (srun and hydra pass the caller's environment to every task).
 pub const PLAN_VAR: &str = "CMPIRUN_PLAN";
 
+/// How long a task whose rank failed waits for its node instance to say that an image mount
+/// ended (the instance sees its server's end a moment after a rank may have failed on it).
+const MOUNT_LOST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Reads the plan: `env:NAME` takes it from variable NAME, anything else is a file.
 pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     let text = match source.strip_prefix("env:") {
@@ -225,10 +229,10 @@ fn run_member(
         Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
         _ => watched.outcome,
     };
-    // Killed by the node instance because an image mount ended: say so, whatever else ends.
-    let lost = (outcome == Outcome::Signaled(nix::sys::signal::Signal::SIGKILL)
-        && !watched.signalled)
-        .then(|| inst.mount_lost())
+    // Failed because an image mount ended (killed by the node instance for it, or failing on a
+    // file that vanished before the instance said so): say so, whatever else ends.
+    let lost = (outcome != Outcome::Exited(0) && !watched.signalled)
+        .then(|| inst.mount_lost_within(MOUNT_LOST_WAIT))
         .flatten();
     // The front end says it for the job; without one, this task does.
     if let Some(message) = lost.as_ref().filter(|_| target.is_none()) {

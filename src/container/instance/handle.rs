@@ -182,6 +182,20 @@ impl NodeInstance {
             .map(|m| m.text())
     }
 
+    /// [`Self::mount_lost`], waiting up to `wait` for the message: a rank that saw its files
+    /// vanish can fail before the instance has noticed its server's end.
+    pub fn mount_lost_within(&self, wait: std::time::Duration) -> Option<String> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        let mut pfd = [PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(
+            &mut pfd,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE),
+        );
+        self.mount_lost()
+    }
+
     /// Ends this membership. If this process created the instance, waits until it has exited
     /// (so its mounts are gone when this returns) unless other members keep it alive.
     pub fn close(mut self) {
