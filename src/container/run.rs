@@ -328,4 +328,18 @@ mod tests {
         let bad_key = RendezvousError::BadKey("a/b".into());
         assert!(ExecError::Instance(InstanceError::Rendezvous(bad_key)).fault() == Fault::User);
     }
+
+    #[test]
+    fn messages_say_their_cause_once() {
+        // cmpirun prints an error with its sources: a cause in the message is not also one.
+        let e = ExecError::Instance(InstanceError::Io {
+            step: "connect to node instance",
+            error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(
+            crate::exit::Fatal::from(e).to_string(),
+            "node instance: connect to node instance: connection refused"
+        );
+    }
 }

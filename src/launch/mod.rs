@@ -184,3 +184,40 @@ pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         LauncherKind::Slurm | LauncherKind::Hydra => front_end::run(plan),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whose_errors() {
+        assert_eq!(LaunchError::NoProgram.fault(), Fault::User);
+        assert_eq!(LaunchError::NoRank.fault(), Fault::User);
+        // The rank mode's key is cmpirun's own: even a bad one is not the user's to fix.
+        let bad_key = RendezvousError::BadKey("x/y".into());
+        assert_eq!(LaunchError::Rendezvous(bad_key).fault(), Fault::Host);
+        let root = InstanceError::Root("bind source /x does not exist on the host".into());
+        assert_eq!(LaunchError::Instance(root).fault(), Fault::User);
+        let setup = InstanceError::Setup("mount /x: EPERM".into());
+        assert_eq!(LaunchError::Instance(setup).fault(), Fault::Host);
+        assert_eq!(LaunchError::Threaded { names: vec![] }.fault(), Fault::Host);
+    }
+
+    #[test]
+    fn messages_name_what_to_do() {
+        assert_eq!(
+            LaunchError::TooManyImages { n: 17 }.to_string(),
+            "the job's parts name 17 different images; a node runs at most 16: put programs \
+             that share an image into one image"
+        );
+        assert_eq!(
+            LaunchError::PlanVarUnset {
+                plan: "env:CMPIRUN_PLAN".into(),
+                var: "CMPIRUN_PLAN".into()
+            }
+            .to_string(),
+            "__rank --plan env:CMPIRUN_PLAN: $CMPIRUN_PLAN is not set (the rank mode is started \
+             by cmpirun through srun or mpiexec, which pass it)"
+        );
+    }
+}

@@ -278,4 +278,33 @@ mod tests {
         assert_eq!(decode_ready(&p[..p.len() - 1]), None);
         assert_eq!(decode_ready(&p[..3]), None);
     }
+
+    fn arrives_as(e: &SetupError) -> InstanceError {
+        failure_error(&Message {
+            kind: e.kind(),
+            fds: Vec::new(),
+            payload: e.payload().into_bytes(),
+        })
+    }
+
+    #[test]
+    fn failures_arrive_typed_and_keep_whose_they_are() {
+        let missing = SetupError::Root(RootError::SourceMissing {
+            path: "/nowhere".into(),
+        });
+        let got = arrives_as(&missing);
+        assert!(matches!(&got, InstanceError::Root(t) if *t == missing.to_string()));
+        assert_eq!(got.fault(), Fault::User);
+        let order = SetupError::Root(RootError::Order("pivot before mount"));
+        let got = arrives_as(&order);
+        assert!(matches!(&got, InstanceError::Setup(t) if *t == order.to_string()));
+        assert_eq!(got.fault(), Fault::Host);
+        let holder = SetupError::Holder {
+            image: "b.sif".into(),
+            kind: MSG_ROOT,
+            text: "bind source /x does not exist on the host".into(),
+        };
+        assert_eq!(holder.fault(), Fault::User);
+        assert!(matches!(arrives_as(&holder), InstanceError::Root(_)));
+    }
 }
