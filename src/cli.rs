@@ -122,6 +122,13 @@ pub enum CliError {
     },
 }
 
+/// A bad command line is the user's to fix.
+impl crate::exit::Blame for CliError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::User
+    }
+}
+
 /// What a flag does, once its values are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Act {

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use cmpirun::cli::{self, CliRequest};
+use cmpirun::exit::Fatal;
 use cmpirun::jobspec::DryRunFormat;
 use cmpirun::{exit, facts, plan, profile};
 
@@ -214,8 +215,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Image(cmd) => image_main(cmd),
-        Command::MountCheck(args) => mount_check(args).unwrap_or_else(|e| report(&e)),
-        Command::Profile { action } => profile_main(action).unwrap_or_else(|e| report(&e)),
+        Command::MountCheck(args) => mount_check(args).unwrap_or_else(report),
+        Command::Profile { action } => profile_main(action).unwrap_or_else(report),
         Command::Exec {
             opts,
             image,
@@ -226,7 +227,7 @@ fn main() -> ExitCode {
         }
         Command::Rank { plan } => match cmpirun::launch::rank::run(&plan) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-            Err(e) => report(&anyhow::Error::new(e)),
+            Err(e) => report(e.into()),
         },
     }
 }
@@ -245,24 +246,14 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
     };
     match exec(&req) {
         Ok(outcome) => ExitCode::from(propagate(outcome) as u8),
-        Err(e) => {
-            say(&format!("cmpirun: {e}"));
-            ExitCode::from(if e.is_usage() {
-                exit::USAGE
-            } else {
-                exit::FAILURE
-            } as u8)
-        }
+        Err(e) => report(e.into()),
     }
 }
 
 /// `cmpirun image …`.
 fn image_main(cmd: ImageCommand) -> ExitCode {
     match cmd {
-        ImageCommand::Inspect { image, json } => match image_inspect(&image, json) {
-            Ok(code) => code,
-            Err(e) => report(&e),
-        },
+        ImageCommand::Inspect { image, json } => image_inspect(&image, json).unwrap_or_else(report),
         ImageCommand::Pack {
             dir,
             output,
@@ -290,32 +281,27 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
                     ));
                     ExitCode::SUCCESS
                 }
-                Err(e) if e.is_usage() => {
-                    report(&anyhow::Error::new(exit::UsageError(e.to_string())))
-                }
-                Err(e) => report(&anyhow::Error::new(e)),
+                Err(e) => report(e.into()),
             }
         }
-        ImageCommand::Cache { clear, dir } => match image_cache(clear, dir) {
-            Ok(code) => code,
-            Err(e) => report(&e),
-        },
+        ImageCommand::Cache { clear, dir } => image_cache(clear, dir).unwrap_or_else(report),
     }
 }
 
 /// `cmpirun image cache [--clear]`: the entries of the extract cache and of the library cache
 /// (or of the cache `--dir`), with their sizes.
-fn image_cache(clear: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn image_cache(clear: bool, dir: Option<PathBuf>) -> Result<ExitCode, Fatal> {
     use cmpirun::mount;
     let caches: Vec<(PathBuf, &str)> = match dir {
         Some(dir) => vec![(dir, "entries")],
         None => {
             let Some(extract) = mount::default_extract_cache() else {
-                return Err(anyhow::Error::new(exit::UsageError(
+                return Err(exit::UsageError(
                     "cannot find the extract cache: neither XDG_CACHE_HOME nor HOME is set; use \
                      --dir DIR"
                         .into(),
-                )));
+                )
+                .into());
             };
             std::iter::once((extract, "extracted images"))
                 .chain(library_cache_here().map(|d| (d, "unpacked MPI stacks")))
@@ -355,7 +341,12 @@ fn choose_profile(
 
 /// What `cmpirun image cache` says of one cache (`what` names its entries); with `clear`, after
 /// removing the entries no running job uses.
-fn cache_report(dir: &Path, what: &str, clear: bool, limit: u64) -> anyhow::Result<String> {
+fn cache_report(
+    dir: &Path,
+    what: &str,
+    clear: bool,
+    limit: u64,
+) -> Result<String, cmpirun::mount::MountError> {
     use cmpirun::image::sif::human_size;
     use cmpirun::mount;
     if clear {
@@ -404,7 +395,7 @@ fn ago(secs: u64) -> String {
 
 /// Prints everything that can be read about `image`; when it cannot be launched, prints the
 /// reason as a one-line error too and exits with the usage status.
-fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+fn image_inspect(image: &std::path::Path, json: bool) -> Result<ExitCode, Fatal> {
     let inspection = cmpirun::image::inspect::inspect(image)?;
     if json {
         emit_line(&serde_json::to_string_pretty(&inspection.report)?);
@@ -412,13 +403,13 @@ fn image_inspect(image: &std::path::Path, json: bool) -> anyhow::Result<ExitCode
         emit(&cmpirun::image::inspect::render_text(&inspection.report));
     }
     match inspection.problem {
-        Some(problem) => Ok(report(&anyhow::Error::new(problem))),
+        Some(problem) => Ok(report(problem.into())),
         None => Ok(ExitCode::SUCCESS),
     }
 }
 
 /// `cmpirun profile show|check`.
-fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
+fn profile_main(action: ProfileAction) -> Result<ExitCode, Fatal> {
     let search = profile::ProfileSearch::from_env();
     match action {
         ProfileAction::Show {
@@ -444,13 +435,14 @@ fn profile_main(action: ProfileAction) -> anyhow::Result<ExitCode> {
             let choice = choose_profile(named.as_deref(), &search)?;
             emit(&profile::show::render_choice(&choice));
             if let Some(o) = choice.outcome.as_ref().filter(|o| !o.matched) {
-                anyhow::bail!(exit::UsageError(format!(
+                return Err(exit::UsageError(format!(
                     "{}:{}: profile {} does not match this host: {}",
                     choice.profile.file.display(),
                     choice.profile.match_line.unwrap_or(1),
                     choice.profile.name,
                     o.reasons.join("; ")
-                )));
+                ))
+                .into());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -474,7 +466,7 @@ fn names_subcommand(args: &[OsString]) -> bool {
 fn launch_main(args: &[OsString]) -> ExitCode {
     let request = match cli::parse_launch(args) {
         Ok(r) => r,
-        Err(e) => return report(&anyhow::Error::new(e)),
+        Err(e) => return report(e.into()),
     };
     let spec = match request {
         CliRequest::Help => {
@@ -491,16 +483,13 @@ fn launch_main(args: &[OsString]) -> ExitCode {
     for w in &spec.warnings {
         tracing::warn!("{w}");
     }
-    match run_launch(&spec) {
-        Ok(code) => code,
-        Err(e) => report(&e),
-    }
+    run_launch(&spec).unwrap_or_else(report)
 }
 
 /// One launch, as ARCHITECTURE.md draws it: JobSpec → profile → host facts → image facts →
 /// plan → checks → launch (or print the plan). Files are read and the host libfabric is probed
 /// here, before the plan; nothing is mounted or started before `launch`.
-fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
+fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
     if spec.dry_run == Some(DryRunFormat::Job) {
         emit_line(&serde_json::to_string_pretty(spec)?);
         return Ok(ExitCode::SUCCESS);
@@ -524,7 +513,7 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> anyhow::Result<ExitCode> {
 }
 
 /// `--dry-run`: the plan as text, or as JSON.
-fn print_plan(plan: &plan::LaunchPlan, format: DryRunFormat) -> anyhow::Result<()> {
+fn print_plan(plan: &plan::LaunchPlan, format: DryRunFormat) -> Result<(), serde_json::Error> {
     match format {
         DryRunFormat::Json => emit_line(&serde_json::to_string_pretty(plan)?),
         _ => emit(&plan::dry_run_text(plan)),
@@ -534,7 +523,10 @@ fn print_plan(plan: &plan::LaunchPlan, format: DryRunFormat) -> anyhow::Result<(
 
 /// The plan's warnings and checks before a launch: a failed check stops it (a usage error that
 /// names every failed check) unless `--force`, which only warns.
-fn check_plan(spec: &cmpirun::jobspec::JobSpec, plan: &plan::LaunchPlan) -> anyhow::Result<()> {
+fn check_plan(
+    spec: &cmpirun::jobspec::JobSpec,
+    plan: &plan::LaunchPlan,
+) -> Result<(), exit::UsageError> {
     for w in &plan.warnings {
         if !spec.warnings.contains(w) {
             tracing::warn!("{w}");
@@ -545,7 +537,7 @@ fn check_plan(spec: &cmpirun::jobspec::JobSpec, plan: &plan::LaunchPlan) -> anyh
             .failed_checks()
             .map(|c| format!("{}: {}", c.name, c.message))
             .collect();
-        anyhow::bail!(exit::UsageError(format!(
+        return Err(exit::UsageError(format!(
             "not launching: {} (run with --dry-run to see the whole plan, or --force to launch anyway)",
             failed.join("; ")
         )));
@@ -563,7 +555,7 @@ fn check_plan(spec: &cmpirun::jobspec::JobSpec, plan: &plan::LaunchPlan) -> anyh
 
 /// `cmpirun __mount-check`: enter a private user+mount namespace, mount IMAGE with BACKEND,
 /// then walk it, printing one JSON line when mounted and one with the report.
-fn mount_check(args: MountCheckArgs) -> anyhow::Result<ExitCode> {
+fn mount_check(args: MountCheckArgs) -> Result<ExitCode, Fatal> {
     use cmpirun::mount::{self, MountOptions, SquashfsSource};
     use std::io::Write;
     let requested: Option<mount::MountBackend> = match args.backend.as_str() {
@@ -683,26 +675,12 @@ fn emit_line(text: &str) {
     emit(&format!("{text}\n"));
 }
 
-/// Prints an error on one line and chooses the exit status: 2 for anything the user can fix
-/// by changing the command line or an input file, 1 otherwise.
-fn report(err: &anyhow::Error) -> ExitCode {
-    say(&format!("cmpirun: {err:#}"));
-    ExitCode::from(exit_status(err) as u8)
-}
-
-fn exit_status(err: &anyhow::Error) -> i32 {
-    let usage = err.chain().any(|e| {
-        e.is::<exit::UsageError>()
-            || e.is::<cli::CliError>()
-            || e.is::<cmpirun::image::ImageError>()
-            || e.downcast_ref::<cmpirun::mount::MountError>()
-                .is_some_and(|m| m.is_user_fixable())
-            || e.is::<profile::ProfileError>()
-            || e.is::<plan::PlanError>()
-            || e.downcast_ref::<cmpirun::launch::LaunchError>()
-                .is_some_and(|l| l.is_usage())
-    });
-    if usage { exit::USAGE } else { exit::FAILURE }
+/// Prints the error that ends cmpirun on one line and ends with the status it carries: 2 for
+/// anything the user can fix by changing the command line or an input file, 1 otherwise (the
+/// error's [`exit::Blame`], asked when it became a [`Fatal`]).
+fn report(err: Fatal) -> ExitCode {
+    say(&format!("cmpirun: {err}"));
+    ExitCode::from(err.status() as u8)
 }
 
 /// cmpirun's log output: standard error, where a failed write (a reader that went away, as

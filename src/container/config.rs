@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
 
+use crate::exit::{Blame, Fault};
 use crate::image::{ImageKind, locate};
 use crate::mount::{MountBackend, MountError, SquashfsSource, choose_backend};
 
@@ -69,13 +70,14 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    /// Whether the user can fix this (exit status 2).
-    pub fn is_usage(&self) -> bool {
+impl Blame for ConfigError {
+    fn fault(&self) -> Fault {
         match self {
-            ConfigError::Image { .. } | ConfigError::Unreadable(_) | ConfigError::NoImage => true,
-            ConfigError::Backend(e) => e.is_user_fixable(),
-            ConfigError::WorkingDirectory(_) | ConfigError::NoStage { .. } => false,
+            ConfigError::Image { .. } | ConfigError::Unreadable(_) | ConfigError::NoImage => {
+                Fault::User
+            }
+            ConfigError::Backend(e) => e.fault(),
+            ConfigError::WorkingDirectory(_) | ConfigError::NoStage { .. } => Fault::Host,
         }
     }
 }
@@ -243,19 +245,21 @@ mod tests {
 
     #[test]
     fn whose_errors() {
-        assert!(ConfigError::NoImage.is_usage());
+        assert!(ConfigError::NoImage.fault() == Fault::User);
         assert!(
             ConfigError::Image {
                 path: "/x".into(),
                 message: "no such file or directory".into()
             }
-            .is_usage()
+            .fault()
+                == Fault::User
         );
         assert!(
-            !ConfigError::NoStage {
+            ConfigError::NoStage {
                 tried: String::new()
             }
-            .is_usage()
+            .fault()
+                != Fault::User
         );
     }
 }

@@ -14,6 +14,7 @@ use nix::fcntl::{OFlag, open};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, fstat};
 
+use crate::exit::{Blame, Fault};
 use crate::mount::{MountError, MountOptions, MountedImage, mount_squashfs};
 
 use super::accounts::merge_account_file;
@@ -89,16 +90,16 @@ pub enum RootError {
     Order(&'static str),
 }
 
-impl RootError {
-    /// Whether the user can fix this by changing the command line or the image.
-    pub fn is_usage(&self) -> bool {
-        matches!(
+/// The user's to fix: a bind the command line or the image can change.
+impl Blame for RootError {
+    fn fault(&self) -> Fault {
+        Fault::user_if(matches!(
             self,
             RootError::SourceMissing { .. }
                 | RootError::Destination(_)
                 | RootError::DestinationMissing { .. }
                 | RootError::KindMismatch { .. }
-        )
+        ))
     }
 }
 

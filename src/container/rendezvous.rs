@@ -47,6 +47,14 @@ pub enum RendezvousError {
     },
 }
 
+/// A bad key is the user's to fix (`cmpirun exec --instance-key`); the directory and lock files
+/// are the host's.
+impl crate::exit::Blame for RendezvousError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::user_if(matches!(self, RendezvousError::BadKey(_)))
+    }
+}
+
 /// The per-user runtime directory: `$XDG_RUNTIME_DIR/cmpirun` when that is a directory owned by
 /// the user, else `/tmp/cmpirun-<uid>`. Created mode 0700; refused if owned by someone else.
 pub fn runtime_dir() -> Result<PathBuf, RendezvousError> {

@@ -13,13 +13,14 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::exit::{Blame, Fault};
 use crate::mount::MountBackend;
 
 use super::config::{ConfigError, RootRequest, instance_config};
 use super::instance::{InstanceConfig, InstanceError, MemberCommand, NodeInstance, join_or_create};
-use super::member_env::{member_environment, parse_env};
+use super::member_env::{EnvSpecError, member_environment, parse_env};
 use super::rendezvous::{RendezvousError, runtime_dir};
-use super::root::{ShmMode, parse_bind};
+use super::root::{BindSpecError, ShmMode, parse_bind};
 
 /// What `cmpirun exec` was asked to do.
 #[derive(Debug, Clone)]
@@ -52,9 +53,23 @@ pub enum Outcome {
 /// Errors of `cmpirun exec`.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    /// Bad input the user can fix.
-    #[error("{0}")]
-    Usage(String),
+    /// No program was given.
+    #[error("no command given")]
+    NoCommand,
+    /// A `--bind` value cannot be parsed.
+    #[error(transparent)]
+    Bind(#[from] BindSpecError),
+    /// A `--bind` source does not exist on the host.
+    #[error("--bind {spec:?}: source {} does not exist on the host", src.display())]
+    BindSourceMissing {
+        /// The `--bind` value as given.
+        spec: String,
+        /// Its source, made absolute.
+        src: PathBuf,
+    },
+    /// An `--env` value cannot be parsed.
+    #[error(transparent)]
+    Env(#[from] EnvSpecError),
     /// The node instance failed.
     #[error(transparent)]
     Instance(#[from] InstanceError),
@@ -64,27 +79,31 @@ pub enum ExecError {
     /// The node instance cannot be configured.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// Something else on the host failed.
-    #[error("{0}")]
-    Failed(String),
+    /// A system call on this side failed (blocking signals, the signalfd).
+    #[error("{step}: {errno}")]
+    Sys {
+        /// What was being done.
+        step: &'static str,
+        /// The system error.
+        errno: Errno,
+    },
 }
 
-impl ExecError {
-    /// Whether the user can fix this (exit status 2).
-    pub fn is_usage(&self) -> bool {
+/// The user's to fix: the command line (program, `--bind`, `--env`, `--instance-key`) and what
+/// the instance or its configuration says is theirs.
+impl Blame for ExecError {
+    fn fault(&self) -> Fault {
         match self {
-            ExecError::Usage(_) => true,
-            ExecError::Instance(InstanceError::Rendezvous(RendezvousError::BadKey(_))) => true,
-            ExecError::Instance(e) => e.is_usage(),
-            ExecError::Rendezvous(RendezvousError::BadKey(_)) => true,
-            ExecError::Config(e) => e.is_usage(),
-            _ => false,
+            ExecError::NoCommand
+            | ExecError::Bind(_)
+            | ExecError::BindSourceMissing { .. }
+            | ExecError::Env(_) => Fault::User,
+            ExecError::Instance(e) => e.fault(),
+            ExecError::Rendezvous(e) => e.fault(),
+            ExecError::Config(e) => e.fault(),
+            ExecError::Sys { .. } => Fault::Host,
         }
     }
-}
-
-fn usage(msg: impl Into<String>) -> ExecError {
-    ExecError::Usage(msg.into())
 }
 
 /// The node instance configuration of `cmpirun exec`: `--bind` values parsed against the
@@ -94,12 +113,12 @@ pub fn exec_config(req: &ExecRequest) -> Result<InstanceConfig, ExecError> {
         std::env::current_dir().map_err(|e| ExecError::Config(ConfigError::WorkingDirectory(e)))?;
     let mut binds = Vec::new();
     for spec in &req.binds {
-        let b = parse_bind(spec, &cwd).map_err(|e| usage(e.to_string()))?;
+        let b = parse_bind(spec, &cwd)?;
         if fs::symlink_metadata(&b.src).is_err() || fs::metadata(&b.src).is_err() {
-            return Err(usage(format!(
-                "--bind {spec:?}: source {} does not exist on the host",
-                b.src.display()
-            )));
+            return Err(ExecError::BindSourceMissing {
+                spec: spec.clone(),
+                src: b.src,
+            });
         }
         binds.push(b);
     }
@@ -146,16 +165,19 @@ pub fn with_forwarded_signals_blocked<T, E>(
 /// Runs `cmpirun exec`: returns how the program ended. Must be called while single-threaded.
 pub fn exec(req: &ExecRequest) -> Result<Outcome, ExecError> {
     if req.argv.is_empty() {
-        return Err(usage("no command given"));
+        return Err(ExecError::NoCommand);
     }
     let user_env: Vec<(OsString, OsString)> = req
         .env
         .iter()
-        .map(|s| parse_env(s).map_err(|e| usage(e.to_string())))
+        .map(|s| parse_env(s).map_err(ExecError::from))
         .collect::<Result<_, _>>()?;
     let cfg = exec_config(req)?;
     with_forwarded_signals_blocked(
-        |e| ExecError::Failed(format!("block signals: {e}")),
+        |errno| ExecError::Sys {
+            step: "block signals",
+            errno,
+        },
         |mask, _| run_member(req, &cfg, &user_env, mask),
     )
 }
@@ -167,7 +189,10 @@ fn run_member(
     mask: &SigSet,
 ) -> Result<Outcome, ExecError> {
     let sigfd = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| ExecError::Failed(format!("signalfd: {e}")))?;
+        .map_err(|errno| ExecError::Sys {
+            step: "signalfd",
+            errno,
+        })?;
     let mut inst = match &req.instance_key {
         None => NodeInstance::create(cfg, None, true)?,
         Some(key) => {
@@ -290,8 +315,31 @@ mod tests {
 
     #[test]
     fn usage_errors() {
-        assert!(ExecError::Usage("x".into()).is_usage());
-        assert!(!ExecError::Failed("x".into()).is_usage());
-        assert!(ExecError::Instance(InstanceError::Usage("x".into())).is_usage());
+        assert!(ExecError::NoCommand.fault() == Fault::User);
+        assert!(
+            ExecError::Sys {
+                step: "signalfd",
+                errno: Errno::EMFILE
+            }
+            .fault()
+                != Fault::User
+        );
+        assert!(ExecError::Instance(InstanceError::Root("x".into())).fault() == Fault::User);
+        let bad_key = RendezvousError::BadKey("a/b".into());
+        assert!(ExecError::Instance(InstanceError::Rendezvous(bad_key)).fault() == Fault::User);
+    }
+
+    #[test]
+    fn messages_say_their_cause_once() {
+        // cmpirun prints an error with its sources: a cause in the message is not also one.
+        let e = ExecError::Instance(InstanceError::Io {
+            step: "connect to node instance",
+            error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(
+            crate::exit::Fatal::from(e).to_string(),
+            "node instance: connect to node instance: connection refused"
+        );
     }
 }

@@ -152,6 +152,13 @@ pub enum ImageError {
     },
 }
 
+/// An image that cannot be opened is the user's to fix.
+impl crate::exit::Blame for ImageError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::User
+    }
+}
+
 fn join_ids(ids: &[u32]) -> String {
     ids.iter()
         .map(u32::to_string)

@@ -111,11 +111,11 @@ pub enum PackError {
     },
 }
 
-impl PackError {
-    /// Whether the user can fix this by changing the command (a bad source or option), rather
-    /// than a failure of the system while writing.
-    pub fn is_usage(&self) -> bool {
-        !matches!(self, PackError::Write { .. })
+/// The user's to fix: a bad source or option; the host's: a failure of the system while
+/// writing.
+impl crate::exit::Blame for PackError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::user_if(!matches!(self, PackError::Write { .. }))
     }
 }
 

@@ -37,9 +37,11 @@ const REAP_PATIENCE: Duration = Duration::from_secs(10);
 /// The command line to run: the plan's, with the plan source filled in and the output-tag flag
 /// of the launcher added (`srun --label`, hydra's `-prepend-rank`).
 pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
-    let cmd = plan.launcher.commands.first().ok_or_else(|| {
-        LaunchError::Failed("the plan has no launcher command for this launcher".into())
-    })?;
+    let cmd = plan
+        .launcher
+        .commands
+        .first()
+        .ok_or(LaunchError::NoLauncherCommand)?;
     let mut argv: Vec<String> = cmd
         .argv
         .iter()
@@ -63,8 +65,7 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
     let argv = command_line(plan)?;
-    let json = serde_json::to_string(plan)
-        .map_err(|e| LaunchError::Failed(format!("cannot serialise the plan: {e}")))?;
+    let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
@@ -250,10 +251,9 @@ fn run_blocked(
     // it: as their subreaper, cmpirun can wait for them before it exits.
     let subreaper = nix::sys::prctl::set_child_subreaper(true).is_ok();
     tracing::info!("running {program}");
-    let mut child = cmd.spawn().map_err(|e| {
-        LaunchError::Usage(format!(
-            "cannot run {program}: {e} (is it installed and on PATH?)"
-        ))
+    let mut child = cmd.spawn().map_err(|error| LaunchError::LauncherMissing {
+        program: program.to_string(),
+        error,
     })?;
     let pid = Pid::from_raw(child.id() as i32);
     let deadline = plan

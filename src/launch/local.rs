@@ -54,10 +54,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
                     .collect()
             })
             .unwrap_or_default();
-        return Err(LaunchError::Failed(format!(
-            "internal error: threads {names:?} before the node instance was created (it must be \
-             created by a single-threaded process)"
-        )));
+        return Err(LaunchError::Threaded { names });
     }
     ensure_limits(plan.layout.size)?;
     let cfg = node::node_config(plan, &BTreeMap::new())?;

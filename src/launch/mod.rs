@@ -32,21 +32,90 @@ pub mod watch;
 use nix::errno::Errno;
 
 use crate::container::InstanceError;
+use crate::container::instance::MAX_IMAGES;
+use crate::container::rendezvous::RendezvousError;
+use crate::exit::{Blame, Fault};
 use crate::jobspec::LauncherKind;
 use crate::plan::LaunchPlan;
 
 /// Errors that stop a launch before or while the ranks start.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    /// Bad input the user can fix.
-    #[error("{0}")]
-    Usage(String),
-    /// Something on this host failed.
-    #[error("{0}")]
-    Failed(String),
+    /// The plan has no program to run.
+    #[error("the job has no program")]
+    NoProgram,
+    /// The job's parts name more images than one node instance holds.
+    #[error(
+        "the job's parts name {n} different images; a node runs at most {MAX_IMAGES}: put \
+         programs that share an image into one image"
+    )]
+    TooManyImages {
+        /// How many images the parts name.
+        n: usize,
+    },
+    /// The rank mode's plan variable is not set.
+    #[error(
+        "__rank --plan {plan}: ${var} is not set (the rank mode is started by cmpirun through \
+         srun or mpiexec, which pass it)"
+    )]
+    PlanVarUnset {
+        /// The `--plan` value.
+        plan: String,
+        /// The variable it names.
+        var: String,
+    },
+    /// The rank mode's plan file cannot be read.
+    #[error("__rank --plan {plan}: {error}")]
+    PlanUnreadable {
+        /// The `--plan` value.
+        plan: String,
+        /// The error (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+    /// The rank mode's plan is not a launch plan.
+    #[error("__rank --plan {plan}: not a launch plan: {error}")]
+    NotAPlan {
+        /// The `--plan` value.
+        plan: String,
+        /// The error (part of the message, so not also a `source`).
+        error: serde_json::Error,
+    },
+    /// The rank mode does not know its rank.
+    #[error(
+        "__rank: no PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK or SLURM_PROCID: the rank mode runs \
+         under srun or mpiexec"
+    )]
+    NoRank,
+    /// The launcher (`srun`, `mpiexec.hydra`) cannot be started.
+    #[error("cannot run {program}: {error} (is it installed and on PATH?)")]
+    LauncherMissing {
+        /// The launcher program.
+        program: String,
+        /// The error (part of the message, so not also a `source`).
+        error: std::io::Error,
+    },
+    /// The plan has no command for its launcher (a plan cmpirun did not build).
+    #[error("the plan has no launcher command for this launcher")]
+    NoLauncherCommand,
+    /// The plan cannot be written for the ranks.
+    #[error("cannot serialise the plan: {0}")]
+    SerialisePlan(serde_json::Error),
+    /// The local launcher was called from a threaded process (a bug of cmpirun's).
+    #[error(
+        "internal error: threads {names:?} before the node instance was created (it must be \
+         created by a single-threaded process)"
+    )]
+    Threaded {
+        /// The names of the threads found.
+        names: Vec<String>,
+    },
     /// The node instance failed.
     #[error(transparent)]
     Instance(InstanceError),
+    /// The rank mode's node instance cannot be found or created through its rendezvous files
+    /// (its key is cmpirun's own, the job step's).
+    #[error(transparent)]
+    Rendezvous(RendezvousError),
     /// The node instance cannot be configured.
     #[error(transparent)]
     Config(#[from] crate::container::config::ConfigError),
@@ -86,17 +155,35 @@ pub enum LaunchError {
     },
 }
 
-impl LaunchError {
-    /// Whether the user can fix this (exit status 2).
-    pub fn is_usage(&self) -> bool {
+/// The user's to fix: the job's programs and images, the plan the rank mode is given, the
+/// launcher to install, a bind of theirs, and what the node instance or its configuration says
+/// is theirs. The rank mode's rendezvous is the host's: its key is cmpirun's.
+impl Blame for LaunchError {
+    fn fault(&self) -> Fault {
         match self {
-            LaunchError::Usage(_) | LaunchError::Bind(_) | LaunchError::Limit { .. } => true,
-            LaunchError::Instance(e) => e.is_usage(),
-            LaunchError::Config(e) => e.is_usage(),
-            _ => false,
+            LaunchError::NoProgram
+            | LaunchError::TooManyImages { .. }
+            | LaunchError::PlanVarUnset { .. }
+            | LaunchError::PlanUnreadable { .. }
+            | LaunchError::NotAPlan { .. }
+            | LaunchError::NoRank
+            | LaunchError::LauncherMissing { .. }
+            | LaunchError::Limit { .. }
+            | LaunchError::Bind(_) => Fault::User,
+            LaunchError::Instance(e) => e.fault(),
+            LaunchError::Config(e) => e.fault(),
+            LaunchError::NoLauncherCommand
+            | LaunchError::SerialisePlan(_)
+            | LaunchError::Threaded { .. }
+            | LaunchError::Rendezvous(_)
+            | LaunchError::Pmi(_)
+            | LaunchError::Sys { .. }
+            | LaunchError::Io { .. } => Fault::Host,
         }
     }
+}
 
+impl LaunchError {
     fn from_instance(e: InstanceError) -> LaunchError {
         LaunchError::Instance(e)
     }
@@ -108,5 +195,42 @@ pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     match plan.launcher.kind {
         LauncherKind::Local => Ok(local::run(plan)?.exit_code()),
         LauncherKind::Slurm | LauncherKind::Hydra => front_end::run(plan),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whose_errors() {
+        assert_eq!(LaunchError::NoProgram.fault(), Fault::User);
+        assert_eq!(LaunchError::NoRank.fault(), Fault::User);
+        // The rank mode's key is cmpirun's own: even a bad one is not the user's to fix.
+        let bad_key = RendezvousError::BadKey("x/y".into());
+        assert_eq!(LaunchError::Rendezvous(bad_key).fault(), Fault::Host);
+        let root = InstanceError::Root("bind source /x does not exist on the host".into());
+        assert_eq!(LaunchError::Instance(root).fault(), Fault::User);
+        let setup = InstanceError::Setup("mount /x: EPERM".into());
+        assert_eq!(LaunchError::Instance(setup).fault(), Fault::Host);
+        assert_eq!(LaunchError::Threaded { names: vec![] }.fault(), Fault::Host);
+    }
+
+    #[test]
+    fn messages_name_what_to_do() {
+        assert_eq!(
+            LaunchError::TooManyImages { n: 17 }.to_string(),
+            "the job's parts name 17 different images; a node runs at most 16: put programs \
+             that share an image into one image"
+        );
+        assert_eq!(
+            LaunchError::PlanVarUnset {
+                plan: "env:CMPIRUN_PLAN".into(),
+                var: "CMPIRUN_PLAN".into()
+            }
+            .to_string(),
+            "__rank --plan env:CMPIRUN_PLAN: $CMPIRUN_PLAN is not set (the rank mode is started \
+             by cmpirun through srun or mpiexec, which pass it)"
+        );
     }
 }

@@ -66,14 +66,10 @@ pub fn node_config(
 ) -> Result<InstanceConfig, LaunchError> {
     let images = job_images(plan);
     if images.is_empty() {
-        return Err(LaunchError::Usage("the job has no program".into()));
+        return Err(LaunchError::NoProgram);
     }
     if images.len() > MAX_IMAGES {
-        return Err(LaunchError::Usage(format!(
-            "the job's parts name {} different images; a node runs at most {MAX_IMAGES}: put \
-             programs that share an image into one image",
-            images.len()
-        )));
+        return Err(LaunchError::TooManyImages { n: images.len() });
     }
     let backend = match plan.mount.backend {
         MountBackendKind::Auto => None,

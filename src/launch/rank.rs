@@ -16,6 +16,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::container::instance::join_or_create;
 use crate::container::rendezvous::runtime_dir;
 use crate::container::run::{Outcome, propagate, with_forwarded_signals_blocked};
+use crate::exit::Blame;
 use crate::plan::LaunchPlan;
 
 use super::injected::RankWatch;
@@ -35,17 +36,19 @@ const MOUNT_LOST_WAIT: std::time::Duration = std::time::Duration::from_millis(20
 /// Reads the plan: `env:NAME` takes it from variable NAME, anything else is a file.
 pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     let text = match source.strip_prefix("env:") {
-        Some(var) => std::env::var(var).map_err(|_| {
-            LaunchError::Usage(format!(
-                "__rank --plan {source}: ${var} is not set (the rank mode is started by cmpirun \
-                 through srun or mpiexec, which pass it)"
-            ))
+        Some(var) => std::env::var(var).map_err(|_| LaunchError::PlanVarUnset {
+            plan: source.to_owned(),
+            var: var.to_owned(),
         })?,
-        None => std::fs::read_to_string(source)
-            .map_err(|e| LaunchError::Usage(format!("__rank --plan {source}: {e}")))?,
+        None => std::fs::read_to_string(source).map_err(|error| LaunchError::PlanUnreadable {
+            plan: source.to_owned(),
+            error,
+        })?,
     };
-    serde_json::from_str(&text)
-        .map_err(|e| LaunchError::Usage(format!("__rank --plan {source}: not a launch plan: {e}")))
+    serde_json::from_str(&text).map_err(|error| LaunchError::NotAPlan {
+        plan: source.to_owned(),
+        error,
+    })
 }
 
 /// This task's rank, from what the launcher set: `PMI_RANK` (MPICH-style PMI, Slurm pmi2,
@@ -129,13 +132,7 @@ fn relayed(
 pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let plan = read_plan(plan_source)?;
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let rank = task_rank(&env).ok_or_else(|| {
-        LaunchError::Usage(
-            "__rank: no PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK or SLURM_PROCID: the rank \
-             mode runs under srun or mpiexec"
-                .into(),
-        )
-    })?;
+    let rank = task_rank(&env).ok_or(LaunchError::NoRank)?;
     let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = node::node_config(&plan, &env).and_then(|cfg| {
         with_forwarded_signals_blocked(
@@ -152,12 +149,7 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
             // The rank never ran: without a report the job's status would be the launcher's
             // teardown of the other ranks.
             if let Some(t) = Target::from_env() {
-                let code = if e.is_usage() {
-                    crate::exit::USAGE
-                } else {
-                    crate::exit::FAILURE
-                };
-                t.send(rank, RankEnd::Exited(code), None);
+                t.send(rank, RankEnd::Exited(e.fault().status()), None);
             }
             Err(e)
         }
@@ -177,9 +169,9 @@ fn run_member(
             step: "signalfd",
             errno,
         })?;
-    let dir = runtime_dir().map_err(|e| LaunchError::Failed(e.to_string()))?;
+    let dir = runtime_dir().map_err(LaunchError::Rendezvous)?;
     let mut inst = join_or_create(&dir, key, cfg).map_err(|e| match e {
-        crate::container::InstanceError::Rendezvous(r) => LaunchError::Failed(r.to_string()),
+        crate::container::InstanceError::Rendezvous(r) => LaunchError::Rendezvous(r),
         other => LaunchError::Instance(other),
     })?;
     let host: Vec<(OsString, OsString)> = std::env::vars_os()

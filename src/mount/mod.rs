@@ -198,11 +198,11 @@ pub enum MountError {
     },
 }
 
-impl MountError {
-    /// Whether the user or site can fix this (bad image, unusable FUSE, missing tool): the
-    /// binary exits with `cmpirun::exit::USAGE` for these.
-    pub fn is_user_fixable(&self) -> bool {
-        matches!(
+/// The user's (or the site's, on the user's request) to fix: a bad image, unusable FUSE, a
+/// missing tool, a bad setting; the host's: a failed system call or image server.
+impl crate::exit::Blame for MountError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::user_if(matches!(
             self,
             MountError::FuseUnusable { .. }
                 | MountError::SquashfuseMissing
@@ -210,9 +210,11 @@ impl MountError {
                 | MountError::BadImage { .. }
                 | MountError::StartTimeout { .. }
                 | MountError::BadSetting { .. }
-        )
+        ))
     }
+}
 
+impl MountError {
     pub(crate) fn io(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         MountError::Io {
             what: what.into(),
@@ -412,6 +414,7 @@ pub(crate) fn mount_fuse_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::{Blame, Fault};
 
     #[test]
     fn backend_names_round_trip_and_unknown_ones_are_usage_errors() {
@@ -423,7 +426,7 @@ mod tests {
             assert_eq!(b.name().parse::<MountBackend>().unwrap(), b);
         }
         let e = "nfs".parse::<MountBackend>().unwrap_err();
-        assert!(e.is_user_fixable());
+        assert!(e.fault() == Fault::User);
         assert!(e.to_string().contains("fuse, squashfuse or extract"));
     }
 
@@ -435,6 +438,6 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("/dev/fuse") && msg.contains("0666"));
         assert!(msg.contains("--image-mount extract"));
-        assert!(e.is_user_fixable());
+        assert!(e.fault() == Fault::User);
     }
 }

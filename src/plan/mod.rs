@@ -101,6 +101,13 @@ pub enum PlanError {
     HydraWithoutHosts,
 }
 
+/// A request that cannot be planned is the user's to fix.
+impl crate::exit::Blame for PlanError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::User
+    }
+}
+
 /// Builds the plan of `spec` under the chosen profile, from the facts of its images (`images`:
 /// one per part of `spec.apps`, in order) and of this host. Pure: everything it needs is in
 /// its arguments.

@@ -130,6 +130,13 @@ pub enum ProfileError {
     },
 }
 
+/// A profile that cannot be found, read or chosen is the user's (or the site's) to fix.
+impl crate::exit::Blame for ProfileError {
+    fn fault(&self) -> crate::exit::Fault {
+        crate::exit::Fault::User
+    }
+}
+
 /// The directories profiles are looked for in, in order; earlier directories shadow later ones
 /// (a site's `generic.yaml` replaces the shipped one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

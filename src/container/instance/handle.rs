@@ -49,14 +49,13 @@ impl NodeInstance {
         owned: bool,
     ) -> Result<NodeInstance, InstanceError> {
         if cfg.other_roots.len() >= MAX_IMAGES {
-            return Err(InstanceError::Usage(format!(
-                "{} different images in one job: a node instance holds at most {MAX_IMAGES}",
-                cfg.other_roots.len() + 1
-            )));
+            return Err(InstanceError::TooManyImages {
+                n: cfg.other_roots.len() + 1,
+            });
         }
-        let (ours, theirs) = UnixStream::pair().map_err(|source| InstanceError::Io {
+        let (ours, theirs) = UnixStream::pair().map_err(|error| InstanceError::Io {
             step: "socketpair",
-            source,
+            error,
         })?;
         let plans = RootPlans::new(cfg);
         let child =
@@ -71,9 +70,9 @@ impl NodeInstance {
 
     /// Joins the instance listening at `socket`.
     pub fn connect(socket: &Path) -> Result<NodeInstance, InstanceError> {
-        let conn = UnixStream::connect(socket).map_err(|source| InstanceError::Io {
+        let conn = UnixStream::connect(socket).map_err(|error| InstanceError::Io {
             step: "connect to node instance",
-            source,
+            error,
         })?;
         Self::handshake(conn, Pid::from_raw(0))
     }
@@ -105,7 +104,7 @@ impl NodeInstance {
             decode_ready(&payload).filter(|(_, c)| !c.is_empty() && fds.len() == c.len() + 1)
         else {
             reap();
-            return Err(InstanceError::Failed("malformed ready message".into()));
+            return Err(InstanceError::MalformedReady);
         };
         let mut fds = fds.into_iter();
         Ok(NodeInstance {
@@ -138,16 +137,13 @@ impl NodeInstance {
         let (user_ns, mnt_ns) = match (&self.user_ns, self.mnt_ns.get(cmd.image)) {
             (Some(u), Some(m)) => (u.as_fd(), m.as_fd()),
             (Some(_), None) if !self.mnt_ns.is_empty() => {
-                return Err(InstanceError::Failed(format!(
-                    "the node instance holds {} image(s), not image {}",
-                    self.mnt_ns.len(),
-                    cmd.image
-                )));
+                return Err(InstanceError::NoSuchImage {
+                    held: self.mnt_ns.len(),
+                    image: cmd.image,
+                });
             }
             _ => {
-                return Err(InstanceError::Failed(
-                    "the namespaces of this instance were already released".into(),
-                ));
+                return Err(InstanceError::Released);
             }
         };
         start_member(cmd, user_ns, mnt_ns)
@@ -225,9 +221,9 @@ pub fn join_or_create(
             drop(guard);
             return Ok(inst);
         }
-        Err(InstanceError::Io { source, .. })
+        Err(InstanceError::Io { error, .. })
             if matches!(
-                source.kind(),
+                error.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) => {}
         Err(e) => return Err(e),

@@ -20,7 +20,7 @@ use nix::unistd::{Pid, getpid, getppid};
 use super::InstanceError;
 use super::image_env::eval_image_env;
 use super::protocol::{
-    MSG_FAILED, MSG_READY, MSG_UNSHARED, Message, SetupError, recv_message, send_message,
+    MSG_READY, MSG_SETUP, MSG_UNSHARED, Message, SetupError, recv_message, send_message,
 };
 use crate::container::executor::execute;
 use crate::container::member_env::{Env, EnvChange, decode_changes, encode_changes};
@@ -51,7 +51,7 @@ impl Holder {
                 kind: MSG_READY, ..
             }) => Err(SetupError::Holder {
                 image: self.image.clone(),
-                kind: MSG_FAILED,
+                kind: MSG_SETUP,
                 text: "malformed ready message".into(),
             }),
             other => Err(self.failure(other, " before it was ready")),
@@ -64,7 +64,7 @@ impl Holder {
         let (kind, text) = match got {
             Ok(msg) => (msg.kind, msg.text()),
             Err(e) => (
-                MSG_FAILED,
+                MSG_SETUP,
                 format!("the process building its root exited{when} ({e})"),
             ),
         };

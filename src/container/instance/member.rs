@@ -84,15 +84,12 @@ struct Prepared {
 }
 
 fn cstring(b: &[u8]) -> Result<CString, InstanceError> {
-    CString::new(b).map_err(|_| InstanceError::Usage("an argument contains a NUL byte".into()))
+    CString::new(b).map_err(|_| InstanceError::NulByte)
 }
 
 impl Prepared {
     fn new(cmd: &MemberCommand) -> Result<Prepared, InstanceError> {
-        let prog = cmd
-            .argv
-            .first()
-            .ok_or_else(|| InstanceError::Usage("no command given".into()))?;
+        let prog = cmd.argv.first().ok_or(InstanceError::NoCommand)?;
         let argv = cmd
             .argv
             .iter()

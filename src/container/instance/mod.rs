@@ -39,6 +39,7 @@ pub use member::{EXIT_JOIN_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, MemberCo
 use super::member_env::Env;
 use super::rendezvous::RendezvousError;
 use super::root::RootConfig;
+use crate::exit::{Blame, Fault};
 
 /// At most this many images in one node instance (one descriptor per image's mount namespace
 /// travels in each membership message).
@@ -59,6 +60,11 @@ pub struct InstanceConfig {
 }
 
 /// Errors from creating, joining or using a node instance.
+///
+/// Failures inside the instance process travel to its creator as text over its socket
+/// (the failure messages of `protocol.rs`): they arrive as [`InstanceError::NoUserNamespace`],
+/// [`InstanceError::Root`], [`InstanceError::ImageEnv`] or [`InstanceError::Setup`], by the kind
+/// the instance gave them.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     /// User namespaces are not available to this user.
@@ -73,15 +79,43 @@ pub enum InstanceError {
         /// What was found out about why.
         detail: String,
     },
-    /// The root could not be built; the user can fix it.
+    /// The container root cannot be built as asked (a bind source or destination the user can
+    /// change): the instance's message.
     #[error("{0}")]
-    Usage(String),
-    /// The instance failed for another reason.
+    Root(String),
+    /// The instance could not get ready for another reason (a system call, the image mount, a
+    /// holder of another image): the instance's message.
     #[error("{0}")]
-    Failed(String),
+    Setup(String),
     /// The image's environment scripts failed.
     #[error("the image's environment scripts (/.singularity.d/env/*.sh) failed: {0}")]
     ImageEnv(String),
+    /// More images than one instance holds.
+    #[error("{n} different images in one job: a node instance holds at most {MAX_IMAGES}")]
+    TooManyImages {
+        /// How many images were asked for.
+        n: usize,
+    },
+    /// A member was asked for without a program.
+    #[error("no command given")]
+    NoCommand,
+    /// A member's argument, variable or working directory holds a NUL byte.
+    #[error("an argument contains a NUL byte")]
+    NulByte,
+    /// A member was asked for in an image the instance does not hold.
+    #[error("the node instance holds {held} image(s), not image {image}")]
+    NoSuchImage {
+        /// How many images the instance holds.
+        held: usize,
+        /// The image asked for.
+        image: usize,
+    },
+    /// A member was asked for after [`NodeInstance::release_namespaces`].
+    #[error("the namespaces of this instance were already released")]
+    Released,
+    /// The instance's ready message was not what the protocol allows.
+    #[error("malformed ready message")]
+    MalformedReady,
     /// A system call on the cmpirun side failed.
     #[error("{step}: {errno}")]
     Sys {
@@ -91,12 +125,12 @@ pub enum InstanceError {
         errno: Errno,
     },
     /// Talking to the instance failed.
-    #[error("node instance: {step}: {source}")]
+    #[error("node instance: {step}: {error}")]
     Io {
         /// What was being done.
         step: &'static str,
-        /// The error.
-        source: std::io::Error,
+        /// The error (part of the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The instance went away before it was ready.
     #[error("node instance exited before it was ready")]
@@ -106,9 +140,25 @@ pub enum InstanceError {
     Rendezvous(#[from] RendezvousError),
 }
 
-impl InstanceError {
-    /// Whether the user can fix this by changing the command line or the image.
-    pub fn is_usage(&self) -> bool {
-        matches!(self, InstanceError::Usage(_))
+/// The user's to fix: a root built from their binds, a key, the images and the command they
+/// gave; everything else is the host's (user namespaces disabled on the host included).
+impl Blame for InstanceError {
+    fn fault(&self) -> Fault {
+        match self {
+            InstanceError::Root(_)
+            | InstanceError::TooManyImages { .. }
+            | InstanceError::NoCommand
+            | InstanceError::NulByte => Fault::User,
+            InstanceError::Rendezvous(e) => e.fault(),
+            InstanceError::NoUserNamespace { .. }
+            | InstanceError::Setup(_)
+            | InstanceError::ImageEnv(_)
+            | InstanceError::NoSuchImage { .. }
+            | InstanceError::Released
+            | InstanceError::MalformedReady
+            | InstanceError::Sys { .. }
+            | InstanceError::Io { .. }
+            | InstanceError::Vanished => Fault::Host,
+        }
     }
 }

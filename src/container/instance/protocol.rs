@@ -18,15 +18,16 @@ use super::image_env::ImageEnvError;
 use super::{InstanceError, MAX_IMAGES};
 use crate::container::executor::RootError;
 use crate::container::member_env::{EnvChange, decode_changes, encode_changes};
+use crate::exit::{Blame, Fault};
 use crate::sys::SysError;
 use crate::sys::userns::UserNsError;
 
 /// Ready: the payload is [`encode_ready`]'s (from a holder: its image's encoded changes).
 pub const MSG_READY: u8 = b'R';
-/// The root could not be built for a reason the user can fix.
-pub const MSG_USAGE: u8 = b'U';
-/// The instance failed for another reason.
-pub const MSG_FAILED: u8 = b'F';
+/// The root could not be built for a reason the user can fix ([`InstanceError::Root`]).
+pub const MSG_ROOT: u8 = b'U';
+/// The instance failed for another reason ([`InstanceError::Setup`]).
+pub const MSG_SETUP: u8 = b'F';
 /// No user namespace: the payload is `ERRNO|DETAIL`.
 pub const MSG_NO_USERNS: u8 = b'N';
 /// The image's environment scripts failed.
@@ -119,7 +120,7 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, InstanceError> {
     if got == 0 {
         return Err(InstanceError::Vanished);
     }
-    let io = |source| InstanceError::Io { step: STEP, source };
+    let io = |error| InstanceError::Io { step: STEP, error };
     let mut r = sock;
     r.read_exact(&mut header[got..]).map_err(io)?;
     let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
@@ -189,7 +190,7 @@ pub enum SetupError {
     Holder {
         /// The image the holder builds.
         image: String,
-        /// The kind of the failure it reported (`MSG_FAILED` when it went away).
+        /// The kind of the failure it reported ([`MSG_SETUP`] when it went away).
         kind: u8,
         /// What it said.
         text: String,
@@ -200,14 +201,15 @@ pub enum SetupError {
 }
 
 impl SetupError {
-    /// The message kind this failure travels as.
+    /// The message kind this failure travels as, which becomes the [`InstanceError`] variant
+    /// (and so whose it is to fix) on the creator's side.
     fn kind(&self) -> u8 {
         match self {
             SetupError::UserNs(UserNsError::Unshare { .. }) => MSG_NO_USERNS,
-            SetupError::Root(e) if e.is_usage() => MSG_USAGE,
             SetupError::ImageEnv(_) => MSG_IMAGE_ENV,
             SetupError::Holder { kind, .. } => *kind,
-            _ => MSG_FAILED,
+            other if other.fault() == Fault::User => MSG_ROOT,
+            _ => MSG_SETUP,
         }
     }
 
@@ -228,11 +230,23 @@ impl SetupError {
     }
 }
 
+/// The user's to fix: a root that cannot be built from their binds (a holder's failure is
+/// judged where the holder made it, by its message kind).
+impl Blame for SetupError {
+    fn fault(&self) -> Fault {
+        match self {
+            SetupError::Root(e) => e.fault(),
+            SetupError::Holder { kind, .. } => Fault::user_if(*kind == MSG_ROOT),
+            _ => Fault::Host,
+        }
+    }
+}
+
 /// The [`InstanceError`] a failure message stands for.
 pub fn failure_error(msg: &Message) -> InstanceError {
     let text = msg.text();
     match msg.kind {
-        MSG_USAGE => InstanceError::Usage(text),
+        MSG_ROOT => InstanceError::Root(text),
         MSG_NO_USERNS => {
             let (errno, detail) = text.split_once('|').map_or((0, String::new()), |(e, d)| {
                 (e.parse().unwrap_or(0), d.to_owned())
@@ -243,7 +257,7 @@ pub fn failure_error(msg: &Message) -> InstanceError {
             }
         }
         MSG_IMAGE_ENV => InstanceError::ImageEnv(text),
-        _ => InstanceError::Failed(text),
+        _ => InstanceError::Setup(text),
     }
 }
 
@@ -266,5 +280,34 @@ mod tests {
         // Truncated: no panic, no partial answer.
         assert_eq!(decode_ready(&p[..p.len() - 1]), None);
         assert_eq!(decode_ready(&p[..3]), None);
+    }
+
+    fn arrives_as(e: &SetupError) -> InstanceError {
+        failure_error(&Message {
+            kind: e.kind(),
+            fds: Vec::new(),
+            payload: e.payload().into_bytes(),
+        })
+    }
+
+    #[test]
+    fn failures_arrive_typed_and_keep_whose_they_are() {
+        let missing = SetupError::Root(RootError::SourceMissing {
+            path: "/nowhere".into(),
+        });
+        let got = arrives_as(&missing);
+        assert!(matches!(&got, InstanceError::Root(t) if *t == missing.to_string()));
+        assert_eq!(got.fault(), Fault::User);
+        let order = SetupError::Root(RootError::Order("pivot before mount"));
+        let got = arrives_as(&order);
+        assert!(matches!(&got, InstanceError::Setup(t) if *t == order.to_string()));
+        assert_eq!(got.fault(), Fault::Host);
+        let holder = SetupError::Holder {
+            image: "b.sif".into(),
+            kind: MSG_ROOT,
+            text: "bind source /x does not exist on the host".into(),
+        };
+        assert_eq!(holder.fault(), Fault::User);
+        assert!(matches!(arrives_as(&holder), InstanceError::Root(_)));
     }
 }
