@@ -180,7 +180,7 @@ fn mpmd_images_check(apps: &[AppPlan]) -> Option<Check> {
             name: "mpmd-mpi".into(),
             verdict: Verdict::Fail,
             message: format!(
-                "{} and {} use one MPI family but different {what} ({} against {}): ranks of different builds of one MPI do not wire up with each other (MPI_Init waits for ever); use images with the same MPI build, or --force to launch anyway",
+                "{} and {} use one MPI family but different {what} ({} against {}): ranks of different builds of one MPI do not wire up with each other (MPI_Init waits for ever); use images with the same MPI build",
                 describe(a),
                 describe(b),
                 build_text(&apps[a].image),
