@@ -228,6 +228,12 @@ fn run_member(
     let outcome = wait_forwarding(child, &sigfd, |info| {
         info.ssi_code != libc::SI_KERNEL && info.ssi_pid as i32 != instance.as_raw()
     });
+    // A program that failed because the image mount ended (its server died): say so.
+    if outcome != Outcome::Exited(0)
+        && let Some(message) = inst.mount_lost_within(std::time::Duration::from_millis(200))
+    {
+        tracing::error!("{message}");
+    }
     inst.close();
     Ok(outcome)
 }
