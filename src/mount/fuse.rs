@@ -111,8 +111,8 @@ pub(super) fn mount(
 }
 
 /// Child-side set-up: die with the parent, leave the terminal's process group (a Ctrl-C must
-/// reach the job, not cut the image from under it), and drop inherited descriptors except
-/// stderr and the server's own.
+/// reach the job, not cut the image from under it), drop inherited descriptors except stderr
+/// and the server's own, and make stderr never block.
 fn become_server_child(
     parent: nix::unistd::Pid,
     session: &Session<ImageFs>,
@@ -129,6 +129,9 @@ fn become_server_child(
     let _ = nix::sys::prctl::set_name(c"cmpirun-fuse");
     let fs = session.as_fd().as_raw_fd();
     crate::sys::process::close_fds_except(0, &[2, fs, image_fd]);
+    // The server's log lines must never make it wait (a stopped terminal, a reader that does
+    // not read): its readers, the ranks, would wait with it in uninterruptible sleep.
+    crate::sys::process::nonblocking_stderr();
     FUSE_FD.store(fs, Ordering::Relaxed);
     Ok(())
 }

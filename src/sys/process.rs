@@ -102,6 +102,33 @@ fn close_range(first: u32, last: u32) {
     }
 }
 
+/// Makes writes to this process's stderr never block: for a pipe, a FIFO or a terminal, stderr
+/// is reopened through `/proc/self/fd/2` (a new open file description, so the flag reaches no
+/// other process writing there) with `O_NONBLOCK` and put at descriptor 2. A regular file, whose
+/// writes do not block, and a socket, which cannot be reopened so, stay as they are; so does
+/// stderr when reopening fails (a pipe whose reader is gone). A log line that would block is
+/// then dropped (cmpirun's logger ignores failed writes), so a process that must keep serving
+/// (the image server) never waits for a terminal that is stopped or a reader that does not read.
+pub fn nonblocking_stderr() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return;
+    };
+    let kind = meta.file_type();
+    if !(kind.is_fifo() || kind.is_char_device()) {
+        return;
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open("/proc/self/fd/2")
+    else {
+        return;
+    };
+    // On failure stderr stays the blocking one it was.
+    let _ = nix::unistd::dup2_stderr(&file);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
