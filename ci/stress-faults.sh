@@ -31,7 +31,8 @@
 #   env: PARTS (default "faults soak concurrent"), LAUNCHERS (default "local srun"),
 #        TIMEOUT (30), GRACE (5; SRUN_GRACE 45 under srun: Slurm waits up to 32 s for a step
 #        whose srun was killed), MAX_SECONDS (0: none; stop a launcher's faults after that long), MAX_DELAY (1500 ms), EARLY (300 ms), CONCURRENT (20), SOAK_EVERY (100),
-#        SOAK_PROG (default /bin/true), SEED (RANDOM's seed), CMPIRUN (target/debug/cmpirun),
+#        SOAK_PROG (default /bin/true), SEED (RANDOM's seed), VICTIMS (default "frontend
+#        instance holder fuse rank"), CMPIRUN (target/debug/cmpirun),
 #        IMAGE (.cache/images/mpich4.sif), IMAGE2 (.cache/images/mpich5.sif), TEST_USER (tuser),
 #        KEEP=1 keeps the stage (logs of every job) for a look afterwards.
 set -uo pipefail
