@@ -168,3 +168,50 @@ fn a_job_beyond_the_nodes_limits_is_refused_with_the_numbers() {
     assert!(!out.stderr.contains("EMFILE"), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
+
+/// The node instance itself killed while two ranks run: the job ends at once with status 1 and
+/// says so (the ranks ran on without their image, and the job exited 0, before).
+#[test]
+fn a_killed_node_instance_ends_a_local_job_and_says_so() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    let ready = work.path().join("ready");
+    let before = Snapshot::take();
+    let child = TuserCommand::cmpirun()
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args([
+            "/bin/sh",
+            "-c",
+            &format!("touch {}.$PMI_RANK; sleep 30", ready.display()),
+        ])
+        .spawn();
+    let procs = wait_for_tagged(
+        child.tag(),
+        Duration::from_secs(60),
+        "two sleeping ranks",
+        |p| p.iter().filter(|p| p.comm == "sleep").count() == 2,
+    );
+    // The instance: the front end's child that is the image server's parent.
+    let server = procs
+        .iter()
+        .find(|p| p.comm == "cmpirun-fuse")
+        .unwrap_or_else(|| panic!("no image server: {procs:?}"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.ppid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let tag = child.tag().to_owned();
+    let out = child.wait();
+    out.assert_code(1);
+    assert!(
+        out.stderr
+            .contains("the node instance ended while the ranks ran"),
+        "{out}"
+    );
+    assert!(out.elapsed < Duration::from_secs(25), "{out}");
+    assert_no_leftovers(&before, &[tag.as_str()]);
+}

@@ -201,6 +201,7 @@ fn run_blocked(
     });
     let mut job = Job {
         instance: &inst,
+        instance_ended: false,
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
         connected: vec![false; size as usize],
@@ -306,6 +307,9 @@ fn start_ranks(
 struct Job<'a> {
     /// The node instance, which says why it ended the ranks if an image mount ended.
     instance: &'a NodeInstance,
+    /// The instance's connection was seen readable (it ended, or said why it ended the ranks):
+    /// it is polled no more.
+    instance_ended: bool,
     /// The injected host libfabric, if the plan injects one.
     injected: Option<InjectedLibfabric>,
     /// Ranks whose memory map was checked for it.
@@ -385,6 +389,12 @@ impl Job<'_> {
             for p in &self.pipes {
                 pfds.push(PollFd::new(p.fd.as_fd(), PollFlags::POLLIN));
             }
+            // Last, so that the pipes' indexes stay as they are: the node instance, watched
+            // until it is seen to end.
+            let instance_at = pfds.len();
+            if !self.instance_ended {
+                pfds.push(PollFd::new(self.instance.connection(), PollFlags::POLLIN));
+            }
             match poll(&mut pfds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
@@ -399,6 +409,9 @@ impl Job<'_> {
             drop(pfds);
             if ready[0] {
                 self.signals(sigfd);
+            }
+            if ready.get(instance_at).copied().unwrap_or(false) {
+                self.instance_watch();
             }
             if let Some(w) = wake.as_ref().filter(|_| ready[1]) {
                 let mut buf = [0u8; 256];
@@ -456,6 +469,20 @@ impl Job<'_> {
             self.finish(JobEnd::OutputClosed {
                 stream: stream.name(),
             });
+        }
+    }
+
+    /// The node instance's connection became readable: a lost image mount is handled when a
+    /// rank fails ([`Self::reap`]); an instance that ended while ranks run (killed) ends the
+    /// job, since the ranks' image went with it.
+    fn instance_watch(&mut self) {
+        // Readable once: a message (left for `reap`), or the end. Either way, no more polling.
+        self.instance_ended = true;
+        if !self.instance.ended() {
+            return;
+        }
+        if self.end.is_none() && self.live() > 0 {
+            self.finish(JobEnd::InstanceLost);
         }
     }
 

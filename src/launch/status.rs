@@ -93,6 +93,9 @@ pub enum JobEnd {
         /// ended`).
         message: String,
     },
+    /// The node instance ended while ranks ran (it was killed): the ranks' image and container
+    /// went with it.
+    InstanceLost,
     /// cmpirun's standard output or error, where the ranks' output goes, was closed by its
     /// reader (`cmpirun … | head`): the job ends as if cmpirun had been killed by SIGPIPE, as
     /// under `mpiexec.hydra`.
@@ -159,9 +162,10 @@ impl JobEnd {
             },
             JobEnd::TimedOut { .. } => TIMEOUT,
             JobEnd::OutputClosed { .. } => SIGNAL_BASE + Signal::SIGPIPE as i32,
-            JobEnd::NotInjected { .. } | JobEnd::NoLibfabric { .. } | JobEnd::MountLost { .. } => {
-                crate::exit::FAILURE
-            }
+            JobEnd::NotInjected { .. }
+            | JobEnd::NoLibfabric { .. }
+            | JobEnd::MountLost { .. }
+            | JobEnd::InstanceLost => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
         }
     }
@@ -204,6 +208,9 @@ impl JobEnd {
                 format!("the job did not end within --timeout {secs} s; it was ended")
             }
             JobEnd::MountLost { rank, message } => format!("rank {rank} of {size}: {message}"),
+            JobEnd::InstanceLost => "the node instance ended while the ranks ran (killed?); \
+                their image and container went with it; the job was ended"
+                .to_owned(),
             JobEnd::OutputClosed { stream } => format!(
                 "the reader of cmpirun's {stream} went away; the job was ended (status 141, as \
                  for SIGPIPE)"

@@ -178,6 +178,29 @@ impl NodeInstance {
             .map(|m| m.text())
     }
 
+    /// The connection to the instance, to poll: it becomes readable when the instance sends
+    /// [`super::protocol::MSG_MOUNT_LOST`] or ends.
+    pub fn connection(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.conn.as_fd()
+    }
+
+    /// Whether the instance has ended (its end of the connection is closed) with no message
+    /// left to read. Does not wait.
+    pub fn ended(&self) -> bool {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        matches!(
+            recv(
+                self.conn.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
+        )
+    }
+
     /// [`Self::mount_lost`], waiting up to `wait` for the message: a rank that saw its files
     /// vanish can fail before the instance has noticed its server's end.
     pub fn mount_lost_within(&self, wait: std::time::Duration) -> Option<String> {

@@ -38,6 +38,11 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// The holder's pid and the image it holds.
+    pub fn who(&self) -> (Pid, &str) {
+        (self.pid, &self.image)
+    }
+
     /// Waits until the holder is ready; returns its mount namespace and what the image's
     /// environment scripts change.
     pub fn ready(&self) -> Result<(OwnedFd, Vec<EnvChange>), SetupError> {

@@ -168,6 +168,17 @@ pub struct ReadyInstance {
 }
 
 impl ReadyInstance {
+    /// The holders of further images: pid and image.
+    pub fn holders(&self) -> Vec<(Pid, String)> {
+        self._holders
+            .iter()
+            .map(|h| {
+                let (pid, image) = h.who();
+                (pid, image.to_owned())
+            })
+            .collect()
+    }
+
     /// The descriptors every membership message carries: the user namespace, then one mount
     /// namespace per image.
     pub fn fds(&self) -> Vec<RawFd> {

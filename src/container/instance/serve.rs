@@ -86,7 +86,7 @@ pub fn serve(
             // An image server (or a holder, whose server died) is gone while members run: their
             // files are gone too. Say so to every member, end every process of the instance, and
             // end the instance.
-            if let Some(how) = child.then(died_child).flatten() {
+            if let Some(how) = child.then(|| died_child(&ready.holders())).flatten() {
                 let text = format!(
                     "the image mount of node {} ended ({how}); the job was ended",
                     hostname()
@@ -142,22 +142,23 @@ fn read_signals(sigfd: &SignalFd) -> (bool, bool) {
 /// (SIGKILL)`), without reaping it: the image's mount and the holders reap their own. The
 /// instance's children are the first image's server and the holders of further images, none
 /// of which ends while members run.
-fn died_child() -> Option<String> {
+fn died_child(holders: &[(Pid, String)]) -> Option<String> {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-    match waitid(Id::All, flags) {
-        Ok(WaitStatus::Exited(pid, super::holder::EXIT_SERVER_ENDED)) => Some(format!(
-            "the server of one of its images ended; its holder, pid {pid}, left"
-        )),
-        Ok(WaitStatus::Exited(pid, code)) => {
-            Some(format!("its server, pid {pid}, exited with status {code}"))
+    let (pid, how) = match waitid(Id::All, flags) {
+        Ok(WaitStatus::Exited(pid, super::holder::EXIT_SERVER_ENDED)) => {
+            (pid, "left because its image server ended".to_owned())
         }
-        Ok(WaitStatus::Signaled(pid, sig, _)) => Some(format!(
-            "its server, pid {pid}, was killed by signal {} ({sig})",
-            sig as i32
-        )),
-        _ => None,
-    }
+        Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
+        Ok(WaitStatus::Signaled(pid, sig, _)) => {
+            (pid, format!("was killed by signal {} ({sig})", sig as i32))
+        }
+        _ => return None,
+    };
+    Some(match holders.iter().find(|(p, _)| *p == pid) {
+        Some((_, image)) => format!("the holder of image {image}, pid {pid}, {how}"),
+        None => format!("its server, pid {pid}, {how}"),
+    })
 }
 
 fn hostname() -> String {
