@@ -169,15 +169,11 @@ fn a_job_beyond_the_nodes_limits_is_refused_with_the_numbers() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-/// The node instance itself killed while two ranks run: the job ends at once with status 1 and
-/// says so (the ranks ran on without their image, and the job exited 0, before).
-#[test]
-fn a_killed_node_instance_ends_a_local_job_and_says_so() {
-    let _serial = exclusive();
-    let work = TuserDir::new();
-    let ready = work.path().join("ready");
+/// The node instance itself killed while two ranks of `job` sleep: the job ends at once with
+/// status 1 and says so (the ranks ran on without their image, and the job exited 0, before).
+fn kill_the_node_instance(job: TuserCommand, ready: &std::path::Path) {
     let before = Snapshot::take();
-    let child = TuserCommand::cmpirun()
+    let child = job
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(Duration::from_secs(120))
         .args(["-n", "2"])
@@ -194,7 +190,7 @@ fn a_killed_node_instance_ends_a_local_job_and_says_so() {
         "two sleeping ranks",
         |p| p.iter().filter(|p| p.comm == "sleep").count() == 2,
     );
-    // The instance: the front end's child that is the image server's parent.
+    // The instance is the image server's parent.
     let server = procs
         .iter()
         .find(|p| p.comm == "cmpirun-fuse")
@@ -208,10 +204,24 @@ fn a_killed_node_instance_ends_a_local_job_and_says_so() {
     let out = child.wait();
     out.assert_code(1);
     assert!(
-        out.stderr
-            .contains("the node instance ended while the ranks ran"),
+        out.stderr.contains("node instance") && out.stderr.contains("ended while the rank"),
         "{out}"
     );
     assert!(out.elapsed < Duration::from_secs(25), "{out}");
     assert_no_leftovers(&before, &[tag.as_str()]);
+}
+
+#[test]
+fn a_killed_node_instance_ends_a_local_job_and_says_so() {
+    let _serial = exclusive();
+    let work = TuserDir::new();
+    kill_the_node_instance(TuserCommand::cmpirun(), &work.path().join("ready"));
+}
+
+#[test]
+fn a_killed_node_instance_ends_a_job_under_srun_and_says_so() {
+    let _serial = exclusive();
+    runtime_dir();
+    let work = TuserDir::new();
+    kill_the_node_instance(salloc_cmpirun(2), &work.path().join("ready"));
 }

@@ -33,6 +33,9 @@ pub const PLAN_VAR: &str = "CMPIRUN_PLAN";
 /// ended (the instance sees its server's end a moment after a rank may have failed on it).
 const MOUNT_LOST_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How often a task looks whether its node instance still runs.
+const INSTANCE_WATCH: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Reads the plan: `env:NAME` takes it from variable NAME, anything else is a file.
 pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     let text = match source.strip_prefix("env:") {
@@ -195,6 +198,7 @@ fn run_member(
     // shows whether it loaded the injected host libfabric.
     // The relay's commands and the ticks both reach the check.
     let maps = std::cell::RefCell::new(RankWatch::new(plan, rank, child));
+    let instance_gone = std::cell::Cell::new(false);
     let mut aborted = false;
     let watched = watch(
         child,
@@ -211,7 +215,19 @@ fn run_member(
                 w.pmi_command(cmd);
             }
         },
-        || maps.borrow_mut().as_mut().and_then(RankWatch::tick),
+        || {
+            // A node instance that ended while the rank runs was killed: its image and
+            // container went with it, so the rank goes too (and the job is told why, below).
+            if !instance_gone.get() && inst.ended() {
+                instance_gone.set(true);
+                // The rank leads a session of its own: all of it.
+                if nix::sys::signal::killpg(child, nix::sys::signal::Signal::SIGKILL).is_err() {
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            let next = maps.borrow_mut().as_mut().and_then(RankWatch::tick);
+            Some(next.map_or(INSTANCE_WATCH, |n| n.min(INSTANCE_WATCH)))
+        },
     );
     let mut maps = maps.into_inner();
     if let Some(w) = maps.as_mut().filter(|w| !w.failed()) {
@@ -225,7 +241,19 @@ fn run_member(
     // file that vanished before the instance said so): say so, whatever else ends.
     let lost = (outcome != Outcome::Exited(0) && !watched.signalled)
         .then(|| inst.mount_lost_within(MOUNT_LOST_WAIT))
-        .flatten();
+        .flatten()
+        .or_else(|| {
+            instance_gone.get().then(|| {
+                format!(
+                    "the node instance of node {} ended while the rank ran (killed?); its image \
+                     and container went with it; the job was ended",
+                    nix::unistd::gethostname()
+                        .ok()
+                        .and_then(|h| h.into_string().ok())
+                        .unwrap_or_else(|| "?".into())
+                )
+            })
+        });
     // The front end says it for the job; without one, this task does.
     if let Some(message) = lost.as_ref().filter(|_| target.is_none()) {
         tracing::error!("rank {rank}: {message}");
