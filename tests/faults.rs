@@ -225,3 +225,35 @@ fn a_killed_node_instance_ends_a_job_under_srun_and_says_so() {
     let work = TuserDir::new();
     kill_the_node_instance(salloc_cmpirun(2), &work.path().join("ready"));
 }
+
+/// A job whose front end was killed under srun leaves its step's rendezvous files (its
+/// instance died by SIGKILL with it, and the step's key never comes again): the next job's front
+/// end on the node removes the files of instances that no longer answer, and keeps the others.
+#[test]
+fn the_next_front_end_removes_the_files_a_killed_job_left() {
+    let _serial = exclusive();
+    let dir = runtime_dir();
+    let stale = format!("{dir}/slurm-999999.0");
+    // A socket nobody listens on, and its lock file, as a killed instance leaves them.
+    TuserCommand::new("python3")
+        .args([
+            "-c",
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]+'.sock'); \
+             open(sys.argv[1]+'.lock','w')",
+            &stale,
+        ])
+        .run()
+        .assert_success();
+    let out = salloc_cmpirun(1)
+        .args(["-n", "1"])
+        .arg(staged_image("mpich4"))
+        .arg("/bin/true")
+        .run();
+    out.assert_success();
+    for f in [".sock", ".lock"] {
+        assert!(
+            !std::path::Path::new(&format!("{stale}{f}")).exists(),
+            "{stale}{f} is still there"
+        );
+    }
+}

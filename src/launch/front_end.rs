@@ -89,6 +89,9 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
             None
         }
     };
+    // What jobs whose front end was killed left on this node (it could not clean up after
+    // them): the files of instances that no longer answer.
+    remove_stale_instances("");
     let result = with_forwarded_signals_blocked(
         |errno| LaunchError::Sys {
             step: "block signals",
