@@ -514,9 +514,13 @@ impl Job<'_> {
                     self.end,
                     None | Some(JobEnd::RankExited { .. } | JobEnd::RankSignaled { .. })
                 )
-                && let Some(message) = self.instance.mount_lost()
+                && let Some(lost) = self
+                    .instance
+                    .mount_lost()
+                    .map(|message| JobEnd::MountLost { rank, message })
+                    // Or the instance itself is gone (killed), and the image with it.
+                    .or_else(|| self.instance.ended().then_some(JobEnd::InstanceLost))
             {
-                let lost = JobEnd::MountLost { rank, message };
                 match self.end {
                     None => self.finish(lost),
                     Some(_) => {

@@ -243,7 +243,7 @@ fn run_member(
         .then(|| inst.mount_lost_within(MOUNT_LOST_WAIT))
         .flatten()
         .or_else(|| {
-            instance_gone.get().then(|| {
+            (instance_gone.get() || (outcome != Outcome::Exited(0) && inst.ended())).then(|| {
                 format!(
                     "the node instance of node {} ended while the rank ran (killed?); its image \
                      and container went with it; the job was ended",
