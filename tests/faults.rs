@@ -61,11 +61,20 @@ fn a_closed_stdout_ends_the_job_with_141() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
+/// Which process of a running job a test kills.
+#[derive(Clone, Copy)]
+enum Victim {
+    /// The built-in FUSE server (a fork of the node instance that names itself `cmpirun-fuse`).
+    ImageServer,
+    /// The node instance (the image server's parent).
+    NodeInstance,
+}
+
 /// Starts `job` (two ranks that sleep, in the mpich4 image with the built-in FUSE server),
-/// kills the image's FUSE server once both ranks sleep (as the OOM killer would), and checks
-/// that the node instance saw it, ended the ranks and said so, and the job ended with status 1
-/// at once instead of running on with its files gone (it exited 0 before), leaving nothing.
-fn kill_the_image_server(job: TuserCommand, ready: &std::path::Path) {
+/// SIGKILLs `victim` once both ranks sleep (as the OOM killer would), and checks that the job
+/// ended with status 1 at once, its stderr holding every one of `said`, instead of running on
+/// with its files gone (it exited 0 before), and that it left nothing.
+fn kill_during_job(job: TuserCommand, ready: &std::path::Path, victim: Victim, said: &[&str]) {
     let before = Snapshot::take();
     let child = job
         .env("CMPIRUN_KILL_GRACE", "2")
@@ -79,45 +88,50 @@ fn kill_the_image_server(job: TuserCommand, ready: &std::path::Path) {
             &format!("touch {}.$PMI_RANK; sleep 30", ready.display()),
         ])
         .spawn();
-    for r in 0..2 {
-        wait_for_file(
-            &ready.with_extension(r.to_string()),
-            Duration::from_secs(60),
-        );
-    }
     let procs = wait_for_tagged(
         child.tag(),
         Duration::from_secs(60),
         "two sleeping ranks",
         |p| p.iter().filter(|p| p.comm == "sleep").count() == 2,
     );
-    // The built-in FUSE server, a fork of the node instance, names itself so.
     let server = procs
         .iter()
         .find(|p| p.comm == "cmpirun-fuse")
-        .map(|p| p.pid)
         .unwrap_or_else(|| panic!("no image server: {procs:?}"));
+    let pid = match victim {
+        Victim::ImageServer => server.pid,
+        Victim::NodeInstance => server.ppid,
+    };
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     let tag = child.tag().to_owned();
     let out = child.wait();
     out.assert_code(1);
-    assert!(
-        out.stderr.contains("cmpirun: rank ")
-            && out.stderr.contains("the image mount of node")
-            && out
-                .stderr
-                .contains("was killed by signal 9 (SIGKILL)); the job was ended"),
-        "{out}"
-    );
+    for s in said {
+        assert!(out.stderr.contains(s), "{s:?} not said: {out}");
+    }
     assert!(
         out.elapsed < Duration::from_secs(25),
         "ended at once, not after the ranks' sleep: {out}"
     );
     assert_no_leftovers(&before, &[tag.as_str()]);
+}
+
+/// [`kill_during_job`] of the image server.
+fn kill_the_image_server(job: TuserCommand, ready: &std::path::Path) {
+    kill_during_job(
+        job,
+        ready,
+        Victim::ImageServer,
+        &[
+            "cmpirun: rank ",
+            "the image mount of node",
+            "was killed by signal 9 (SIGKILL)); the job was ended",
+        ],
+    );
 }
 
 #[test]
@@ -169,46 +183,14 @@ fn a_job_beyond_the_nodes_limits_is_refused_with_the_numbers() {
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
-/// The node instance itself killed while two ranks of `job` sleep: the job ends at once with
-/// status 1 and says so (the ranks ran on without their image, and the job exited 0, before).
+/// [`kill_during_job`] of the node instance.
 fn kill_the_node_instance(job: TuserCommand, ready: &std::path::Path) {
-    let before = Snapshot::take();
-    let child = job
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(120))
-        .args(["-n", "2"])
-        .arg(staged_image("mpich4"))
-        .args([
-            "/bin/sh",
-            "-c",
-            &format!("touch {}.$PMI_RANK; sleep 30", ready.display()),
-        ])
-        .spawn();
-    let procs = wait_for_tagged(
-        child.tag(),
-        Duration::from_secs(60),
-        "two sleeping ranks",
-        |p| p.iter().filter(|p| p.comm == "sleep").count() == 2,
+    kill_during_job(
+        job,
+        ready,
+        Victim::NodeInstance,
+        &["node instance", "ended while the rank"],
     );
-    // The instance is the image server's parent.
-    let server = procs
-        .iter()
-        .find(|p| p.comm == "cmpirun-fuse")
-        .unwrap_or_else(|| panic!("no image server: {procs:?}"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.ppid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let tag = child.tag().to_owned();
-    let out = child.wait();
-    out.assert_code(1);
-    assert!(
-        out.stderr.contains("node instance") && out.stderr.contains("ended while the rank"),
-        "{out}"
-    );
-    assert!(out.elapsed < Duration::from_secs(25), "{out}");
-    assert_no_leftovers(&before, &[tag.as_str()]);
 }
 
 #[test]
