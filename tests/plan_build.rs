@@ -979,3 +979,17 @@ fn too_many_ranks_is_an_error_not_an_allocation() {
     let p = cmpirun::plan::build(&s, &choice(GENERIC), &images(&s), &host(&[])).unwrap();
     assert_eq!(p.layout.size, cmpirun::jobspec::MAX_RANKS);
 }
+
+#[test]
+fn a_host_named_twice_with_huge_slot_counts_saturates() {
+    // Found while fuzzing hostfiles (fuzz/fuzz_targets/hostfile.rs): the merged slots of a host
+    // named twice overflowed (a panic in a debug build, a host of 0 slots in a release build).
+    let h = with_programs(host(&[]), &["mpiexec.hydra"]);
+    let p = plan(
+        &["-H", "a:4294967295,a:1", "-n", "2", "img.sif", "hello"],
+        &choice(GENERIC),
+        &h,
+    );
+    assert_eq!(p.launcher.commands[0].argv[2], "a:4294967295");
+    assert_eq!(p.layout.node_of_rank, [0, 0]);
+}

@@ -81,9 +81,7 @@ pub fn format_process_mapping(node_of_rank: &[u32]) -> String {
     }
     // Shortest prefix whose repetition gives the whole layout; rank 0 is on node 0 after
     // normalisation, so the restart rule starts over at the first block.
-    let period = (1..=nodes.len())
-        .find(|&p| nodes.iter().enumerate().all(|(i, n)| *n == nodes[i % p]))
-        .unwrap_or(nodes.len());
+    let period = shortest_period(&nodes);
     let full = blocks(&nodes);
     let periodic = blocks(&nodes[..period]);
     let chosen = if periodic.len() < full.len() {
@@ -97,6 +95,24 @@ pub fn format_process_mapping(node_of_rank: &[u32]) -> String {
     }
     out.push(')');
     out
+}
+
+/// The shortest `p` with `s[i] == s[i % p]` for every `i`: the length less the longest proper
+/// prefix that is also a suffix (Knuth–Morris–Pratt's failure function), in linear time (trying
+/// each `p` in turn took minutes for a million ranks with one odd node).
+fn shortest_period(s: &[u32]) -> usize {
+    let mut border = vec![0usize; s.len()];
+    let mut k = 0;
+    for i in 1..s.len() {
+        while k > 0 && s[i] != s[k] {
+            k = border[k - 1];
+        }
+        if s[i] == s[k] {
+            k += 1;
+        }
+        border[i] = k;
+    }
+    s.len() - border.last().copied().unwrap_or(0)
 }
 
 struct Reader<'a> {
@@ -239,6 +255,44 @@ pub fn parse_process_mapping(text: &str, size: usize) -> Result<Vec<u32>, Mappin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_period_is_the_shortest_repeating_prefix() {
+        let naive = |s: &[u32]| {
+            (1..=s.len())
+                .find(|&p| s.iter().enumerate().all(|(i, n)| *n == s[i % p]))
+                .unwrap_or(s.len())
+        };
+        let cases: &[&[u32]] = &[
+            &[0],
+            &[0, 0, 0],
+            &[0, 1, 0, 1, 0],
+            &[0, 1, 0, 1, 1],
+            &[0, 0, 1, 0, 0, 1, 0],
+            &[0, 1, 2, 0, 1, 2],
+            &[0, 1, 1, 0, 1, 1, 0, 1],
+            &[0, 0, 0, 1],
+        ];
+        for s in cases {
+            assert_eq!(shortest_period(s), naive(s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_large_job_with_one_odd_node_is_formatted_quickly() {
+        // Found while fuzzing hostfiles (fuzz/fuzz_targets/hostfile.rs): `-H a:1048575,b` took
+        // the period search minutes (quadratic in the ranks).
+        let mut nodes = vec![0u32; 1 << 20];
+        nodes.push(1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(format_process_mapping(&nodes));
+        });
+        let text = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("formatted within 30 s");
+        assert_eq!(text, "(vector,(0,1,1048576),(1,1,1))");
+    }
 
     #[test]
     fn layouts_roundtrip() {

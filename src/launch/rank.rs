@@ -48,7 +48,12 @@ pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
             error,
         })?,
     };
-    serde_json::from_str(&text).map_err(|error| LaunchError::NotAPlan {
+    parse_plan(source, &text)
+}
+
+/// Parses the JSON text of a plan; `source` (as given to `--plan`) is used in messages.
+pub fn parse_plan(source: &str, text: &str) -> Result<LaunchPlan, LaunchError> {
+    serde_json::from_str(text).map_err(|error| LaunchError::NotAPlan {
         plan: source.to_owned(),
         error,
     })

@@ -50,6 +50,27 @@ pub struct Report {
     pub message: Option<String>,
 }
 
+/// Why the front end ignored a report line.
+#[derive(Debug, thiserror::Error)]
+pub enum BadReport {
+    /// The line is not a report.
+    #[error("a malformed rank report was ignored: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The line is a report with another token.
+    #[error("a rank report with a wrong token was ignored")]
+    WrongToken,
+}
+
+/// What the front end makes of one line a task sent (without its newline): the report, if it
+/// carries the job's `token`.
+pub fn parse_line(line: &[u8], token: &str) -> Result<Report, BadReport> {
+    let report: Report = serde_json::from_slice(line)?;
+    if report.token != token {
+        return Err(BadReport::WrongToken);
+    }
+    Ok(report)
+}
+
 /// Where a task reports to, parsed from [`REPORT_VAR`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -270,8 +291,8 @@ impl Collector {
             let Some(end) = c.buf.iter().position(|&b| b == b'\n') else {
                 return c.buf.len() <= MAX_LINE;
             };
-            match serde_json::from_slice::<Report>(&c.buf[..end]) {
-                Ok(r) if r.token == *token => {
+            match parse_line(&c.buf[..end], token) {
+                Ok(r) => {
                     // The task waits for this answer; a short write to a fresh socket does not
                     // block.
                     let _ = c.stream.set_nonblocking(false);
@@ -279,8 +300,7 @@ impl Collector {
                     let _ = c.stream.write_all(b"ok\n");
                     reports.push(r);
                 }
-                Ok(_) => tracing::warn!("a rank report with a wrong token was ignored"),
-                Err(e) => tracing::warn!("a malformed rank report was ignored: {e}"),
+                Err(e) => tracing::warn!("{e}"),
             }
             false
         });

@@ -30,6 +30,7 @@ pub use extract::{
     cache_entries, cache_limit, check_library_files, clear_cache, default_extract_cache,
     default_library_cache_in, hold_library_files, library_cache_in, library_cache_setting,
 };
+pub use reader::read_through;
 
 /// How to make an image's squashfs visible at a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -101,7 +101,7 @@ fn merged_hosts(spec: &JobSpec) -> Vec<NodeSlots> {
     for h in &spec.hosts {
         let slots = h.slots.unwrap_or(1);
         match out.iter_mut().find(|n| n.name == h.name) {
-            Some(n) => n.slots += slots,
+            Some(n) => n.slots = n.slots.saturating_add(slots),
             None => out.push(NodeSlots {
                 name: h.name.clone(),
                 slots,
