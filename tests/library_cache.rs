@@ -55,6 +55,19 @@ fn entries(cache: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// The `--dry-run --json` plan of a one-rank `hello` job of `image` with the library cache
+/// `cache`, and the run that printed it.
+fn dry_run_plan(cache: &Path, image: &Path) -> (serde_json::Value, RunOutput) {
+    let out = cmpirun(cache)
+        .args(["--dry-run", "--json", "-n", "1"])
+        .arg(image)
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_success();
+    let plan = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (plan, out)
+}
+
 /// The image path of the MPI library (a regular file: symlinks resolved) in a `--dry-run --json`
 /// plan.
 fn mpi_library(plan: &serde_json::Value) -> String {
@@ -76,13 +89,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     let mut tags = Vec::new();
 
     // The plan names the cache and the files.
-    let out = cmpirun(&cache)
-        .args(["--dry-run", "--json", "-n", "1"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
-    out.assert_success();
-    let plan: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let (plan, out) = dry_run_plan(&cache, &image);
     assert_eq!(
         plan["mount"]["library_cache"].as_str(),
         Some(cache.to_str().unwrap()),
@@ -252,13 +259,7 @@ fn a_damaged_library_cache_entry_is_unpacked_again_or_left_out() {
     let image = staged_image("mpich4");
     let before = Snapshot::take();
     let mut tags = Vec::new();
-    let dry = cmpirun(&cache)
-        .args(["--dry-run", "--json", "-n", "1"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
-    dry.assert_success();
-    let mpi = &mpi_library(&serde_json::from_str(&dry.stdout).unwrap());
+    let mpi = &mpi_library(&dry_run_plan(&cache, &image).0);
     let out = run_script(cmpirun(&cache), &image, mpi, &mut tags);
     out.assert_success();
     let entry = match entries(&cache).as_slice() {
