@@ -9,6 +9,7 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::PathBuf;
 
 use common::*;
 
@@ -22,13 +23,19 @@ fn exec_with_key(xdg: &std::path::Path, image: &std::path::Path) -> RunOutput {
         .run()
 }
 
-#[test]
-fn a_runtime_directory_of_another_user_is_refused() {
+/// A directory image and an `XDG_RUNTIME_DIR` of the test user's, in a scratch folder.
+fn fixture() -> (TuserDir, PathBuf, PathBuf) {
     let dir = TuserDir::new();
     let image = support::directory_image(dir.path());
     let xdg = dir.path().join("xdg");
     fs::create_dir(&xdg).unwrap();
     chown_to_tuser(&xdg);
+    (dir, image, xdg)
+}
+
+#[test]
+fn a_runtime_directory_of_another_user_is_refused() {
+    let (_dir, image, xdg) = fixture();
     // Another user (root here) made the rendezvous directory first, open to all.
     let theirs = xdg.join("cmpirun");
     fs::create_dir(&theirs).unwrap();
@@ -48,11 +55,7 @@ fn a_runtime_directory_of_another_user_is_refused() {
 
 #[test]
 fn a_runtime_directory_others_can_write_to_is_made_private() {
-    let dir = TuserDir::new();
-    let image = support::directory_image(dir.path());
-    let xdg = dir.path().join("xdg");
-    fs::create_dir(&xdg).unwrap();
-    chown_to_tuser(&xdg);
+    let (dir, image, xdg) = fixture();
     let ours = xdg.join("cmpirun");
     fs::create_dir(&ours).unwrap();
     chown_to_tuser(&ours);
@@ -84,11 +87,11 @@ fn a_bind_through_an_image_symlink_to_a_host_path_stays_inside_the_root() {
     // A host folder of the user's that no bind brings into the container (not under the
     // working directory, the home, /tmp or /var/tmp), and an image symlink naming it by its
     // host path.
-    let host = std::path::PathBuf::from(format!("/cmpirun-security-test-{}", std::process::id()));
+    let host = PathBuf::from(format!("/cmpirun-security-test-{}", std::process::id()));
     let _ = fs::remove_dir_all(&host);
     fs::create_dir(&host).unwrap();
     chown_to_tuser(&host);
-    struct Remove(std::path::PathBuf);
+    struct Remove(PathBuf);
     impl Drop for Remove {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
