@@ -68,26 +68,40 @@ pub fn runtime_dir() -> Result<PathBuf, RendezvousError> {
         })
         .map(|p| p.join("cmpirun"))
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/cmpirun-{uid}")));
-    let dir_err = |message: String| RendezvousError::Dir {
-        path: base.clone(),
-        message,
-    };
     match fs::DirBuilder::new().mode(0o700).create(&base) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(dir_err(e.to_string())),
+        Err(e) => {
+            return Err(RendezvousError::Dir {
+                path: base,
+                message: e.to_string(),
+            });
+        }
     }
-    let m = fs::symlink_metadata(&base).map_err(|e| dir_err(e.to_string()))?;
+    check_private_dir(&base)?;
+    Ok(base)
+}
+
+/// Makes sure `dir` is a directory (not a symlink) of this user that nobody else can write to:
+/// refused when another user owns it (in `/tmp` they could have made it first, to read or
+/// replace the sockets in it), group and other bits removed when set.
+pub fn check_private_dir(dir: &Path) -> Result<(), RendezvousError> {
+    let uid = Uid::current().as_raw();
+    let dir_err = |message: String| RendezvousError::Dir {
+        path: dir.to_owned(),
+        message,
+    };
+    let m = fs::symlink_metadata(dir).map_err(|e| dir_err(e.to_string()))?;
     if !m.is_dir() || m.uid() != uid {
         return Err(dir_err(format!(
             "is not a directory owned by uid {uid}; remove it or set XDG_RUNTIME_DIR"
         )));
     }
     if m.permissions().mode() & 0o077 != 0 {
-        fs::set_permissions(&base, fs::Permissions::from_mode(0o700))
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| dir_err(e.to_string()))?;
     }
-    Ok(base)
+    Ok(())
 }
 
 fn valid_key(key: &str) -> bool {
@@ -134,6 +148,7 @@ impl Rendezvous {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&self.lock)
             {
                 Ok(f) => f,
@@ -157,6 +172,12 @@ impl Rendezvous {
                 _ => false,
             };
             if same {
+                // An ending instance may have removed the directory, and in `/tmp` another user
+                // may have made it again before this process opened the lock in it: checked
+                // under the lock, which the directory's removal needs.
+                if let Some(dir) = self.lock.parent() {
+                    check_private_dir(dir)?;
+                }
                 return Ok(LockGuard(Some(held)));
             }
         }
@@ -176,5 +197,49 @@ impl Rendezvous {
         if let Some(dir) = self.lock.parent() {
             let _ = fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cmpirun-rv-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_lock_in_a_directory_of_another_user_is_refused() {
+        let d = scratch("other");
+        let other = if Uid::current().is_root() { 1 } else { 0 };
+        if nix::unistd::chown(&d, Some(Uid::from_raw(other)), None).is_err() {
+            // Only root can give a directory away; tests/security.rs runs this as a user.
+            let _ = fs::remove_dir_all(&d);
+            return;
+        }
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        let rv = Rendezvous::new(&d, "slurm-1.0").unwrap();
+        let r = rv.try_lock();
+        let _ = fs::remove_dir_all(&d);
+        assert!(matches!(r, Err(RendezvousError::Dir { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn group_and_other_bits_are_removed_and_symlinks_refused() {
+        let d = scratch("mode");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        check_private_dir(&d).unwrap();
+        let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        let link = d.with_extension("link");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let r = check_private_dir(&link);
+        let _ = fs::remove_file(&link);
+        let _ = fs::remove_dir_all(&d);
+        assert_eq!(mode, 0o700);
+        assert!(matches!(r, Err(RendezvousError::Dir { .. })), "{r:?}");
     }
 }

@@ -10,6 +10,16 @@
 //! failure is in the front end's hands before any teardown starts: reports are kept in arrival
 //! order and the first one wins. Ranks ended by the teardown (the task got SIGTERM or SIGKILL
 //! from srun or hydra) do not report at all.
+//!
+//! The port is open to anyone who can reach it, so the front end trusts nothing that arrives
+//! there but a line with the job's token (16 random bytes, compared in constant time), and never
+//! lets a connection hold it up: the listener and every connection are non-blocking and read
+//! only when `poll` says so, a connection must deliver its line within [`CONN_DEADLINE`] of being
+//! accepted and in at most [`MAX_LINE`] bytes, at most [`MAX_CONNS`] connections are held (one
+//! more drops the oldest), and one call of [`Collector::service`] accepts at most
+//! [`ACCEPTS_PER_ROUND`]. Whatever else arrives (a wrong token, garbage, half or huge lines,
+//! silent or slow clients) is dropped with a debug log; a task whose connection was dropped in a
+//! flood tries again ([`CLIENT_ATTEMPTS`]). `tests/report_port.rs` floods a job's port.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
@@ -30,11 +40,24 @@ pub const ADDR_VAR: &str = "CMPIRUN_REPORT_ADDR";
 /// How long a task tries to reach the front end and waits for its answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often a task tries when the front end closed its connection without an answer (it drops
+/// its oldest connection when too many are open).
+const CLIENT_ATTEMPTS: u32 = 3;
+
 /// Longest report line the front end accepts.
 const MAX_LINE: usize = 4096;
 
-/// Most report connections the front end holds open at once (more wait in the listen backlog).
-const MAX_CONNS: usize = 512;
+/// How long after its accept a connection may take to deliver its line (a task writes it as soon
+/// as it is connected).
+const CONN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Most report connections the front end holds open at once; accepting one more drops the
+/// oldest.
+const MAX_CONNS: usize = 128;
+
+/// Most connections one [`Collector::service`] call accepts, so that a flood of connections
+/// cannot keep the front end in its accept loop.
+const ACCEPTS_PER_ROUND: usize = 64;
 
 /// One report: which rank, how it ended, and (for an abort) its message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +88,7 @@ pub enum BadReport {
 /// carries the job's `token`.
 pub fn parse_line(line: &[u8], token: &str) -> Result<Report, BadReport> {
     let report: Report = serde_json::from_slice(line)?;
-    if report.token != token {
+    if !same_token(&report.token, token) {
         return Err(BadReport::WrongToken);
     }
     Ok(report)
@@ -121,13 +144,27 @@ impl Target {
     fn try_send(&self, report: &Report) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(report).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        let mut attempt = 1;
+        loop {
+            match self.send_once(&line) {
+                Err(e) if attempt < CLIENT_ATTEMPTS && dropped_by_peer(&e) => {
+                    tracing::debug!("the report connection was dropped ({e}); trying again");
+                    std::thread::sleep(Duration::from_millis(100) * attempt);
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn send_once(&self, line: &[u8]) -> std::io::Result<()> {
         let mut last = std::io::Error::new(ErrorKind::NotFound, "the address does not resolve");
         for addr in self.address.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT) {
                 Ok(mut s) => {
                     s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
                     s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-                    s.write_all(&line)?;
+                    s.write_all(line)?;
                     let mut ack = [0u8; 3];
                     s.read_exact(&mut ack)?;
                     return if &ack == b"ok\n" {
@@ -141,6 +178,27 @@ impl Target {
         }
         Err(last)
     }
+}
+
+/// Whether the front end closed a report connection without answering (what it does to its
+/// oldest connection when too many are open).
+fn dropped_by_peer(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+    )
+}
+
+/// Compares two tokens in a time that does not depend on where they differ.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Whether `name` (a node of the layout) is this host.
@@ -210,6 +268,55 @@ fn token() -> std::io::Result<String> {
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    accepted: Instant,
+}
+
+impl Conn {
+    /// Reads what the connection has without blocking; returns whether to keep it open (no
+    /// complete line yet, within its deadline and size). A line with the token is answered `ok`
+    /// and pushed to `reports`; anything else is dropped with a debug log.
+    fn step(&mut self, token: &str, now: Instant, reports: &mut Vec<Report>) -> bool {
+        let mut chunk = [0u8; 1024];
+        let mut closed = false;
+        while !self.buf.contains(&b'\n') && self.buf.len() <= MAX_LINE {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("rank reports: a connection failed: {e}");
+                    return false;
+                }
+            }
+        }
+        let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
+            let why = if self.buf.len() > MAX_LINE {
+                "sent a line too long"
+            } else if closed {
+                "closed before a full line"
+            } else if now.saturating_duration_since(self.accepted) >= CONN_DEADLINE {
+                "sent no full line in time"
+            } else {
+                return true;
+            };
+            tracing::debug!("rank reports: a connection {why}; dropped");
+            return false;
+        };
+        match parse_line(&self.buf[..end], token) {
+            Ok(r) => {
+                // Three bytes to a socket nothing was written to yet fit its send buffer: this
+                // non-blocking write does not fail for want of room.
+                let _ = self.stream.write_all(b"ok\n");
+                reports.push(r);
+            }
+            Err(e) => tracing::debug!("rank reports: {e}"),
+        }
+        false
+    }
 }
 
 /// The front end's side: the listening socket and the reports received, in arrival order.
@@ -245,65 +352,55 @@ impl Collector {
         format!("{}@{}", self.token, self.advertised)
     }
 
-    /// The descriptors to poll for reading: the listener (unless as many connections as it
-    /// takes are open), then each open connection.
+    /// The descriptors to poll for reading: the listener, then each open connection.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        let listener = (self.conns.len() < MAX_CONNS).then(|| self.listener.as_fd());
-        listener
-            .into_iter()
+        std::iter::once(self.listener.as_fd())
             .chain(self.conns.iter().map(|c| c.stream.as_fd()))
             .collect()
     }
 
-    /// Accepts and reads whatever is ready without blocking; returns the complete reports, in
-    /// the order they arrived.
+    /// Reads whatever is ready and accepts new connections, without blocking; returns the
+    /// complete reports, in the order they arrived. Connections past their deadline are closed.
     pub fn service(&mut self) -> Vec<Report> {
-        while self.conns.len() < MAX_CONNS {
+        let now = Instant::now();
+        let mut reports = Vec::new();
+        let token = self.token.as_str();
+        // What waits in open connections is read before any of them is judged late.
+        self.conns.retain_mut(|c| c.step(token, now, &mut reports));
+        for _ in 0..ACCEPTS_PER_ROUND {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_ok() {
-                        self.conns.push(Conn {
-                            stream,
-                            buf: Vec::new(),
-                        });
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.conns.len() >= MAX_CONNS {
+                        tracing::debug!(
+                            "rank reports: {MAX_CONNS} connections open; the oldest was dropped"
+                        );
+                        self.conns.remove(0);
+                    }
+                    let mut c = Conn {
+                        stream,
+                        buf: Vec::new(),
+                        accepted: now,
+                    };
+                    if c.step(token, now, &mut reports) {
+                        self.conns.push(c);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        let mut reports = Vec::new();
-        let token = &self.token;
-        self.conns.retain_mut(|c| {
-            let mut chunk = [0u8; 1024];
-            loop {
-                match c.stream.read(&mut chunk) {
-                    Ok(0) => return false,
-                    Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => return false,
-                }
-                if c.buf.contains(&b'\n') || c.buf.len() > MAX_LINE {
+                Err(e) => {
+                    // Out of descriptors: the oldest connection gives its one back.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                        && !self.conns.is_empty()
+                    {
+                        tracing::debug!("rank reports: {e}; the oldest connection was dropped");
+                        self.conns.remove(0);
+                    }
                     break;
                 }
             }
-            let Some(end) = c.buf.iter().position(|&b| b == b'\n') else {
-                return c.buf.len() <= MAX_LINE;
-            };
-            match parse_line(&c.buf[..end], token) {
-                Ok(r) => {
-                    // The task waits for this answer; a short write to a fresh socket does not
-                    // block.
-                    let _ = c.stream.set_nonblocking(false);
-                    let _ = c.stream.set_write_timeout(Some(Duration::from_millis(200)));
-                    let _ = c.stream.write_all(b"ok\n");
-                    reports.push(r);
-                }
-                Err(e) => tracing::warn!("{e}"),
-            }
-            false
-        });
+        }
         reports
     }
 
@@ -390,5 +487,175 @@ mod tests {
         let ends: Vec<(u32, RankEnd)> = got.iter().map(|r| (r.rank, r.end)).collect();
         assert_eq!(ends, [(1, RankEnd::Aborted(7)), (3, RankEnd::Signaled(15))]);
         assert_eq!(got[0].message.as_deref(), Some("MPI_Abort"));
+    }
+
+    /// A collector on loopback and the target its tasks get.
+    fn loopback() -> (Collector, Target) {
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let c = Collector::bind(&[host]).unwrap();
+        let t = Target::parse(&c.env_value()).unwrap();
+        assert!(t.address.starts_with("127.0.0.1:"), "{}", t.address);
+        (c, t)
+    }
+
+    /// Services `c` until `want` reports arrived or `limit` passed; returns them and the longest
+    /// single `service` call.
+    fn collect(c: &mut Collector, want: usize, limit: Duration) -> (Vec<Report>, Duration) {
+        let until = Instant::now() + limit;
+        let (mut got, mut longest) = (Vec::new(), Duration::ZERO);
+        while got.len() < want && Instant::now() < until {
+            let t = Instant::now();
+            got.extend(c.service());
+            longest = longest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (got, longest)
+    }
+
+    /// Services `c` until `work` has finished (at most 30 s); returns the reports.
+    fn while_running(c: &mut Collector, work: std::thread::JoinHandle<()>) -> Vec<Report> {
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        while !work.is_finished() && Instant::now() < until {
+            got.extend(c.service());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(work.is_finished(), "the clients did not finish");
+        work.join().unwrap();
+        got
+    }
+
+    #[test]
+    fn wrong_tokens_garbage_half_and_huge_lines_are_dropped() {
+        let (mut c, target) = loopback();
+        let addr = target.address.clone();
+        let token = target.token.clone();
+        let flood = std::thread::spawn(move || {
+            let send = |bytes: &[u8]| {
+                let a: SocketAddr = addr.parse().unwrap();
+                if let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                    let _ = s.write_all(bytes);
+                }
+            };
+            for i in 0..40u32 {
+                let bad = Report {
+                    token: format!("{token}{i}"),
+                    rank: i,
+                    end: RankEnd::Exited(9),
+                    message: None,
+                };
+                let mut line = serde_json::to_vec(&bad).unwrap();
+                line.push(b'\n');
+                send(&line);
+                let mut wrong_same_length = bad.clone();
+                wrong_same_length.token = "0".repeat(token.len());
+                let mut line = serde_json::to_vec(&wrong_same_length).unwrap();
+                line.push(b'\n');
+                send(&line);
+                send(b"\xff\xfe garbage \x00\x01\n");
+                send(br#"{"token":"half"#);
+                send(&vec![b'{'; 64 * 1024]);
+            }
+        });
+        let early = while_running(&mut c, flood);
+        assert!(early.is_empty(), "{early:?}");
+        let sender = std::thread::spawn(move || target.send(2, RankEnd::Exited(3), None));
+        let (got, longest) = collect(&mut c, 1, Duration::from_secs(10));
+        sender.join().unwrap();
+        // Nothing else arrives later either.
+        let (more, _) = collect(&mut c, 1, Duration::from_millis(300));
+        let ends: Vec<(u32, RankEnd)> = got.iter().chain(&more).map(|r| (r.rank, r.end)).collect();
+        assert_eq!(ends, [(2, RankEnd::Exited(3))]);
+        assert!(
+            longest < Duration::from_millis(500),
+            "a service call took {longest:?}"
+        );
+    }
+
+    #[test]
+    fn silent_and_slow_clients_neither_delay_a_report_nor_stay_open() {
+        let (mut c, target) = loopback();
+        let silent: Vec<TcpStream> = (0..20)
+            .map(|_| TcpStream::connect(&target.address).unwrap())
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow: Vec<_> = (0..5)
+            .map(|_| {
+                let mut s = TcpStream::connect(&target.address).unwrap();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // One byte a second, for at most 5 s.
+                    for b in br#"{"token":"#.iter().take(5) {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed)
+                            || s.write_all(&[*b]).is_err()
+                        {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                })
+            })
+            .collect();
+        let _ = collect(&mut c, 1, Duration::from_millis(200));
+        let sent = Instant::now();
+        let sender = std::thread::spawn(move || target.send(1, RankEnd::Signaled(9), None));
+        let (got, longest) = collect(&mut c, 1, Duration::from_secs(10));
+        let took = sent.elapsed();
+        sender.join().unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].rank, got[0].end), (1, RankEnd::Signaled(9)));
+        assert!(took < Duration::from_secs(1), "the report took {took:?}");
+        assert!(
+            longest < Duration::from_millis(500),
+            "a service call took {longest:?}"
+        );
+        // Past their deadline the silent and slow connections are closed by the front end.
+        std::thread::sleep(CONN_DEADLINE + Duration::from_millis(200));
+        let _ = c.service();
+        assert!(
+            c.conns.is_empty(),
+            "{} connections still open",
+            c.conns.len()
+        );
+        for mut s in silent {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 1];
+            assert!(
+                matches!(s.read(&mut b), Ok(0) | Err(_)),
+                "a silent client was answered"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in slow {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_flood_of_connections_is_capped_and_a_report_still_arrives() {
+        let (mut c, target) = loopback();
+        let addr = target.address.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flood = std::thread::spawn(move || {
+            for _ in 0..(MAX_CONNS + 72) {
+                tx.send(TcpStream::connect(&addr).unwrap()).unwrap();
+            }
+        });
+        let early = while_running(&mut c, flood);
+        let held: Vec<TcpStream> = rx.try_iter().collect();
+        assert!(early.is_empty() && held.len() == MAX_CONNS + 72);
+        assert!(c.conns.len() <= MAX_CONNS, "{} connections", c.conns.len());
+        let sent = Instant::now();
+        let sender = std::thread::spawn(move || target.send(3, RankEnd::Aborted(7), None));
+        let (got, _) = collect(&mut c, 1, Duration::from_secs(10));
+        sender.join().unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            sent.elapsed()
+        );
+        assert!(same_token("abc", "abc") && !same_token("abc", "abd") && !same_token("ab", "abc"));
     }
 }
