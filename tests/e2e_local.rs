@@ -260,10 +260,17 @@ fn four_hundred_ranks_beyond_the_default_open_file_limit() {
     out.assert_success();
 }
 
-/// A rank that says it is ready (a file in `dir`), then waits; SIGINT makes it say so and exit 0.
+/// Lines each rank of [`sigint_rank`] writes after its "got SIGINT" line (more than a pipe
+/// holds, so cmpirun must go on reading while the job is torn down).
+const LINES_AFTER_SIGINT: usize = 2000;
+
+/// A rank that says it is ready (a file in `dir`), then waits; SIGINT makes it say so, write
+/// [`LINES_AFTER_SIGINT`] more lines and a last one, and exit 0.
 fn sigint_rank(dir: &std::path::Path) -> String {
     format!(
-        "trap 'echo \"rank $PMI_RANK got SIGINT\"; exit 0' INT; \
+        "trap 'echo \"rank $PMI_RANK got SIGINT\"; i=0; while [ $i -lt {LINES_AFTER_SIGINT} ]; do \
+         echo \"rank $PMI_RANK line $i, written after SIGINT\"; i=$((i+1)); done; \
+         echo \"rank $PMI_RANK wrote all\"; exit 0' INT; \
          echo $$ >{d}/pid.$PMI_RANK && mv {d}/pid.$PMI_RANK {d}/ready.$PMI_RANK; sleep 600 & wait",
         d = dir.display()
     )
@@ -295,14 +302,19 @@ fn sq(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-/// Checks that each of the 4 ranks said once that SIGINT reached it.
+/// Checks that each of the 4 ranks said once that SIGINT reached it, and that every line it
+/// wrote after that reached cmpirun's output.
 fn every_rank_got_sigint_once(out: &RunOutput) {
     for r in 0..4 {
-        assert_eq!(
-            out.stdout.matches(&format!("rank {r} got SIGINT")).count(),
-            1,
-            "{out}"
-        );
+        let count = |what: &str| {
+            out.stdout
+                .lines()
+                .filter(|l| l.starts_with(&format!("rank {r} {what}")))
+                .count()
+        };
+        assert_eq!(count("got SIGINT"), 1, "{out}");
+        assert_eq!(count("line "), LINES_AFTER_SIGINT, "rank {r}: {out}");
+        assert_eq!(count("wrote all"), 1, "{out}");
     }
 }
 
@@ -317,6 +329,8 @@ fn sigint_to_cmpirun_reaches_every_rank_once_and_each_rank_leads_its_own_session
         .args(["/bin/sh", "-c", &sigint_rank(dir.path())])
         .spawn();
     wait_ready(dir.path(), 4);
+    // Everything the ranks write while they handle the signal must arrive, also under load.
+    let _load = Load::start(&[&staged_image("mpich4")]);
     // Each rank its own session, as under hydra (the kernel's autogroup gives each its share).
     // The ranks' pids come from their ready files: a scan for `sh` processes would also catch
     // a rank's child between its fork and its exec of `sleep`.
@@ -359,6 +373,7 @@ fn ctrl_c_on_the_terminal_reaches_every_rank_once() {
         sq(&dir.path().to_string_lossy()),
         sq(&job)
     );
+    let _load = Load::start(&[&staged_image("mpich4")]);
     let out = TuserCommand::new("sh")
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(Duration::from_secs(120))
@@ -367,6 +382,39 @@ fn ctrl_c_on_the_terminal_reaches_every_rank_once() {
     out.assert_code(130);
     assert!(out.stdout.contains("received SIGINT"), "{out}");
     every_rank_got_sigint_once(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
+fn under_nohup_sighup_neither_ends_the_job_nor_reaches_the_ranks() {
+    let _serial = exclusive();
+    let dir = TuserDir::new();
+    let before = Snapshot::take();
+    // `nohup` ignores SIGHUP and runs cmpirun in its place (the pid stays the same).
+    let child = TuserCommand::new("nohup")
+        .arg(cmpirun_bin())
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .args([
+            "/bin/sh",
+            "-c",
+            &format!(
+                "touch {}/ready.$PMI_RANK; sleep 3; echo \"rank $PMI_RANK ran to its end\"",
+                dir.path().display()
+            ),
+        ])
+        .spawn();
+    wait_ready(dir.path(), 2);
+    child.signal(nix::sys::signal::Signal::SIGHUP);
+    let out = child.wait();
+    out.assert_success();
+    for r in 0..2 {
+        assert!(
+            out.stdout.contains(&format!("rank {r} ran to its end")),
+            "{out}"
+        );
+    }
+    assert!(!out.stderr.contains("SIGHUP"), "{out}");
     assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 

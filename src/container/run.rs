@@ -146,12 +146,21 @@ pub const FORWARDED: &[Signal] = &[
 /// Blocks [`FORWARDED`] and `SIGCHLD` (so that they are read from a signalfd instead of
 /// interrupting anything), runs `f` with the blocked set and the mask that was in force before,
 /// then restores that mask.
+///
+/// A signal of [`FORWARDED`] that was ignored when cmpirun started (`nohup` ignores `SIGHUP`, a
+/// non-interactive shell `SIGINT` and `SIGQUIT` for a job started with `&`) stays ignored, by
+/// cmpirun and by the programs it starts, which inherit the disposition: it neither ends the job
+/// nor is passed on, as for any other program started that way.
 pub fn with_forwarded_signals_blocked<T, E>(
     block_failed: impl FnOnce(Errno) -> E,
     f: impl FnOnce(&SigSet, SigSet) -> Result<T, E>,
 ) -> Result<T, E> {
     let mut mask = SigSet::empty();
     for s in FORWARDED {
+        if crate::sys::process::ignored(*s) {
+            tracing::debug!("{s} was ignored when cmpirun started: it stays ignored");
+            continue;
+        }
         mask.add(*s);
     }
     mask.add(Signal::SIGCHLD);

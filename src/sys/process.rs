@@ -155,3 +155,14 @@ mod tests {
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 7));
     }
 }
+
+/// Whether `sig` is ignored (`SIG_IGN`) in this process: what `nohup` does to `SIGHUP`, and a
+/// non-interactive shell to `SIGINT` and `SIGQUIT` of the jobs it starts with `&`.
+pub fn ignored(sig: nix::sys::signal::Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`, which is valid for
+    // writes (zeroed memory of the right type).
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: `sigaction` filled `old` when it returned 0; zeroed memory is a valid value anyway.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}

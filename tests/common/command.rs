@@ -195,6 +195,27 @@ impl TuserCommand {
             .stderr(Stdio::piped())
             // Its own process group, so that a timeout can kill the whole job at once.
             .process_group(0);
+        // The signals a job's user sends start with their default action, as from a terminal's
+        // shell, whatever the test run inherited (a run started with `&` from a script ignores
+        // SIGINT and SIGQUIT, under `nohup` SIGHUP; cmpirun keeps such signals ignored).
+        // SAFETY: the closure runs between fork and exec and calls only `signal`, which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::sys::signal::{SigHandler, Signal, signal};
+                for s in [
+                    Signal::SIGINT,
+                    Signal::SIGQUIT,
+                    Signal::SIGHUP,
+                    Signal::SIGTERM,
+                    Signal::SIGUSR1,
+                    Signal::SIGUSR2,
+                ] {
+                    signal(s, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `setpriv … {description}`: {e}"));

@@ -18,6 +18,8 @@
 //!   a job.
 //! - **Job command lines** (`jobs.rs`): [`hostfile`], [`hydra_cmpirun`] and [`salloc_cmpirun`]
 //!   start the jobs several test files run the same way.
+//! - **Load** (`load.rs`): [`Load`] keeps the cores busy, writes to disk and evicts an image from
+//!   the page cache while a test runs.
 //! - **Waiting** (`wait.rs`): [`wait_for_file`] and [`wait_for_tagged`] wait for what a running
 //!   job does.
 //!
@@ -50,6 +52,7 @@ mod exclusive;
 mod images;
 mod jobs;
 mod leftovers;
+mod load;
 mod processes;
 mod programs;
 mod run_output;
@@ -61,6 +64,6 @@ mod wait;
 // Every test binary uses a different subset, so some of these re-exports go unused in each.
 #[allow(unused_imports)]
 pub use {
-    command::*, exclusive::*, images::*, jobs::*, leftovers::*, processes::*, programs::*,
+    command::*, exclusive::*, images::*, jobs::*, leftovers::*, load::*, processes::*, programs::*,
     run_output::*, scratch::*, slurm::*, user::*, wait::*,
 };
