@@ -129,6 +129,17 @@ pub fn nonblocking_stderr() {
     let _ = nix::unistd::dup2_stderr(&file);
 }
 
+/// Whether `sig` is ignored (`SIG_IGN`) in this process: what `nohup` does to `SIGHUP`, and a
+/// non-interactive shell to `SIGINT` and `SIGQUIT` of the jobs it starts with `&`.
+pub fn ignored(sig: nix::sys::signal::Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`, which is valid for
+    // writes (zeroed memory of the right type).
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: `sigaction` filled `old` when it returned 0; zeroed memory is a valid value anyway.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,15 +165,19 @@ mod tests {
         let status = nix::sys::wait::waitpid(pid, None).expect("waitpid");
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 7));
     }
-}
 
-/// Whether `sig` is ignored (`SIG_IGN`) in this process: what `nohup` does to `SIGHUP`, and a
-/// non-interactive shell to `SIGINT` and `SIGQUIT` of the jobs it starts with `&`.
-pub fn ignored(sig: nix::sys::signal::Signal) -> bool {
-    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
-    // SAFETY: a null new action only reads the current one into `old`, which is valid for
-    // writes (zeroed memory of the right type).
-    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
-    // SAFETY: `sigaction` filled `old` when it returned 0; zeroed memory is a valid value anyway.
-    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+    #[test]
+    fn ignored_reads_the_disposition_without_changing_it() {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        // SIGUSR2 is not used by the test harness.
+        // SAFETY: no handler function is installed, only SIG_IGN and SIG_DFL.
+        let before = unsafe { signal(Signal::SIGUSR2, SigHandler::SigIgn) }.unwrap();
+        assert!(ignored(Signal::SIGUSR2));
+        assert!(ignored(Signal::SIGUSR2));
+        // SAFETY: as above.
+        unsafe { signal(Signal::SIGUSR2, SigHandler::SigDfl) }.unwrap();
+        assert!(!ignored(Signal::SIGUSR2));
+        // SAFETY: as above; `before` was a disposition of this process.
+        unsafe { signal(Signal::SIGUSR2, before) }.unwrap();
+    }
 }
