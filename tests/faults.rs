@@ -239,3 +239,25 @@ fn the_next_front_end_removes_the_files_a_killed_job_left() {
         );
     }
 }
+
+/// After an srun job, the user's runtime directory holds no `cmpirun` folder: the instance
+/// removes it with its files, and the front end's sweep of stale files (which makes it when it
+/// is missing) removes it again when it is empty.
+#[test]
+fn an_srun_job_leaves_no_runtime_folder_behind() {
+    let _serial = exclusive();
+    let xdg = TuserDir::new();
+    let out = salloc_cmpirun(2)
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .args(["-n", "2"])
+        .arg(staged_image("mpich4"))
+        .arg("mpitest")
+        .run();
+    out.assert_success();
+    let folder = xdg.path().join("cmpirun");
+    assert!(
+        !folder.exists(),
+        "{} is still there: {out}",
+        folder.display()
+    );
+}

@@ -99,13 +99,19 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         },
         |mask, old| run_blocked(plan, cmd, &argv[0], collector.as_mut(), mask, old),
     );
-    let prefix = match (plan.launcher.kind, std::env::var("SLURM_JOB_ID")) {
-        (LauncherKind::Slurm, Ok(job)) => format!("slurm-{job}."),
-        (LauncherKind::Slurm, Err(_)) => "slurm-".to_owned(),
-        _ => "proxy-".to_owned(),
-    };
-    remove_stale_instances(&prefix);
+    remove_stale_instances(&stale_prefix(plan.launcher.kind, true));
     result
+}
+
+/// The keys of the instances a sweep with [`remove_stale_instances`] looks at after a job
+/// under `kind`: the Slurm job's own (`this_job`: its steps that were killed), or every Slurm
+/// job's, or hydra's proxies'.
+pub fn stale_prefix(kind: LauncherKind, this_job: bool) -> String {
+    match (kind, std::env::var("SLURM_JOB_ID")) {
+        (LauncherKind::Slurm, Ok(job)) if this_job => format!("slurm-{job}."),
+        (LauncherKind::Slurm, _) => "slurm-".to_owned(),
+        _ => "proxy-".to_owned(),
+    }
 }
 
 /// Removes this node's rendezvous files of instances (keys starting with `prefix`) that are gone.
@@ -147,6 +153,9 @@ pub fn remove_stale_instances(prefix: &str) {
             Err(_) => {}
         }
     }
+    // The sweep made the directory if it was not there: it goes again when empty, as an
+    // instance's own removal leaves it.
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// Prints one line on stderr in one write, so that it does not mix with the ranks' lines that

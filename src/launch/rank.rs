@@ -151,6 +151,17 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
             |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
         )
     });
+    // The first task of each node sweeps what killed jobs left on it (a front end does so only
+    // on its own node), after its rank, off the launch's path.
+    if ["SLURM_LOCALID", "MPI_LOCALRANKID"]
+        .iter()
+        .any(|v| env.get(*v).is_some_and(|id| id == "0"))
+    {
+        super::front_end::remove_stale_instances(&super::front_end::stale_prefix(
+            plan.launcher.kind,
+            false,
+        ));
+    }
     match result {
         Ok(outcome) => Ok(propagate(outcome)),
         Err(e) => {
