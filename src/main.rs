@@ -597,7 +597,15 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
     let host = facts::HostFacts::gather(spec, &choice.profile);
     let image_paths: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
     let images = facts::gather_images(&image_paths);
-    let plan = plan::build(spec, &choice, &images, &host)?;
+    let mut plan = plan::build(spec, &choice, &images, &host)?;
+    // Signatures are checked here, on the front end, before any node mounts an image.
+    let signature_policy = plan::signatures::policy(spec, &choice.profile);
+    if signature_policy.policy != cmpirun::jobspec::VerifyPolicy::Off {
+        let results =
+            cmpirun::image::integrity::verify_images(&image_paths, &signature_policy.keys);
+        plan.checks
+            .extend(plan::signatures::checks(&signature_policy, &results));
+    }
     if let Some(format) = spec.dry_run {
         print_plan(&plan, format)?;
         return Ok(ExitCode::SUCCESS);

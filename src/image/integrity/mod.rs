@@ -711,6 +711,45 @@ pub fn render_text(r: &VerifyReport) -> String {
     s
 }
 
+/// The verification of one image for a launch.
+#[derive(Debug, Clone)]
+pub struct ImageVerification {
+    /// The image as given.
+    pub image: PathBuf,
+    /// Its report, or why it could not be verified (a key, a non-SIF image, a read error).
+    pub outcome: Result<VerifyReport, String>,
+}
+
+/// Verifies each distinct image of a launch with the PEM public keys `keys` (legacy
+/// signatures are not trusted). Nothing is mounted; every error becomes an outcome.
+pub fn verify_images(images: &[PathBuf], keys: &[PathBuf]) -> Vec<ImageVerification> {
+    let mut distinct: Vec<&PathBuf> = Vec::new();
+    for i in images {
+        if !distinct.contains(&i) {
+            distinct.push(i);
+        }
+    }
+    let opts = keys
+        .iter()
+        .map(|k| dsse::load_public_key(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map(|keys| VerifyOptions {
+            keys,
+            keyring: None,
+            legacy: false,
+        })
+        .map_err(|e| e.to_string());
+    distinct
+        .into_iter()
+        .map(|image| ImageVerification {
+            image: image.clone(),
+            outcome: opts
+                .clone()
+                .and_then(|o| verify(image, &o).map_err(|e| e.to_string())),
+        })
+        .collect()
+}
+
 /// What [`sign`] added.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SignReport {
