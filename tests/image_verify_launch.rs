@@ -29,6 +29,18 @@ fn cmpirun() -> TuserCommand {
         .timeout(Duration::from_secs(120))
 }
 
+/// `cmpirun --verify POLICY --verify-key KEY FLAGS -n N IMAGE hello`, as the test user.
+fn launch(policy: &str, key: &Path, flags: &[&str], n: u32, image: &Path) -> RunOutput {
+    cmpirun()
+        .args(["--verify", policy, "--verify-key"])
+        .arg(key)
+        .args(flags)
+        .args(["-n", &n.to_string()])
+        .arg(image)
+        .arg("/usr/local/bin/hello")
+        .run()
+}
+
 #[test]
 fn an_unsigned_image_is_refused_under_require_before_anything_is_mounted() {
     let _serial = exclusive();
@@ -36,13 +48,7 @@ fn an_unsigned_image_is_refused_under_require_before_anything_is_mounted() {
     let work = TuserDir::new();
     let key = give(work.path(), &keys().join("ed25519-public.pem"), "site.pem");
     let image = staged_image("mpich4");
-    let out = cmpirun()
-        .args(["--verify", "require", "--verify-key"])
-        .arg(&key)
-        .args(["-n", "2"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
+    let out = launch("require", &key, &[], 2, &image);
     out.assert_code(2);
     let expected = format!(
         "image-signature: {}: not verified (--verify require)",
@@ -102,13 +108,7 @@ fn a_signed_copy_runs_under_require_and_dry_run_shows_the_check() {
         String::from_utf8_lossy(&signed.stderr)
     );
 
-    let out = cmpirun()
-        .args(["--verify", "require", "--verify-key"])
-        .arg(&key)
-        .args(["--dry-run", "-n", "2"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
+    let out = launch("require", &key, &["--dry-run"], 2, &image);
     out.assert_success();
     assert!(
         out.stdout.contains(&format!(
@@ -118,34 +118,16 @@ fn a_signed_copy_runs_under_require_and_dry_run_shows_the_check() {
         "{out}"
     );
 
-    let out = cmpirun()
-        .args(["--verify", "require", "--verify-key"])
-        .arg(&key)
-        .args(["-n", "2"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
+    let out = launch("require", &key, &[], 2, &image);
     out.assert_success();
     assert!(out.stdout.contains("hello"), "{out}");
 
     // Signed by a key the launch does not accept: refused, or launched with a warning.
     let other = give(work.path(), &keys().join("ed25519-public.pem"), "other.pem");
-    let out = cmpirun()
-        .args(["--verify", "require", "--verify-key"])
-        .arg(&other)
-        .args(["-n", "1"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
+    let out = launch("require", &other, &[], 1, &image);
     out.assert_code(2);
     assert!(out.stderr.contains("none of the given keys"), "{out}");
-    let out = cmpirun()
-        .args(["--verify", "warn", "--verify-key"])
-        .arg(&other)
-        .args(["--dry-run", "-n", "1"])
-        .arg(&image)
-        .arg("/usr/local/bin/hello")
-        .run();
+    let out = launch("warn", &other, &["--dry-run"], 1, &image);
     out.assert_success();
     assert!(out.stdout.contains("warn    image-signature:"), "{out}");
     assert_no_leftovers(&before, &[]);

@@ -534,7 +534,7 @@ impl SignatureCheck<'_> {
         let members = metadata::group_members(self.sif, group);
         let mut covers = Vec::new();
         for om in &md.objects {
-            let id = min_id + om.relative_id;
+            let id = min_id.saturating_add(om.relative_id);
             let Some(d) = members.iter().find(|d| d.id == id) else {
                 return Ok(r.fail(format!(
                     "signed object {id} is no longer in object group {group}"
