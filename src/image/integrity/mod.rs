@@ -379,7 +379,7 @@ impl SignatureCheck<'_> {
             Link::Object(o) => (None, Some(o)),
             Link::None => (None, None),
         };
-        let mut r = SignatureReport {
+        let r = SignatureReport {
             id: d.id,
             format: SignatureFormat::Unknown,
             group,
@@ -406,44 +406,65 @@ impl SignatureCheck<'_> {
             );
             return Ok(r.fail(why));
         };
-        if let Some(env) = dsse::parse_envelope(data) {
-            r.format = SignatureFormat::Dsse;
-            r.claimed_signers = env.signatures.iter().map(|s| s.keyid.clone()).collect();
-            if self.opts.keys.is_empty() {
-                return Ok(r.with(
-                    SignatureStatus::NoKey,
-                    "a DSSE signature; give its signer's public key with --key PEM".into(),
-                ));
-            }
-            let checked = match dsse::check_envelope(&env, &self.opts.keys, alg) {
-                Ok(c) => c,
-                Err(e) => return Ok(r.fail(e)),
-            };
-            if checked.verified_by.is_empty() {
-                let given: Vec<String> = self
-                    .opts
-                    .keys
-                    .iter()
-                    .map(|k| k.fingerprint.clone())
-                    .collect();
-                let why = format!(
-                    "none of the given keys ({}) made it; it names key(s) {}",
-                    given.join(", "),
-                    r.claimed_signers.join(", ")
-                );
-                return Ok(r.with(SignatureStatus::Unverified, why));
-            }
-            r.verified_by = checked
-                .verified_by
-                .iter()
-                .map(|k| SignerReport {
-                    fingerprint: k.fingerprint.clone(),
-                    kind: k.key.kind(),
-                    source: k.source.clone(),
-                })
-                .collect();
-            return self.check_metadata(r, &checked.payload);
+        match dsse::parse_envelope(data) {
+            Some(env) => self.check_dsse(r, &env, alg),
+            None => self.check_clearsigned(r, data, entity_fp, alg),
         }
+    }
+
+    /// A DSSE envelope: made by a given PEM key, then its metadata.
+    fn check_dsse(
+        &mut self,
+        mut r: SignatureReport,
+        env: &dsse::Envelope,
+        alg: DigestAlg,
+    ) -> io::Result<SignatureReport> {
+        r.format = SignatureFormat::Dsse;
+        r.claimed_signers = env.signatures.iter().map(|s| s.keyid.clone()).collect();
+        if self.opts.keys.is_empty() {
+            return Ok(r.with(
+                SignatureStatus::NoKey,
+                "a DSSE signature; give its signer's public key with --key PEM".into(),
+            ));
+        }
+        let checked = match dsse::check_envelope(env, &self.opts.keys, alg) {
+            Ok(c) => c,
+            Err(e) => return Ok(r.fail(e)),
+        };
+        if checked.verified_by.is_empty() {
+            let given: Vec<String> = self
+                .opts
+                .keys
+                .iter()
+                .map(|k| k.fingerprint.clone())
+                .collect();
+            let why = format!(
+                "none of the given keys ({}) made it; it names key(s) {}",
+                given.join(", "),
+                r.claimed_signers.join(", ")
+            );
+            return Ok(r.with(SignatureStatus::Unverified, why));
+        }
+        r.verified_by = checked
+            .verified_by
+            .iter()
+            .map(|k| SignerReport {
+                fingerprint: k.fingerprint.clone(),
+                kind: k.key.kind(),
+                source: k.source.clone(),
+            })
+            .collect();
+        self.check_metadata(r, &checked.payload)
+    }
+
+    /// An OpenPGP clear-signed message: metadata, or a legacy `SIFHASH:` digest.
+    fn check_clearsigned(
+        &mut self,
+        mut r: SignatureReport,
+        data: &[u8],
+        entity_fp: Option<String>,
+        alg: DigestAlg,
+    ) -> io::Result<SignatureReport> {
         if !openpgp::is_clearsigned(data) {
             return Ok(r.with(
                 SignatureStatus::Unverified,
