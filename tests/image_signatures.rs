@@ -367,6 +367,7 @@ fn sign_then_verify_round_trips_with_each_key_kind_and_inspect_reads_the_result(
             "rsa-public.pem",
         ),
         ("rsa-private.pem", "rsa-public.pem", "ecdsa-public.pem"),
+        ("p384-private.pem", "p384-public.pem", "ecdsa-public.pem"),
     ] {
         let path = copy(dir.path(), "two-groups.sif");
         let out = cmpirun(&[
