@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::jobspec::{
     AppSpec, BindSpec, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec, LauncherKind,
-    Mapping, MountBackendKind, OutputTag, PmiKind,
+    Mapping, MountBackendKind, OutputTag, PmiKind, VerifyPolicy,
 };
 
 /// What the command line asks for.
@@ -162,6 +162,8 @@ enum Act {
     NoInject,
     ExpectProvider,
     Shm,
+    Verify,
+    VerifyKey,
     /// Open MPI MCA parameter: the variable prefix it becomes.
     Mca(&'static str),
     MapBy,
@@ -216,6 +218,8 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--no-inject"], arity: 0, act: Act::NoInject, what: "" },
     Flag { names: &["--expect-provider"], arity: 1, act: Act::ExpectProvider, what: "a libfabric provider name such as cxi" },
     Flag { names: &["--shm"], arity: 1, act: Act::Shm, what: "a size such as 4g or 50%" },
+    Flag { names: &["--verify"], arity: 1, act: Act::Verify, what: "require, warn or off" },
+    Flag { names: &["--verify-key"], arity: 1, act: Act::VerifyKey, what: "a PEM public key file" },
     Flag { names: &["--mca", "-mca", "--gmca", "-gmca"], arity: 2, act: Act::Mca("OMPI_MCA_"), what: "KEY VALUE" },
     Flag { names: &["--pmixmca", "-pmixmca"], arity: 2, act: Act::Mca("PMIX_MCA_"), what: "KEY VALUE" },
     Flag { names: &["--prtemca", "-prtemca"], arity: 2, act: Act::Mca("PRTE_MCA_"), what: "KEY VALUE" },
@@ -269,6 +273,8 @@ cmpirun's own:
   --force                    launch even when a compatibility check fails
   --no-inject                use the image's own libfabric and PMI libraries
   --expect-provider NAME     fail ranks that did not load the host libfabric provider NAME
+  --verify require|warn|off  whether images must carry a valid signature (docs/images.md)
+  --verify-key PEM           a public key whose signatures --verify accepts (repeatable)
   --version, --help
 
 Placement and binding flags of mpirun (--bind-to, --rank-by, --oversubscribe, ...) are
@@ -605,6 +611,15 @@ impl Parser {
                     _ => return Err(bad(name, v, "expected auto, fuse, squashfuse or extract")),
                 })
             }
+            Act::Verify => {
+                self.spec.verify = Some(match v {
+                    "require" => VerifyPolicy::Require,
+                    "warn" => VerifyPolicy::Warn,
+                    "off" => VerifyPolicy::Off,
+                    _ => return Err(bad(name, v, "expected require, warn or off")),
+                })
+            }
+            Act::VerifyKey => self.spec.verify_keys.push(PathBuf::from(v)),
             Act::ExpectProvider => {
                 if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     return Err(bad(

@@ -57,6 +57,10 @@ pub struct JobSpec {
     pub expect_provider: Option<String>,
     /// `--shm SIZE`: size limit of the node's private `/dev/shm` (a tmpfs `size=` value).
     pub shm_size: Option<String>,
+    /// `--verify require|warn|off`: whether the images must carry a valid signature.
+    pub verify: Option<VerifyPolicy>,
+    /// `--verify-key PEM`: public keys whose signatures a launch accepts (with the profile's).
+    pub verify_keys: Vec<PathBuf>,
     /// Messages about flags that were accepted but not acted on, for the user to see.
     pub warnings: Vec<String>,
 }
@@ -201,6 +205,18 @@ impl PmiKind {
             PmiKind::Pmix => "pmix",
         }
     }
+}
+
+/// Whether a launch requires signed images (`--verify`, the profile's `verify:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyPolicy {
+    /// Refuse an image that verified signatures by the given keys do not cover.
+    Require,
+    /// Launch it, with a warning.
+    Warn,
+    /// Do not check signatures.
+    Off,
 }
 
 /// How the image's squashfs is made visible (mirrors `cmpirun::mount::MountBackend`, plus the

@@ -166,6 +166,36 @@ enum ImageCommand {
         #[arg(long)]
         deterministic: bool,
     },
+    /// Check an image's signatures (DSSE envelopes with PEM keys, OpenPGP clear-signed
+    /// metadata with a keyring): which objects each covers and which key made it. Exits 0 when
+    /// verified signatures cover every object group, 2 when not.
+    Verify {
+        /// The SIF image.
+        image: PathBuf,
+        /// A PEM public key (ed25519, ECDSA P-256/P-384, RSA) for DSSE signatures; repeatable.
+        #[arg(long = "key", value_name = "PEM")]
+        keys: Vec<PathBuf>,
+        /// An OpenPGP public keyring (armored or binary) for OpenPGP signatures.
+        #[arg(long, value_name = "FILE")]
+        keyring: Option<PathBuf>,
+        /// Also trust legacy signatures (Singularity 3.5 and older), which cover object bytes
+        /// only, not the header or the descriptors.
+        #[arg(long)]
+        legacy: bool,
+        /// Print a JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign every object group of a SIF image in place with DSSE signatures (as `apptainer sign
+    /// --key` does).
+    Sign {
+        /// The SIF image (changed in place).
+        image: PathBuf,
+        /// A PKCS #8 PEM private key (ed25519, ECDSA P-256/P-384, RSA); repeat for several
+        /// signatures in one envelope.
+        #[arg(long = "key", value_name = "PEM", required = true)]
+        keys: Vec<PathBuf>,
+    },
     /// List the extract backend's cache of unpacked images and the library cache of unpacked
     /// MPI stacks (least recently used first), or remove the entries no running job uses.
     Cache {
@@ -285,7 +315,73 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
             }
         }
         ImageCommand::Cache { clear, dir } => image_cache(clear, dir).unwrap_or_else(report),
+        ImageCommand::Verify {
+            image,
+            keys,
+            keyring,
+            legacy,
+            json,
+        } => image_verify(&image, &keys, keyring.as_deref(), legacy, json).unwrap_or_else(report),
+        ImageCommand::Sign { image, keys } => image_sign(&image, &keys).unwrap_or_else(report),
     }
+}
+
+/// `cmpirun image verify`: the report on stdout; 2 and one line on stderr when not verified.
+fn image_verify(
+    image: &std::path::Path,
+    keys: &[PathBuf],
+    keyring: Option<&std::path::Path>,
+    legacy: bool,
+    json: bool,
+) -> Result<ExitCode, Fatal> {
+    use cmpirun::image::integrity;
+    let opts = integrity::VerifyOptions {
+        keys: keys
+            .iter()
+            .map(|k| integrity::dsse::load_public_key(k))
+            .collect::<Result<_, _>>()
+            .map_err(integrity::IntegrityError::from)?,
+        keyring: keyring
+            .map(integrity::openpgp::load_keyring)
+            .transpose()
+            .map_err(integrity::IntegrityError::from)?,
+        legacy,
+    };
+    let r = integrity::verify(image, &opts)?;
+    if json {
+        emit_line(&serde_json::to_string_pretty(&r)?);
+    } else {
+        emit(&integrity::render_text(&r));
+    }
+    if r.verified {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(exit::UsageError(format!(
+            "{}: not verified: {}",
+            image.display(),
+            r.failure_summary()
+        ))
+        .into())
+    }
+}
+
+/// `cmpirun image sign`.
+fn image_sign(image: &std::path::Path, keys: &[PathBuf]) -> Result<ExitCode, Fatal> {
+    use cmpirun::image::integrity;
+    let keys = keys
+        .iter()
+        .map(|k| integrity::dsse::load_private_key(k))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(integrity::IntegrityError::from)?;
+    let r = integrity::sign(image, &keys)?;
+    for (group, id) in &r.signatures {
+        say(&format!(
+            "cmpirun: signed object group {group} of {} (signature object {id}, key {})",
+            image.display(),
+            r.keys.join(", ")
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `cmpirun image cache [--clear]`: the entries of the extract cache and of the library cache
@@ -501,7 +597,15 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
     let host = facts::HostFacts::gather(spec, &choice.profile);
     let image_paths: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
     let images = facts::gather_images(&image_paths);
-    let plan = plan::build(spec, &choice, &images, &host)?;
+    let mut plan = plan::build(spec, &choice, &images, &host)?;
+    // Signatures are checked here, on the front end, before any node mounts an image.
+    let signature_policy = plan::signatures::policy(spec, &choice.profile);
+    if signature_policy.policy != cmpirun::jobspec::VerifyPolicy::Off {
+        let results =
+            cmpirun::image::integrity::verify_images(&image_paths, &signature_policy.keys);
+        plan.checks
+            .extend(plan::signatures::checks(&signature_policy, &results));
+    }
     if let Some(format) = spec.dry_run {
         print_plan(&plan, format)?;
         return Ok(ExitCode::SUCCESS);

@@ -21,6 +21,8 @@
 //! - [`binds`]: `--bind`, the profile's `binds:`, the PMIx directories.
 //! - [`inject`]: the injection directory and the host PMI libraries.
 //! - [`fabric`]: the host libfabric, its closure and providers, fabric devices.
+//! - [`signatures`]: the launch-time signature policy and its check (added after [`build`], from
+//!   verifications made on the front end).
 //! - [`dry_run`]: the plan as text for people.
 
 pub mod binds;
@@ -34,6 +36,7 @@ pub mod layout;
 pub mod mount;
 pub mod nodes;
 pub mod parts;
+pub mod signatures;
 pub mod types;
 
 pub use dry_run::dry_run_text;

@@ -20,7 +20,7 @@ pub use schema::{
     LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName, VarName,
 };
 
-use crate::jobspec::MountBackendKind;
+use crate::jobspec::{MountBackendKind, VerifyPolicy};
 
 /// A site profile with its `extends:` chain merged: the settings one launch uses.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -51,6 +51,10 @@ pub struct SiteProfile {
     pub mount: Option<MountBackendKind>,
     /// Where nodes keep their copies of the images' MPI stacks.
     pub library_cache: Option<LibraryCacheSetting>,
+    /// Whether launched images must carry a valid signature.
+    pub verify: Option<VerifyPolicy>,
+    /// PEM public keys whose signatures `verify` accepts.
+    pub verify_keys: Vec<HostPath>,
 }
 
 /// Errors from finding, reading, merging and choosing profiles. All are the user's (or the
@@ -384,6 +388,8 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
     }
     set(&mut into.mount, &f.mount);
     set(&mut into.library_cache, &f.library_cache);
+    set(&mut into.verify, &f.verify);
+    append(&mut into.verify_keys, &f.verify_keys);
 }
 
 fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobspec::{LauncherKind, MountBackendKind, PmiKind};
+use crate::jobspec::{LauncherKind, MountBackendKind, PmiKind, VerifyPolicy};
 
 /// One profile file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -47,6 +47,12 @@ pub struct ProfileFile {
     /// Where nodes keep their copies of the images' MPI stacks (`off`: nowhere).
     #[serde(default)]
     pub library_cache: Option<LibraryCacheSetting>,
+    /// Whether launched images must carry a valid signature.
+    #[serde(default)]
+    pub verify: Option<VerifyPolicy>,
+    /// PEM public keys whose signatures `verify` accepts.
+    #[serde(default)]
+    pub verify_keys: Vec<HostPath>,
 }
 
 /// The `library_cache:` value: `off`, or an absolute directory (which may use `$VAR`s, such as

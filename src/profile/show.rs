@@ -64,6 +64,8 @@ pub fn render_choice(choice: &ProfileChoice) -> String {
         "env": p.env,
         "mount": p.mount,
         "library_cache": p.library_cache,
+        "verify": p.verify,
+        "verify_keys": p.verify_keys,
     });
     prune(&mut value);
     let settings = serde_yaml::to_string(&value).unwrap_or_default();
