@@ -160,6 +160,7 @@ enum Act {
     Json,
     Force,
     NoInject,
+    Insecure,
     ExpectProvider,
     Shm,
     /// Open MPI MCA parameter: the variable prefix it becomes.
@@ -214,6 +215,7 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--json"], arity: 0, act: Act::Json, what: "" },
     Flag { names: &["--force"], arity: 0, act: Act::Force, what: "" },
     Flag { names: &["--no-inject"], arity: 0, act: Act::NoInject, what: "" },
+    Flag { names: &["--insecure"], arity: 0, act: Act::Insecure, what: "" },
     Flag { names: &["--expect-provider"], arity: 1, act: Act::ExpectProvider, what: "a libfabric provider name such as cxi" },
     Flag { names: &["--shm"], arity: 1, act: Act::Shm, what: "a size such as 4g or 50%" },
     Flag { names: &["--mca", "-mca", "--gmca", "-gmca"], arity: 2, act: Act::Mca("OMPI_MCA_"), what: "KEY VALUE" },
@@ -268,6 +270,7 @@ cmpirun's own:
   --dry-run=job              print only how the command line was understood (JSON)
   --force                    launch even when a compatibility check fails
   --no-inject                use the image's own libfabric and PMI libraries
+  --insecure                 plain HTTP to the registry of an oras:// image (no TLS)
   --expect-provider NAME     fail ranks that did not load the host libfabric provider NAME
   --version, --help
 
@@ -482,6 +485,7 @@ impl Parser {
             Act::Json => self.json = true,
             Act::Force => self.spec.force = true,
             Act::NoInject => self.spec.no_inject = true,
+            Act::Insecure => self.spec.insecure = true,
             Act::RoundRobin => self.spec.mapping = Mapping::Cyclic,
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),

@@ -62,6 +62,10 @@ pub struct ImageSummary {
     /// resolved): what each node serves from its library cache (see `docs/containers.md`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_files: Vec<String>,
+    /// The registry image `path` was pulled from (`oras://`), resolved to its digests: every
+    /// node of the job uses the same layer (from its cache, or pulled by that digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<crate::image::oras::RegistryImage>,
 }
 
 /// A library inside an image.
