@@ -281,9 +281,7 @@ fn extract_and_hold(
                 cache.join(&key).display()
             );
         }
-        let image = SquashImage::open(src, opts.block_cache_bytes)?;
-        extract_into(&image, tmp, only)?;
-        only.map_or(Ok(()), |files| write_manifest(tmp, files))
+        unpack(src, opts, only, tmp)
     })?;
     if !fresh && warn() {
         tracing::warn!(
@@ -293,6 +291,18 @@ fn extract_and_hold(
         );
     }
     Ok((tree, in_use))
+}
+
+/// Unpacks the image (or the files `only`, with their manifest) into the new directory `tmp`.
+fn unpack(
+    src: &SquashfsSource,
+    opts: &MountOptions,
+    only: Option<&[PathBuf]>,
+    tmp: &Path,
+) -> Result<(), MountError> {
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
+    extract_into(&image, tmp, only)?;
+    only.map_or(Ok(()), |files| write_manifest(tmp, files))
 }
 
 /// Makes sure the entry `key` of `cache` exists, filling it with `fill` when it does not, and
@@ -1020,14 +1030,10 @@ mod tests {
             "the waiter must wait for the fill"
         );
         // The fill ends: the entry is in place; the filler keeps using it.
-        let (tree, fresh) = fill_entry(
-            &src,
-            &MountOptions::default(),
-            Some(&files),
-            &cache,
-            &key,
-            cache.join(&key),
-        )
+        let tree = cache.join(&key);
+        let fresh = fill_entry(&cache, &key, &tree, |tmp| {
+            unpack(&src, &MountOptions::default(), Some(&files), tmp)
+        })
         .expect("fill");
         assert!(fresh);
         drop(fill);

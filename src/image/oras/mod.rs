@@ -430,7 +430,15 @@ fn cached(
     let mut registry = registry;
     for attempt in 0..2 {
         let fill = |tmp: &Path| fill_entry(image, opts, registry.take(), tmp);
-        let (tree, lock, _) = crate::mount::hold_entry(&cache, &key, fill)?;
+        let (tree, lock, _) = match crate::mount::hold_entry(&cache, &key, fill) {
+            Ok(held) => held,
+            Err(e) => {
+                // A failed pull leaves no entry; its lock files go too unless another process
+                // uses them (it then fills the entry itself).
+                let _ = crate::mount::remove_entry(&cache, &cache.join(&key));
+                return Err(e);
+            }
+        };
         let file = tree.join(ENTRY_FILE);
         let size = std::fs::metadata(&file).map(|m| m.len()).ok();
         if size == Some(image.size) {
