@@ -241,6 +241,8 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
         .arg(format!("oras://{host}/test/small:v1"))
         .run();
     out.assert_success();
+    // No terminal: no progress bar, nothing on stderr.
+    assert_eq!(out.stderr, "", "{out}");
     let layer = format!("sha256:{}", sha256_hex(&small_bytes));
     assert!(out.stdout.contains(&layer), "{out}");
     assert_eq!(
@@ -775,5 +777,79 @@ fn launch_a_pulled_image() {
         .run();
     assert_mpitest_ok(&out, 2);
     assert_eq!(reg.blob_downloads(&digest), 1, "{}", reg.log());
-    assert_no_leftovers(&before, &[out.tag.as_str()]);
+    let mut tags = vec![out.tag.clone()];
+
+    // Under Slurm every task (`cmpirun __rank`) gets the digest in the plan and finds the layer
+    // in the shared cache: still one download.
+    require_slurm();
+    let out = salloc_cmpirun(2)
+        .env("XDG_CACHE_HOME", work.path().join("cache"))
+        .args(["-n", "2", "--insecure", &reference])
+        .arg(program("mpitest"))
+        .run();
+    assert_mpitest_ok(&out, 2);
+    assert_eq!(reg.blob_downloads(&digest), 1, "{}", reg.log());
+    tags.push(out.tag.clone());
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    assert_no_leftovers(&before, &tags);
+}
+
+/// What a node does with the plan's image: fetch the layer by its digest (no tag, no manifest)
+/// into its own cache; a tag moved meanwhile changes nothing, and a damaged cached copy is
+/// downloaded again.
+#[test]
+fn nodes_fetch_the_pinned_layer() {
+    use cmpirun::image::oras;
+    let reg = Registry::start("", "");
+    let files = tempfile::tempdir().expect("temporary folder");
+    let small = copy_in(files.path(), &small_sif(), "small.sif");
+    let small_bytes = std::fs::read(&small).unwrap();
+    push(&reg, "test/moving:v1", &[(&small, SIF_LAYER)], None, None);
+    let caches = tempfile::tempdir().expect("temporary folder");
+    let front = oras::pull(
+        &format!("oras://{}/test/moving:v1", reg.host()),
+        &oras::PullOptions {
+            insecure: true,
+            cache: Some(caches.path().join("front")),
+            progress: false,
+        },
+    )
+    .expect("pull");
+    // The tag moves to another image.
+    let other = copy_in(
+        files.path(),
+        &fixture("one-group-signed-pgp.sif"),
+        "other.sif",
+    );
+    push(&reg, "test/moving:v1", &[(&other, SIF_LAYER)], None, None);
+    let node = oras::fetch(&front.image, Some(caches.path().join("node"))).expect("fetch");
+    assert_eq!(std::fs::read(&node).unwrap(), small_bytes);
+    assert!(node.starts_with(caches.path().join("node")));
+    assert_eq!(reg.blob_downloads(&front.image.layer), 2, "{}", reg.log());
+
+    // A copy damaged after it was made is found by its size and fetched again (by another
+    // process: this one holds its entries until it exits).
+    let pull = || {
+        Command::new(cmpirun_bin())
+            .env("XDG_CACHE_HOME", caches.path().join("cli"))
+            .args(["image", "pull", "--insecure", &front.image.reference])
+            .output()
+            .expect("run cmpirun")
+    };
+    let out = pull();
+    assert!(out.status.success(), "{out:?}");
+    let cached = caches
+        .path()
+        .join("cli/cmpirun/oras")
+        .join(front.image.layer.trim_start_matches("sha256:"))
+        .join("image.sif");
+    std::fs::write(&cached, b"short").unwrap();
+    let out = pull();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("damaged") && stderr.contains("again"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&cached).unwrap(), small_bytes);
+    assert_eq!(reg.blob_downloads(&front.image.layer), 4, "{}", reg.log());
 }
