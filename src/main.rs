@@ -328,11 +328,10 @@ fn image_main(cmd: ImageCommand) -> ExitCode {
 /// file in the cache (pulled first if it is not there).
 fn local_image(image: PathBuf, insecure: bool) -> Result<PathBuf, Fatal> {
     use cmpirun::image::oras;
-    let opts = oras::PullOptions {
-        insecure,
-        progress: true,
-        ..Default::default()
-    };
+    if !oras::is_oras(&image) {
+        return Ok(image);
+    }
+    let opts = pull_options(insecure, None);
     let pulled = oras::pull_images(std::slice::from_ref(&image), &opts)?;
     Ok(pulled
         .into_iter()
@@ -341,15 +340,40 @@ fn local_image(image: PathBuf, insecure: bool) -> Result<PathBuf, Fatal> {
         .map_or(image, |p| p.path))
 }
 
+/// How to pull an `oras://` image: plain HTTP with `insecure` (`--insecure`) or to the registries
+/// the profile (`profile`, else the one a launch from here would choose) lists in
+/// `insecure_registries`; a progress bar on a terminal.
+fn pull_options(
+    insecure: bool,
+    profile: Option<&profile::SiteProfile>,
+) -> cmpirun::image::oras::PullOptions {
+    let chosen;
+    let profile = match profile {
+        Some(p) => Some(p),
+        None => {
+            chosen = choose_profile(None, &profile::ProfileSearch::from_env()).ok();
+            chosen.as_ref().map(|c| &c.profile)
+        }
+    };
+    cmpirun::image::oras::PullOptions {
+        insecure,
+        insecure_hosts: profile
+            .map(|p| {
+                p.insecure_registries
+                    .iter()
+                    .map(|h| h.as_str().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        progress: true,
+        cache: None,
+    }
+}
+
 /// `cmpirun image pull oras://… [-o FILE]`: the image's digests and its file in the cache.
 fn image_pull(image: &str, output: Option<&Path>, insecure: bool) -> Result<ExitCode, Fatal> {
     use cmpirun::image::oras;
-    let opts = oras::PullOptions {
-        insecure,
-        progress: true,
-        ..Default::default()
-    };
-    let pulled = oras::pull(image, &opts)?;
+    let pulled = oras::pull(image, &pull_options(insecure, None))?;
     let r = &pulled.image;
     let mut text = format!(
         "{}
@@ -586,11 +610,7 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
     // cache; the plan carries the digest to every node (a tag moved meanwhile cannot split the
     // job). The client starts no thread.
     let given: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
-    let pull = cmpirun::image::oras::PullOptions {
-        insecure: spec.insecure,
-        progress: true,
-        ..Default::default()
-    };
+    let pull = pull_options(spec.insecure, Some(&choice.profile));
     let pulled = cmpirun::image::oras::pull_images(&given, &pull)?;
     let host = facts::HostFacts::gather(spec, &choice.profile);
     let image_paths: Vec<PathBuf> = given

@@ -281,6 +281,19 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
         .args(["image", "pull", &format!("oras://{host}/test/small:v1")])
         .run();
     assert_user_error(&out, &[&host, "TLS", "--insecure"]);
+    // A profile's insecure_registries is the other way to ask for plain HTTP.
+    let profile = work.path().join("plainhttp.yaml");
+    std::fs::write(
+        &profile,
+        format!("name: plainhttp\ninsecure_registries: [\"{host}\"]\n"),
+    )
+    .unwrap();
+    chown_to_tuser(&profile);
+    let out = cmpirun_in(work.path())
+        .env("CMPIRUN_PROFILE", &profile)
+        .args(["image", "pull", &format!("oras://{host}/test/small:v1")])
+        .run();
+    out.assert_success();
 
     // A tag or digest the registry does not have.
     let out = cmpirun_in(work.path())
@@ -811,7 +824,7 @@ fn nodes_fetch_the_pinned_layer() {
         &oras::PullOptions {
             insecure: true,
             cache: Some(caches.path().join("front")),
-            progress: false,
+            ..Default::default()
         },
     )
     .expect("pull");

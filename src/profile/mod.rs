@@ -17,7 +17,8 @@ use serde::Serialize;
 
 pub use schema::{
     BindEntry, EnvSection, FabricSection, GlobPattern, HostPath, LauncherChoice, LauncherSection,
-    LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName, VarName,
+    LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName,
+    RegistryHost, VarName,
 };
 
 use crate::jobspec::MountBackendKind;
@@ -51,6 +52,8 @@ pub struct SiteProfile {
     pub mount: Option<MountBackendKind>,
     /// Where nodes keep their copies of the images' MPI stacks.
     pub library_cache: Option<LibraryCacheSetting>,
+    /// Registries of `oras://` images spoken to in plain HTTP.
+    pub insecure_registries: Vec<RegistryHost>,
 }
 
 /// Errors from finding, reading, merging and choosing profiles. All are the user's (or the
@@ -384,6 +387,7 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
     }
     set(&mut into.mount, &f.mount);
     set(&mut into.library_cache, &f.library_cache);
+    append(&mut into.insecure_registries, &f.insecure_registries);
 }
 
 fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {

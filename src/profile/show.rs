@@ -64,6 +64,7 @@ pub fn render_choice(choice: &ProfileChoice) -> String {
         "env": p.env,
         "mount": p.mount,
         "library_cache": p.library_cache,
+        "insecure_registries": p.insecure_registries,
     });
     prune(&mut value);
     let settings = serde_yaml::to_string(&value).unwrap_or_default();

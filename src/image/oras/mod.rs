@@ -217,6 +217,8 @@ pub struct RegistryImage {
 pub struct PullOptions {
     /// Speak plain HTTP to the registry (`--insecure`).
     pub insecure: bool,
+    /// Registries (`HOST[:PORT]`) spoken to in plain HTTP (a profile's `insecure_registries`).
+    pub insecure_hosts: Vec<String>,
     /// The cache folder (default: [`default_cache`]).
     pub cache: Option<PathBuf>,
     /// Show a progress bar on a terminal (standard error) while downloading.
@@ -243,14 +245,15 @@ pub fn default_cache() -> Option<PathBuf> {
 /// (safe from pruning) until this process exits.
 pub fn pull(given: &str, opts: &PullOptions) -> Result<Pulled, OrasError> {
     let reference = Reference::parse(given)?;
-    let mut registry = Registry::new(&reference.host, opts.insecure)?;
+    let insecure = opts.insecure || opts.insecure_hosts.contains(&reference.host);
+    let mut registry = Registry::new(&reference.host, insecure)?;
     let (manifest_digest, layer, size) = resolve(&mut registry, &reference)?;
     let image = RegistryImage {
         given: given.to_owned(),
         reference: reference.pinned(&manifest_digest).to_string(),
         layer,
         size,
-        insecure: opts.insecure,
+        insecure,
     };
     let path = cached(&image, opts, Some(registry))?;
     Ok(Pulled { path, image })
@@ -286,7 +289,7 @@ pub fn fetch(image: &RegistryImage, cache: Option<PathBuf>) -> Result<PathBuf, O
     let opts = PullOptions {
         insecure: image.insecure,
         cache,
-        progress: false,
+        ..Default::default()
     };
     cached(&image, &opts, None)
 }

@@ -102,7 +102,8 @@ impl fmt::Display for Reference {
     }
 }
 
-fn check_host(host: &str) -> Result<(), String> {
+/// Checks a registry's `HOST[:PORT]`.
+pub fn check_host(host: &str) -> Result<(), String> {
     let (name, port) = match host.rsplit_once(':') {
         Some((n, p)) => (n, Some(p)),
         None => (host, None),
