@@ -240,6 +240,9 @@ Usage:
   cmpirun profile show|check [--profile NAME|PATH] [--json]
   cmpirun image|exec|shell ...     (see `cmpirun image --help`, ...)
 
+IMAGE is a SIF file, a squashfs file, a directory, or oras://HOST[:PORT]/REPO:TAG (or
+@sha256:DIGEST) in an OCI registry, pulled once into the user's cache (docs/images.md).
+
 Processes and placement:
   -n, -np N                  number of ranks of this part (default: fill the slots)
   -N, -ppn, --npernode N     ranks per node

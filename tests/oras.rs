@@ -95,7 +95,7 @@ impl Registry {
         self.log()
             .lines()
             .filter(|l| {
-                l.contains(&format!("\"GET /v2/"))
+                l.contains("\"GET /v2/")
                     && l.contains(&format!("/blobs/{digest} "))
                     && l.contains("\" 200 ")
             })
@@ -778,7 +778,7 @@ fn launch_a_pulled_image() {
         .join(digest.trim_start_matches("sha256:"))
         .join("image.sif");
     assert!(
-        out.stdout.contains(&format!("/test/mpich4@sha256:"))
+        out.stdout.contains("/test/mpich4@sha256:")
             && out.stdout.contains(&digest)
             && out.stdout.contains(&file.display().to_string()),
         "the dry run shows the pinned digest, the layer and the file:\n{out}"

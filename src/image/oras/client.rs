@@ -48,7 +48,10 @@ impl Registry {
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
             .timeout_per_read(Some(Duration::from_secs(120)))
-            .max_redirects(10);
+            .max_redirects(10)
+            // A blob may be served from elsewhere (object storage): the registry's credentials
+            // follow a redirect to the same host only.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost);
         if !insecure {
             config = config.https_only(true).tls_config(tls_config()?);
         }

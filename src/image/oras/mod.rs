@@ -291,7 +291,7 @@ pub fn fetch(image: &RegistryImage, cache: Option<PathBuf>) -> Result<PathBuf, O
         cache,
         ..Default::default()
     };
-    cached(&image, &opts, None)
+    cached(image, &opts, None)
 }
 
 /// Asks the registry for the manifest of `reference` (choosing this host's platform from an
@@ -321,7 +321,7 @@ fn resolve(
                     })
                 })
                 .ok_or_else(|| not_sif(format!("its index lists no manifest for linux/{arch}")))?;
-            let (digest, body) = manifest(registry, reference, &chosen.digest().to_string())?;
+            let (digest, body) = manifest(registry, reference, chosen.digest().as_ref())?;
             let m = serde_json::from_slice::<ImageManifest>(&body)
                 .map_err(|e| not_sif(format!("the registry's manifest cannot be read: {e}")))?;
             (digest, m)
