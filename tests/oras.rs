@@ -792,6 +792,21 @@ fn launch_a_pulled_image() {
     assert_eq!(reg.blob_downloads(&digest), 1, "{}", reg.log());
     let mut tags = vec![out.tag.clone()];
 
+    // exec takes one too.
+    let out = cmpirun_in(work.path())
+        .args([
+            "exec",
+            "--insecure",
+            &reference,
+            "/bin/sh",
+            "-c",
+            "echo inside",
+        ])
+        .run();
+    out.assert_success();
+    assert_eq!(out.stdout, "inside\n", "{out}");
+    tags.push(out.tag.clone());
+
     // Under Slurm every task (`cmpirun __rank`) gets the digest in the plan and finds the layer
     // in the shared cache: still one download.
     require_slurm();
