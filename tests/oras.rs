@@ -201,6 +201,13 @@ fn cmpirun_in(home: &Path) -> TuserCommand {
         .env("XDG_CACHE_HOME", home.join("cache"))
 }
 
+/// `cmpirun image pull --insecure REFERENCE` as the test user with the cache in `home`.
+fn pull_insecure(home: &Path, reference: &str) -> RunOutput {
+    cmpirun_in(home)
+        .args(["image", "pull", "--insecure", reference])
+        .run()
+}
+
 /// What the cache of pulled images in `home` holds (names), with nothing but entries expected.
 fn cache_names(home: &Path) -> Vec<String> {
     let dir = home.join("cache/cmpirun/oras");
@@ -262,9 +269,7 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
         .expect("a pinned reference")
         .to_owned();
     assert!(pinned.contains("/test/small@sha256:"), "{out}");
-    let out = cmpirun_in(work.path())
-        .args(["image", "pull", "--insecure", &pinned])
-        .run();
+    let out = pull_insecure(work.path(), &pinned);
     out.assert_success();
     assert!(out.stdout.contains(&cached.display().to_string()), "{out}");
     assert_eq!(reg.blob_downloads(&layer), 1, "{}", reg.log());
@@ -296,36 +301,15 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
     out.assert_success();
 
     // A tag or digest the registry does not have.
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/small:nope"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/small:nope"));
     assert_user_error(&out, &["small:nope", "not found", "404"]);
     let zero = format!("sha256:{}", "0".repeat(64));
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/small@{zero}"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/small@{zero}"));
     assert_user_error(&out, &[&zero, "not found"]);
 
     // A registry that is not there.
     let gone = format!("127.0.0.1:{}", free_port());
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{gone}/test/small:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{gone}/test/small:v1"));
     assert_user_error(&out, &[&gone, "cannot reach the registry"]);
 
     // Two layers; a layer that is not a SIF image's; a SIF layer that is not a SIF file.
@@ -341,38 +325,17 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
         None,
         None,
     );
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/two:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/two:v1"));
     assert_user_error(&out, &["test/two:v1", "2 layers", SIF_LAYER]);
     let text = files.path().join("notes.txt");
     std::fs::write(&text, "not an image\n").unwrap();
     push(&reg, "test/text:v1", &[(&text, "text/plain")], None, None);
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/text:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/text:v1"));
     assert_user_error(&out, &["test/text:v1", "media type text/plain"]);
     let fake = files.path().join("fake.sif");
     std::fs::write(&fake, vec![b'x'; 4096]).unwrap();
     push(&reg, "test/fake:v1", &[(&fake, SIF_LAYER)], None, None);
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/fake:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/fake:v1"));
     assert_user_error(&out, &["test/fake", "not a SIF file", "nothing was kept"]);
 
     // A blob the registry serves truncated, and one whose bytes changed (same size).
@@ -384,26 +347,12 @@ fn pull_checks_every_answer_and_keeps_nothing_bad() {
         &other_bytes[..other_bytes.len() / 2],
     )
     .unwrap();
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/other:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/other:v1"));
     assert_user_error(&out, &["test/other", "truncated", "nothing was kept"]);
     let mut flipped = other_bytes.clone();
     flipped[40_000] ^= 0xff;
     std::fs::write(reg.blob_file(&other_digest), &flipped).unwrap();
-    let out = cmpirun_in(work.path())
-        .args([
-            "image",
-            "pull",
-            "--insecure",
-            &format!("oras://{host}/test/other:v1"),
-        ])
-        .run();
+    let out = pull_insecure(work.path(), &format!("oras://{host}/test/other:v1"));
     assert_user_error(
         &out,
         &[&other_digest, "have digest sha256:", "nothing was kept"],
@@ -661,9 +610,7 @@ fn token_auth_with_the_users_credentials() {
 
     // Anonymous: refused, with what to do.
     let work = TuserDir::new();
-    let out = cmpirun_in(work.path())
-        .args(["image", "pull", "--insecure", &reference])
-        .run();
+    let out = pull_insecure(work.path(), &reference);
     assert_user_error(
         &out,
         &[&host, "refused anonymous access", "team/small", "login"],
@@ -673,9 +620,7 @@ fn token_auth_with_the_users_credentials() {
     // Docker's file with a wrong password: refused, naming the user and the file.
     let docker = work.path().join(".docker/config.json");
     write_credentials(&docker, &host, "alice", "wrong");
-    let out = cmpirun_in(work.path())
-        .args(["image", "pull", "--insecure", &reference])
-        .run();
+    let out = pull_insecure(work.path(), &reference);
     assert_user_error(&out, &[&host, "user alice", &docker.display().to_string()]);
 
     // Apptainer's file is read first: with the right password, the pull goes through.
@@ -685,9 +630,7 @@ fn token_auth_with_the_users_credentials() {
         "alice",
         "s3cret",
     );
-    let out = cmpirun_in(work.path())
-        .args(["image", "pull", "--insecure", &reference])
-        .run();
+    let out = pull_insecure(work.path(), &reference);
     out.assert_success();
     assert!(out.stdout.contains("/team/small@sha256:"), "{out}");
 }
