@@ -32,7 +32,8 @@ pub enum LibfabricUse {
 /// the plan's tests build it directly, without an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSummary {
-    /// The image as given on the command line.
+    /// The image as given on the command line; for an `oras://` image, its file in the cache of
+    /// pulled images (the reference is in `registry`).
     pub path: PathBuf,
     /// Its form (`sif`, `squashfs`, `directory`) once located.
     pub kind: Option<String>,
