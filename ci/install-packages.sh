@@ -19,6 +19,8 @@ PACKAGES=(
     slurm-wlm slurmctld slurmd slurm-client munge
     # baseline for the container start-up benchmark
     bubblewrap
+    # an OCI registry (v2) the oras:// pull tests start on a free port
+    docker-registry
 )
 
 if [ "$(id -u)" != 0 ]; then

@@ -160,6 +160,7 @@ enum Act {
     Json,
     Force,
     NoInject,
+    Insecure,
     ExpectProvider,
     Shm,
     Verify,
@@ -216,6 +217,7 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--json"], arity: 0, act: Act::Json, what: "" },
     Flag { names: &["--force"], arity: 0, act: Act::Force, what: "" },
     Flag { names: &["--no-inject"], arity: 0, act: Act::NoInject, what: "" },
+    Flag { names: &["--insecure"], arity: 0, act: Act::Insecure, what: "" },
     Flag { names: &["--expect-provider"], arity: 1, act: Act::ExpectProvider, what: "a libfabric provider name such as cxi" },
     Flag { names: &["--shm"], arity: 1, act: Act::Shm, what: "a size such as 4g or 50%" },
     Flag { names: &["--verify"], arity: 1, act: Act::Verify, what: "require, warn or off" },
@@ -241,6 +243,9 @@ Usage:
   cmpirun [flags] IMAGE PROGRAM [ARGS] [: [flags] IMAGE PROGRAM [ARGS]]...
   cmpirun profile show|check [--profile NAME|PATH] [--json]
   cmpirun image|exec|shell ...     (see `cmpirun image --help`, ...)
+
+IMAGE is a SIF file, a squashfs file, a directory, or oras://HOST[:PORT]/REPO:TAG (or
+@sha256:DIGEST) in an OCI registry, pulled once into the user's cache (docs/images.md).
 
 Processes and placement:
   -n, -np N                  number of ranks of this part (default: fill the slots)
@@ -272,6 +277,7 @@ cmpirun's own:
   --dry-run=job              print only how the command line was understood (JSON)
   --force                    launch even when a compatibility check fails
   --no-inject                use the image's own libfabric and PMI libraries
+  --insecure                 plain HTTP to the registry of an oras:// image (no TLS)
   --expect-provider NAME     fail ranks that did not load the host libfabric provider NAME
   --verify require|warn|off  whether images must carry a valid signature (docs/images.md)
   --verify-key PEM           a public key whose signatures --verify accepts (repeatable)
@@ -488,6 +494,7 @@ impl Parser {
             Act::Json => self.json = true,
             Act::Force => self.spec.force = true,
             Act::NoInject => self.spec.no_inject = true,
+            Act::Insecure => self.spec.insecure = true,
             Act::RoundRobin => self.spec.mapping = Mapping::Cyclic,
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),

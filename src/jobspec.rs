@@ -52,6 +52,9 @@ pub struct JobSpec {
     pub force: bool,
     /// `--no-inject`: use the image's own libfabric and PMI libraries.
     pub no_inject: bool,
+    /// `--insecure`: speak plain HTTP to the registry of an `oras://` image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// `--expect-provider NAME`: fail a rank that did not load the host libfabric with this
     /// provider.
     pub expect_provider: Option<String>,
@@ -75,7 +78,8 @@ impl JobSpec {
 /// One MPMD part: an image, a program inside it, and its own count and environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
-    /// The image (SIF, squashfs or directory) as given on the command line.
+    /// The image (SIF, squashfs or directory, or an `oras://` reference) as given on the command
+    /// line.
     pub image: PathBuf,
     /// The program to run inside the image.
     pub program: String,

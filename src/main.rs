@@ -56,7 +56,8 @@ enum Command {
     Exec {
         #[command(flatten)]
         opts: ContainerOpts,
-        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        /// A SIF file, a plain squashfs file, an unpacked root directory, or an image in a
+        /// registry (oras://HOST[:PORT]/REPO:TAG or …@sha256:DIGEST).
         image: std::path::PathBuf,
         /// The program and its arguments (looked up in the container's PATH).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,7 +67,8 @@ enum Command {
     Shell {
         #[command(flatten)]
         opts: ContainerOpts,
-        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        /// A SIF file, a plain squashfs file, an unpacked root directory, or an image in a
+        /// registry (oras://HOST[:PORT]/REPO:TAG or …@sha256:DIGEST).
         image: std::path::PathBuf,
     },
 }
@@ -91,6 +93,9 @@ struct ContainerOpts {
     /// of a private one; processes using one key share one container.
     #[arg(long, value_name = "KEY", hide = true)]
     instance_key: Option<String>,
+    /// Speak plain HTTP (no TLS) to the registry of an oras:// image.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn parse_shm(s: &str) -> Result<cmpirun::container::ShmMode, String> {
@@ -139,11 +144,27 @@ enum ImageCommand {
     /// Show an image's SIF header and objects, its root filesystem, and what a launch needs
     /// from it (MPI family, libfabric, glibc, environment).
     Inspect {
-        /// A SIF file, a plain squashfs file or an unpacked root directory.
+        /// A SIF file, a plain squashfs file, an unpacked root directory, or an image in a
+        /// registry (oras://HOST[:PORT]/REPO:TAG or …@sha256:DIGEST).
         image: std::path::PathBuf,
         /// Print a JSON document instead of text.
         #[arg(long)]
         json: bool,
+        /// Speak plain HTTP (no TLS) to the registry of an oras:// image.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Pull a SIF image from an OCI registry into the cache of pulled images (by its layer
+    /// digest), and copy it to FILE with -o.
+    Pull {
+        /// oras://HOST[:PORT]/REPO:TAG or oras://HOST[:PORT]/REPO@sha256:DIGEST.
+        image: String,
+        /// Also copy the image to this file (replaced if it exists).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Speak plain HTTP (no TLS) to the registry.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Pack an unpacked root directory into a SIF image (squashfs primary partition).
     Pack {
@@ -265,6 +286,10 @@ fn main() -> ExitCode {
 /// `cmpirun exec` and `cmpirun shell`: exits as the program did.
 fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsString>) -> ExitCode {
     use cmpirun::container::run::{ExecRequest, exec, propagate};
+    let image = match local_image(image, opts.insecure) {
+        Ok(image) => image,
+        Err(e) => return report(e),
+    };
     let req = ExecRequest {
         image,
         binds: opts.binds,
@@ -283,7 +308,18 @@ fn container_main(opts: ContainerOpts, image: std::path::PathBuf, argv: Vec<OsSt
 /// `cmpirun image …`.
 fn image_main(cmd: ImageCommand) -> ExitCode {
     match cmd {
-        ImageCommand::Inspect { image, json } => image_inspect(&image, json).unwrap_or_else(report),
+        ImageCommand::Inspect {
+            image,
+            json,
+            insecure,
+        } => local_image(image, insecure)
+            .and_then(|image| image_inspect(&image, json))
+            .unwrap_or_else(report),
+        ImageCommand::Pull {
+            image,
+            output,
+            insecure,
+        } => image_pull(&image, output.as_deref(), insecure).unwrap_or_else(report),
         ImageCommand::Pack {
             dir,
             output,
@@ -384,6 +420,77 @@ fn image_sign(image: &std::path::Path, keys: &[PathBuf]) -> Result<ExitCode, Fat
     Ok(ExitCode::SUCCESS)
 }
 
+/// The file of the image argument `image`: itself, or for an `oras://` reference the pulled
+/// file in the cache (pulled first if it is not there).
+fn local_image(image: PathBuf, insecure: bool) -> Result<PathBuf, Fatal> {
+    use cmpirun::image::oras;
+    if !oras::is_oras(&image) {
+        return Ok(image);
+    }
+    let opts = pull_options(insecure, None);
+    let pulled = oras::pull_images(std::slice::from_ref(&image), &opts)?;
+    Ok(pulled
+        .into_iter()
+        .flatten()
+        .next()
+        .map_or(image, |p| p.path))
+}
+
+/// How to pull an `oras://` image: plain HTTP with `insecure` (`--insecure`) or to the registries
+/// the profile (`profile`, else the one a launch from here would choose) lists in
+/// `insecure_registries`; a progress bar on a terminal.
+fn pull_options(
+    insecure: bool,
+    profile: Option<&profile::SiteProfile>,
+) -> cmpirun::image::oras::PullOptions {
+    let chosen;
+    let profile = match profile {
+        Some(p) => Some(p),
+        None => {
+            chosen = choose_profile(None, &profile::ProfileSearch::from_env()).ok();
+            chosen.as_ref().map(|c| &c.profile)
+        }
+    };
+    cmpirun::image::oras::PullOptions {
+        insecure,
+        insecure_hosts: profile
+            .map(|p| {
+                p.insecure_registries
+                    .iter()
+                    .map(|h| h.as_str().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        progress: true,
+        cache: None,
+    }
+}
+
+/// `cmpirun image pull oras://… [-o FILE]`: the image's digests and its file in the cache.
+fn image_pull(image: &str, output: Option<&Path>, insecure: bool) -> Result<ExitCode, Fatal> {
+    use cmpirun::image::oras;
+    let pulled = oras::pull(image, &pull_options(insecure, None))?;
+    let r = &pulled.image;
+    let mut text = format!(
+        "{}
+  pinned: {}
+  layer:  {} ({} bytes)
+  file:   {}
+",
+        r.given,
+        r.reference,
+        r.layer,
+        r.size,
+        pulled.path.display()
+    );
+    if let Some(out) = output {
+        oras::copy_out(&pulled.path, out)?;
+        text.push_str(&format!("  copied: {}\n", out.display()));
+    }
+    emit(&text);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `cmpirun image cache [--clear]`: the entries of the extract cache and of the library cache
 /// (or of the cache `--dir`), with their sizes.
 fn image_cache(clear: bool, dir: Option<PathBuf>) -> Result<ExitCode, Fatal> {
@@ -401,6 +508,7 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> Result<ExitCode, Fatal> {
             };
             std::iter::once((extract, "extracted images"))
                 .chain(library_cache_here().map(|d| (d, "unpacked MPI stacks")))
+                .chain(cmpirun::image::oras::default_cache().map(|d| (d, "pulled images")))
                 .collect()
         }
     };
@@ -594,9 +702,22 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
     // Host facts first: the libfabric probe forks, which needs a single-threaded process. Images
     // are read in a child process, so that whatever reading them starts (threads) does not stay
     // in this one, which the local launcher forks the node instance and the ranks from.
+    // An oras:// image is resolved to its digest once, here, and its file is read from the
+    // cache; the plan carries the digest to every node (a tag moved meanwhile cannot split the
+    // job). The client starts no thread.
+    let given: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
+    let pull = pull_options(spec.insecure, Some(&choice.profile));
+    let pulled = cmpirun::image::oras::pull_images(&given, &pull)?;
     let host = facts::HostFacts::gather(spec, &choice.profile);
-    let image_paths: Vec<PathBuf> = spec.apps.iter().map(|a| a.image.clone()).collect();
-    let images = facts::gather_images(&image_paths);
+    let image_paths: Vec<PathBuf> = given
+        .iter()
+        .zip(&pulled)
+        .map(|(g, p)| p.as_ref().map_or_else(|| g.clone(), |p| p.path.clone()))
+        .collect();
+    let mut images = facts::gather_images(&image_paths);
+    for (info, p) in images.iter_mut().zip(pulled) {
+        info.registry = p.map(|p| p.image);
+    }
     let mut plan = plan::build(spec, &choice, &images, &host)?;
     // Signatures are checked here, on the front end, before any node mounts an image.
     let signature_policy = plan::signatures::policy(spec, &choice.profile);

@@ -32,7 +32,8 @@ pub enum LibfabricUse {
 /// the plan's tests build it directly, without an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSummary {
-    /// The image as given on the command line.
+    /// The image as given on the command line; for an `oras://` image, its file in the cache of
+    /// pulled images (the reference is in `registry`).
     pub path: PathBuf,
     /// Its form (`sif`, `squashfs`, `directory`) once located.
     pub kind: Option<String>,
@@ -62,6 +63,10 @@ pub struct ImageSummary {
     /// resolved): what each node serves from its library cache (see `docs/containers.md`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stack_files: Vec<String>,
+    /// The registry image `path` was pulled from (`oras://`), resolved to its digests: every
+    /// node of the job uses the same layer (from its cache, or pulled by that digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<crate::image::oras::RegistryImage>,
 }
 
 /// A library inside an image.

@@ -7,6 +7,7 @@ pub mod content;
 pub mod dir;
 pub mod inspect;
 pub mod integrity;
+pub mod oras;
 pub mod pack;
 pub mod rootfs;
 pub mod sif;

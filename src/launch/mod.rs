@@ -134,6 +134,9 @@ pub enum LaunchError {
     /// A bind of the plan cannot be made.
     #[error(transparent)]
     Bind(#[from] crate::container::root::BindSpecError),
+    /// An image of the plan pulled from a registry cannot be had on this node.
+    #[error(transparent)]
+    Registry(#[from] crate::image::oras::OrasError),
     /// The PMI server failed.
     #[error("PMI server: {0}")]
     Pmi(cmpirun_pmi::PmiError),
@@ -172,6 +175,7 @@ impl Blame for LaunchError {
             | LaunchError::Bind(_) => Fault::User,
             LaunchError::Instance(e) => e.fault(),
             LaunchError::Config(e) => e.fault(),
+            LaunchError::Registry(e) => e.fault(),
             LaunchError::NoLauncherCommand
             | LaunchError::SerialisePlan(_)
             | LaunchError::Threaded { .. }

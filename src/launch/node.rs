@@ -56,6 +56,26 @@ fn part_image(apps: &[AppPlan], part: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// Makes sure every image of the plan that was pulled from a registry is in this node's cache
+/// of pulled images (pulled by the digest the front end resolved, if it is not), held until this
+/// process exits, and points the plan at this node's copy (a node's cache folder may not be the
+/// front end's).
+pub fn fetch_registry_images(plan: &mut LaunchPlan) -> Result<(), LaunchError> {
+    for i in 0..plan.apps.len() {
+        let Some(registry) = plan.apps[i].image.registry.clone() else {
+            continue;
+        };
+        let local = crate::image::oras::fetch(&registry, None)?;
+        let old = std::mem::replace(&mut plan.apps[i].image.path, local.clone());
+        for b in &mut plan.binds {
+            if b.image.as_ref() == Some(&old) {
+                b.image = Some(local.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The node instance configuration: a root per image of the job, each with the plan's binds
 /// for that image (those of `rank-start` resolved in `rank_env`), the mount backend, the
 /// private `/dev/shm` and the library cache; the host's part is

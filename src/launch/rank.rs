@@ -138,19 +138,21 @@ fn relayed(
 /// Runs one rank (`cmpirun __rank`). Returns the exit status to end with. Must be called while
 /// cmpirun is single-threaded.
 pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
-    let plan = read_plan(plan_source)?;
+    let mut plan = read_plan(plan_source)?;
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let rank = task_rank(&env).ok_or(LaunchError::NoRank)?;
     let key = instance_key(&env, std::os::unix::process::parent_id());
-    let result = node::node_config(&plan, &env).and_then(|cfg| {
-        with_forwarded_signals_blocked(
-            |errno| LaunchError::Sys {
-                step: "block signals",
-                errno,
-            },
-            |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
-        )
-    });
+    let result = node::fetch_registry_images(&mut plan)
+        .and_then(|()| node::node_config(&plan, &env))
+        .and_then(|cfg| {
+            with_forwarded_signals_blocked(
+                |errno| LaunchError::Sys {
+                    step: "block signals",
+                    errno,
+                },
+                |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
+            )
+        });
     // The first task of each node sweeps what killed jobs left on it (a front end does so only
     // on its own node), after its rank, off the launch's path.
     if ["SLURM_LOCALID", "MPI_LOCALRANKID"]

@@ -28,7 +28,7 @@ static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The user's cache folder for cmpirun: `$XDG_CACHE_HOME/cmpirun`, else `$HOME/.cache/cmpirun`,
 /// with the variables read through `var`.
-fn user_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+pub(crate) fn user_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     let set = |name: &str| var(name).filter(|v| !v.is_empty());
     let base = match set("XDG_CACHE_HOME") {
         Some(dir) => PathBuf::from(dir),
@@ -37,7 +37,7 @@ fn user_cache_in(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     Some(base.join("cmpirun"))
 }
 
-fn env_var(name: &str) -> Option<String> {
+pub(crate) fn env_var(name: &str) -> Option<String> {
     std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
 }
 
@@ -165,11 +165,7 @@ pub fn hold_library_files(
         (tree, lock)
     };
     let lock_fd = std::os::fd::AsRawFd::as_raw_fd(&*lock);
-    match HELD.lock() {
-        Ok(mut held) => held.push(lock),
-        // A poisoned list still must not unlock the entry.
-        Err(_) => std::mem::forget(lock),
-    }
+    hold_until_exit(lock);
     Ok(HeldLibraries {
         tree,
         lock_fd,
@@ -259,6 +255,61 @@ pub(super) fn mount(
 /// Makes sure the image is extracted in `cache` (only the regular files `only` and their
 /// directories, if given); returns the tree's directory and a shared lock on the entry: while
 /// it is held, pruning leaves the entry alone.
+fn extract_and_hold(
+    src: &SquashfsSource,
+    cache: &Path,
+    opts: &MountOptions,
+    only: Option<&[PathBuf]>,
+) -> Result<(PathBuf, Flock<File>), MountError> {
+    let key = image_key(src)?;
+    // Only the extract backend warns: the library cache is no fallback.
+    let warn = || only.is_none() && !WARNED.swap(true, Ordering::Relaxed);
+    let (tree, in_use, fresh) = hold_entry(cache, &key, |tmp| {
+        if warn() {
+            tracing::warn!(
+                "image {}: FUSE mount not in use; extracting it into {} (once per node)",
+                src.path.display(),
+                cache.join(&key).display()
+            );
+        }
+        if let Some(files) = only {
+            tracing::info!(
+                "image {}: unpacking its MPI stack ({} files) into the library cache {} (once \
+                 per node and image)",
+                src.path.display(),
+                files.len(),
+                cache.join(&key).display()
+            );
+        }
+        unpack(src, opts, only, tmp)
+    })?;
+    if !fresh && warn() {
+        tracing::warn!(
+            "image {}: FUSE mount not in use; using the copy extracted in {}",
+            src.path.display(),
+            tree.display()
+        );
+    }
+    Ok((tree, in_use))
+}
+
+/// Unpacks the image (or the files `only`, with their manifest) into the new directory `tmp`.
+fn unpack(
+    src: &SquashfsSource,
+    opts: &MountOptions,
+    only: Option<&[PathBuf]>,
+    tmp: &Path,
+) -> Result<(), MountError> {
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
+    extract_into(&image, tmp, only)?;
+    only.map_or(Ok(()), |files| write_manifest(tmp, files))
+}
+
+/// Makes sure the entry `key` of `cache` exists, filling it with `fill` when it does not, and
+/// returns its directory, a shared lock on it (while it is held, pruning leaves the entry
+/// alone) and whether it was filled now. `fill` writes the entry into the temporary directory
+/// it is given (which does not exist yet); the entry appears at its place only when `fill`
+/// succeeded (renamed there), and a failed or killed fill leaves nothing that is ever used.
 ///
 /// Two locks per entry, so that no process waits for a lock while it holds one another waits
 /// for:
@@ -270,19 +321,19 @@ pub(super) fn mount(
 ///   as it is filled (its file is removed first, so the cache holds only entries and use-lock
 ///   files at rest). Its holder waits for nothing; a process waiting for it holds only use
 ///   locks, which nobody waits for. After the wait the entry is looked at again: usually the
-///   holder filled it. An extractor that dies lets go of it, and the next one starts over.
-fn extract_and_hold(
-    src: &SquashfsSource,
+///   holder filled it. A filler that dies lets go of it, and the next one starts over.
+///
+/// Used by the extract backend, the library cache and the cache of pulled images.
+pub(crate) fn hold_entry<E: From<MountError>>(
     cache: &Path,
-    opts: &MountOptions,
-    only: Option<&[PathBuf]>,
-) -> Result<(PathBuf, Flock<File>), MountError> {
-    let key = image_key(src)?;
+    key: &str,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(PathBuf, Flock<File>, bool), E> {
     std::fs::create_dir_all(cache)
-        .map_err(|e| MountError::io(format!("create extract cache {}", cache.display()), e))?;
-    let tree = cache.join(&key);
+        .map_err(|e| MountError::io(format!("create cache {}", cache.display()), e))?;
+    let tree = cache.join(key);
     let lock_path = cache.join(format!("{key}.lock"));
-    // The limit is checked before anything is extracted, so a bad value fails at once.
+    // The limit is checked before anything is filled, so a bad value fails at once.
     let limit = cache_limit()?;
     let in_use = lock_entry(&lock_path, FlockArg::LockShared)?.ok_or_else(|| {
         MountError::io(
@@ -293,32 +344,34 @@ fn extract_and_hold(
     // The lock file's modification time is the entry's last use, for pruning.
     let _ = in_use.set_modified(std::time::SystemTime::now());
     if tree.is_dir() {
-        if only.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "image {}: FUSE mount not in use; using the copy extracted in {}",
-                src.path.display(),
-                tree.display()
-            );
-        }
-        return Ok((tree, in_use));
+        return Ok((tree, in_use, false));
     }
     let fill_path = cache.join(format!("{key}.fill"));
-    let fill = lock_entry(&fill_path, FlockArg::LockExclusive)?.ok_or_else(|| {
+    let fill_lock = lock_entry(&fill_path, FlockArg::LockExclusive)?.ok_or_else(|| {
         MountError::io(
             format!("lock {}", fill_path.display()),
             nix::errno::Errno::EWOULDBLOCK,
         )
     })?;
-    let filled = fill_entry(src, opts, only, cache, &key, tree);
+    let filled = fill_entry(cache, key, &tree, fill);
     // The fill lock file goes while still locked: whoever waits on it then finds it is no
     // longer at its path, and looks at the entry again (`lock_entry`).
     let _ = std::fs::remove_file(&fill_path);
-    drop(fill);
-    let (tree, fresh) = filled?;
+    drop(fill_lock);
+    let fresh = filled?;
     if fresh {
-        prune(cache, &key, limit);
+        prune(cache, key, limit);
     }
-    Ok((tree, in_use))
+    Ok((tree, in_use, fresh))
+}
+
+/// Keeps `lock` (an entry's use lock) taken until this process exits.
+pub(crate) fn hold_until_exit(lock: Flock<File>) {
+    match HELD.lock() {
+        Ok(mut held) => held.push(lock),
+        // A poisoned list still must not unlock the entry.
+        Err(_) => std::mem::forget(lock),
+    }
 }
 
 /// Whether the open (locked) file `file` is still the one at `path`.
@@ -352,65 +405,35 @@ fn lock_entry(path: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountEr
     }
 }
 
-/// Extracts the image (or the files `only`) into `tree` unless it is there; `true` if it was
-/// extracted now. The caller holds the entry's use lock shared and its fill lock.
-fn fill_entry(
-    src: &SquashfsSource,
-    opts: &MountOptions,
-    only: Option<&[PathBuf]>,
+/// Fills the entry `key` at `tree` with `fill` unless it is there; `true` if it was filled
+/// now. The caller holds the entry's use lock shared and its fill lock.
+fn fill_entry<E: From<MountError>>(
     cache: &Path,
     key: &str,
-    tree: PathBuf,
-) -> Result<(PathBuf, bool), MountError> {
-    // Only the extract backend warns: the library cache is no fallback.
-    let first = only.is_none() && !WARNED.swap(true, Ordering::Relaxed);
-    // Killed extractions of other images leave temporaries too; those whose extractor is gone
-    // can go now (a live one keeps its pid in the name).
+    tree: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<bool, E> {
+    // Killed fills of other entries leave temporaries too; those whose filler is gone can go
+    // now (a live one keeps its pid in the name).
     remove_stale_temporaries(cache, None);
     if tree.is_dir() {
-        if first {
-            tracing::warn!(
-                "image {}: FUSE mount not in use; using the copy extracted in {}",
-                src.path.display(),
-                tree.display()
-            );
-        }
-        return Ok((tree, false));
+        return Ok(false);
     }
-    if first {
-        tracing::warn!(
-            "image {}: FUSE mount not in use; extracting it into {} (once per node)",
-            src.path.display(),
-            tree.display()
-        );
-    }
-    if let Some(files) = only {
-        tracing::info!(
-            "image {}: unpacking its MPI stack ({} files) into the library cache {} (once per \
-             node and image)",
-            src.path.display(),
-            files.len(),
-            tree.display()
-        );
-    }
-    let image = SquashImage::open(src, opts.block_cache_bytes)?;
-    // Left-overs of an extraction that was killed: nobody else works on this key while we
-    // hold its fill lock, on this node or another one sharing the cache.
+    // Left-overs of a fill that was killed: nobody else works on this key while we hold its
+    // fill lock, on this node or another one sharing the cache.
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
     let tmp = cache.join(format!("{prefix}{}", temporary_owner()));
-    let result = extract_into(&image, &tmp, only)
-        .and_then(|()| only.map_or(Ok(()), |files| write_manifest(&tmp, files)))
-        .and_then(|()| {
-            std::fs::rename(&tmp, &tree).map_err(|e| {
-                MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e)
-            })
-        });
+    let result = fill(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, tree).map_err(|e| {
+            MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e).into()
+        })
+    });
     if let Err(e) = result {
         let _ = remove_tree(&tmp);
         return Err(e);
     }
-    Ok((tree, true))
+    Ok(true)
 }
 
 /// The default size limit of the extract cache.
@@ -513,7 +536,7 @@ pub fn clear_cache(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
 /// Removes one entry if nobody holds it: takes its use lock without waiting, removes the tree,
 /// then unlinks the fill lock file and the use lock file while still holding the use lock
 /// (whoever fills an entry holds its use lock). `false`: it is in use.
-fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError> {
+pub(crate) fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError> {
     let Some(name) = tree.file_name() else {
         return Ok(false);
     };
@@ -1007,14 +1030,10 @@ mod tests {
             "the waiter must wait for the fill"
         );
         // The fill ends: the entry is in place; the filler keeps using it.
-        let (tree, fresh) = fill_entry(
-            &src,
-            &MountOptions::default(),
-            Some(&files),
-            &cache,
-            &key,
-            cache.join(&key),
-        )
+        let tree = cache.join(&key);
+        let fresh = fill_entry(&cache, &key, &tree, |tmp| {
+            unpack(&src, &MountOptions::default(), Some(&files), tmp)
+        })
         .expect("fill");
         assert!(fresh);
         drop(fill);

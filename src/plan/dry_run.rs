@@ -57,6 +57,18 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                 .map(|w| format!(", in directory {}", w.display()))
                 .unwrap_or_default()
         )?;
+        if let Some(r) = &a.image.registry {
+            writeln!(
+                o,
+                "    image from a registry: {} = {} (SIF layer {}, {} bytes), file {}; every \
+                 node uses this digest",
+                r.given,
+                r.reference,
+                r.layer,
+                r.size,
+                a.image.path.display()
+            )?;
+        }
         if plan.apps.len() > 1 {
             write_part(o, plan, i)?;
         }

@@ -17,7 +17,8 @@ use serde::Serialize;
 
 pub use schema::{
     BindEntry, EnvSection, FabricSection, GlobPattern, HostPath, LauncherChoice, LauncherSection,
-    LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName, VarName,
+    LibraryCacheSetting, MatchRules, PmiSection, ProfileFile, ProfileName, ProviderName,
+    RegistryHost, VarName,
 };
 
 use crate::jobspec::{MountBackendKind, VerifyPolicy};
@@ -55,6 +56,8 @@ pub struct SiteProfile {
     pub verify: Option<VerifyPolicy>,
     /// PEM public keys whose signatures `verify` accepts.
     pub verify_keys: Vec<HostPath>,
+    /// Registries of `oras://` images spoken to in plain HTTP.
+    pub insecure_registries: Vec<RegistryHost>,
 }
 
 /// Errors from finding, reading, merging and choosing profiles. All are the user's (or the
@@ -390,6 +393,7 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
     set(&mut into.library_cache, &f.library_cache);
     set(&mut into.verify, &f.verify);
     append(&mut into.verify_keys, &f.verify_keys);
+    append(&mut into.insecure_registries, &f.insecure_registries);
 }
 
 fn set<T: Clone>(into: &mut Option<T>, from: &Option<T>) {

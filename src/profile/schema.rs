@@ -53,6 +53,9 @@ pub struct ProfileFile {
     /// PEM public keys whose signatures `verify` accepts.
     #[serde(default)]
     pub verify_keys: Vec<HostPath>,
+    /// Registries (`HOST[:PORT]`) of `oras://` images spoken to in plain HTTP, as `--insecure`.
+    #[serde(default)]
+    pub insecure_registries: Vec<RegistryHost>,
 }
 
 /// The `library_cache:` value: `off`, or an absolute directory (which may use `$VAR`s, such as
@@ -293,6 +296,32 @@ impl TryFrom<String> for ProfileName {
 impl From<ProfileName> for String {
     fn from(n: ProfileName) -> String {
         n.0
+    }
+}
+
+/// A registry's `HOST[:PORT]`, as in `oras://HOST[:PORT]/REPO:TAG`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RegistryHost(String);
+
+impl RegistryHost {
+    /// The host as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RegistryHost {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::image::oras::reference::check_host(&s)?;
+        Ok(RegistryHost(s))
+    }
+}
+
+impl From<RegistryHost> for String {
+    fn from(h: RegistryHost) -> String {
+        h.0
     }
 }
 

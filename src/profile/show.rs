@@ -66,6 +66,7 @@ pub fn render_choice(choice: &ProfileChoice) -> String {
         "library_cache": p.library_cache,
         "verify": p.verify,
         "verify_keys": p.verify_keys,
+        "insecure_registries": p.insecure_registries,
     });
     prune(&mut value);
     let settings = serde_yaml::to_string(&value).unwrap_or_default();
