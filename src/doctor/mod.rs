@@ -65,7 +65,11 @@ impl Finding {
     }
 
     /// A warning, with its fix.
-    pub fn warn(check: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+    pub fn warn(
+        check: &'static str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
         Finding {
             check,
             verdict: Verdict::Warn,
@@ -75,7 +79,11 @@ impl Finding {
     }
 
     /// A failure, with its fix.
-    pub fn fail(check: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+    pub fn fail(
+        check: &'static str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
         Finding {
             check,
             verdict: Verdict::Fail,
@@ -169,9 +177,7 @@ pub fn run(opts: &DoctorOptions) -> Report {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into());
-    let scratch = tempfile::Builder::new()
-        .prefix("cmpirun-doctor-")
-        .tempdir();
+    let scratch = tempfile::Builder::new().prefix("cmpirun-doctor-").tempdir();
     let mut checks = Vec::new();
     checks.push(host::user_namespaces());
     let image = match &scratch {
@@ -234,7 +240,10 @@ mod tests {
         let text = r.render_text();
         assert!(text.contains("PASS  a: fine\n"), "{text}");
         assert!(text.contains("WARN  b: slow\n      fix: do x\n"), "{text}");
-        assert!(text.ends_with("WARN: 1 passed, 1 warned, 0 failed\n"), "{text}");
+        assert!(
+            text.ends_with("WARN: 1 passed, 1 warned, 0 failed\n"),
+            "{text}"
+        );
         let r = Report::new("n1".into(), vec![Finding::fail("c", "broken", "fix it")]);
         assert_eq!(r.exit_status(), exit::FAILURE);
         assert_eq!(Report::new("n1".into(), vec![]).exit_status(), 0);

@@ -44,7 +44,10 @@ fn chosen(choice: &ProfileChoice) -> Finding {
     match &choice.outcome {
         Some(o) if !o.matched => Finding::warn(
             "profile",
-            format!("{message}; its match rules do not hold here: {}", o.reasons.join("; ")),
+            format!(
+                "{message}; its match rules do not hold here: {}",
+                o.reasons.join("; ")
+            ),
             "check that this node is what the profile describes, or name the profile that is",
         ),
         _ => Finding::pass("profile", message),
@@ -145,7 +148,12 @@ fn files(p: &SiteProfile, host: &HostFacts) -> Finding {
         .devices
         .iter()
         .map(|d| ("fabric.devices", d.as_str()))
-        .chain(p.fabric.libraries.iter().map(|l| ("fabric.libraries", l.as_str())))
+        .chain(
+            p.fabric
+                .libraries
+                .iter()
+                .map(|l| ("fabric.libraries", l.as_str())),
+        )
         .chain(
             p.pmi
                 .host_libraries
@@ -165,11 +173,13 @@ fn files(p: &SiteProfile, host: &HostFacts) -> Finding {
         .iter()
         .filter(|(field, pattern)| {
             let found = |pat: &str| host.paths.get(pat).is_some_and(|v| !v.is_empty());
-            !found(pattern)
-                && !(field.ends_with("libraries")
+            let another_found = || {
+                field.ends_with("libraries")
                     && named.iter().any(|(f, other)| {
                         f == field && other != pattern && same_name(other, pattern) && found(other)
-                    }))
+                    })
+            };
+            !found(pattern) && !another_found()
         })
         .map(|(field, pattern)| format!("{field} {pattern}"))
         .collect();

@@ -114,7 +114,9 @@ fn interpreter(exe: &Path) -> Result<PathBuf, String> {
     let endian = elf.endian().map_err(bad)?;
     for ph in elf.program_headers(endian, &*data).map_err(bad)? {
         if ph.p_type(endian) == object::elf::PT_INTERP {
-            let bytes = ph.data(endian, &*data).map_err(|()| format!("{}: bad PT_INTERP", exe.display()))?;
+            let bytes = ph
+                .data(endian, &*data)
+                .map_err(|()| format!("{}: bad PT_INTERP", exe.display()))?;
             let path = bytes.split(|b| *b == 0).next().unwrap_or_default();
             return Ok(PathBuf::from(String::from_utf8_lossy(path).into_owned()));
         }
@@ -226,8 +228,7 @@ pub fn run_job(scratch: &Path, image: &TinyImage, opts: &super::DoctorOptions) -
     }
     let why = stderr
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rfind(|l| !l.trim().is_empty())
         .unwrap_or("no message")
         .to_owned();
     Finding::fail(
