@@ -82,3 +82,44 @@ fn slurm_pmix_when_the_allocation_asks_for_it() {
         .unwrap();
     assert_eq!(family["verdict"], "pass", "{family}");
 }
+
+/// HPE Cray PMI as an option: the hpe-slingshot-cray-pmi profile starts the ranks with
+/// `srun --mpi=cray_shasta` and injects the host's Cray PMI library, which this host lacks (a
+/// failed check naming the file and the field).
+#[test]
+fn cray_pmi_profile_plans_srun_mpi_cray_shasta() {
+    let img = common::staged_image("mpich4");
+    let p = plan_in_allocation(
+        "2",
+        &[],
+        &[
+            "--profile",
+            "hpe-slingshot-cray-pmi",
+            img.to_str().unwrap(),
+            "hello",
+        ],
+    );
+    assert_eq!(p["profile"]["name"], "hpe-slingshot-cray-pmi");
+    let argv: Vec<&str> = p["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(&argv[..2], ["srun", "--mpi=cray_shasta"], "{argv:?}");
+    let why = p["launcher"]["commands"][0]["why"].as_str().unwrap();
+    assert!(why.contains("Slurm's cray_shasta plugin"), "{why}");
+    let failed: Vec<String> = p["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "fail")
+        .map(|c| c["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        failed.iter().any(|m| m
+            .contains("/opt/cray/pe/pmi/default/lib/libpmi2.so.0: no such file on this host")
+            && m.contains("pmi.host_libraries")),
+        "{failed:#?}"
+    );
+}

@@ -6,11 +6,14 @@
 //!
 //! With an expected provider (`--expect-provider`, or the profile's `fabric.providers`), a rank
 //! that loaded another libfabric fails the job instead of running slowly over whatever that one
-//! offers; otherwise it is a warning. So does an MPI rank (one that spoke PMI) that reaches
-//! `PMI_Finalize`, or ends, without having mapped any libfabric: its MPI used another transport
-//! (UCX, shared memory, sockets). A program that never spoke PMI (`hostname`) is not an MPI rank
-//! and is never failed for that; where PMI is not visible (`srun --mpi=pmix`), such a rank is
-//! only reported.
+//! offers; otherwise it is a warning. An MPI rank (one that spoke PMI) that reaches
+//! `PMI_Finalize`, or ends, without having mapped any libfabric used another transport (UCX,
+//! shared memory, sockets): that fails the job only when using the host libfabric is required
+//! (`--expect-provider`, or the profile's `fabric.required`); under a profile that merely
+//! expects providers, rank 0 warns and says how to make the site's intent explicit, since an
+//! image may rightly use UCX on an InfiniBand node. A program that never spoke PMI (`hostname`)
+//! is not an MPI rank and is never failed for that; where PMI is not visible
+//! (`srun --mpi=pmix`), such a rank is only reported.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,6 +22,7 @@ use cmpirun_fabric::maps::{MappedFile, mapped_files, same_file};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::plan::checks::REQUIRED_CHECK;
 use crate::plan::{BindKind, LaunchPlan};
 
 use super::output::{Stream, write_out};
@@ -31,11 +35,15 @@ pub struct InjectedLibfabric {
     pub source: String,
     /// Its metadata: its device and inode show in a rank's map.
     meta: std::fs::Metadata,
-    /// Whether a rank that loaded another libfabric, or an MPI rank that loaded none, fails the
-    /// job (a provider is expected).
+    /// Whether a rank that loaded another libfabric fails the job (a provider is expected).
     pub strict: bool,
+    /// Whether an MPI rank that loaded no libfabric at all fails the job (`--expect-provider`,
+    /// or the profile's `fabric.required`).
+    pub required: bool,
     /// Where the expectation comes from, for the message (`--expect-provider tcp`).
     expected: String,
+    /// The profile's name and file, for the warning that says how to require the provider.
+    profile: (String, String),
 }
 
 /// What one look at a rank's memory map decided.
@@ -67,16 +75,25 @@ impl InjectedLibfabric {
                     .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
         })?;
         let meta = std::fs::metadata(&bind.source).ok()?;
+        let has_check = |name: &str| plan.checks.iter().any(|c| c.name == name);
         let expected = match &plan.job.expect_provider {
             Some(p) => format!("--expect-provider {p}"),
+            None if has_check(REQUIRED_CHECK) => {
+                format!("profile {}'s fabric.required", plan.profile.name)
+            }
             None => format!("profile {}'s fabric.providers", plan.profile.name),
         };
+        let explicit = plan.job.expect_provider.is_some();
         Some(InjectedLibfabric {
             source: bind.source.clone(),
             meta,
-            strict: plan.job.expect_provider.is_some()
-                || plan.checks.iter().any(|c| c.name == "fabric-providers"),
+            strict: explicit || has_check("fabric-providers") || has_check(REQUIRED_CHECK),
+            required: explicit || has_check(REQUIRED_CHECK),
             expected,
+            profile: (
+                plan.profile.name.clone(),
+                plan.profile.file.display().to_string(),
+            ),
         })
     }
 
@@ -105,10 +122,11 @@ impl InjectedLibfabric {
         }
     }
 
-    /// The line that reports `finding` for `rank` (`None` for an undecided one), and whether it
-    /// is a warning rather than information for `-v`. A failure is reported by the job's end
-    /// ([`JobEnd::NotInjected`]) instead, see [`InjectedLibfabric::job_end`].
-    pub fn report(&self, rank: u32, finding: &Finding) -> Option<(String, bool)> {
+    /// The line that reports `finding` for `rank` (`None` for an undecided one; `mpi`: the rank
+    /// spoke PMI), and whether it is a warning rather than information for `-v`. A failure is
+    /// reported by the job's end ([`JobEnd::NotInjected`]) instead, see
+    /// [`InjectedLibfabric::job_end`].
+    pub fn report(&self, rank: u32, finding: &Finding, mpi: bool) -> Option<(String, bool)> {
         match finding {
             Finding::Undecided => None,
             Finding::Host(m) => Some((
@@ -125,6 +143,22 @@ impl InjectedLibfabric {
                 ),
                 true,
             )),
+            // Once per job (rank 0), not once per rank: the expected providers went unused.
+            Finding::NoLibfabric if self.strict && !self.required && mpi && rank == 0 => {
+                let (name, file) = &self.profile;
+                Some((
+                    format!(
+                        "rank 0 spoke PMI but loaded no libfabric (its MPI used another transport, \
+                         such as UCX), so the host libfabric {} and the providers profile {name} \
+                         expects were not used; the job goes on. If every job on this system must \
+                         use them, set fabric.required: true in {file} (or run with \
+                         --expect-provider NAME); if the image's own transport is intended, run \
+                         with --no-inject",
+                        self.source
+                    ),
+                    true,
+                ))
+            }
             Finding::NoLibfabric => {
                 Some((format!("rank {rank} did not load any libfabric"), false))
             }
@@ -140,7 +174,7 @@ impl InjectedLibfabric {
                 loaded: loaded.clone(),
                 host: self.source.clone(),
             }),
-            Finding::NoLibfabric if self.strict && mpi => Some(JobEnd::NoLibfabric {
+            Finding::NoLibfabric if self.required && mpi => Some(JobEnd::NoLibfabric {
                 rank,
                 host: self.source.clone(),
                 expected: self.expected.clone(),
@@ -247,7 +281,7 @@ impl RankWatch {
             let _ = kill(self.pid, Signal::SIGTERM);
             return Some(self.grace);
         }
-        if let Some((line, warning)) = self.injected.report(self.rank, &finding)
+        if let Some((line, warning)) = self.injected.report(self.rank, &finding, self.mpi)
             && (warning || self.verbose)
         {
             say(&line);
@@ -304,12 +338,15 @@ mod tests {
     /// A real file stands in for the host libfabric: only its device and inode matter.
     const HOST: &str = "/proc/self/exe";
 
+    /// `strict`: a provider is expected (and, here, required: `--expect-provider tcp`).
     fn injected(strict: bool) -> InjectedLibfabric {
         InjectedLibfabric {
             source: "/host/libfabric.so.1".into(),
             meta: std::fs::metadata(HOST).unwrap(),
             strict,
+            required: strict,
             expected: "--expect-provider tcp".into(),
+            profile: ("ib".into(), "/etc/cmpirun/profiles.d/ib.yaml".into()),
         }
     }
 
@@ -360,17 +397,40 @@ mod tests {
             injected(false).job_end(2, &Finding::NoLibfabric, true),
             None
         );
-        let (line, warning) = inj.report(3, &other).unwrap();
+        let (line, warning) = inj.report(3, &other, true).unwrap();
         assert!(warning);
         assert_eq!(
             line,
             "rank 3 loaded /opt/lib/libfabric.so.1, not the host libfabric /host/libfabric.so.1"
         );
-        let (line, warning) = inj.report(0, &Finding::Host(host)).unwrap();
+        let (line, warning) = inj.report(0, &Finding::Host(host), true).unwrap();
         assert!(!warning);
         assert!(
             line.starts_with("rank 0 loaded the host libfabric /host/libfabric.so.1 (as "),
             "{line}"
         );
+    }
+
+    #[test]
+    fn expected_but_not_required_providers_only_warn_once_for_a_rank_without_libfabric() {
+        let inj = InjectedLibfabric {
+            required: false,
+            ..injected(true)
+        };
+        // Another libfabric than the host's still ends the job: the injection did not work.
+        let other = Finding::Other("/opt/lib/libfabric.so.1".into());
+        assert!(inj.job_end(1, &other, true).is_some());
+        // No libfabric at all (UCX): the job goes on, rank 0 warns with the way to require it.
+        assert_eq!(inj.job_end(0, &Finding::NoLibfabric, true), None);
+        let (line, warning) = inj.report(0, &Finding::NoLibfabric, true).unwrap();
+        assert!(warning);
+        assert!(
+            line.contains("set fabric.required: true in /etc/cmpirun/profiles.d/ib.yaml"),
+            "{line}"
+        );
+        assert!(line.contains("--no-inject"), "{line}");
+        // Other ranks, and programs that never spoke PMI, are reported with -v only.
+        assert!(!inj.report(1, &Finding::NoLibfabric, true).unwrap().1);
+        assert!(!inj.report(0, &Finding::NoLibfabric, false).unwrap().1);
     }
 }

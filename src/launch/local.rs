@@ -608,7 +608,7 @@ impl Job<'_> {
             if self.end.is_none() {
                 self.finish(end);
             }
-        } else if let Some((line, warning)) = inj.report(rank, &finding) {
+        } else if let Some((line, warning)) = inj.report(rank, &finding, true) {
             if warning {
                 tracing::warn!("{line}");
             } else {
