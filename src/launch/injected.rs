@@ -184,6 +184,91 @@ impl InjectedLibfabric {
     }
 }
 
+/// The device files through which `provider`'s endpoints reach the hardware (path prefixes):
+/// a rank that holds one open uses the provider, where a mapped libfabric only proves it was
+/// loaded. From libfabric's provider manuals: `fi_cxi(7)` (`/dev/cxi*`), `fi_efa(7)` and
+/// `fi_verbs(7)` (through libibverbs, `/dev/infiniband/uverbs*`). Providers without a device
+/// (`tcp`, `shm`) have none.
+pub fn provider_devices(provider: &str) -> &'static [&'static str] {
+    match provider {
+        "cxi" => &["/dev/cxi"],
+        "efa" | "verbs" => &["/dev/infiniband/uverbs"],
+        _ => &[],
+    }
+}
+
+/// The proof that ranks use the device providers the job expects: each rank, while its MPI is
+/// wired up (at its PMI fences, when its endpoints are open to publish their addresses), holds
+/// a device of one of them open (`/proc/PID/fd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProof {
+    /// Each expected device provider and its device prefixes.
+    providers: Vec<(String, &'static [&'static str])>,
+}
+
+impl DeviceProof {
+    /// The proof `plan` calls for: when it injects a host libfabric and expects (profile or
+    /// `--expect-provider`) a provider that has devices.
+    pub fn from_plan(plan: &LaunchPlan) -> Option<DeviceProof> {
+        InjectedLibfabric::from_plan(plan)?;
+        let providers: Vec<(String, &'static [&'static str])> = plan
+            .profile
+            .providers
+            .iter()
+            .chain(plan.job.expect_provider.iter())
+            .filter_map(|p| {
+                let devices = provider_devices(p);
+                (!devices.is_empty()).then(|| (p.clone(), devices))
+            })
+            .collect();
+        (!providers.is_empty()).then_some(DeviceProof { providers })
+    }
+
+    /// The provider and device that `open` (a process's open files) shows in use, if any.
+    pub fn held(&self, open: &[String]) -> Option<(String, String)> {
+        self.providers.iter().find_map(|(p, prefixes)| {
+            open.iter()
+                .find(|f| prefixes.iter().any(|d| f.starts_with(d)))
+                .map(|f| (p.clone(), f.clone()))
+        })
+    }
+
+    /// Looks at the open files of process `pid` (none when they cannot be read).
+    pub fn look(&self, pid: Pid) -> Option<(String, String)> {
+        cmpirun_fabric::maps::open_files(pid.as_raw())
+            .ok()
+            .and_then(|open| self.held(&open))
+    }
+
+    /// The line that reports what rank `rank` was seen holding (`None`: no device at any look,
+    /// told once the rank finalized), and whether it is a warning (rank 0 only, once per job)
+    /// rather than information for `-v`.
+    pub fn report(&self, rank: u32, held: Option<&(String, String)>) -> (String, bool) {
+        match held {
+            Some((provider, device)) => (
+                format!("rank {rank} uses provider {provider}: it holds {device} open"),
+                false,
+            ),
+            None => {
+                let expected: Vec<String> = self
+                    .providers
+                    .iter()
+                    .map(|(p, d)| format!("{p} ({}*)", d.join("*, ")))
+                    .collect();
+                (
+                    format!(
+                        "rank {rank} loaded the host libfabric but held no device of {} open \
+                         while it was wired up: its MPI did not use that provider (check \
+                         FI_PROVIDER and the MPI's network module)",
+                        expected.join(" or ")
+                    ),
+                    rank == 0,
+                )
+            }
+        }
+    }
+}
+
 /// Pauses between two looks at a rank's map. libfabric is mapped at exec (an MPI linked against
 /// it) or in `MPI_Init` (a component that loads it, such as Open MPI's `mtl ofi`, which is
 /// unloaded again in `MPI_Finalize`: a short job maps it for well under a second). So the looks
@@ -209,6 +294,12 @@ pub struct RankWatch {
     decided: bool,
     /// The rank spoke PMI (the relay saw its first command): it is an MPI rank.
     mpi: bool,
+    /// The look found the host libfabric in the rank's map.
+    host_loaded: bool,
+    /// The device providers whose use the rank must prove, if the plan expects any.
+    devices: Option<DeviceProof>,
+    /// The rank was seen holding such a device, or was reported at its finalize without.
+    device_decided: bool,
     failed: Option<Instant>,
     killed: bool,
     grace: Duration,
@@ -227,6 +318,9 @@ impl RankWatch {
             started: Instant::now(),
             decided: false,
             mpi: false,
+            host_loaded: false,
+            devices: DeviceProof::from_plan(plan),
+            device_decided: false,
             failed: None,
             killed: false,
             grace: super::settings::kill_grace(),
@@ -269,6 +363,7 @@ impl RankWatch {
     /// must be ended when it failed.
     fn conclude(&mut self, finding: Finding, alive: bool) -> Option<Duration> {
         self.decided = true;
+        self.host_loaded = matches!(finding, Finding::Host(_));
         if let Some(end) = self.injected.job_end(self.rank, &finding, self.mpi) {
             if let Some(msg) = end.message(self.size) {
                 say(&msg);
@@ -293,11 +388,40 @@ impl RankWatch {
     /// is an MPI rank. At `finalize` the rank waits for the server's answer, so its map is
     /// looked at a last time: libfabric may have been loaded late, and a rank that has mapped
     /// none by now never used it.
+    ///
+    /// At each fence (`barrier_in`, `kvs-fence`) until seen, and at `finalize`, the rank's open
+    /// files show whether it uses an expected device provider ([`DeviceProof`]).
     pub fn pmi_command(&mut self, cmd: &str) {
         self.mpi = true;
         if cmd == "finalize" && !self.decided {
             let finding = self.injected.look(self.pid, true);
             self.conclude(finding, true);
+        }
+        match cmd {
+            "barrier_in" | "kvs-fence" => self.check_devices(false),
+            "finalize" => self.check_devices(true),
+            _ => {}
+        }
+    }
+
+    /// Looks whether the rank holds an expected provider's device open; `last` (its finalize):
+    /// a rank that loaded the host libfabric and was never seen with one is reported.
+    fn check_devices(&mut self, last: bool) {
+        let Some(proof) = &self.devices else { return };
+        if self.device_decided || self.failed.is_some() {
+            return;
+        }
+        let held = proof.look(self.pid);
+        if held.is_none() && !last {
+            return;
+        }
+        self.device_decided = true;
+        if held.is_none() && !self.host_loaded {
+            return;
+        }
+        let (line, warning) = proof.report(self.rank, held.as_ref());
+        if warning || self.verbose {
+            say(&line);
         }
     }
 
@@ -432,5 +556,59 @@ mod tests {
         // Other ranks, and programs that never spoke PMI, are reported with -v only.
         assert!(!inj.report(1, &Finding::NoLibfabric, true).unwrap().1);
         assert!(!inj.report(0, &Finding::NoLibfabric, false).unwrap().1);
+    }
+
+    #[test]
+    fn device_providers_are_proven_by_an_open_device() {
+        let proof = DeviceProof {
+            providers: vec![("cxi".into(), provider_devices("cxi"))],
+        };
+        let open = |files: &[&str]| files.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+        assert_eq!(proof.held(&open(&["/dev/null", "socket:[12]"])), None);
+        assert_eq!(
+            proof.held(&open(&["/dev/null", "/dev/cxi0"])),
+            Some(("cxi".into(), "/dev/cxi0".into()))
+        );
+        // /dev/xpmem (intra-node copies) does not prove the cxi provider.
+        assert_eq!(proof.held(&open(&["/dev/xpmem"])), None);
+        assert_eq!(provider_devices("verbs"), ["/dev/infiniband/uverbs"]);
+        assert_eq!(provider_devices("efa"), ["/dev/infiniband/uverbs"]);
+        assert!(provider_devices("tcp").is_empty());
+        let (line, warning) = proof.report(0, None);
+        assert!(warning);
+        assert_eq!(
+            line,
+            "rank 0 loaded the host libfabric but held no device of cxi (/dev/cxi*) open while it \
+             was wired up: its MPI did not use that provider (check FI_PROVIDER and the MPI's \
+             network module)"
+        );
+        assert!(!proof.report(1, None).1, "once per job");
+        let held = ("cxi".to_owned(), "/dev/cxi0".to_owned());
+        assert_eq!(
+            proof.report(3, Some(&held)),
+            (
+                "rank 3 uses provider cxi: it holds /dev/cxi0 open".into(),
+                false
+            )
+        );
+    }
+
+    /// The open files are read from a real process: one that holds a device open shows it.
+    #[test]
+    fn open_files_of_a_process_show_its_devices() {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::fs::File::open("/dev/zero").unwrap())
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        let proof = DeviceProof {
+            providers: vec![("zero".into(), &["/dev/zero"])],
+        };
+        let seen = proof.look(pid);
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen, Some(("zero".into(), "/dev/zero".into())));
     }
 }
