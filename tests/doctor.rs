@@ -161,3 +161,26 @@ fn a_profile_naming_a_missing_library_fails() {
     assert_eq!(verdict, "pass");
     assert!(message.contains("named with --profile"), "{message}");
 }
+
+/// A user inside an allocation, on each node of it (`srun … cmpirun doctor`): the Slurm profile
+/// is the one that matches, and the smoke job (cmpirun's local launcher, inside the step) runs.
+#[test]
+fn inside_an_allocation_through_srun() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let out = TuserCommand::new("salloc")
+        .args(["-N", "1", "--quiet", "srun", "-n", "1"])
+        .arg(cmpirun_bin())
+        .args(["doctor", "--json"])
+        .slurm()
+        .run();
+    let report: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: not a JSON report:\n{out}"));
+    assert_eq!(report["worst"], "pass", "{report:#}\n{}", out.stderr);
+    out.assert_code(0);
+    let (_, message, _) = finding(&report, "profile");
+    assert!(message.starts_with("slurm-pmi2 ("), "{message}");
+    assert!(message.contains("$SLURM_JOB_ID="), "{message}");
+    assert_eq!(finding(&report, "smoke-test").0, "pass");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}

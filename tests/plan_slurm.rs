@@ -40,6 +40,16 @@ fn plan_in_allocation(tasks: &str, env: &[(&str, &str)], args: &[&str]) -> serde
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// The plan's `srun` command line.
+fn srun_argv(plan: &serde_json::Value) -> Vec<&str> {
+    plan["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn slurm_pmi2_inside_salloc() {
     let img = common::staged_image("mpich4");
@@ -49,12 +59,7 @@ fn slurm_pmi2_inside_salloc() {
     // Chosen because the allocation set $SLURM_JOB_ID.
     let why = p["profile"]["reason"].as_str().unwrap();
     assert!(why.contains("$SLURM_JOB_ID="), "{why}");
-    let argv: Vec<&str> = p["launcher"]["commands"][0]["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let argv = srun_argv(&p);
     // Without -n the job fills the allocation's tasks.
     assert_eq!(&argv[..4], ["srun", "--mpi=pmi2", "-n", "2"]);
     assert_eq!(p["layout"]["size"], 2);
@@ -100,12 +105,7 @@ fn cray_pmi_profile_plans_srun_mpi_cray_shasta() {
         ],
     );
     assert_eq!(p["profile"]["name"], "hpe-slingshot-cray-pmi");
-    let argv: Vec<&str> = p["launcher"]["commands"][0]["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let argv = srun_argv(&p);
     assert_eq!(&argv[..2], ["srun", "--mpi=cray_shasta"], "{argv:?}");
     let why = p["launcher"]["commands"][0]["why"].as_str().unwrap();
     assert!(why.contains("Slurm's cray_shasta plugin"), "{why}");

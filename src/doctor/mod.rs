@@ -70,12 +70,7 @@ impl Finding {
         message: impl Into<String>,
         fix: impl Into<String>,
     ) -> Finding {
-        Finding {
-            check,
-            verdict: Verdict::Warn,
-            message: message.into(),
-            fix: Some(fix.into()),
-        }
+        Finding::with_fix(check, Verdict::Warn, message.into(), fix.into())
     }
 
     /// A failure, with its fix.
@@ -84,11 +79,15 @@ impl Finding {
         message: impl Into<String>,
         fix: impl Into<String>,
     ) -> Finding {
+        Finding::with_fix(check, Verdict::Fail, message.into(), fix.into())
+    }
+
+    fn with_fix(check: &'static str, verdict: Verdict, message: String, fix: String) -> Finding {
         Finding {
             check,
-            verdict: Verdict::Fail,
-            message: message.into(),
-            fix: Some(fix.into()),
+            verdict,
+            message,
+            fix: Some(fix),
         }
     }
 }
