@@ -52,6 +52,9 @@ where
     }
     if pid == 0 {
         drop(read_end);
+        // A parent killed while waiting takes the child (and its question) with it.
+        // SAFETY: prctl with an integer argument; it only sets this process's parent-death signal.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
         let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(question)) {
             Ok(answer) => {
                 let bytes = serde_json::to_vec(&answer).unwrap_or_default();

@@ -199,6 +199,15 @@ pub fn run_job(scratch: &Path, image: &TinyImage, opts: &super::DoctorOptions) -
         .env("XDG_CACHE_HOME", scratch.join("cache"))
         .env_remove("CMPIRUN_PROFILE")
         .stdin(std::process::Stdio::null());
+    // A doctor killed while the job runs ends the job too (cmpirun tears it down on SIGTERM).
+    // SAFETY: the closure runs between fork and exec and calls only prctl, which is
+    // async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
     let out = match cmd.output() {
         Ok(o) => o,
         Err(e) => {
