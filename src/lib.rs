@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod container;
+pub mod doctor;
 pub mod exit;
 pub mod facts;
 pub mod image;

@@ -52,6 +52,20 @@ enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Check that this node can run jobs (user namespaces, FUSE, the site profile, libfabric,
+    /// caches, limits, a 2-rank smoke job); one PASS/WARN/FAIL line per check with its fix.
+    /// Exits 0 (all passed), 3 (warnings) or 1 (a check failed). See docs/doctor.md.
+    Doctor {
+        /// Check this profile (a name or a path) instead of the one a launch would choose.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Print a JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Skip the 2-rank smoke job.
+        #[arg(long)]
+        no_smoke: bool,
+    },
     /// Run a program in a container made from IMAGE (as `apptainer exec`).
     Exec {
         #[command(flatten)]
@@ -268,6 +282,11 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image_main(cmd),
         Command::MountCheck(args) => mount_check(args).unwrap_or_else(report),
         Command::Profile { action } => profile_main(action).unwrap_or_else(report),
+        Command::Doctor {
+            profile,
+            json,
+            no_smoke,
+        } => doctor_main(profile, json, no_smoke, cli.verbose > 0).unwrap_or_else(report),
         Command::Exec {
             opts,
             image,
@@ -281,6 +300,27 @@ fn main() -> ExitCode {
             Err(e) => report(e.into()),
         },
     }
+}
+
+/// `cmpirun doctor`: every check's line (or JSON), and the status of the worst.
+fn doctor_main(
+    profile: Option<String>,
+    json: bool,
+    no_smoke: bool,
+    verbose: bool,
+) -> Result<ExitCode, Fatal> {
+    let report = cmpirun::doctor::run(&cmpirun::doctor::DoctorOptions {
+        profile,
+        no_smoke,
+        cmpirun: None,
+        verbose,
+    });
+    if json {
+        emit_line(&serde_json::to_string_pretty(&report)?);
+    } else {
+        emit(&report.render_text());
+    }
+    Ok(ExitCode::from(report.exit_status() as u8))
 }
 
 /// `cmpirun exec` and `cmpirun shell`: exits as the program did.

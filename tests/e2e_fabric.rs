@@ -498,3 +498,64 @@ fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
     let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     assert_no_leftovers(&before, &tags);
 }
+
+/// A profile that expects a provider (`ci`: tcp) but does not require it: an image whose MPI
+/// uses another transport (the mpich4 image, as a UCX image on an InfiniBand node) runs, and
+/// rank 0 warns once with the way to make the site's intent explicit; with `fabric.required:
+/// true` the same job is ended.
+#[test]
+fn a_job_without_libfabric_warns_unless_the_profile_requires_it() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let host = copy_into(dir.path(), "host");
+    let required = dir.path().join("required.yaml");
+    std::fs::write(
+        &required,
+        "name: required\nextends: ci\nfabric:\n  required: true\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&required, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |profile: &str| {
+        TuserCommand::cmpirun()
+            .env("CMPIRUN_CI_LIBFABRIC", &host)
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .args(["-n", "2", "--profile", profile])
+            .arg(staged_image("mpich4"))
+            .arg("/usr/local/bin/mpitest")
+            .run()
+    };
+    let before = Snapshot::take();
+    let warned = run("ci");
+    warned.assert_success();
+    assert!(warned.stdout.contains("mpitest: OK size=2"), "{warned}");
+    assert!(
+        warned.stderr.contains(&format!(
+            "rank 0 spoke PMI but loaded no libfabric (its MPI used another transport, such as \
+             UCX), so the host libfabric {} and the providers profile ci expects were not used; \
+             the job goes on. If every job on this system must use them, set fabric.required: \
+             true in ",
+            host.display(),
+        )) && warned
+            .stderr
+            .contains("/ci.yaml (or run with --expect-provider NAME)"),
+        "{warned}"
+    );
+    assert_eq!(
+        warned.stderr.matches("loaded no libfabric").count(),
+        1,
+        "{warned}"
+    );
+    let ended = run(required.to_str().unwrap());
+    ended.assert_code(1);
+    assert!(
+        ended.stderr.contains(
+            "spoke PMI but loaded no libfabric (its MPI used another transport), not the host \
+             libfabric"
+        ) && ended
+            .stderr
+            .contains("(profile required's fabric.required)"),
+        "{ended}"
+    );
+    assert_no_leftovers(&before, &[warned.tag.as_str(), ended.tag.as_str()]);
+}

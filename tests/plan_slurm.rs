@@ -40,6 +40,16 @@ fn plan_in_allocation(tasks: &str, env: &[(&str, &str)], args: &[&str]) -> serde
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// The plan's `srun` command line.
+fn srun_argv(plan: &serde_json::Value) -> Vec<&str> {
+    plan["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn slurm_pmi2_inside_salloc() {
     let img = common::staged_image("mpich4");
@@ -49,12 +59,7 @@ fn slurm_pmi2_inside_salloc() {
     // Chosen because the allocation set $SLURM_JOB_ID.
     let why = p["profile"]["reason"].as_str().unwrap();
     assert!(why.contains("$SLURM_JOB_ID="), "{why}");
-    let argv: Vec<&str> = p["launcher"]["commands"][0]["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let argv = srun_argv(&p);
     // Without -n the job fills the allocation's tasks.
     assert_eq!(&argv[..4], ["srun", "--mpi=pmi2", "-n", "2"]);
     assert_eq!(p["layout"]["size"], 2);
@@ -81,4 +86,40 @@ fn slurm_pmix_when_the_allocation_asks_for_it() {
         .find(|c| c["name"] == "mpi-family")
         .unwrap();
     assert_eq!(family["verdict"], "pass", "{family}");
+}
+
+/// HPE Cray PMI as an option: the hpe-slingshot-cray-pmi profile starts the ranks with
+/// `srun --mpi=cray_shasta` and injects the host's Cray PMI library, which this host lacks (a
+/// failed check naming the file and the field).
+#[test]
+fn cray_pmi_profile_plans_srun_mpi_cray_shasta() {
+    let img = common::staged_image("mpich4");
+    let p = plan_in_allocation(
+        "2",
+        &[],
+        &[
+            "--profile",
+            "hpe-slingshot-cray-pmi",
+            img.to_str().unwrap(),
+            "hello",
+        ],
+    );
+    assert_eq!(p["profile"]["name"], "hpe-slingshot-cray-pmi");
+    let argv = srun_argv(&p);
+    assert_eq!(&argv[..2], ["srun", "--mpi=cray_shasta"], "{argv:?}");
+    let why = p["launcher"]["commands"][0]["why"].as_str().unwrap();
+    assert!(why.contains("Slurm's cray_shasta plugin"), "{why}");
+    let failed: Vec<String> = p["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "fail")
+        .map(|c| c["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        failed.iter().any(|m| m
+            .contains("/opt/cray/pe/pmi/default/lib/libpmi2.so.0: no such file on this host")
+            && m.contains("pmi.host_libraries")),
+        "{failed:#?}"
+    );
 }

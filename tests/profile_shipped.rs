@@ -1,19 +1,23 @@
 //! Every profile shipped in `profiles/` parses, merges its `extends:` chain, says what it is
 //! written from, and describes what its documentation says.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 use cmpirun::jobspec::{LauncherKind, PmiKind};
 use cmpirun::profile::{self, ProfileSearch, SiteProfile};
 
-const SHIPPED: [&str; 7] = [
+const SHIPPED: [&str; 9] = [
     "generic",
     "slurm-pmi2",
     "slurm-pmix",
     "hpe-slingshot",
+    "hpe-slingshot-cray-pmi",
     "aws-efa",
     "infiniband-verbs",
+    "tcp",
     "ci",
 ];
 
@@ -75,6 +79,8 @@ fn cluster_profiles_cite_their_sources() {
         ("slurm-pmi2", "slurm.schedmd.com/mpi_guide"),
         ("slurm-pmix", "openpmix.github.io"),
         ("hpe-slingshot", "fi_cxi.7"),
+        ("hpe-slingshot-cray-pmi", "srun(1)"),
+        ("tcp", "fi_tcp(7)"),
         ("aws-efa", "docs.aws.amazon.com"),
         ("infiniband-verbs", "rdma-core"),
     ] {
@@ -125,7 +131,61 @@ fn hpe_slingshot() {
         p.launcher.kind.and_then(|k| k.fixed()),
         Some(LauncherKind::Slurm)
     );
-    assert_eq!(strs(&p.match_rules.unwrap().files), ["/dev/cxi0"]);
+    assert_eq!(strs(&p.match_rules.as_ref().unwrap().files), ["/dev/cxi0"]);
+    // xpmem where HPE's packages put it too.
+    assert!(strs(&p.fabric.libraries).contains(&"/opt/cray/xpmem/default/lib64/libxpmem.so.0"));
+    // The CXI runtime directory and Slurm's spool (the cray_shasta apinfo files), where they
+    // exist; Cray PMI opens the apinfo file read-write.
+    for dir in ["/run/cxi", "/var/spool/slurmd"] {
+        assert!(
+            p.binds
+                .iter()
+                .any(|b| b.source.as_str() == dir && b.optional && !b.read_only),
+            "{dir}"
+        );
+    }
+    // Cray PMI is the profile that extends it: srun --mpi=cray_shasta and the host's Cray PMI.
+    let c = load("hpe-slingshot-cray-pmi");
+    assert_eq!(
+        c.launcher.srun_mpi.as_ref().unwrap().as_str(),
+        "cray_shasta"
+    );
+    assert_eq!(c.pmi.inject, Some(true));
+    assert_eq!(
+        strs(&c.pmi.host_libraries),
+        [
+            "/opt/cray/pe/pmi/default/lib/libpmi2.so.0",
+            "/opt/cray/pe/pmi/default/lib/libpmi.so.0"
+        ]
+    );
+    assert_eq!(strs(&c.fabric.providers), ["cxi"], "inherited");
+    assert_eq!(c.chain.len(), 3);
+    let cm = c.match_rules.unwrap();
+    assert!(cm.effective_weight() > p.match_rules.unwrap().effective_weight());
+    assert_eq!(
+        cm.env
+            .iter()
+            .find(|(k, _)| k.as_str() == "SLURM_MPI_TYPE")
+            .and_then(|(_, v)| v.as_ref())
+            .map(|g| g.as_ref()),
+        Some("cray_shasta")
+    );
+}
+
+#[test]
+fn tcp_uses_the_images_libfabric_over_tcp_and_only_when_named() {
+    let t = load("tcp");
+    assert!(t.match_rules.is_none());
+    assert_eq!(t.fabric.inject, Some(false));
+    let env = t.fabric.env.unwrap();
+    let set: Vec<(&str, &str)> = env
+        .set
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(set, [("FI_PROVIDER", "tcp")]);
+    assert!(strs(&env.pass).contains(&"FI_TCP_*"));
+    assert_eq!(t.chain.len(), 2, "extends generic");
 }
 
 #[test]
@@ -142,8 +202,13 @@ fn aws_efa_and_infiniband() {
     assert!(
         ib.binds
             .iter()
-            .any(|b| b.source.as_str() == "/etc/libibverbs.d" && b.read_only)
+            .any(|b| b.source.as_str() == "/etc/libibverbs.d" && b.read_only && !b.optional)
     );
+    // EFA reaches its device through libibverbs too: the same driver configuration and driver
+    // directories, bound the same way.
+    assert_eq!(p.binds, ib.binds);
+    // A UCX image on an InfiniBand node is not failed for loading no libfabric.
+    assert_eq!(ib.fabric.required, None);
     // On an EFA node both match; EFA is the more specific.
     assert!(p.match_rules.unwrap().effective_weight() > ib.match_rules.unwrap().effective_weight());
 }
@@ -157,4 +222,35 @@ fn generic_matches_everywhere_lowest_and_ci_only_when_named() {
     let ci = load("ci");
     assert!(ci.match_rules.is_none());
     assert_eq!(strs(&ci.fabric.libfabric), ["$CMPIRUN_CI_LIBFABRIC"]);
+}
+
+/// A real 2-rank job of the MPICH 5 image (MPICH over its own libfabric) under the tcp profile,
+/// as the test user: both ranks map the image's libfabric and the job passes its checks.
+#[test]
+fn a_job_runs_over_the_images_libfabric_with_the_tcp_profile() {
+    let _serial = common::exclusive();
+    let before = common::Snapshot::take();
+    let out = common::TuserCommand::cmpirun()
+        .args([
+            "-n",
+            "2",
+            "--profile",
+            "tcp",
+            "-genv",
+            "MPITEST_FABRIC",
+            "1",
+        ])
+        .arg(common::staged_image("mpich5"))
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    common::assert_mpitest_ok(&out, 2);
+    let fabric = common::fabric_lines(&out.stdout);
+    assert_eq!(fabric.len(), 2, "{out}");
+    for f in &fabric {
+        assert!(
+            f.path.contains("/opt/mpich5/"),
+            "the image's own libfabric: {out}"
+        );
+    }
+    common::assert_no_leftovers(&before, &[out.tag.as_str()]);
 }

@@ -20,10 +20,8 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::closure::{Closure, dependency_closure};
 use crate::elf::{ElfFacts, ReadError, SymbolVersion};
@@ -196,93 +194,5 @@ fn probe_here(path: &Path) -> ProbeOutcome {
 }
 
 fn run_probe_child(path: &Path, timeout: Duration) -> Result<ProbeOutcome, String> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map_err(|e| format!("cannot count this process's threads: {e}"))?
-        .count();
-    if threads != 1 {
-        return Err(format!(
-            "this process has {threads} threads and forking it is unsafe; call probe() in a helper process instead"
-        ));
-    }
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills the two descriptors on success.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: the descriptors are fresh and owned here from now on.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the process is single-threaded (checked above), so the child may do anything the
-    // parent could; it leaves with _exit and never returns into the caller's code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        drop(read_end);
-        let outcome = std::panic::catch_unwind(|| probe_here(path))
-            .unwrap_or_else(|_| ProbeOutcome::Failed("the probe panicked".into()));
-        let bytes = serde_json::to_vec(&outcome).unwrap_or_default();
-        let mut out = std::fs::File::from(write_end);
-        let code = if out.write_all(&bytes).is_ok() { 0 } else { 1 };
-        // SAFETY: ends the child without running the parent's exit handlers or destructors.
-        unsafe { libc::_exit(code) };
-    }
-    drop(write_end);
-    let result = read_with_deadline(read_end, Instant::now() + timeout);
-    if result.is_err() {
-        // SAFETY: pid is our child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let mut status = 0;
-    // SAFETY: reaps our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    let bytes = result?;
-    if bytes.is_empty() {
-        return Err(if libc::WIFSIGNALED(status) {
-            format!("the child was killed by signal {}", libc::WTERMSIG(status))
-        } else {
-            format!(
-                "the child exited with status {} without an answer",
-                libc::WEXITSTATUS(status)
-            )
-        });
-    }
-    serde_json::from_slice(&bytes).map_err(|e| format!("unreadable answer from the child: {e}"))
-}
-
-fn read_with_deadline(fd: OwnedFd, deadline: Instant) -> Result<Vec<u8>, String> {
-    let mut file = std::fs::File::from(fd);
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("no answer before the timeout; the child was killed".into());
-        }
-        let mut pfd = libc::pollfd {
-            fd: file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
-        if ready < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
-        }
-        if ready == 0 {
-            continue;
-        }
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(bytes),
-            Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the answer: {e}")),
-        }
-    }
+    crate::child::answer_in_child(timeout, || probe_here(path))
 }

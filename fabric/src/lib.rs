@@ -37,6 +37,7 @@
 //! # Ok::<(), cmpirun_fabric::elf::ReadError>(())
 //! ```
 
+pub mod child;
 pub mod closure;
 pub mod elf;
 pub mod host;

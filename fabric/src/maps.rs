@@ -1,6 +1,7 @@
 //! Which files a running process has mapped, from `/proc/<pid>/maps`: the evidence that a rank
 //! loaded the injected host libfabric (the host file's device and inode) and not the image's
-//! copy, whatever path the container shows for it.
+//! copy, whatever path the container shows for it; and which files it holds open
+//! ([`open_files`]): a fabric device open is the evidence that it uses that provider.
 //!
 //! ```no_run
 //! use cmpirun_fabric::maps::{mapped_files, same_file};
@@ -73,6 +74,20 @@ fn parse_line(line: &str) -> Option<MappedFile> {
         dev_minor: u32::from_str_radix(minor, 16).ok()?,
         inode,
     })
+}
+
+/// The files process `pid` holds open (the targets of `/proc/<pid>/fd/*`, as the process sees
+/// them: `/dev/cxi0`, `socket:[123]`, `pipe:[456]`). A descriptor closed while the directory is
+/// read is skipped.
+pub fn open_files(pid: i32) -> io::Result<Vec<String>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(entry) = entry else { continue };
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            files.push(target.to_string_lossy().into_owned());
+        }
+    }
+    Ok(files)
 }
 
 /// Whether a mapping is of the file whose metadata is `meta` (same device and inode).

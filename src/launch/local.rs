@@ -24,7 +24,7 @@ use crate::container::instance::NodeInstance;
 use crate::container::run::with_forwarded_signals_blocked;
 use crate::plan::LaunchPlan;
 
-use super::injected::{Finding, InjectedLibfabric};
+use super::injected::{DeviceProof, Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
 use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, node};
@@ -204,6 +204,9 @@ fn run_blocked(
         instance_ended: false,
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
+        host_loaded: vec![false; size as usize],
+        devices: DeviceProof::from_plan(plan),
+        device_decided: vec![false; size as usize],
         connected: vec![false; size as usize],
         control: control.clone(),
         size,
@@ -314,6 +317,12 @@ struct Job<'a> {
     injected: Option<InjectedLibfabric>,
     /// Ranks whose memory map was checked for it.
     checked: Vec<bool>,
+    /// Ranks whose memory map showed it.
+    host_loaded: Vec<bool>,
+    /// The device providers whose use the ranks must prove, if the plan expects any.
+    devices: Option<DeviceProof>,
+    /// Ranks seen holding such a device, or told about once they finalized without.
+    device_decided: Vec<bool>,
     /// Ranks that spoke PMI (MPI ranks).
     connected: Vec<bool>,
     /// Tells the PMI server which ranks have exited (their fences fail at once).
@@ -568,7 +577,11 @@ impl Job<'_> {
                 }
                 self.check_injected(rank, false)
             }
-            Event::Finalized { rank } => self.check_injected(rank, true),
+            Event::Fenced { rank } => self.check_devices(rank, false),
+            Event::Finalized { rank } => {
+                self.check_injected(rank, true);
+                self.check_devices(rank, true);
+            }
             Event::ProtocolError { rank, error } => {
                 tracing::warn!(
                     "PMI protocol error from {}: {error}",
@@ -604,16 +617,45 @@ impl Job<'_> {
             return;
         }
         self.checked[rank as usize] = true;
+        self.host_loaded[rank as usize] = matches!(finding, Finding::Host(_));
         if let Some(end) = inj.job_end(rank, &finding, true) {
             if self.end.is_none() {
                 self.finish(end);
             }
-        } else if let Some((line, warning)) = inj.report(rank, &finding) {
+        } else if let Some((line, warning)) = inj.report(rank, &finding, true) {
             if warning {
                 tracing::warn!("{line}");
             } else {
                 tracing::info!("{line}");
             }
+        }
+    }
+
+    /// Looks whether `rank` holds a device of the expected device providers open (at each of
+    /// its fences until seen); at its finalize (`last`) a rank that loaded the host libfabric
+    /// and was never seen with one is reported.
+    fn check_devices(&mut self, rank: u32, last: bool) {
+        let (Some(proof), Some(r)) = (&self.devices, self.ranks.get(rank as usize)) else {
+            return;
+        };
+        let i = rank as usize;
+        if self.device_decided[i] {
+            return;
+        }
+        let held = if r.done { None } else { proof.look(r.pid) };
+        if held.is_none() && !last {
+            return;
+        }
+        self.device_decided[i] = true;
+        if held.is_none() && !self.host_loaded[i] {
+            // It did not load the host libfabric: said already (check_injected).
+            return;
+        }
+        let (line, warning) = proof.report(rank, held.as_ref());
+        if warning {
+            tracing::warn!("{line}");
+        } else {
+            tracing::info!("{line}");
         }
     }
 

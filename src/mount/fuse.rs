@@ -29,15 +29,33 @@ const W_OK: u32 = 2;
 
 /// Opens `/dev/fuse` read-write, close-on-exec.
 pub(super) fn open_dev_fuse() -> Result<OwnedFd, MountError> {
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map(OwnedFd::from)
         .map_err(|e| MountError::FuseUnusable {
             reason: format!("open /dev/fuse: {e}"),
-        })
+        })?;
+    // Anything else at that path (a /dev/null bound over it, a regular file) opens just as
+    // well, and would only fail at mount(2), after the choice of backend.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata().map_err(|e| MountError::FuseUnusable {
+        reason: format!("fstat /dev/fuse: {e}"),
+    })?;
+    let numbers = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    if !meta.file_type().is_char_device() || numbers != FUSE_DEVICE {
+        return Err(MountError::FuseUnusable {
+            reason: format!(
+                "/dev/fuse is not the FUSE device (device {}:{}, expected {}:{})",
+                numbers.0, numbers.1, FUSE_DEVICE.0, FUSE_DEVICE.1
+            ),
+        });
+    }
+    Ok(OwnedFd::from(file))
 }
+
+/// The FUSE device's major and minor numbers (the kernel's `Documentation/admin-guide/devices.txt`).
+const FUSE_DEVICE: (u32, u32) = (10, 229);
 
 pub(super) fn mount(
     src: &SquashfsSource,

@@ -389,8 +389,12 @@ pub(super) fn compatibility_checks(
     checks
 }
 
+/// The check that says the profile sets `fabric.required` (ranks read it from the plan).
+pub const REQUIRED_CHECK: &str = "fabric-required";
+
 /// Whether the host libfabric offers the providers the profile (`fabric.providers`) and
-/// `--expect-provider` expect (`fabric-providers`, one check per provider once it is probed).
+/// `--expect-provider` expect (`fabric-providers`, one check per provider once it is probed),
+/// and `fabric-required` when the profile requires ranks to use the host libfabric.
 pub(super) fn provider_checks(
     choice: &ProfileChoice,
     expect_provider: Option<&String>,
@@ -407,6 +411,16 @@ pub(super) fn provider_checks(
         && !expected.contains(p)
     {
         expected.push(p.clone());
+    }
+    if fabric.required == Some(true) {
+        checks.push(Check {
+            name: REQUIRED_CHECK.into(),
+            verdict: Verdict::Pass,
+            message: format!(
+                "profile {} sets fabric.required: an MPI rank that loads no libfabric ends the job",
+                choice.profile.name
+            ),
+        });
     }
     if expected.is_empty() {
         return checks;

@@ -157,9 +157,15 @@ fn srun_command(
     size: u32,
     rank_cmd: &[String],
 ) -> CommandLine {
+    // The plugin is the PMI kind's name unless the profile names another (`cray_shasta`).
+    let plugin = profile
+        .launcher
+        .srun_mpi
+        .as_ref()
+        .map_or(pmi.as_str(), |p| p.as_str());
     let mut argv = vec![
         "srun".to_owned(),
-        format!("--mpi={}", pmi.as_str()),
+        format!("--mpi={plugin}"),
         "-n".to_owned(),
         size.to_string(),
     ];
@@ -175,8 +181,7 @@ fn srun_command(
     CommandLine {
         argv,
         why: format!(
-            "srun starts every rank (Slurm's {} server wires them up); each task is cmpirun in rank mode, which joins or creates its node's container and execs the rank; --kill-on-bad-exit ends the job when a rank fails, as mpirun does",
-            pmi.as_str()
+            "srun starts every rank (Slurm's {plugin} plugin wires them up); each task is cmpirun in rank mode, which joins or creates its node's container and execs the rank; --kill-on-bad-exit ends the job when a rank fails, as mpirun does"
         ),
     }
 }

@@ -142,6 +142,12 @@ pub fn build(
             file: profile.file.clone(),
             chain: profile.chain.clone(),
             reason: choice.reason.clone(),
+            providers: profile
+                .fabric
+                .providers
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
         },
         launcher,
         apps,

@@ -58,6 +58,10 @@ pub struct ProfileSummary {
     pub chain: Vec<PathBuf>,
     /// Why it was chosen.
     pub reason: String,
+    /// The providers its `fabric.providers` expects (ranks prove the use of a device
+    /// provider by holding its device open).
+    #[serde(default)]
+    pub providers: Vec<String>,
 }
 
 /// The launcher and what it runs.

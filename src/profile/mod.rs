@@ -356,6 +356,7 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
         let t = &mut into.launcher;
         set(&mut t.kind, &l.kind);
         append(&mut t.srun_args, &l.srun_args);
+        set(&mut t.srun_mpi, &l.srun_mpi);
         set(&mut t.mpiexec, &l.mpiexec);
         append(&mut t.mpiexec_args, &l.mpiexec_args);
     }
@@ -374,6 +375,7 @@ fn merge(into: &mut SiteProfile, loaded: &LoadedFile) {
             t.libfabric = fab.libfabric.clone();
         }
         set(&mut t.provider_dir, &fab.provider_dir);
+        set(&mut t.required, &fab.required);
         append(&mut t.providers, &fab.providers);
         append(&mut t.devices, &fab.devices);
         append(&mut t.libraries, &fab.libraries);

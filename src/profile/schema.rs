@@ -148,6 +148,10 @@ pub struct LauncherSection {
     /// Extra arguments for `srun`, placed before the task command.
     #[serde(default)]
     pub srun_args: Vec<String>,
+    /// The `srun --mpi=` plugin, when it is not the PMI kind's name: `cray_shasta` for HPE
+    /// Cray PMI (the ranks' MPI then uses the host's Cray PMI library, `pmi.host_libraries`).
+    #[serde(default)]
+    pub srun_mpi: Option<SrunMpiPlugin>,
     /// The hydra launcher program (name looked up on `PATH`, or an absolute path).
     #[serde(default)]
     pub mpiexec: Option<String>,
@@ -220,6 +224,11 @@ pub struct FabricSection {
     /// use one of them is an error, not a slow run.
     #[serde(default)]
     pub providers: Vec<ProviderName>,
+    /// Jobs must use the host libfabric: an MPI rank that loads no libfabric at all (its MPI
+    /// uses UCX, sockets or shared memory) ends the job, as with `--expect-provider`. Default
+    /// false: such a rank only warns, since an image may rightly use another transport.
+    #[serde(default)]
+    pub required: Option<bool>,
     /// Device files or directories (globs) bound into every container.
     #[serde(default)]
     pub devices: Vec<HostPath>,
@@ -453,6 +462,35 @@ impl TryFrom<String> for ProviderName {
 
 impl From<ProviderName> for String {
     fn from(p: ProviderName) -> String {
+        p.0
+    }
+}
+
+/// The name of a Slurm MPI plugin (`pmi2`, `pmix_v4`, `cray_shasta`): letters, digits and `_`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SrunMpiPlugin(String);
+
+impl SrunMpiPlugin {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SrunMpiPlugin {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        ProviderName::try_from(s.clone())
+            .map(|_| SrunMpiPlugin(s.clone()))
+            .map_err(|_| {
+                format!("{s:?} is not a Slurm MPI plugin name (pmi2, pmix, cray_shasta, …)")
+            })
+    }
+}
+
+impl From<SrunMpiPlugin> for String {
+    fn from(p: SrunMpiPlugin) -> String {
         p.0
     }
 }

@@ -138,6 +138,12 @@ pub enum Event {
         /// The rank.
         rank: u32,
     },
+    /// The rank entered a fence or barrier (its MPI has opened its network endpoints by then,
+    /// to publish their addresses).
+    Fenced {
+        /// The rank.
+        rank: u32,
+    },
     /// The rank called `PMI_Finalize`/`PMI2_Finalize`.
     Finalized {
         /// The rank.
@@ -564,6 +570,7 @@ impl Job {
                 self.fences_begun += 1;
             }
             self.in_fence += 1;
+            out.push(Output::Event(Event::Fenced { rank }));
         }
         state.fence = Some((kind, thrid));
         state.conn = Some(conn);
@@ -709,10 +716,15 @@ mod tests {
             let m = the_reply(&out);
             assert_eq!((m.cmd.as_str(), m.get("rc")), ("put_result", Some("0")));
         }
-        // Ranks 0 and 2 wait; nothing is answered until rank 1 arrives.
+        // Ranks 0 and 2 wait; nothing is answered until rank 1 arrives. Each entry is an event
+        // (the launcher looks at the rank's open devices then).
         for r in [0u32, 2] {
             let out = send(&mut job, r as ConnId, v1("barrier_in", &[]));
             assert!(replies(&out).is_empty(), "{out:?}");
+            assert!(
+                events(&out).contains(&&Event::Fenced { rank: r }),
+                "{out:?}"
+            );
         }
         assert_eq!(job.report.fences, 0);
         let out = send(&mut job, 1, v1("barrier_in", &[]));
