@@ -92,7 +92,7 @@ pub enum CliError {
         /// The flag it needs.
         needs: &'static str,
     },
-    /// The hostfile could not be read.
+    /// A file named by a flag (hostfile, MPMD file, rankfile) could not be read.
     #[error("{flag} {path}: {source}")]
     HostfileRead {
         /// The flag that named it.
@@ -102,7 +102,7 @@ pub enum CliError {
         /// Why it could not be read.
         source: std::io::Error,
     },
-    /// A hostfile line that is neither MPICH's `host[:n]` nor Open MPI's `host slots=n`.
+    /// A bad line in a file named by a flag (hostfile, MPMD file, rankfile).
     #[error("{path}:{line}: {message}")]
     HostfileSyntax {
         /// The file.
@@ -111,6 +111,16 @@ pub enum CliError {
         line: usize,
         /// What is wrong.
         message: String,
+    },
+    /// An error in a line of a file of MPMD lines (`-configfile`, `--app`).
+    #[error("{path}:{line}: {error}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The error in that line.
+        error: Box<CliError>,
     },
     /// An argument that is not valid UTF-8.
     #[error("argument {index} is not valid UTF-8: {lossy}")]
@@ -166,6 +176,8 @@ enum Act {
     Mca(&'static str),
     MapBy,
     RoundRobin,
+    /// A file of MPMD lines (`-configfile`, `--app`), read in place of the parts.
+    MpmdFile,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
 }
@@ -191,8 +203,9 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["-H", "-host", "--host", "-hosts", "--hosts"], arity: 1, act: Act::Host, what: "a host list such as a,b:2" },
     Flag { names: &["-f", "-hostfile", "--hostfile", "-machinefile", "--machinefile"], arity: 1, act: Act::Hostfile, what: "a hostfile" },
     Flag { names: &["-x"], arity: 1, act: Act::ExportX, what: "VAR or VAR=VALUE" },
-    Flag { names: &["-genv", "--genv"], arity: 2, act: Act::Genv, what: "VAR VALUE" },
-    Flag { names: &["-env", "--env"], arity: 2, act: Act::Env, what: "VAR VALUE" },
+    Flag { names: &["-genv", "--genv"], arity: 2, act: Act::Genv, what: "VAR VALUE or VAR=VALUE" },
+    Flag { names: &["-env", "--env"], arity: 2, act: Act::Env, what: "VAR VALUE or VAR=VALUE" },
+    Flag { names: &["-configfile", "--configfile", "--app", "-app"], arity: 1, act: Act::MpmdFile, what: "a file of MPMD lines" },
     Flag { names: &["-genvall", "--genvall", "-envall", "--envall"], arity: 0, act: Act::Genvall, what: "" },
     Flag { names: &["-genvnone", "--genvnone", "-envnone", "--envnone"], arity: 0, act: Act::Genvnone, what: "" },
     Flag { names: &["-genvlist", "--genvlist"], arity: 1, act: Act::Genvlist, what: "a comma-separated list of variables" },
@@ -226,6 +239,7 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--display-map", "-display-map", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
     Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
     Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
+    Flag { names: &["-nameserver", "--nameserver"], arity: 1, act: Act::Ignored("cmpirun serves MPI_Publish_name within the job only, without an external name server"), what: "HOST:PORT" },
     Flag { names: &["--prefix", "-prefix"], arity: 1, act: Act::Ignored("the MPI installation is the one inside the image"), what: "a directory" },
 ];
 
@@ -243,11 +257,12 @@ Processes and placement:
   -N, -ppn, --npernode N     ranks per node
   -H, --host a,b:2,...       hosts and their slots
   -f, --hostfile FILE        hostfile (MPICH `host:n` or Open MPI `host slots=n` lines)
+  -configfile, --app FILE    MPMD parts from a file, one `[flags] IMAGE PROGRAM [ARGS]` a line
   --map-by node, -rr         place consecutive ranks on different nodes (cyclic)
 Environment and directory:
   -x VAR[=VALUE]             pass VAR (or set it) for every rank
-  -genv VAR VALUE            set VAR for every rank
-  -env VAR VALUE             set VAR for the ranks of this part only
+  -genv VAR VALUE|VAR=VALUE  set VAR for every rank
+  -env VAR VALUE|VAR=VALUE   set VAR for the ranks of this part only
   -genvlist A,B / -envlist   pass these variables (all parts / this part)
   -genvall / -genvnone       inherit the caller's environment (default) / none of it
   --mca KEY VALUE            Open MPI parameter, set as OMPI_MCA_KEY=VALUE
@@ -279,9 +294,77 @@ fn lookup(name: &str) -> Option<&'static Flag> {
     FLAGS.iter().find(|f| f.names.contains(&name))
 }
 
+/// Where a token of the command line came from, when it was read from a file of MPMD lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    path: PathBuf,
+    line: usize,
+}
+
+/// One word of the command line.
+struct Token {
+    text: String,
+    origin: Option<Origin>,
+}
+
+/// Whether the values read so far are all the flag takes: `-genv VAR=VALUE` is hydra's
+/// one-word form of `-genv VAR VALUE` (a variable name never contains `=`).
+fn single_value(act: Act, values: &[String]) -> bool {
+    matches!(act, Act::Genv | Act::Env) && values.first().is_some_and(|v| v.contains('='))
+}
+
+/// Reads a file of MPMD lines (hydra's `-configfile`, Open MPI's `--app`): one part per line,
+/// `[flags] IMAGE PROGRAM [ARGS]`, words split as a shell would; blank lines and lines starting
+/// with `#` are skipped. The parts are returned as tokens separated by `:`, each knowing its line.
+fn mpmd_file(flag: &str, path: &Path) -> Result<Vec<Token>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::HostfileRead {
+        flag: flag.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut tokens: Vec<Token> = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let origin = Origin {
+            path: path.to_owned(),
+            line: n + 1,
+        };
+        let words = shlex::split(line).ok_or_else(|| CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: n + 1,
+            message: "unbalanced quotes".into(),
+        })?;
+        if !tokens.is_empty() {
+            tokens.push(Token {
+                text: ":".into(),
+                origin: Some(origin.clone()),
+            });
+        }
+        tokens.extend(words.into_iter().map(|text| Token {
+            text,
+            origin: Some(origin.clone()),
+        }));
+    }
+    if tokens.is_empty() {
+        return Err(CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: text.lines().count().max(1),
+            message: format!(
+                "{flag}: the file names no part (`[flags] IMAGE PROGRAM [ARGS]` per line)"
+            ),
+        });
+    }
+    Ok(tokens)
+}
+
 /// Per-part state while parsing.
 #[derive(Default)]
 struct PartState {
+    /// The file and line of a part read from `-configfile`/`--app`.
+    origin: Option<Origin>,
     np: Option<u32>,
     env: Vec<EnvSetting>,
     wdir: Option<PathBuf>,
@@ -317,15 +400,26 @@ struct Parser {
 }
 
 impl Parser {
-    fn run(mut self, argv: &[String]) -> Result<CliRequest, CliError> {
+    fn run(mut self, args: &[String]) -> Result<CliRequest, CliError> {
+        let mut argv: Vec<Token> = args
+            .iter()
+            .map(|a| Token {
+                text: a.clone(),
+                origin: None,
+            })
+            .collect();
         let mut i = 0;
         let mut part = PartState::default();
         let mut positional: Vec<String> = Vec::new();
         let mut only_positional = false;
         let mut parts: Vec<(PartState, Vec<String>)> = Vec::new();
         while i < argv.len() {
-            let tok = &argv[i];
+            let origin = argv[i].origin.clone();
+            let tok = argv[i].text.clone();
             i += 1;
+            if part.origin.is_none() {
+                part.origin.clone_from(&origin);
+            }
             if tok == ":" {
                 parts.push((std::mem::take(&mut part), std::mem::take(&mut positional)));
                 only_positional = false;
@@ -333,14 +427,22 @@ impl Parser {
             }
             // Once the image is named, the rest of this part is the program and its arguments.
             if !positional.is_empty() || only_positional || !tok.starts_with('-') || tok == "-" {
-                positional.push(tok.clone());
+                positional.push(tok);
                 continue;
             }
             if tok == "--" {
                 only_positional = true;
                 continue;
             }
-            let (flag, name, inline) = self.resolve(tok)?;
+            let in_file = |e: CliError| match &origin {
+                Some(o) => CliError::InFile {
+                    path: o.path.clone(),
+                    line: o.line,
+                    error: Box::new(e),
+                },
+                None => e,
+            };
+            let (flag, name, inline) = self.resolve(&tok).map_err(in_file)?;
             if flag.act == Act::DryRun && inline.as_deref() == Some("job") {
                 self.dry_run = true;
                 self.job_only = true;
@@ -348,9 +450,9 @@ impl Parser {
             }
             if flag.arity == 0 {
                 if inline.is_some() {
-                    return Err(CliError::UnexpectedValue { flag: name });
+                    return Err(in_file(CliError::UnexpectedValue { flag: name }));
                 }
-                match self.apply0(flag.act, &name)? {
+                match self.apply0(flag.act, &name).map_err(in_file)? {
                     Some(req) => return Ok(req),
                     None => continue,
                 }
@@ -359,30 +461,50 @@ impl Parser {
             if let Some(v) = inline {
                 values.push(v);
             }
-            while values.len() < flag.arity as usize {
+            while values.len() < flag.arity as usize && !single_value(flag.act, &values) {
                 match argv.get(i) {
-                    Some(v) if v != ":" => {
-                        values.push(v.clone());
+                    Some(v) if v.text != ":" => {
+                        values.push(v.text.clone());
                         i += 1;
                     }
                     _ => {
-                        return Err(CliError::MissingValue {
+                        return Err(in_file(CliError::MissingValue {
                             flag: name,
                             what: flag.what,
-                        });
+                        }));
                     }
                 }
             }
-            self.apply(flag.act, &name, &values, &mut part)?;
+            if flag.act == Act::MpmdFile {
+                if origin.is_some() {
+                    return Err(in_file(bad(
+                        &name,
+                        &values[0],
+                        "a file of MPMD lines cannot name another one",
+                    )));
+                }
+                let more = i < argv.len();
+                let mut lines = mpmd_file(&name, Path::new(&values[0]))?;
+                if more {
+                    lines.push(Token {
+                        text: ":".into(),
+                        origin: None,
+                    });
+                }
+                argv.splice(i..i, lines);
+                continue;
+            }
+            self.apply(flag.act, &name, &values, &mut part)
+                .map_err(in_file)?;
         }
         parts.push((part, positional));
 
         let mpmd = parts.len() > 1;
         for (n, (state, pos)) in parts.into_iter().enumerate() {
-            let label = if mpmd {
-                format!("part {}: ", n + 1)
-            } else {
-                String::new()
+            let label = match (&state.origin, mpmd) {
+                (Some(o), _) => format!("{}:{}: ", o.path.display(), o.line),
+                (None, true) => format!("part {}: ", n + 1),
+                (None, false) => String::new(),
             };
             let mut pos = pos.into_iter();
             let image = pos.next().ok_or_else(|| CliError::MissingImage {
@@ -443,11 +565,14 @@ impl Parser {
                 None,
             ));
         }
-        // -n4, -N2, -xFOO=1: a one-letter flag with its value attached.
+        // -n4, -N2, -f/path: a one-letter flag with its value attached. A letter after the
+        // first one makes the word a single-dash long flag (`-configfile`, `-nameserver`),
+        // which is never split into a short flag and its value.
         if tok.len() > 2 && !tok.starts_with("--") && tok.is_char_boundary(2) {
             let (name, value) = tok.split_at(2);
             if let Some(f) = lookup(name)
                 && f.arity == 1
+                && !value.starts_with(|c: char| c.is_ascii_alphabetic())
             {
                 return Ok((f, name.to_owned(), Some(value.to_owned())));
             }
@@ -545,14 +670,21 @@ impl Parser {
                 };
                 self.spec.env.push(setting);
             }
-            Act::Genv => self.spec.env.push(EnvSetting::Set {
-                name: var_name(name, v, v)?,
-                value: values[1].clone(),
-            }),
-            Act::Env => part.env.push(EnvSetting::Set {
-                name: var_name(name, v, v)?,
-                value: values[1].clone(),
-            }),
+            Act::Genv | Act::Env => {
+                let (var, value) = match values.get(1) {
+                    Some(value) => (v, value.as_str()),
+                    None => v.split_once('=').unwrap_or((v, "")),
+                };
+                let setting = EnvSetting::Set {
+                    name: var_name(name, v, var)?,
+                    value: value.to_owned(),
+                };
+                if act == Act::Genv {
+                    self.spec.env.push(setting);
+                } else {
+                    part.env.push(setting);
+                }
+            }
             Act::Genvlist | Act::Envlist => {
                 for var in v.split(',').filter(|s| !s.is_empty()) {
                     let setting = EnvSetting::Pass {

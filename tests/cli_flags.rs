@@ -421,3 +421,97 @@ fn a_closed_stdout_ends_the_output_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn hydra_env_forms_with_an_equals_sign() {
+    let (j, _) = job(&[
+        "-genv",
+        "A=1",
+        "-genv",
+        "B",
+        "2",
+        "--genv=C=x=y",
+        "-env",
+        "D=",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(
+        j["env"],
+        serde_json::json!([
+            {"kind": "set", "name": "A", "value": "1"},
+            {"kind": "set", "name": "B", "value": "2"},
+            {"kind": "set", "name": "C", "value": "x=y"},
+        ])
+    );
+    assert_eq!(
+        j["apps"][0]["env"],
+        serde_json::json!([{"kind": "set", "name": "D", "value": ""}])
+    );
+    // The one-word form does not take the image as a value.
+    assert_eq!(j["apps"][0]["image"], "img.sif");
+    usage_error(&["-genv", "1A=2", "img.sif", "prog"], &["-genv", "1A"]);
+}
+
+#[test]
+fn single_dash_long_flags_are_never_split() {
+    // `-nameserver` is not `-n ameserver`; `-configfile` is not `-c onfigfile`.
+    let (j, stderr) = job(&["-nameserver", "host:4000", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], Value::Null);
+    assert!(stderr.contains("-nameserver"), "{stderr}");
+    assert!(
+        j["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.starts_with("-nameserver host:4000")),
+        "{j}"
+    );
+    for word in ["-nfoo", "-Nx", "-cpus", "-fhosts", "-xFOO=1", "-Hnode"] {
+        usage_error(&[word, "img.sif", "prog"], &["unknown flag", word]);
+    }
+    // Attached values that are not words still work.
+    let (j, _) = job(&["-n4", "-N2", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], 4);
+    assert_eq!(j["ppn"], 2);
+}
+
+#[test]
+fn configfile_and_app_files_give_the_mpmd_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parts");
+    std::fs::write(
+        &file,
+        "# hydra's configfile: one part per line\n-n 2 -env A a one.sif p1 'x y'\n\n-n 1 two.sif p2\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    for flag in ["-configfile", "--configfile", "--app", "-app"] {
+        let (j, _) = job(&["-genv", "G=1", flag, f]);
+        let apps = j["apps"].as_array().unwrap();
+        assert_eq!(apps.len(), 2, "{flag}: {j}");
+        assert_eq!(apps[0]["np"], 2);
+        assert_eq!(apps[0]["image"], "one.sif");
+        assert_eq!(apps[0]["args"], serde_json::json!(["x y"]));
+        assert_eq!(apps[0]["env"][0]["name"], "A");
+        assert_eq!(apps[1]["program"], "p2");
+        assert_eq!(j["env"][0]["name"], "G");
+    }
+    // Parts after the file follow it.
+    let (j, _) = job(&["-configfile", f, "-n", "1", "three.sif", "p3"]);
+    assert_eq!(j["apps"][2]["image"], "three.sif");
+    // Errors name the file and the line.
+    std::fs::write(&file, "-n 1 one.sif p1\n-n zero two.sif p2\n").unwrap();
+    usage_error(&["-configfile", f], &[&format!("{f}:2:"), "-n", "zero"]);
+    std::fs::write(&file, "-n 1 one.sif p1\n-n 2 two.sif\n").unwrap();
+    usage_error(&["--app", f], &[&format!("{f}:2:"), "no program"]);
+    std::fs::write(&file, "-n 1 'one.sif p1\n").unwrap();
+    usage_error(&["--app", f], &[&format!("{f}:1:"), "quotes"]);
+    std::fs::write(&file, "# nothing\n").unwrap();
+    usage_error(&["--app", f], &[f, "no part"]);
+    std::fs::write(&file, format!("-configfile {f}\n")).unwrap();
+    usage_error(&["-configfile", f], &[&format!("{f}:1:"), "another"]);
+    let missing = dir.path().join("missing");
+    usage_error(
+        &["-configfile", missing.to_str().unwrap()],
+        &["-configfile", missing.to_str().unwrap()],
+    );
+}
