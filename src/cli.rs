@@ -178,6 +178,15 @@ enum Act {
     RoundRobin,
     /// A file of MPMD lines (`-configfile`, `--app`), read in place of the parts.
     MpmdFile,
+    OutfilePattern,
+    ErrfilePattern,
+    OutputFilename,
+    MergeStderr,
+    TimestampOutput,
+    PrintAllExitcodes,
+    DisplayMap,
+    Rankfile,
+    Bootstrap,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
 }
@@ -219,7 +228,16 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--version", "-version", "-V"], arity: 0, act: Act::Version, what: "" },
     Flag { names: &["--help", "-help", "-h"], arity: 0, act: Act::Help, what: "" },
     Flag { names: &["--profile"], arity: 1, act: Act::Profile, what: "a profile name or path" },
-    Flag { names: &["--launcher", "-launcher"], arity: 1, act: Act::Launcher, what: "local, slurm or hydra" },
+    Flag { names: &["--launcher", "-launcher"], arity: 1, act: Act::Launcher, what: "local, slurm or hydra (or hydra's ssh, rsh, fork)" },
+    Flag { names: &["-bootstrap", "--bootstrap"], arity: 1, act: Act::Bootstrap, what: "ssh, rsh, slurm or fork" },
+    Flag { names: &["-outfile-pattern", "--outfile-pattern", "-outfile", "--outfile"], arity: 1, act: Act::OutfilePattern, what: "a file name pattern such as out.%r" },
+    Flag { names: &["-errfile-pattern", "--errfile-pattern", "-errfile", "--errfile"], arity: 1, act: Act::ErrfilePattern, what: "a file name pattern such as err.%r" },
+    Flag { names: &["--output-filename", "-output-filename"], arity: 1, act: Act::OutputFilename, what: "a directory" },
+    Flag { names: &["--merge-stderr-to-stdout", "-merge-stderr-to-stdout"], arity: 0, act: Act::MergeStderr, what: "" },
+    Flag { names: &["--timestamp-output", "-timestamp-output"], arity: 0, act: Act::TimestampOutput, what: "" },
+    Flag { names: &["-print-all-exitcodes", "--print-all-exitcodes"], arity: 0, act: Act::PrintAllExitcodes, what: "" },
+    Flag { names: &["--display-map", "-display-map"], arity: 0, act: Act::DisplayMap, what: "" },
+    Flag { names: &["--rankfile", "-rankfile", "-rf"], arity: 1, act: Act::Rankfile, what: "a rankfile" },
     Flag { names: &["--pmi"], arity: 1, act: Act::Pmi, what: "pmi1, pmi2 or pmix" },
     Flag { names: &["--bind", "-B"], arity: 1, act: Act::Bind, what: "SRC[:DST[:ro|rw]]" },
     Flag { names: &["--image-mount"], arity: 1, act: Act::ImageMount, what: "auto, fuse, squashfuse or extract" },
@@ -236,7 +254,7 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["-rr", "--bynode", "-bynode"], arity: 0, act: Act::RoundRobin, what: "" },
     Flag { names: &["--byslot", "-byslot"], arity: 0, act: Act::Ignored("block mapping is already the default"), what: "" },
     Flag { names: &["--bind-to", "-bind-to", "-binding", "--binding", "--rank-by", "-rank-by", "--cpus-per-proc", "-cpus-per-proc", "--cpus-per-rank", "-cpus-per-rank", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
-    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--display-map", "-display-map", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
+    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
     Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
     Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
     Flag { names: &["-nameserver", "--nameserver"], arity: 1, act: Act::Ignored("cmpirun serves MPI_Publish_name within the job only, without an external name server"), what: "HOST:PORT" },
@@ -270,11 +288,19 @@ Environment and directory:
 Output and control:
   --tag-output               prefix lines with [1,RANK]<stdout>:
   -l, -prepend-rank          prefix lines with [RANK]
+  --timestamp-output         prefix lines with the time they were read
+  -outfile-pattern PAT       each rank's stdout to a file (%r rank, %h host, %p node, %%)
+  -errfile-pattern PAT       each rank's stderr to a file
+  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr
+  --merge-stderr-to-stdout   each rank's stderr into its stdout
+  -print-all-exitcodes       print how every rank ended
+  --display-map              print the rank layout before the ranks start
   --timeout SECONDS          end the job after SECONDS
   -v                         more detail (repeat for more)
 cmpirun's own:
   --profile NAME|PATH        site profile (default: $CMPIRUN_PROFILE, then the best match)
   --launcher local|slurm|hydra
+  -bootstrap ssh|rsh|slurm|fork  hydra's names: ssh/rsh = hydra, slurm = srun, fork = local
   --pmi pmi1|pmi2|pmix
   --bind SRC[:DST[:ro|rw]]   extra bind into every container
   --image-mount auto|fuse|squashfuse|extract
@@ -608,6 +634,10 @@ impl Parser {
             Act::Force => self.spec.force = true,
             Act::NoInject => self.spec.no_inject = true,
             Act::RoundRobin => self.spec.mapping = Mapping::Cyclic,
+            Act::MergeStderr => self.spec.merge_stderr = true,
+            Act::TimestampOutput => self.spec.timestamp_output = true,
+            Act::PrintAllExitcodes => self.spec.print_all_exitcodes = true,
+            Act::DisplayMap => self.spec.display_map = true,
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),
         }
@@ -708,13 +738,59 @@ impl Parser {
                 }
                 self.spec.profile = Some(v.to_owned());
             }
-            Act::Launcher => {
-                self.spec.launcher = Some(match v {
-                    "local" => LauncherKind::Local,
+            Act::Launcher | Act::Bootstrap => {
+                // hydra's bootstrap names (`-bootstrap`, and its `-launcher`) map to the
+                // launcher that starts ranks that way: ssh and rsh are hydra's own, slurm is
+                // srun, fork is this node only.
+                let kind = match v {
+                    "local" | "fork" => LauncherKind::Local,
                     "slurm" => LauncherKind::Slurm,
                     "hydra" => LauncherKind::Hydra,
-                    _ => return Err(bad(name, v, "expected local, slurm or hydra")),
-                })
+                    "ssh" | "rsh" => {
+                        self.spec.hydra_bootstrap = Some(v.to_owned());
+                        LauncherKind::Hydra
+                    }
+                    _ if act == Act::Bootstrap => {
+                        return Err(bad(name, v, "expected ssh, rsh, slurm or fork"));
+                    }
+                    _ => {
+                        return Err(bad(
+                            name,
+                            v,
+                            "expected local, slurm or hydra (or hydra's ssh, rsh, fork)",
+                        ));
+                    }
+                };
+                self.spec.launcher = Some(kind);
+            }
+            Act::OutfilePattern => {
+                self.spec.output_files.stdout = Some(file_pattern(name, v)?);
+            }
+            Act::ErrfilePattern => {
+                self.spec.output_files.stderr = Some(file_pattern(name, v)?);
+            }
+            Act::OutputFilename => {
+                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute.
+                let dir = std::path::absolute(nonempty_path(name, v)?)
+                    .map_err(|e| bad(name, v, e.to_string()))?;
+                let dir = dir.to_string_lossy().replace('%', "%%");
+                self.spec.output_files.stdout = Some(format!("{dir}/1/rank.%r/stdout"));
+                self.spec.output_files.stderr = Some(format!("{dir}/1/rank.%r/stderr"));
+            }
+            Act::Rankfile => {
+                let path = PathBuf::from(v);
+                let text =
+                    std::fs::read_to_string(&path).map_err(|source| CliError::HostfileRead {
+                        flag: name.to_owned(),
+                        path: path.clone(),
+                        source,
+                    })?;
+                parse_rankfile(&path, &text)?;
+                self.spec.warnings.push(format!(
+                    "{name} {v}: cmpirun places ranks by its block or cyclic layout; the \
+                     rankfile's placement is not applied"
+                ));
+                self.spec.rankfile = Some(path);
             }
             Act::Pmi => {
                 self.spec.pmi = Some(match v {
@@ -802,6 +878,74 @@ impl Parser {
         }
         Ok(())
     }
+}
+
+/// Checks a hydra file name pattern: `%r`, `%h`, `%p`, `%g` and `%%` are its only `%` words.
+fn file_pattern(flag: &str, v: &str) -> Result<String, CliError> {
+    if v.is_empty() {
+        return Err(bad(flag, v, "expected a file name pattern such as out.%r"));
+    }
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' && !matches!(chars.next(), Some('r' | 'h' | 'p' | 'g' | '%')) {
+            return Err(bad(
+                flag,
+                v,
+                "% words are %r (rank), %h (host), %p (node index), %g (0) and %%",
+            ));
+        }
+    }
+    Ok(v.to_owned())
+}
+
+/// One line of an Open MPI rankfile: `rank N=HOST slot=SPEC`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankfileLine {
+    /// The rank.
+    pub rank: u32,
+    /// The host it runs on.
+    pub host: String,
+    /// The slot specification (`0:1`, `1-2`, `0,2`), as written.
+    pub slot: String,
+}
+
+/// Parses an Open MPI rankfile (`rank N=HOST slot=SPEC` lines, `#` comments); errors name the
+/// file and line.
+pub fn parse_rankfile(path: &Path, text: &str) -> Result<Vec<RankfileLine>, CliError> {
+    let mut lines = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |message: &str| CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: n + 1,
+            message: format!("{message}; expected `rank N=HOST slot=SPEC`"),
+        };
+        let mut words = line.split_whitespace();
+        if words.next() != Some("rank") {
+            return Err(err("the line does not start with `rank`"));
+        }
+        let (rank, host) = words
+            .next()
+            .and_then(|w| w.split_once('='))
+            .ok_or_else(|| err("no `N=HOST`"))?;
+        let rank: u32 = rank.parse().map_err(|_| err("the rank is not a number"))?;
+        let slot = words
+            .next()
+            .and_then(|w| w.strip_prefix("slot="))
+            .ok_or_else(|| err("no `slot=`"))?;
+        if host.is_empty() || slot.is_empty() || words.next().is_some() {
+            return Err(err("unexpected words"));
+        }
+        lines.push(RankfileLine {
+            rank,
+            host: host.to_owned(),
+            slot: slot.to_owned(),
+        });
+    }
+    Ok(lines)
 }
 
 fn unknown(flag: &str) -> CliError {

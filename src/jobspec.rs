@@ -57,8 +57,47 @@ pub struct JobSpec {
     pub expect_provider: Option<String>,
     /// `--shm SIZE`: size limit of the node's private `/dev/shm` (a tmpfs `size=` value).
     pub shm_size: Option<String>,
+    /// Per-rank output files (`-outfile-pattern`, `-errfile-pattern`, `--output-filename`).
+    #[serde(default)]
+    pub output_files: OutputFiles,
+    /// `--merge-stderr-to-stdout`: each rank's standard error goes where its standard output
+    /// goes, in one stream.
+    #[serde(default)]
+    pub merge_stderr: bool,
+    /// `--timestamp-output`: each output line starts with the time cmpirun read it.
+    #[serde(default)]
+    pub timestamp_output: bool,
+    /// `-print-all-exitcodes`: print how every rank ended once the job is over.
+    #[serde(default)]
+    pub print_all_exitcodes: bool,
+    /// `--display-map`: print the rank layout before the ranks start.
+    #[serde(default)]
+    pub display_map: bool,
+    /// `--rankfile FILE` (Open MPI), read and checked but not applied.
+    #[serde(default)]
+    pub rankfile: Option<PathBuf>,
+    /// `-bootstrap`/`-launcher ssh|rsh`: hydra's way of reaching the hosts, passed on to it.
+    #[serde(default)]
+    pub hydra_bootstrap: Option<String>,
     /// Messages about flags that were accepted but not acted on, for the user to see.
     pub warnings: Vec<String>,
+}
+
+/// Where each rank's output goes besides cmpirun's own standard output and error: hydra-style
+/// file name patterns (`%r` rank, `%h` host, `%p` node index, `%g` 0, `%%` a `%`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFiles {
+    /// The file of each rank's standard output (`-outfile-pattern`).
+    pub stdout: Option<String>,
+    /// The file of each rank's standard error (`-errfile-pattern`).
+    pub stderr: Option<String>,
+}
+
+impl OutputFiles {
+    /// Whether any stream goes to a file.
+    pub fn any(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
 }
 
 impl JobSpec {

@@ -507,6 +507,9 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
         return Ok(ExitCode::SUCCESS);
     }
     check_plan(spec, &plan)?;
+    if spec.display_map {
+        say(plan::layout_text(&plan).trim_end());
+    }
     // Single-threaded up to here: the node instance and the ranks are forked next.
     let code = cmpirun::launch::launch(&plan)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))

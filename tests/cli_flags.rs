@@ -335,8 +335,8 @@ fn bad_usage_exits_2_and_names_the_flag() {
     usage_error(&["-genv", "A"], &["-genv", "VAR VALUE"]);
     usage_error(&["-x", "1BAD=2", "img.sif", "prog"], &["-x", "1BAD"]);
     usage_error(
-        &["--launcher", "ssh", "img.sif", "prog"],
-        &["--launcher", "ssh"],
+        &["--launcher", "pbs", "img.sif", "prog"],
+        &["--launcher", "pbs"],
     );
     usage_error(&["--pmi", "pmi3", "img.sif", "prog"], &["--pmi", "pmi3"]);
     usage_error(
@@ -513,5 +513,102 @@ fn configfile_and_app_files_give_the_mpmd_parts() {
     usage_error(
         &["-configfile", missing.to_str().unwrap()],
         &["-configfile", missing.to_str().unwrap()],
+    );
+}
+
+#[test]
+fn output_and_exit_code_flags() {
+    let (j, stderr) = job(&[
+        "-outfile-pattern",
+        "out.%r",
+        "-errfile-pattern",
+        "err.%h.%p.%g.%%",
+        "--merge-stderr-to-stdout",
+        "--timestamp-output",
+        "-print-all-exitcodes",
+        "--display-map",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(
+        j["output_files"],
+        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%"})
+    );
+    for key in [
+        "merge_stderr",
+        "timestamp_output",
+        "print_all_exitcodes",
+        "display_map",
+    ] {
+        assert_eq!(j[key], true, "{key}");
+    }
+    assert!(
+        !stderr.contains("WARN"),
+        "applied flags do not warn: {stderr}"
+    );
+    // Open MPI's directory: absolute, and its % kept literal.
+    let (j, _) = job(&["--output-filename", "/x%y", "img.sif", "prog"]);
+    assert_eq!(j["output_files"]["stdout"], "/x%%y/1/rank.%r/stdout");
+    assert_eq!(j["output_files"]["stderr"], "/x%%y/1/rank.%r/stderr");
+    let (j, _) = job(&["--output-filename", "rel", "img.sif", "prog"]);
+    assert!(
+        j["output_files"]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with('/')
+    );
+    usage_error(
+        &["-outfile-pattern", "out.%x", "img.sif", "prog"],
+        &["-outfile-pattern", "%r (rank)"],
+    );
+}
+
+#[test]
+fn bootstrap_names_map_to_launchers() {
+    for (flag, value, launcher) in [
+        ("-bootstrap", "ssh", "hydra"),
+        ("-bootstrap", "rsh", "hydra"),
+        ("-bootstrap", "slurm", "slurm"),
+        ("-bootstrap", "fork", "local"),
+        ("-launcher", "ssh", "hydra"),
+        ("-launcher", "fork", "local"),
+        ("--launcher", "local", "local"),
+    ] {
+        let (j, _) = job(&[flag, value, "img.sif", "prog"]);
+        assert_eq!(j["launcher"], launcher, "{flag} {value}");
+        let bootstrap = if value == "ssh" || value == "rsh" {
+            Value::from(value)
+        } else {
+            Value::Null
+        };
+        assert_eq!(j["hydra_bootstrap"], bootstrap, "{flag} {value}");
+    }
+    usage_error(
+        &["-bootstrap", "lsf", "img.sif", "prog"],
+        &["-bootstrap", "lsf"],
+    );
+}
+
+#[test]
+fn rankfiles_are_checked_and_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let rf = dir.path().join("rankfile");
+    std::fs::write(&rf, "# two ranks\nrank 0=n1 slot=0\nrank 1=n1 slot=1:0-1\n").unwrap();
+    let p = rf.to_str().unwrap();
+    let (j, stderr) = job(&["--rankfile", p, "img.sif", "prog"]);
+    assert_eq!(j["rankfile"], p);
+    assert!(
+        stderr.contains("--rankfile") && stderr.contains("not applied"),
+        "{stderr}"
+    );
+    std::fs::write(&rf, "rank 0=n1 slot=0\nrank x=n1 slot=1\n").unwrap();
+    usage_error(
+        &["--rankfile", p, "img.sif", "prog"],
+        &[&format!("{p}:2:"), "rank"],
+    );
+    std::fs::write(&rf, "rank 0=n1\n").unwrap();
+    usage_error(
+        &["-rf", p, "img.sif", "prog"],
+        &[&format!("{p}:1:"), "slot="],
     );
 }

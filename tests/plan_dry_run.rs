@@ -304,3 +304,65 @@ fn failing_checks_stop_a_launch_with_exit_2() {
         "{err}"
     );
 }
+
+#[test]
+fn output_flags_reach_srun_and_hydra_or_warn_once() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let flags = [
+        "-outfile-pattern",
+        "/o/out.%r.%h",
+        "-errfile-pattern",
+        "/o/err.%r",
+        "--timestamp-output",
+        "-print-all-exitcodes",
+    ];
+    let argv = |j: &Value| -> Vec<String> {
+        j["launcher"]["commands"][0]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut args = flags.to_vec();
+    args.extend([img.as_str(), "hello"]);
+    let j = json(&args, &SLURM);
+    let a = argv(&j);
+    assert!(a.contains(&"--output=/o/out.%t.%N".to_owned()), "{a:?}");
+    assert!(a.contains(&"--error=/o/err.%t".to_owned()), "{a:?}");
+    let warnings: Vec<&str> = j["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    for flag in ["--timestamp-output", "-print-all-exitcodes"] {
+        assert_eq!(
+            warnings.iter().filter(|w| w.starts_with(flag)).count(),
+            1,
+            "{flag}: {warnings:?}"
+        );
+    }
+    let mut args = vec!["--launcher", "hydra", "-H", "a,b", "-bootstrap", "ssh"];
+    args.extend(flags);
+    args.extend([img.as_str(), "hello"]);
+    let j = json(&args, &[]);
+    assert_eq!(j["launcher"]["kind"], "hydra");
+    let a = argv(&j).join(" ");
+    assert!(
+        a.contains("-bootstrap ssh -outfile-pattern /o/out.%r.%h -errfile-pattern /o/err.%r -print-all-exitcodes"),
+        "{a}"
+    );
+    let w = j["warnings"].to_string();
+    assert!(
+        w.contains("--timestamp-output") && !w.contains("-print-all"),
+        "{w}"
+    );
+    // The local launcher applies them all: no warning.
+    let mut args = flags.to_vec();
+    args.extend(["--merge-stderr-to-stdout", img.as_str(), "hello"]);
+    let j = json(&args, &[]);
+    assert_eq!(j["launcher"]["kind"], "local");
+    assert_eq!(j["warnings"], serde_json::json!([]));
+}

@@ -145,6 +145,14 @@ pub enum LaunchError {
         /// The error.
         errno: Errno,
     },
+    /// A rank's output file (`-outfile-pattern`, `--output-filename`) cannot be made.
+    #[error("cannot create the output file {path}: {source}")]
+    OutputFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An I/O operation failed.
     #[error("{step}: {source}")]
     Io {
@@ -169,6 +177,7 @@ impl Blame for LaunchError {
             | LaunchError::NoRank
             | LaunchError::LauncherMissing { .. }
             | LaunchError::Limit { .. }
+            | LaunchError::OutputFile { .. }
             | LaunchError::Bind(_) => Fault::User,
             LaunchError::Instance(e) => e.fault(),
             LaunchError::Config(e) => e.fault(),

@@ -61,26 +61,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             write_part(o, plan, i)?;
         }
     }
-    let lay = &plan.layout;
-    writeln!(
-        o,
-        "layout: {} rank(s) on {} node(s), {} mapping",
-        lay.size,
-        lay.nodes.len(),
-        match lay.mapping {
-            crate::jobspec::Mapping::Block => "block",
-            crate::jobspec::Mapping::Cyclic => "cyclic",
-        }
-    )?;
-    for (id, n) in lay.nodes.iter().enumerate() {
-        writeln!(
-            o,
-            "  node {id} {}: ranks {}",
-            n.name,
-            cmpirun_pmi::server::rank_ranges(&n.ranks)
-        )?;
-    }
-    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    write_layout(o, plan)?;
     writeln!(o, "mount: {}", plan.mount.backend.as_str())?;
     writeln!(o, "  why: {}", plan.mount.reason)?;
     if let Some(s) = &plan.mount.shm_size {
@@ -298,4 +279,37 @@ fn shell_words(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The rank layout (`--display-map` prints it before the ranks start): nodes, their ranks and
+/// each part's program.
+pub fn layout_text(plan: &LaunchPlan) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_layout(&mut o, plan);
+    o
+}
+
+fn write_layout(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
+    let lay = &plan.layout;
+    writeln!(
+        o,
+        "layout: {} rank(s) on {} node(s), {} mapping",
+        lay.size,
+        lay.nodes.len(),
+        match lay.mapping {
+            crate::jobspec::Mapping::Block => "block",
+            crate::jobspec::Mapping::Cyclic => "cyclic",
+        }
+    )?;
+    for (id, n) in lay.nodes.iter().enumerate() {
+        writeln!(
+            o,
+            "  node {id} {}: ranks {}",
+            n.name,
+            cmpirun_pmi::server::rank_ranges(&n.ranks)
+        )?;
+    }
+    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    Ok(())
 }

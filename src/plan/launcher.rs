@@ -3,6 +3,7 @@
 
 use super::PlanError;
 use super::nodes::{host_origin, hydra_hosts};
+use super::output_files::srun_pattern;
 use super::types::{AppPlan, Check, CommandLine, LauncherPlan, Verdict};
 use crate::facts::HostFacts;
 use crate::jobspec::{JobSpec, LauncherKind, Mapping, PmiKind};
@@ -98,6 +99,52 @@ fn mpiexec_name(profile: &SiteProfile) -> String {
         .unwrap_or_else(|| "mpiexec.hydra".into())
 }
 
+/// One warning for each output flag of `spec` that `kind` does not apply: the local launcher
+/// applies them all; srun and hydra own the ranks' output and apply what they have flags for.
+pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<String> {
+    let by = match kind {
+        LauncherKind::Local => return Vec::new(),
+        LauncherKind::Slurm => "srun",
+        LauncherKind::Hydra => "mpiexec.hydra",
+    };
+    let mut w = Vec::new();
+    let mut not_applied = |flag: &str, what: &str| {
+        w.push(format!(
+            "{flag}: not applied under the {} launcher ({by} writes the ranks' output{what})",
+            kind.as_str()
+        ));
+    };
+    if spec.timestamp_output {
+        not_applied("--timestamp-output", " and has no timestamps");
+    }
+    let merged_by_srun = kind == LauncherKind::Slurm && spec.output_files.stdout.is_some();
+    if spec.merge_stderr && !merged_by_srun {
+        not_applied(
+            "--merge-stderr-to-stdout",
+            if kind == LauncherKind::Slurm {
+                "; with -outfile-pattern srun writes both streams into that file"
+            } else {
+                ""
+            },
+        );
+    }
+    if spec.print_all_exitcodes && kind == LauncherKind::Slurm {
+        not_applied("-print-all-exitcodes", " and names the failed tasks itself");
+    }
+    if kind == LauncherKind::Slurm
+        && spec.output_files.stdout.is_some()
+        && spec.output_files.stderr.is_none()
+        && !spec.merge_stderr
+    {
+        w.push(
+            "-outfile-pattern without -errfile-pattern: srun writes the ranks' standard error \
+             into the same files"
+                .to_owned(),
+        );
+    }
+    w
+}
+
 /// Whether the external launcher's program is on `PATH` (`launcher-program`); `None` for the
 /// local launcher.
 pub(super) fn program_check(
@@ -170,6 +217,14 @@ fn srun_command(
         argv.push("--distribution=cyclic".to_owned());
     }
     argv.push("--kill-on-bad-exit=1".to_owned());
+    let files = &spec.output_files;
+    if let Some(p) = &files.stdout {
+        argv.push(format!("--output={}", srun_pattern(p)));
+    }
+    // srun writes standard error into the --output file unless --error names another one.
+    if let Some(p) = files.stderr.as_ref().filter(|_| !spec.merge_stderr) {
+        argv.push(format!("--error={}", srun_pattern(p)));
+    }
     argv.extend(profile.launcher.srun_args.iter().cloned());
     argv.extend(rank_cmd.iter().cloned());
     CommandLine {
@@ -206,6 +261,18 @@ fn hydra_command(
     }
     if spec.mapping == Mapping::Cyclic {
         argv.push("-rr".to_owned());
+    }
+    if let Some(b) = &spec.hydra_bootstrap {
+        argv.extend(["-bootstrap".to_owned(), b.clone()]);
+    }
+    if let Some(p) = &spec.output_files.stdout {
+        argv.extend(["-outfile-pattern".to_owned(), p.clone()]);
+    }
+    if let Some(p) = &spec.output_files.stderr {
+        argv.extend(["-errfile-pattern".to_owned(), p.clone()]);
+    }
+    if spec.print_all_exitcodes {
+        argv.push("-print-all-exitcodes".to_owned());
     }
     argv.extend(profile.launcher.mpiexec_args.iter().cloned());
     if mpmd {
