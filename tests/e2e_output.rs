@@ -153,3 +153,70 @@ fn timestamps_exit_codes_and_the_map() {
         "{out}"
     );
 }
+
+/// cmpirun's own log lines (tracing's level word first), not the ranks' output.
+fn log_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| {
+            let w = l.trim_start();
+            ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"]
+                .iter()
+                .any(|lvl| w.starts_with(lvl))
+        })
+        .collect()
+}
+
+#[test]
+fn verbosity_levels_and_warned_checks_at_launch() {
+    let _serial = exclusive();
+    // -v: the decisions in a few lines.
+    let out = run_sh(&["-v"], "true");
+    out.assert_success();
+    let lines = log_lines(&out.stderr);
+    for what in [
+        "profile generic: ",
+        "launcher local (",
+        "mount ",
+        "injected: ",
+        "checks: ",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("INFO {what}"))),
+            "{what}: {out}"
+        );
+    }
+    assert!(lines.len() <= 8, "a few lines: {out}");
+    // -vv: cmpirun's own steps, no FUSE request and no image reader chatter.
+    let out = run_sh(&["-vv"], "true");
+    out.assert_success();
+    let lines = log_lines(&out.stderr);
+    assert!(lines.iter().any(|l| l.contains("rank 1 started")), "{out}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("FUSE(") || l.contains("Reading Inodes")),
+        "{out}"
+    );
+    // -vvv: everything, the FUSE server's requests too.
+    let out = run_sh(&["-vvv"], "true");
+    out.assert_success();
+    assert!(out.stderr.contains("FUSE("), "{out}");
+
+    // A check that only warns is shown when launching, not only by --dry-run.
+    let dir = TuserDir::new();
+    let profile = dir.path().join("warny.yaml");
+    std::fs::write(
+        &profile,
+        "name: warny\nextends: generic\nfabric:\n  devices: [/dev/cmpirun-no-such-device]\n",
+    )
+    .unwrap();
+    let out = run_sh(&["--profile", profile.to_str().unwrap()], "true");
+    out.assert_success();
+    let warned: Vec<&str> = log_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| l.contains("fabric-device"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{out}");
+    assert!(warned[0].contains("WARN") && warned[0].contains("/dev/cmpirun-no-such-device"));
+}

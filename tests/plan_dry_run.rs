@@ -366,3 +366,42 @@ fn output_flags_reach_srun_and_hydra_or_warn_once() {
     assert_eq!(j["launcher"]["kind"], "local");
     assert_eq!(j["warnings"], serde_json::json!([]));
 }
+
+#[test]
+fn force_is_offered_only_where_it_helps() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("missing.sif");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        &["-n", "1", missing, "x"][..],
+        &["--force", "-n", "1", missing, "x"],
+    ] {
+        let out = run(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(missing) && !stderr.contains("--force to launch"),
+            "a missing image is not fixed by --force: {stderr}"
+        );
+    }
+    let out = text(&["-n", "1", missing, "x"], &[]);
+    assert!(out.contains("--force cannot launch past"), "{out}");
+    // A compatibility check that --force can override still offers it.
+    let img = image(t.path());
+    let profile = t.path().join("other.yaml");
+    std::fs::write(
+        &profile,
+        "name: other\nmatch:\n  files: [/no-such-file-cmpirun]\npmi:\n  kind: pmi2\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--profile", profile.to_str().unwrap(), "-n", "1", &img, "x"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("profile-match") && stderr.contains("--force to launch anyway"),
+        "{stderr}"
+    );
+}

@@ -155,10 +155,14 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(
             o,
             "result: {failed} check(s) failed; the launch would stop{}",
-            if plan.job.force {
-                ", but --force launches anyway"
-            } else {
-                " (--force launches anyway)"
+            match (
+                plan.failed_checks().all(|c| c.force_helps()),
+                plan.job.force
+            ) {
+                (false, _) =>
+                    " (--force cannot launch past the image, launcher-program or bind-source check)",
+                (true, true) => ", but --force launches anyway",
+                (true, false) => " (--force launches anyway)",
             }
         )?;
     } else {
@@ -279,6 +283,73 @@ fn shell_words(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// What `-v` prints at launch, in a few lines: the profile and why, the launcher, PMI and
+/// layout, the mount, what is injected (host libraries, devices, variables set), and how the
+/// checks went (those that warned are printed as warnings of their own).
+pub fn summary(plan: &LaunchPlan) -> Vec<String> {
+    let l = &plan.launcher;
+    let mut lines = vec![
+        format!("profile {}: {}", plan.profile.name, plan.profile.reason),
+        format!(
+            "launcher {} ({}); pmi {} ({}); {} rank(s) on {} node(s)",
+            l.kind.as_str(),
+            l.reason,
+            l.pmi.as_str(),
+            l.pmi_reason,
+            plan.layout.size,
+            plan.layout.nodes.len()
+        ),
+        format!(
+            "mount {}: {}",
+            plan.mount.backend.as_str(),
+            plan.mount.reason
+        ),
+    ];
+    let names = |kind: BindKind| -> Vec<String> {
+        plan.binds
+            .iter()
+            .filter(|b| b.kind == kind)
+            .map(|b| b.source.rsplit('/').next().unwrap_or(&b.source).to_owned())
+            .collect()
+    };
+    let set: Vec<&str> = plan
+        .env
+        .iter()
+        .filter(|c| matches!(c.action, EnvAction::Set { .. } | EnvAction::Prepend { .. }))
+        .map(|c| c.name.as_str())
+        .collect();
+    let none = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(" ")
+        }
+    };
+    lines.push(format!(
+        "injected: libraries {}; devices {}; variables set {}",
+        none(&names(BindKind::Library)),
+        none(&names(BindKind::Device)),
+        if set.is_empty() {
+            "none".to_owned()
+        } else {
+            set.join(" ")
+        }
+    ));
+    let count = |v: Verdict| plan.checks.iter().filter(|c| c.verdict == v).count();
+    lines.push(format!(
+        "checks: {} passed, {} warned, {} failed{}",
+        count(Verdict::Pass),
+        count(Verdict::Warn),
+        count(Verdict::Fail),
+        if count(Verdict::Fail) > 0 {
+            " (--force)"
+        } else {
+            ""
+        }
+    ));
+    lines
 }
 
 /// The rank layout (`--display-map` prints it before the ranks start): nodes, their ranks and

@@ -37,7 +37,7 @@ pub mod output_files;
 pub mod parts;
 pub mod types;
 
-pub use dry_run::{dry_run_text, layout_text};
+pub use dry_run::{dry_run_text, layout_text, summary};
 pub use inject::INJECT_DIR;
 pub use launcher::PLAN_FILE_PLACEHOLDER;
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
