@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::jobspec::{
-    AppSpec, BindSpec, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec, LauncherKind,
-    Mapping, MountBackendKind, OutputTag, PmiKind,
+    AppSpec, BindSpec, BindTo, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec,
+    LauncherKind, Mapping, MountBackendKind, OutputTag, PmiKind,
 };
 
 /// What the command line asks for.
@@ -187,6 +187,11 @@ enum Act {
     DisplayMap,
     Rankfile,
     Bootstrap,
+    BindTo,
+    /// An old spelling that names its object (`--bind-to-core`).
+    BindToObject(BindTo),
+    CpusPerRank,
+    ReportBindings,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
 }
@@ -202,7 +207,7 @@ struct Flag {
 }
 
 const PLACEMENT: &str =
-    "cmpirun does not bind or place processes beyond the rank layout; the flag is ignored";
+    "cmpirun places processes by its block or cyclic layout only; the flag is ignored";
 
 /// The flags cmpirun understands, with every spelling mpirun users type.
 #[rustfmt::skip]
@@ -253,8 +258,13 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--map-by", "-map-by"], arity: 1, act: Act::MapBy, what: "a mapping such as slot or node" },
     Flag { names: &["-rr", "--bynode", "-bynode"], arity: 0, act: Act::RoundRobin, what: "" },
     Flag { names: &["--byslot", "-byslot"], arity: 0, act: Act::Ignored("block mapping is already the default"), what: "" },
-    Flag { names: &["--bind-to", "-bind-to", "-binding", "--binding", "--rank-by", "-rank-by", "--cpus-per-proc", "-cpus-per-proc", "--cpus-per-rank", "-cpus-per-rank", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
-    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
+    Flag { names: &["--bind-to", "-bind-to"], arity: 1, act: Act::BindTo, what: "core, socket, numa, hwthread or none" },
+    Flag { names: &["--bind-to-core", "-bind-to-core"], arity: 0, act: Act::BindToObject(BindTo::Core), what: "" },
+    Flag { names: &["--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::BindToObject(BindTo::Socket), what: "" },
+    Flag { names: &["--cpus-per-rank", "-cpus-per-rank", "--cpus-per-proc", "-cpus-per-proc"], arity: 1, act: Act::CpusPerRank, what: "a number of cores" },
+    Flag { names: &["--report-bindings", "-report-bindings"], arity: 0, act: Act::ReportBindings, what: "" },
+    Flag { names: &["-binding", "--binding", "--rank-by", "-rank-by", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
+    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--use-hwthread-cpus", "-use-hwthread-cpus"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
     Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
     Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
     Flag { names: &["-nameserver", "--nameserver"], arity: 1, act: Act::Ignored("cmpirun serves MPI_Publish_name within the job only, without an external name server"), what: "HOST:PORT" },
@@ -312,8 +322,14 @@ cmpirun's own:
   --expect-provider NAME     fail ranks that did not load the host libfabric provider NAME
   --version, --help
 
-Placement and binding flags of mpirun (--bind-to, --rank-by, --oversubscribe, ...) are
-accepted with a warning. See docs/launch.md.
+CPU binding:
+  --bind-to core|socket|numa|hwthread|none   bind each rank (local launcher; srun's and
+                             hydra's own binding under those launchers)
+  --cpus-per-rank N, --map-by OBJ:PE=N       cores per rank (binds to cores)
+  --report-bindings          print the CPUs each rank got
+
+Other placement flags of mpirun (--rank-by, --oversubscribe, ...) are accepted with a
+warning. See docs/launch.md.
 ";
 
 fn lookup(name: &str) -> Option<&'static Flag> {
@@ -638,6 +654,8 @@ impl Parser {
             Act::TimestampOutput => self.spec.timestamp_output = true,
             Act::PrintAllExitcodes => self.spec.print_all_exitcodes = true,
             Act::DisplayMap => self.spec.display_map = true,
+            Act::BindToObject(to) => self.spec.binding.to = Some(to),
+            Act::ReportBindings => self.spec.binding.report = true,
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),
         }
@@ -763,6 +781,35 @@ impl Parser {
                 };
                 self.spec.launcher = Some(kind);
             }
+            Act::BindTo => {
+                // Modifiers (`core:overload-allowed`, hydra's `core:2`) tune what cmpirun does
+                // not do; hydra's count is the number of cores, as --cpus-per-rank.
+                let (object, modifier) = v.split_once(':').unwrap_or((v, ""));
+                let to = match object.to_ascii_lowercase().as_str() {
+                    "none" => BindTo::None,
+                    "hwthread" | "hwthreads" | "pu" => BindTo::Hwthread,
+                    "core" | "cores" => BindTo::Core,
+                    "socket" | "sockets" | "package" => BindTo::Socket,
+                    "numa" | "numanode" => BindTo::Numa,
+                    _ => {
+                        return Err(bad(
+                            name,
+                            v,
+                            "expected core, socket, numa, hwthread or none",
+                        ));
+                    }
+                };
+                self.spec.binding.to = Some(to);
+                if modifier.bytes().next().is_some_and(|b| b.is_ascii_digit()) {
+                    self.spec.binding.cpus_per_rank = Some(positive(name, modifier)?);
+                } else if !modifier.is_empty() {
+                    self.spec.warnings.push(format!(
+                        "{name} {v}: the modifier {modifier:?} is ignored; ranks are bound to {}",
+                        to.as_str()
+                    ));
+                }
+            }
+            Act::CpusPerRank => self.spec.binding.cpus_per_rank = Some(positive(name, v)?),
             Act::OutfilePattern => {
                 self.spec.output_files.stdout = Some(file_pattern(name, v)?);
             }
@@ -850,9 +897,23 @@ impl Parser {
                 });
             }
             Act::MapBy => {
-                // Only the object matters for the layout; modifiers (`:PE=2`, `:OVERSUBSCRIBE`)
-                // tune binding, which cmpirun does not do.
+                // The object decides the layout; `PE=n` is the cores of each rank (binding),
+                // other modifiers (`:OVERSUBSCRIBE`, `:SPAN`) are not applied.
                 let object = v.split([':', ',']).next().unwrap_or(v).to_ascii_lowercase();
+                let mut others = Vec::new();
+                for modifier in v.split([':', ',']).skip(1) {
+                    match modifier.split_once('=') {
+                        Some((key, n)) if key.eq_ignore_ascii_case("pe") => {
+                            self.spec.binding.cpus_per_rank = Some(positive(name, n)?);
+                        }
+                        _ => others.push(modifier),
+                    }
+                }
+                let v = &if others.is_empty() {
+                    object.clone()
+                } else {
+                    format!("{object}:{}", others.join(":"))
+                };
                 match object.as_str() {
                     "node" => {
                         self.spec.mapping = Mapping::Cyclic;

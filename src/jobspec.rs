@@ -79,8 +79,70 @@ pub struct JobSpec {
     /// `-bootstrap`/`-launcher ssh|rsh`: hydra's way of reaching the hosts, passed on to it.
     #[serde(default)]
     pub hydra_bootstrap: Option<String>,
+    /// CPU binding of the ranks (`--bind-to`, `--cpus-per-rank`, `--report-bindings`).
+    #[serde(default)]
+    pub binding: BindingSpec,
     /// Messages about flags that were accepted but not acted on, for the user to see.
     pub warnings: Vec<String>,
+}
+
+/// How the ranks are bound to CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingSpec {
+    /// `--bind-to`: what each rank is bound to; `None`: not asked (ranks are not bound, unless
+    /// `cpus_per_rank` asks for cores).
+    pub to: Option<BindTo>,
+    /// `--cpus-per-rank N`, `--map-by …:PE=N`: cores (hardware threads with `--bind-to
+    /// hwthread`) per rank.
+    pub cpus_per_rank: Option<u32>,
+    /// `--report-bindings`: print the CPUs each rank got.
+    pub report: bool,
+}
+
+impl BindingSpec {
+    /// What the ranks are bound to: `--bind-to`, else cores when `--cpus-per-rank` is given (as
+    /// Open MPI's `PE=n`), else nothing.
+    pub fn effective(&self) -> BindTo {
+        match (self.to, self.cpus_per_rank) {
+            (Some(to), _) => to,
+            (None, Some(_)) => BindTo::Core,
+            (None, None) => BindTo::None,
+        }
+    }
+
+    /// Whether anything about binding was asked.
+    pub fn asked(&self) -> bool {
+        self.to.is_some() || self.cpus_per_rank.is_some() || self.report
+    }
+}
+
+/// What a rank is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BindTo {
+    /// Not bound: every CPU the job may use.
+    None,
+    /// Hardware threads (`cpus_per_rank` of them).
+    Hwthread,
+    /// Cores, with all their hardware threads (`cpus_per_rank` of them).
+    Core,
+    /// The package (socket) of its cores.
+    Socket,
+    /// The NUMA node of its cores.
+    Numa,
+}
+
+impl BindTo {
+    /// The name used on the command line (`--bind-to NAME`) and by hydra's `-bind-to`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindTo::None => "none",
+            BindTo::Hwthread => "hwthread",
+            BindTo::Core => "core",
+            BindTo::Socket => "socket",
+            BindTo::Numa => "numa",
+        }
+    }
 }
 
 /// Where each rank's output goes besides cmpirun's own standard output and error: hydra-style

@@ -257,14 +257,12 @@ fn cmpirun_own_flags() {
 #[test]
 fn placement_flags_are_accepted_with_a_warning() {
     let cases: &[&[&str]] = &[
-        &["--bind-to", "core"],
-        &["-bind-to", "none"],
         &["--rank-by", "slot"],
         &["--oversubscribe"],
         &["-oversubscribe"],
-        &["--report-bindings"],
         &["--map-by", "ppr:2:socket"],
         &["--allow-run-as-root"],
+        &["--bind-to", "core:overload-allowed"],
     ];
     for flags in cases {
         let mut args = flags.to_vec();
@@ -610,5 +608,53 @@ fn rankfiles_are_checked_and_warned_about() {
     usage_error(
         &["-rf", p, "img.sif", "prog"],
         &[&format!("{p}:1:"), "slot="],
+    );
+}
+
+#[test]
+fn binding_flags() {
+    for (flags, to, per) in [
+        (&["--bind-to", "core"][..], "core", Value::Null),
+        (&["-bind-to", "socket"], "socket", Value::Null),
+        (&["--bind-to", "numa"], "numa", Value::Null),
+        (&["--bind-to", "hwthread"], "hwthread", Value::Null),
+        (&["--bind-to", "none"], "none", Value::Null),
+        (&["-bind-to", "core:2"], "core", Value::from(2)),
+        (&["--bind-to-core"], "core", Value::Null),
+        (&["--bind-to-socket"], "socket", Value::Null),
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["img.sif", "prog"]);
+        let (j, stderr) = job(&args);
+        assert_eq!(j["binding"]["to"], to, "{flags:?}");
+        assert_eq!(j["binding"]["cpus_per_rank"], per, "{flags:?}");
+        assert!(!stderr.contains("WARN"), "{flags:?}: {stderr}");
+    }
+    for flags in [
+        &["--cpus-per-rank", "2"][..],
+        &["--cpus-per-proc", "2"],
+        &["--map-by", "slot:PE=2"],
+        &["--map-by", "core:pe=2"],
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["--report-bindings", "img.sif", "prog"]);
+        let (j, _) = job(&args);
+        assert_eq!(j["binding"]["cpus_per_rank"], 2, "{flags:?}");
+        assert_eq!(j["binding"]["report"], true);
+    }
+    let (j, stderr) = job(&["--map-by", "slot:PE=2", "img.sif", "prog"]);
+    assert_eq!(j["mapping"], "block");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    usage_error(
+        &["--bind-to", "l3", "img.sif", "prog"],
+        &["--bind-to", "l3"],
+    );
+    usage_error(
+        &["--cpus-per-rank", "0", "img.sif", "prog"],
+        &["--cpus-per-rank"],
+    );
+    usage_error(
+        &["--map-by", "slot:PE=x", "img.sif", "prog"],
+        &["--map-by", "x"],
     );
 }

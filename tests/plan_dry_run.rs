@@ -405,3 +405,60 @@ fn force_is_offered_only_where_it_helps() {
         "{stderr}"
     );
 }
+
+#[test]
+fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let joined = |j: &Value| -> String {
+        j["launcher"]["commands"][0]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let j = json(
+        &["--bind-to", "socket", "--report-bindings", &img, "hello"],
+        &SLURM,
+    );
+    assert!(
+        joined(&j).contains(" --cpu-bind=verbose,sockets "),
+        "{}",
+        joined(&j)
+    );
+    let j = json(&["--cpus-per-rank", "2", &img, "hello"], &SLURM);
+    assert!(
+        joined(&j).contains(" --cpu-bind=cores --cpus-per-task=2 "),
+        "{}",
+        joined(&j)
+    );
+    let out = text(&["--bind-to", "core", &img, "hello"], &SLURM);
+    assert!(
+        out.contains("binding: ranks bound to core: by srun (--cpu-bind=cores)"),
+        "{out}"
+    );
+    let j = json(
+        &[
+            "--launcher",
+            "hydra",
+            "-H",
+            "a,b",
+            "--map-by",
+            "slot:PE=2",
+            &img,
+            "hello",
+        ],
+        &[],
+    );
+    assert!(joined(&j).contains(" -bind-to core:2 "), "{}", joined(&j));
+    // The local launcher binds itself and says how.
+    let out = text(&["--bind-to", "core", &img, "hello"], &[]);
+    assert!(
+        out.contains("binding: ranks bound to core: by cmpirun"),
+        "{out}"
+    );
+    let out = text(&[&img, "hello"], &[]);
+    assert!(!out.contains("binding:"), "{out}");
+}

@@ -27,7 +27,7 @@ use crate::plan::{LaunchPlan, expand_pattern};
 use super::injected::{Finding, InjectedLibfabric};
 use super::output::{Dest, LineBuffer, Stream, tag, write_out};
 use super::status::{JobEnd, RankEnd};
-use super::{LaunchError, node};
+use super::{LaunchError, binding, node};
 
 /// Signals that end the job when cmpirun receives them (the others are only passed on).
 fn ends_job(sig: Signal) -> bool {
@@ -57,6 +57,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         return Err(LaunchError::Threaded { names });
     }
     ensure_limits(plan.layout.size)?;
+    let cpus = rank_cpus(plan)?;
     let cfg = node::node_config(plan, &BTreeMap::new())?;
     with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
         // Job control too: the ranks are session leaders, so the terminal's Ctrl-Z stops only
@@ -69,8 +70,34 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         let mut mask = *mask;
         mask.add(Signal::SIGTSTP);
         mask.add(Signal::SIGCONT);
-        run_blocked(plan, &cfg, &mask)
+        run_blocked(plan, &cfg, &cpus, &mask)
     })
+}
+
+/// The CPUs of each rank (`None`: not bound), from this node's topology and the CPUs this
+/// process may use; with `--report-bindings`, says what each rank gets.
+fn rank_cpus(plan: &LaunchPlan) -> Result<Vec<Option<Vec<usize>>>, LaunchError> {
+    let spec = &plan.job.binding;
+    let size = plan.layout.size as usize;
+    if !spec.asked() {
+        return Ok(vec![None; size]);
+    }
+    let node = binding::NodeCpus::read()?;
+    let cpus = binding::assign(spec, &node, size)?;
+    if spec.report {
+        let host = plan
+            .layout
+            .nodes
+            .first()
+            .map_or("localhost", |n| n.name.as_str());
+        let mut text = String::new();
+        for (rank, c) in cpus.iter().enumerate() {
+            let line = binding::report_line(rank as u32, host, c.as_deref(), &node.allowed);
+            text.push_str(&format!("cmpirun: {line}\n"));
+        }
+        write_out(Stream::Stderr, text.as_bytes());
+    }
+    Ok(cpus)
 }
 
 /// Makes sure this node's limits let the job start, before anything is started: cmpirun holds
@@ -163,6 +190,7 @@ struct Pipe {
 fn run_blocked(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
+    cpus: &[Option<Vec<usize>>],
     mask: &SigSet,
 ) -> Result<JobEnd, LaunchError> {
     let sigfd = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
@@ -177,7 +205,7 @@ fn run_blocked(
     let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
-    let started = start_ranks(plan, cfg, &inst, &mut server, &mut ranks, &mut pipes);
+    let started = start_ranks(plan, cfg, cpus, &inst, &mut server, &mut ranks, &mut pipes);
     inst.release_namespaces();
     let wake = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"));
     let (wake_r, wake_w) = match started.and(wake) {
@@ -253,6 +281,7 @@ fn abandon(ranks: &[Rank], inst: NodeInstance, e: LaunchError) -> LaunchError {
 fn start_ranks(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
+    cpus: &[Option<Vec<usize>>],
     inst: &NodeInstance,
     server: &mut PmiServer,
     ranks: &mut Vec<Rank>,
@@ -283,6 +312,10 @@ fn start_ranks(
         let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
         let mut cmd =
             node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+        cmd.cpus = cpus
+            .get(rank as usize)
+            .and_then(|c| c.as_deref())
+            .map(binding::cpu_set);
         let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
         let out_w = Arc::new(out_w);
         // --merge-stderr-to-stdout: one pipe for both, so their lines keep their order.

@@ -218,6 +218,7 @@ pub fn rank_command(
         new_session: true,
         image,
         fds: Vec::new(),
+        cpus: None,
     }
 }
 

@@ -34,6 +34,9 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             plan.layout.size
         )?;
     }
+    if let Some(b) = super::launcher::binding_text(&plan.job, l.kind) {
+        writeln!(o, "binding: {b}")?;
+    }
     for c in &l.commands {
         writeln!(o, "command: {}", shell_words(&c.argv))?;
         writeln!(o, "  why: {}", c.why)?;
@@ -307,6 +310,7 @@ pub fn summary(plan: &LaunchPlan) -> Vec<String> {
             plan.mount.reason
         ),
     ];
+    lines.extend(super::launcher::binding_text(&plan.job, l.kind).map(|b| format!("binding: {b}")));
     let names = |kind: BindKind| -> Vec<String> {
         plan.binds
             .iter()

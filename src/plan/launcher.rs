@@ -6,7 +6,7 @@ use super::nodes::{host_origin, hydra_hosts};
 use super::output_files::srun_pattern;
 use super::types::{AppPlan, Check, CommandLine, LauncherPlan, Verdict};
 use crate::facts::HostFacts;
-use crate::jobspec::{JobSpec, LauncherKind, Mapping, PmiKind};
+use crate::jobspec::{BindTo, BindingSpec, JobSpec, LauncherKind, Mapping, PmiKind};
 use crate::profile::SiteProfile;
 
 /// The placeholder in rank command lines for the path of the plan file the launcher writes.
@@ -99,6 +99,71 @@ fn mpiexec_name(profile: &SiteProfile) -> String {
         .unwrap_or_else(|| "mpiexec.hydra".into())
 }
 
+/// srun's words for `binding`: `--cpu-bind=[verbose,]TYPE` and `--cpus-per-task=N`.
+fn srun_binding(binding: &BindingSpec) -> Vec<String> {
+    let mut args = Vec::new();
+    let kind = match binding.effective() {
+        BindTo::None if binding.to.is_none() => None,
+        BindTo::None => Some("none"),
+        BindTo::Hwthread => Some("threads"),
+        BindTo::Core => Some("cores"),
+        BindTo::Socket => Some("sockets"),
+        BindTo::Numa => Some("ldoms"),
+    };
+    match (binding.report, kind) {
+        (true, Some(k)) => args.push(format!("--cpu-bind=verbose,{k}")),
+        (true, None) => args.push("--cpu-bind=verbose".to_owned()),
+        (false, Some(k)) => args.push(format!("--cpu-bind={k}")),
+        (false, None) => {}
+    }
+    if let Some(n) = binding.cpus_per_rank {
+        args.push(format!("--cpus-per-task={n}"));
+    }
+    args
+}
+
+/// hydra's `-bind-to OBJECT[:N]`.
+fn hydra_binding(binding: &BindingSpec) -> String {
+    let to = binding.effective().as_str();
+    match binding.cpus_per_rank {
+        Some(n) if to != "none" => format!("{to}:{n}"),
+        _ => to.to_owned(),
+    }
+}
+
+/// Who binds the ranks to CPUs and how, for `--dry-run` and `-v`; `None` when no binding flag
+/// was given (the ranks are not bound).
+pub fn binding_text(spec: &JobSpec, kind: LauncherKind) -> Option<String> {
+    let b = &spec.binding;
+    if !b.asked() {
+        return None;
+    }
+    let what = match (b.effective(), b.cpus_per_rank) {
+        (BindTo::None, _) => "not bound".to_owned(),
+        (to, Some(n)) => format!("bound to {} ({n} per rank)", to.as_str()),
+        (to, None) => format!("bound to {}", to.as_str()),
+    };
+    Some(match kind {
+        LauncherKind::Local => format!(
+            "ranks {what}: by cmpirun, from this node's topology (hwloc) within the CPUs it may \
+             use (its affinity: cgroup cpuset, taskset, a Slurm step){}",
+            if b.report {
+                "; --report-bindings prints each rank's CPUs"
+            } else {
+                ""
+            }
+        ),
+        LauncherKind::Slurm => format!(
+            "ranks {what}: by srun ({}), which binds the tasks of its step within the allocation",
+            srun_binding(b).join(" ")
+        ),
+        LauncherKind::Hydra => format!(
+            "ranks {what}: by mpiexec.hydra (-bind-to {})",
+            hydra_binding(b)
+        ),
+    })
+}
+
 /// One warning for each output flag of `spec` that `kind` does not apply: the local launcher
 /// applies them all; srun and hydra own the ranks' output and apply what they have flags for.
 pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<String> {
@@ -139,6 +204,13 @@ pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<
         w.push(
             "-outfile-pattern without -errfile-pattern: srun writes the ranks' standard error \
              into the same files"
+                .to_owned(),
+        );
+    }
+    if spec.binding.report && kind == LauncherKind::Hydra {
+        w.push(
+            "--report-bindings: not applied under the hydra launcher (mpiexec.hydra binds the \
+             ranks and does not print their CPUs)"
                 .to_owned(),
         );
     }
@@ -217,6 +289,7 @@ fn srun_command(
         argv.push("--distribution=cyclic".to_owned());
     }
     argv.push("--kill-on-bad-exit=1".to_owned());
+    argv.extend(srun_binding(&spec.binding));
     let files = &spec.output_files;
     if let Some(p) = &files.stdout {
         argv.push(format!("--output={}", srun_pattern(p)));
@@ -261,6 +334,9 @@ fn hydra_command(
     }
     if spec.mapping == Mapping::Cyclic {
         argv.push("-rr".to_owned());
+    }
+    if spec.binding.to.is_some() || spec.binding.cpus_per_rank.is_some() {
+        argv.extend(["-bind-to".to_owned(), hydra_binding(&spec.binding)]);
     }
     if let Some(b) = &spec.hydra_bootstrap {
         argv.extend(["-bootstrap".to_owned(), b.clone()]);
