@@ -355,15 +355,20 @@ fn single_value(act: Act, values: &[String]) -> bool {
     matches!(act, Act::Genv | Act::Env) && values.first().is_some_and(|v| v.contains('='))
 }
 
+/// The text of the file a flag names (hostfile, MPMD file, rankfile).
+fn read_flag_file(flag: &str, path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|source| CliError::HostfileRead {
+        flag: flag.to_owned(),
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Reads a file of MPMD lines (hydra's `-configfile`, Open MPI's `--app`): one part per line,
 /// `[flags] IMAGE PROGRAM [ARGS]`, words split as a shell would; blank lines and lines starting
 /// with `#` are skipped. The parts are returned as tokens separated by `:`, each knowing its line.
 fn mpmd_file(flag: &str, path: &Path) -> Result<Vec<Token>, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::HostfileRead {
-        flag: flag.to_owned(),
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read_flag_file(flag, path)?;
     let mut tokens: Vec<Token> = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -689,12 +694,7 @@ impl Parser {
             }
             Act::Hostfile => {
                 let path = PathBuf::from(v);
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| CliError::HostfileRead {
-                        flag: name.to_owned(),
-                        path: path.clone(),
-                        source,
-                    })?;
+                let text = read_flag_file(name, &path)?;
                 let hosts = parse_hostfile(&path, &text)?;
                 if hosts.is_empty() {
                     return Err(CliError::HostfileSyntax {
@@ -826,12 +826,7 @@ impl Parser {
             }
             Act::Rankfile => {
                 let path = PathBuf::from(v);
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| CliError::HostfileRead {
-                        flag: name.to_owned(),
-                        path: path.clone(),
-                        source,
-                    })?;
+                let text = read_flag_file(name, &path)?;
                 parse_rankfile(&path, &text)?;
                 self.spec.warnings.push(format!(
                     "{name} {v}: cmpirun places ranks by its block or cyclic layout; the \

@@ -129,11 +129,14 @@ fn hostfile_errors_name_file_and_line() {
     usage_error(&["-f", p, "img.sif", "prog"], &[&format!("{p}:1:"), "frob"]);
     std::fs::write(&bad, "# nothing\n").unwrap();
     usage_error(&["-f", p, "img.sif", "prog"], &[p, "no host"]);
-    let missing = dir.path().join("missing");
-    usage_error(
-        &["--hostfile", missing.to_str().unwrap(), "img.sif", "prog"],
-        &["--hostfile", missing.to_str().unwrap()],
-    );
+    missing_file_is_named("--hostfile", dir.path());
+}
+
+/// A file named by `flag` that does not exist is a usage error naming the flag and the file.
+fn missing_file_is_named(flag: &str, dir: &std::path::Path) {
+    let missing = dir.join("missing");
+    let m = missing.to_str().unwrap();
+    usage_error(&[flag, m, "img.sif", "prog"], &[flag, m]);
 }
 
 #[test]
@@ -507,11 +510,8 @@ fn configfile_and_app_files_give_the_mpmd_parts() {
     usage_error(&["--app", f], &[f, "no part"]);
     std::fs::write(&file, format!("-configfile {f}\n")).unwrap();
     usage_error(&["-configfile", f], &[&format!("{f}:1:"), "another"]);
-    let missing = dir.path().join("missing");
-    usage_error(
-        &["-configfile", missing.to_str().unwrap()],
-        &["-configfile", missing.to_str().unwrap()],
-    );
+    missing_file_is_named("-configfile", dir.path());
+    missing_file_is_named("--rankfile", dir.path());
 }
 
 #[test]
