@@ -220,3 +220,27 @@ fn verbosity_levels_and_warned_checks_at_launch() {
     assert_eq!(warned.len(), 1, "{out}");
     assert!(warned[0].contains("WARN") && warned[0].contains("/dev/cmpirun-no-such-device"));
 }
+
+#[test]
+fn under_hydra_the_files_and_exit_codes_are_hydra_s() {
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(dir.path(), 2);
+    let pattern = format!("{}/out.%r", dir.path().display());
+    let out = hydra_cmpirun(&hosts, 2)
+        .timeout(Duration::from_secs(120))
+        .args(["-outfile-pattern", &pattern, "-print-all-exitcodes"])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", "echo hi $PMI_RANK"])
+        .run();
+    out.assert_success();
+    for r in 0..2 {
+        let text = std::fs::read_to_string(dir.path().join(format!("out.{r}"))).unwrap();
+        assert_eq!(text, format!("hi {r}\n"), "{out}");
+    }
+    assert!(
+        out.stdout.contains("Exit codes:") || out.stderr.contains("Exit codes:"),
+        "{out}"
+    );
+}
