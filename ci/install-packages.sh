@@ -7,6 +7,8 @@ set -euo pipefail
 PACKAGES=(
     # build
     gcc make pkg-config ca-certificates python3
+    # CPU topology for --bind-to (hwloc, through the hwlocality crate; udev for its static link line)
+    libhwloc-dev libudev-dev
     # MPI stacks, native and as the source of the test images
     mpich libmpich-dev openmpi-bin libopenmpi-dev libfabric-bin libfabric-dev hwloc
     # PMI libraries of the host (Slurm's PMI-2, PMIx)

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::jobspec::{
-    AppSpec, BindSpec, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec, LauncherKind,
-    Mapping, MountBackendKind, OutputTag, PmiKind, VerifyPolicy,
+    AppSpec, BindSpec, BindTo, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec,
+    LauncherKind, Mapping, MountBackendKind, OutputTag, PmiKind, VerifyPolicy,
 };
 
 /// What the command line asks for.
@@ -92,7 +92,7 @@ pub enum CliError {
         /// The flag it needs.
         needs: &'static str,
     },
-    /// The hostfile could not be read.
+    /// A file named by a flag (hostfile, MPMD file, rankfile) could not be read.
     #[error("{flag} {path}: {source}")]
     HostfileRead {
         /// The flag that named it.
@@ -102,7 +102,7 @@ pub enum CliError {
         /// Why it could not be read.
         source: std::io::Error,
     },
-    /// A hostfile line that is neither MPICH's `host[:n]` nor Open MPI's `host slots=n`.
+    /// A bad line in a file named by a flag (hostfile, MPMD file, rankfile).
     #[error("{path}:{line}: {message}")]
     HostfileSyntax {
         /// The file.
@@ -111,6 +111,16 @@ pub enum CliError {
         line: usize,
         /// What is wrong.
         message: String,
+    },
+    /// An error in a line of a file of MPMD lines (`-configfile`, `--app`).
+    #[error("{path}:{line}: {error}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The error in that line.
+        error: Box<CliError>,
     },
     /// An argument that is not valid UTF-8.
     #[error("argument {index} is not valid UTF-8: {lossy}")]
@@ -169,6 +179,22 @@ enum Act {
     Mca(&'static str),
     MapBy,
     RoundRobin,
+    /// A file of MPMD lines (`-configfile`, `--app`), read in place of the parts.
+    MpmdFile,
+    OutfilePattern,
+    ErrfilePattern,
+    OutputFilename,
+    MergeStderr,
+    TimestampOutput,
+    PrintAllExitcodes,
+    DisplayMap,
+    Rankfile,
+    Bootstrap,
+    BindTo,
+    /// An old spelling that names its object (`--bind-to-core`).
+    BindToObject(BindTo),
+    CpusPerRank,
+    ReportBindings,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
 }
@@ -184,7 +210,7 @@ struct Flag {
 }
 
 const PLACEMENT: &str =
-    "cmpirun does not bind or place processes beyond the rank layout; the flag is ignored";
+    "cmpirun places processes by its block or cyclic layout only; the flag is ignored";
 
 /// The flags cmpirun understands, with every spelling mpirun users type.
 #[rustfmt::skip]
@@ -194,8 +220,9 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["-H", "-host", "--host", "-hosts", "--hosts"], arity: 1, act: Act::Host, what: "a host list such as a,b:2" },
     Flag { names: &["-f", "-hostfile", "--hostfile", "-machinefile", "--machinefile"], arity: 1, act: Act::Hostfile, what: "a hostfile" },
     Flag { names: &["-x"], arity: 1, act: Act::ExportX, what: "VAR or VAR=VALUE" },
-    Flag { names: &["-genv", "--genv"], arity: 2, act: Act::Genv, what: "VAR VALUE" },
-    Flag { names: &["-env", "--env"], arity: 2, act: Act::Env, what: "VAR VALUE" },
+    Flag { names: &["-genv", "--genv"], arity: 2, act: Act::Genv, what: "VAR VALUE or VAR=VALUE" },
+    Flag { names: &["-env", "--env"], arity: 2, act: Act::Env, what: "VAR VALUE or VAR=VALUE" },
+    Flag { names: &["-configfile", "--configfile", "--app", "-app"], arity: 1, act: Act::MpmdFile, what: "a file of MPMD lines" },
     Flag { names: &["-genvall", "--genvall", "-envall", "--envall"], arity: 0, act: Act::Genvall, what: "" },
     Flag { names: &["-genvnone", "--genvnone", "-envnone", "--envnone"], arity: 0, act: Act::Genvnone, what: "" },
     Flag { names: &["-genvlist", "--genvlist"], arity: 1, act: Act::Genvlist, what: "a comma-separated list of variables" },
@@ -209,7 +236,16 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--version", "-version", "-V"], arity: 0, act: Act::Version, what: "" },
     Flag { names: &["--help", "-help", "-h"], arity: 0, act: Act::Help, what: "" },
     Flag { names: &["--profile"], arity: 1, act: Act::Profile, what: "a profile name or path" },
-    Flag { names: &["--launcher", "-launcher"], arity: 1, act: Act::Launcher, what: "local, slurm or hydra" },
+    Flag { names: &["--launcher", "-launcher"], arity: 1, act: Act::Launcher, what: "local, slurm or hydra (or hydra's ssh, rsh, fork)" },
+    Flag { names: &["-bootstrap", "--bootstrap"], arity: 1, act: Act::Bootstrap, what: "ssh, rsh, slurm or fork" },
+    Flag { names: &["-outfile-pattern", "--outfile-pattern", "-outfile", "--outfile"], arity: 1, act: Act::OutfilePattern, what: "a file name pattern such as out.%r" },
+    Flag { names: &["-errfile-pattern", "--errfile-pattern", "-errfile", "--errfile"], arity: 1, act: Act::ErrfilePattern, what: "a file name pattern such as err.%r" },
+    Flag { names: &["--output-filename", "-output-filename"], arity: 1, act: Act::OutputFilename, what: "a directory" },
+    Flag { names: &["--merge-stderr-to-stdout", "-merge-stderr-to-stdout"], arity: 0, act: Act::MergeStderr, what: "" },
+    Flag { names: &["--timestamp-output", "-timestamp-output"], arity: 0, act: Act::TimestampOutput, what: "" },
+    Flag { names: &["-print-all-exitcodes", "--print-all-exitcodes"], arity: 0, act: Act::PrintAllExitcodes, what: "" },
+    Flag { names: &["--display-map", "-display-map"], arity: 0, act: Act::DisplayMap, what: "" },
+    Flag { names: &["--rankfile", "-rankfile", "-rf"], arity: 1, act: Act::Rankfile, what: "a rankfile" },
     Flag { names: &["--pmi"], arity: 1, act: Act::Pmi, what: "pmi1, pmi2 or pmix" },
     Flag { names: &["--bind", "-B"], arity: 1, act: Act::Bind, what: "SRC[:DST[:ro|rw]]" },
     Flag { names: &["--image-mount"], arity: 1, act: Act::ImageMount, what: "auto, fuse, squashfuse or extract" },
@@ -228,10 +264,16 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--map-by", "-map-by"], arity: 1, act: Act::MapBy, what: "a mapping such as slot or node" },
     Flag { names: &["-rr", "--bynode", "-bynode"], arity: 0, act: Act::RoundRobin, what: "" },
     Flag { names: &["--byslot", "-byslot"], arity: 0, act: Act::Ignored("block mapping is already the default"), what: "" },
-    Flag { names: &["--bind-to", "-bind-to", "-binding", "--binding", "--rank-by", "-rank-by", "--cpus-per-proc", "-cpus-per-proc", "--cpus-per-rank", "-cpus-per-rank", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
-    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--report-bindings", "-report-bindings", "--display-map", "-display-map", "--use-hwthread-cpus", "-use-hwthread-cpus", "--bind-to-core", "-bind-to-core", "--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
+    Flag { names: &["--bind-to", "-bind-to"], arity: 1, act: Act::BindTo, what: "core, socket, numa, hwthread or none" },
+    Flag { names: &["--bind-to-core", "-bind-to-core"], arity: 0, act: Act::BindToObject(BindTo::Core), what: "" },
+    Flag { names: &["--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::BindToObject(BindTo::Socket), what: "" },
+    Flag { names: &["--cpus-per-rank", "-cpus-per-rank", "--cpus-per-proc", "-cpus-per-proc"], arity: 1, act: Act::CpusPerRank, what: "a number of cores" },
+    Flag { names: &["--report-bindings", "-report-bindings"], arity: 0, act: Act::ReportBindings, what: "" },
+    Flag { names: &["-binding", "--binding", "--rank-by", "-rank-by", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
+    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--use-hwthread-cpus", "-use-hwthread-cpus"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
     Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
     Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
+    Flag { names: &["-nameserver", "--nameserver"], arity: 1, act: Act::Ignored("cmpirun serves MPI_Publish_name within the job only, without an external name server"), what: "HOST:PORT" },
     Flag { names: &["--prefix", "-prefix"], arity: 1, act: Act::Ignored("the MPI installation is the one inside the image"), what: "a directory" },
 ];
 
@@ -252,11 +294,12 @@ Processes and placement:
   -N, -ppn, --npernode N     ranks per node
   -H, --host a,b:2,...       hosts and their slots
   -f, --hostfile FILE        hostfile (MPICH `host:n` or Open MPI `host slots=n` lines)
+  -configfile, --app FILE    MPMD parts from a file, one `[flags] IMAGE PROGRAM [ARGS]` a line
   --map-by node, -rr         place consecutive ranks on different nodes (cyclic)
 Environment and directory:
   -x VAR[=VALUE]             pass VAR (or set it) for every rank
-  -genv VAR VALUE            set VAR for every rank
-  -env VAR VALUE             set VAR for the ranks of this part only
+  -genv VAR VALUE|VAR=VALUE  set VAR for every rank
+  -env VAR VALUE|VAR=VALUE   set VAR for the ranks of this part only
   -genvlist A,B / -envlist   pass these variables (all parts / this part)
   -genvall / -genvnone       inherit the caller's environment (default) / none of it
   --mca KEY VALUE            Open MPI parameter, set as OMPI_MCA_KEY=VALUE
@@ -264,11 +307,19 @@ Environment and directory:
 Output and control:
   --tag-output               prefix lines with [1,RANK]<stdout>:
   -l, -prepend-rank          prefix lines with [RANK]
+  --timestamp-output         prefix lines with the time they were read
+  -outfile-pattern PAT       each rank's stdout to a file (%r rank, %h host, %p node, %%)
+  -errfile-pattern PAT       each rank's stderr to a file
+  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr
+  --merge-stderr-to-stdout   each rank's stderr into its stdout
+  -print-all-exitcodes       print how every rank ended
+  --display-map              print the rank layout before the ranks start
   --timeout SECONDS          end the job after SECONDS
   -v                         more detail (repeat for more)
 cmpirun's own:
   --profile NAME|PATH        site profile (default: $CMPIRUN_PROFILE, then the best match)
   --launcher local|slurm|hydra
+  -bootstrap ssh|rsh|slurm|fork  hydra's names: ssh/rsh = hydra, slurm = srun, fork = local
   --pmi pmi1|pmi2|pmix
   --bind SRC[:DST[:ro|rw]]   extra bind into every container
   --image-mount auto|fuse|squashfuse|extract
@@ -283,17 +334,96 @@ cmpirun's own:
   --verify-key PEM           a public key whose signatures --verify accepts (repeatable)
   --version, --help
 
-Placement and binding flags of mpirun (--bind-to, --rank-by, --oversubscribe, ...) are
-accepted with a warning. See docs/launch.md.
+CPU binding:
+  --bind-to core|socket|numa|hwthread|none   bind each rank (local launcher; srun's and
+                             hydra's own binding under those launchers)
+  --cpus-per-rank N, --map-by OBJ:PE=N       cores per rank (binds to cores)
+  --report-bindings          print the CPUs each rank got
+
+Other placement flags of mpirun (--rank-by, --oversubscribe, ...) are accepted with a
+warning. See docs/launch.md.
 ";
 
 fn lookup(name: &str) -> Option<&'static Flag> {
     FLAGS.iter().find(|f| f.names.contains(&name))
 }
 
+/// Where a token of the command line came from, when it was read from a file of MPMD lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    path: PathBuf,
+    line: usize,
+}
+
+/// One word of the command line.
+struct Token {
+    text: String,
+    origin: Option<Origin>,
+}
+
+/// Whether the values read so far are all the flag takes: `-genv VAR=VALUE` is hydra's
+/// one-word form of `-genv VAR VALUE` (a variable name never contains `=`).
+fn single_value(act: Act, values: &[String]) -> bool {
+    matches!(act, Act::Genv | Act::Env) && values.first().is_some_and(|v| v.contains('='))
+}
+
+/// The text of the file a flag names (hostfile, MPMD file, rankfile).
+fn read_flag_file(flag: &str, path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|source| CliError::HostfileRead {
+        flag: flag.to_owned(),
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads a file of MPMD lines (hydra's `-configfile`, Open MPI's `--app`): one part per line,
+/// `[flags] IMAGE PROGRAM [ARGS]`, words split as a shell would; blank lines and lines starting
+/// with `#` are skipped. The parts are returned as tokens separated by `:`, each knowing its line.
+fn mpmd_file(flag: &str, path: &Path) -> Result<Vec<Token>, CliError> {
+    let text = read_flag_file(flag, path)?;
+    let mut tokens: Vec<Token> = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let origin = Origin {
+            path: path.to_owned(),
+            line: n + 1,
+        };
+        let words = shlex::split(line).ok_or_else(|| CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: n + 1,
+            message: "unbalanced quotes".into(),
+        })?;
+        if !tokens.is_empty() {
+            tokens.push(Token {
+                text: ":".into(),
+                origin: Some(origin.clone()),
+            });
+        }
+        tokens.extend(words.into_iter().map(|text| Token {
+            text,
+            origin: Some(origin.clone()),
+        }));
+    }
+    if tokens.is_empty() {
+        return Err(CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: text.lines().count().max(1),
+            message: format!(
+                "{flag}: the file names no part (`[flags] IMAGE PROGRAM [ARGS]` per line)"
+            ),
+        });
+    }
+    Ok(tokens)
+}
+
 /// Per-part state while parsing.
 #[derive(Default)]
 struct PartState {
+    /// The file and line of a part read from `-configfile`/`--app`.
+    origin: Option<Origin>,
     np: Option<u32>,
     env: Vec<EnvSetting>,
     wdir: Option<PathBuf>,
@@ -329,15 +459,26 @@ struct Parser {
 }
 
 impl Parser {
-    fn run(mut self, argv: &[String]) -> Result<CliRequest, CliError> {
+    fn run(mut self, args: &[String]) -> Result<CliRequest, CliError> {
+        let mut argv: Vec<Token> = args
+            .iter()
+            .map(|a| Token {
+                text: a.clone(),
+                origin: None,
+            })
+            .collect();
         let mut i = 0;
         let mut part = PartState::default();
         let mut positional: Vec<String> = Vec::new();
         let mut only_positional = false;
         let mut parts: Vec<(PartState, Vec<String>)> = Vec::new();
         while i < argv.len() {
-            let tok = &argv[i];
+            let origin = argv[i].origin.clone();
+            let tok = argv[i].text.clone();
             i += 1;
+            if part.origin.is_none() {
+                part.origin.clone_from(&origin);
+            }
             if tok == ":" {
                 parts.push((std::mem::take(&mut part), std::mem::take(&mut positional)));
                 only_positional = false;
@@ -345,14 +486,22 @@ impl Parser {
             }
             // Once the image is named, the rest of this part is the program and its arguments.
             if !positional.is_empty() || only_positional || !tok.starts_with('-') || tok == "-" {
-                positional.push(tok.clone());
+                positional.push(tok);
                 continue;
             }
             if tok == "--" {
                 only_positional = true;
                 continue;
             }
-            let (flag, name, inline) = self.resolve(tok)?;
+            let in_file = |e: CliError| match &origin {
+                Some(o) => CliError::InFile {
+                    path: o.path.clone(),
+                    line: o.line,
+                    error: Box::new(e),
+                },
+                None => e,
+            };
+            let (flag, name, inline) = self.resolve(&tok).map_err(in_file)?;
             if flag.act == Act::DryRun && inline.as_deref() == Some("job") {
                 self.dry_run = true;
                 self.job_only = true;
@@ -360,9 +509,9 @@ impl Parser {
             }
             if flag.arity == 0 {
                 if inline.is_some() {
-                    return Err(CliError::UnexpectedValue { flag: name });
+                    return Err(in_file(CliError::UnexpectedValue { flag: name }));
                 }
-                match self.apply0(flag.act, &name)? {
+                match self.apply0(flag.act, &name).map_err(in_file)? {
                     Some(req) => return Ok(req),
                     None => continue,
                 }
@@ -371,30 +520,50 @@ impl Parser {
             if let Some(v) = inline {
                 values.push(v);
             }
-            while values.len() < flag.arity as usize {
+            while values.len() < flag.arity as usize && !single_value(flag.act, &values) {
                 match argv.get(i) {
-                    Some(v) if v != ":" => {
-                        values.push(v.clone());
+                    Some(v) if v.text != ":" => {
+                        values.push(v.text.clone());
                         i += 1;
                     }
                     _ => {
-                        return Err(CliError::MissingValue {
+                        return Err(in_file(CliError::MissingValue {
                             flag: name,
                             what: flag.what,
-                        });
+                        }));
                     }
                 }
             }
-            self.apply(flag.act, &name, &values, &mut part)?;
+            if flag.act == Act::MpmdFile {
+                if origin.is_some() {
+                    return Err(in_file(bad(
+                        &name,
+                        &values[0],
+                        "a file of MPMD lines cannot name another one",
+                    )));
+                }
+                let more = i < argv.len();
+                let mut lines = mpmd_file(&name, Path::new(&values[0]))?;
+                if more {
+                    lines.push(Token {
+                        text: ":".into(),
+                        origin: None,
+                    });
+                }
+                argv.splice(i..i, lines);
+                continue;
+            }
+            self.apply(flag.act, &name, &values, &mut part)
+                .map_err(in_file)?;
         }
         parts.push((part, positional));
 
         let mpmd = parts.len() > 1;
         for (n, (state, pos)) in parts.into_iter().enumerate() {
-            let label = if mpmd {
-                format!("part {}: ", n + 1)
-            } else {
-                String::new()
+            let label = match (&state.origin, mpmd) {
+                (Some(o), _) => format!("{}:{}: ", o.path.display(), o.line),
+                (None, true) => format!("part {}: ", n + 1),
+                (None, false) => String::new(),
             };
             let mut pos = pos.into_iter();
             let image = pos.next().ok_or_else(|| CliError::MissingImage {
@@ -455,11 +624,14 @@ impl Parser {
                 None,
             ));
         }
-        // -n4, -N2, -xFOO=1: a one-letter flag with its value attached.
+        // -n4, -N2, -f/path: a one-letter flag with its value attached. A letter after the
+        // first one makes the word a single-dash long flag (`-configfile`, `-nameserver`),
+        // which is never split into a short flag and its value.
         if tok.len() > 2 && !tok.starts_with("--") && tok.is_char_boundary(2) {
             let (name, value) = tok.split_at(2);
             if let Some(f) = lookup(name)
                 && f.arity == 1
+                && !value.starts_with(|c: char| c.is_ascii_alphabetic())
             {
                 return Ok((f, name.to_owned(), Some(value.to_owned())));
             }
@@ -496,6 +668,12 @@ impl Parser {
             Act::NoInject => self.spec.no_inject = true,
             Act::Insecure => self.spec.insecure = true,
             Act::RoundRobin => self.spec.mapping = Mapping::Cyclic,
+            Act::MergeStderr => self.spec.merge_stderr = true,
+            Act::TimestampOutput => self.spec.timestamp_output = true,
+            Act::PrintAllExitcodes => self.spec.print_all_exitcodes = true,
+            Act::DisplayMap => self.spec.display_map = true,
+            Act::BindToObject(to) => self.spec.binding.to = Some(to),
+            Act::ReportBindings => self.spec.binding.report = true,
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),
         }
@@ -529,12 +707,7 @@ impl Parser {
             }
             Act::Hostfile => {
                 let path = PathBuf::from(v);
-                let text =
-                    std::fs::read_to_string(&path).map_err(|source| CliError::HostfileRead {
-                        flag: name.to_owned(),
-                        path: path.clone(),
-                        source,
-                    })?;
+                let text = read_flag_file(name, &path)?;
                 let hosts = parse_hostfile(&path, &text)?;
                 if hosts.is_empty() {
                     return Err(CliError::HostfileSyntax {
@@ -558,14 +731,21 @@ impl Parser {
                 };
                 self.spec.env.push(setting);
             }
-            Act::Genv => self.spec.env.push(EnvSetting::Set {
-                name: var_name(name, v, v)?,
-                value: values[1].clone(),
-            }),
-            Act::Env => part.env.push(EnvSetting::Set {
-                name: var_name(name, v, v)?,
-                value: values[1].clone(),
-            }),
+            Act::Genv | Act::Env => {
+                let (var, value) = match values.get(1) {
+                    Some(value) => (v, value.as_str()),
+                    None => v.split_once('=').unwrap_or((v, "")),
+                };
+                let setting = EnvSetting::Set {
+                    name: var_name(name, v, var)?,
+                    value: value.to_owned(),
+                };
+                if act == Act::Genv {
+                    self.spec.env.push(setting);
+                } else {
+                    part.env.push(setting);
+                }
+            }
             Act::Genvlist | Act::Envlist => {
                 for var in v.split(',').filter(|s| !s.is_empty()) {
                     let setting = EnvSetting::Pass {
@@ -589,13 +769,83 @@ impl Parser {
                 }
                 self.spec.profile = Some(v.to_owned());
             }
-            Act::Launcher => {
-                self.spec.launcher = Some(match v {
-                    "local" => LauncherKind::Local,
+            Act::Launcher | Act::Bootstrap => {
+                // hydra's bootstrap names (`-bootstrap`, and its `-launcher`) map to the
+                // launcher that starts ranks that way: ssh and rsh are hydra's own, slurm is
+                // srun, fork is this node only.
+                let kind = match v {
+                    "local" | "fork" => LauncherKind::Local,
                     "slurm" => LauncherKind::Slurm,
                     "hydra" => LauncherKind::Hydra,
-                    _ => return Err(bad(name, v, "expected local, slurm or hydra")),
-                })
+                    "ssh" | "rsh" => {
+                        self.spec.hydra_bootstrap = Some(v.to_owned());
+                        LauncherKind::Hydra
+                    }
+                    _ if act == Act::Bootstrap => {
+                        return Err(bad(name, v, "expected ssh, rsh, slurm or fork"));
+                    }
+                    _ => {
+                        return Err(bad(
+                            name,
+                            v,
+                            "expected local, slurm or hydra (or hydra's ssh, rsh, fork)",
+                        ));
+                    }
+                };
+                self.spec.launcher = Some(kind);
+            }
+            Act::BindTo => {
+                // Modifiers (`core:overload-allowed`, hydra's `core:2`) tune what cmpirun does
+                // not do; hydra's count is the number of cores, as --cpus-per-rank.
+                let (object, modifier) = v.split_once(':').unwrap_or((v, ""));
+                let to = match object.to_ascii_lowercase().as_str() {
+                    "none" => BindTo::None,
+                    "hwthread" | "hwthreads" | "pu" => BindTo::Hwthread,
+                    "core" | "cores" => BindTo::Core,
+                    "socket" | "sockets" | "package" => BindTo::Socket,
+                    "numa" | "numanode" => BindTo::Numa,
+                    _ => {
+                        return Err(bad(
+                            name,
+                            v,
+                            "expected core, socket, numa, hwthread or none",
+                        ));
+                    }
+                };
+                self.spec.binding.to = Some(to);
+                if modifier.bytes().next().is_some_and(|b| b.is_ascii_digit()) {
+                    self.spec.binding.cpus_per_rank = Some(positive(name, modifier)?);
+                } else if !modifier.is_empty() {
+                    self.spec.warnings.push(format!(
+                        "{name} {v}: the modifier {modifier:?} is ignored; ranks are bound to {}",
+                        to.as_str()
+                    ));
+                }
+            }
+            Act::CpusPerRank => self.spec.binding.cpus_per_rank = Some(positive(name, v)?),
+            Act::OutfilePattern => {
+                self.spec.output_files.stdout = Some(file_pattern(name, v)?);
+            }
+            Act::ErrfilePattern => {
+                self.spec.output_files.stderr = Some(file_pattern(name, v)?);
+            }
+            Act::OutputFilename => {
+                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute.
+                let dir = std::path::absolute(nonempty_path(name, v)?)
+                    .map_err(|e| bad(name, v, e.to_string()))?;
+                let dir = dir.to_string_lossy().replace('%', "%%");
+                self.spec.output_files.stdout = Some(format!("{dir}/1/rank.%r/stdout"));
+                self.spec.output_files.stderr = Some(format!("{dir}/1/rank.%r/stderr"));
+            }
+            Act::Rankfile => {
+                let path = PathBuf::from(v);
+                let text = read_flag_file(name, &path)?;
+                parse_rankfile(&path, &text)?;
+                self.spec.warnings.push(format!(
+                    "{name} {v}: cmpirun places ranks by its block or cyclic layout; the \
+                     rankfile's placement is not applied"
+                ));
+                self.spec.rankfile = Some(path);
             }
             Act::Pmi => {
                 self.spec.pmi = Some(match v {
@@ -664,9 +914,23 @@ impl Parser {
                 });
             }
             Act::MapBy => {
-                // Only the object matters for the layout; modifiers (`:PE=2`, `:OVERSUBSCRIBE`)
-                // tune binding, which cmpirun does not do.
+                // The object decides the layout; `PE=n` is the cores of each rank (binding),
+                // other modifiers (`:OVERSUBSCRIBE`, `:SPAN`) are not applied.
                 let object = v.split([':', ',']).next().unwrap_or(v).to_ascii_lowercase();
+                let mut others = Vec::new();
+                for modifier in v.split([':', ',']).skip(1) {
+                    match modifier.split_once('=') {
+                        Some((key, n)) if key.eq_ignore_ascii_case("pe") => {
+                            self.spec.binding.cpus_per_rank = Some(positive(name, n)?);
+                        }
+                        _ => others.push(modifier),
+                    }
+                }
+                let v = &if others.is_empty() {
+                    object.clone()
+                } else {
+                    format!("{object}:{}", others.join(":"))
+                };
                 match object.as_str() {
                     "node" => {
                         self.spec.mapping = Mapping::Cyclic;
@@ -692,6 +956,74 @@ impl Parser {
         }
         Ok(())
     }
+}
+
+/// Checks a hydra file name pattern: `%r`, `%h`, `%p`, `%g` and `%%` are its only `%` words.
+fn file_pattern(flag: &str, v: &str) -> Result<String, CliError> {
+    if v.is_empty() {
+        return Err(bad(flag, v, "expected a file name pattern such as out.%r"));
+    }
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' && !matches!(chars.next(), Some('r' | 'h' | 'p' | 'g' | '%')) {
+            return Err(bad(
+                flag,
+                v,
+                "% words are %r (rank), %h (host), %p (node index), %g (0) and %%",
+            ));
+        }
+    }
+    Ok(v.to_owned())
+}
+
+/// One line of an Open MPI rankfile: `rank N=HOST slot=SPEC`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankfileLine {
+    /// The rank.
+    pub rank: u32,
+    /// The host it runs on.
+    pub host: String,
+    /// The slot specification (`0:1`, `1-2`, `0,2`), as written.
+    pub slot: String,
+}
+
+/// Parses an Open MPI rankfile (`rank N=HOST slot=SPEC` lines, `#` comments); errors name the
+/// file and line.
+pub fn parse_rankfile(path: &Path, text: &str) -> Result<Vec<RankfileLine>, CliError> {
+    let mut lines = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |message: &str| CliError::HostfileSyntax {
+            path: path.to_owned(),
+            line: n + 1,
+            message: format!("{message}; expected `rank N=HOST slot=SPEC`"),
+        };
+        let mut words = line.split_whitespace();
+        if words.next() != Some("rank") {
+            return Err(err("the line does not start with `rank`"));
+        }
+        let (rank, host) = words
+            .next()
+            .and_then(|w| w.split_once('='))
+            .ok_or_else(|| err("no `N=HOST`"))?;
+        let rank: u32 = rank.parse().map_err(|_| err("the rank is not a number"))?;
+        let slot = words
+            .next()
+            .and_then(|w| w.strip_prefix("slot="))
+            .ok_or_else(|| err("no `slot=`"))?;
+        if host.is_empty() || slot.is_empty() || words.next().is_some() {
+            return Err(err("unexpected words"));
+        }
+        lines.push(RankfileLine {
+            rank,
+            host: host.to_owned(),
+            slot: slot.to_owned(),
+        });
+    }
+    Ok(lines)
 }
 
 fn unknown(flag: &str) -> CliError {

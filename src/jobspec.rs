@@ -64,8 +64,109 @@ pub struct JobSpec {
     pub verify: Option<VerifyPolicy>,
     /// `--verify-key PEM`: public keys whose signatures a launch accepts (with the profile's).
     pub verify_keys: Vec<PathBuf>,
+    /// Per-rank output files (`-outfile-pattern`, `-errfile-pattern`, `--output-filename`).
+    #[serde(default)]
+    pub output_files: OutputFiles,
+    /// `--merge-stderr-to-stdout`: each rank's standard error goes where its standard output
+    /// goes, in one stream.
+    #[serde(default)]
+    pub merge_stderr: bool,
+    /// `--timestamp-output`: each output line starts with the time cmpirun read it.
+    #[serde(default)]
+    pub timestamp_output: bool,
+    /// `-print-all-exitcodes`: print how every rank ended once the job is over.
+    #[serde(default)]
+    pub print_all_exitcodes: bool,
+    /// `--display-map`: print the rank layout before the ranks start.
+    #[serde(default)]
+    pub display_map: bool,
+    /// `--rankfile FILE` (Open MPI), read and checked but not applied.
+    #[serde(default)]
+    pub rankfile: Option<PathBuf>,
+    /// `-bootstrap`/`-launcher ssh|rsh`: hydra's way of reaching the hosts, passed on to it.
+    #[serde(default)]
+    pub hydra_bootstrap: Option<String>,
+    /// CPU binding of the ranks (`--bind-to`, `--cpus-per-rank`, `--report-bindings`).
+    #[serde(default)]
+    pub binding: BindingSpec,
     /// Messages about flags that were accepted but not acted on, for the user to see.
     pub warnings: Vec<String>,
+}
+
+/// How the ranks are bound to CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingSpec {
+    /// `--bind-to`: what each rank is bound to; `None`: not asked (ranks are not bound, unless
+    /// `cpus_per_rank` asks for cores).
+    pub to: Option<BindTo>,
+    /// `--cpus-per-rank N`, `--map-by …:PE=N`: cores (hardware threads with `--bind-to
+    /// hwthread`) per rank.
+    pub cpus_per_rank: Option<u32>,
+    /// `--report-bindings`: print the CPUs each rank got.
+    pub report: bool,
+}
+
+impl BindingSpec {
+    /// What the ranks are bound to: `--bind-to`, else cores when `--cpus-per-rank` is given (as
+    /// Open MPI's `PE=n`), else nothing.
+    pub fn effective(&self) -> BindTo {
+        match (self.to, self.cpus_per_rank) {
+            (Some(to), _) => to,
+            (None, Some(_)) => BindTo::Core,
+            (None, None) => BindTo::None,
+        }
+    }
+
+    /// Whether anything about binding was asked.
+    pub fn asked(&self) -> bool {
+        self.to.is_some() || self.cpus_per_rank.is_some() || self.report
+    }
+}
+
+/// What a rank is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BindTo {
+    /// Not bound: every CPU the job may use.
+    None,
+    /// Hardware threads (`cpus_per_rank` of them).
+    Hwthread,
+    /// Cores, with all their hardware threads (`cpus_per_rank` of them).
+    Core,
+    /// The package (socket) of its cores.
+    Socket,
+    /// The NUMA node of its cores.
+    Numa,
+}
+
+impl BindTo {
+    /// The name used on the command line (`--bind-to NAME`) and by hydra's `-bind-to`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindTo::None => "none",
+            BindTo::Hwthread => "hwthread",
+            BindTo::Core => "core",
+            BindTo::Socket => "socket",
+            BindTo::Numa => "numa",
+        }
+    }
+}
+
+/// Where each rank's output goes besides cmpirun's own standard output and error: hydra-style
+/// file name patterns (`%r` rank, `%h` host, `%p` node index, `%g` 0, `%%` a `%`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFiles {
+    /// The file of each rank's standard output (`-outfile-pattern`).
+    pub stdout: Option<String>,
+    /// The file of each rank's standard error (`-errfile-pattern`).
+    pub stderr: Option<String>,
+}
+
+impl OutputFiles {
+    /// Whether any stream goes to a file.
+    pub fn any(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
 }
 
 impl JobSpec {

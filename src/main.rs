@@ -772,6 +772,12 @@ fn run_launch(spec: &cmpirun::jobspec::JobSpec) -> Result<ExitCode, Fatal> {
         return Ok(ExitCode::SUCCESS);
     }
     check_plan(spec, &plan)?;
+    for line in plan::summary(&plan) {
+        tracing::info!("{line}");
+    }
+    if spec.display_map {
+        say(plan::layout_text(&plan).trim_end());
+    }
     // Single-threaded up to here: the node instance and the ranks are forked next.
     let code = cmpirun::launch::launch(&plan)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
@@ -802,10 +808,24 @@ fn check_plan(
             .failed_checks()
             .map(|c| format!("{}: {}", c.name, c.message))
             .collect();
+        // --force is offered only when it would launch.
+        let hint = if plan.failed_checks().all(|c| c.force_helps()) {
+            "run with --dry-run to see the whole plan, or --force to launch anyway"
+        } else {
+            "run with --dry-run to see the whole plan"
+        };
         return Err(exit::UsageError(format!(
-            "not launching: {} (run with --dry-run to see the whole plan, or --force to launch anyway)",
+            "not launching: {} ({hint})",
             failed.join("; ")
         )));
+    }
+    // Checks that only warn are for the user to see at launch too, not only in --dry-run.
+    for c in plan
+        .checks
+        .iter()
+        .filter(|c| c.verdict == plan::Verdict::Warn)
+    {
+        tracing::warn!("{}: {}", c.name, c.message);
     }
     // Failed checks left at this point were overridden with --force: say which.
     for c in plan.failed_checks() {
@@ -967,13 +987,15 @@ impl std::io::Write for LogWriter {
 
 fn init_logging(verbose: u8) {
     // backhand logs every corrupt-image detail at error level; cmpirun reports those itself in
-    // one line, so backhand's own messages appear only when asked for with -vv. fuser warns
+    // one line, so backhand's own messages appear only when asked for with -vvv. fuser warns
     // about every operation the image server leaves to its default answer (ENOSYS for xattrs,
-    // which `ls -l` asks for): noise to a user, shown from -vv on.
+    // which `ls -l` asks for): noise to a user, shown with -vvv.
+    // -v and -vv are cmpirun's own decisions and steps; the dependencies' chatter (backhand's
+    // reading of every image, fuser's line per FUSE request) only comes with -vvv.
     let level = match verbose {
         0 => "warn,backhand=off,fuser=error",
-        1 => "info,backhand=off,fuser=error",
-        2 => "debug",
+        1 => "warn,cmpirun=info,cmpirun_pmi=info,cmpirun_fabric=info,backhand=off,fuser=error",
+        2 => "warn,cmpirun=debug,cmpirun_pmi=debug,cmpirun_fabric=debug,backhand=off,fuser=error",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CMPIRUN_LOG")

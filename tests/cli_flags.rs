@@ -129,11 +129,14 @@ fn hostfile_errors_name_file_and_line() {
     usage_error(&["-f", p, "img.sif", "prog"], &[&format!("{p}:1:"), "frob"]);
     std::fs::write(&bad, "# nothing\n").unwrap();
     usage_error(&["-f", p, "img.sif", "prog"], &[p, "no host"]);
-    let missing = dir.path().join("missing");
-    usage_error(
-        &["--hostfile", missing.to_str().unwrap(), "img.sif", "prog"],
-        &["--hostfile", missing.to_str().unwrap()],
-    );
+    missing_file_is_named("--hostfile", dir.path());
+}
+
+/// A file named by `flag` that does not exist is a usage error naming the flag and the file.
+fn missing_file_is_named(flag: &str, dir: &std::path::Path) {
+    let missing = dir.join("missing");
+    let m = missing.to_str().unwrap();
+    usage_error(&[flag, m, "img.sif", "prog"], &[flag, m]);
 }
 
 #[test]
@@ -257,14 +260,12 @@ fn cmpirun_own_flags() {
 #[test]
 fn placement_flags_are_accepted_with_a_warning() {
     let cases: &[&[&str]] = &[
-        &["--bind-to", "core"],
-        &["-bind-to", "none"],
         &["--rank-by", "slot"],
         &["--oversubscribe"],
         &["-oversubscribe"],
-        &["--report-bindings"],
         &["--map-by", "ppr:2:socket"],
         &["--allow-run-as-root"],
+        &["--bind-to", "core:overload-allowed"],
     ];
     for flags in cases {
         let mut args = flags.to_vec();
@@ -335,8 +336,8 @@ fn bad_usage_exits_2_and_names_the_flag() {
     usage_error(&["-genv", "A"], &["-genv", "VAR VALUE"]);
     usage_error(&["-x", "1BAD=2", "img.sif", "prog"], &["-x", "1BAD"]);
     usage_error(
-        &["--launcher", "ssh", "img.sif", "prog"],
-        &["--launcher", "ssh"],
+        &["--launcher", "pbs", "img.sif", "prog"],
+        &["--launcher", "pbs"],
     );
     usage_error(&["--pmi", "pmi3", "img.sif", "prog"], &["--pmi", "pmi3"]);
     usage_error(
@@ -420,4 +421,240 @@ fn a_closed_stdout_ends_the_output_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn hydra_env_forms_with_an_equals_sign() {
+    let (j, _) = job(&[
+        "-genv",
+        "A=1",
+        "-genv",
+        "B",
+        "2",
+        "--genv=C=x=y",
+        "-env",
+        "D=",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(
+        j["env"],
+        serde_json::json!([
+            {"kind": "set", "name": "A", "value": "1"},
+            {"kind": "set", "name": "B", "value": "2"},
+            {"kind": "set", "name": "C", "value": "x=y"},
+        ])
+    );
+    assert_eq!(
+        j["apps"][0]["env"],
+        serde_json::json!([{"kind": "set", "name": "D", "value": ""}])
+    );
+    // The one-word form does not take the image as a value.
+    assert_eq!(j["apps"][0]["image"], "img.sif");
+    usage_error(&["-genv", "1A=2", "img.sif", "prog"], &["-genv", "1A"]);
+}
+
+#[test]
+fn single_dash_long_flags_are_never_split() {
+    // `-nameserver` is not `-n ameserver`; `-configfile` is not `-c onfigfile`.
+    let (j, stderr) = job(&["-nameserver", "host:4000", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], Value::Null);
+    assert!(stderr.contains("-nameserver"), "{stderr}");
+    assert!(
+        j["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.starts_with("-nameserver host:4000")),
+        "{j}"
+    );
+    for word in ["-nfoo", "-Nx", "-cpus", "-fhosts", "-xFOO=1", "-Hnode"] {
+        usage_error(&[word, "img.sif", "prog"], &["unknown flag", word]);
+    }
+    // Attached values that are not words still work.
+    let (j, _) = job(&["-n4", "-N2", "img.sif", "prog"]);
+    assert_eq!(j["apps"][0]["np"], 4);
+    assert_eq!(j["ppn"], 2);
+}
+
+#[test]
+fn configfile_and_app_files_give_the_mpmd_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parts");
+    std::fs::write(
+        &file,
+        "# hydra's configfile: one part per line\n-n 2 -env A a one.sif p1 'x y'\n\n-n 1 two.sif p2\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    for flag in ["-configfile", "--configfile", "--app", "-app"] {
+        let (j, _) = job(&["-genv", "G=1", flag, f]);
+        let apps = j["apps"].as_array().unwrap();
+        assert_eq!(apps.len(), 2, "{flag}: {j}");
+        assert_eq!(apps[0]["np"], 2);
+        assert_eq!(apps[0]["image"], "one.sif");
+        assert_eq!(apps[0]["args"], serde_json::json!(["x y"]));
+        assert_eq!(apps[0]["env"][0]["name"], "A");
+        assert_eq!(apps[1]["program"], "p2");
+        assert_eq!(j["env"][0]["name"], "G");
+    }
+    // Parts after the file follow it.
+    let (j, _) = job(&["-configfile", f, "-n", "1", "three.sif", "p3"]);
+    assert_eq!(j["apps"][2]["image"], "three.sif");
+    // Errors name the file and the line.
+    std::fs::write(&file, "-n 1 one.sif p1\n-n zero two.sif p2\n").unwrap();
+    usage_error(&["-configfile", f], &[&format!("{f}:2:"), "-n", "zero"]);
+    std::fs::write(&file, "-n 1 one.sif p1\n-n 2 two.sif\n").unwrap();
+    usage_error(&["--app", f], &[&format!("{f}:2:"), "no program"]);
+    std::fs::write(&file, "-n 1 'one.sif p1\n").unwrap();
+    usage_error(&["--app", f], &[&format!("{f}:1:"), "quotes"]);
+    std::fs::write(&file, "# nothing\n").unwrap();
+    usage_error(&["--app", f], &[f, "no part"]);
+    std::fs::write(&file, format!("-configfile {f}\n")).unwrap();
+    usage_error(&["-configfile", f], &[&format!("{f}:1:"), "another"]);
+    missing_file_is_named("-configfile", dir.path());
+    missing_file_is_named("--rankfile", dir.path());
+}
+
+#[test]
+fn output_and_exit_code_flags() {
+    let (j, stderr) = job(&[
+        "-outfile-pattern",
+        "out.%r",
+        "-errfile-pattern",
+        "err.%h.%p.%g.%%",
+        "--merge-stderr-to-stdout",
+        "--timestamp-output",
+        "-print-all-exitcodes",
+        "--display-map",
+        "img.sif",
+        "prog",
+    ]);
+    assert_eq!(
+        j["output_files"],
+        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%"})
+    );
+    for key in [
+        "merge_stderr",
+        "timestamp_output",
+        "print_all_exitcodes",
+        "display_map",
+    ] {
+        assert_eq!(j[key], true, "{key}");
+    }
+    assert!(
+        !stderr.contains("WARN"),
+        "applied flags do not warn: {stderr}"
+    );
+    // Open MPI's directory: absolute, and its % kept literal.
+    let (j, _) = job(&["--output-filename", "/x%y", "img.sif", "prog"]);
+    assert_eq!(j["output_files"]["stdout"], "/x%%y/1/rank.%r/stdout");
+    assert_eq!(j["output_files"]["stderr"], "/x%%y/1/rank.%r/stderr");
+    let (j, _) = job(&["--output-filename", "rel", "img.sif", "prog"]);
+    assert!(
+        j["output_files"]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with('/')
+    );
+    usage_error(
+        &["-outfile-pattern", "out.%x", "img.sif", "prog"],
+        &["-outfile-pattern", "%r (rank)"],
+    );
+}
+
+#[test]
+fn bootstrap_names_map_to_launchers() {
+    for (flag, value, launcher) in [
+        ("-bootstrap", "ssh", "hydra"),
+        ("-bootstrap", "rsh", "hydra"),
+        ("-bootstrap", "slurm", "slurm"),
+        ("-bootstrap", "fork", "local"),
+        ("-launcher", "ssh", "hydra"),
+        ("-launcher", "fork", "local"),
+        ("--launcher", "local", "local"),
+    ] {
+        let (j, _) = job(&[flag, value, "img.sif", "prog"]);
+        assert_eq!(j["launcher"], launcher, "{flag} {value}");
+        let bootstrap = if value == "ssh" || value == "rsh" {
+            Value::from(value)
+        } else {
+            Value::Null
+        };
+        assert_eq!(j["hydra_bootstrap"], bootstrap, "{flag} {value}");
+    }
+    usage_error(
+        &["-bootstrap", "lsf", "img.sif", "prog"],
+        &["-bootstrap", "lsf"],
+    );
+}
+
+#[test]
+fn rankfiles_are_checked_and_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let rf = dir.path().join("rankfile");
+    std::fs::write(&rf, "# two ranks\nrank 0=n1 slot=0\nrank 1=n1 slot=1:0-1\n").unwrap();
+    let p = rf.to_str().unwrap();
+    let (j, stderr) = job(&["--rankfile", p, "img.sif", "prog"]);
+    assert_eq!(j["rankfile"], p);
+    assert!(
+        stderr.contains("--rankfile") && stderr.contains("not applied"),
+        "{stderr}"
+    );
+    std::fs::write(&rf, "rank 0=n1 slot=0\nrank x=n1 slot=1\n").unwrap();
+    usage_error(
+        &["--rankfile", p, "img.sif", "prog"],
+        &[&format!("{p}:2:"), "rank"],
+    );
+    std::fs::write(&rf, "rank 0=n1\n").unwrap();
+    usage_error(
+        &["-rf", p, "img.sif", "prog"],
+        &[&format!("{p}:1:"), "slot="],
+    );
+}
+
+#[test]
+fn binding_flags() {
+    for (flags, to, per) in [
+        (&["--bind-to", "core"][..], "core", Value::Null),
+        (&["-bind-to", "socket"], "socket", Value::Null),
+        (&["--bind-to", "numa"], "numa", Value::Null),
+        (&["--bind-to", "hwthread"], "hwthread", Value::Null),
+        (&["--bind-to", "none"], "none", Value::Null),
+        (&["-bind-to", "core:2"], "core", Value::from(2)),
+        (&["--bind-to-core"], "core", Value::Null),
+        (&["--bind-to-socket"], "socket", Value::Null),
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["img.sif", "prog"]);
+        let (j, stderr) = job(&args);
+        assert_eq!(j["binding"]["to"], to, "{flags:?}");
+        assert_eq!(j["binding"]["cpus_per_rank"], per, "{flags:?}");
+        assert!(!stderr.contains("WARN"), "{flags:?}: {stderr}");
+    }
+    for flags in [
+        &["--cpus-per-rank", "2"][..],
+        &["--cpus-per-proc", "2"],
+        &["--map-by", "slot:PE=2"],
+        &["--map-by", "core:pe=2"],
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["--report-bindings", "img.sif", "prog"]);
+        let (j, _) = job(&args);
+        assert_eq!(j["binding"]["cpus_per_rank"], 2, "{flags:?}");
+        assert_eq!(j["binding"]["report"], true);
+    }
+    let (j, stderr) = job(&["--map-by", "slot:PE=2", "img.sif", "prog"]);
+    assert_eq!(j["mapping"], "block");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    usage_error(
+        &["--bind-to", "l3", "img.sif", "prog"],
+        &["--bind-to", "l3"],
+    );
+    usage_error(
+        &["--cpus-per-rank", "0", "img.sif", "prog"],
+        &["--cpus-per-rank"],
+    );
+    usage_error(
+        &["--map-by", "slot:PE=x", "img.sif", "prog"],
+        &["--map-by", "x"],
+    );
 }

@@ -304,3 +304,161 @@ fn failing_checks_stop_a_launch_with_exit_2() {
         "{err}"
     );
 }
+
+#[test]
+fn output_flags_reach_srun_and_hydra_or_warn_once() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let flags = [
+        "-outfile-pattern",
+        "/o/out.%r.%h",
+        "-errfile-pattern",
+        "/o/err.%r",
+        "--timestamp-output",
+        "-print-all-exitcodes",
+    ];
+    let argv = |j: &Value| -> Vec<String> {
+        j["launcher"]["commands"][0]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut args = flags.to_vec();
+    args.extend([img.as_str(), "hello"]);
+    let j = json(&args, &SLURM);
+    let a = argv(&j);
+    assert!(a.contains(&"--output=/o/out.%t.%N".to_owned()), "{a:?}");
+    assert!(a.contains(&"--error=/o/err.%t".to_owned()), "{a:?}");
+    let warnings: Vec<&str> = j["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    for flag in ["--timestamp-output", "-print-all-exitcodes"] {
+        assert_eq!(
+            warnings.iter().filter(|w| w.starts_with(flag)).count(),
+            1,
+            "{flag}: {warnings:?}"
+        );
+    }
+    let mut args = vec!["--launcher", "hydra", "-H", "a,b", "-bootstrap", "ssh"];
+    args.extend(flags);
+    args.extend([img.as_str(), "hello"]);
+    let j = json(&args, &[]);
+    assert_eq!(j["launcher"]["kind"], "hydra");
+    let a = argv(&j).join(" ");
+    assert!(
+        a.contains("-bootstrap ssh -outfile-pattern /o/out.%r.%h -errfile-pattern /o/err.%r -print-all-exitcodes"),
+        "{a}"
+    );
+    let w = j["warnings"].to_string();
+    assert!(
+        w.contains("--timestamp-output") && !w.contains("-print-all"),
+        "{w}"
+    );
+    // The local launcher applies them all: no warning.
+    let mut args = flags.to_vec();
+    args.extend(["--merge-stderr-to-stdout", img.as_str(), "hello"]);
+    let j = json(&args, &[]);
+    assert_eq!(j["launcher"]["kind"], "local");
+    assert_eq!(j["warnings"], serde_json::json!([]));
+}
+
+#[test]
+fn force_is_offered_only_where_it_helps() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("missing.sif");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        &["-n", "1", missing, "x"][..],
+        &["--force", "-n", "1", missing, "x"],
+    ] {
+        let out = run(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(missing) && !stderr.contains("--force to launch"),
+            "a missing image is not fixed by --force: {stderr}"
+        );
+    }
+    let out = text(&["-n", "1", missing, "x"], &[]);
+    assert!(out.contains("--force cannot launch past"), "{out}");
+    // A compatibility check that --force can override still offers it.
+    let img = image(t.path());
+    let profile = t.path().join("other.yaml");
+    std::fs::write(
+        &profile,
+        "name: other\nmatch:\n  files: [/no-such-file-cmpirun]\npmi:\n  kind: pmi2\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--profile", profile.to_str().unwrap(), "-n", "1", &img, "x"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("profile-match") && stderr.contains("--force to launch anyway"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let joined = |j: &Value| -> String {
+        j["launcher"]["commands"][0]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let j = json(
+        &["--bind-to", "socket", "--report-bindings", &img, "hello"],
+        &SLURM,
+    );
+    assert!(
+        joined(&j).contains(" --cpu-bind=verbose,sockets "),
+        "{}",
+        joined(&j)
+    );
+    let j = json(&["--cpus-per-rank", "2", &img, "hello"], &SLURM);
+    assert!(
+        joined(&j).contains(" --cpu-bind=cores --cpus-per-task=2 "),
+        "{}",
+        joined(&j)
+    );
+    let out = text(&["--bind-to", "core", &img, "hello"], &SLURM);
+    assert!(
+        out.contains("binding: ranks bound to core: by srun (--cpu-bind=cores)"),
+        "{out}"
+    );
+    let j = json(
+        &[
+            "--launcher",
+            "hydra",
+            "-H",
+            "a,b",
+            "--map-by",
+            "slot:PE=2",
+            &img,
+            "hello",
+        ],
+        &[],
+    );
+    assert!(joined(&j).contains(" -bind-to core:2 "), "{}", joined(&j));
+    // The local launcher binds itself and says how.
+    let out = text(&["--bind-to", "core", &img, "hello"], &[]);
+    assert!(
+        out.contains("binding: ranks bound to core: by cmpirun"),
+        "{out}"
+    );
+    let out = text(&[&img, "hello"], &[]);
+    assert!(!out.contains("binding:"), "{out}");
+}

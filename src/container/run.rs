@@ -220,6 +220,7 @@ fn run_member(
         env,
         cwd: cfg.root.cwd.clone().unwrap_or_else(|| "/".into()),
         new_session: false,
+        cpus: None,
         image: 0,
         fds: Vec::new(),
     };

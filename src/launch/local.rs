@@ -22,12 +22,12 @@ use nix::unistd::{Pid, pipe2};
 
 use crate::container::instance::NodeInstance;
 use crate::container::run::with_forwarded_signals_blocked;
-use crate::plan::LaunchPlan;
+use crate::plan::{LaunchPlan, expand_pattern};
 
 use super::injected::{DeviceProof, Finding, InjectedLibfabric};
-use super::output::{LineBuffer, Stream, tag, write_out};
+use super::output::{Dest, LineBuffer, Stream, tag, write_out};
 use super::status::{JobEnd, RankEnd};
-use super::{LaunchError, node};
+use super::{LaunchError, binding, node};
 
 /// Signals that end the job when cmpirun receives them (the others are only passed on).
 fn ends_job(sig: Signal) -> bool {
@@ -57,6 +57,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         return Err(LaunchError::Threaded { names });
     }
     ensure_limits(plan.layout.size)?;
+    let cpus = rank_cpus(plan)?;
     let cfg = node::node_config(plan, &BTreeMap::new())?;
     with_forwarded_signals_blocked(sys("block signals"), |mask, _| {
         // Job control too: the ranks are session leaders, so the terminal's Ctrl-Z stops only
@@ -69,8 +70,34 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         let mut mask = *mask;
         mask.add(Signal::SIGTSTP);
         mask.add(Signal::SIGCONT);
-        run_blocked(plan, &cfg, &mask)
+        run_blocked(plan, &cfg, &cpus, &mask)
     })
+}
+
+/// The CPUs of each rank (`None`: not bound), from this node's topology and the CPUs this
+/// process may use; with `--report-bindings`, says what each rank gets.
+fn rank_cpus(plan: &LaunchPlan) -> Result<Vec<Option<Vec<usize>>>, LaunchError> {
+    let spec = &plan.job.binding;
+    let size = plan.layout.size as usize;
+    if !spec.asked() {
+        return Ok(vec![None; size]);
+    }
+    let node = binding::NodeCpus::read()?;
+    let cpus = binding::assign(spec, &node, size)?;
+    if spec.report {
+        let host = plan
+            .layout
+            .nodes
+            .first()
+            .map_or("localhost", |n| n.name.as_str());
+        let mut text = String::new();
+        for (rank, c) in cpus.iter().enumerate() {
+            let line = binding::report_line(rank as u32, host, c.as_deref(), &node.allowed);
+            text.push_str(&format!("cmpirun: {line}\n"));
+        }
+        write_out(Stream::Stderr, text.as_bytes());
+    }
+    Ok(cpus)
 }
 
 /// Makes sure this node's limits let the job start, before anything is started: cmpirun holds
@@ -149,18 +176,21 @@ fn user_processes() -> u64 {
 struct Rank {
     pid: Pid,
     done: bool,
+    /// How it ended, once it did.
+    end: Option<RankEnd>,
 }
 
 /// One output pipe of one rank.
 struct Pipe {
     fd: OwnedFd,
     buf: LineBuffer,
-    stream: Stream,
+    dest: Dest,
 }
 
 fn run_blocked(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
+    cpus: &[Option<Vec<usize>>],
     mask: &SigSet,
 ) -> Result<JobEnd, LaunchError> {
     let sigfd = SignalFd::with_flags(mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
@@ -175,7 +205,7 @@ fn run_blocked(
     let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
-    let started = start_ranks(plan, cfg, &inst, &mut server, &mut ranks, &mut pipes);
+    let started = start_ranks(plan, cfg, cpus, &inst, &mut server, &mut ranks, &mut pipes);
     inst.release_namespaces();
     let wake = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"));
     let (wake_r, wake_w) = match started.and(wake) {
@@ -222,6 +252,13 @@ fn run_blocked(
         grace: super::settings::kill_grace(),
     };
     job.run(&sigfd, wake_r, &rx);
+    if plan.job.print_all_exitcodes {
+        let ends: Vec<Option<RankEnd>> = job.ranks.iter().map(|r| r.end).collect();
+        write_out(
+            Stream::Stderr,
+            super::status::all_exit_codes(&ends).as_bytes(),
+        );
+    }
     let end = job.end.take().unwrap_or(JobEnd::Success);
     drop(job);
     control.stop();
@@ -247,6 +284,7 @@ fn abandon(ranks: &[Rank], inst: NodeInstance, e: LaunchError) -> LaunchError {
 fn start_ranks(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
+    cpus: &[Option<Vec<usize>>],
     inst: &NodeInstance,
     server: &mut PmiServer,
     ranks: &mut Vec<Rank>,
@@ -272,12 +310,24 @@ fn start_ranks(
         Err(e) => return Err(sys("dup stdin")(e)),
     };
     let host: Vec<_> = std::env::vars_os().collect();
+    let mut files = OutputFiles::default();
     for rank in 0..plan.layout.size {
         let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
         let mut cmd =
             node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+        cmd.cpus = cpus
+            .get(rank as usize)
+            .and_then(|c| c.as_deref())
+            .map(binding::cpu_set);
         let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+        let out_w = Arc::new(out_w);
+        // --merge-stderr-to-stdout: one pipe for both, so their lines keep their order.
+        let (err_r, err_w) = if plan.job.merge_stderr {
+            (None, out_w.clone())
+        } else {
+            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+            (Some(r), Arc::new(w))
+        };
         // `PMI_FD` names the socket's number here; the rank gets it at the same number.
         cmd.fds = vec![
             (
@@ -288,22 +338,77 @@ fn start_ranks(
                     null.clone()
                 },
             ),
-            (1, Arc::new(out_w)),
-            (2, Arc::new(err_w)),
+            (1, out_w),
+            (2, err_w),
             (pmi.fd.as_raw_fd(), Arc::new(pmi.fd)),
         ];
-        let pid = inst.spawn(&cmd).map_err(LaunchError::from_instance)?;
-        tracing::debug!("rank {rank} started as pid {pid}");
-        ranks.push(Rank { pid, done: false });
-        for (fd, stream) in [(out_r, Stream::Stdout), (err_r, Stream::Stderr)] {
-            pipes.push(Pipe {
+        let streams = [(Some(out_r), Stream::Stdout), (err_r, Stream::Stderr)];
+        let mut rank_pipes = Vec::with_capacity(2);
+        for (fd, stream) in streams {
+            let Some(fd) = fd else { continue };
+            rank_pipes.push(Pipe {
                 fd,
-                buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream)),
-                stream,
+                buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream))
+                    .with_timestamps(plan.job.timestamp_output),
+                dest: files.dest(plan, rank, stream)?,
             });
         }
+        let pid = inst.spawn(&cmd).map_err(LaunchError::from_instance)?;
+        tracing::debug!("rank {rank} started as pid {pid}");
+        ranks.push(Rank {
+            pid,
+            done: false,
+            end: None,
+        });
+        pipes.extend(rank_pipes);
     }
     Ok(())
+}
+
+/// The output files of the ranks (`-outfile-pattern`, `-errfile-pattern`, `--output-filename`),
+/// each opened once: a rank's two streams may name one file.
+#[derive(Default)]
+struct OutputFiles {
+    open: BTreeMap<std::path::PathBuf, Arc<std::fs::File>>,
+}
+
+impl OutputFiles {
+    /// Where `stream` of `rank` goes: its file if the job names one (made with its parent
+    /// directories, emptied if it exists), else cmpirun's own stream.
+    fn dest(&mut self, plan: &LaunchPlan, rank: u32, stream: Stream) -> Result<Dest, LaunchError> {
+        let pattern = match stream {
+            Stream::Stdout => plan.job.output_files.stdout.as_deref(),
+            Stream::Stderr => plan.job.output_files.stderr.as_deref(),
+        };
+        let Some(pattern) = pattern else {
+            return Ok(Dest::Terminal(stream));
+        };
+        let node = plan
+            .layout
+            .node_of_rank
+            .get(rank as usize)
+            .copied()
+            .unwrap_or(0);
+        let host = plan
+            .layout
+            .nodes
+            .get(node as usize)
+            .map_or("localhost", |n| n.name.as_str());
+        let path = std::path::PathBuf::from(expand_pattern(pattern, rank, host, node));
+        if let Some(file) = self.open.get(&path) {
+            return Ok(Dest::File(file.clone()));
+        }
+        let io = |source| LaunchError::OutputFile {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = Arc::new(std::fs::File::create(&path).map_err(io)?);
+        self.open.insert(path, file.clone());
+        Ok(Dest::File(file))
+    }
 }
 
 /// The running job, as the main loop sees it.
@@ -438,7 +543,7 @@ impl Job<'_> {
         let mut out = Vec::new();
         for p in &mut self.pipes {
             p.buf.finish(&mut out);
-            write_out(p.stream, &out);
+            p.dest.write(&out);
             out.clear();
         }
     }
@@ -464,8 +569,10 @@ impl Job<'_> {
                     closed.push(i);
                 }
             }
-            if !write_out(p.stream, &out) {
-                gone.get_or_insert(p.stream);
+            if !p.dest.write(&out)
+                && let Dest::Terminal(stream) = p.dest
+            {
+                gone.get_or_insert(stream);
             }
             out.clear();
         }
@@ -515,6 +622,7 @@ impl Job<'_> {
                 Ok(code) => RankEnd::Exited(code),
                 Err(signal) => RankEnd::Signaled(signal as i32),
             };
+            self.ranks[rank as usize].end = Some(end);
             // A rank that failed because an image mount ended (its files vanished, or the node
             // instance killed it for that): the mount is the reason, also when the failure of a
             // rank that saw its files vanish first was taken for the job's end.

@@ -17,6 +17,7 @@
 //! - [`status`], [`output`], [`rank_env`]: the pure parts (exit status, output lines, a rank's
 //!   environment).
 
+pub mod binding;
 pub mod front_end;
 pub mod injected;
 pub mod local;
@@ -148,6 +149,17 @@ pub enum LaunchError {
         /// The error.
         errno: Errno,
     },
+    /// The ranks cannot be bound to CPUs as asked.
+    #[error(transparent)]
+    Binding(#[from] binding::BindingError),
+    /// A rank's output file (`-outfile-pattern`, `--output-filename`) cannot be made.
+    #[error("cannot create the output file {path}: {source}")]
+    OutputFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// An I/O operation failed.
     #[error("{step}: {source}")]
     Io {
@@ -172,10 +184,12 @@ impl Blame for LaunchError {
             | LaunchError::NoRank
             | LaunchError::LauncherMissing { .. }
             | LaunchError::Limit { .. }
+            | LaunchError::OutputFile { .. }
             | LaunchError::Bind(_) => Fault::User,
             LaunchError::Instance(e) => e.fault(),
             LaunchError::Config(e) => e.fault(),
             LaunchError::Registry(e) => e.fault(),
+            LaunchError::Binding(e) => e.fault(),
             LaunchError::NoLauncherCommand
             | LaunchError::SerialisePlan(_)
             | LaunchError::Threaded { .. }

@@ -238,6 +238,7 @@ pub fn rank_command(
         new_session: true,
         image,
         fds: Vec::new(),
+        cpus: None,
     }
 }
 

@@ -42,6 +42,8 @@ pub fn tag(style: OutputTag, rank: u32, stream: Stream) -> String {
 pub struct LineBuffer {
     prefix: Vec<u8>,
     pending: Vec<u8>,
+    /// `--timestamp-output`: each line starts with the time it was read.
+    timestamps: bool,
 }
 
 impl LineBuffer {
@@ -50,7 +52,22 @@ impl LineBuffer {
         LineBuffer {
             prefix: prefix.into_bytes(),
             pending: Vec::new(),
+            timestamps: false,
         }
+    }
+
+    /// The same, each line also starting with `[TIME] ` (UTC, RFC 3339 with milliseconds).
+    pub fn with_timestamps(mut self, on: bool) -> LineBuffer {
+        self.timestamps = on;
+        self
+    }
+
+    fn start_line(&self, out: &mut Vec<u8>) {
+        if self.timestamps {
+            let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+            out.extend_from_slice(format!("[{now}] ").as_bytes());
+        }
+        out.extend_from_slice(&self.prefix);
     }
 
     /// Adds `data` and appends every complete line (tagged) to `out`.
@@ -58,13 +75,13 @@ impl LineBuffer {
         self.pending.extend_from_slice(data);
         let mut start = 0;
         while let Some(nl) = self.pending[start..].iter().position(|&b| b == b'\n') {
-            out.extend_from_slice(&self.prefix);
+            self.start_line(out);
             out.extend_from_slice(&self.pending[start..=start + nl]);
             start += nl + 1;
         }
         self.pending.drain(..start);
         while self.pending.len() >= MAX_LINE {
-            out.extend_from_slice(&self.prefix);
+            self.start_line(out);
             out.extend_from_slice(&self.pending[..MAX_LINE]);
             out.push(b'\n');
             self.pending.drain(..MAX_LINE);
@@ -77,12 +94,38 @@ impl LineBuffer {
         if self.pending.is_empty() {
             return;
         }
-        out.extend_from_slice(&self.prefix);
+        self.start_line(out);
         out.extend_from_slice(&self.pending);
-        if !self.prefix.is_empty() {
+        if !self.prefix.is_empty() || self.timestamps {
             out.push(b'\n');
         }
         self.pending.clear();
+    }
+}
+
+/// Where the lines of one stream of one rank go: cmpirun's own standard output or error, or a
+/// file of the rank's (`-outfile-pattern`, `--output-filename`; two streams may share one).
+#[derive(Debug, Clone)]
+pub enum Dest {
+    /// cmpirun's standard output or error.
+    Terminal(Stream),
+    /// A file cmpirun opened for the rank.
+    File(std::sync::Arc<std::fs::File>),
+}
+
+impl Dest {
+    /// Writes `data`; `false` when the reader of cmpirun's own stream went away (see
+    /// [`write_out`]). A failed write to a file drops the data with a warning.
+    pub fn write(&self, data: &[u8]) -> bool {
+        match self {
+            Dest::Terminal(stream) => write_out(*stream, data),
+            Dest::File(file) => {
+                if let Err(e) = (&**file).write_all(data) {
+                    tracing::warn!("cannot write a rank's output file: {e}");
+                }
+                true
+            }
+        }
     }
 }
 
@@ -152,6 +195,22 @@ mod tests {
         b.push(b"a\nb", &mut out);
         b.finish(&mut out);
         assert_eq!(out, b"a\nb");
+    }
+
+    #[test]
+    fn timestamped_lines() {
+        let mut b = LineBuffer::new("[0] ".into()).with_timestamps(true);
+        let mut out = Vec::new();
+        b.push(b"a\nb", &mut out);
+        b.finish(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0].starts_with('[') && lines[0].ends_with("Z] [0] a"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("Z] [0] b"), "{text}");
     }
 
     #[test]

@@ -31,6 +31,27 @@ pub enum RankEnd {
     MountLost,
 }
 
+/// `-print-all-exitcodes`: one line per rank saying how it ended (`None`: it never ended
+/// as far as cmpirun saw, as when it was never reaped).
+pub fn all_exit_codes(ends: &[Option<RankEnd>]) -> String {
+    let mut text = String::new();
+    for (rank, end) in ends.iter().enumerate() {
+        let how = match end {
+            Some(RankEnd::Exited(code)) => format!("exited with status {code}"),
+            Some(RankEnd::Signaled(sig)) => {
+                let name =
+                    Signal::try_from(*sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+                format!("was killed by signal {sig} ({name})")
+            }
+            Some(RankEnd::Aborted(code)) => format!("called MPI_Abort with code {code}"),
+            Some(RankEnd::MountLost) => "ended because its image mount ended".to_owned(),
+            None => "did not end".to_owned(),
+        };
+        text.push_str(&format!("cmpirun: rank {rank} {how}\n"));
+    }
+    text
+}
+
 /// What ended a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEnd {

@@ -34,6 +34,9 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             plan.layout.size
         )?;
     }
+    if let Some(b) = super::launcher::binding_text(&plan.job, l.kind) {
+        writeln!(o, "binding: {b}")?;
+    }
     for c in &l.commands {
         writeln!(o, "command: {}", shell_words(&c.argv))?;
         writeln!(o, "  why: {}", c.why)?;
@@ -73,26 +76,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             write_part(o, plan, i)?;
         }
     }
-    let lay = &plan.layout;
-    writeln!(
-        o,
-        "layout: {} rank(s) on {} node(s), {} mapping",
-        lay.size,
-        lay.nodes.len(),
-        match lay.mapping {
-            crate::jobspec::Mapping::Block => "block",
-            crate::jobspec::Mapping::Cyclic => "cyclic",
-        }
-    )?;
-    for (id, n) in lay.nodes.iter().enumerate() {
-        writeln!(
-            o,
-            "  node {id} {}: ranks {}",
-            n.name,
-            cmpirun_pmi::server::rank_ranges(&n.ranks)
-        )?;
-    }
-    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    write_layout(o, plan)?;
     writeln!(o, "mount: {}", plan.mount.backend.as_str())?;
     writeln!(o, "  why: {}", plan.mount.reason)?;
     if let Some(s) = &plan.mount.shm_size {
@@ -186,10 +170,14 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(
             o,
             "result: {failed} check(s) failed; the launch would stop{}",
-            if plan.job.force {
-                ", but --force launches anyway"
-            } else {
-                " (--force launches anyway)"
+            match (
+                plan.failed_checks().all(|c| c.force_helps()),
+                plan.job.force
+            ) {
+                (false, _) =>
+                    " (--force cannot launch past the image, launcher-program or bind-source check)",
+                (true, true) => ", but --force launches anyway",
+                (true, false) => " (--force launches anyway)",
             }
         )?;
     } else {
@@ -310,4 +298,105 @@ fn shell_words(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// What `-v` prints at launch, in a few lines: the profile and why, the launcher, PMI and
+/// layout, the mount, what is injected (host libraries, devices, variables set), and how the
+/// checks went (those that warned are printed as warnings of their own).
+pub fn summary(plan: &LaunchPlan) -> Vec<String> {
+    let l = &plan.launcher;
+    let mut lines = vec![
+        format!("profile {}: {}", plan.profile.name, plan.profile.reason),
+        format!(
+            "launcher {} ({}); pmi {} ({}); {} rank(s) on {} node(s)",
+            l.kind.as_str(),
+            l.reason,
+            l.pmi.as_str(),
+            l.pmi_reason,
+            plan.layout.size,
+            plan.layout.nodes.len()
+        ),
+        format!(
+            "mount {}: {}",
+            plan.mount.backend.as_str(),
+            plan.mount.reason
+        ),
+    ];
+    lines.extend(super::launcher::binding_text(&plan.job, l.kind).map(|b| format!("binding: {b}")));
+    let names = |kind: BindKind| -> Vec<String> {
+        plan.binds
+            .iter()
+            .filter(|b| b.kind == kind)
+            .map(|b| b.source.rsplit('/').next().unwrap_or(&b.source).to_owned())
+            .collect()
+    };
+    let set: Vec<&str> = plan
+        .env
+        .iter()
+        .filter(|c| matches!(c.action, EnvAction::Set { .. } | EnvAction::Prepend { .. }))
+        .map(|c| c.name.as_str())
+        .collect();
+    let none = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(" ")
+        }
+    };
+    lines.push(format!(
+        "injected: libraries {}; devices {}; variables set {}",
+        none(&names(BindKind::Library)),
+        none(&names(BindKind::Device)),
+        if set.is_empty() {
+            "none".to_owned()
+        } else {
+            set.join(" ")
+        }
+    ));
+    let count = |v: Verdict| plan.checks.iter().filter(|c| c.verdict == v).count();
+    lines.push(format!(
+        "checks: {} passed, {} warned, {} failed{}",
+        count(Verdict::Pass),
+        count(Verdict::Warn),
+        count(Verdict::Fail),
+        if count(Verdict::Fail) > 0 {
+            " (--force)"
+        } else {
+            ""
+        }
+    ));
+    lines
+}
+
+/// The rank layout (`--display-map` prints it before the ranks start): nodes, their ranks and
+/// each part's program.
+pub fn layout_text(plan: &LaunchPlan) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_layout(&mut o, plan);
+    o
+}
+
+fn write_layout(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
+    let lay = &plan.layout;
+    writeln!(
+        o,
+        "layout: {} rank(s) on {} node(s), {} mapping",
+        lay.size,
+        lay.nodes.len(),
+        match lay.mapping {
+            crate::jobspec::Mapping::Block => "block",
+            crate::jobspec::Mapping::Cyclic => "cyclic",
+        }
+    )?;
+    for (id, n) in lay.nodes.iter().enumerate() {
+        writeln!(
+            o,
+            "  node {id} {}: ranks {}",
+            n.name,
+            cmpirun_pmi::server::rank_ranges(&n.ranks)
+        )?;
+    }
+    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    Ok(())
 }

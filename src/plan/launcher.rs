@@ -3,9 +3,10 @@
 
 use super::PlanError;
 use super::nodes::{host_origin, hydra_hosts};
+use super::output_files::srun_pattern;
 use super::types::{AppPlan, Check, CommandLine, LauncherPlan, Verdict};
 use crate::facts::HostFacts;
-use crate::jobspec::{JobSpec, LauncherKind, Mapping, PmiKind};
+use crate::jobspec::{BindTo, BindingSpec, JobSpec, LauncherKind, Mapping, PmiKind};
 use crate::profile::SiteProfile;
 
 /// The placeholder in rank command lines for the path of the plan file the launcher writes.
@@ -98,6 +99,124 @@ fn mpiexec_name(profile: &SiteProfile) -> String {
         .unwrap_or_else(|| "mpiexec.hydra".into())
 }
 
+/// srun's words for `binding`: `--cpu-bind=[verbose,]TYPE` and `--cpus-per-task=N`.
+fn srun_binding(binding: &BindingSpec) -> Vec<String> {
+    let mut args = Vec::new();
+    let kind = match binding.effective() {
+        BindTo::None if binding.to.is_none() => None,
+        BindTo::None => Some("none"),
+        BindTo::Hwthread => Some("threads"),
+        BindTo::Core => Some("cores"),
+        BindTo::Socket => Some("sockets"),
+        BindTo::Numa => Some("ldoms"),
+    };
+    match (binding.report, kind) {
+        (true, Some(k)) => args.push(format!("--cpu-bind=verbose,{k}")),
+        (true, None) => args.push("--cpu-bind=verbose".to_owned()),
+        (false, Some(k)) => args.push(format!("--cpu-bind={k}")),
+        (false, None) => {}
+    }
+    if let Some(n) = binding.cpus_per_rank {
+        args.push(format!("--cpus-per-task={n}"));
+    }
+    args
+}
+
+/// hydra's `-bind-to OBJECT[:N]`.
+fn hydra_binding(binding: &BindingSpec) -> String {
+    let to = binding.effective().as_str();
+    match binding.cpus_per_rank {
+        Some(n) if to != "none" => format!("{to}:{n}"),
+        _ => to.to_owned(),
+    }
+}
+
+/// Who binds the ranks to CPUs and how, for `--dry-run` and `-v`; `None` when no binding flag
+/// was given (the ranks are not bound).
+pub fn binding_text(spec: &JobSpec, kind: LauncherKind) -> Option<String> {
+    let b = &spec.binding;
+    if !b.asked() {
+        return None;
+    }
+    let what = match (b.effective(), b.cpus_per_rank) {
+        (BindTo::None, _) => "not bound".to_owned(),
+        (to, Some(n)) => format!("bound to {} ({n} per rank)", to.as_str()),
+        (to, None) => format!("bound to {}", to.as_str()),
+    };
+    Some(match kind {
+        LauncherKind::Local => format!(
+            "ranks {what}: by cmpirun, from this node's topology (hwloc) within the CPUs it may \
+             use (its affinity: cgroup cpuset, taskset, a Slurm step){}",
+            if b.report {
+                "; --report-bindings prints each rank's CPUs"
+            } else {
+                ""
+            }
+        ),
+        LauncherKind::Slurm => format!(
+            "ranks {what}: by srun ({}), which binds the tasks of its step within the allocation",
+            srun_binding(b).join(" ")
+        ),
+        LauncherKind::Hydra => format!(
+            "ranks {what}: by mpiexec.hydra (-bind-to {})",
+            hydra_binding(b)
+        ),
+    })
+}
+
+/// One warning for each output flag of `spec` that `kind` does not apply: the local launcher
+/// applies them all; srun and hydra own the ranks' output and apply what they have flags for.
+pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<String> {
+    let by = match kind {
+        LauncherKind::Local => return Vec::new(),
+        LauncherKind::Slurm => "srun",
+        LauncherKind::Hydra => "mpiexec.hydra",
+    };
+    let mut w = Vec::new();
+    let mut not_applied = |flag: &str, what: &str| {
+        w.push(format!(
+            "{flag}: not applied under the {} launcher ({by} writes the ranks' output{what})",
+            kind.as_str()
+        ));
+    };
+    if spec.timestamp_output {
+        not_applied("--timestamp-output", " and has no timestamps");
+    }
+    let merged_by_srun = kind == LauncherKind::Slurm && spec.output_files.stdout.is_some();
+    if spec.merge_stderr && !merged_by_srun {
+        not_applied(
+            "--merge-stderr-to-stdout",
+            if kind == LauncherKind::Slurm {
+                "; with -outfile-pattern srun writes both streams into that file"
+            } else {
+                ""
+            },
+        );
+    }
+    if spec.print_all_exitcodes && kind == LauncherKind::Slurm {
+        not_applied("-print-all-exitcodes", " and names the failed tasks itself");
+    }
+    if kind == LauncherKind::Slurm
+        && spec.output_files.stdout.is_some()
+        && spec.output_files.stderr.is_none()
+        && !spec.merge_stderr
+    {
+        w.push(
+            "-outfile-pattern without -errfile-pattern: srun writes the ranks' standard error \
+             into the same files"
+                .to_owned(),
+        );
+    }
+    if spec.binding.report && kind == LauncherKind::Hydra {
+        w.push(
+            "--report-bindings: not applied under the hydra launcher (mpiexec.hydra binds the \
+             ranks and does not print their CPUs)"
+                .to_owned(),
+        );
+    }
+    w
+}
+
 /// Whether the external launcher's program is on `PATH` (`launcher-program`); `None` for the
 /// local launcher.
 pub(super) fn program_check(
@@ -176,6 +295,15 @@ fn srun_command(
         argv.push("--distribution=cyclic".to_owned());
     }
     argv.push("--kill-on-bad-exit=1".to_owned());
+    argv.extend(srun_binding(&spec.binding));
+    let files = &spec.output_files;
+    if let Some(p) = &files.stdout {
+        argv.push(format!("--output={}", srun_pattern(p)));
+    }
+    // srun writes standard error into the --output file unless --error names another one.
+    if let Some(p) = files.stderr.as_ref().filter(|_| !spec.merge_stderr) {
+        argv.push(format!("--error={}", srun_pattern(p)));
+    }
     argv.extend(profile.launcher.srun_args.iter().cloned());
     argv.extend(rank_cmd.iter().cloned());
     CommandLine {
@@ -211,6 +339,21 @@ fn hydra_command(
     }
     if spec.mapping == Mapping::Cyclic {
         argv.push("-rr".to_owned());
+    }
+    if spec.binding.to.is_some() || spec.binding.cpus_per_rank.is_some() {
+        argv.extend(["-bind-to".to_owned(), hydra_binding(&spec.binding)]);
+    }
+    if let Some(b) = &spec.hydra_bootstrap {
+        argv.extend(["-bootstrap".to_owned(), b.clone()]);
+    }
+    if let Some(p) = &spec.output_files.stdout {
+        argv.extend(["-outfile-pattern".to_owned(), p.clone()]);
+    }
+    if let Some(p) = &spec.output_files.stderr {
+        argv.extend(["-errfile-pattern".to_owned(), p.clone()]);
+    }
+    if spec.print_all_exitcodes {
+        argv.push("-print-all-exitcodes".to_owned());
     }
     argv.extend(profile.launcher.mpiexec_args.iter().cloned());
     if mpmd {

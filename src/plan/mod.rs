@@ -35,15 +35,17 @@ pub mod launcher;
 pub mod layout;
 pub mod mount;
 pub mod nodes;
+pub mod output_files;
 pub mod parts;
 pub mod signatures;
 pub mod types;
 
-pub use dry_run::dry_run_text;
+pub use dry_run::{dry_run_text, layout_text, summary};
 pub use inject::INJECT_DIR;
 pub use launcher::PLAN_FILE_PLACEHOLDER;
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
 pub use mount::library_cache_dir;
+pub use output_files::{expand_pattern, srun_pattern};
 pub use parts::image_apps;
 pub use types::{
     AppPlan, Bind, BindKind, BindTime, Check, CommandLine, EnvAction, EnvChange, EnvScope,
@@ -124,6 +126,7 @@ pub fn build(
     let mut warnings = spec.warnings.clone();
 
     let mut launcher = launcher::choose(spec, profile, host)?;
+    warnings.extend(launcher::unapplied_output_flags(spec, launcher.kind));
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
     let apps = parts::parts(spec, images, &nodes)?;
     let size = parts::job_size(&apps);

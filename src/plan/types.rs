@@ -41,9 +41,11 @@ impl LaunchPlan {
         self.checks.iter().filter(|c| c.verdict == Verdict::Fail)
     }
 
-    /// Whether the launch may go ahead: no failed check, or `--force`.
+    /// Whether the launch may go ahead: no failed check, or `--force` and only failures it
+    /// can get past ([`Check::force_helps`]).
     pub fn may_launch(&self) -> bool {
-        self.job.force || self.failed_checks().next().is_none()
+        self.failed_checks()
+            .all(|c| self.job.force && c.force_helps())
     }
 }
 
@@ -259,4 +261,16 @@ pub struct Check {
     pub verdict: Verdict,
     /// What was found: the file, the version, and for a failure the fix.
     pub message: String,
+}
+
+impl Check {
+    /// Whether `--force` can launch past this check's failure. Not when the job cannot start
+    /// at all: an image that cannot be read, a launcher that is not installed, a bind whose
+    /// source does not exist; `--force` is for compatibility checks that may be wrong.
+    pub fn force_helps(&self) -> bool {
+        !matches!(
+            self.name.as_str(),
+            "image" | "launcher-program" | "bind-source"
+        )
+    }
 }

@@ -42,6 +42,9 @@ pub struct MemberCommand {
     /// child after the fork (this process's own descriptors are left alone). Others are
     /// inherited as they are: those without close-on-exec.
     pub fds: Vec<(RawFd, Arc<OwnedFd>)>,
+    /// The CPUs the member may run on (`sched_setaffinity` before its exec), for CPU binding;
+    /// `None` leaves the affinity it inherits.
+    pub cpus: Option<nix::sched::CpuSet>,
 }
 
 /// Exit status of a member that could not be started: the program was not found.
@@ -81,6 +84,7 @@ struct Prepared {
     new_session: bool,
     /// `(number in the member, descriptor here)`; the descriptors live as long as the command.
     fds: Vec<(RawFd, RawFd)>,
+    cpus: Option<nix::sched::CpuSet>,
 }
 
 fn cstring(b: &[u8]) -> Result<CString, InstanceError> {
@@ -114,6 +118,7 @@ impl Prepared {
             name: prog.to_string_lossy().into_owned(),
             new_session: cmd.new_session,
             fds: cmd.fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(),
+            cpus: cmd.cpus,
         })
     }
 }
@@ -173,6 +178,13 @@ fn member_main(p: &Prepared, parent: Pid, user_ns: BorrowedFd, mnt_ns: BorrowedF
         return EXIT_JOIN_FAILED;
     }
     enter_cwd(p);
+    // Before the exec, so that every thread the program starts inherits it.
+    if let Some(cpus) = &p.cpus
+        && let Err(e) = nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)
+    {
+        say(&format!("cannot bind the program to its CPUs: {e}"));
+        return EXIT_JOIN_FAILED;
+    }
     if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
         say(&format!("cannot unblock the program's signals: {e}"));
         return EXIT_JOIN_FAILED;
