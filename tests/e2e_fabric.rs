@@ -476,7 +476,11 @@ fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
         // Not an MPI program: no PMI, not failed.
         let plain = run(&expect, &["uname", "-n"]);
         plain.assert_success();
-        assert!(!plain.stderr.contains("libfabric"), "{launcher}: {plain}");
+        // (The plan's warned checks about the injection show at launch; no rank is blamed.)
+        assert!(
+            !plain.stderr.contains("loaded no libfabric") && !plain.stderr.contains("spoke PMI"),
+            "{launcher}: {plain}"
+        );
         // Without an expected provider: reported with -v only.
         let ok = run(
             &["-v", "--profile", &report_only],
