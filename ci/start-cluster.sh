@@ -16,8 +16,9 @@
 #   HYDRA_LAUNCHER_EXEC=/run/cmpirun-test-cluster/bin/ssh  ssh with the cluster's keys, for hydra
 #   nsenter -t $(cat /run/cmpirun-test-cluster/n1.anchor) -n -u -i -m   enter node n1
 #
-# The node names are added to /etc/hosts (a block marked "cmpirun-test-cluster", removed by
-# stop-cluster.sh), as a site's DNS would name its nodes. The one-node cluster of
+# The node names are not in /etc/hosts (nothing of the machine is changed): Slurm knows the nodes'
+# addresses (NodeAddr), ssh its HostName lines; the front end's host name resolves to loopback on
+# the nodes, as Debian's "127.0.1.1 hostname" line makes it. The one-node cluster of
 # ci/start-slurm.sh (127.0.0.1, ports 6817/6818) is not touched; both can run at once.
 # SlurmdTimeout is 20 s, so that a lost node is declared down quickly (the node-loss test).
 set -euo pipefail
@@ -27,7 +28,6 @@ NODES=${NODES:-3}
 NET=10.77.0
 BR=cmpbr0
 TEST_USER=${TEST_USER:-tuser}
-MARK="# cmpirun-test-cluster"
 say() { echo "start-cluster: $*" >&2; }
 die() {
     say "error: $*"
@@ -85,11 +85,6 @@ for i in $(seq 1 "$NODES"); do
     ip -n cmpn$i link set eth0 up
     ip -n cmpn$i link set lo up
 done
-
-# Node names, as a site's DNS gives them (the block goes with stop-cluster.sh).
-{
-    for i in $(seq 1 "$NODES"); do echo "$NET.1$i n$i $MARK"; done
-} >>/etc/hosts
 
 # The nodes. `unshare --mount` makes every mount private to the node. A fresh sysfs (UCX lists
 # the node's network devices from /sys/class/net) with the cgroup tree moved over it (slurmd

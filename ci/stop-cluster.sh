@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the three-node test cluster of ci/start-cluster.sh and leave nothing of it: every process
 # in the nodes (sshd, slurmd, job steps, the anchors), slurmctld, munged if the cluster started it,
-# the namespaces, veths and bridge, the /etc/hosts block and /run/cmpirun-test-cluster.
+# the namespaces, veths and bridge, and /run/cmpirun-test-cluster.
 # Idempotent; run as root.
 set -euo pipefail
 
@@ -40,11 +40,6 @@ for v in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^cmpv[0-9]+@/{split($
     ip link del "$v" 2>/dev/null || true
 done
 ip link del $BR 2>/dev/null || true
-if grep -q "# cmpirun-test-cluster" /etc/hosts; then
-    # /etc/hosts may be a bind mount (containers): rewrite it in place.
-    hosts=$(grep -v "# cmpirun-test-cluster" /etc/hosts)
-    printf '%s\n' "$hosts" >/etc/hosts
-fi
 [ -f "$C/sshd-dir.ours" ] && rmdir /run/sshd 2>/dev/null || true
 rm -rf "$C"
 echo "stop-cluster: stopped" >&2

@@ -64,8 +64,16 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 /// rank reported why.
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
-    let argv = command_line(plan)?;
+    let mut argv = command_line(plan)?;
     let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
+    let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
+    let srun = plan.launcher.kind == LauncherKind::Slurm;
+    let collector = Collector::bind(&nodes, srun);
+    if let Ok(c) = &collector
+        && plan.launcher.kind == LauncherKind::Hydra
+    {
+        hydra_localhost(&mut argv, c.reachable());
+    }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
@@ -75,8 +83,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         }
     }
     cmd.env(PLAN_VAR, json);
-    let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
-    let mut collector = match Collector::bind(&nodes) {
+    let mut collector = match collector {
         Ok(c) => {
             cmd.env(REPORT_VAR, c.env_value());
             Some(c)
@@ -91,7 +98,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     };
     // What jobs whose front end was killed left on this node (it could not clean up after
     // them): the files of instances that no longer answer.
-    remove_stale_instances("");
+    remove_stale_instances("", "");
     let result = with_forwarded_signals_blocked(
         |errno| LaunchError::Sys {
             step: "block signals",
@@ -104,15 +111,34 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         (LauncherKind::Slurm, Err(_)) => "slurm-".to_owned(),
         _ => "proxy-".to_owned(),
     };
-    remove_stale_instances(&prefix);
+    remove_stale_instances(&prefix, "");
     result
 }
 
-/// Removes this node's rendezvous files of instances (keys starting with `prefix`) that are gone.
+/// Tells hydra's proxies on other nodes the address to connect back to (`-localhost ADDR`),
+/// the one the report port listens on, unless the command line already has one: hydra hands
+/// out this host's name otherwise, which other nodes may resolve to loopback (Debian's
+/// `127.0.1.1 hostname` line).
+fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>) {
+    let Some(addr) = addr else { return };
+    if argv.len() < 2 || argv.iter().any(|a| a == "-localhost" || a == "--localhost") {
+        return;
+    }
+    tracing::info!(
+        "passing -localhost {addr} to {}: the address the other nodes reach this host at",
+        argv[0]
+    );
+    argv.splice(1..1, ["-localhost".to_owned(), addr.to_string()]);
+}
+
+/// Removes this node's rendezvous files of instances (keys starting with `prefix`, but `skip`)
+/// that are gone.
 ///
 /// An instance removes its files when its last rank ends, but srun and hydra end a failed step
 /// with SIGKILL to every process of it, instance included; its socket and lock then stay behind.
-pub fn remove_stale_instances(prefix: &str) {
+/// The front end removes them on its own node when the job ends; on the other nodes the task
+/// that creates the next instance there does ([`super::rank`]).
+pub fn remove_stale_instances(prefix: &str, skip: &str) {
     use crate::container::rendezvous::{Rendezvous, runtime_dir};
     let Ok(dir) = runtime_dir() else { return };
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -126,7 +152,7 @@ pub fn remove_stale_instances(prefix: &str) {
         else {
             continue;
         };
-        if !key.starts_with(prefix) {
+        if !key.starts_with(prefix) || key == skip {
             continue;
         }
         let Ok(rv) = Rendezvous::new(&dir, key) else {

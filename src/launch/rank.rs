@@ -182,6 +182,10 @@ fn run_member(
         crate::container::InstanceError::Rendezvous(r) => LaunchError::Rendezvous(r),
         other => LaunchError::Instance(other),
     })?;
+    if inst.created() {
+        // What jobs killed on this node left (no front end runs here to remove it).
+        super::front_end::remove_stale_instances("", key);
+    }
     let host: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k != REPORT_VAR)
         .collect();

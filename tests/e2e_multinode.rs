@@ -1,0 +1,194 @@
+//! End-to-end tests across the three-node test cluster (`ci/start-cluster.sh`), as the
+//! unprivileged test user: `salloc -N3 -n6 cmpirun …` through srun, and `cmpirun -f hosts …`
+//! through hydra over ssh, from the front end (the root namespace, as a login node).
+//!
+//! What they check: correct results of real MPI jobs whose traffic crosses the nodes' links, one
+//! user namespace per node, the exit status of a rank that fails on another node than the front
+//! end's (its report reaches the front end over the nodes' network, not loopback), a node lost
+//! mid-job, and nothing of a job left on any node.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+
+/// The MPICH 5 image's MPI over libfabric's tcp provider.
+const MPICH5_OFI: [&str; 4] = ["-x", "FI_PROVIDER=tcp", "-x", "MPIR_CVAR_CH4_NETMOD=ofi"];
+
+/// `salloc -N3 -n6 cmpirun -n 6 ARGS` as the test user on the three-node cluster.
+fn salloc3(cluster: &Cluster, args: &[&str]) -> TuserCommand {
+    TuserCommand::new("salloc")
+        .cluster(cluster)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args(["-N3", "-n6"])
+        .arg(cmpirun_bin())
+        .args(["-n", "6"])
+        .args(args)
+}
+
+/// cmpirun's own status inside salloc (salloc exits 0 even when its command failed): the
+/// `cmpirun-status=N` line the wrapper prints.
+fn salloc3_status(cluster: &Cluster, args: &[&str]) -> (RunOutput, i32) {
+    let out = TuserCommand::new("salloc")
+        .cluster(cluster)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(180))
+        .args([
+            "-N3",
+            "-n6",
+            "/bin/sh",
+            "-c",
+            "\"$@\"; echo cmpirun-status=$? >&2",
+            "sh",
+        ])
+        .arg(cmpirun_bin())
+        .args(["-n", "6"])
+        .args(args)
+        .run();
+    let status = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+    (out, status)
+}
+
+/// Checks an mpitest job of 6 ranks over the three nodes: correct results, two ranks per node,
+/// ranks of a node in one user namespace, nodes in different ones.
+fn check_spread(out: &RunOutput) {
+    let hellos = assert_mpitest_ok(out, 6);
+    assert_one_container_per_host(&hellos, tuser().uid);
+    let mut per_node: BTreeMap<&str, BTreeSet<Option<u64>>> = BTreeMap::new();
+    for h in &hellos {
+        per_node.entry(&h.host).or_default().insert(h.userns);
+    }
+    assert_eq!(
+        per_node.keys().copied().collect::<Vec<_>>(),
+        NODES,
+        "ranks not on every node:\n{out}"
+    );
+    let all: BTreeSet<Option<u64>> = per_node.values().flatten().copied().collect();
+    assert_eq!(
+        all.len(),
+        3,
+        "the nodes must have different user namespaces:\n{out}"
+    );
+}
+
+#[test]
+fn mpich5_over_ofi_tcp_across_three_nodes_through_srun() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let bytes: Vec<u64> = NODES.iter().map(|n| cluster.link_bytes(n)).collect();
+    let mut args = vec!["--pmi", "pmi2"];
+    args.extend(MPICH5_OFI);
+    let image = staged_image("mpich5");
+    let image = image.to_str().unwrap();
+    args.extend([image, "/usr/local/bin/bigmsg"]);
+    let (out, status) = salloc3_status(&cluster, &args);
+    assert_eq!(status, 0, "{out}");
+    assert!(out.stdout.contains("bigmsg: OK size=6"), "{out}");
+    // 16 MiB went round the ring: every node's link carried a good part of it.
+    for (n, b) in NODES.iter().zip(bytes) {
+        let grew = cluster.link_bytes(n) - b;
+        assert!(
+            grew > 8 << 20,
+            "node {n}'s link carried only {grew} bytes:\n{out}"
+        );
+    }
+    let out = salloc3(
+        &cluster,
+        &[&args[..args.len() - 2], &[image, "/usr/local/bin/mpitest"]].concat(),
+    )
+    .run();
+    check_spread(&out);
+    cluster.assert_nothing_left(&before);
+}
+
+/// A rank program: rank `rank` (by `var`, the launcher's rank variable) runs `fail`, the others
+/// `mpitest` (which waits in `MPI_Init` for it forever: only a teardown ends the job).
+fn one_rank_fails(var: &str, rank: u32, fail: &str) -> [String; 3] {
+    [
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("if [ \"${var}\" = {rank} ]; then {fail}; fi; exec /usr/local/bin/mpitest"),
+    ]
+}
+
+/// The failures of a 6-rank job and what cmpirun must end it with: (flags, program and
+/// arguments, status, message), with the rank variable `var` of the launcher.
+fn failures(var: &str) -> Vec<(Vec<String>, Vec<String>, i32, String)> {
+    let abort = ["/usr/local/bin/abort", "abort", "7"]
+        .map(String::from)
+        .to_vec();
+    let sleep = ["/bin/sleep", "600"].map(String::from).to_vec();
+    vec![
+        (
+            vec![],
+            one_rank_fails(var, 5, "exit 3").to_vec(),
+            3,
+            "cmpirun: rank 5 of 6 exited with status 3; the job was ended".into(),
+        ),
+        (
+            vec![],
+            one_rank_fails(var, 4, "kill -9 $$").to_vec(),
+            137,
+            "cmpirun: rank 4 of 6 was killed by signal 9 (SIGKILL)".into(),
+        ),
+        (
+            vec![],
+            abort,
+            7,
+            "cmpirun: rank 1 of 6 called MPI_Abort with code 7".into(),
+        ),
+        (
+            vec!["--timeout".into(), "3".into()],
+            sleep,
+            124,
+            "the job did not end within --timeout 3 s".into(),
+        ),
+    ]
+}
+
+#[test]
+fn exit_statuses_across_nodes_through_srun() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    for (flags, program, code, message) in failures("SLURM_PROCID") {
+        let mut args: Vec<String> = vec!["--pmi".into(), "pmi2".into()];
+        args.extend(MPICH5_OFI.map(String::from));
+        args.extend(flags);
+        args.push(image.display().to_string());
+        args.extend(program);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, status) = salloc3_status(&cluster, &args);
+        assert_eq!(status, code, "{out}");
+        assert!(out.stderr.contains(&message), "{out}");
+        assert!(!out.stderr.contains("could not report"), "{out}");
+        // A step Slurm ended with SIGKILL (MPI_Abort, a failed rank) kills the node instances
+        // too: their rendezvous files stay until the next instance on the node removes them.
+        cluster.assert_nothing_left_but(&before, is_rendezvous_file);
+    }
+    let ok = salloc3(
+        &cluster,
+        &[
+            &MPICH5_OFI[..],
+            &[image.to_str().unwrap(), "/usr/local/bin/hello"],
+        ]
+        .concat(),
+    )
+    .run();
+    ok.assert_success();
+    cluster.assert_nothing_left(&before);
+}
+
+/// A node instance's socket or lock in the runtime folder.
+fn is_rendezvous_file(entry: &str) -> bool {
+    entry.contains("/tmp/cmpirun-") && (entry.ends_with(".sock") || entry.ends_with(".lock"))
+}
