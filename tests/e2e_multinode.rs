@@ -192,3 +192,86 @@ fn exit_statuses_across_nodes_through_srun() {
 fn is_rendezvous_file(entry: &str) -> bool {
     entry.contains("/tmp/cmpirun-") && (entry.ends_with(".sock") || entry.ends_with(".lock"))
 }
+
+#[test]
+fn openmpi4_over_pmix_across_three_nodes_through_srun() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("openmpi4");
+    let (out, status) = salloc3_status(
+        &cluster,
+        &[
+            "--pmi",
+            "pmix",
+            image.to_str().unwrap(),
+            "/usr/local/bin/mpitest",
+        ],
+    );
+    assert_eq!(status, 0, "{out}");
+    check_spread(&out);
+    assert!(!out.stderr.contains("PMIX ERROR"), "{out}");
+    cluster.assert_nothing_left(&before);
+}
+
+/// `cmpirun HOSTS ARGS` as the test user through hydra over ssh (the cluster's ssh, the
+/// launcher a site uses), from the front end. The node names resolve only in ssh's
+/// configuration, so the front end's address on the nodes' network is set (cmpirun passes it
+/// to hydra as `-localhost` too).
+fn hydra3(cluster: &Cluster, hosts: &[&str], args: &[&str]) -> RunOutput {
+    TuserCommand::cmpirun()
+        .cluster(cluster)
+        .env("CMPIRUN_REPORT_ADDR", FRONT_END_ADDR)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+        .args(hosts)
+        .args(args)
+        .run()
+}
+
+#[test]
+fn mpich5_across_three_nodes_through_hydra_over_ssh() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let dir = TuserDir::new();
+    let mpich_form = dir.path().join("hosts-mpich");
+    std::fs::write(&mpich_form, "n1:2\nn2:2\nn3:2\n").unwrap();
+    let ompi_form = dir.path().join("hosts-ompi");
+    std::fs::write(
+        &ompi_form,
+        "# Open MPI's form\nn1 slots=2\nn2 slots=2 max_slots=4\nn3 slots=2\n",
+    )
+    .unwrap();
+    let image = staged_image("mpich5");
+    let mut args: Vec<&str> = MPICH5_OFI.to_vec();
+    args.extend([image.to_str().unwrap(), "/usr/local/bin/mpitest"]);
+    let runs: [(Vec<&str>, Vec<&str>); 4] = [
+        (vec!["-f", mpich_form.to_str().unwrap(), "-n", "6"], vec![]),
+        (vec!["-f", ompi_form.to_str().unwrap(), "-n", "6"], vec![]),
+        (vec!["-H", "n1:2,n2:2,n3:2", "-n", "6"], vec![]),
+        // -ppn 2 over hosts of one slot each, then round-robin placement.
+        (vec!["-H", "n1,n2,n3", "-n", "6", "-ppn", "2"], vec![]),
+    ];
+    for (hosts, _) in &runs {
+        let out = hydra3(&cluster, hosts, &args);
+        check_spread(&out);
+        let hellos = hello_lines(&out.stdout);
+        let host_of = |r: u32| hellos.iter().find(|h| h.rank == r).map(|h| h.host.clone());
+        assert_eq!(host_of(1), Some("n1".into()), "block placement:\n{out}");
+    }
+    let out = hydra3(
+        &cluster,
+        &["-H", "n1:2,n2:2,n3:2", "-n", "6", "--map-by", "node"],
+        &args,
+    );
+    check_spread(&out);
+    let hellos = hello_lines(&out.stdout);
+    let host_of = |r: u32| hellos.iter().find(|h| h.rank == r).map(|h| h.host.clone());
+    assert_eq!(
+        (0..6).map(host_of).collect::<Vec<_>>(),
+        ["n1", "n2", "n3", "n1", "n2", "n3"].map(|h| Some(h.to_owned())),
+        "--map-by node:\n{out}"
+    );
+    cluster.assert_nothing_left(&before);
+}

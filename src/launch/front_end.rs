@@ -72,7 +72,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     if let Ok(c) = &collector
         && plan.launcher.kind == LauncherKind::Hydra
     {
-        hydra_localhost(&mut argv, c.reachable());
+        hydra_localhost(&mut argv, c.reachable(), c.remote());
     }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
@@ -119,11 +119,28 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
 /// the one the report port listens on, unless the command line already has one: hydra hands
 /// out this host's name otherwise, which other nodes may resolve to loopback (Debian's
 /// `127.0.1.1 hostname` line).
-fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>) {
-    let Some(addr) = addr else { return };
+fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remote: bool) {
     if argv.len() < 2 || argv.iter().any(|a| a == "-localhost" || a == "--localhost") {
         return;
     }
+    let Some(addr) = addr else {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let loopback_only = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0))
+            .map(|mut a| a.all(|a| a.ip().is_loopback()))
+            .unwrap_or(true);
+        if remote && loopback_only {
+            say(&format!(
+                "warning: the other nodes' names do not resolve here, and this host's name \
+                 ({host}) resolves to loopback: {}'s proxies on the other nodes will not reach \
+                 it; set CMPIRUN_REPORT_ADDR to this host's address on the nodes' network",
+                argv[0]
+            ));
+        }
+        return;
+    };
     tracing::info!(
         "passing -localhost {addr} to {}: the address the other nodes reach this host at",
         argv[0]
@@ -362,7 +379,20 @@ fn run_blocked(
         );
         drop(pfd);
         if let Some(c) = collector.as_mut() {
+            let decided = end.is_some();
             note_reports(&mut end, c.service(), plan.layout.size);
+            // hydra ends a job only when a rank's task exits with a failure, and not at all
+            // when the other ranks wait in MPI_Init for the failed one: the first failure
+            // reported ends it, as under the local launcher (srun's --kill-on-bad-exit does).
+            if !decided
+                && end.is_some()
+                && term_at.is_none()
+                && plan.launcher.kind == LauncherKind::Hydra
+            {
+                tracing::info!("ending {program}: a rank failed");
+                let _ = kill(pid, Signal::SIGTERM);
+                term_at = Some(Instant::now());
+            }
         }
         while let Ok(Some(info)) = sigfd.read_signal() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {

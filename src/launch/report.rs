@@ -252,8 +252,10 @@ struct Choice {
     listen: SocketAddr,
     /// An IP address, [`LAUNCH_NODE`], or a comma-separated list of IP addresses.
     advertised: String,
-    /// Why, for the debug log and `-localhost`.
+    /// Why, for the debug log.
     reason: &'static str,
+    /// Whether a node of the job is another host.
+    remote: bool,
 }
 
 /// The address to listen on and the one to hand out, never a name or address that is loopback
@@ -273,15 +275,18 @@ fn choose_address(nodes: &[String], srun: bool) -> Choice {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into());
+    let remote = nodes.iter().any(|n| !is_this_host(n, &host));
     let one = |ip: IpAddr, reason| Choice {
         listen: SocketAddr::new(ip, 0),
         advertised: ip.to_string(),
         reason,
+        remote,
     };
     let every = |advertised: String, reason| Choice {
         listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         advertised,
         reason,
+        remote,
     };
     if let Ok(v) = std::env::var(ADDR_VAR) {
         match v.parse::<IpAddr>() {
@@ -422,6 +427,7 @@ pub struct Collector {
     advertised: String,
     conns: Vec<Conn>,
     reachable: Option<IpAddr>,
+    remote: bool,
 }
 
 impl Collector {
@@ -448,6 +454,7 @@ impl Collector {
             advertised,
             conns: Vec::new(),
             reachable: (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip),
+            remote: choice.remote,
         })
     }
 
@@ -455,6 +462,11 @@ impl Collector {
     /// or the route to them): what hydra's proxies are told to connect back to (`-localhost`).
     pub fn reachable(&self) -> Option<IpAddr> {
         self.reachable
+    }
+
+    /// Whether a node of the job is another host than this one.
+    pub fn remote(&self) -> bool {
+        self.remote
     }
 
     /// The value of [`REPORT_VAR`] for the tasks.
