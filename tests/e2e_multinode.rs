@@ -275,3 +275,136 @@ fn mpich5_across_three_nodes_through_hydra_over_ssh() {
     );
     cluster.assert_nothing_left(&before);
 }
+
+#[test]
+fn exit_statuses_across_nodes_through_hydra() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    for (flags, program, code, message) in failures("PMI_RANK") {
+        let mut args: Vec<String> = MPICH5_OFI.map(String::from).to_vec();
+        args.extend(flags);
+        args.push(image.display().to_string());
+        args.extend(program);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = hydra3(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
+        assert_eq!(out.code(), Some(code), "{out}");
+        assert!(out.stderr.contains(&message), "{out}");
+        // The other ranks wait in MPI_Init (or a barrier) for ever: the job ended because the
+        // first failure reported ended hydra's job, not by itself.
+        assert!(out.elapsed < Duration::from_secs(20), "{out}");
+        cluster.assert_nothing_left_but(&before, is_rendezvous_file);
+    }
+}
+
+/// Kills node `node`'s slurmd and every process of its jobs (all but the node's anchor and its
+/// sshd), as a node that crashes.
+fn crash_node(cluster: &Cluster, node: &str) {
+    let keep: Vec<String> = [
+        cluster.anchor(node).to_string(),
+        std::fs::read_to_string(cluster.dir.join(format!("sshd-{node}.pid")))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    ]
+    .to_vec();
+    let ns = format!("cmpn{}", node.trim_start_matches('n'));
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", &ns])
+        .output()
+        .expect("ip netns pids");
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        if !keep.iter().any(|k| k == pid)
+            && let Ok(p) = pid.parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Starts node `node`'s slurmd again and waits until the cluster has all its nodes idle.
+fn revive_node(cluster: &Cluster, node: &str) {
+    let status = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &cluster.anchor(node).to_string(),
+            "-n",
+            "-u",
+            "-i",
+            "-m",
+            "slurmd",
+            "-f",
+        ])
+        .arg(cluster.slurm_conf())
+        .args(["-N", node])
+        .status()
+        .expect("slurmd");
+    assert!(status.success());
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < until {
+        let out = std::process::Command::new("sinfo")
+            .env("SLURM_CONF", cluster.slurm_conf())
+            .args(["-h", "-t", "idle", "-o", "%D"])
+            .output()
+            .expect("sinfo");
+        if String::from_utf8_lossy(&out.stdout).trim() == "3" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("node {node} did not come back");
+}
+
+#[test]
+fn a_node_lost_mid_job_fails_the_job_naming_it() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    // The ranks of n1 and n2 end well after 6 s; those of n3 are lost at about 2 s.
+    let child = TuserCommand::new("salloc")
+        .cluster(&cluster)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .timeout(Duration::from_secs(120))
+        .args([
+            "-N3",
+            "-n6",
+            "/bin/sh",
+            "-c",
+            "\"$@\"; echo cmpirun-status=$? >&2",
+            "sh",
+        ])
+        .arg(cmpirun_bin())
+        .args(["-n", "6", "--pmi", "pmi2"])
+        .arg(&image)
+        .args(["/bin/sleep", "6"])
+        .spawn();
+    wait_for_tagged(child.tag(), Duration::from_secs(60), "six ranks", |p| {
+        p.iter().filter(|p| p.comm == "sleep").count() >= 6
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let lost_at = std::time::Instant::now();
+    crash_node(&cluster, "n3");
+    let out = child.wait();
+    let took = lost_at.elapsed();
+    revive_node(&cluster, "n3");
+    let status: i32 = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+    assert_ne!(status, 0, "a lost node passed for a success:\n{out}");
+    assert!(
+        out.stderr.contains("n3"),
+        "the message must name the lost node:\n{out}"
+    );
+    // Bounded by the cluster's SlurmdTimeout (20 s) and the kill grace.
+    assert!(took < Duration::from_secs(45), "took {took:?}:\n{out}");
+    // Nothing is left on the nodes that survived (n3's own state went with its processes,
+    // but its rendezvous files, which the next instance there removes).
+    cluster.assert_nothing_left_but(&before, |e| e.starts_with("n3:") && is_rendezvous_file(e));
+}

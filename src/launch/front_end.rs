@@ -235,9 +235,13 @@ fn adopted_children() -> Vec<Pid> {
         .collect()
 }
 
-/// Takes the first failure among `reports` as the job's end, unless its end is decided.
-fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
+/// Takes the first failure among `reports` as the job's end, unless its end is decided; marks
+/// every reporting rank in `reported`.
+fn note_reports(end: &mut Option<JobEnd>, reported: &mut [bool], reports: Vec<Report>, size: u32) {
     for r in reports {
+        if let Some(seen) = reported.get_mut(r.rank as usize) {
+            *seen = true;
+        }
         tracing::debug!("rank {} reported {:?}", r.rank, r.end);
         // A lost image mount is the reason, also when a rank that failed on a vanished file
         // reported first.
@@ -270,6 +274,49 @@ fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
             *end = Some(e);
         }
     }
+}
+
+/// The ranks that never reported how they ended, with their nodes, as the job's end.
+fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -> Option<JobEnd> {
+    let missing: Vec<u32> = (0..plan.layout.size)
+        .filter(|&r| !reported.get(r as usize).copied().unwrap_or(false))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut nodes: Vec<String> = Vec::new();
+    for &r in &missing {
+        if let Some(n) = plan.layout.nodes.iter().find(|n| n.ranks.contains(&r))
+            && !nodes.contains(&n.name)
+        {
+            nodes.push(n.name.clone());
+        }
+    }
+    Some(JobEnd::RanksLost {
+        ranks: rank_list(&missing),
+        nodes,
+        launcher: launcher.to_owned(),
+        code,
+    })
+}
+
+/// `[1, 2, 3, 5]` as `1-3,5`.
+fn rank_list(ranks: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", ranks[i], ranks[j])
+        } else {
+            ranks[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn run_blocked(
@@ -308,6 +355,7 @@ fn run_blocked(
         .map(|s| (Instant::now() + Duration::from_secs(s), s));
     let grace = kill_grace();
     let mut end: Option<JobEnd> = None;
+    let mut reported = vec![false; plan.layout.size as usize];
     let mut term_at: Option<Instant> = None;
     let mut killed = false;
     loop {
@@ -319,10 +367,17 @@ fn run_blocked(
                 .code()
                 .unwrap_or_else(|| SIGNAL_BASE + status.signal().unwrap_or(0));
             if let Some(c) = collector.as_mut() {
-                note_reports(&mut end, c.drain(DRAIN), plan.layout.size);
+                note_reports(&mut end, &mut reported, c.drain(DRAIN), plan.layout.size);
             }
             if subreaper {
                 reap_adopted(REAP_PATIENCE);
+            }
+            if end.is_none()
+                && collector.is_some()
+                && let Some(e) = ranks_lost(plan, &reported, program, own)
+            {
+                say(&e.message(plan.layout.size).unwrap_or_default());
+                end = Some(e);
             }
             if end.is_none() && own != 0 {
                 let e = JobEnd::Unreported {
@@ -380,7 +435,7 @@ fn run_blocked(
         drop(pfd);
         if let Some(c) = collector.as_mut() {
             let decided = end.is_some();
-            note_reports(&mut end, c.service(), plan.layout.size);
+            note_reports(&mut end, &mut reported, c.service(), plan.layout.size);
             // hydra ends a job only when a rank's task exits with a failure, and not at all
             // when the other ranks wait in MPI_Init for the failed one: the first failure
             // reported ends it, as under the local launcher (srun's --kill-on-bad-exit does).

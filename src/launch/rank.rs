@@ -4,8 +4,8 @@
 //! rank there; keyed by job step, and holding every image of the job), and starts the rank in it
 //! with the PMI descriptors and variables it inherited from srun or hydra (`PMI_FD` through a
 //! relay that sees an abort, [`super::watch`]). It stays as the rank's parent, passes signals on,
-//! reports a failure of the rank to the front end ([`super::report`]) and exits the way the rank
-//! did.
+//! reports how the rank ended to the front end ([`super::report`]: a failure, or a clean end,
+//! which the front end counts) and exits the way the rank did.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -274,9 +274,9 @@ fn run_member(
             (Outcome::Exited(code), None) => RankEnd::Exited(code),
             (Outcome::Signaled(sig), None) => RankEnd::Signaled(sig as i32),
         };
-        if end != RankEnd::Exited(0) {
-            t.send(rank, end, lost);
-        }
+        // A clean end is reported too: the front end counts the reports, so that ranks of a
+        // lost node cannot pass for a success.
+        t.send(rank, end, lost);
     }
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once
