@@ -31,6 +31,10 @@ use crate::container::run::with_forwarded_signals_blocked;
 /// How long reports still on their way are read after the launcher exited.
 const DRAIN: Duration = Duration::from_millis(300);
 
+/// How long after the first failure report cmpirun ends hydra's job: the failed task says why
+/// and exits meanwhile.
+const HYDRA_END_DELAY: Duration = Duration::from_millis(500);
+
 /// How long node instances adopted by cmpirun get to end after the launcher exited.
 const REAP_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -357,6 +361,7 @@ fn run_blocked(
     let mut end: Option<JobEnd> = None;
     let mut reported = vec![false; plan.layout.size as usize];
     let mut term_at: Option<Instant> = None;
+    let mut end_hydra_at: Option<Instant> = None;
     let mut killed = false;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| LaunchError::Io {
@@ -408,6 +413,9 @@ fn run_blocked(
             }
             wait = wait.min(d - now);
         }
+        if let Some(at) = end_hydra_at {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
         if let Some(t) = term_at.filter(|_| !killed) {
             if now >= t + grace {
                 let _ = kill(pid, Signal::SIGKILL);
@@ -439,15 +447,16 @@ fn run_blocked(
             // hydra ends a job only when a rank's task exits with a failure, and not at all
             // when the other ranks wait in MPI_Init for the failed one: the first failure
             // reported ends it, as under the local launcher (srun's --kill-on-bad-exit does).
-            if !decided
-                && end.is_some()
-                && term_at.is_none()
-                && plan.launcher.kind == LauncherKind::Hydra
-            {
-                tracing::info!("ending {program}: a rank failed");
-                let _ = kill(pid, Signal::SIGTERM);
-                term_at = Some(Instant::now());
+            // The failed task gets a moment to say why and exit first.
+            if !decided && end.is_some() && plan.launcher.kind == LauncherKind::Hydra {
+                end_hydra_at = Some(Instant::now() + HYDRA_END_DELAY);
             }
+        }
+        if let Some(at) = end_hydra_at.filter(|at| Instant::now() >= *at && term_at.is_none()) {
+            tracing::info!("ending {program}: a rank failed {HYDRA_END_DELAY:?} ago");
+            let _ = kill(pid, Signal::SIGTERM);
+            term_at = Some(at);
+            end_hydra_at = None;
         }
         while let Ok(Some(info)) = sigfd.read_signal() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
