@@ -116,8 +116,8 @@ pub enum JobEnd {
         /// Its exit status.
         code: i32,
     },
-    /// srun or `mpiexec.hydra` failed and no rank reported how it ended (its task was killed
-    /// before it could, or its node was lost): cmpirun exits with the launcher's status.
+    /// srun or `mpiexec.hydra` failed and no rank reported a failure (without a report port, or
+    /// when every rank reported a clean end): cmpirun exits with the launcher's status.
     Unreported {
         /// The launcher program.
         launcher: String,
@@ -251,8 +251,8 @@ impl JobEnd {
                 },
             ),
             JobEnd::Unreported { launcher, code } => format!(
-                "{launcher} ended with status {code} and no rank reported how it ended (a task \
-                 killed before it could report, or a node lost); exiting with {launcher}'s status"
+                "{launcher} ended with status {code} and no rank reported a failure; exiting \
+                 with {launcher}'s status"
             ),
         })
     }
