@@ -397,6 +397,7 @@ fn a_node_lost_mid_job_fails_the_job_naming_it() {
         .lines()
         .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+    eprintln!("the job ended {took:?} after the loss of n3, with status {status}");
     assert_ne!(status, 0, "a lost node passed for a success:\n{out}");
     assert!(
         out.stderr.contains("n3"),
@@ -407,4 +408,54 @@ fn a_node_lost_mid_job_fails_the_job_naming_it() {
     // Nothing is left on the nodes that survived (n3's own state went with its processes,
     // but its rendezvous files, which the next instance there removes).
     cluster.assert_nothing_left_but(&before, |e| e.starts_with("n3:") && is_rendezvous_file(e));
+}
+
+#[test]
+fn a_front_end_on_a_node_of_the_job() {
+    // As in a batch script: cmpirun runs on n1, the first node of its allocation, whose own
+    // ranks are local to it and whose other ranks are not; the node names do not resolve there.
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    let run = |program: &[&str]| {
+        let out = TuserCommand::new("salloc")
+            .cluster(&cluster)
+            .on_node("n1")
+            .env("CMPIRUN_KILL_GRACE", "2")
+            .timeout(Duration::from_secs(180))
+            .args([
+                "-N3",
+                "-n6",
+                "/bin/sh",
+                "-c",
+                "\"$@\"; echo cmpirun-status=$? >&2",
+                "sh",
+            ])
+            .arg(cmpirun_bin())
+            .args(["-n", "6", "--pmi", "pmi2"])
+            .args(MPICH5_OFI)
+            .arg(&image)
+            .args(program)
+            .run();
+        let status: i32 = out
+            .stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+        (out, status)
+    };
+    let (out, status) = run(&["/usr/local/bin/mpitest"]);
+    assert_eq!(status, 0, "{out}");
+    check_spread(&out);
+    let fail = one_rank_fails("SLURM_PROCID", 5, "exit 3");
+    let fail: Vec<&str> = fail.iter().map(String::as_str).collect();
+    let (out, status) = run(&fail);
+    assert_eq!(status, 3, "{out}");
+    assert!(
+        out.stderr
+            .contains("cmpirun: rank 5 of 6 exited with status 3"),
+        "{out}"
+    );
+    cluster.assert_nothing_left_but(&before, is_rendezvous_file);
 }

@@ -161,13 +161,21 @@ impl Target {
     /// the listed hosts; with `*:PORT` the address srun gave this task for its launch node
     /// ([`LAUNCH_NODE_VARS`]).
     fn candidates(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.candidates_with(|v| std::env::var(v).ok())
+    }
+
+    /// [`Self::candidates`], with the task's environment read through `env`.
+    fn candidates_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> std::io::Result<Vec<SocketAddr>> {
         let bad = || std::io::Error::new(ErrorKind::InvalidInput, "no port in the address");
         let (hosts, port) = self.address.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         let hosts: Vec<String> = if hosts == LAUNCH_NODE {
             LAUNCH_NODE_VARS
                 .iter()
-                .filter_map(|v| std::env::var(v).ok().filter(|h| !h.is_empty()))
+                .filter_map(|v| env(v).filter(|h| !h.is_empty()))
                 .collect()
         } else {
             hosts.split(',').map(str::to_owned).collect()
@@ -567,6 +575,51 @@ mod tests {
         assert_eq!(Target::parse("@h:1"), None);
         assert_eq!(Target::parse("abc"), None);
         assert_eq!(Target::parse("abc@host"), None);
+    }
+
+    #[test]
+    fn candidate_addresses() {
+        let t = |a: &str| Target {
+            token: "t".into(),
+            address: a.into(),
+        };
+        let none = |_: &str| None;
+        let srun = |v: &str| match v {
+            "SLURM_LAUNCH_NODE_IPADDR" => Some("10.77.0.1".to_owned()),
+            "SLURM_SRUN_COMM_HOST" => Some("10.77.0.2".to_owned()),
+            _ => None,
+        };
+        let addrs = |a: &str, env: &dyn Fn(&str) -> Option<String>| -> Vec<String> {
+            t(a).candidates_with(env)
+                .unwrap()
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        assert_eq!(addrs("*:4000", &srun), ["10.77.0.1:4000", "10.77.0.2:4000"]);
+        assert!(addrs("*:4000", &none).is_empty());
+        assert_eq!(
+            addrs("192.0.2.2,10.77.0.1,192.0.2.2:9", &none),
+            ["192.0.2.2:9", "10.77.0.1:9"]
+        );
+        assert_eq!(addrs("[::1]:9", &none), ["[::1]:9"]);
+        assert!(t("*").candidates_with(none).is_err());
+    }
+
+    #[test]
+    fn a_job_on_other_nodes_never_gets_a_loopback_address() {
+        // Names that do not resolve here: srun's launch node, or this host's addresses.
+        let nodes = ["cmpirun-no-such-node-1".to_owned()];
+        let srun = choose_address(&nodes, true);
+        assert_eq!(srun.advertised, LAUNCH_NODE);
+        assert!(srun.remote && srun.listen.ip().is_unspecified());
+        let other = choose_address(&nodes, false);
+        assert!(other.remote);
+        for a in other.advertised.split(',') {
+            let ip: IpAddr = a.parse().unwrap();
+            // Loopback only on a host that has no other address at all.
+            assert!(!ip.is_loopback() || other.reason == "this host has no other address");
+        }
     }
 
     #[test]
