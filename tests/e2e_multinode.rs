@@ -397,7 +397,14 @@ fn a_node_lost_mid_job_fails_the_job_naming_it() {
         .lines()
         .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
-    eprintln!("the job ended {took:?} after the loss of n3, with status {status}");
+    eprintln!(
+        "the job ended {took:?} after the loss of n3, with status {status}: {}",
+        out.stderr
+            .lines()
+            .filter(|l| l.contains("cmpirun:") || l.contains("srun:"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     assert_ne!(status, 0, "a lost node passed for a success:\n{out}");
     assert!(
         out.stderr.contains("n3"),
@@ -458,4 +465,31 @@ fn a_front_end_on_a_node_of_the_job() {
         "{out}"
     );
     cluster.assert_nothing_left_but(&before, is_rendezvous_file);
+}
+
+#[test]
+fn a_plan_too_large_for_the_environment_is_refused_with_the_numbers() {
+    // 128 ranks on each of 1000 hosts: the plan srun or hydra would carry to every task in one
+    // environment variable is far beyond what execve takes. Nothing is started.
+    let hosts: Vec<String> = (1..=1000).map(|i| format!("node{i:04}:128")).collect();
+    let out = TuserCommand::cmpirun()
+        .args([
+            "--launcher",
+            "hydra",
+            "-H",
+            &hosts.join(","),
+            "-n",
+            "128000",
+        ])
+        .arg(staged_image("mpich5"))
+        .arg("/usr/local/bin/hello")
+        .run();
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("(128000 ranks on 1000 nodes)")
+            && out.stderr.contains("more than the 131072 bytes")
+            && out.stderr.contains("MAX_ARG_STRLEN"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("mpiexec"), "{out}");
 }

@@ -31,6 +31,10 @@ use crate::container::run::with_forwarded_signals_blocked;
 /// How long reports still on their way are read after the launcher exited.
 const DRAIN: Duration = Duration::from_millis(300);
 
+/// The longest single argument or environment string Linux's execve takes (32 pages of 4 KiB,
+/// the terminating NUL included).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+
 /// How long after the first failure report cmpirun ends hydra's job: the failed task says why
 /// and exits meanwhile.
 const HYDRA_END_DELAY: Duration = Duration::from_millis(500);
@@ -70,6 +74,17 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
     let mut argv = command_line(plan)?;
     let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
+    // execve refuses a longer `NAME=value` string with E2BIG, which would read as a missing
+    // launcher.
+    let bytes = PLAN_VAR.len() + 1 + json.len() + 1;
+    if bytes > MAX_ARG_STRLEN {
+        return Err(LaunchError::PlanTooLarge {
+            bytes,
+            limit: MAX_ARG_STRLEN,
+            ranks: plan.layout.size,
+            nodes: plan.layout.nodes.len(),
+        });
+    }
     let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
     let srun = plan.launcher.kind == LauncherKind::Slurm;
     let collector = Collector::bind(&nodes, srun);
@@ -280,12 +295,14 @@ fn note_reports(end: &mut Option<JobEnd>, reported: &mut [bool], reports: Vec<Re
     }
 }
 
-/// The ranks that never reported how they ended, with their nodes, as the job's end.
+/// The ranks that never reported how they ended, with their nodes, as the job's end, when some
+/// did report or the launcher exited with 0.
 fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -> Option<JobEnd> {
     let missing: Vec<u32> = (0..plan.layout.size)
         .filter(|&r| !reported.get(r as usize).copied().unwrap_or(false))
         .collect();
-    if missing.is_empty() {
+    // No rank at all and a failed launcher: it failed to start them, or ended them all.
+    if missing.is_empty() || (missing.len() == reported.len() && code != 0) {
         return None;
     }
     let mut nodes: Vec<String> = Vec::new();

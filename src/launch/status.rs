@@ -116,8 +116,8 @@ pub enum JobEnd {
         /// Its exit status.
         code: i32,
     },
-    /// srun or `mpiexec.hydra` failed and no rank reported a failure (without a report port, or
-    /// when every rank reported a clean end): cmpirun exits with the launcher's status.
+    /// srun or `mpiexec.hydra` failed and no rank reported a failure (no rank reported at all,
+    /// or every rank a clean end): cmpirun exits with the launcher's status.
     Unreported {
         /// The launcher program.
         launcher: String,
@@ -243,7 +243,10 @@ impl JobEnd {
                  did not end well",
                 if ranks.contains(['-', ',']) { "s" } else { "" },
                 if nodes.len() > 1 { "s" } else { "" },
-                nodes.join(","),
+                match nodes.len() {
+                    0..=8 => nodes.join(","),
+                    n => format!("{} and {} more", nodes[..8].join(","), n - 8),
+                },
                 if ranks.contains(['-', ',']) {
                     "they"
                 } else {
@@ -251,8 +254,8 @@ impl JobEnd {
                 },
             ),
             JobEnd::Unreported { launcher, code } => format!(
-                "{launcher} ended with status {code} and no rank reported a failure; exiting \
-                 with {launcher}'s status"
+                "{launcher} ended with status {code} and no rank reported a failure (a task \
+                 killed before it could report, or a node lost); exiting with {launcher}'s status"
             ),
         })
     }
