@@ -701,6 +701,41 @@ mod tests {
     }
 
     #[test]
+    fn a_thousand_tasks_ending_at_once_all_get_their_report_in() {
+        // Every task reports its end, a clean one too: at the end of a job they all arrive at
+        // once, many more than the connections the front end holds.
+        let (mut c, target) = loopback();
+        let n = 1000u32;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n as usize));
+        let clients: Vec<_> = (0..n)
+            .map(|rank| {
+                let t = target.clone();
+                let b = barrier.clone();
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        b.wait();
+                        t.send(rank, RankEnd::Exited(0), None);
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let start = Instant::now();
+        let (got, _) = collect(&mut c, n as usize, Duration::from_secs(60));
+        let took = start.elapsed();
+        for t in clients {
+            t.join().unwrap();
+        }
+        let ranks: std::collections::BTreeSet<u32> = got.iter().map(|r| r.rank).collect();
+        assert_eq!(
+            ranks.len(),
+            n as usize,
+            "{} of {n} reports in {took:?}",
+            ranks.len()
+        );
+    }
+
+    #[test]
     fn wrong_tokens_garbage_half_and_huge_lines_are_dropped() {
         let (mut c, target) = loopback();
         let addr = target.address.clone();
