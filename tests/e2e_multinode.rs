@@ -17,22 +17,11 @@ use common::*;
 /// The MPICH 5 image's MPI over libfabric's tcp provider.
 const MPICH5_OFI: [&str; 4] = ["-x", "FI_PROVIDER=tcp", "-x", "MPIR_CVAR_CH4_NETMOD=ofi"];
 
-/// `salloc -N3 -n6 cmpirun -n 6 ARGS` as the test user on the three-node cluster.
-fn salloc3(cluster: &Cluster, args: &[&str]) -> TuserCommand {
+/// `salloc -N3 -n6 cmpirun -n 6` as the test user on the three-node cluster (add cmpirun's
+/// arguments), through a shell that prints cmpirun's own status (`cmpirun-status=N` on stderr):
+/// salloc exits 0 even when its command failed.
+fn salloc3(cluster: &Cluster) -> TuserCommand {
     TuserCommand::new("salloc")
-        .cluster(cluster)
-        .env("CMPIRUN_KILL_GRACE", "2")
-        .timeout(Duration::from_secs(180))
-        .args(["-N3", "-n6"])
-        .arg(cmpirun_bin())
-        .args(["-n", "6"])
-        .args(args)
-}
-
-/// cmpirun's own status inside salloc (salloc exits 0 even when its command failed): the
-/// `cmpirun-status=N` line the wrapper prints.
-fn salloc3_status(cluster: &Cluster, args: &[&str]) -> (RunOutput, i32) {
-    let out = TuserCommand::new("salloc")
         .cluster(cluster)
         .env("CMPIRUN_KILL_GRACE", "2")
         .timeout(Duration::from_secs(180))
@@ -46,13 +35,20 @@ fn salloc3_status(cluster: &Cluster, args: &[&str]) -> (RunOutput, i32) {
         ])
         .arg(cmpirun_bin())
         .args(["-n", "6"])
-        .args(args)
-        .run();
-    let status = out
-        .stderr
+}
+
+/// The status cmpirun exited with inside [`salloc3`].
+fn cmpirun_status(out: &RunOutput) -> i32 {
+    out.stderr
         .lines()
         .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+        .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"))
+}
+
+/// [`salloc3`] with cmpirun's arguments `args`: what it did, and cmpirun's status.
+fn salloc3_status(cluster: &Cluster, args: &[&str]) -> (RunOutput, i32) {
+    let out = salloc3(cluster).args(args).run();
+    let status = cmpirun_status(&out);
     (out, status)
 }
 
@@ -100,11 +96,11 @@ fn mpich5_over_ofi_tcp_across_three_nodes_through_srun() {
             "node {n}'s link carried only {grew} bytes:\n{out}"
         );
     }
-    let out = salloc3(
+    let (out, status) = salloc3_status(
         &cluster,
         &[&args[..args.len() - 2], &[image, "/usr/local/bin/mpitest"]].concat(),
-    )
-    .run();
+    );
+    assert_eq!(status, 0, "{out}");
     check_spread(&out);
     cluster.assert_nothing_left(&before);
 }
@@ -119,35 +115,41 @@ fn one_rank_fails(var: &str, rank: u32, fail: &str) -> [String; 3] {
     ]
 }
 
-/// The failures of a 6-rank job and what cmpirun must end it with: (flags, program and
-/// arguments, status, message), with the rank variable `var` of the launcher.
-fn failures(var: &str) -> Vec<(Vec<String>, Vec<String>, i32, String)> {
+/// The failures of a 6-rank job of the MPICH 5 image over ofi tcp and what cmpirun must end it
+/// with: (cmpirun's arguments after `first`, status, message), with the rank variable `var` of
+/// the launcher.
+fn failures(var: &str, first: &[&str]) -> Vec<(Vec<String>, i32, String)> {
+    let image = staged_image("mpich5").display().to_string();
+    let args = |flags: Vec<String>, program: Vec<String>| -> Vec<String> {
+        let mut a: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+        a.extend(MPICH5_OFI.map(String::from));
+        a.extend(flags);
+        a.push(image.clone());
+        a.extend(program);
+        a
+    };
     let abort = ["/usr/local/bin/abort", "abort", "7"]
         .map(String::from)
         .to_vec();
     let sleep = ["/bin/sleep", "600"].map(String::from).to_vec();
     vec![
         (
-            vec![],
-            one_rank_fails(var, 5, "exit 3").to_vec(),
+            args(vec![], one_rank_fails(var, 5, "exit 3").to_vec()),
             3,
             "cmpirun: rank 5 of 6 exited with status 3; the job was ended".into(),
         ),
         (
-            vec![],
-            one_rank_fails(var, 4, "kill -9 $$").to_vec(),
+            args(vec![], one_rank_fails(var, 4, "kill -9 $$").to_vec()),
             137,
             "cmpirun: rank 4 of 6 was killed by signal 9 (SIGKILL)".into(),
         ),
         (
-            vec![],
-            abort,
+            args(vec![], abort),
             7,
             "cmpirun: rank 1 of 6 called MPI_Abort with code 7".into(),
         ),
         (
-            vec!["--timeout".into(), "3".into()],
-            sleep,
+            args(vec!["--timeout".into(), "3".into()], sleep),
             124,
             "the job did not end within --timeout 3 s".into(),
         ),
@@ -160,12 +162,7 @@ fn exit_statuses_across_nodes_through_srun() {
     let cluster = require_cluster();
     let before = cluster.state();
     let image = staged_image("mpich5");
-    for (flags, program, code, message) in failures("SLURM_PROCID") {
-        let mut args: Vec<String> = vec!["--pmi".into(), "pmi2".into()];
-        args.extend(MPICH5_OFI.map(String::from));
-        args.extend(flags);
-        args.push(image.display().to_string());
-        args.extend(program);
+    for (args, code, message) in failures("SLURM_PROCID", &["--pmi", "pmi2"]) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (out, status) = salloc3_status(&cluster, &args);
         assert_eq!(status, code, "{out}");
@@ -175,16 +172,15 @@ fn exit_statuses_across_nodes_through_srun() {
         // too: their rendezvous files stay until the next instance on the node removes them.
         cluster.assert_nothing_left_but(&before, is_rendezvous_file);
     }
-    let ok = salloc3(
+    let (ok, status) = salloc3_status(
         &cluster,
         &[
             &MPICH5_OFI[..],
             &[image.to_str().unwrap(), "/usr/local/bin/hello"],
         ]
         .concat(),
-    )
-    .run();
-    ok.assert_success();
+    );
+    assert_eq!(status, 0, "{ok}");
     cluster.assert_nothing_left(&before);
 }
 
@@ -281,12 +277,7 @@ fn exit_statuses_across_nodes_through_hydra() {
     let _serial = exclusive();
     let cluster = require_cluster();
     let before = cluster.state();
-    let image = staged_image("mpich5");
-    for (flags, program, code, message) in failures("PMI_RANK") {
-        let mut args: Vec<String> = MPICH5_OFI.map(String::from).to_vec();
-        args.extend(flags);
-        args.push(image.display().to_string());
-        args.extend(program);
+    for (args, code, message) in failures("PMI_RANK", &[]) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = hydra3(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
         assert_eq!(out.code(), Some(code), "{out}");
@@ -366,20 +357,9 @@ fn a_node_lost_mid_job_fails_the_job_naming_it() {
     let before = cluster.state();
     let image = staged_image("mpich5");
     // The ranks of n1 and n2 end well after 6 s; those of n3 are lost at about 2 s.
-    let child = TuserCommand::new("salloc")
-        .cluster(&cluster)
-        .env("CMPIRUN_KILL_GRACE", "2")
+    let child = salloc3(&cluster)
         .timeout(Duration::from_secs(120))
-        .args([
-            "-N3",
-            "-n6",
-            "/bin/sh",
-            "-c",
-            "\"$@\"; echo cmpirun-status=$? >&2",
-            "sh",
-        ])
-        .arg(cmpirun_bin())
-        .args(["-n", "6", "--pmi", "pmi2"])
+        .args(["--pmi", "pmi2"])
         .arg(&image)
         .args(["/bin/sleep", "6"])
         .spawn();
@@ -392,11 +372,7 @@ fn a_node_lost_mid_job_fails_the_job_naming_it() {
     let out = child.wait();
     let took = lost_at.elapsed();
     revive_node(&cluster, "n3");
-    let status: i32 = out
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+    let status = cmpirun_status(&out);
     eprintln!(
         "the job ended {took:?} after the loss of n3, with status {status}: {}",
         out.stderr
@@ -426,30 +402,14 @@ fn a_front_end_on_a_node_of_the_job() {
     let before = cluster.state();
     let image = staged_image("mpich5");
     let run = |program: &[&str]| {
-        let out = TuserCommand::new("salloc")
-            .cluster(&cluster)
+        let out = salloc3(&cluster)
             .on_node("n1")
-            .env("CMPIRUN_KILL_GRACE", "2")
-            .timeout(Duration::from_secs(180))
-            .args([
-                "-N3",
-                "-n6",
-                "/bin/sh",
-                "-c",
-                "\"$@\"; echo cmpirun-status=$? >&2",
-                "sh",
-            ])
-            .arg(cmpirun_bin())
-            .args(["-n", "6", "--pmi", "pmi2"])
+            .args(["--pmi", "pmi2"])
             .args(MPICH5_OFI)
             .arg(&image)
             .args(program)
             .run();
-        let status: i32 = out
-            .stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("cmpirun-status=")?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no cmpirun status:\n{out}"));
+        let status = cmpirun_status(&out);
         (out, status)
     };
     let (out, status) = run(&["/usr/local/bin/mpitest"]);
