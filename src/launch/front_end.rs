@@ -139,7 +139,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
 /// out this host's name otherwise, which other nodes may resolve to loopback (Debian's
 /// `127.0.1.1 hostname` line).
 fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remote: bool) {
-    if argv.len() < 2 || argv.iter().any(|a| a == "-localhost" || a == "--localhost") {
+    if !remote || argv.len() < 2 || argv.iter().any(|a| a == "-localhost" || a == "--localhost") {
         return;
     }
     let Some(addr) = addr else {
@@ -150,7 +150,7 @@ fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remot
         let loopback_only = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0))
             .map(|mut a| a.all(|a| a.ip().is_loopback()))
             .unwrap_or(true);
-        if remote && loopback_only {
+        if loopback_only {
             say(&format!(
                 "warning: the other nodes' names do not resolve here, and this host's name \
                  ({host}) resolves to loopback: {}'s proxies on the other nodes will not reach \
