@@ -19,6 +19,8 @@ PACKAGES=(
     util-linux procps passwd
     # Slurm single-node cluster for the launch tests
     slurm-wlm slurmctld slurmd slurm-client munge
+    # the three-node test cluster: namespaces and a bridge, an sshd per node for hydra
+    iproute2 openssh-server openssh-client
     # baseline for the container start-up benchmark
     bubblewrap
     # an OCI registry (v2) the oras:// pull tests start on a free port
@@ -53,7 +55,17 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-packages.sh: installing ${missing[*]}"
+    # No service may start on installation (openssh-server's sshd): the test cluster starts its
+    # own, one per node.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=false
+    if [ ! -e $policy ]; then
+        printf '#!/bin/sh\nexit 101\n' >$policy
+        chmod 0755 $policy
+        made_policy=true
+    fi
     apt-get install -y -q "${missing[@]}"
+    if $made_policy; then rm -f $policy; fi
 fi
 
 # pip3 fetches the MPICH 5 wheel (ci/fetch-wheels.sh); a machine without a Python installation of

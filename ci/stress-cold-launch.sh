@@ -7,12 +7,19 @@
 # on a cluster whose homes are one network filesystem). A stress run, not a test: it prints its
 # counts and exits 1 when any try hung or failed.
 #
-# Usage (as root, after ci/prepare.sh and ci/start-slurm.sh):
+# With CLUSTER=1 every try spans the three-node test cluster (ci/start-cluster.sh): TASKS per
+# node on n1..n3, `salloc -N3` and hydra over ssh (`-H n1:T,n2:T,n3:T`), the MPICH 5 image over
+# ofi tcp (Debian's MPICH 4 hangs in MPI_Finalize across nodes); the "local" cache is then each
+# node's own /tmp and the "shared" one the test user's home, which every node sees, so three
+# nodes fill one cache folder at once.
+#
+# Usage (as root, after ci/prepare.sh and ci/start-slurm.sh, or ci/start-cluster.sh):
 #   ci/stress-cold-launch.sh [TRIES]        env: TASKS (default 4), TIMEOUT (default 60),
 #                                           IMAGE (default .cache/images/mpich4.sif),
 #                                           CMPIRUN (default target/debug/cmpirun),
 #                                           LAUNCHERS (default "srun hydra"),
-#                                           CACHES (default "local shared"), TEST_USER (tuser)
+#                                           CACHES (default "local shared"), TEST_USER (tuser),
+#                                           CLUSTER (default 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,9 +33,24 @@ TIMEOUT=${TIMEOUT:-60}
 TEST_USER=${TEST_USER:-tuser}
 LAUNCHERS=${LAUNCHERS:-srun hydra}
 CACHES=${CACHES:-local shared}
-IMAGE=${IMAGE:-.cache/images/mpich4.sif}
 CMPIRUN=${CMPIRUN:-target/debug/cmpirun}
-export SLURM_CONF=${SLURM_CONF:-${SLURM_DIR:-/run/cmpirun-test-slurm}/slurm.conf}
+CLUSTER=${CLUSTER:-0}
+cluster=${CLUSTER_DIR:-/run/cmpirun-test-cluster}
+if [ "$CLUSTER" = 1 ]; then
+    IMAGE=${IMAGE:-.cache/images/mpich5.sif}
+    export SLURM_CONF=$cluster/slurm.conf
+    [ -f "$SLURM_CONF" ] || { echo "stress-cold-launch.sh: start ci/start-cluster.sh first" >&2; exit 1; }
+    NODES=3
+    mpi=(-x FI_PROVIDER=tcp -x MPIR_CVAR_CH4_NETMOD=ofi)
+    cluster_env=(HYDRA_LAUNCHER_EXEC="$cluster/bin/ssh" CMPIRUN_REPORT_ADDR=10.77.0.1)
+else
+    IMAGE=${IMAGE:-.cache/images/mpich4.sif}
+    export SLURM_CONF=${SLURM_CONF:-${SLURM_DIR:-/run/cmpirun-test-slurm}/slurm.conf}
+    NODES=1
+    mpi=()
+    cluster_env=()
+fi
+N=$((NODES * TASKS))
 
 home=$(getent passwd "$TEST_USER" | cut -d: -f6)
 work=$(mktemp -d /var/tmp/cmpirun-stress-XXXXXX)
@@ -36,13 +58,20 @@ shared=$(mktemp -d "$home/.cmpirun-stress-XXXXXX")
 cleanup() {
     rm -rf "$work" "$shared"
     rm -rf /tmp/cmpirun-stress-cache-*
+    if [ "$CLUSTER" = 1 ]; then
+        for a in "$cluster"/n*.anchor; do rm -rf /proc/"$(cat "$a")"/root/tmp/cmpirun-stress-cache-*; done
+    fi
 }
 trap cleanup EXIT
 chmod 0755 "$work"
 chown "$TEST_USER:" "$shared"
 install -m 0755 "$CMPIRUN" "$work/cmpirun"
 install -m 0644 "$IMAGE" "$work/image.sif"
-echo "$(hostname):$TASKS" >"$work/hosts"
+if [ "$CLUSTER" = 1 ]; then
+    printf 'n1:%s\nn2:%s\nn3:%s\n' "$TASKS" "$TASKS" "$TASKS" >"$work/hosts"
+else
+    echo "$(hostname):$TASKS" >"$work/hosts"
+fi
 chmod 0644 "$work/hosts"
 
 as_user=(setpriv --reuid="$TEST_USER" --regid="$TEST_USER" --init-groups --inh-caps=-all
@@ -52,14 +81,19 @@ as_user=(setpriv --reuid="$TEST_USER" --regid="$TEST_USER" --init-groups --inh-c
 # One job: prints ok, failed (with its status) or hung.
 try() {
     local launcher=$1 cache=$2 log=$3
-    local job=(./cmpirun -n "$TASKS" ./image.sif /usr/local/bin/mpitest)
+    local job=("$work/cmpirun" -n "$N" "${mpi[@]}" "$work/image.sif" /usr/local/bin/mpitest)
     case $launcher in
-        srun) job=(salloc -Q -n "$TASKS" "${job[@]}") ;;
-        hydra) job=(./cmpirun -f ./hosts -n "$TASKS" ./image.sif /usr/local/bin/mpitest) ;;
+        # salloc exits 0 when its command failed: its command says how it ended.
+        srun) job=(salloc -Q -N "$NODES" -n "$N" sh -c '"$@"; echo "cmpirun-status=$?"' sh "${job[@]}") ;;
+        hydra) job=("$work/cmpirun" -f ./hosts -n "$N" "${mpi[@]}" "$work/image.sif" /usr/local/bin/mpitest) ;;
     esac
     local rc=0
     (cd "$work" && timeout -k 5 "$TIMEOUT" "${as_user[@]}" CMPIRUN_LIBRARY_CACHE="$cache" \
-        CMPIRUN_KILL_GRACE=2 "${job[@]}") >"$log" 2>&1 || rc=$?
+        CMPIRUN_KILL_GRACE=2 "${cluster_env[@]}" "${job[@]}") >"$log" 2>&1 || rc=$?
+    if [ "$launcher" = srun ] && [ "$rc" = 0 ]; then
+        rc=$(sed -n 's/^cmpirun-status=//p' "$log" | tail -1)
+        rc=${rc:-1}
+    fi
     case $rc in
         0) echo ok ;;
         124 | 137) echo hung ;;

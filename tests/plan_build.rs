@@ -272,9 +272,28 @@ fn hydra_with_hosts_and_mpiexec() {
     let argv = &p.launcher.commands[0].argv;
     assert_eq!(
         &argv[..7],
-        ["mpiexec.hydra", "-f", "/tmp/hosts", "-n", "3", "-ppn", "1"]
+        [
+            "mpiexec.hydra",
+            "-hosts",
+            "a:1,b:1,c:1",
+            "-n",
+            "3",
+            "-ppn",
+            "1"
+        ]
     );
-    assert_eq!(argv[7], "-rr");
+    assert!(!argv.contains(&"-rr".to_owned()), "{argv:?}");
+    // Round-robin without -ppn is hydra's -ppn 1 (hydra 4 has no -rr).
+    let rr = plan(
+        &["-H", "a:2,b:2", "-rr", "img.sif", "hello"],
+        &choice(GENERIC),
+        &h,
+    );
+    assert_eq!(
+        &rr.launcher.commands[0].argv[..7],
+        ["mpiexec.hydra", "-hosts", "a:2,b:2", "-n", "4", "-ppn", "1"]
+    );
+    assert_eq!(rr.layout.node_of_rank, [0, 1, 0, 1]);
     assert_eq!(p.layout.nodes.len(), 3);
     assert_eq!(
         plan_err(

@@ -155,7 +155,10 @@ fn a_flood_of_bad_and_slow_clients_changes_nothing() {
             .contains("cmpirun: rank 1 of 4 exited with status 3; the job was ended"),
         "{out}"
     );
-    assert!(!out.stderr.contains("no rank reported"), "{out}");
+    assert!(
+        !out.stderr.contains("no rank reported") && !out.stderr.contains("never reported"),
+        "{out}"
+    );
     assert!(
         !out.stderr.contains("token"),
         "bad reports are only logged at debug: {out}"

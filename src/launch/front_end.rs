@@ -31,6 +31,14 @@ use crate::container::run::with_forwarded_signals_blocked;
 /// How long reports still on their way are read after the launcher exited.
 const DRAIN: Duration = Duration::from_millis(300);
 
+/// The longest single argument or environment string Linux's execve takes (32 pages of 4 KiB,
+/// the terminating NUL included).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+/// How long after the first failure report cmpirun ends hydra's job: the failed task says why
+/// and exits meanwhile.
+const HYDRA_END_DELAY: Duration = Duration::from_millis(500);
+
 /// How long node instances adopted by cmpirun get to end after the launcher exited.
 const REAP_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -64,8 +72,27 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 /// rank reported why.
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
-    let argv = command_line(plan)?;
+    let mut argv = command_line(plan)?;
     let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
+    // execve refuses a longer `NAME=value` string with E2BIG, which would read as a missing
+    // launcher.
+    let bytes = PLAN_VAR.len() + 1 + json.len() + 1;
+    if bytes > MAX_ARG_STRLEN {
+        return Err(LaunchError::PlanTooLarge {
+            bytes,
+            limit: MAX_ARG_STRLEN,
+            ranks: plan.layout.size,
+            nodes: plan.layout.nodes.len(),
+        });
+    }
+    let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
+    let srun = plan.launcher.kind == LauncherKind::Slurm;
+    let collector = Collector::bind(&nodes, srun);
+    if let Ok(c) = &collector
+        && plan.launcher.kind == LauncherKind::Hydra
+    {
+        hydra_localhost(&mut argv, c.reachable(), c.remote());
+    }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
@@ -75,8 +102,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         }
     }
     cmd.env(PLAN_VAR, json);
-    let nodes: Vec<String> = plan.layout.nodes.iter().map(|n| n.name.clone()).collect();
-    let mut collector = match Collector::bind(&nodes) {
+    let mut collector = match collector {
         Ok(c) => {
             cmd.env(REPORT_VAR, c.env_value());
             Some(c)
@@ -91,7 +117,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     };
     // What jobs whose front end was killed left on this node (it could not clean up after
     // them): the files of instances that no longer answer.
-    remove_stale_instances("");
+    remove_stale_instances("", "");
     let result = with_forwarded_signals_blocked(
         |errno| LaunchError::Sys {
             step: "block signals",
@@ -99,26 +125,56 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
         },
         |mask, old| run_blocked(plan, cmd, &argv[0], collector.as_mut(), mask, old),
     );
-    remove_stale_instances(&stale_prefix(plan.launcher.kind, true));
+    let prefix = match (plan.launcher.kind, std::env::var("SLURM_JOB_ID")) {
+        (LauncherKind::Slurm, Ok(job)) => format!("slurm-{job}."),
+        (LauncherKind::Slurm, Err(_)) => "slurm-".to_owned(),
+        _ => "proxy-".to_owned(),
+    };
+    remove_stale_instances(&prefix, "");
     result
 }
 
-/// The keys of the instances a sweep with [`remove_stale_instances`] looks at after a job
-/// under `kind`: the Slurm job's own (`this_job`: its steps that were killed), or every Slurm
-/// job's, or hydra's proxies'.
-pub fn stale_prefix(kind: LauncherKind, this_job: bool) -> String {
-    match (kind, std::env::var("SLURM_JOB_ID")) {
-        (LauncherKind::Slurm, Ok(job)) if this_job => format!("slurm-{job}."),
-        (LauncherKind::Slurm, _) => "slurm-".to_owned(),
-        _ => "proxy-".to_owned(),
+/// Tells hydra's proxies on other nodes the address to connect back to (`-localhost ADDR`),
+/// the one the report port listens on, unless the command line already has one: hydra hands
+/// out this host's name otherwise, which other nodes may resolve to loopback (Debian's
+/// `127.0.1.1 hostname` line).
+fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remote: bool) {
+    if !remote || argv.len() < 2 || argv.iter().any(|a| a == "-localhost" || a == "--localhost") {
+        return;
     }
+    let Some(addr) = addr else {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let loopback_only = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), 0))
+            .map(|mut a| a.all(|a| a.ip().is_loopback()))
+            .unwrap_or(true);
+        if loopback_only {
+            say(&format!(
+                "warning: the other nodes' names do not resolve here, and this host's name \
+                 ({host}) resolves to loopback: {}'s proxies on the other nodes will not reach \
+                 it; set CMPIRUN_REPORT_ADDR to this host's address on the nodes' network",
+                argv[0]
+            ));
+        }
+        return;
+    };
+    tracing::info!(
+        "passing -localhost {addr} to {}: the address the other nodes reach this host at",
+        argv[0]
+    );
+    argv.splice(1..1, ["-localhost".to_owned(), addr.to_string()]);
 }
 
-/// Removes this node's rendezvous files of instances (keys starting with `prefix`) that are gone.
+/// Removes this node's rendezvous files of instances (keys starting with `prefix`, but `skip`)
+/// that are gone.
 ///
 /// An instance removes its files when its last rank ends, but srun and hydra end a failed step
 /// with SIGKILL to every process of it, instance included; its socket and lock then stay behind.
-pub fn remove_stale_instances(prefix: &str) {
+/// The front end removes them on its own node when the job ends; on the other nodes the task
+/// that creates the next instance there does ([`super::rank`]).
+pub fn remove_stale_instances(prefix: &str, skip: &str) {
     use crate::container::rendezvous::{Rendezvous, runtime_dir};
     let Ok(dir) = runtime_dir() else { return };
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -132,7 +188,7 @@ pub fn remove_stale_instances(prefix: &str) {
         else {
             continue;
         };
-        if !key.starts_with(prefix) {
+        if !key.starts_with(prefix) || key == skip {
             continue;
         }
         let Ok(rv) = Rendezvous::new(&dir, key) else {
@@ -201,9 +257,13 @@ fn adopted_children() -> Vec<Pid> {
         .collect()
 }
 
-/// Takes the first failure among `reports` as the job's end, unless its end is decided.
-fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
+/// Takes the first failure among `reports` as the job's end, unless its end is decided; marks
+/// every reporting rank in `reported`.
+fn note_reports(end: &mut Option<JobEnd>, reported: &mut [bool], reports: Vec<Report>, size: u32) {
     for r in reports {
+        if let Some(seen) = reported.get_mut(r.rank as usize) {
+            *seen = true;
+        }
         tracing::debug!("rank {} reported {:?}", r.rank, r.end);
         // A lost image mount is the reason, also when a rank that failed on a vanished file
         // reported first.
@@ -236,6 +296,51 @@ fn note_reports(end: &mut Option<JobEnd>, reports: Vec<Report>, size: u32) {
             *end = Some(e);
         }
     }
+}
+
+/// The ranks that never reported how they ended, with their nodes, as the job's end, when some
+/// did report or the launcher exited with 0.
+fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -> Option<JobEnd> {
+    let missing: Vec<u32> = (0..plan.layout.size)
+        .filter(|&r| !reported.get(r as usize).copied().unwrap_or(false))
+        .collect();
+    // No rank at all and a failed launcher: it failed to start them, or ended them all.
+    if missing.is_empty() || (missing.len() == reported.len() && code != 0) {
+        return None;
+    }
+    let mut nodes: Vec<String> = Vec::new();
+    for &r in &missing {
+        if let Some(n) = plan.layout.nodes.iter().find(|n| n.ranks.contains(&r))
+            && !nodes.contains(&n.name)
+        {
+            nodes.push(n.name.clone());
+        }
+    }
+    Some(JobEnd::RanksLost {
+        ranks: rank_list(&missing),
+        nodes,
+        launcher: launcher.to_owned(),
+        code,
+    })
+}
+
+/// `[1, 2, 3, 5]` as `1-3,5`.
+fn rank_list(ranks: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", ranks[i], ranks[j])
+        } else {
+            ranks[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn run_blocked(
@@ -274,7 +379,9 @@ fn run_blocked(
         .map(|s| (Instant::now() + Duration::from_secs(s), s));
     let grace = kill_grace();
     let mut end: Option<JobEnd> = None;
+    let mut reported = vec![false; plan.layout.size as usize];
     let mut term_at: Option<Instant> = None;
+    let mut end_hydra_at: Option<Instant> = None;
     let mut killed = false;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| LaunchError::Io {
@@ -285,10 +392,17 @@ fn run_blocked(
                 .code()
                 .unwrap_or_else(|| SIGNAL_BASE + status.signal().unwrap_or(0));
             if let Some(c) = collector.as_mut() {
-                note_reports(&mut end, c.drain(DRAIN), plan.layout.size);
+                note_reports(&mut end, &mut reported, c.drain(DRAIN), plan.layout.size);
             }
             if subreaper {
                 reap_adopted(REAP_PATIENCE);
+            }
+            if end.is_none()
+                && collector.is_some()
+                && let Some(e) = ranks_lost(plan, &reported, program, own)
+            {
+                say(&e.message(plan.layout.size).unwrap_or_default());
+                end = Some(e);
             }
             if end.is_none() && own != 0 {
                 let e = JobEnd::Unreported {
@@ -319,6 +433,9 @@ fn run_blocked(
             }
             wait = wait.min(d - now);
         }
+        if let Some(at) = end_hydra_at {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
         if let Some(t) = term_at.filter(|_| !killed) {
             if now >= t + grace {
                 let _ = kill(pid, Signal::SIGKILL);
@@ -345,7 +462,21 @@ fn run_blocked(
         );
         drop(pfd);
         if let Some(c) = collector.as_mut() {
-            note_reports(&mut end, c.service(), plan.layout.size);
+            let decided = end.is_some();
+            note_reports(&mut end, &mut reported, c.service(), plan.layout.size);
+            // hydra ends a job only when a rank's task exits with a failure, and not at all
+            // when the other ranks wait in MPI_Init for the failed one: the first failure
+            // reported ends it, as under the local launcher (srun's --kill-on-bad-exit does).
+            // The failed task gets a moment to say why and exit first.
+            if !decided && end.is_some() && plan.launcher.kind == LauncherKind::Hydra {
+                end_hydra_at = Some(Instant::now() + HYDRA_END_DELAY);
+            }
+        }
+        if let Some(at) = end_hydra_at.filter(|at| Instant::now() >= *at && term_at.is_none()) {
+            tracing::info!("ending {program}: a rank failed {HYDRA_END_DELAY:?} ago");
+            let _ = kill(pid, Signal::SIGTERM);
+            term_at = Some(at);
+            end_hydra_at = None;
         }
         while let Ok(Some(info)) = sigfd.read_signal() {
             let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {

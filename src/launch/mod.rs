@@ -95,6 +95,23 @@ pub enum LaunchError {
         /// The error (part of the message, so not also a `source`).
         error: std::io::Error,
     },
+    /// The plan is too large for the one environment variable srun and hydra carry it in.
+    #[error(
+        "the launch plan of this job ({ranks} ranks on {nodes} nodes) is {bytes} bytes, more \
+         than the {limit} bytes one environment variable may hold on Linux (MAX_ARG_STRLEN); \
+         srun and hydra pass it to every task in CMPIRUN_PLAN, so jobs this large cannot be \
+         launched through them yet: run fewer ranks per job (see docs/scale.md)"
+    )]
+    PlanTooLarge {
+        /// The plan's size in the environment (`CMPIRUN_PLAN=…`).
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+        /// The job's ranks.
+        ranks: u32,
+        /// The job's nodes.
+        nodes: usize,
+    },
     /// The plan has no command for its launcher (a plan cmpirun did not build).
     #[error("the plan has no launcher command for this launcher")]
     NoLauncherCommand,
@@ -183,6 +200,7 @@ impl Blame for LaunchError {
             | LaunchError::NotAPlan { .. }
             | LaunchError::NoRank
             | LaunchError::LauncherMissing { .. }
+            | LaunchError::PlanTooLarge { .. }
             | LaunchError::Limit { .. }
             | LaunchError::OutputFile { .. }
             | LaunchError::Bind(_) => Fault::User,

@@ -4,8 +4,8 @@
 //! rank there; keyed by job step, and holding every image of the job), and starts the rank in it
 //! with the PMI descriptors and variables it inherited from srun or hydra (`PMI_FD` through a
 //! relay that sees an abort, [`super::watch`]). It stays as the rank's parent, passes signals on,
-//! reports a failure of the rank to the front end ([`super::report`]) and exits the way the rank
-//! did.
+//! reports how the rank ended to the front end ([`super::report`]: a failure, or a clean end,
+//! which the front end counts) and exits the way the rank did.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -153,17 +153,6 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
                 |mask, _| run_member(&plan, &cfg, rank, &key, &env, mask),
             )
         });
-    // The first task of each node sweeps what killed jobs left on it (a front end does so only
-    // on its own node), after its rank, off the launch's path.
-    if ["SLURM_LOCALID", "MPI_LOCALRANKID"]
-        .iter()
-        .any(|v| env.get(*v).is_some_and(|id| id == "0"))
-    {
-        super::front_end::remove_stale_instances(&super::front_end::stale_prefix(
-            plan.launcher.kind,
-            false,
-        ));
-    }
     match result {
         Ok(outcome) => Ok(propagate(outcome)),
         Err(e) => {
@@ -195,6 +184,10 @@ fn run_member(
         crate::container::InstanceError::Rendezvous(r) => LaunchError::Rendezvous(r),
         other => LaunchError::Instance(other),
     })?;
+    if inst.created() {
+        // What jobs killed on this node left (no front end runs here to remove it).
+        super::front_end::remove_stale_instances("", key);
+    }
     let host: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k != REPORT_VAR)
         .collect();
@@ -283,9 +276,9 @@ fn run_member(
             (Outcome::Exited(code), None) => RankEnd::Exited(code),
             (Outcome::Signaled(sig), None) => RankEnd::Signaled(sig as i32),
         };
-        if end != RankEnd::Exited(0) {
-            t.send(rank, end, lost);
-        }
+        // A clean end is reported too: the front end counts the reports, so that ranks of a
+        // lost node cannot pass for a success.
+        t.send(rank, end, lost);
     }
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once

@@ -157,9 +157,43 @@ impl Target {
         }
     }
 
+    /// The socket addresses to try, in order: `HOST:PORT` resolved; with `a,b:PORT` each of
+    /// the listed hosts; with `*:PORT` the address srun gave this task for its launch node
+    /// ([`LAUNCH_NODE_VARS`]).
+    fn candidates(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.candidates_with(|v| std::env::var(v).ok())
+    }
+
+    /// [`Self::candidates`], with the task's environment read through `env`.
+    fn candidates_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> std::io::Result<Vec<SocketAddr>> {
+        let bad = || std::io::Error::new(ErrorKind::InvalidInput, "no port in the address");
+        let (hosts, port) = self.address.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let hosts: Vec<String> = if hosts == LAUNCH_NODE {
+            LAUNCH_NODE_VARS
+                .iter()
+                .filter_map(|v| env(v).filter(|h| !h.is_empty()))
+                .collect()
+        } else {
+            hosts.split(',').map(str::to_owned).collect()
+        };
+        let mut out = Vec::new();
+        for h in hosts {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            match (h, port).to_socket_addrs() {
+                Ok(addrs) => out.extend(addrs.filter(|a| !out.contains(a)).collect::<Vec<_>>()),
+                Err(e) => tracing::debug!("report address {h}: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
     fn send_once(&self, line: &[u8]) -> std::io::Result<()> {
         let mut last = std::io::Error::new(ErrorKind::NotFound, "the address does not resolve");
-        for addr in self.address.to_socket_addrs()? {
+        for addr in self.candidates()? {
             match TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT) {
                 Ok(mut s) => {
                     s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -210,26 +244,106 @@ fn is_this_host(name: &str, host: &str) -> bool {
         || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The address to listen on and the one to hand out: loopback when every node is this host;
-/// else the address this host uses to reach another node of the job (so that node can reach it
-/// back), else the host name's own non-loopback address, else every interface, handed out as
-/// the host name. [`ADDR_VAR`] overrides the choice.
-fn choose_address(nodes: &[String]) -> (SocketAddr, String) {
+/// The host part of the report address that tells a task under srun to use its launch node's
+/// address ([`LAUNCH_NODE_VARS`]).
+const LAUNCH_NODE: &str = "*";
+
+/// What srun tells every task about the node it was launched from (where srun, and so the front
+/// end, runs), in the order a task tries them: addresses the nodes reach it at, since slurmd
+/// connects back to srun through them.
+pub const LAUNCH_NODE_VARS: [&str; 2] = ["SLURM_LAUNCH_NODE_IPADDR", "SLURM_SRUN_COMM_HOST"];
+
+/// Where the front end listens, and the host part of the address it hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Choice {
+    /// The address to bind.
+    listen: SocketAddr,
+    /// An IP address, [`LAUNCH_NODE`], or a comma-separated list of IP addresses.
+    advertised: String,
+    /// Why, for the debug log.
+    reason: &'static str,
+    /// Whether a node of the job is another host.
+    remote: bool,
+}
+
+/// The address to listen on and the one to hand out, never a name or address that is loopback
+/// when a task may run on another node:
+///
+/// 1. [`ADDR_VAR`], if set;
+/// 2. loopback when every node is this host;
+/// 3. the address this host uses to reach another node of the job (the route to it), when the
+///    node names resolve here;
+/// 4. under srun ([`LAUNCH_NODE`]): every address, handed out as `*`, which a task replaces with
+///    the launch node's address srun gave it;
+/// 5. a non-loopback address the host name resolves to;
+/// 6. every address, handed out as the list of this host's non-loopback addresses (a task tries
+///    each).
+fn choose_address(nodes: &[String], srun: bool) -> Choice {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into());
-    let any = |ip: IpAddr| (SocketAddr::new(ip, 0), ip.to_string());
+    let remote = nodes.iter().any(|n| !is_this_host(n, &host));
+    let one = |ip: IpAddr, reason| Choice {
+        listen: SocketAddr::new(ip, 0),
+        advertised: ip.to_string(),
+        reason,
+        remote,
+    };
+    let every = |advertised: String, reason| Choice {
+        listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        advertised,
+        reason,
+        remote,
+    };
     if let Ok(v) = std::env::var(ADDR_VAR) {
         match v.parse::<IpAddr>() {
-            Ok(ip) => return any(ip),
+            Ok(ip) => return one(ip, "CMPIRUN_REPORT_ADDR"),
             Err(_) => tracing::warn!("{ADDR_VAR}={v:?} is not an IP address; ignored"),
         }
     }
     let others: Vec<&String> = nodes.iter().filter(|n| !is_this_host(n, &host)).collect();
     if others.is_empty() {
-        return any(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        return one(IpAddr::V4(Ipv4Addr::LOCALHOST), "every node is this host");
     }
+    if let Some(ip) = route_to(&others) {
+        return one(ip, "the route to another node of the job");
+    }
+    if srun {
+        return every(LAUNCH_NODE.to_owned(), "srun's launch node address");
+    }
+    if let Ok(addrs) = (host.as_str(), 0).to_socket_addrs()
+        && let Some(a) = addrs.into_iter().find(|a| !a.ip().is_loopback())
+    {
+        return one(a.ip(), "the host name's address");
+    }
+    let mine: Vec<String> = nix::ifaddrs::getifaddrs()
+        .map(|ifs| {
+            ifs.filter_map(|i| i.address?.as_sockaddr_in().map(|a| IpAddr::V4(a.ip())))
+                .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+                .map(|ip| ip.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut mine_unique: Vec<String> = Vec::new();
+    for a in mine {
+        if !mine_unique.contains(&a) {
+            mine_unique.push(a);
+        }
+    }
+    if mine_unique.is_empty() {
+        // No address but loopback: nothing else could reach this host anyway.
+        return one(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "this host has no other address",
+        );
+    }
+    every(mine_unique.join(","), "this host's addresses")
+}
+
+/// The address this host uses to reach one of `others` (the kernel's route to it), for the
+/// first few of them whose names resolve here.
+fn route_to(others: &[&String]) -> Option<IpAddr> {
     for node in others.iter().take(4) {
         let Ok(addrs) = (node.as_str(), 9).to_socket_addrs() else {
             continue;
@@ -246,16 +360,11 @@ fn choose_address(nodes: &[String]) -> (SocketAddr, String) {
                 && !l.ip().is_loopback()
                 && !l.ip().is_unspecified()
             {
-                return any(l.ip());
+                return Some(l.ip());
             }
         }
     }
-    if let Ok(addrs) = (host.as_str(), 0).to_socket_addrs()
-        && let Some(a) = addrs.into_iter().find(|a| !a.ip().is_loopback())
-    {
-        return any(a.ip());
-    }
-    (SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), host)
+    None
 }
 
 fn token() -> std::io::Result<String> {
@@ -325,26 +434,47 @@ pub struct Collector {
     token: String,
     advertised: String,
     conns: Vec<Conn>,
+    reachable: Option<IpAddr>,
+    remote: bool,
 }
 
 impl Collector {
-    /// Listens on an address the job's `nodes` can reach (see [`choose_address`]).
-    pub fn bind(nodes: &[String]) -> std::io::Result<Collector> {
-        let (addr, host) = choose_address(nodes);
-        let listener = TcpListener::bind(addr)?;
+    /// Listens on an address the job's `nodes` can reach (see [`choose_address`]); `srun`: the
+    /// tasks are srun's, which tells them its launch node's address.
+    pub fn bind(nodes: &[String], srun: bool) -> std::io::Result<Collector> {
+        let choice = choose_address(nodes, srun);
+        let listener = TcpListener::bind(choice.listen)?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
-        let advertised = match host.parse::<IpAddr>() {
+        let advertised = match choice.advertised.parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, port).to_string(),
-            Err(_) => format!("{host}:{port}"),
+            Err(_) => format!("{}:{port}", choice.advertised),
         };
-        tracing::debug!("rank reports: listening on {advertised}");
+        tracing::debug!(
+            "rank reports: listening on {}, handed out as {advertised} ({})",
+            SocketAddr::new(choice.listen.ip(), port),
+            choice.reason
+        );
+        let ip = choice.listen.ip();
         Ok(Collector {
             listener,
             token: token()?,
             advertised,
             conns: Vec::new(),
+            reachable: (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip),
+            remote: choice.remote,
         })
+    }
+
+    /// The one address of this host the job's other nodes reach it at, when it is known (set,
+    /// or the route to them): what hydra's proxies are told to connect back to (`-localhost`).
+    pub fn reachable(&self) -> Option<IpAddr> {
+        self.reachable
+    }
+
+    /// Whether a node of the job is another host than this one.
+    pub fn remote(&self) -> bool {
+        self.remote
     }
 
     /// The value of [`REPORT_VAR`] for the tasks.
@@ -448,6 +578,51 @@ mod tests {
     }
 
     #[test]
+    fn candidate_addresses() {
+        let t = |a: &str| Target {
+            token: "t".into(),
+            address: a.into(),
+        };
+        let none = |_: &str| None;
+        let srun = |v: &str| match v {
+            "SLURM_LAUNCH_NODE_IPADDR" => Some("10.77.0.1".to_owned()),
+            "SLURM_SRUN_COMM_HOST" => Some("10.77.0.2".to_owned()),
+            _ => None,
+        };
+        let addrs = |a: &str, env: &dyn Fn(&str) -> Option<String>| -> Vec<String> {
+            t(a).candidates_with(env)
+                .unwrap()
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        assert_eq!(addrs("*:4000", &srun), ["10.77.0.1:4000", "10.77.0.2:4000"]);
+        assert!(addrs("*:4000", &none).is_empty());
+        assert_eq!(
+            addrs("192.0.2.2,10.77.0.1,192.0.2.2:9", &none),
+            ["192.0.2.2:9", "10.77.0.1:9"]
+        );
+        assert_eq!(addrs("[::1]:9", &none), ["[::1]:9"]);
+        assert!(t("*").candidates_with(none).is_err());
+    }
+
+    #[test]
+    fn a_job_on_other_nodes_never_gets_a_loopback_address() {
+        // Names that do not resolve here: srun's launch node, or this host's addresses.
+        let nodes = ["cmpirun-no-such-node-1".to_owned()];
+        let srun = choose_address(&nodes, true);
+        assert_eq!(srun.advertised, LAUNCH_NODE);
+        assert!(srun.remote && srun.listen.ip().is_unspecified());
+        let other = choose_address(&nodes, false);
+        assert!(other.remote);
+        for a in other.advertised.split(',') {
+            let ip: IpAddr = a.parse().unwrap();
+            // Loopback only on a host that has no other address at all.
+            assert!(!ip.is_loopback() || other.reason == "this host has no other address");
+        }
+    }
+
+    #[test]
     fn this_host() {
         assert!(is_this_host("vm", "vm"));
         assert!(is_this_host("vm.example.org", "vm"));
@@ -459,15 +634,15 @@ mod tests {
     #[test]
     fn a_one_node_job_listens_on_loopback() {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-        let (addr, advertised) = choose_address(&[host]);
-        assert!(addr.ip().is_loopback(), "{addr}");
-        assert_eq!(advertised, "127.0.0.1");
+        let c = choose_address(&[host], false);
+        assert!(c.listen.ip().is_loopback(), "{c:?}");
+        assert_eq!(c.advertised, "127.0.0.1");
     }
 
     #[test]
     fn reports_arrive_in_order_and_need_the_token() {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-        let mut c = Collector::bind(&[host]).unwrap();
+        let mut c = Collector::bind(&[host], false).unwrap();
         let target = Target::parse(&c.env_value()).unwrap();
         let wrong = Target {
             token: "nope".into(),
@@ -492,7 +667,7 @@ mod tests {
     /// A collector on loopback and the target its tasks get.
     fn loopback() -> (Collector, Target) {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-        let c = Collector::bind(&[host]).unwrap();
+        let c = Collector::bind(&[host], false).unwrap();
         let t = Target::parse(&c.env_value()).unwrap();
         assert!(t.address.starts_with("127.0.0.1:"), "{}", t.address);
         (c, t)
@@ -523,6 +698,41 @@ mod tests {
         assert!(work.is_finished(), "the clients did not finish");
         work.join().unwrap();
         got
+    }
+
+    #[test]
+    fn a_thousand_tasks_ending_at_once_all_get_their_report_in() {
+        // Every task reports its end, a clean one too: at the end of a job they all arrive at
+        // once, many more than the connections the front end holds.
+        let (mut c, target) = loopback();
+        let n = 1000u32;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n as usize));
+        let clients: Vec<_> = (0..n)
+            .map(|rank| {
+                let t = target.clone();
+                let b = barrier.clone();
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        b.wait();
+                        t.send(rank, RankEnd::Exited(0), None);
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let start = Instant::now();
+        let (got, _) = collect(&mut c, n as usize, Duration::from_secs(60));
+        let took = start.elapsed();
+        for t in clients {
+            t.join().unwrap();
+        }
+        let ranks: std::collections::BTreeSet<u32> = got.iter().map(|r| r.rank).collect();
+        assert_eq!(
+            ranks.len(),
+            n as usize,
+            "{} of {n} reports in {took:?}",
+            ranks.len()
+        );
     }
 
     #[test]

@@ -124,8 +124,21 @@ pub enum JobEnd {
         /// `standard output` or `standard error`.
         stream: &'static str,
     },
-    /// srun or `mpiexec.hydra` failed and no rank reported how it ended (its task was killed
-    /// before it could, or its node was lost): cmpirun exits with the launcher's status.
+    /// The launcher ended but some ranks never reported how they ended (every rank's task
+    /// reports, a clean end too): their node was lost (killed, cut off) before they could, or
+    /// their task was killed. Never a success, also when the launcher exited with 0.
+    RanksLost {
+        /// The ranks, as a list (`4-5`, `1,3`).
+        ranks: String,
+        /// Their nodes.
+        nodes: Vec<String>,
+        /// The launcher program.
+        launcher: String,
+        /// Its exit status.
+        code: i32,
+    },
+    /// srun or `mpiexec.hydra` failed and no rank reported a failure (no rank reported at all,
+    /// or every rank a clean end): cmpirun exits with the launcher's status.
     Unreported {
         /// The launcher program.
         launcher: String,
@@ -188,6 +201,10 @@ impl JobEnd {
             | JobEnd::MountLost { .. }
             | JobEnd::InstanceLost => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
+            JobEnd::RanksLost { code, .. } => match *code {
+                0 => crate::exit::FAILURE,
+                c => c,
+            },
         }
     }
 
@@ -236,8 +253,29 @@ impl JobEnd {
                 "the reader of cmpirun's {stream} went away; the job was ended (status 141, as \
                  for SIGPIPE)"
             ),
+            JobEnd::RanksLost {
+                ranks,
+                nodes,
+                launcher,
+                code,
+            } => format!(
+                "rank{} {ranks} of {size} on node{} {} never reported how {} ended ({launcher} \
+                 ended with status {code}): the node was lost or the tasks were killed; the job \
+                 did not end well",
+                if ranks.contains(['-', ',']) { "s" } else { "" },
+                if nodes.len() > 1 { "s" } else { "" },
+                match nodes.len() {
+                    0..=8 => nodes.join(","),
+                    n => format!("{} and {} more", nodes[..8].join(","), n - 8),
+                },
+                if ranks.contains(['-', ',']) {
+                    "they"
+                } else {
+                    "it"
+                },
+            ),
             JobEnd::Unreported { launcher, code } => format!(
-                "{launcher} ended with status {code} and no rank reported how it ended (a task \
+                "{launcher} ended with status {code} and no rank reported a failure (a task \
                  killed before it could report, or a node lost); exiting with {launcher}'s status"
             ),
         })

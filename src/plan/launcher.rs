@@ -324,21 +324,20 @@ fn hydra_command(
 ) -> CommandLine {
     let mpiexec = mpiexec_name(profile);
     let mut argv = vec![mpiexec.clone()];
-    match &spec.hostfile {
-        Some(f) => argv.extend(["-f".to_owned(), f.display().to_string()]),
-        None => argv.extend(["-hosts".to_owned(), hydra_hosts(spec)]),
-    }
+    // The hosts as cmpirun read them (`-H`, or the hostfile in MPICH's or Open MPI's form):
+    // hydra reads only MPICH's `host:n` and rejects Open MPI's `host slots=n`.
+    argv.extend(["-hosts".to_owned(), hydra_hosts(spec)]);
     // An MPMD job is given to hydra as one section per part, so that hydra's PMI tells
     // each rank its part's number (MPI_APPNUM), as the local launcher does.
     let mpmd = apps.len() > 1;
     if !mpmd {
         argv.extend(["-n".to_owned(), size.to_string()]);
     }
-    if let Some(p) = spec.ppn {
-        argv.extend(["-ppn".to_owned(), p.to_string()]);
-    }
-    if spec.mapping == Mapping::Cyclic {
-        argv.push("-rr".to_owned());
+    // Round-robin is one rank per node per round: hydra 4 has no -rr any more, -ppn 1 is it.
+    match (spec.ppn, spec.mapping) {
+        (Some(p), _) => argv.extend(["-ppn".to_owned(), p.to_string()]),
+        (None, Mapping::Cyclic) => argv.extend(["-ppn".to_owned(), "1".to_owned()]),
+        (None, _) => {}
     }
     if spec.binding.to.is_some() || spec.binding.cpus_per_rank.is_some() {
         argv.extend(["-bind-to".to_owned(), hydra_binding(&spec.binding)]);
@@ -370,7 +369,8 @@ fn hydra_command(
     CommandLine {
         argv,
         why: format!(
-            "{mpiexec} starts every rank on the listed hosts and serves PMI{}; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank",
+            "{mpiexec} starts every rank on the listed hosts ({}, as -hosts) and serves PMI{}; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank",
+            super::nodes::host_origin(spec),
             if mpmd {
                 ", one section per MPMD part (its MPI_APPNUM)"
             } else {

@@ -43,6 +43,9 @@ pub struct TuserCommand {
     timeout: Duration,
     stdin: Option<Vec<u8>>,
     tag: String,
+    /// The pid whose namespaces (network, UTS, IPC, mount) the program runs in: a node of the
+    /// three-node test cluster.
+    node: Option<i32>,
 }
 
 impl TuserCommand {
@@ -82,6 +85,7 @@ impl TuserCommand {
             timeout: DEFAULT_TIMEOUT,
             stdin: None,
             tag,
+            node: None,
         }
     }
 
@@ -153,6 +157,14 @@ impl TuserCommand {
         self
     }
 
+    /// Runs the program on node `node` (`n1`..`n3`) of the three-node test cluster: in its
+    /// network, UTS, IPC and mount namespaces (its host name, address, `/tmp` and `/dev/shm`), as
+    /// a login on that node would.
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(super::node_anchor(node));
+        self
+    }
+
     /// The value of [`TAG_VAR`] this command's processes carry.
     pub fn tag(&self) -> &str {
         &self.tag
@@ -172,7 +184,21 @@ impl TuserCommand {
     pub fn spawn(self) -> TuserChild {
         let user = tuser();
         let description = self.describe();
-        let mut cmd = Command::new("setpriv");
+        let cwd = self.cwd.clone().unwrap_or_else(|| user.home.clone());
+        let mut cmd = match self.node {
+            // nsenter enters the namespaces and execs setpriv (no fork: the pid stays the
+            // program's); entering a mount namespace resets the working directory, hence --wd.
+            Some(anchor) => {
+                let mut c = Command::new("nsenter");
+                c.arg("-t")
+                    .arg(anchor.to_string())
+                    .args(["-n", "-u", "-i", "-m"])
+                    .arg(format!("--wd={}", cwd.display()))
+                    .args(["--", "setpriv"]);
+                c
+            }
+            None => Command::new("setpriv"),
+        };
         cmd.arg(format!("--reuid={}", user.uid))
             .arg(format!("--regid={}", user.gid))
             .args([
@@ -185,7 +211,7 @@ impl TuserCommand {
             .args(&self.args)
             .env_clear()
             .envs(&self.env)
-            .current_dir(self.cwd.as_deref().unwrap_or(&user.home))
+            .current_dir(&cwd)
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()
             } else {

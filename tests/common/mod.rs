@@ -9,6 +9,10 @@
 //!   kills the whole job; [`RunOutput`] is what it did.
 //! - **Folders** (`scratch.rs`): [`TuserDir`], [`TestTmpfs`] and [`runtime_dir`].
 //! - **Slurm** (`slurm.rs`): [`slurm_conf`] and [`require_slurm`] find the test cluster.
+//! - **The three-node cluster** (`cluster.rs`): [`require_cluster`] finds `ci/start-cluster.sh`'s
+//!   nodes `n1`..`n3` and checks their isolation; [`TuserCommand::cluster`] points Slurm's
+//!   clients and hydra's ssh at it, [`TuserCommand::on_node`] runs a program on one node;
+//!   [`Cluster`] reads what each node holds (`/tmp`, `/dev/shm`, mounts) and its link counters.
 //! - **Leftovers** (`processes.rs`, `leftovers.rs`, `exclusive.rs`): [`Snapshot`] records the test
 //!   user's processes, the mount table, `/dev/shm` and `/tmp/cmpirun*` before a run;
 //!   [`assert_no_leftovers`] compares after it; [`exclusive`] serialises the tests that do.
@@ -47,6 +51,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+mod cluster;
 mod command;
 mod exclusive;
 mod images;
@@ -64,6 +69,6 @@ mod wait;
 // Every test binary uses a different subset, so some of these re-exports go unused in each.
 #[allow(unused_imports)]
 pub use {
-    command::*, exclusive::*, images::*, jobs::*, leftovers::*, load::*, processes::*, programs::*,
-    run_output::*, scratch::*, slurm::*, user::*, wait::*,
+    cluster::*, command::*, exclusive::*, images::*, jobs::*, leftovers::*, load::*, processes::*,
+    programs::*, run_output::*, scratch::*, slurm::*, user::*, wait::*,
 };

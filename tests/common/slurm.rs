@@ -1,7 +1,8 @@
-//! The one-node Slurm test cluster started by `ci/start-slurm.sh`.
+//! The one-node Slurm test cluster started by `ci/start-slurm.sh` (and the slurmctld of the
+//! three-node one, `cluster.rs`).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The configuration file of the one-node Slurm test cluster, when `ci/start-slurm.sh` has
 /// started it and slurmctld is running (`$SLURM_DIR/slurm.conf`, default
@@ -11,6 +12,11 @@ pub fn slurm_conf() -> Option<PathBuf> {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/cmpirun-test-slurm"));
+    require_slurm_at(&dir)
+}
+
+/// `dir/slurm.conf` when the slurmctld of `dir/slurmctld.pid` is running.
+pub fn require_slurm_at(dir: &Path) -> Option<PathBuf> {
     let conf = dir.join("slurm.conf");
     let pid: i32 = fs::read_to_string(dir.join("slurmctld.pid"))
         .ok()?

@@ -117,6 +117,11 @@ impl NodeInstance {
         })
     }
 
+    /// Whether this process created the instance (it is its child).
+    pub fn created(&self) -> bool {
+        self.owned_child
+    }
+
     /// The instance process id (as seen by this process).
     pub fn pid(&self) -> Pid {
         self.pid
