@@ -903,7 +903,7 @@ fn embedded_libfabric_and_open_mpi_checks() {
     let mut ompi = mpich5_image();
     ompi.mpi_family = Some("openmpi".into());
     let p = cmpirun::plan::build(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
-    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Warn);
+    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Fail);
 }
 
 #[test]

@@ -152,7 +152,7 @@ fn open_mpi_image_under_the_local_launcher_is_flagged() {
         None,
     );
     assert_eq!(p["apps"][0]["image"]["mpi_family"], "openmpi");
-    assert_eq!(check(&p, "mpi-family").0, "warn");
+    assert_eq!(check(&p, "mpi-family").0, "fail");
 }
 
 #[test]

@@ -26,6 +26,7 @@ use crate::plan::LaunchPlan;
 
 use super::injected::{Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
+use super::singleton::SingletonWatch;
 use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, node};
 
@@ -205,6 +206,7 @@ fn run_blocked(
         injected: InjectedLibfabric::from_plan(plan),
         checked: vec![false; size as usize],
         connected: vec![false; size as usize],
+        singleton: SingletonWatch::new(size, Instant::now()),
         control: control.clone(),
         size,
         ranks,
@@ -316,6 +318,8 @@ struct Job<'a> {
     checked: Vec<bool>,
     /// Ranks that spoke PMI (MPI ranks).
     connected: Vec<bool>,
+    /// Ranks that loaded an MPI library, to fail those that never spoke PMI (singletons).
+    singleton: SingletonWatch,
     /// Tells the PMI server which ranks have exited (their fences fail at once).
     control: ServerControl,
     size: u32,
@@ -341,6 +345,10 @@ impl Job<'_> {
         let mut wake = Some(wake);
         let mut all_done_at: Option<Instant> = None;
         loop {
+            // Events first: a rank's PMI connection is known before its end is judged.
+            while let Ok(ev) = rx.try_recv() {
+                self.event(ev);
+            }
             self.reap();
             if self.live() == 0 {
                 let at = *all_done_at.get_or_insert_with(Instant::now);
@@ -369,6 +377,16 @@ impl Job<'_> {
             }
             if let Some(at) = all_done_at {
                 sooner(at + DRAIN);
+            }
+            let ranks = &self.ranks;
+            self.singleton.tick(now, |r| {
+                ranks
+                    .get(r as usize)
+                    .filter(|x| !x.done)
+                    .map(|x| x.pid.as_raw())
+            });
+            if let Some(t) = self.singleton.next(|r| !ranks[r as usize].done) {
+                sooner(t);
             }
             let timeout = match next {
                 None => PollTimeout::NONE,
@@ -536,6 +554,13 @@ impl Job<'_> {
             if self.end.is_some() {
                 continue;
             }
+            // An MPI rank that exited without ever speaking PMI ran as a singleton: whatever
+            // its status, that is why it failed or why its "success" is not the job's.
+            if let (RankEnd::Exited(_), Some(library)) = (end, self.singleton.singleton(rank)) {
+                let library = library.to_owned();
+                self.finish(JobEnd::Singleton { rank, library });
+                continue;
+            }
             if let Some(end) = JobEnd::of_rank(rank, end) {
                 self.finish(end);
             } else if self.connected[rank as usize] {
@@ -566,6 +591,7 @@ impl Job<'_> {
                 if let Some(c) = self.connected.get_mut(rank as usize) {
                     *c = true;
                 }
+                self.singleton.spoke(rank);
                 self.check_injected(rank, false)
             }
             Event::Finalized { rank } => self.check_injected(rank, true),

@@ -26,6 +26,7 @@ pub mod rank;
 pub mod rank_env;
 pub mod report;
 pub mod settings;
+pub mod singleton;
 pub mod status;
 pub mod watch;
 
@@ -86,6 +87,20 @@ pub enum LaunchError {
          under srun or mpiexec"
     )]
     NoRank,
+    /// The launcher gave the rank mode another world size than the job's.
+    #[error(
+        "__rank: the launcher started this rank in a world of {value} ranks (${var}), but the \
+         job has {size} (-n): its ranks would not form the job's world; remove the task count \
+         from the profile's launcher arguments (srun_args, mpiexec_args)"
+    )]
+    WorldSize {
+        /// The variable that gave it.
+        var: String,
+        /// Its value.
+        value: String,
+        /// The job's size.
+        size: u32,
+    },
     /// The launcher (`srun`, `mpiexec.hydra`) cannot be started.
     #[error("cannot run {program}: {error} (is it installed and on PATH?)")]
     LauncherMissing {
@@ -167,6 +182,7 @@ impl Blame for LaunchError {
             | LaunchError::PlanUnreadable { .. }
             | LaunchError::NotAPlan { .. }
             | LaunchError::NoRank
+            | LaunchError::WorldSize { .. }
             | LaunchError::LauncherMissing { .. }
             | LaunchError::Limit { .. }
             | LaunchError::Bind(_) => Fault::User,
