@@ -48,6 +48,7 @@
 //! details every client depends on are written down in `docs/pmi.md` of the repository.
 
 pub mod mapping;
+pub mod pmix;
 pub mod probe;
 pub mod server;
 pub mod wire;

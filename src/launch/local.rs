@@ -22,10 +22,12 @@ use nix::unistd::{Pid, pipe2};
 
 use crate::container::instance::NodeInstance;
 use crate::container::run::with_forwarded_signals_blocked;
+use crate::jobspec::PmiKind;
 use crate::plan::LaunchPlan;
 
 use super::injected::{Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
+use super::pmix::PmixServerProcess;
 use super::singleton::SingletonWatch;
 use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, node};
@@ -168,15 +170,51 @@ fn run_blocked(
         .map_err(sys("signalfd"))?;
     let size = plan.layout.size;
     let mut inst = NodeInstance::create(cfg, None, true).map_err(LaunchError::from_instance)?;
-    let kvsname = format!("cmpirun-{}", std::process::id());
-    let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
-    let config = JobConfig::new(kvsname, vec![0; size as usize])
-        .appnums(appnums)
-        .fence_report(super::settings::wireup_report());
-    let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
+    // PMIx: a server process of its own, forked now (after the instance, so that it holds
+    // none of the instance's descriptors, and while cmpirun is single-threaded).
+    let mut pmix = if plan.launcher.pmi == PmiKind::Pmix {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        match PmixServerProcess::start(plan, &host) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                inst.close();
+                return Err(LaunchError::Pmix(e));
+            }
+        }
+    } else {
+        None
+    };
+    let mut server = match &pmix {
+        Some(_) => None,
+        None => {
+            let kvsname = format!("cmpirun-{}", std::process::id());
+            let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
+            let config = JobConfig::new(kvsname, vec![0; size as usize])
+                .appnums(appnums)
+                .fence_report(super::settings::wireup_report());
+            Some(PmiServer::new(config).map_err(LaunchError::Pmi)?)
+        }
+    };
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
-    let started = start_ranks(plan, cfg, &inst, &mut server, &mut ranks, &mut pipes);
+    let started = start_ranks(
+        plan,
+        cfg,
+        &inst,
+        |rank| match (&mut server, &pmix) {
+            (Some(s), _) => {
+                let pmi = s.add_socketpair(rank).map_err(LaunchError::Pmi)?;
+                Ok((pmi.env, Some(pmi.fd)))
+            }
+            (None, Some(p)) => Ok((p.rank_env(rank), None)),
+            (None, None) => Err(LaunchError::NoProgram),
+        },
+        &mut ranks,
+        &mut pipes,
+    );
     inst.release_namespaces();
     let wake = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"));
     let (wake_r, wake_w) = match started.and(wake) {
@@ -184,22 +222,41 @@ fn run_blocked(
         Err(e) => return Err(abandon(&ranks, inst, e)),
     };
     // From here on cmpirun may have threads: every fork is done.
-    let handle = match server.start() {
-        Ok(h) => h,
-        Err(e) => return Err(abandon(&ranks, inst, LaunchError::Pmi(e))),
-    };
-    let control = handle.control();
     let (tx, rx) = mpsc::channel();
-    let events = std::thread::spawn(move || {
-        for ev in handle.events().iter() {
-            if tx.send(ev).is_err() {
-                break;
-            }
-            let _ = nix::unistd::write(&wake_w, b"e");
+    let (control, events) = match (server, &pmix) {
+        (Some(server), _) => {
+            let handle = match server.start() {
+                Ok(h) => h,
+                Err(e) => return Err(abandon(&ranks, inst, LaunchError::Pmi(e))),
+            };
+            let control = handle.control();
+            let events = std::thread::spawn(move || {
+                for ev in handle.events().iter() {
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                    let _ = nix::unistd::write(&wake_w, b"e");
+                }
+                let _ = handle.join();
+                drop(wake_w);
+            });
+            (Some(control), events)
         }
-        let _ = handle.join();
-        drop(wake_w);
-    });
+        (None, Some(p)) => match p.forward_events(tx, wake_w) {
+            Ok(events) => (None, events),
+            Err(e) => {
+                return Err(abandon(
+                    &ranks,
+                    inst,
+                    LaunchError::Io {
+                        step: "start the PMIx event thread",
+                        source: e,
+                    },
+                ));
+            }
+        },
+        (None, None) => return Err(abandon(&ranks, inst, LaunchError::NoProgram)),
+    };
     let mut job = Job {
         instance: &inst,
         instance_ended: false,
@@ -223,7 +280,12 @@ fn run_blocked(
     job.run(&sigfd, wake_r, &rx);
     let end = job.end.take().unwrap_or(JobEnd::Success);
     drop(job);
-    control.stop();
+    if let Some(c) = &control {
+        c.stop();
+    }
+    if let Some(p) = &mut pmix {
+        p.stop();
+    }
     let _ = events.join();
     inst.close();
     Ok(end)
@@ -247,7 +309,7 @@ fn start_ranks(
     plan: &LaunchPlan,
     cfg: &crate::container::InstanceConfig,
     inst: &NodeInstance,
-    server: &mut PmiServer,
+    mut wireup: impl FnMut(u32) -> Result<(Vec<(String, String)>, Option<OwnedFd>), LaunchError>,
     ranks: &mut Vec<Rank>,
     pipes: &mut Vec<Pipe>,
 ) -> Result<(), LaunchError> {
@@ -272,9 +334,8 @@ fn start_ranks(
     };
     let host: Vec<_> = std::env::vars_os().collect();
     for rank in 0..plan.layout.size {
-        let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
-        let mut cmd =
-            node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+        let (env, pmi_fd) = wireup(rank)?;
+        let mut cmd = node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &env);
         let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
         let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
         // `PMI_FD` names the socket's number here; the rank gets it at the same number.
@@ -289,8 +350,10 @@ fn start_ranks(
             ),
             (1, Arc::new(out_w)),
             (2, Arc::new(err_w)),
-            (pmi.fd.as_raw_fd(), Arc::new(pmi.fd)),
         ];
+        if let Some(fd) = pmi_fd {
+            cmd.fds.push((fd.as_raw_fd(), Arc::new(fd)));
+        }
         let pid = inst.spawn(&cmd).map_err(LaunchError::from_instance)?;
         tracing::debug!("rank {rank} started as pid {pid}");
         ranks.push(Rank { pid, done: false });
@@ -320,8 +383,9 @@ struct Job<'a> {
     connected: Vec<bool>,
     /// Ranks that loaded an MPI library, to fail those that never spoke PMI (singletons).
     singleton: SingletonWatch,
-    /// Tells the PMI server which ranks have exited (their fences fail at once).
-    control: ServerControl,
+    /// Tells the PMI server which ranks have exited (their fences fail at once); none for the
+    /// PMIx server, whose library sees a rank's connection close.
+    control: Option<ServerControl>,
     size: u32,
     ranks: Vec<Rank>,
     pipes: Vec<Pipe>,
@@ -518,7 +582,9 @@ impl Job<'_> {
             let Some(status) = status else { continue };
             self.ranks[rank].done = true;
             let rank = rank as u32;
-            self.control.rank_exited(rank);
+            if let Some(c) = &self.control {
+                c.rank_exited(rank);
+            }
             tracing::debug!("rank {rank} ended: {status:?}");
             let end = match status {
                 Ok(code) => RankEnd::Exited(code),

@@ -22,6 +22,7 @@ pub mod injected;
 pub mod local;
 pub mod node;
 pub mod output;
+pub mod pmix;
 pub mod rank;
 pub mod rank_env;
 pub mod report;
@@ -152,6 +153,9 @@ pub enum LaunchError {
     /// The PMI server failed.
     #[error("PMI server: {0}")]
     Pmi(cmpirun_pmi::PmiError),
+    /// The PMIx server process failed.
+    #[error(transparent)]
+    Pmix(pmix::PmixError),
     /// A system call failed.
     #[error("{step}: {errno}")]
     Sys {
@@ -193,6 +197,7 @@ impl Blame for LaunchError {
             | LaunchError::Threaded { .. }
             | LaunchError::Rendezvous(_)
             | LaunchError::Pmi(_)
+            | LaunchError::Pmix(_)
             | LaunchError::Sys { .. }
             | LaunchError::Io { .. } => Fault::Host,
         }

@@ -4,7 +4,7 @@
 use super::PlanError;
 use super::nodes::{host_origin, hydra_hosts};
 use super::types::{AppPlan, Check, CommandLine, LauncherPlan, Verdict};
-use crate::facts::HostFacts;
+use crate::facts::{HostFacts, ImageSummary};
 use crate::jobspec::{JobSpec, LauncherKind, Mapping, PmiKind};
 use crate::profile::SiteProfile;
 
@@ -17,10 +17,22 @@ pub(super) fn choose(
     spec: &JobSpec,
     profile: &SiteProfile,
     host: &HostFacts,
+    images: &[ImageSummary],
 ) -> Result<LauncherPlan, PlanError> {
     let (kind, reason) = launcher_kind(spec, profile, host);
+    let open_mpi = images
+        .iter()
+        .find(|i| i.mpi_family.as_deref() == Some("openmpi"));
     let (pmi, pmi_reason) = if let Some(p) = spec.pmi {
         (p, format!("--pmi {}", p.as_str()))
+    } else if let Some(img) = open_mpi.filter(|_| kind == LauncherKind::Local) {
+        (
+            PmiKind::Pmix,
+            format!(
+                "{} holds Open MPI, which needs a PMIx server: the local launcher serves PMIx through the host's libpmix",
+                img.path.display()
+            ),
+        )
     } else if let Some(p) = profile.pmi.kind {
         (
             p,
@@ -29,7 +41,7 @@ pub(super) fn choose(
     } else {
         (PmiKind::Pmi2, "the default".to_owned())
     };
-    if pmi == PmiKind::Pmix && kind != LauncherKind::Slurm {
+    if pmi == PmiKind::Pmix && kind == LauncherKind::Hydra {
         return Err(PlanError::PmiUnsupported {
             pmi: pmi.as_str(),
             launcher: kind.as_str(),
@@ -41,7 +53,41 @@ pub(super) fn choose(
         pmi,
         pmi_reason,
         commands: Vec::new(),
+        pmix_libraries: if pmi == PmiKind::Pmix && kind == LauncherKind::Local {
+            pmix_libraries(profile, host)
+        } else {
+            Vec::new()
+        },
     })
+}
+
+/// Where the local launcher's PMIx server loads the host's libpmix from, in order: the
+/// `libpmix.so*` files of the profile's `pmi.host_libraries`, else the usual system locations.
+fn pmix_libraries(profile: &SiteProfile, host: &HostFacts) -> Vec<String> {
+    let named: Vec<String> = profile
+        .pmi
+        .host_libraries
+        .iter()
+        .map(|h| {
+            host.paths
+                .get(h.as_str())
+                .and_then(|v| v.last())
+                .map_or_else(|| h.as_str().to_owned(), |p| p.display().to_string())
+        })
+        .filter(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libpmix.so"))
+        })
+        .collect();
+    if named.is_empty() {
+        cmpirun_pmi::pmix::SYSTEM_LIBRARIES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    } else {
+        named
+    }
 }
 
 /// Which launcher starts the ranks, and why: `--launcher`, the profile, a Slurm allocation, a

@@ -62,7 +62,7 @@ pub enum PlanError {
     },
     /// A PMI the launcher cannot serve.
     #[error(
-        "{pmi} needs the slurm launcher (srun hosts the PMIx server); the {launcher} launcher serves PMI-1 and PMI-2 — use --pmi pmi2, or run inside a Slurm allocation"
+        "{pmi} needs the slurm launcher (srun hosts the PMIx server) or the local one (cmpirun's PMIx server); the {launcher} launcher serves PMI-1 and PMI-2 — use --pmi pmi2, run inside a Slurm allocation, or on one node"
     )]
     PmiUnsupported {
         /// The PMI asked for.
@@ -120,7 +120,7 @@ pub fn build(
     let profile = &choice.profile;
     let mut warnings = spec.warnings.clone();
 
-    let mut launcher = launcher::choose(spec, profile, host)?;
+    let mut launcher = launcher::choose(spec, profile, host, images)?;
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
     let apps = parts::parts(spec, images, &nodes)?;
     let size = parts::job_size(&apps);
