@@ -203,7 +203,9 @@ impl PmixServerProcess {
                 }
                 Ok(ServerMessage::Failed { error }) => Err(PmixError::Failed(error)),
                 Ok(other) => Err(PmixError::Failed(format!("unexpected {other:?}"))),
-                Err(e) => Err(PmixError::Failed(format!("unreadable answer {line:?}: {e}"))),
+                Err(e) => Err(PmixError::Failed(format!(
+                    "unreadable answer {line:?}: {e}"
+                ))),
             },
             Err(e)
                 if matches!(

@@ -43,7 +43,11 @@ pub(super) fn plan_environment(plan: &mut LaunchPlan, profile: &SiteProfile, hos
                 .any(|f| f.contains("/libopen-rte.so.40"))
         });
         let oversubscribed = plan.layout.size > host.cpus;
-        env.extend(local_pmix_variables(open_mpi_4, oversubscribed, &host.hostname));
+        env.extend(local_pmix_variables(
+            open_mpi_4,
+            oversubscribed,
+            &host.hostname,
+        ));
     } else {
         env.extend(launcher_variables(
             kind,
@@ -178,7 +182,10 @@ fn local_pmix_variables(open_mpi_4: bool, oversubscribed: bool, hostname: &str) 
             "PMIX_GDS_MODULE",
             "hash (the server runs with PMIX_MCA_gds=hash: no shared-memory store files)",
         ),
-        ("PMIX_SERVER_TMPDIR", "the server's private directory under /tmp"),
+        (
+            "PMIX_SERVER_TMPDIR",
+            "the server's private directory under /tmp",
+        ),
         (
             "PMIX_VERSION",
             "the version of the host's libpmix (and the others setup_fork adds)",

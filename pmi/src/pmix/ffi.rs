@@ -246,7 +246,8 @@ pub type RegisterClientFn = unsafe extern "C" fn(
 pub type DeregisterClientFn =
     unsafe extern "C" fn(proc_: *const Proc, cbfunc: Option<OpCallback>, cbdata: *mut c_void);
 /// `PMIx_server_setup_fork`.
-pub type SetupForkFn = unsafe extern "C" fn(proc_: *const Proc, env: *mut *mut *mut c_char) -> Status;
+pub type SetupForkFn =
+    unsafe extern "C" fn(proc_: *const Proc, env: *mut *mut *mut c_char) -> Status;
 /// `PMIx_Get_version`.
 pub type GetVersionFn = unsafe extern "C" fn() -> *const c_char;
 /// `PMIx_Error_string`.

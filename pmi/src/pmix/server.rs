@@ -80,10 +80,7 @@ impl PmixJob {
             ("pmix.spawned".into(), Bool(false)),
             ("pmix.nmap".into(), Str(node_map.into())),
             ("pmix.pmap".into(), Str(proc_map.into())),
-            (
-                "pmix.tmpdir".into(),
-                Str(self.tmpdir.display().to_string()),
-            ),
+            ("pmix.tmpdir".into(), Str(self.tmpdir.display().to_string())),
             ("pmix.nsdir".into(), Str(self.nsdir().display().to_string())),
         ];
         if size > self.cpus {
@@ -116,7 +113,10 @@ impl PmixJob {
                 Array(vec![
                     ("pmix.appnum".into(), U32(app)),
                     ("pmix.app.size".into(), U32(ranks.len() as u32)),
-                    ("pmix.aldr".into(), Rank(ranks.first().copied().unwrap_or(0))),
+                    (
+                        "pmix.aldr".into(),
+                        Rank(ranks.first().copied().unwrap_or(0)),
+                    ),
                     ("pmix.wdir".into(), Str(wdir)),
                 ]),
             ));
@@ -453,8 +453,7 @@ fn module() -> Box<ServerModule> {
             let f: $ty = $f;
             // SAFETY: a function pointer is stored type-erased in the slot whose C type is
             // `$ty`; the library calls it back with that prototype.
-            m.entries[$at] =
-                Some(unsafe { std::mem::transmute::<$ty, unsafe extern "C" fn()>(f) });
+            m.entries[$at] = Some(unsafe { std::mem::transmute::<$ty, unsafe extern "C" fn()>(f) });
         }};
     }
     set!(
@@ -574,7 +573,10 @@ fn setup_fork(lib: &Library, nspace: &str, rank: u32) -> Result<Vec<(String, Str
     // `env` (allocating it), which is read and freed below.
     let rc = unsafe { (lib.setup_fork)(&p, &mut env) };
     if rc != ffi::PMIX_SUCCESS {
-        return Err(format!("PMIx_server_setup_fork rank {rank}: {}", lib.error(rc)));
+        return Err(format!(
+            "PMIx_server_setup_fork rank {rank}: {}",
+            lib.error(rc)
+        ));
     }
     let mut vars = Vec::new();
     if !env.is_null() {
@@ -676,20 +678,25 @@ fn start(candidates: &[String], job: &PmixJob) -> Result<(Library, ServerMessage
     let proc_map = generate(&lib, lib.ppn, "PMIx_generate_ppn", &ranks.join(","))?;
     let mut reg = InfoList::new(&job.registration(&node_map, &proc_map));
     let ns = CString::new(job.nspace.clone()).map_err(|e| format!("namespace: {e}"))?;
-    call_and_wait(&lib, "PMIx_server_register_nspace", job.deadline, |cb, data| {
-        // SAFETY: `ns` and `reg` live until the callback came or the deadline passed (and on
-        // a timeout the process ends without freeing them).
-        Some(unsafe {
-            (lib.register_nspace)(
-                ns.as_ptr(),
-                job.size() as c_int,
-                reg.as_mut_ptr(),
-                reg.len(),
-                cb,
-                data,
-            )
-        })
-    })?;
+    call_and_wait(
+        &lib,
+        "PMIx_server_register_nspace",
+        job.deadline,
+        |cb, data| {
+            // SAFETY: `ns` and `reg` live until the callback came or the deadline passed (and on
+            // a timeout the process ends without freeing them).
+            Some(unsafe {
+                (lib.register_nspace)(
+                    ns.as_ptr(),
+                    job.size() as c_int,
+                    reg.as_mut_ptr(),
+                    reg.len(),
+                    cb,
+                    data,
+                )
+            })
+        },
+    )?;
     let mut env = Vec::with_capacity(job.size() as usize);
     for rank in 0..job.size() {
         let p = Proc::new(&job.nspace, rank);
