@@ -145,13 +145,29 @@ fn an_old_host_libfabric_is_refused_naming_fabric_1_9() {
 }
 
 #[test]
-fn open_mpi_image_under_the_local_launcher_is_flagged() {
+fn open_mpi_image_under_the_local_launcher_gets_pmix() {
     let img = common::image("openmpi4");
     let p = plan(
         &["--profile", "generic", img.to_str().unwrap(), "hello"],
         None,
     );
     assert_eq!(p["apps"][0]["image"]["mpi_family"], "openmpi");
+    assert_eq!(p["apps"][0]["image"]["pmix_version"], "4.2.2rc2");
+    assert_eq!(p["launcher"]["pmi"], "pmix");
+    assert_eq!(check(&p, "mpi-family").0, "pass");
+    assert_eq!(check(&p, "pmix-server").0, "pass");
+    // Under PMI-2 its ranks would be singletons: refused.
+    let p = plan(
+        &[
+            "--profile",
+            "generic",
+            "--pmi",
+            "pmi2",
+            img.to_str().unwrap(),
+            "hello",
+        ],
+        None,
+    );
     assert_eq!(check(&p, "mpi-family").0, "fail");
 }
 

@@ -32,6 +32,19 @@ pub struct HostFacts {
     pub libfabric: Option<HostLibfabric>,
     /// Why the host libfabric could not be read, when it could not.
     pub libfabric_error: Option<String>,
+    /// The first host libpmix file of [`HostFacts::pmix_candidates`] that exists, with the
+    /// OpenPMIx version read from it: what the local launcher's PMIx server loads.
+    #[serde(default)]
+    pub pmix: Option<HostPmix>,
+}
+
+/// The host libpmix the local launcher's PMIx server would load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPmix {
+    /// The file.
+    pub path: PathBuf,
+    /// Its OpenPMIx version (`4.2.2rc2`), when the file holds one.
+    pub version: Option<String>,
 }
 
 /// The host libfabric the profile names, as `cmpirun-fabric` read it.
@@ -84,7 +97,19 @@ impl HostFacts {
             cmpirun: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun")),
             libfabric: None,
             libfabric_error: None,
+            pmix: None,
         };
+        facts.pmix = facts
+            .pmix_candidates(profile)
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_absolute() && p.is_file())
+            .map(|path| HostPmix {
+                version: std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| cmpirun_pmi::pmix::version::version_in(&b)),
+                path,
+            });
         if let Some(path) = facts.libfabric_named_by(profile).map(|(_, p)| p) {
             match read_libfabric(&path, spec, profile) {
                 Ok(lf) => facts.libfabric = Some(lf),
@@ -92,6 +117,36 @@ impl HostFacts {
             }
         }
         facts
+    }
+
+    /// Where the local launcher's PMIx server loads the host's libpmix from, in order: the
+    /// `libpmix.so*` files of the profile's `pmi.host_libraries`, else the usual system
+    /// locations (`cmpirun_pmi::pmix::SYSTEM_LIBRARIES`).
+    pub fn pmix_candidates(&self, profile: &SiteProfile) -> Vec<String> {
+        let named: Vec<String> = profile
+            .pmi
+            .host_libraries
+            .iter()
+            .map(|h| {
+                self.paths
+                    .get(h.as_str())
+                    .and_then(|v| v.last())
+                    .map_or_else(|| h.as_str().to_owned(), |p| p.display().to_string())
+            })
+            .filter(|p| {
+                std::path::Path::new(p)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libpmix.so"))
+            })
+            .collect();
+        if named.is_empty() {
+            cmpirun_pmi::pmix::SYSTEM_LIBRARIES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        } else {
+            named
+        }
     }
 
     /// The host libfabric `profile` names on this host: the first `fabric.libfabric` candidate

@@ -54,40 +54,11 @@ pub(super) fn choose(
         pmi_reason,
         commands: Vec::new(),
         pmix_libraries: if pmi == PmiKind::Pmix && kind == LauncherKind::Local {
-            pmix_libraries(profile, host)
+            host.pmix_candidates(profile)
         } else {
             Vec::new()
         },
     })
-}
-
-/// Where the local launcher's PMIx server loads the host's libpmix from, in order: the
-/// `libpmix.so*` files of the profile's `pmi.host_libraries`, else the usual system locations.
-fn pmix_libraries(profile: &SiteProfile, host: &HostFacts) -> Vec<String> {
-    let named: Vec<String> = profile
-        .pmi
-        .host_libraries
-        .iter()
-        .map(|h| {
-            host.paths
-                .get(h.as_str())
-                .and_then(|v| v.last())
-                .map_or_else(|| h.as_str().to_owned(), |p| p.display().to_string())
-        })
-        .filter(|p| {
-            std::path::Path::new(p)
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libpmix.so"))
-        })
-        .collect();
-    if named.is_empty() {
-        cmpirun_pmi::pmix::SYSTEM_LIBRARIES
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect()
-    } else {
-        named
-    }
 }
 
 /// Which launcher starts the ranks, and why: `--launcher`, the profile, a Slurm allocation, a
@@ -170,6 +141,84 @@ pub(super) fn program_check(
             ),
         },
     })
+}
+
+/// Whether the local launcher's PMIx server can serve the images' PMIx clients
+/// (`pmix-server`): a host libpmix is there, and its version serves the version of each image's
+/// libpmix. `None` when the local launcher does not serve PMIx.
+pub(super) fn pmix_server_check(
+    launcher: &LauncherPlan,
+    apps: &[AppPlan],
+    host: &HostFacts,
+) -> Option<Check> {
+    if launcher.kind != LauncherKind::Local || launcher.pmi != PmiKind::Pmix {
+        return None;
+    }
+    let check = |verdict, message| Check {
+        name: "pmix-server".into(),
+        verdict,
+        message,
+    };
+    let Some(lib) = &host.pmix else {
+        // The dynamic linker may still find one by soname; the server says so at launch if not.
+        return Some(check(
+            Verdict::Warn,
+            format!(
+                "no host libpmix at {}; the PMIx server tries the dynamic linker's libpmix.so.2 at launch (install the host's PMIx, Debian: libpmix2, or name it in the profile's pmi.host_libraries)",
+                launcher
+                    .pmix_libraries
+                    .iter()
+                    .filter(|l| l.starts_with('/'))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    };
+    let server = lib.version.as_deref();
+    let mut seen = Vec::new();
+    for app in apps {
+        let img = &app.image;
+        if seen.contains(&&img.path) {
+            continue;
+        }
+        seen.push(&img.path);
+        let (Some(s), Some(c)) = (server, img.pmix_version.as_deref()) else {
+            continue;
+        };
+        if let Err(why) = cmpirun_pmi::pmix::version::compatible(s, c) {
+            return Some(check(
+                Verdict::Fail,
+                format!(
+                    "the host's libpmix {} (OpenPMIx {s}) cannot serve the PMIx client of {} (OpenPMIx {c}): {why}; use a host PMIx of 3.2 or later (pmi.host_libraries) and an image whose PMIx is 2.1 or later",
+                    lib.path.display(),
+                    img.path.display()
+                ),
+            ));
+        }
+    }
+    let clients: Vec<String> = apps
+        .iter()
+        .filter_map(|a| {
+            a.image
+                .pmix_version
+                .as_ref()
+                .map(|v| format!("{} (OpenPMIx {v})", a.image.path.display()))
+        })
+        .collect();
+    Some(check(
+        Verdict::Pass,
+        format!(
+            "cmpirun's PMIx server loads {} (OpenPMIx {}), which serves {}",
+            lib.path.display(),
+            server.unwrap_or("of unknown version"),
+            if clients.is_empty() {
+                "the images' PMIx clients (their version is not known)".to_owned()
+            } else {
+                clients.join(", ")
+            }
+        ),
+    ))
 }
 
 /// The command lines that start the `size` ranks of `apps` (none for the local launcher, which

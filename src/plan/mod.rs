@@ -129,6 +129,7 @@ pub fn build(
     let mut checks = vec![checks::profile_match_check(choice)];
     checks.extend(checks::image_checks(&apps, launcher.kind, launcher.pmi));
     checks.extend(launcher::program_check(&launcher, profile, host));
+    checks.extend(launcher::pmix_server_check(&launcher, &apps, host));
     launcher.commands = launcher::commands(spec, profile, host, &launcher, &apps, size);
     let mount = mount::mount_plan(spec, profile, &host.env, &mut warnings);
 

@@ -27,6 +27,8 @@ pub enum InfoValue {
 pub struct InfoList {
     infos: Vec<Info>,
     _strings: Vec<CString>,
+    // Boxed: the entries point at each array, which must not move when the vector grows.
+    #[allow(clippy::vec_box)]
     _arrays: Vec<Box<DataArray>>,
     _nested: Vec<InfoList>,
 }

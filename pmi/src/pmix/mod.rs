@@ -9,7 +9,8 @@
 //!   the headers;
 //! - [`info`]: `pmix_info_t` arrays built from Rust values;
 //! - [`server`]: the server of one job, meant for a process of its own ([`server::serve`]),
-//!   reporting to the launcher as JSON lines ([`server::ServerMessage`]).
+//!   reporting to the launcher as JSON lines ([`server::ServerMessage`]);
+//! - [`version`]: a library file's OpenPMIx version, and whether a server serves a client.
 //!
 //! ```no_run
 //! use std::os::unix::net::UnixStream;
@@ -36,14 +37,16 @@
 pub mod ffi;
 pub mod info;
 pub mod server;
+pub mod version;
 
-/// Where a host libpmix is looked for when the profile names none: the dynamic linker's
-/// search (`libpmix.so.2`), then the usual install locations.
+/// Where a host libpmix is looked for when the profile names none: the usual install
+/// locations, then the dynamic linker's search (`libpmix.so.2`).
 pub const SYSTEM_LIBRARIES: &[&str] = &[
-    "libpmix.so.2",
     "/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so.2",
+    "/usr/lib/x86_64-linux-gnu/libpmix.so.2",
     "/usr/lib64/libpmix.so.2",
     "/usr/lib/libpmix.so.2",
     "/usr/local/lib/libpmix.so.2",
     "/opt/pmix/lib/libpmix.so.2",
+    "libpmix.so.2",
 ];

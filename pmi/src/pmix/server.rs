@@ -526,16 +526,16 @@ fn call_and_wait(
 ) -> Result<(), String> {
     let c = Arc::new(Completion::default());
     let data = c.callback_data();
-    if let Some(rc) = call(Some(op_done), data) {
-        if rc != ffi::PMIX_SUCCESS {
-            // SAFETY: the library refused the call, so it will not call back: the reference
-            // leaked for the callback is taken back here.
-            drop(unsafe { Arc::from_raw(data.cast::<Completion>()) });
-            if rc == ffi::PMIX_OPERATION_SUCCEEDED {
-                return Ok(());
-            }
-            return Err(format!("{what}: {}", lib.error(rc)));
+    if let Some(rc) = call(Some(op_done), data)
+        && rc != ffi::PMIX_SUCCESS
+    {
+        // SAFETY: the library refused the call, so it will not call back: the reference
+        // leaked for the callback is taken back here.
+        drop(unsafe { Arc::from_raw(data.cast::<Completion>()) });
+        if rc == ffi::PMIX_OPERATION_SUCCEEDED {
+            return Ok(());
         }
+        return Err(format!("{what}: {}", lib.error(rc)));
     }
     match c.wait(deadline) {
         Some(ffi::PMIX_SUCCESS) => Ok(()),
