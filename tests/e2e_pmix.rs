@@ -140,6 +140,31 @@ fn a_rank_that_never_connects_is_ended_by_the_timeout() {
     assert_eq!(server_dirs(), Vec::<String>::new());
 }
 
+/// SIGKILL to cmpirun: the ranks die of their parent-death signal, the PMIx server sees its
+/// socket close and removes its directory, the node instance cleans up.
+#[test]
+fn sigkill_to_cmpirun_leaves_nothing_behind() {
+    let _serial = exclusive();
+    let before = Snapshot::take();
+    let child = cmpirun()
+        .args(["-n", "4"])
+        .arg(staged_image("openmpi4"))
+        .args(["/bin/sleep", "600"])
+        .spawn();
+    wait_for_tagged(
+        child.tag(),
+        Duration::from_secs(60),
+        "the ranks did not start",
+        |procs| count_named(procs, "sleep") == 4,
+    );
+    assert_eq!(server_dirs().len(), 1, "the PMIx server's directory");
+    child.signal(nix::sys::signal::Signal::SIGKILL);
+    let out = child.wait();
+    assert_eq!(out.signal(), Some(9), "{out}");
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+    assert_eq!(server_dirs(), Vec::<String>::new());
+}
+
 /// A program printing `NAME: rank=R size=N appnum=A sum=S` (its MPMD part), built on the host
 /// into `dir` against the MPI of test image `image`: Debian's Open MPI (the `openmpi4` image's),
 /// or the Open MPI 5 wheel (the `openmpi5` image's, which has it under `/opt/openmpi5`).

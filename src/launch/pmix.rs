@@ -67,9 +67,38 @@ pub struct PmixServerProcess {
     env: Vec<Vec<(String, String)>>,
 }
 
+/// Removes the directories of this user's earlier servers whose cmpirun is gone (the server
+/// removes its own when cmpirun ends or is killed; only a server killed itself leaves one).
+fn sweep_stale(tmp: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::getuid().as_raw();
+    let Ok(dir) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("cmpirun-pmix-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let mine = e
+            .path()
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if mine && kill(Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH) {
+            tracing::debug!("removing {} (its cmpirun is gone)", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A private directory for the server, under `/tmp` (which every node instance binds at the
 /// same path, so the ranks see the session directories there).
 fn private_dir() -> Result<PathBuf, PmixError> {
+    sweep_stale(&std::env::temp_dir());
     let mut last = None;
     for i in 0..16u32 {
         let nanos = std::time::SystemTime::now()
