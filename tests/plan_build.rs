@@ -62,6 +62,7 @@ fn host(env: &[(&str, &str)]) -> HostFacts {
         libfabric: None,
         libfabric_error: None,
         pmix: None,
+        pmi_libraries: BTreeMap::new(),
     }
 }
 

@@ -63,6 +63,24 @@ pub fn compatible(server: &str, client: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the host's libpmix of version `host` can replace an image's of version `image`
+/// (injection): the image's MPI was built against its own, and a libpmix keeps the functions of
+/// older releases under its one soname (`libpmix.so.2`) but not those of newer ones. So the host's
+/// must be of the same or a later release series (major.minor).
+pub fn replaces(host: &str, image: &str) -> Result<(), String> {
+    let (Some(h), Some(i)) = (parse(host), parse(image)) else {
+        return Err(format!(
+            "cannot read the versions (host {host:?}, image {image:?})"
+        ));
+    };
+    if (h.0, h.1) < (i.0, i.1) {
+        return Err(format!(
+            "the host's PMIx {host} is older than the image's {image}, whose MPI may call functions it lacks"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +105,9 @@ mod tests {
             old_client.contains("2.0.3") && old_client.contains("4.2.2"),
             "{old_client}"
         );
+        assert_eq!(replaces("4.2.2", "4.2.1"), Ok(()));
+        assert_eq!(replaces("5.0.1", "4.2.2"), Ok(()));
+        assert!(replaces("4.2.2", "5.0.11").unwrap_err().contains("older"));
         let old_server = compatible("3.1.6", "5.0.11").unwrap_err();
         assert!(
             old_server.contains("3.1.6") && old_server.contains("5.0.11"),
