@@ -581,7 +581,8 @@ impl Parser {
                     "local" => LauncherKind::Local,
                     "slurm" => LauncherKind::Slurm,
                     "hydra" => LauncherKind::Hydra,
-                    _ => return Err(bad(name, v, "expected local, slurm or hydra")),
+                    "mpirun" => LauncherKind::Mpirun,
+                    _ => return Err(bad(name, v, "expected local, slurm, hydra or mpirun")),
                 })
             }
             Act::Pmi => {

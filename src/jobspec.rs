@@ -167,6 +167,8 @@ pub enum LauncherKind {
     Slurm,
     /// MPICH's `mpiexec.hydra` over a host list.
     Hydra,
+    /// Open MPI's `mpirun` (its own PMIx server) on this node or a host list.
+    Mpirun,
 }
 
 impl LauncherKind {
@@ -176,6 +178,7 @@ impl LauncherKind {
             LauncherKind::Local => "local",
             LauncherKind::Slurm => "slurm",
             LauncherKind::Hydra => "hydra",
+            LauncherKind::Mpirun => "mpirun",
         }
     }
 }

@@ -250,7 +250,10 @@ fn launcher_programs(profile: &SiteProfile) -> BTreeMap<String, PathBuf> {
         .mpiexec
         .clone()
         .unwrap_or_else(|| "mpiexec.hydra".into());
-    for name in ["srun", mpiexec.as_str()] {
+    for name in ["srun", mpiexec.as_str()]
+        .into_iter()
+        .chain(crate::plan::MPIRUN_NAMES)
+    {
         if let Ok(p) = which::which(name) {
             programs.insert(name.to_owned(), p);
         }

@@ -215,7 +215,7 @@ impl LaunchError {
 pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     match plan.launcher.kind {
         LauncherKind::Local => Ok(local::run(plan)?.exit_code()),
-        LauncherKind::Slurm | LauncherKind::Hydra => front_end::run(plan),
+        LauncherKind::Slurm | LauncherKind::Hydra | LauncherKind::Mpirun => front_end::run(plan),
     }
 }
 

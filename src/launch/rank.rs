@@ -138,9 +138,9 @@ fn relayed(
 }
 
 /// The launcher variables that give the size of the world a task's rank joins, in the order
-/// they are believed: PMI-1/PMI-2 (`srun --mpi=pmi2`, hydra), then Slurm's step size (which
-/// `srun --mpi=pmix` gives the PMIx server).
-const WORLD_SIZE_VARS: [&str; 2] = ["PMI_SIZE", "SLURM_STEP_NUM_TASKS"];
+/// they are believed: PMI-1/PMI-2 (`srun --mpi=pmi2`, hydra), Open MPI's `mpirun`, then Slurm's
+/// step size (which `srun --mpi=pmix` gives the PMIx server).
+const WORLD_SIZE_VARS: [&str; 3] = ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"];
 
 /// The variable and the world size the launcher gave this task, when it is not the job's size
 /// `size` (the ranks would form another world than `-n` says: a profile's `srun_args` or

@@ -78,6 +78,9 @@ fn scrub_wireup(kind: LauncherKind, host: &HostFacts) -> Vec<EnvChange> {
         LauncherKind::Hydra => {
             "removed before mpiexec starts, so only the variables hydra sets reach the ranks"
         }
+        LauncherKind::Mpirun => {
+            "removed before mpirun starts, so only the variables Open MPI's mpirun sets reach the ranks"
+        }
     };
     // The launcher removes every wire-up variable of another process manager (the PMI crate's
     // rule); list the families actually present.

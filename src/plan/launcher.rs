@@ -8,6 +8,18 @@ use crate::facts::{HostFacts, ImageSummary};
 use crate::jobspec::{JobSpec, LauncherKind, Mapping, PmiKind};
 use crate::profile::SiteProfile;
 
+/// The names Open MPI's launcher has on `PATH`, in the order they are preferred: Debian's
+/// `mpirun.openmpi` (its `mpirun` may be MPICH's), Open MPI 5's `prterun`, then `mpirun`.
+pub const MPIRUN_NAMES: [&str; 3] = ["mpirun.openmpi", "prterun", "mpirun"];
+
+/// The Open MPI launcher found on `PATH` (the first of [`MPIRUN_NAMES`]), else `mpirun`.
+fn mpirun_name(host: &HostFacts) -> &'static str {
+    MPIRUN_NAMES
+        .into_iter()
+        .find(|n| host.programs.contains_key(*n))
+        .unwrap_or("mpirun")
+}
+
 /// The placeholder in rank command lines for the path of the plan file the launcher writes.
 pub const PLAN_FILE_PLACEHOLDER: &str = "{plan}";
 
@@ -25,6 +37,11 @@ pub(super) fn choose(
         .find(|i| i.mpi_family.as_deref() == Some("openmpi"));
     let (pmi, pmi_reason) = if let Some(p) = spec.pmi {
         (p, format!("--pmi {}", p.as_str()))
+    } else if kind == LauncherKind::Mpirun {
+        (
+            PmiKind::Pmix,
+            "Open MPI's mpirun serves PMIx to the ranks it starts".to_owned(),
+        )
     } else if let Some(img) = open_mpi.filter(|_| kind == LauncherKind::Local) {
         (
             PmiKind::Pmix,
@@ -41,7 +58,9 @@ pub(super) fn choose(
     } else {
         (PmiKind::Pmi2, "the default".to_owned())
     };
-    if pmi == PmiKind::Pmix && kind == LauncherKind::Hydra {
+    if (pmi == PmiKind::Pmix && kind == LauncherKind::Hydra)
+        || (pmi != PmiKind::Pmix && kind == LauncherKind::Mpirun)
+    {
         return Err(PlanError::PmiUnsupported {
             pmi: pmi.as_str(),
             launcher: kind.as_str(),
@@ -126,6 +145,7 @@ pub(super) fn program_check(
         LauncherKind::Local => return None,
         LauncherKind::Slurm => "srun".to_owned(),
         LauncherKind::Hydra => mpiexec_name(profile),
+        LauncherKind::Mpirun => mpirun_name(host).to_owned(),
     };
     Some(match host.programs.get(&name) {
         Some(p) => Check {
@@ -241,6 +261,7 @@ pub(super) fn commands(
         LauncherKind::Local => Vec::new(),
         LauncherKind::Slurm => vec![srun_command(spec, profile, launcher.pmi, size, &rank_cmd)],
         LauncherKind::Hydra => vec![hydra_command(spec, profile, apps, size, &rank_cmd)],
+        LauncherKind::Mpirun => vec![mpirun_command(spec, host, apps, size, &rank_cmd)],
     }
 }
 
@@ -272,6 +293,61 @@ fn srun_command(
         why: format!(
             "srun starts every rank (Slurm's {} server wires them up); each task is cmpirun in rank mode, which joins or creates its node's container and execs the rank; --kill-on-bad-exit ends the job when a rank fails, as mpirun does",
             pmi.as_str()
+        ),
+    }
+}
+
+/// `mpirun … cmpirun __rank --plan {plan}`, one application context per MPMD part: Open MPI's
+/// launcher starts every task and serves PMIx to the ranks (its PMIx server directories are under
+/// `/tmp`, which every node instance binds).
+fn mpirun_command(
+    spec: &JobSpec,
+    host: &HostFacts,
+    apps: &[AppPlan],
+    size: u32,
+    rank_cmd: &[String],
+) -> CommandLine {
+    let mpirun = mpirun_name(host);
+    let mut argv = vec![mpirun.to_owned()];
+    match &spec.hostfile {
+        Some(f) => argv.extend(["--hostfile".to_owned(), f.display().to_string()]),
+        None if !spec.hosts.is_empty() => argv.extend(["-H".to_owned(), hydra_hosts(spec)]),
+        None => {}
+    }
+    if let Some(p) = spec.ppn {
+        argv.extend(["--npernode".to_owned(), p.to_string()]);
+    }
+    if spec.mapping == Mapping::Cyclic {
+        argv.extend(["--map-by".to_owned(), "node".to_owned()]);
+    }
+    // cmpirun places more ranks than CPUs as the local launcher does; Open MPI would refuse.
+    argv.push("--oversubscribe".to_owned());
+    // mpirun passes only named variables to other nodes: the plan and the report address.
+    for var in ["CMPIRUN_PLAN", "CMPIRUN_REPORT"] {
+        argv.extend(["-x".to_owned(), var.to_owned()]);
+    }
+    let mpmd = apps.len() > 1;
+    if mpmd {
+        for (i, app) in apps.iter().enumerate() {
+            if i > 0 {
+                argv.push(":".to_owned());
+            }
+            argv.extend(["-n".to_owned(), app.ranks.to_string()]);
+            argv.extend(rank_cmd.iter().cloned());
+        }
+    } else {
+        argv.extend(["-n".to_owned(), size.to_string()]);
+        argv.extend(rank_cmd.iter().cloned());
+    }
+    CommandLine {
+        argv,
+        why: format!(
+            "{mpirun} (Open MPI's launcher) starts every rank{} and serves PMIx; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank with the PMIx variables and server directories mpirun gave it",
+            if mpmd {
+                ", one application context per MPMD part (its MPI_APPNUM)"
+            } else {
+                ""
+            }
         ),
     }
 }

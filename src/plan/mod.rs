@@ -38,7 +38,7 @@ pub mod types;
 
 pub use dry_run::dry_run_text;
 pub use inject::INJECT_DIR;
-pub use launcher::PLAN_FILE_PLACEHOLDER;
+pub use launcher::{MPIRUN_NAMES, PLAN_FILE_PLACEHOLDER};
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
 pub use mount::library_cache_dir;
 pub use parts::image_apps;
@@ -62,7 +62,7 @@ pub enum PlanError {
     },
     /// A PMI the launcher cannot serve.
     #[error(
-        "{pmi} needs the slurm launcher (srun hosts the PMIx server) or the local one (cmpirun's PMIx server); the {launcher} launcher serves PMI-1 and PMI-2 — use --pmi pmi2, run inside a Slurm allocation, or on one node"
+        "the {launcher} launcher cannot serve {pmi}: hydra serves PMI-1 and PMI-2, Open MPI's mpirun serves PMIx, srun and the local launcher serve all three; choose another --pmi or --launcher"
     )]
     PmiUnsupported {
         /// The PMI asked for.

@@ -159,6 +159,8 @@ pub enum LauncherChoice {
     Slurm,
     /// `mpiexec.hydra`.
     Hydra,
+    /// Open MPI's `mpirun`.
+    Mpirun,
 }
 
 impl LauncherChoice {
@@ -169,6 +171,7 @@ impl LauncherChoice {
             LauncherChoice::Local => Some(LauncherKind::Local),
             LauncherChoice::Slurm => Some(LauncherKind::Slurm),
             LauncherChoice::Hydra => Some(LauncherKind::Hydra),
+            LauncherChoice::Mpirun => Some(LauncherKind::Mpirun),
         }
     }
 }
