@@ -28,7 +28,7 @@ use crate::plan::LaunchPlan;
 use super::injected::{Finding, InjectedLibfabric};
 use super::output::{LineBuffer, Stream, tag, write_out};
 use super::pmix::PmixServerProcess;
-use super::singleton::SingletonWatch;
+use super::singleton::{SingletonWatch, never_connected};
 use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, node};
 
@@ -620,12 +620,16 @@ impl Job<'_> {
             if self.end.is_some() {
                 continue;
             }
-            // An MPI rank that exited without ever speaking PMI ran as a singleton: whatever
-            // its status, that is why it failed or why its "success" is not the job's.
-            if let (RankEnd::Exited(_), Some(library)) = (end, self.singleton.singleton(rank)) {
+            // An MPI rank that exited with 0 without ever speaking PMI ran as a singleton: its
+            // "success" is not the job's. One that failed ends the job with its status, and the
+            // line says it never connected (its MPI did not find the server, or was refused).
+            if let (RankEnd::Exited(code), Some(library)) = (end, self.singleton.singleton(rank)) {
                 let library = library.to_owned();
-                self.finish(JobEnd::Singleton { rank, library });
-                continue;
+                if code == 0 {
+                    self.finish(JobEnd::Singleton { rank, library });
+                    continue;
+                }
+                write_out(Stream::Stderr, never_connected(rank, &library).as_bytes());
             }
             if let Some(end) = JobEnd::of_rank(rank, end) {
                 self.finish(end);

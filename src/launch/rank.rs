@@ -22,7 +22,7 @@ use crate::plan::LaunchPlan;
 use super::injected::RankWatch;
 use super::output::{Stream, write_out};
 use super::report::{REPORT_VAR, Target};
-use super::singleton::SingletonWatch;
+use super::singleton::{SingletonWatch, never_connected};
 use super::status::{JobEnd, RankEnd};
 use super::watch::{Relay, watch};
 use super::{LaunchError, node};
@@ -286,8 +286,17 @@ fn run_member(
     }
     let singleton = singleton
         .into_inner()
-        .filter(|_| !aborted && matches!(watched.outcome, Outcome::Exited(_)))
+        .filter(|_| !aborted)
         .and_then(|s| s.singleton(0).map(str::to_owned));
+    // A failed rank ends the job with its own status; the line says it never connected.
+    let singleton = match (&singleton, watched.outcome) {
+        (Some(library), Outcome::Exited(code)) if code != 0 => {
+            write_out(Stream::Stderr, never_connected(rank, library).as_bytes());
+            None
+        }
+        (Some(_), Outcome::Exited(0)) => singleton,
+        _ => None,
+    };
     if let Some(library) = &singleton {
         let end = JobEnd::Singleton {
             rank,

@@ -18,6 +18,14 @@ use cmpirun_fabric::maps::{MappedFile, mapped_files};
 /// The file names an MPI library has (the part before the version).
 const MPI_LIBRARIES: [&str; 3] = ["libmpi.so", "libmpich.so", "libmpi_abi.so"];
 
+/// The line said about rank `rank` that loaded `library`, never connected to the job's PMI server,
+/// and failed: its MPI did not find the server, or the server refused it.
+pub fn never_connected(rank: u32, library: &str) -> String {
+    format!(
+        "cmpirun: rank {rank} loaded the MPI library {library} but never connected to the job's PMI server before it failed (its MPI did not find the server, or the server refused it)\n"
+    )
+}
+
 /// The first MPI library among the files a process mapped, by its path in the container.
 pub fn mpi_library(maps: &[MappedFile]) -> Option<&str> {
     maps.iter().map(|m| m.path.as_str()).find(|p| {

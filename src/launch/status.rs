@@ -82,8 +82,9 @@ pub enum JobEnd {
         /// Where the expectation comes from (`--expect-provider tcp`, or the profile's).
         expected: String,
     },
-    /// A rank loaded an MPI library but never spoke to the job's PMI server: it ran MPI as a
-    /// singleton, a world of one, not as one of the job's ranks (`launch::singleton`).
+    /// A rank loaded an MPI library, never spoke to the job's PMI server and exited with 0: it
+    /// ran MPI as a singleton, a world of one, not as one of the job's ranks
+    /// (`launch::singleton`).
     Singleton {
         /// The rank.
         rank: u32,
