@@ -78,16 +78,7 @@ fn failing_job(failure: &RankFailure) {
 
 fn failing_job_in(image: &str, failure: &RankFailure) {
     let _serial = exclusive();
-    let before = Snapshot::take();
-    let out = cmpirun()
-        .args(["-n", "4"])
-        .arg(staged_image(image))
-        .arg(program("abort"))
-        .args(failure.args)
-        .run();
-    assert!(!out.timed_out, "{out}");
-    failure.assert_ended(&out);
-    assert_no_leftovers(&before, &[out.tag.as_str()]);
+    run_failing_abort_job(cmpirun(), &staged_image(image), failure);
     assert_eq!(server_dirs(), Vec::<String>::new());
 }
 
@@ -103,10 +94,7 @@ fn openmpi5_mpi_abort_ends_the_job_with_its_code() {
 
 #[test]
 fn a_rank_that_exits_3_ends_the_job_with_3() {
-    failing_job(&RankFailure {
-        message: "cmpirun: rank 1 of 4 exited with status 3; the job was ended",
-        ..RANK_EXITS_3
-    });
+    failing_job(&RANK_EXITS_3);
 }
 
 #[test]

@@ -297,6 +297,18 @@ fn srun_command(
     }
 }
 
+/// One `-n K RANK_CMD` section per MPMD part, separated by `:` (hydra's and mpirun's syntax), so
+/// that the launcher tells each rank its part's number (`MPI_APPNUM`).
+fn push_mpmd_sections(argv: &mut Vec<String>, apps: &[AppPlan], rank_cmd: &[String]) {
+    for (i, app) in apps.iter().enumerate() {
+        if i > 0 {
+            argv.push(":".to_owned());
+        }
+        argv.extend(["-n".to_owned(), app.ranks.to_string()]);
+        argv.extend(rank_cmd.iter().cloned());
+    }
+}
+
 /// `mpirun … cmpirun __rank --plan {plan}`, one application context per MPMD part: Open MPI's
 /// launcher starts every task and serves PMIx to the ranks (its PMIx server directories are under
 /// `/tmp`, which every node instance binds).
@@ -328,13 +340,7 @@ fn mpirun_command(
     }
     let mpmd = apps.len() > 1;
     if mpmd {
-        for (i, app) in apps.iter().enumerate() {
-            if i > 0 {
-                argv.push(":".to_owned());
-            }
-            argv.extend(["-n".to_owned(), app.ranks.to_string()]);
-            argv.extend(rank_cmd.iter().cloned());
-        }
+        push_mpmd_sections(&mut argv, apps, rank_cmd);
     } else {
         argv.extend(["-n".to_owned(), size.to_string()]);
         argv.extend(rank_cmd.iter().cloned());
@@ -380,13 +386,7 @@ fn hydra_command(
     }
     argv.extend(profile.launcher.mpiexec_args.iter().cloned());
     if mpmd {
-        for (i, app) in apps.iter().enumerate() {
-            if i > 0 {
-                argv.push(":".to_owned());
-            }
-            argv.extend(["-n".to_owned(), app.ranks.to_string()]);
-            argv.extend(rank_cmd.iter().cloned());
-        }
+        push_mpmd_sections(&mut argv, apps, rank_cmd);
     } else {
         argv.extend(rank_cmd.iter().cloned());
     }

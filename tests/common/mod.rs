@@ -17,7 +17,8 @@
 //!   [`assert_bigmsg_ok`] check a job's; [`RankFailure`] names the ways the `abort` program fails
 //!   a job.
 //! - **Job command lines** (`jobs.rs`): [`hostfile`], [`hydra_cmpirun`] and [`salloc_cmpirun`]
-//!   start the jobs several test files run the same way.
+//!   start the jobs several test files run the same way; [`run_failing_abort_job`] runs and checks
+//!   a job whose rank fails.
 //! - **Waiting** (`wait.rs`): [`wait_for_file`] and [`wait_for_tagged`] wait for what a running
 //!   job does.
 //!
