@@ -5,7 +5,7 @@
 # ratios; writes nothing outside a temporary folder it removes. See BENCHMARKS.md for the figures
 # and ci/bench/bench.py for what each case runs.
 #
-#   ci/bench.sh [--quick] [--only launch,memory,comm,io,pmi] [--runs N] [--markdown FILE]
+#   ci/bench.sh [--quick] [--only launch,startup,memory,comm,io,pmi,openmpi] [--runs N] [--markdown FILE]
 #
 # --quick: few runs and N up to 16, to check the harness (its timings mean little).
 # env: CMPIRUN=path uses that cmpirun binary instead of building this tree's; TEST_USER (tuser).

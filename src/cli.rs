@@ -777,6 +777,7 @@ impl Parser {
                     "local" | "fork" => LauncherKind::Local,
                     "slurm" => LauncherKind::Slurm,
                     "hydra" => LauncherKind::Hydra,
+                    "mpirun" => LauncherKind::Mpirun,
                     "ssh" | "rsh" => {
                         self.spec.hydra_bootstrap = Some(v.to_owned());
                         LauncherKind::Hydra
@@ -788,7 +789,7 @@ impl Parser {
                         return Err(bad(
                             name,
                             v,
-                            "expected local, slurm or hydra (or hydra's ssh, rsh, fork)",
+                            "expected local, slurm, hydra or mpirun (or hydra's ssh, rsh, fork)",
                         ));
                     }
                 };

@@ -276,6 +276,8 @@ pub enum LauncherKind {
     Slurm,
     /// MPICH's `mpiexec.hydra` over a host list.
     Hydra,
+    /// Open MPI's `mpirun` (its own PMIx server) on this node or a host list.
+    Mpirun,
 }
 
 impl LauncherKind {
@@ -285,6 +287,7 @@ impl LauncherKind {
             LauncherKind::Local => "local",
             LauncherKind::Slurm => "slurm",
             LauncherKind::Hydra => "hydra",
+            LauncherKind::Mpirun => "mpirun",
         }
     }
 }

@@ -61,6 +61,8 @@ fn host(env: &[(&str, &str)]) -> HostFacts {
         cmpirun: "/opt/cmpirun/bin/cmpirun".into(),
         libfabric: None,
         libfabric_error: None,
+        pmix: None,
+        pmi_libraries: BTreeMap::new(),
     }
 }
 
@@ -342,11 +344,28 @@ fn launcher_precedence_flag_profile_environment() {
 #[test]
 fn pmi_choice_and_pmix() {
     let c = choice(GENERIC);
-    let e = plan_err(&["--pmi", "pmix", "img.sif", "x"], &c, &host(&[]));
+    // The local launcher serves PMIx (through the host's libpmix); hydra does not.
+    let p = plan(&["--pmi", "pmix", "img.sif", "x"], &c, &host(&[]));
+    assert_eq!(p.launcher.pmi, PmiKind::Pmix);
+    assert!(!p.launcher.pmix_libraries.is_empty());
+    let e = plan_err(
+        &[
+            "--launcher",
+            "hydra",
+            "-H",
+            "a",
+            "--pmi",
+            "pmix",
+            "img.sif",
+            "x",
+        ],
+        &c,
+        &host(&[]),
+    );
     assert!(matches!(
         e,
         PlanError::PmiUnsupported {
-            launcher: "local",
+            launcher: "hydra",
             ..
         }
     ));
@@ -919,10 +938,47 @@ fn embedded_libfabric_and_open_mpi_checks() {
     let e = check(&p, "mpi-libfabric")[0];
     assert_eq!(e.verdict, Verdict::Fail);
     assert!(e.message.contains("carries libfabric inside itself"));
+    // Open MPI where only PMI-1/PMI-2 is served: its ranks would be singletons.
     let mut ompi = mpich5_image();
     ompi.mpi_family = Some("openmpi".into());
-    let p = cmpirun::plan::build(&s, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
-    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Warn);
+    let pmi2 = spec(&["--pmi", "pmi2", "mpich5.sif", "x"]);
+    let p = cmpirun::plan::build(&pmi2, &choice(GENERIC), &[ompi], &host(&[])).unwrap();
+    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Fail);
+}
+
+#[test]
+fn open_mpi_locally_gets_pmix_and_the_versions_are_checked() {
+    let mut ompi = mpich5_image();
+    ompi.mpi_family = Some("openmpi".into());
+    ompi.pmix_version = Some("5.0.11rc1".into());
+    let s = spec(&["ompi.sif", "x"]);
+    let mut h = host(&[]);
+    h.pmix = Some(cmpirun::facts::HostPmix {
+        path: "/usr/lib/libpmix.so.2".into(),
+        version: Some("4.2.2rc2".into()),
+    });
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), std::slice::from_ref(&ompi), &h).unwrap();
+    assert_eq!(p.launcher.pmi, PmiKind::Pmix);
+    assert!(
+        p.launcher.pmi_reason.contains("Open MPI"),
+        "{}",
+        p.launcher.pmi_reason
+    );
+    assert_eq!(check(&p, "mpi-family")[0].verdict, Verdict::Pass);
+    let c = check(&p, "pmix-server")[0];
+    assert_eq!(c.verdict, Verdict::Pass, "{}", c.message);
+    assert!(c.message.contains("4.2.2rc2") && c.message.contains("5.0.11rc1"));
+    // A host PMIx too old for the image's client: refused, naming both versions.
+    h.pmix.as_mut().unwrap().version = Some("3.1.6".into());
+    let p = cmpirun::plan::build(&s, &choice(GENERIC), &[ompi], &h).unwrap();
+    let c = check(&p, "pmix-server")[0];
+    assert_eq!(c.verdict, Verdict::Fail);
+    assert!(
+        c.message.contains("3.1.6") && c.message.contains("5.0.11rc1"),
+        "{}",
+        c.message
+    );
+    assert!(!p.may_launch());
 }
 
 #[test]

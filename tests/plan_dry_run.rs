@@ -157,10 +157,27 @@ fn slurm_pmix_profile() {
         "{out}"
     );
     assert!(out.contains("PMIX_MCA_gds=hash"), "{out}");
-    // PMIx off Slurm is refused before anything runs.
-    let out = run(&["--dry-run", "--pmi", "pmix", &img, "hello"], &[]);
+    // PMIx under hydra is refused before anything runs (the local launcher serves it).
+    let out = run(
+        &[
+            "--dry-run",
+            "--launcher",
+            "hydra",
+            "-H",
+            "a",
+            "--pmi",
+            "pmix",
+            &img,
+            "hello",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pmix needs the slurm launcher"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the hydra launcher cannot serve pmix"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -145,14 +145,30 @@ fn an_old_host_libfabric_is_refused_naming_fabric_1_9() {
 }
 
 #[test]
-fn open_mpi_image_under_the_local_launcher_is_flagged() {
+fn open_mpi_image_under_the_local_launcher_gets_pmix() {
     let img = common::image("openmpi4");
     let p = plan(
         &["--profile", "generic", img.to_str().unwrap(), "hello"],
         None,
     );
     assert_eq!(p["apps"][0]["image"]["mpi_family"], "openmpi");
-    assert_eq!(check(&p, "mpi-family").0, "warn");
+    assert_eq!(p["apps"][0]["image"]["pmix_version"], "4.2.2rc2");
+    assert_eq!(p["launcher"]["pmi"], "pmix");
+    assert_eq!(check(&p, "mpi-family").0, "pass");
+    assert_eq!(check(&p, "pmix-server").0, "pass");
+    // Under PMI-2 its ranks would be singletons: refused.
+    let p = plan(
+        &[
+            "--profile",
+            "generic",
+            "--pmi",
+            "pmi2",
+            img.to_str().unwrap(),
+            "hello",
+        ],
+        None,
+    );
+    assert_eq!(check(&p, "mpi-family").0, "fail");
 }
 
 #[test]
@@ -191,5 +207,69 @@ fn expected_providers_are_probed_in_a_child_process() {
         providers[1].1.contains("does not offer provider cxi"),
         "{}",
         providers[1].1
+    );
+}
+
+/// `pmi.inject` of the host's libpmix: its dependency closure comes along into the injection
+/// directory, and the glibc and PMIx version checks weigh it against each real image.
+#[test]
+fn injected_host_libpmix_brings_its_closure_and_is_checked() {
+    let host_pmix = "/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so.2";
+    assert!(
+        std::path::Path::new(host_pmix).exists(),
+        "{host_pmix} missing: install libpmix2 (ci/install-packages.sh)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("inject.yaml");
+    std::fs::write(
+        &profile,
+        format!("name: inject\npmi:\n  inject: true\n  host_libraries:\n    - {host_pmix}\n"),
+    )
+    .unwrap();
+    let profile = profile.to_str().unwrap();
+    let img = common::image("openmpi4");
+    let p = plan(
+        &["--profile", profile, img.to_str().unwrap(), "hello"],
+        None,
+    );
+    let binds = p["binds"].as_array().unwrap();
+    let over = binds.iter().find(|b| b["source"] == host_pmix).unwrap();
+    assert_eq!(
+        over["destination"],
+        "/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so.2.6.2"
+    );
+    // libevent and hwloc, which libpmix needs, are injected by soname; glibc is not.
+    for dep in ["libevent_core-2.1.so.7", "libhwloc.so.15"] {
+        let b = binds
+            .iter()
+            .find(|b| b["destination"] == format!("/.cmpirun/lib/{dep}"))
+            .unwrap_or_else(|| panic!("no {dep} in {binds:#?}"));
+        assert!(b["reason"].as_str().unwrap().contains("dependency closure"));
+    }
+    assert!(
+        !binds
+            .iter()
+            .any(|b| b["destination"].as_str().unwrap().contains("libc.so"))
+    );
+    assert_eq!(
+        check(&p, "pmi-glibc").0,
+        "pass",
+        "{}",
+        check(&p, "pmi-glibc").1
+    );
+    let (verdict, message) = check(&p, "pmi-pmix-version");
+    assert_eq!(verdict, "pass", "{message}");
+    assert!(message.contains("4.2.2"), "{message}");
+    // Into the Open MPI 5 image, whose MPI was built against PMIx 5: refused, naming both.
+    let img = common::image("openmpi5");
+    let p = plan(
+        &["--profile", profile, img.to_str().unwrap(), "hello"],
+        None,
+    );
+    let (verdict, message) = check(&p, "pmi-pmix-version");
+    assert_eq!(verdict, "fail");
+    assert!(
+        message.contains("4.2.2rc2") && message.contains("5.0.11rc1"),
+        "{message}"
     );
 }

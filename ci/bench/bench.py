@@ -18,6 +18,9 @@ Cases (select with --only):
   io       ci/bench-mount.sh: cold/warm reads of every file of the largest test image per backend
   pmi      256 PMI-1 clients (init, 4 puts, fence, 255 gets, finalize): cmpirun's PMI server
            (pmi/examples/mini_mpiexec) against mpiexec.hydra
+  openmpi  hello at N = 1, 4, 16, 64 with Open MPI: cmpirun -n N openmpi4.sif (its PMIx server
+           through the host's libpmix) and cmpirun --launcher mpirun, against Open MPI's own
+           mpirun -n N hello (the same Debian Open MPI 4.1.4, compiled on the host)
 
 Run through ci/bench.sh, which builds what this needs and passes the paths in the environment.
 """
@@ -237,6 +240,7 @@ class Bench:
         ex = ROOT / "examples/mpi"
         for p in ["hello", "pingpong"]:
             subprocess.run(["mpicc.mpich", "-O2", "-o", w / f"{p}-mpich4", ex / f"{p}.c"], check=True)
+        subprocess.run(["mpicc.openmpi", "-O2", "-o", w / "hello-openmpi4", ex / "hello.c"], check=True)
         whl = Path(os.environ["BENCH_MPICH5"])
         shutil.copytree(whl / "lib", w / "mpich5/lib", symlinks=True)
         subprocess.run(
@@ -342,6 +346,57 @@ class Bench:
             for b in BACKENDS:
                 say(f"  cmpirun {b:<11} {median(t[f'cmpirun {b}']) - median(t['native']):+.1f} ms")
             say(f"  per-rank           {median(t['per-rank']) - median(t['native']):+.1f} ms")
+        self.md.append("")
+
+    # ---------------------------------------------------------------- Open MPI
+
+    def case_openmpi(self):
+        """Open MPI jobs: cmpirun's PMIx server and --launcher mpirun against Open MPI's mpirun."""
+        if "openmpi4" not in self.images:
+            self.failures.append("openmpi: no openmpi4 image (run ci/build-images.sh)")
+            return
+        w = self.work
+        img = self.images["openmpi4"]
+        ns = [1, 4, 16] if self.quick else [1, 4, 16, 64]
+        say("\n## Open MPI: hello (MPI_Init + MPI_Finalize), openmpi4 image, wall time per job")
+        say("native = mpirun.openmpi -n N --oversubscribe hello (Debian Open MPI 4.1.4, on the host);")
+        say("cmpirun = cmpirun -n N openmpi4.sif hello (cmpirun's PMIx server, host libpmix 4.2.2);")
+        say("cmpirun mpirun = cmpirun --launcher mpirun -n N openmpi4.sif hello.")
+        variants = [
+            ("native", ["mpirun.openmpi", "-n", None, "--oversubscribe", w / "hello-openmpi4"]),
+            ("cmpirun", [w / "cmpirun", "-n", None, img, "/usr/local/bin/hello"]),
+            ("cmpirun mpirun", [w / "cmpirun", "--launcher", "mpirun", "-n", None, img,
+                                "/usr/local/bin/hello"]),
+        ]
+        self.md += [
+            "### Open MPI: hello, wall time per job (median ms; ratio to Open MPI's mpirun)",
+            "",
+            "| N | runs | mpirun (native) | cmpirun (PMIx server) | cmpirun --launcher mpirun |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for n in ns:
+            runs = self.args.runs or (3 if self.quick else (20 if n == 1 else 10))
+            cmds = [(name, [str(n) if a is None else a for a in cmd]) for name, cmd in variants]
+            times = {name: [] for name, _ in cmds}
+            for name, cmd in cmds:  # warm-up
+                self.run(cmd)
+            for r in range(runs):
+                for name, cmd in cmds:
+                    t, rc, out, err = self.run(cmd)
+                    if rc == 0 and out.count("hello: rank=") == n:
+                        times[name].append(t * 1000)
+                    else:
+                        self.failures.append(f"openmpi N={n} {name}: rc={rc} {err.strip()[-300:]}")
+                log(f"openmpi N={n}: round {r + 1}/{runs}")
+            base = median(times["native"])
+            say(f"\nN = {n}, {runs} rounds")
+            cells = []
+            for name, _ in cmds:
+                m = median(times[name])
+                q1, q3 = quartiles(times[name])
+                say(f"  {name:<16}{m:>10.1f} ms{f'{q1:.0f}–{q3:.0f}':>14}{m / base:>9.2f}x  (n={len(times[name])})")
+                cells.append(f"{m:.0f}" if name == "native" else f"{m:.0f} ({m / base:.2f}×, {m - base:+.0f} ms)")
+            self.md.append(f"| {n} | {runs} | " + " | ".join(cells) + " |")
         self.md.append("")
 
     # ---------------------------------------------------------------- start-up breakdown
@@ -642,7 +697,7 @@ class Sampler:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few runs, N up to 16: to check the harness")
-    ap.add_argument("--only", default="launch,startup,memory,comm,io,pmi", help="comma-separated cases")
+    ap.add_argument("--only", default="launch,startup,memory,comm,io,pmi,openmpi", help="comma-separated cases")
     ap.add_argument("--runs", type=int, default=0, help="rounds per case (default: per case)")
     ap.add_argument("--markdown", help="also write the result tables as markdown to this file")
     args = ap.parse_args()
@@ -671,7 +726,7 @@ def main():
         if not launch_ok:
             say(f"cmpirun has no working launcher in this build ({why}): launch, memory and comm skipped")
         for case in only:
-            if case in ("launch", "startup", "memory", "comm") and not launch_ok:
+            if case in ("launch", "startup", "memory", "comm", "openmpi") and not launch_ok:
                 continue
             getattr(b, f"case_{case}")()
     finally:

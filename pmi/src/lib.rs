@@ -13,7 +13,9 @@
 //!   for), over inherited socketpairs (`PMI_FD`) or loopback TCP (`PMI_PORT`);
 //! - [`wireup`]: the wire-up variables a rank gets, and the removal of stray PMI/PMIx variables;
 //! - [`mapping`]: MPICH's `PMI_process_mapping` format, both ways;
-//! - [`probe`]: which PMI libraries the host has (through `dlopen`).
+//! - [`probe`]: which PMI libraries the host has (through `dlopen`);
+//! - [`pmix`]: a single-node PMIx server through the host's libpmix, loaded at run time (for
+//!   Open MPI, which speaks only PMIx).
 //!
 //! The smallest use: a one-rank job whose rank is started with the returned environment.
 //!
@@ -48,6 +50,7 @@
 //! details every client depends on are written down in `docs/pmi.md` of the repository.
 
 pub mod mapping;
+pub mod pmix;
 pub mod probe;
 pub mod server;
 pub mod wire;

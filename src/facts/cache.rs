@@ -8,7 +8,7 @@ use super::image::ImageSummary;
 
 /// The version of the facts cache's file format and of what [`ImageSummary::read`] computes:
 /// raise it when either changes, so that older entries are not used.
-const FACTS_CACHE_FORMAT: u32 = 2;
+const FACTS_CACHE_FORMAT: u32 = 3;
 
 /// The image facts of earlier launches, one small JSON file per image in the user's cache
 /// folder, so that a launch of an image already seen reads no library out of it.

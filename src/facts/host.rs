@@ -32,6 +32,86 @@ pub struct HostFacts {
     pub libfabric: Option<HostLibfabric>,
     /// Why the host libfabric could not be read, when it could not.
     pub libfabric_error: Option<String>,
+    /// The first host libpmix file of [`HostFacts::pmix_candidates`] that exists, with the
+    /// OpenPMIx version read from it: what the local launcher's PMIx server loads.
+    #[serde(default)]
+    pub pmix: Option<HostPmix>,
+    /// The host PMI libraries the profile injects (`pmi.inject: true`), read as ELF: their
+    /// dependency closures and glibc needs, by the pattern of `pmi.host_libraries` they came
+    /// from.
+    #[serde(default)]
+    pub pmi_libraries: BTreeMap<String, HostPmiLibrary>,
+}
+
+/// A host PMI library the profile injects, as its ELF files say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPmiLibrary {
+    /// The file.
+    pub path: PathBuf,
+    /// The non-glibc libraries it needs, directly or not (libevent, hwloc, munge, …), where
+    /// the host's loader finds them.
+    pub dependencies: Vec<PathBuf>,
+    /// Libraries it needs that the host's loader does not find (`name (needed by file)`).
+    pub missing: Vec<String>,
+    /// The newest `GLIBC_x.y` the library or its closure needs, and which file needs it.
+    pub glibc_needs: Option<String>,
+    /// The file that needs [`HostPmiLibrary::glibc_needs`].
+    pub glibc_needed_by: Option<PathBuf>,
+    /// For a libpmix, its OpenPMIx version.
+    pub pmix_version: Option<String>,
+    /// Why it could not be read, when it could not.
+    pub error: Option<String>,
+}
+
+impl HostPmiLibrary {
+    /// Reads the library at `path`: its dependency closure through the host's loader, its glibc
+    /// needs, and for a libpmix its version. Never fails: what could not be read is in `error`.
+    pub fn read(path: &Path) -> HostPmiLibrary {
+        let mut lib = HostPmiLibrary {
+            path: path.to_owned(),
+            ..HostPmiLibrary::default()
+        };
+        let loader = cmpirun_fabric::loader::HostLoader::from_env();
+        match cmpirun_fabric::closure::dependency_closure(&[path.to_owned()], &loader) {
+            Ok(c) => {
+                let root = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+                lib.dependencies = c
+                    .libraries
+                    .iter()
+                    .filter(|l| l.real_path != root && l.path != path)
+                    .map(|l| l.path.clone())
+                    .collect();
+                lib.missing = c
+                    .missing
+                    .iter()
+                    .map(|m| format!("{} (needed by {})", m.name, m.needed_by.display()))
+                    .collect();
+                if let Some((by, v)) = c.newest_glibc_need() {
+                    lib.glibc_needs = Some(v.to_string());
+                    lib.glibc_needed_by = Some(by.path.clone());
+                }
+            }
+            Err(e) => lib.error = Some(e.to_string()),
+        }
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libpmix.so"))
+        {
+            lib.pmix_version = std::fs::read(path)
+                .ok()
+                .and_then(|b| cmpirun_pmi::pmix::version::version_in(&b));
+        }
+        lib
+    }
+}
+
+/// The host libpmix the local launcher's PMIx server would load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPmix {
+    /// The file.
+    pub path: PathBuf,
+    /// Its OpenPMIx version (`4.2.2rc2`), when the file holds one.
+    pub version: Option<String>,
 }
 
 /// The host libfabric the profile names, as `cmpirun-fabric` read it.
@@ -84,7 +164,28 @@ impl HostFacts {
             cmpirun: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cmpirun")),
             libfabric: None,
             libfabric_error: None,
+            pmix: None,
+            pmi_libraries: BTreeMap::new(),
         };
+        if profile.pmi.inject == Some(true) && !spec.no_inject {
+            for lib in &profile.pmi.host_libraries {
+                if let Some(p) = facts.paths.get(lib.as_str()).and_then(|v| v.last()) {
+                    let read = HostPmiLibrary::read(p);
+                    facts.pmi_libraries.insert(lib.as_str().to_owned(), read);
+                }
+            }
+        }
+        facts.pmix = facts
+            .pmix_candidates(profile)
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_absolute() && p.is_file())
+            .map(|path| HostPmix {
+                version: std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| cmpirun_pmi::pmix::version::version_in(&b)),
+                path,
+            });
         if let Some(path) = facts.libfabric_named_by(profile).map(|(_, p)| p) {
             match read_libfabric(&path, spec, profile) {
                 Ok(lf) => facts.libfabric = Some(lf),
@@ -92,6 +193,36 @@ impl HostFacts {
             }
         }
         facts
+    }
+
+    /// Where the local launcher's PMIx server loads the host's libpmix from, in order: the
+    /// `libpmix.so*` files of the profile's `pmi.host_libraries`, else the usual system
+    /// locations (`cmpirun_pmi::pmix::SYSTEM_LIBRARIES`).
+    pub fn pmix_candidates(&self, profile: &SiteProfile) -> Vec<String> {
+        let named: Vec<String> = profile
+            .pmi
+            .host_libraries
+            .iter()
+            .map(|h| {
+                self.paths
+                    .get(h.as_str())
+                    .and_then(|v| v.last())
+                    .map_or_else(|| h.as_str().to_owned(), |p| p.display().to_string())
+            })
+            .filter(|p| {
+                std::path::Path::new(p)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libpmix.so"))
+            })
+            .collect();
+        if named.is_empty() {
+            cmpirun_pmi::pmix::SYSTEM_LIBRARIES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        } else {
+            named
+        }
     }
 
     /// The host libfabric `profile` names on this host: the first `fabric.libfabric` candidate
@@ -119,7 +250,10 @@ fn launcher_programs(profile: &SiteProfile) -> BTreeMap<String, PathBuf> {
         .mpiexec
         .clone()
         .unwrap_or_else(|| "mpiexec.hydra".into());
-    for name in ["srun", mpiexec.as_str()] {
+    for name in ["srun", mpiexec.as_str()]
+        .into_iter()
+        .chain(crate::plan::MPIRUN_NAMES)
+    {
         if let Ok(p) = which::which(name) {
             programs.insert(name.to_owned(), p);
         }

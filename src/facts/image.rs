@@ -57,6 +57,10 @@ pub struct ImageSummary {
     pub glibc_file: Option<String>,
     /// The PMI libraries the image's MPI links (`libpmi2.so.0`, `libpmix.so.2`, …).
     pub pmi_libraries: Vec<ImageLibrary>,
+    /// The OpenPMIx version of the image's `libpmix` (`5.0.11rc1`), read from the file: the
+    /// PMIx client a PMIx server must serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmix_version: Option<String>,
     /// Why the image's facts could not be read, when they could not.
     pub facts_error: Option<String>,
     /// The files of the image's C library and MPI stack (paths inside the image, symlinks
@@ -99,15 +103,24 @@ impl ImageSummary {
                 .and_then(|v| v.as_str().map(str::to_owned)),
             ..ImageSummary::default()
         };
-        let facts = crate::image::open_rootfs(&loc)
-            .map_err(|e| e.to_string())
-            .and_then(|fs| {
-                crate::image::content::image_facts(fs.as_ref()).map_err(|e| e.to_string())
-            });
-        match facts {
+        let fs = match crate::image::open_rootfs(&loc) {
+            Ok(fs) => fs,
+            Err(e) => {
+                info.facts_error = Some(e.to_string());
+                return info;
+            }
+        };
+        match crate::image::content::image_facts(fs.as_ref()) {
             Ok(f) => info.apply_facts(&f),
-            Err(e) => info.facts_error = Some(e),
+            Err(e) => info.facts_error = Some(e.to_string()),
         }
+        // The PMIx client's version, from its library file (the version string is in it).
+        info.pmix_version = info
+            .pmi_libraries
+            .iter()
+            .find(|l| l.name.starts_with("libpmix.so"))
+            .and_then(|l| fs.read_file(&l.real_file).ok())
+            .and_then(|bytes| cmpirun_pmi::pmix::version::version_in(&bytes));
         info
     }
 

@@ -22,6 +22,6 @@ pub mod patterns;
 
 pub use cache::{FactsCache, FactsCacheKey};
 pub use gather::{gather_images, gather_images_with};
-pub use host::{HostFacts, HostLibfabric};
+pub use host::{HostFacts, HostLibfabric, HostPmiLibrary, HostPmix};
 pub use image::{ImageLibrary, ImageSummary, LibfabricUse};
 pub use patterns::expand_vars;

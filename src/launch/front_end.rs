@@ -58,6 +58,7 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
     if plan.job.output_tag != OutputTag::None && argv.len() > 1 {
         let flag = match plan.launcher.kind {
             LauncherKind::Slurm => "--label",
+            LauncherKind::Mpirun => "--tag-output",
             _ => "-prepend-rank",
         };
         argv.insert(1, flag.to_owned());

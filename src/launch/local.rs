@@ -22,10 +22,13 @@ use nix::unistd::{Pid, pipe2};
 
 use crate::container::instance::NodeInstance;
 use crate::container::run::with_forwarded_signals_blocked;
+use crate::jobspec::PmiKind;
 use crate::plan::{LaunchPlan, expand_pattern};
 
 use super::injected::{DeviceProof, Finding, InjectedLibfabric};
 use super::output::{Dest, LineBuffer, Stream, tag, write_out};
+use super::pmix::PmixServerProcess;
+use super::singleton::{SingletonWatch, never_connected};
 use super::status::{JobEnd, RankEnd};
 use super::{LaunchError, binding, node};
 
@@ -197,15 +200,52 @@ fn run_blocked(
         .map_err(sys("signalfd"))?;
     let size = plan.layout.size;
     let mut inst = NodeInstance::create(cfg, None, true).map_err(LaunchError::from_instance)?;
-    let kvsname = format!("cmpirun-{}", std::process::id());
-    let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
-    let config = JobConfig::new(kvsname, vec![0; size as usize])
-        .appnums(appnums)
-        .fence_report(super::settings::wireup_report());
-    let mut server = PmiServer::new(config).map_err(LaunchError::Pmi)?;
+    // PMIx: a server process of its own, forked now (after the instance, so that it holds
+    // none of the instance's descriptors, and while cmpirun is single-threaded).
+    let mut pmix = if plan.launcher.pmi == PmiKind::Pmix {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        match PmixServerProcess::start(plan, &host) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                inst.close();
+                return Err(LaunchError::Pmix(e));
+            }
+        }
+    } else {
+        None
+    };
+    let mut server = match &pmix {
+        Some(_) => None,
+        None => {
+            let kvsname = format!("cmpirun-{}", std::process::id());
+            let appnums: Vec<u32> = (0..size).map(|r| node::part_of(plan, r) as u32).collect();
+            let config = JobConfig::new(kvsname, vec![0; size as usize])
+                .appnums(appnums)
+                .fence_report(super::settings::wireup_report());
+            Some(PmiServer::new(config).map_err(LaunchError::Pmi)?)
+        }
+    };
     let mut ranks = Vec::with_capacity(size as usize);
     let mut pipes = Vec::with_capacity(2 * size as usize);
-    let started = start_ranks(plan, cfg, cpus, &inst, &mut server, &mut ranks, &mut pipes);
+    let started = start_ranks(
+        plan,
+        cfg,
+        cpus,
+        &inst,
+        |rank| match (&mut server, &pmix) {
+            (Some(s), _) => {
+                let pmi = s.add_socketpair(rank).map_err(LaunchError::Pmi)?;
+                Ok((pmi.env, Some(pmi.fd)))
+            }
+            (None, Some(p)) => Ok((p.rank_env(rank), None)),
+            (None, None) => Err(LaunchError::NoProgram),
+        },
+        &mut ranks,
+        &mut pipes,
+    );
     inst.release_namespaces();
     let wake = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(sys("pipe"));
     let (wake_r, wake_w) = match started.and(wake) {
@@ -213,22 +253,41 @@ fn run_blocked(
         Err(e) => return Err(abandon(&ranks, inst, e)),
     };
     // From here on cmpirun may have threads: every fork is done.
-    let handle = match server.start() {
-        Ok(h) => h,
-        Err(e) => return Err(abandon(&ranks, inst, LaunchError::Pmi(e))),
-    };
-    let control = handle.control();
     let (tx, rx) = mpsc::channel();
-    let events = std::thread::spawn(move || {
-        for ev in handle.events().iter() {
-            if tx.send(ev).is_err() {
-                break;
-            }
-            let _ = nix::unistd::write(&wake_w, b"e");
+    let (control, events) = match (server, &pmix) {
+        (Some(server), _) => {
+            let handle = match server.start() {
+                Ok(h) => h,
+                Err(e) => return Err(abandon(&ranks, inst, LaunchError::Pmi(e))),
+            };
+            let control = handle.control();
+            let events = std::thread::spawn(move || {
+                for ev in handle.events().iter() {
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                    let _ = nix::unistd::write(&wake_w, b"e");
+                }
+                let _ = handle.join();
+                drop(wake_w);
+            });
+            (Some(control), events)
         }
-        let _ = handle.join();
-        drop(wake_w);
-    });
+        (None, Some(p)) => match p.forward_events(tx, wake_w) {
+            Ok(events) => (None, events),
+            Err(e) => {
+                return Err(abandon(
+                    &ranks,
+                    inst,
+                    LaunchError::Io {
+                        step: "start the PMIx event thread",
+                        source: e,
+                    },
+                ));
+            }
+        },
+        (None, None) => return Err(abandon(&ranks, inst, LaunchError::NoProgram)),
+    };
     let mut job = Job {
         instance: &inst,
         instance_ended: false,
@@ -238,6 +297,7 @@ fn run_blocked(
         devices: DeviceProof::from_plan(plan),
         device_decided: vec![false; size as usize],
         connected: vec![false; size as usize],
+        singleton: SingletonWatch::new(size, Instant::now()),
         control: control.clone(),
         size,
         ranks,
@@ -261,7 +321,12 @@ fn run_blocked(
     }
     let end = job.end.take().unwrap_or(JobEnd::Success);
     drop(job);
-    control.stop();
+    if let Some(c) = &control {
+        c.stop();
+    }
+    if let Some(p) = &mut pmix {
+        p.stop();
+    }
     let _ = events.join();
     inst.close();
     Ok(end)
@@ -286,7 +351,7 @@ fn start_ranks(
     cfg: &crate::container::InstanceConfig,
     cpus: &[Option<Vec<usize>>],
     inst: &NodeInstance,
-    server: &mut PmiServer,
+    mut wireup: impl FnMut(u32) -> Result<(Vec<(String, String)>, Option<OwnedFd>), LaunchError>,
     ranks: &mut Vec<Rank>,
     pipes: &mut Vec<Pipe>,
 ) -> Result<(), LaunchError> {
@@ -312,9 +377,8 @@ fn start_ranks(
     let host: Vec<_> = std::env::vars_os().collect();
     let mut files = OutputFiles::default();
     for rank in 0..plan.layout.size {
-        let pmi = server.add_socketpair(rank).map_err(LaunchError::Pmi)?;
-        let mut cmd =
-            node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &pmi.env);
+        let (env, pmi_fd) = wireup(rank)?;
+        let mut cmd = node::rank_command(plan, cfg, rank, host.clone(), inst.env_changes(), &env);
         cmd.cpus = cpus
             .get(rank as usize)
             .and_then(|c| c.as_deref())
@@ -340,8 +404,10 @@ fn start_ranks(
             ),
             (1, out_w),
             (2, err_w),
-            (pmi.fd.as_raw_fd(), Arc::new(pmi.fd)),
         ];
+        if let Some(fd) = pmi_fd {
+            cmd.fds.push((fd.as_raw_fd(), Arc::new(fd)));
+        }
         let streams = [(Some(out_r), Stream::Stdout), (err_r, Stream::Stderr)];
         let mut rank_pipes = Vec::with_capacity(2);
         for (fd, stream) in streams {
@@ -430,8 +496,11 @@ struct Job<'a> {
     device_decided: Vec<bool>,
     /// Ranks that spoke PMI (MPI ranks).
     connected: Vec<bool>,
-    /// Tells the PMI server which ranks have exited (their fences fail at once).
-    control: ServerControl,
+    /// Ranks that loaded an MPI library, to fail those that never spoke PMI (singletons).
+    singleton: SingletonWatch,
+    /// Tells the PMI server which ranks have exited (their fences fail at once); none for the
+    /// PMIx server, whose library sees a rank's connection close.
+    control: Option<ServerControl>,
     size: u32,
     ranks: Vec<Rank>,
     pipes: Vec<Pipe>,
@@ -455,6 +524,10 @@ impl Job<'_> {
         let mut wake = Some(wake);
         let mut all_done_at: Option<Instant> = None;
         loop {
+            // Events first: a rank's PMI connection is known before its end is judged.
+            while let Ok(ev) = rx.try_recv() {
+                self.event(ev);
+            }
             self.reap();
             if self.live() == 0 {
                 let at = *all_done_at.get_or_insert_with(Instant::now);
@@ -483,6 +556,16 @@ impl Job<'_> {
             }
             if let Some(at) = all_done_at {
                 sooner(at + DRAIN);
+            }
+            let ranks = &self.ranks;
+            self.singleton.tick(now, |r| {
+                ranks
+                    .get(r as usize)
+                    .filter(|x| !x.done)
+                    .map(|x| x.pid.as_raw())
+            });
+            if let Some(t) = self.singleton.next(|r| !ranks[r as usize].done) {
+                sooner(t);
             }
             let timeout = match next {
                 None => PollTimeout::NONE,
@@ -616,7 +699,9 @@ impl Job<'_> {
             let Some(status) = status else { continue };
             self.ranks[rank].done = true;
             let rank = rank as u32;
-            self.control.rank_exited(rank);
+            if let Some(c) = &self.control {
+                c.rank_exited(rank);
+            }
             tracing::debug!("rank {rank} ended: {status:?}");
             let end = match status {
                 Ok(code) => RankEnd::Exited(code),
@@ -653,6 +738,17 @@ impl Job<'_> {
             if self.end.is_some() {
                 continue;
             }
+            // An MPI rank that exited with 0 without ever speaking PMI ran as a singleton: its
+            // "success" is not the job's. One that failed ends the job with its status, and the
+            // line says it never connected (its MPI did not find the server, or was refused).
+            if let (RankEnd::Exited(code), Some(library)) = (end, self.singleton.singleton(rank)) {
+                let library = library.to_owned();
+                if code == 0 {
+                    self.finish(JobEnd::Singleton { rank, library });
+                    continue;
+                }
+                write_out(Stream::Stderr, never_connected(rank, &library).as_bytes());
+            }
             if let Some(end) = JobEnd::of_rank(rank, end) {
                 self.finish(end);
             } else if self.connected[rank as usize] {
@@ -683,6 +779,7 @@ impl Job<'_> {
                 if let Some(c) = self.connected.get_mut(rank as usize) {
                     *c = true;
                 }
+                self.singleton.spoke(rank);
                 self.check_injected(rank, false)
             }
             Event::Fenced { rank } => self.check_devices(rank, false),

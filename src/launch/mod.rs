@@ -23,10 +23,12 @@ pub mod injected;
 pub mod local;
 pub mod node;
 pub mod output;
+pub mod pmix;
 pub mod rank;
 pub mod rank_env;
 pub mod report;
 pub mod settings;
+pub mod singleton;
 pub mod status;
 pub mod watch;
 
@@ -87,6 +89,20 @@ pub enum LaunchError {
          under srun or mpiexec"
     )]
     NoRank,
+    /// The launcher gave the rank mode another world size than the job's.
+    #[error(
+        "__rank: the launcher started this rank in a world of {value} ranks (${var}), but the \
+         job has {size} (-n): its ranks would not form the job's world; remove the task count \
+         from the profile's launcher arguments (srun_args, mpiexec_args)"
+    )]
+    WorldSize {
+        /// The variable that gave it.
+        var: String,
+        /// Its value.
+        value: String,
+        /// The job's size.
+        size: u32,
+    },
     /// The launcher (`srun`, `mpiexec.hydra`) cannot be started.
     #[error("cannot run {program}: {error} (is it installed and on PATH?)")]
     LauncherMissing {
@@ -158,6 +174,9 @@ pub enum LaunchError {
     /// The PMI server failed.
     #[error("PMI server: {0}")]
     Pmi(cmpirun_pmi::PmiError),
+    /// The PMIx server process failed.
+    #[error(transparent)]
+    Pmix(pmix::PmixError),
     /// A system call failed.
     #[error("{step}: {errno}")]
     Sys {
@@ -199,6 +218,7 @@ impl Blame for LaunchError {
             | LaunchError::PlanUnreadable { .. }
             | LaunchError::NotAPlan { .. }
             | LaunchError::NoRank
+            | LaunchError::WorldSize { .. }
             | LaunchError::LauncherMissing { .. }
             | LaunchError::PlanTooLarge { .. }
             | LaunchError::Limit { .. }
@@ -213,6 +233,7 @@ impl Blame for LaunchError {
             | LaunchError::Threaded { .. }
             | LaunchError::Rendezvous(_)
             | LaunchError::Pmi(_)
+            | LaunchError::Pmix(_)
             | LaunchError::Sys { .. }
             | LaunchError::Io { .. } => Fault::Host,
         }
@@ -230,7 +251,7 @@ impl LaunchError {
 pub fn launch(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     match plan.launcher.kind {
         LauncherKind::Local => Ok(local::run(plan)?.exit_code()),
-        LauncherKind::Slurm | LauncherKind::Hydra => front_end::run(plan),
+        LauncherKind::Slurm | LauncherKind::Hydra | LauncherKind::Mpirun => front_end::run(plan),
     }
 }
 

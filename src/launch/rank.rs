@@ -20,8 +20,10 @@ use crate::exit::Blame;
 use crate::plan::LaunchPlan;
 
 use super::injected::RankWatch;
+use super::output::{Stream, write_out};
 use super::report::{REPORT_VAR, Target};
-use super::status::RankEnd;
+use super::singleton::{SingletonWatch, never_connected};
+use super::status::{JobEnd, RankEnd};
 use super::watch::{Relay, watch};
 use super::{LaunchError, node};
 
@@ -135,12 +137,38 @@ fn relayed(
     }
 }
 
+/// The launcher variables that give the size of the world a task's rank joins, in the order
+/// they are believed: PMI-1/PMI-2 (`srun --mpi=pmi2`, hydra), Open MPI's `mpirun`, then Slurm's
+/// step size (which `srun --mpi=pmix` gives the PMIx server).
+const WORLD_SIZE_VARS: [&str; 3] = ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"];
+
+/// The variable and the world size the launcher gave this task, when it is not the job's size
+/// `size` (the ranks would form another world than `-n` says: a profile's `srun_args` or
+/// `mpiexec_args` that change the task count, say).
+pub fn world_size_mismatch(env: &BTreeMap<String, String>, size: u32) -> Option<(String, String)> {
+    let (var, value) = WORLD_SIZE_VARS
+        .iter()
+        .find_map(|v| env.get(*v).map(|x| (*v, x)))?;
+    (value.trim().parse::<u32>().ok() != Some(size)).then(|| (var.to_owned(), value.clone()))
+}
+
 /// Runs one rank (`cmpirun __rank`). Returns the exit status to end with. Must be called while
 /// cmpirun is single-threaded.
 pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let mut plan = read_plan(plan_source)?;
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let rank = task_rank(&env).ok_or(LaunchError::NoRank)?;
+    if let Some((var, value)) = world_size_mismatch(&env, plan.layout.size) {
+        let e = LaunchError::WorldSize {
+            var,
+            value,
+            size: plan.layout.size,
+        };
+        if let Some(t) = Target::from_env() {
+            t.send(rank, RankEnd::Exited(e.fault().status()), None);
+        }
+        return Err(e);
+    }
     let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = node::fetch_registry_images(&mut plan)
         .and_then(|()| node::node_config(&plan, &env))
@@ -209,6 +237,12 @@ fn run_member(
     // shows whether it loaded the injected host libfabric.
     // The relay's commands and the ticks both reach the check.
     let maps = std::cell::RefCell::new(RankWatch::new(plan, rank, child));
+    // Where PMI passes through this task, an MPI rank that never speaks it ran as a singleton.
+    let singleton = std::cell::RefCell::new(
+        relay
+            .is_some()
+            .then(|| SingletonWatch::new(1, std::time::Instant::now())),
+    );
     let instance_gone = std::cell::Cell::new(false);
     let mut aborted = false;
     let watched = watch(
@@ -225,6 +259,9 @@ fn run_member(
             if let Some(w) = maps.borrow_mut().as_mut() {
                 w.pmi_command(cmd);
             }
+            if let Some(s) = singleton.borrow_mut().as_mut() {
+                s.spoke(0);
+            }
         },
         || {
             // A node instance that ended while the rank runs was killed: its image and
@@ -237,6 +274,15 @@ fn run_member(
                 }
             }
             let next = maps.borrow_mut().as_mut().and_then(RankWatch::tick);
+            let now = std::time::Instant::now();
+            let look = singleton.borrow_mut().as_mut().and_then(|s| {
+                s.tick(now, |_| Some(child.as_raw()));
+                s.next(|_| true).map(|t| t.saturating_duration_since(now))
+            });
+            let next = match (next, look) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             Some(next.map_or(INSTANCE_WATCH, |n| n.min(INSTANCE_WATCH)))
         },
     );
@@ -244,8 +290,31 @@ fn run_member(
     if let Some(w) = maps.as_mut().filter(|w| !w.failed()) {
         w.finish(!aborted && !watched.signalled && watched.outcome == Outcome::Exited(0));
     }
+    let singleton = singleton
+        .into_inner()
+        .filter(|_| !aborted)
+        .and_then(|s| s.singleton(0).map(str::to_owned));
+    // A failed rank ends the job with its own status; the line says it never connected.
+    let singleton = match (&singleton, watched.outcome) {
+        (Some(library), Outcome::Exited(code)) if code != 0 => {
+            write_out(Stream::Stderr, never_connected(rank, library).as_bytes());
+            None
+        }
+        (Some(_), Outcome::Exited(0)) => singleton,
+        _ => None,
+    };
+    if let Some(library) = &singleton {
+        let end = JobEnd::Singleton {
+            rank,
+            library: library.clone(),
+        };
+        if let Some(msg) = end.message(plan.layout.size) {
+            write_out(Stream::Stderr, format!("cmpirun: {msg}\n").as_bytes());
+        }
+    }
     let outcome = match &maps {
         Some(w) if w.failed() => Outcome::Exited(crate::exit::FAILURE),
+        _ if singleton.is_some() => Outcome::Exited(crate::exit::FAILURE),
         _ => watched.outcome,
     };
     // Failed because an image mount ended (killed by the node instance for it, or failing on a
@@ -273,12 +342,13 @@ fn run_member(
     if let Some(t) = target.as_ref().filter(|_| !aborted && !watched.signalled) {
         let end = match (outcome, &lost) {
             (_, Some(_)) => RankEnd::MountLost,
+            (_, None) if singleton.is_some() => RankEnd::Singleton,
             (Outcome::Exited(code), None) => RankEnd::Exited(code),
             (Outcome::Signaled(sig), None) => RankEnd::Signaled(sig as i32),
         };
         // A clean end is reported too: the front end counts the reports, so that ranks of a
         // lost node cannot pass for a success.
-        t.send(rank, end, lost);
+        t.send(rank, end, lost.or_else(|| singleton.clone()));
     }
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once
@@ -310,6 +380,21 @@ mod tests {
         );
         assert_eq!(task_rank(&env(&[("SLURM_PROCID", "5")])), Some(5));
         assert_eq!(task_rank(&env(&[])), None);
+    }
+
+    #[test]
+    fn world_size_from_the_launcher() {
+        assert_eq!(world_size_mismatch(&env(&[("PMI_SIZE", "4")]), 4), None);
+        assert_eq!(world_size_mismatch(&env(&[]), 4), None);
+        assert_eq!(
+            world_size_mismatch(&env(&[("SLURM_STEP_NUM_TASKS", "2")]), 4),
+            Some(("SLURM_STEP_NUM_TASKS".into(), "2".into()))
+        );
+        // PMI_SIZE is what the rank's MPI is told; it wins.
+        assert_eq!(
+            world_size_mismatch(&env(&[("PMI_SIZE", "1"), ("SLURM_STEP_NUM_TASKS", "4")]), 4),
+            Some(("PMI_SIZE".into(), "1".into()))
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum RankEnd {
     /// Its node instance killed it because an image mount of the node ended (its server died);
     /// the report's message says which.
     MountLost,
+    /// It loaded an MPI library but never spoke PMI: it ran as a singleton (the report's
+    /// message is the library).
+    Singleton,
 }
 
 /// `-print-all-exitcodes`: one line per rank saying how it ended (`None`: it never ended
@@ -45,6 +48,9 @@ pub fn all_exit_codes(ends: &[Option<RankEnd>]) -> String {
             }
             Some(RankEnd::Aborted(code)) => format!("called MPI_Abort with code {code}"),
             Some(RankEnd::MountLost) => "ended because its image mount ended".to_owned(),
+            Some(RankEnd::Singleton) => {
+                "loaded an MPI library but never spoke PMI (a singleton)".to_owned()
+            }
             None => "did not end".to_owned(),
         };
         text.push_str(&format!("cmpirun: rank {rank} {how}\n"));
@@ -99,6 +105,15 @@ pub enum JobEnd {
         host: String,
         /// Where the expectation comes from (`--expect-provider tcp`, or the profile's).
         expected: String,
+    },
+    /// A rank loaded an MPI library, never spoke to the job's PMI server and exited with 0: it
+    /// ran MPI as a singleton, a world of one, not as one of the job's ranks
+    /// (`launch::singleton`).
+    Singleton {
+        /// The rank.
+        rank: u32,
+        /// The MPI library it mapped (inside the container).
+        library: String,
     },
     /// `--timeout` expired.
     TimedOut {
@@ -166,6 +181,10 @@ impl JobEnd {
                 rank,
                 message: "the image mount of its node ended; the job was ended".into(),
             }),
+            RankEnd::Singleton => Some(JobEnd::Singleton {
+                rank,
+                library: "its MPI library".into(),
+            }),
         }
     }
 
@@ -176,6 +195,10 @@ impl JobEnd {
             (RankEnd::MountLost, Some(m)) if !m.is_empty() => Some(JobEnd::MountLost {
                 rank,
                 message: m.to_owned(),
+            }),
+            (RankEnd::Singleton, Some(m)) if !m.is_empty() => Some(JobEnd::Singleton {
+                rank,
+                library: m.to_owned(),
             }),
             _ => JobEnd::of_rank(rank, end),
         }
@@ -198,6 +221,7 @@ impl JobEnd {
             JobEnd::OutputClosed { .. } => SIGNAL_BASE + Signal::SIGPIPE as i32,
             JobEnd::NotInjected { .. }
             | JobEnd::NoLibfabric { .. }
+            | JobEnd::Singleton { .. }
             | JobEnd::MountLost { .. }
             | JobEnd::InstanceLost => crate::exit::FAILURE,
             JobEnd::Unreported { code, .. } => *code,
@@ -241,6 +265,14 @@ impl JobEnd {
                  the host's provider ({expected}): make the image's MPI use libfabric (MPICH: -x \
                  MPIR_CVAR_CH4_NETMOD=ofi, with FI_PROVIDER), or run with --no-inject and without \
                  {expected}"
+            ),
+            JobEnd::Singleton { rank, library } => format!(
+                "rank {rank} of {size} loaded the MPI library {library} but never spoke to the \
+                 job's PMI server: it ran MPI on its own as a singleton (a world of 1, not of \
+                 {size}), and its results are not the job's; the job was ended. The image's MPI \
+                 needs a PMI this launcher does not serve (Open MPI 5 speaks only PMIx; Debian's \
+                 Open MPI 4 has no PMI-1/PMI-2 client): see docs/pmi.md for the launchers that \
+                 serve it"
             ),
             JobEnd::TimedOut { secs } => {
                 format!("the job did not end within --timeout {secs} s; it was ended")

@@ -76,23 +76,37 @@ fn mpi_family_check(image: &ImageSummary, kind: LauncherKind, pmi: PmiKind) -> O
     let family = image.mpi_family.as_deref()?;
     let img = image.path.display();
     let lib = image.mpi_library.clone().unwrap_or_default();
-    Some(if family == "openmpi" && pmi != PmiKind::Pmix {
-        Check {
-            name: "mpi-family".into(),
-            verdict: Verdict::Warn,
-            message: format!(
-                "{img}: Open MPI ({lib}) with {} under the {} launcher: Open MPI 5 speaks only PMIx (run inside a Slurm allocation with --pmi pmix); Open MPI 4 needs its s1/s2 components built with Slurm's PMI libraries",
-                pmi.as_str(),
-                kind.as_str()
-            ),
-        }
-    } else {
-        Check {
-            name: "mpi-family".into(),
-            verdict: Verdict::Pass,
-            message: format!("{img}: {family} ({lib}) with {}", pmi.as_str()),
-        }
-    })
+    Some(
+        if family == "openmpi" && pmi != PmiKind::Pmix && kind != LauncherKind::Slurm {
+            // Without a PMIx server every rank runs MPI on its own (a singleton); Debian's Open
+            // MPI 4 has no PMI-1/PMI-2 client, and Open MPI 5 speaks only PMIx.
+            Check {
+                name: "mpi-family".into(),
+                verdict: Verdict::Fail,
+                message: format!(
+                    "{img}: Open MPI ({lib}) needs a PMIx server, and the {} launcher serves {}: every rank would run as a singleton (a world of 1); launch it with --pmi pmix (the local launcher serves PMIx through the host's libpmix), or inside a Slurm allocation (--launcher slurm --pmi pmix)",
+                    kind.as_str(),
+                    pmi.as_str()
+                ),
+            }
+        } else if family == "openmpi" && pmi != PmiKind::Pmix {
+            Check {
+                name: "mpi-family".into(),
+                verdict: Verdict::Warn,
+                message: format!(
+                    "{img}: Open MPI ({lib}) with {} under the {} launcher: Open MPI 5 speaks only PMIx (use --pmi pmix); Open MPI 4 needs its s1/s2 components built with Slurm's PMI libraries, else its ranks run as singletons (cmpirun then fails the job)",
+                    pmi.as_str(),
+                    kind.as_str()
+                ),
+            }
+        } else {
+            Check {
+                name: "mpi-family".into(),
+                verdict: Verdict::Pass,
+                message: format!("{img}: {family} ({lib}) with {}", pmi.as_str()),
+            }
+        },
+    )
 }
 
 /// The checks of the parts' images, in order: for each part, `image` and `mpi-family`; then

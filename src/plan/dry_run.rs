@@ -30,9 +30,21 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
     if l.kind == LauncherKind::Local {
         writeln!(
             o,
-            "  cmpirun starts one container on this node and {} rank(s) in it, served by its own PMI server",
-            plan.layout.size
+            "  cmpirun starts one container on this node and {} rank(s) in it, served by {}",
+            plan.layout.size,
+            if l.pmi == crate::jobspec::PmiKind::Pmix {
+                "its PMIx server (the host's libpmix, in a process of its own)"
+            } else {
+                "its own PMI server"
+            }
         )?;
+        if !l.pmix_libraries.is_empty() {
+            writeln!(
+                o,
+                "  PMIx server library, the first that loads of: {}",
+                l.pmix_libraries.join(" ")
+            )?;
+        }
     }
     if let Some(b) = super::launcher::binding_text(&plan.job, l.kind) {
         writeln!(o, "binding: {b}")?;

@@ -35,11 +35,26 @@ pub(super) fn plan_environment(plan: &mut LaunchPlan, profile: &SiteProfile, hos
     }
     let kind = plan.launcher.kind;
     env.extend(scrub_wireup(kind, host));
-    env.extend(launcher_variables(
-        kind,
-        plan.launcher.pmi,
-        &plan.layout.process_mapping,
-    ));
+    if kind == LauncherKind::Local && plan.launcher.pmi == PmiKind::Pmix {
+        let open_mpi_4 = plan.apps.iter().any(|a| {
+            a.image
+                .stack_files
+                .iter()
+                .any(|f| f.contains("/libopen-rte.so.40"))
+        });
+        let oversubscribed = plan.layout.size > host.cpus;
+        env.extend(local_pmix_variables(
+            open_mpi_4,
+            oversubscribed,
+            &host.hostname,
+        ));
+    } else {
+        env.extend(launcher_variables(
+            kind,
+            plan.launcher.pmi,
+            &plan.layout.process_mapping,
+        ));
+    }
     env.extend(profile_section(&profile.name, &profile.env, "env"));
     if let Some(fenv) = &profile.fabric.env {
         env.extend(profile_section(&profile.name, fenv, "fabric.env"));
@@ -62,6 +77,9 @@ fn scrub_wireup(kind: LauncherKind, host: &HostFacts) -> Vec<EnvChange> {
         }
         LauncherKind::Hydra => {
             "removed before mpiexec starts, so only the variables hydra sets reach the ranks"
+        }
+        LauncherKind::Mpirun => {
+            "removed before mpirun starts, so only the variables Open MPI's mpirun sets reach the ranks"
         }
     };
     // The launcher removes every wire-up variable of another process manager (the PMI crate's
@@ -143,6 +161,74 @@ fn launcher_variables(kind: LauncherKind, pmi: PmiKind, process_mapping: &str) -
             }
         }
         _ => {}
+    }
+    env
+}
+
+/// The variables of the local launcher's PMIx server: each rank's from `PMIx_server_setup_fork`,
+/// the Slurm-like job variables Open MPI 4 needs to take itself for a direct-launched rank,
+/// and the yield hint of an oversubscribed node.
+fn local_pmix_variables(open_mpi_4: bool, oversubscribed: bool, hostname: &str) -> Vec<EnvChange> {
+    let setup = "cmpirun's PMIx server (the host's libpmix, in a process of its own) gives each rank these from PMIx_server_setup_fork";
+    let mut env: Vec<EnvChange> = [
+        ("PMIX_NAMESPACE", "the job's namespace"),
+        ("PMIX_RANK", "the rank"),
+        (
+            "PMIX_SERVER_URI*",
+            "the server's loopback address (the ranks share cmpirun's network namespace)",
+        ),
+        (
+            "PMIX_SECURITY_MODE",
+            "native (the server runs with PMIX_MCA_psec=native: no munge)",
+        ),
+        (
+            "PMIX_GDS_MODULE",
+            "hash (the server runs with PMIX_MCA_gds=hash: no shared-memory store files)",
+        ),
+        (
+            "PMIX_SERVER_TMPDIR",
+            "the server's private directory under /tmp",
+        ),
+        (
+            "PMIX_VERSION",
+            "the version of the host's libpmix (and the others setup_fork adds)",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| {
+        env_change(
+            name,
+            EnvAction::PerRank {
+                value: value.into(),
+            },
+            EnvScope::All,
+            setup,
+        )
+    })
+    .collect();
+    if open_mpi_4 {
+        for (name, value) in [
+            ("SLURM_JOBID", "0"),
+            ("SLURM_NODELIST", hostname),
+            ("SLURM_STEP_ID", "0"),
+        ] {
+            env.push(env_change(
+                name,
+                EnvAction::Set {
+                    value: value.into(),
+                },
+                EnvScope::All,
+                "Open MPI 4 (libopen-rte.so.40) takes a rank not started by its own mpirun for an unmanaged singleton and never contacts the PMIx server; these make its schizo/slurm component declare it direct-launched, so it uses PMIx",
+            ));
+        }
+    }
+    if oversubscribed {
+        env.push(env_change(
+            "OMPI_MCA_mpi_yield_when_idle",
+            EnvAction::Set { value: "1".into() },
+            EnvScope::All,
+            "more ranks than CPUs: Open MPI's ranks yield while they poll (the server also tells PMIx clients the node is oversubscribed)",
+        ));
     }
     env
 }

@@ -5,9 +5,21 @@ use super::PlanError;
 use super::nodes::{host_origin, hydra_hosts};
 use super::output_files::srun_pattern;
 use super::types::{AppPlan, Check, CommandLine, LauncherPlan, Verdict};
-use crate::facts::HostFacts;
+use crate::facts::{HostFacts, ImageSummary};
 use crate::jobspec::{BindTo, BindingSpec, JobSpec, LauncherKind, Mapping, PmiKind};
 use crate::profile::SiteProfile;
+
+/// The names Open MPI's launcher has on `PATH`, in the order they are preferred: Debian's
+/// `mpirun.openmpi` (its `mpirun` may be MPICH's), Open MPI 5's `prterun`, then `mpirun`.
+pub const MPIRUN_NAMES: [&str; 3] = ["mpirun.openmpi", "prterun", "mpirun"];
+
+/// The Open MPI launcher found on `PATH` (the first of [`MPIRUN_NAMES`]), else `mpirun`.
+fn mpirun_name(host: &HostFacts) -> &'static str {
+    MPIRUN_NAMES
+        .into_iter()
+        .find(|n| host.programs.contains_key(*n))
+        .unwrap_or("mpirun")
+}
 
 /// The placeholder in rank command lines for the path of the plan file the launcher writes.
 pub const PLAN_FILE_PLACEHOLDER: &str = "{plan}";
@@ -18,10 +30,27 @@ pub(super) fn choose(
     spec: &JobSpec,
     profile: &SiteProfile,
     host: &HostFacts,
+    images: &[ImageSummary],
 ) -> Result<LauncherPlan, PlanError> {
     let (kind, reason) = launcher_kind(spec, profile, host);
+    let open_mpi = images
+        .iter()
+        .find(|i| i.mpi_family.as_deref() == Some("openmpi"));
     let (pmi, pmi_reason) = if let Some(p) = spec.pmi {
         (p, format!("--pmi {}", p.as_str()))
+    } else if kind == LauncherKind::Mpirun {
+        (
+            PmiKind::Pmix,
+            "Open MPI's mpirun serves PMIx to the ranks it starts".to_owned(),
+        )
+    } else if let Some(img) = open_mpi.filter(|_| kind == LauncherKind::Local) {
+        (
+            PmiKind::Pmix,
+            format!(
+                "{} holds Open MPI, which needs a PMIx server: the local launcher serves PMIx through the host's libpmix",
+                img.path.display()
+            ),
+        )
     } else if let Some(p) = profile.pmi.kind {
         (
             p,
@@ -30,7 +59,9 @@ pub(super) fn choose(
     } else {
         (PmiKind::Pmi2, "the default".to_owned())
     };
-    if pmi == PmiKind::Pmix && kind != LauncherKind::Slurm {
+    if (pmi == PmiKind::Pmix && kind == LauncherKind::Hydra)
+        || (pmi != PmiKind::Pmix && kind == LauncherKind::Mpirun)
+    {
         return Err(PlanError::PmiUnsupported {
             pmi: pmi.as_str(),
             launcher: kind.as_str(),
@@ -42,6 +73,11 @@ pub(super) fn choose(
         pmi,
         pmi_reason,
         commands: Vec::new(),
+        pmix_libraries: if pmi == PmiKind::Pmix && kind == LauncherKind::Local {
+            host.pmix_candidates(profile)
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -122,13 +158,31 @@ fn srun_binding(binding: &BindingSpec) -> Vec<String> {
     args
 }
 
-/// hydra's `-bind-to OBJECT[:N]`.
+/// hydra's `-bind-to OBJECT[:N]`: `N` objects per rank, so cores or hardware threads per rank
+/// (`--cpus-per-rank`) go there only when the object is a core or a hardware thread.
 fn hydra_binding(binding: &BindingSpec) -> String {
-    let to = binding.effective().as_str();
+    let to = binding.effective();
     match binding.cpus_per_rank {
-        Some(n) if to != "none" => format!("{to}:{n}"),
-        _ => to.to_owned(),
+        Some(n) if matches!(to, BindTo::Core | BindTo::Hwthread) => format!("{}:{n}", to.as_str()),
+        _ => to.as_str().to_owned(),
     }
+}
+
+/// Open MPI mpirun's binding flags: `--bind-to OBJECT`, `--map-by slot|node:PE=N` for several
+/// CPUs per rank, `--report-bindings`.
+fn mpirun_binding(binding: &BindingSpec, mapping: Mapping) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some(n) = binding.cpus_per_rank {
+        let by = if mapping == Mapping::Cyclic { "node" } else { "slot" };
+        argv.extend(["--map-by".to_owned(), format!("{by}:PE={n}")]);
+    }
+    if binding.to.is_some() || binding.cpus_per_rank.is_some() {
+        argv.extend(["--bind-to".to_owned(), binding.effective().as_str().to_owned()]);
+    }
+    if binding.report {
+        argv.push("--report-bindings".to_owned());
+    }
+    argv
 }
 
 /// Who binds the ranks to CPUs and how, for `--dry-run` and `-v`; `None` when no binding flag
@@ -161,6 +215,10 @@ pub fn binding_text(spec: &JobSpec, kind: LauncherKind) -> Option<String> {
             "ranks {what}: by mpiexec.hydra (-bind-to {})",
             hydra_binding(b)
         ),
+        LauncherKind::Mpirun => format!(
+            "ranks {what}: by Open MPI's mpirun ({})",
+            mpirun_binding(b, spec.mapping).join(" ")
+        ),
     })
 }
 
@@ -171,6 +229,7 @@ pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<
         LauncherKind::Local => return Vec::new(),
         LauncherKind::Slurm => "srun",
         LauncherKind::Hydra => "mpiexec.hydra",
+        LauncherKind::Mpirun => "mpirun",
     };
     let mut w = Vec::new();
     let mut not_applied = |flag: &str, what: &str| {
@@ -195,6 +254,14 @@ pub(super) fn unapplied_output_flags(spec: &JobSpec, kind: LauncherKind) -> Vec<
     }
     if spec.print_all_exitcodes && kind == LauncherKind::Slurm {
         not_applied("-print-all-exitcodes", " and names the failed tasks itself");
+    }
+    if kind == LauncherKind::Mpirun {
+        if spec.output_files.stdout.is_some() || spec.output_files.stderr.is_some() {
+            not_applied("-outfile-pattern/-errfile-pattern/--output-filename", "");
+        }
+        if spec.print_all_exitcodes {
+            not_applied("-print-all-exitcodes", "");
+        }
     }
     if kind == LauncherKind::Slurm
         && spec.output_files.stdout.is_some()
@@ -228,6 +295,7 @@ pub(super) fn program_check(
         LauncherKind::Local => return None,
         LauncherKind::Slurm => "srun".to_owned(),
         LauncherKind::Hydra => mpiexec_name(profile),
+        LauncherKind::Mpirun => mpirun_name(host).to_owned(),
     };
     Some(match host.programs.get(&name) {
         Some(p) => Check {
@@ -243,6 +311,84 @@ pub(super) fn program_check(
             ),
         },
     })
+}
+
+/// Whether the local launcher's PMIx server can serve the images' PMIx clients
+/// (`pmix-server`): a host libpmix is there, and its version serves the version of each image's
+/// libpmix. `None` when the local launcher does not serve PMIx.
+pub(super) fn pmix_server_check(
+    launcher: &LauncherPlan,
+    apps: &[AppPlan],
+    host: &HostFacts,
+) -> Option<Check> {
+    if launcher.kind != LauncherKind::Local || launcher.pmi != PmiKind::Pmix {
+        return None;
+    }
+    let check = |verdict, message| Check {
+        name: "pmix-server".into(),
+        verdict,
+        message,
+    };
+    let Some(lib) = &host.pmix else {
+        // The dynamic linker may still find one by soname; the server says so at launch if not.
+        return Some(check(
+            Verdict::Warn,
+            format!(
+                "no host libpmix at {}; the PMIx server tries the dynamic linker's libpmix.so.2 at launch (install the host's PMIx, Debian: libpmix2, or name it in the profile's pmi.host_libraries)",
+                launcher
+                    .pmix_libraries
+                    .iter()
+                    .filter(|l| l.starts_with('/'))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    };
+    let server = lib.version.as_deref();
+    let mut seen = Vec::new();
+    for app in apps {
+        let img = &app.image;
+        if seen.contains(&&img.path) {
+            continue;
+        }
+        seen.push(&img.path);
+        let (Some(s), Some(c)) = (server, img.pmix_version.as_deref()) else {
+            continue;
+        };
+        if let Err(why) = cmpirun_pmi::pmix::version::compatible(s, c) {
+            return Some(check(
+                Verdict::Fail,
+                format!(
+                    "the host's libpmix {} (OpenPMIx {s}) cannot serve the PMIx client of {} (OpenPMIx {c}): {why}; use a host PMIx of 3.2 or later (pmi.host_libraries) and an image whose PMIx is 2.1 or later",
+                    lib.path.display(),
+                    img.path.display()
+                ),
+            ));
+        }
+    }
+    let clients: Vec<String> = apps
+        .iter()
+        .filter_map(|a| {
+            a.image
+                .pmix_version
+                .as_ref()
+                .map(|v| format!("{} (OpenPMIx {v})", a.image.path.display()))
+        })
+        .collect();
+    Some(check(
+        Verdict::Pass,
+        format!(
+            "cmpirun's PMIx server loads {} (OpenPMIx {}), which serves {}",
+            lib.path.display(),
+            server.unwrap_or("of unknown version"),
+            if clients.is_empty() {
+                "the images' PMIx clients (their version is not known)".to_owned()
+            } else {
+                clients.join(", ")
+            }
+        ),
+    ))
 }
 
 /// The command lines that start the `size` ranks of `apps` (none for the local launcher, which
@@ -265,6 +411,7 @@ pub(super) fn commands(
         LauncherKind::Local => Vec::new(),
         LauncherKind::Slurm => vec![srun_command(spec, profile, launcher.pmi, size, &rank_cmd)],
         LauncherKind::Hydra => vec![hydra_command(spec, profile, apps, size, &rank_cmd)],
+        LauncherKind::Mpirun => vec![mpirun_command(spec, host, apps, size, &rank_cmd)],
     }
 }
 
@@ -314,6 +461,72 @@ fn srun_command(
     }
 }
 
+/// One `-n K RANK_CMD` section per MPMD part, separated by `:` (hydra's and mpirun's syntax), so
+/// that the launcher tells each rank its part's number (`MPI_APPNUM`).
+fn push_mpmd_sections(argv: &mut Vec<String>, apps: &[AppPlan], rank_cmd: &[String]) {
+    for (i, app) in apps.iter().enumerate() {
+        if i > 0 {
+            argv.push(":".to_owned());
+        }
+        argv.extend(["-n".to_owned(), app.ranks.to_string()]);
+        argv.extend(rank_cmd.iter().cloned());
+    }
+}
+
+/// `mpirun … cmpirun __rank --plan {plan}`, one application context per MPMD part: Open MPI's
+/// launcher starts every task and serves PMIx to the ranks (its PMIx server directories are under
+/// `/tmp`, which every node instance binds).
+fn mpirun_command(
+    spec: &JobSpec,
+    host: &HostFacts,
+    apps: &[AppPlan],
+    size: u32,
+    rank_cmd: &[String],
+) -> CommandLine {
+    let mpirun = mpirun_name(host);
+    let mut argv = vec![mpirun.to_owned()];
+    match &spec.hostfile {
+        Some(f) => argv.extend(["--hostfile".to_owned(), f.display().to_string()]),
+        None if !spec.hosts.is_empty() => argv.extend(["-H".to_owned(), hydra_hosts(spec)]),
+        None => {}
+    }
+    if let Some(p) = spec.ppn {
+        argv.extend(["--npernode".to_owned(), p.to_string()]);
+    }
+    if spec.binding.cpus_per_rank.is_some() {
+        argv.extend(mpirun_binding(&spec.binding, spec.mapping));
+    } else {
+        if spec.mapping == Mapping::Cyclic {
+            argv.extend(["--map-by".to_owned(), "node".to_owned()]);
+        }
+        argv.extend(mpirun_binding(&spec.binding, spec.mapping));
+    }
+    // cmpirun places more ranks than CPUs as the local launcher does; Open MPI would refuse.
+    argv.push("--oversubscribe".to_owned());
+    // mpirun passes only named variables to other nodes: the plan and the report address.
+    for var in ["CMPIRUN_PLAN", "CMPIRUN_REPORT"] {
+        argv.extend(["-x".to_owned(), var.to_owned()]);
+    }
+    let mpmd = apps.len() > 1;
+    if mpmd {
+        push_mpmd_sections(&mut argv, apps, rank_cmd);
+    } else {
+        argv.extend(["-n".to_owned(), size.to_string()]);
+        argv.extend(rank_cmd.iter().cloned());
+    }
+    CommandLine {
+        argv,
+        why: format!(
+            "{mpirun} (Open MPI's launcher) starts every rank{} and serves PMIx; each rank is cmpirun in rank mode, which joins or creates its node's container and execs the rank with the PMIx variables and server directories mpirun gave it",
+            if mpmd {
+                ", one application context per MPMD part (its MPI_APPNUM)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 /// `mpiexec.hydra … cmpirun __rank --plan {plan}`, one section per MPMD part.
 fn hydra_command(
     spec: &JobSpec,
@@ -356,13 +569,7 @@ fn hydra_command(
     }
     argv.extend(profile.launcher.mpiexec_args.iter().cloned());
     if mpmd {
-        for (i, app) in apps.iter().enumerate() {
-            if i > 0 {
-                argv.push(":".to_owned());
-            }
-            argv.extend(["-n".to_owned(), app.ranks.to_string()]);
-            argv.extend(rank_cmd.iter().cloned());
-        }
+        push_mpmd_sections(&mut argv, apps, rank_cmd);
     } else {
         argv.extend(rank_cmd.iter().cloned());
     }

@@ -42,7 +42,7 @@ pub mod types;
 
 pub use dry_run::{dry_run_text, layout_text, summary};
 pub use inject::INJECT_DIR;
-pub use launcher::PLAN_FILE_PLACEHOLDER;
+pub use launcher::{MPIRUN_NAMES, PLAN_FILE_PLACEHOLDER};
 pub use layout::{NodeRanks, NodeSlots, RankLayout};
 pub use mount::library_cache_dir;
 pub use output_files::{expand_pattern, srun_pattern};
@@ -67,7 +67,7 @@ pub enum PlanError {
     },
     /// A PMI the launcher cannot serve.
     #[error(
-        "{pmi} needs the slurm launcher (srun hosts the PMIx server); the {launcher} launcher serves PMI-1 and PMI-2 — use --pmi pmi2, or run inside a Slurm allocation"
+        "the {launcher} launcher cannot serve {pmi}: hydra serves PMI-1 and PMI-2, Open MPI's mpirun serves PMIx, srun and the local launcher serve all three; choose another --pmi or --launcher"
     )]
     PmiUnsupported {
         /// The PMI asked for.
@@ -125,7 +125,7 @@ pub fn build(
     let profile = &choice.profile;
     let mut warnings = spec.warnings.clone();
 
-    let mut launcher = launcher::choose(spec, profile, host)?;
+    let mut launcher = launcher::choose(spec, profile, host, images)?;
     warnings.extend(launcher::unapplied_output_flags(spec, launcher.kind));
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
     let apps = parts::parts(spec, images, &nodes)?;
@@ -135,6 +135,7 @@ pub fn build(
     let mut checks = vec![checks::profile_match_check(choice)];
     checks.extend(checks::image_checks(&apps, launcher.kind, launcher.pmi));
     checks.extend(launcher::program_check(&launcher, profile, host));
+    checks.extend(launcher::pmix_server_check(&launcher, &apps, host));
     launcher.commands = launcher::commands(spec, profile, host, &launcher, &apps, size);
     let mount = mount::mount_plan(spec, profile, &host.env, &mut warnings);
 

@@ -42,6 +42,17 @@ pub(super) fn nodes(
                 slots,
             }]
         }
+        LauncherKind::Mpirun if has_hosts => merged_hosts(spec)
+            .into_iter()
+            .map(|h| NodeSlots {
+                slots: spec.ppn.unwrap_or(h.slots),
+                name: h.name,
+            })
+            .collect(),
+        LauncherKind::Mpirun => vec![NodeSlots {
+            name: host.hostname.clone(),
+            slots: spec.ppn.unwrap_or(host.cpus.max(1)),
+        }],
         LauncherKind::Hydra => {
             if !has_hosts {
                 return Err(PlanError::HydraWithoutHosts);

@@ -80,6 +80,9 @@ pub struct LauncherPlan {
     /// The commands cmpirun runs, in order (none for the local launcher, which starts the
     /// ranks itself).
     pub commands: Vec<CommandLine>,
+    /// PMIx under the local launcher: the host libpmix files its PMIx server tries, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmix_libraries: Vec<String>,
 }
 
 /// One command line and why it looks as it does.

@@ -172,6 +172,8 @@ pub enum LauncherChoice {
     Slurm,
     /// `mpiexec.hydra`.
     Hydra,
+    /// Open MPI's `mpirun`.
+    Mpirun,
 }
 
 impl LauncherChoice {
@@ -182,6 +184,7 @@ impl LauncherChoice {
             LauncherChoice::Local => Some(LauncherKind::Local),
             LauncherChoice::Slurm => Some(LauncherKind::Slurm),
             LauncherChoice::Hydra => Some(LauncherKind::Hydra),
+            LauncherChoice::Mpirun => Some(LauncherKind::Mpirun),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{TuserCommand, cmpirun_bin};
+use super::{RankFailure, Snapshot, TuserCommand, assert_no_leftovers, cmpirun_bin, program};
 
 /// A hostfile `dir/hosts` naming this machine with `slots` slots, readable by the test user.
 pub fn hostfile(dir: &Path, slots: u32) -> PathBuf {
@@ -28,6 +28,22 @@ pub fn hydra_cmpirun(hosts: &Path, n: u32) -> TuserCommand {
         .arg("-f")
         .arg(hosts)
         .args(["-n", &n.to_string()])
+}
+
+/// Runs `cmd` (cmpirun and its launcher flags) on a 4-rank job of the `abort` program in `image`
+/// whose rank 1 fails as `failure` says, then checks cmpirun's status and message and that the
+/// job left nothing behind. The caller holds the test lock ([`super::exclusive`]).
+pub fn run_failing_abort_job(cmd: TuserCommand, image: &Path, failure: &RankFailure) {
+    let before = Snapshot::take();
+    let out = cmd
+        .args(["-n", "4"])
+        .arg(image)
+        .arg(program("abort"))
+        .args(failure.args)
+        .run();
+    assert!(!out.timed_out, "{out}");
+    failure.assert_ended(&out);
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
 }
 
 /// `salloc -n N cmpirun` as the test user on the one-node test cluster, with a kill grace of 2 s

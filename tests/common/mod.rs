@@ -21,7 +21,8 @@
 //!   [`assert_bigmsg_ok`] check a job's; [`RankFailure`] names the ways the `abort` program fails
 //!   a job.
 //! - **Job command lines** (`jobs.rs`): [`hostfile`], [`hydra_cmpirun`] and [`salloc_cmpirun`]
-//!   start the jobs several test files run the same way.
+//!   start the jobs several test files run the same way; [`run_failing_abort_job`] runs and checks
+//!   a job whose rank fails.
 //! - **Load** (`load.rs`): [`Load`] keeps the cores busy, writes to disk and evicts an image from
 //!   the page cache while a test runs.
 //! - **Waiting** (`wait.rs`): [`wait_for_file`] and [`wait_for_tagged`] wait for what a running
