@@ -400,6 +400,118 @@ fn mpmd_with_two_images_across_three_nodes() {
     cluster.assert_nothing_left(&before);
 }
 
+/// A fresh cache folder (`XDG_CACHE_HOME`) in the test user's home, the home every node of the
+/// cluster shares; removed when dropped.
+struct HomeCache(std::path::PathBuf);
+
+impl HomeCache {
+    fn new(name: &str) -> HomeCache {
+        let dir = tuser()
+            .home
+            .join(format!(".cmpirun-test-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        chown_to_tuser(&dir);
+        HomeCache(dir)
+    }
+
+    /// Checks the cache after jobs filled it from several nodes at once: one entry in each of
+    /// `kinds` (`libraries` and `extract`: a folder, `facts`: a JSON file), and no temporary
+    /// file or folder of a fill left anywhere (`<key>.tmp-<owner>`, a facts `.tmpXXXXXX`).
+    fn check(&self, kinds: &[&str], what: &str) {
+        for kind in kinds {
+            let dir = self.0.join("cmpirun").join(kind);
+            let names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{what}", dir.display()))
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            let temporary: Vec<&String> = names.iter().filter(|n| n.contains(".tmp")).collect();
+            assert!(temporary.is_empty(), "{kind}: {temporary:?} left\n{what}");
+            let entries = names
+                .iter()
+                .filter(|n| match *kind {
+                    "facts" => n.ends_with(".json"),
+                    _ => !n.contains('.'),
+                })
+                .count();
+            assert_eq!(entries, 1, "{kind}: one entry, not {names:?}\n{what}");
+        }
+    }
+}
+
+impl Drop for HomeCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The line of the task that fills a library-cache entry (at log level info).
+const LIBRARIES_FILLED: &str = "unpacking its MPI stack";
+
+#[test]
+fn caches_in_the_shared_home_are_filled_once_from_three_nodes_at_once() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    // Under srun: the three node instances (each created by one of its node's two tasks) fill
+    // one library-cache entry at once, then, with the extract backend, one extracted tree.
+    let cache = HomeCache::new("srun");
+    for (flags, filled) in [
+        (&[][..], LIBRARIES_FILLED),
+        (&["--image-mount", "extract"][..], "extracting it into"),
+    ] {
+        let out = salloc3(&cluster)
+            .env("XDG_CACHE_HOME", &cache.0)
+            .env("CMPIRUN_LOG", "info")
+            .args(["--pmi", "pmi2"])
+            .args(MPICH5_OFI)
+            .args(flags)
+            .arg(&image)
+            .arg("/usr/local/bin/mpitest")
+            .run();
+        assert_eq!(cmpirun_status(&out), 0, "{out}");
+        check_spread(&out);
+        assert_eq!(out.stderr.matches(filled).count(), 1, "filled once:\n{out}");
+    }
+    cache.check(&["libraries", "extract", "facts"], "");
+    // Three front ends at once, one on each node (the local launcher, two ranks each), with an
+    // empty cache: the image facts and the library cache are filled from all three.
+    let cache = HomeCache::new("local");
+    let jobs: Vec<TuserChild> = NODES
+        .iter()
+        .map(|node| {
+            TuserCommand::cmpirun()
+                .on_node(node)
+                .env("XDG_CACHE_HOME", &cache.0)
+                .env("CMPIRUN_LOG", "info")
+                .env("CMPIRUN_KILL_GRACE", "2")
+                .timeout(Duration::from_secs(120))
+                .args(["-n", "2"])
+                .arg(&image)
+                .arg("/usr/local/bin/mpitest")
+                .spawn()
+        })
+        .collect();
+    let outs: Vec<RunOutput> = jobs.into_iter().map(TuserChild::wait).collect();
+    let all = outs
+        .iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (node, out) in NODES.iter().zip(&outs) {
+        let hellos = assert_mpitest_ok(out, 2);
+        assert!(hellos.iter().all(|h| h.host == *node), "{out}");
+    }
+    let fills: usize = outs
+        .iter()
+        .map(|o| o.stderr.matches(LIBRARIES_FILLED).count())
+        .sum();
+    assert_eq!(fills, 1, "filled once:\n{all}");
+    cache.check(&["libraries", "facts"], &all);
+    cluster.assert_nothing_left(&before);
+}
+
 /// A node instance's socket or lock in the runtime folder.
 fn is_rendezvous_file(entry: &str) -> bool {
     entry.contains("/tmp/cmpirun-") && (entry.ends_with(".sock") || entry.ends_with(".lock"))
