@@ -395,7 +395,7 @@ fn mpmd_with_two_images_across_three_nodes() {
     check_mpmd(&out);
     let args = mpmd_args(&[], "PMI_RANK");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = hydra3(&cluster, &["-H", "n1:2,n2:2,n3:2"], &args);
+    let out = over_ssh(&cluster, &["-H", "n1:2,n2:2,n3:2"], &args);
     check_mpmd(&out);
     cluster.assert_nothing_left(&before);
 }
@@ -538,11 +538,11 @@ fn openmpi4_over_pmix_across_three_nodes_through_srun() {
     cluster.assert_nothing_left(&before);
 }
 
-/// `cmpirun HOSTS ARGS` as the test user through hydra over ssh (the cluster's ssh, the
-/// launcher a site uses), from the front end. The node names resolve only in ssh's
-/// configuration, so the front end's address on the nodes' network is set (cmpirun passes it
-/// to hydra as `-localhost` too).
-fn hydra3(cluster: &Cluster, hosts: &[&str], args: &[&str]) -> RunOutput {
+/// `cmpirun HOSTS ARGS` as the test user through hydra (or, with `--launcher mpirun`, Open
+/// MPI's mpirun) over ssh (the cluster's ssh, the launcher a site uses), from the front end.
+/// The node names resolve only in ssh's configuration, so the front end's address on the
+/// nodes' network is set (cmpirun passes it to hydra as `-localhost` too).
+fn over_ssh(cluster: &Cluster, hosts: &[&str], args: &[&str]) -> RunOutput {
     TuserCommand::cmpirun()
         .cluster(cluster)
         .env("CMPIRUN_REPORT_ADDR", FRONT_END_ADDR)
@@ -578,13 +578,13 @@ fn mpich5_across_three_nodes_through_hydra_over_ssh() {
         (vec!["-H", "n1,n2,n3", "-n", "6", "-ppn", "2"], vec![]),
     ];
     for (hosts, _) in &runs {
-        let out = hydra3(&cluster, hosts, &args);
+        let out = over_ssh(&cluster, hosts, &args);
         check_spread(&out);
         let hellos = hello_lines(&out.stdout);
         let host_of = |r: u32| hellos.iter().find(|h| h.rank == r).map(|h| h.host.clone());
         assert_eq!(host_of(1), Some("n1".into()), "block placement:\n{out}");
     }
-    let out = hydra3(
+    let out = over_ssh(
         &cluster,
         &["-H", "n1:2,n2:2,n3:2", "-n", "6", "--map-by", "node"],
         &args,
@@ -607,7 +607,7 @@ fn exit_statuses_across_nodes_through_hydra() {
     let before = cluster.state();
     for (args, code, message) in failures("PMI_RANK", &[]) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = hydra3(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
+        let out = over_ssh(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
         assert_eq!(out.code(), Some(code), "{out}");
         assert!(out.stderr.contains(&message), "{out}");
         // The other ranks wait in MPI_Init (or a barrier) for ever: the job ended because the
@@ -615,6 +615,46 @@ fn exit_statuses_across_nodes_through_hydra() {
         assert!(out.elapsed < Duration::from_secs(20), "{out}");
         cluster.assert_nothing_left_but(&before, is_rendezvous_file);
     }
+}
+
+#[test]
+fn openmpi4_across_three_nodes_through_mpirun_over_ssh() {
+    // Open MPI's mpirun starts its daemons on the nodes over the cluster's ssh
+    // (`OMPI_MCA_plm_rsh_agent`); each starts its node's `cmpirun __rank` tasks and serves them
+    // PMIx.
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("openmpi4").display().to_string();
+    let hosts = ["--launcher", "mpirun", "-H", "n1:2,n2:2,n3:2", "-n", "6"];
+    let out = over_ssh(&cluster, &hosts, &[&image, "/usr/local/bin/mpitest"]);
+    check_spread(&out);
+    for (fail, code, message) in [
+        (
+            "exit 3",
+            3,
+            "cmpirun: rank 5 of 6 exited with status 3; the job was ended",
+        ),
+        (
+            "kill -9 $$",
+            137,
+            "cmpirun: rank 5 of 6 was killed by signal 9 (SIGKILL)",
+        ),
+    ] {
+        let program = one_rank_fails("OMPI_COMM_WORLD_RANK", 5, fail);
+        let program: Vec<&str> = program.iter().map(String::as_str).collect();
+        let out = over_ssh(
+            &cluster,
+            &hosts,
+            &[&[image.as_str()][..], &program].concat(),
+        );
+        assert_eq!(out.code(), Some(code), "{out}");
+        assert!(out.stderr.contains(message), "{out}");
+        assert!(!out.stderr.contains("could not report"), "{out}");
+        // The other ranks wait in MPI_Init for rank 5: mpirun ended the job.
+        assert!(out.elapsed < Duration::from_secs(20), "{out}");
+    }
+    cluster.assert_nothing_left_but(&before, is_rendezvous_file);
 }
 
 /// Kills node `node`'s slurmd and every process of its jobs (all but the node's anchor and its
