@@ -7,7 +7,7 @@
 //! inside `salloc`, on the one-node test cluster of `ci/start-slurm.sh`).
 //!
 //! The second image is the MPICH 4 test image repacked with a marker file and its own
-//! environment script value, so both parts run the same MPI.
+//! environment script value ([`second_image`]), so both parts run the same MPI.
 
 mod common;
 
@@ -20,68 +20,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// The content of `/etc/mpmd-marker`, which only the second image has.
-const MARKER: &str = "second-image";
-
-/// Unpacks the root of SIF image `src` into `tree` (as root), replacing what `tree` held.
-fn unpack(src: &Path, tree: &Path) {
-    let loc = cmpirun::image::locate(src).unwrap();
-    let _ = fs::remove_dir_all(tree);
-    let st = Command::new("unsquashfs")
-        .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
-        .arg(tree)
-        .arg(src)
-        .status()
-        .expect("unsquashfs (squashfs-tools) must be installed");
-    assert!(st.success(), "unsquashfs of {} failed", src.display());
-}
-
-/// `mpich4` repacked as a second image: the same root plus `/etc/mpmd-marker`, and its
-/// environment script sets `CMPIRUN_TEST_IMAGE=mpich4-mpmd`. Built once (as root, with
-/// `unsquashfs` and `cmpirun image pack`) into the stage folder, again when `mpich4` changes.
-fn second_image() -> PathBuf {
-    static IMG: OnceLock<PathBuf> = OnceLock::new();
-    IMG.get_or_init(|| {
-        let src = image("mpich4");
-        let out = stage_dir().join("mpich4-mpmd.sif");
-        let fresh = match (fs::metadata(&out), fs::metadata(&src)) {
-            (Ok(o), Ok(s)) => o.modified().ok() >= s.modified().ok(),
-            _ => false,
-        };
-        if fresh {
-            return out;
-        }
-        let tree = stage_dir().join(format!("mpmd-root.{}", std::process::id()));
-        unpack(&src, &tree);
-        let env = tree.join(".singularity.d/env/90-environment.sh");
-        let text = fs::read_to_string(&env).unwrap();
-        fs::write(
-            &env,
-            text.replace(
-                "CMPIRUN_TEST_IMAGE=\"mpich4\"",
-                "CMPIRUN_TEST_IMAGE=\"mpich4-mpmd\"",
-            ),
-        )
-        .unwrap();
-        fs::write(tree.join("etc/mpmd-marker"), format!("{MARKER}\n")).unwrap();
-        let tmp = stage_dir().join(format!(".mpich4-mpmd.{}.sif", std::process::id()));
-        let st = Command::new(cmpirun_bin())
-            .args(["image", "pack", "-o"])
-            .arg(&tmp)
-            .arg(&tree)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        fs::remove_dir_all(&tree).unwrap();
-        assert!(st.success(), "cmpirun image pack failed");
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::rename(&tmp, &out).unwrap();
-        out
-    })
-    .clone()
-}
-
 /// `mpich4` unpacked into a directory image whose environment scripts fail (a script that the
 /// image's shell must run, and that exits 3). Made once into the stage folder.
 fn failing_env_image() -> PathBuf {
@@ -92,7 +30,7 @@ fn failing_env_image() -> PathBuf {
             return out;
         }
         let tmp = stage_dir().join(format!(".mpich4-badenv.{}", std::process::id()));
-        unpack(&image("mpich4"), &tmp);
+        unpack_image(&image("mpich4"), &tmp);
         fs::write(
             tmp.join(".singularity.d/env/99-fail.sh"),
             "if true; then exit 3; fi\n",
@@ -114,7 +52,7 @@ fn cmpirun() -> TuserCommand {
 /// `-n N A PROG ARGS : -n M B PROG ARGS` with both images.
 fn two_parts(n: u32, program: &str, args: &[&str], flags: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-    for img in [staged_image("mpich4"), second_image()] {
+    for img in [staged_image("mpich4"), second_image("mpich4")] {
         if v.len() > flags.len() {
             v.push(":".into());
         }
@@ -224,7 +162,7 @@ fn each_image_has_its_own_root_and_scripts_and_all_share_dev_shm() {
         .args(["-n", "1", "-env", "PART", "one"])
         .arg(staged_image("mpich4"))
         .args(["/bin/sh", "-c", a, ":", "-n", "1", "-env", "PART", "two"])
-        .arg(second_image())
+        .arg(second_image("mpich4"))
         .args(["/bin/sh", "-c", b])
         .run();
     out.assert_success();
@@ -242,7 +180,7 @@ fn each_image_has_its_own_root_and_scripts_and_all_share_dev_shm() {
     );
     assert!(
         lb.contains("image=mpich4-mpmd ")
-            && lb.contains(&format!("marker={MARKER}"))
+            && lb.contains(&format!("marker={MPMD_MARKER}"))
             && lb.contains("part=two")
             && lb.contains("shm=from-a"),
         "{out}"
@@ -265,7 +203,7 @@ fn dry_run_shows_each_part_with_its_image() {
     let args = two_parts(2, "/usr/local/bin/mpitest", &[], &["--dry-run"]);
     let out = cmpirun().args(&args).run();
     out.assert_success();
-    let b = second_image().display().to_string();
+    let b = second_image("mpich4").display().to_string();
     assert!(
         out.stdout.contains(&format!(
             "part 2: ranks 2-3 (2): /usr/local/bin/mpitest in {b}"
@@ -445,7 +383,7 @@ fn sigkill_of_cmpirun_during_a_two_image_job_leaves_nothing() {
         .args(["-n", "1"])
         .arg(staged_image("mpich4"))
         .args(["/bin/sh", "-c", wait, ":", "-n", "1"])
-        .arg(second_image())
+        .arg(second_image("mpich4"))
         .args(["/bin/sh", "-c", wait])
         .spawn();
     let tag = child.tag().to_owned();

@@ -21,6 +21,11 @@ const MPICH5_OFI: [&str; 4] = ["-x", "FI_PROVIDER=tcp", "-x", "MPIR_CVAR_CH4_NET
 /// arguments), through a shell that prints cmpirun's own status (`cmpirun-status=N` on stderr):
 /// salloc exits 0 even when its command failed.
 fn salloc3(cluster: &Cluster) -> TuserCommand {
+    salloc3_cmpirun(cluster).args(["-n", "6"])
+}
+
+/// [`salloc3`] without cmpirun's `-n 6`.
+fn salloc3_cmpirun(cluster: &Cluster) -> TuserCommand {
     TuserCommand::new("salloc")
         .cluster(cluster)
         .env("CMPIRUN_KILL_GRACE", "2")
@@ -34,7 +39,6 @@ fn salloc3(cluster: &Cluster) -> TuserCommand {
             "sh",
         ])
         .arg(cmpirun_bin())
-        .args(["-n", "6"])
 }
 
 /// The status cmpirun exited with inside [`salloc3`].
@@ -74,20 +78,34 @@ fn check_spread(out: &RunOutput) {
     );
 }
 
-#[test]
-fn mpich5_over_ofi_tcp_across_three_nodes_through_srun() {
+/// The MPICH 5 image's MPI over its own UCX (UCX picks its transports: tcp over the nodes'
+/// veths, shared memory within a node).
+const MPICH5_UCX: [&str; 2] = ["-x", "MPIR_CVAR_CH4_NETMOD=ucx"];
+
+/// MPICH 5 over the network module `netmod` selects (cmpirun's arguments) through `salloc -N3
+/// -n6 cmpirun -n 6 --pmi pmi2`: `bigmsg`'s 16 MiB ring crosses every node's link, MPICH's
+/// summary (`MPIR_CVAR_DEBUG_SUMMARY`) shows `used`, the netmod it ran over, and `mpitest` is
+/// right and spread over the nodes.
+fn mpich5_across_three_nodes(netmod: &[&str], used: &str) {
     let _serial = exclusive();
     let cluster = require_cluster();
     let before = cluster.state();
     let bytes: Vec<u64> = NODES.iter().map(|n| cluster.link_bytes(n)).collect();
-    let mut args = vec!["--pmi", "pmi2"];
-    args.extend(MPICH5_OFI);
     let image = staged_image("mpich5");
     let image = image.to_str().unwrap();
-    args.extend([image, "/usr/local/bin/bigmsg"]);
-    let (out, status) = salloc3_status(&cluster, &args);
+    let run = |extra: &[&str], program: &str| {
+        salloc3_status(
+            &cluster,
+            &[&["--pmi", "pmi2"], netmod, extra, &[image, program]].concat(),
+        )
+    };
+    let (out, status) = run(
+        &["-x", "MPIR_CVAR_DEBUG_SUMMARY=1"],
+        "/usr/local/bin/bigmsg",
+    );
     assert_eq!(status, 0, "{out}");
     assert!(out.stdout.contains("bigmsg: OK size=6"), "{out}");
+    assert!(out.stdout.contains(used), "not over {used}:\n{out}");
     // 16 MiB went round the ring: every node's link carried a good part of it.
     for (n, b) in NODES.iter().zip(bytes) {
         let grew = cluster.link_bytes(n) - b;
@@ -96,13 +114,20 @@ fn mpich5_over_ofi_tcp_across_three_nodes_through_srun() {
             "node {n}'s link carried only {grew} bytes:\n{out}"
         );
     }
-    let (out, status) = salloc3_status(
-        &cluster,
-        &[&args[..args.len() - 2], &[image, "/usr/local/bin/mpitest"]].concat(),
-    );
+    let (out, status) = run(&[], "/usr/local/bin/mpitest");
     assert_eq!(status, 0, "{out}");
     check_spread(&out);
     cluster.assert_nothing_left(&before);
+}
+
+#[test]
+fn mpich5_over_ofi_tcp_across_three_nodes_through_srun() {
+    mpich5_across_three_nodes(&MPICH5_OFI, "provider: tcp");
+}
+
+#[test]
+fn mpich5_over_its_own_ucx_across_three_nodes_through_srun() {
+    mpich5_across_three_nodes(&MPICH5_UCX, "==== UCX netmod Capability ====");
 }
 
 /// A rank program: rank `rank` (by `var`, the launcher's rank variable) runs `fail`, the others
@@ -184,6 +209,309 @@ fn exit_statuses_across_nodes_through_srun() {
     cluster.assert_nothing_left(&before);
 }
 
+/// `sbatch --wait -N3 -n6 SCRIPT ARGS` as the test user on the cluster with `env`, the script
+/// (`script`, written into `dir`) and the job's output in `dir`: the job as a run, with its
+/// output file as stdout, sbatch's status (the job's exit code) as the status, and sbatch's
+/// stderr and the job's record (`scontrol show job`: the cluster keeps no accounting for
+/// `sacct`) as stderr.
+fn sbatch3(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> RunOutput {
+    let path = dir.join("job.sbatch");
+    std::fs::write(&path, script).unwrap();
+    let mut cmd = TuserCommand::new("sbatch")
+        .cluster(cluster)
+        .env("CMPIRUN_KILL_GRACE", "2")
+        .current_dir(dir)
+        .timeout(Duration::from_secs(180))
+        .args(["--parsable", "--wait", "-N3", "-n6", "-o"])
+        .arg(dir.join("job-%j.out"))
+        .arg(&path)
+        .args(args);
+    for (k, v) in env {
+        cmd = cmd.env(k, v);
+    }
+    let out = cmd.run();
+    let id = out.stdout.trim().to_owned();
+    let record = std::process::Command::new("scontrol")
+        .env("SLURM_CONF", cluster.slurm_conf())
+        .args(["show", "job", &id])
+        .output()
+        .expect("scontrol");
+    let job = std::fs::read_to_string(dir.join(format!("job-{id}.out"))).unwrap_or_default();
+    RunOutput {
+        stdout: job,
+        stderr: format!(
+            "{}--- scontrol show job {id} ---\n{}",
+            out.stderr,
+            String::from_utf8_lossy(&record.stdout)
+        ),
+        ..out
+    }
+}
+
+#[test]
+fn batch_jobs_run_cmpirun_across_three_nodes() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let dir = TuserDir::new();
+    let bin = cmpirun_bin().display().to_string();
+    let mpich5 = staged_image("mpich5").display().to_string();
+    // The example batch script users copy (`cmpirun -n $SLURM_NTASKS IMAGE PROGRAM`, on the
+    // job's first node); MPICH 5's network module comes from the environment sbatch passes on.
+    let example = std::fs::read_to_string(repo_root().join("examples/slurm/mpitest.sbatch"))
+        .expect("examples/slurm/mpitest.sbatch");
+    let job = sbatch3(
+        &cluster,
+        dir.path(),
+        &example,
+        &[&mpich5],
+        &[
+            ("CMPIRUN", &bin),
+            ("FI_PROVIDER", "tcp"),
+            ("MPIR_CVAR_CH4_NETMOD", "ofi"),
+        ],
+    );
+    check_spread(&job);
+    assert!(
+        job.stderr.contains("JobState=COMPLETED") && job.stderr.contains("ExitCode=0:0"),
+        "{job}"
+    );
+    // Two steps in one script: Open MPI 5 (its own PMIx 5 client) over Slurm's PMIx, then
+    // MPICH 5 over PMI-2 with rank 5 (on n3) exiting 3: the job fails with cmpirun's 3.
+    let openmpi5 = staged_image("openmpi5").display().to_string();
+    let script = format!(
+        "#!/bin/sh\n\
+         {bin} -n 6 --pmi pmix {openmpi5} /usr/local/bin/mpitest || exit\n\
+         echo '--- step 2'\n\
+         {bin} -n 6 --pmi pmi2 {ofi} {mpich5} /bin/sh -c \
+         'if [ \"$SLURM_PROCID\" = 5 ]; then exit 3; fi; exec /usr/local/bin/mpitest'\n",
+        ofi = MPICH5_OFI.join(" "),
+    );
+    let job = sbatch3(&cluster, dir.path(), &script, &[], &[]);
+    assert_eq!(job.code(), Some(3), "{job}");
+    assert!(
+        job.stderr.contains("JobState=FAILED") && job.stderr.contains("ExitCode=3:0"),
+        "{job}"
+    );
+    let (first, second) = job
+        .stdout
+        .split_once("--- step 2")
+        .unwrap_or_else(|| panic!("the first step failed:\n{job}"));
+    check_spread(&RunOutput {
+        stdout: first.to_owned(),
+        status: std::os::unix::process::ExitStatusExt::from_raw(0),
+        ..job
+    });
+    assert!(
+        second.contains("cmpirun: rank 5 of 6 exited with status 3; the job was ended"),
+        "{second}"
+    );
+    cluster.assert_nothing_left_but(&before, is_rendezvous_file);
+}
+
+/// A rank program for one part of an MPMD job: prints `part: rank=R image=I marker=M` (the
+/// rank from the launcher's variable `var`, the image's `CMPIRUN_TEST_IMAGE`, the marker file
+/// only the second image has) and runs `mpitest`.
+fn mpmd_part(var: &str) -> [String; 3] {
+    [
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"part: rank=${var} image=$CMPIRUN_TEST_IMAGE \
+             marker=$(cat /etc/mpmd-marker 2>/dev/null || echo none)\"; \
+             exec /usr/local/bin/mpitest"
+        ),
+    ]
+}
+
+/// cmpirun's arguments for a 3+3 MPMD job of the MPICH 5 image and its [`second_image`] over
+/// ofi tcp, after `first`, each part running [`mpmd_part`] with the launcher's rank variable.
+fn mpmd_args(first: &[&str], var: &str) -> Vec<String> {
+    let mut a: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+    a.extend(MPICH5_OFI.map(String::from));
+    for (i, img) in [staged_image("mpich5"), second_image("mpich5")]
+        .iter()
+        .enumerate()
+    {
+        if i > 0 {
+            a.push(":".into());
+        }
+        a.extend(["-n".into(), "3".into(), img.display().to_string()]);
+        a.extend(mpmd_part(var));
+    }
+    a
+}
+
+/// Checks a 3+3 MPMD job placed in blocks over the three nodes (ranks 0-1 on n1, 2-3 on n2,
+/// 4-5 on n3): correct results; ranks 0-2 in the first image, 3-5 in the second; one user
+/// namespace per node, different on each; n2's instance holds both images, one mount
+/// namespace each.
+fn check_mpmd(out: &RunOutput) {
+    let hellos = assert_mpitest_ok(out, 6);
+    let parts = find_fields_all(&out.stdout, "part: ");
+    for r in 0..6u32 {
+        let part = parts
+            .iter()
+            .find(|p| p.get("rank").map(String::as_str) == Some(&r.to_string()))
+            .unwrap_or_else(|| panic!("no part line of rank {r}:\n{out}"));
+        let (image, marker) = if r < 3 {
+            ("mpich5", "none")
+        } else {
+            ("mpich5-mpmd", MPMD_MARKER)
+        };
+        assert_eq!(part["image"], image, "rank {r}:\n{out}");
+        assert_eq!(part["marker"], marker, "rank {r}:\n{out}");
+    }
+    let hello = |r: u32| hellos.iter().find(|h| h.rank == r).unwrap();
+    let hosts: Vec<&str> = (0..6).map(|r| hello(r).host.as_str()).collect();
+    assert_eq!(hosts, ["n1", "n1", "n2", "n2", "n3", "n3"], "{out}");
+    let users: BTreeSet<Option<u64>> = hellos.iter().map(|h| h.userns).collect();
+    assert_eq!(users.len(), 3, "one user namespace per node:\n{out}");
+    for pair in [(0, 1), (2, 3), (4, 5)] {
+        assert_eq!(hello(pair.0).userns, hello(pair.1).userns, "{out}");
+    }
+    assert_ne!(
+        hello(2).mntns,
+        hello(3).mntns,
+        "one mount namespace per image on n2:\n{out}"
+    );
+}
+
+#[test]
+fn mpmd_with_two_images_across_three_nodes() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let args = mpmd_args(&["--pmi", "pmi2"], "SLURM_PROCID");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = salloc3_cmpirun(&cluster).args(&args).run();
+    assert_eq!(cmpirun_status(&out), 0, "{out}");
+    check_mpmd(&out);
+    let args = mpmd_args(&[], "PMI_RANK");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = over_ssh(&cluster, &["-H", "n1:2,n2:2,n3:2"], &args);
+    check_mpmd(&out);
+    cluster.assert_nothing_left(&before);
+}
+
+/// A fresh cache folder (`XDG_CACHE_HOME`) in the test user's home, the home every node of the
+/// cluster shares; removed when dropped.
+struct HomeCache(std::path::PathBuf);
+
+impl HomeCache {
+    fn new(name: &str) -> HomeCache {
+        let dir = tuser()
+            .home
+            .join(format!(".cmpirun-test-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        chown_to_tuser(&dir);
+        HomeCache(dir)
+    }
+
+    /// Checks the cache after jobs filled it from several nodes at once: one entry in each of
+    /// `kinds` (`libraries` and `extract`: a folder, `facts`: a JSON file), and no temporary
+    /// file or folder of a fill left anywhere (`<key>.tmp-<owner>`, a facts `.tmpXXXXXX`).
+    fn check(&self, kinds: &[&str], what: &str) {
+        for kind in kinds {
+            let dir = self.0.join("cmpirun").join(kind);
+            let names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{what}", dir.display()))
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            let temporary: Vec<&String> = names.iter().filter(|n| n.contains(".tmp")).collect();
+            assert!(temporary.is_empty(), "{kind}: {temporary:?} left\n{what}");
+            let entries = names
+                .iter()
+                .filter(|n| match *kind {
+                    "facts" => n.ends_with(".json"),
+                    _ => !n.contains('.'),
+                })
+                .count();
+            assert_eq!(entries, 1, "{kind}: one entry, not {names:?}\n{what}");
+        }
+    }
+}
+
+impl Drop for HomeCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The line of the task that fills a library-cache entry (at log level info).
+const LIBRARIES_FILLED: &str = "unpacking its MPI stack";
+
+#[test]
+fn caches_in_the_shared_home_are_filled_once_from_three_nodes_at_once() {
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("mpich5");
+    // Under srun: the three node instances (each created by one of its node's two tasks) fill
+    // one library-cache entry at once, then, with the extract backend, one extracted tree.
+    let cache = HomeCache::new("srun");
+    for (flags, filled) in [
+        (&[][..], LIBRARIES_FILLED),
+        (&["--image-mount", "extract"][..], "extracting it into"),
+    ] {
+        let out = salloc3(&cluster)
+            .env("XDG_CACHE_HOME", &cache.0)
+            .env("CMPIRUN_LOG", "info")
+            .args(["--pmi", "pmi2"])
+            .args(MPICH5_OFI)
+            .args(flags)
+            .arg(&image)
+            .arg("/usr/local/bin/mpitest")
+            .run();
+        assert_eq!(cmpirun_status(&out), 0, "{out}");
+        check_spread(&out);
+        assert_eq!(out.stderr.matches(filled).count(), 1, "filled once:\n{out}");
+    }
+    cache.check(&["libraries", "extract", "facts"], "");
+    // Three front ends at once, one on each node (the local launcher, two ranks each), with an
+    // empty cache: the image facts and the library cache are filled from all three.
+    let cache = HomeCache::new("local");
+    let jobs: Vec<TuserChild> = NODES
+        .iter()
+        .map(|node| {
+            TuserCommand::cmpirun()
+                .on_node(node)
+                .env("XDG_CACHE_HOME", &cache.0)
+                .env("CMPIRUN_LOG", "info")
+                .env("CMPIRUN_KILL_GRACE", "2")
+                .timeout(Duration::from_secs(120))
+                .args(["-n", "2"])
+                .arg(&image)
+                .arg("/usr/local/bin/mpitest")
+                .spawn()
+        })
+        .collect();
+    let outs: Vec<RunOutput> = jobs.into_iter().map(TuserChild::wait).collect();
+    let all = outs
+        .iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (node, out) in NODES.iter().zip(&outs) {
+        let hellos = assert_mpitest_ok(out, 2);
+        assert!(hellos.iter().all(|h| h.host == *node), "{out}");
+    }
+    let fills: usize = outs
+        .iter()
+        .map(|o| o.stderr.matches(LIBRARIES_FILLED).count())
+        .sum();
+    assert_eq!(fills, 1, "filled once:\n{all}");
+    cache.check(&["libraries", "facts"], &all);
+    cluster.assert_nothing_left(&before);
+}
+
 /// A node instance's socket or lock in the runtime folder.
 fn is_rendezvous_file(entry: &str) -> bool {
     entry.contains("/tmp/cmpirun-") && (entry.ends_with(".sock") || entry.ends_with(".lock"))
@@ -210,11 +538,11 @@ fn openmpi4_over_pmix_across_three_nodes_through_srun() {
     cluster.assert_nothing_left(&before);
 }
 
-/// `cmpirun HOSTS ARGS` as the test user through hydra over ssh (the cluster's ssh, the
-/// launcher a site uses), from the front end. The node names resolve only in ssh's
-/// configuration, so the front end's address on the nodes' network is set (cmpirun passes it
-/// to hydra as `-localhost` too).
-fn hydra3(cluster: &Cluster, hosts: &[&str], args: &[&str]) -> RunOutput {
+/// `cmpirun HOSTS ARGS` as the test user through hydra (or, with `--launcher mpirun`, Open
+/// MPI's mpirun) over ssh (the cluster's ssh, the launcher a site uses), from the front end.
+/// The node names resolve only in ssh's configuration, so the front end's address on the
+/// nodes' network is set (cmpirun passes it to hydra as `-localhost` too).
+fn over_ssh(cluster: &Cluster, hosts: &[&str], args: &[&str]) -> RunOutput {
     TuserCommand::cmpirun()
         .cluster(cluster)
         .env("CMPIRUN_REPORT_ADDR", FRONT_END_ADDR)
@@ -250,13 +578,13 @@ fn mpich5_across_three_nodes_through_hydra_over_ssh() {
         (vec!["-H", "n1,n2,n3", "-n", "6", "-ppn", "2"], vec![]),
     ];
     for (hosts, _) in &runs {
-        let out = hydra3(&cluster, hosts, &args);
+        let out = over_ssh(&cluster, hosts, &args);
         check_spread(&out);
         let hellos = hello_lines(&out.stdout);
         let host_of = |r: u32| hellos.iter().find(|h| h.rank == r).map(|h| h.host.clone());
         assert_eq!(host_of(1), Some("n1".into()), "block placement:\n{out}");
     }
-    let out = hydra3(
+    let out = over_ssh(
         &cluster,
         &["-H", "n1:2,n2:2,n3:2", "-n", "6", "--map-by", "node"],
         &args,
@@ -279,7 +607,7 @@ fn exit_statuses_across_nodes_through_hydra() {
     let before = cluster.state();
     for (args, code, message) in failures("PMI_RANK", &[]) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = hydra3(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
+        let out = over_ssh(&cluster, &["-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
         assert_eq!(out.code(), Some(code), "{out}");
         assert!(out.stderr.contains(&message), "{out}");
         // The other ranks wait in MPI_Init (or a barrier) for ever: the job ended because the
@@ -287,6 +615,46 @@ fn exit_statuses_across_nodes_through_hydra() {
         assert!(out.elapsed < Duration::from_secs(20), "{out}");
         cluster.assert_nothing_left_but(&before, is_rendezvous_file);
     }
+}
+
+#[test]
+fn openmpi4_across_three_nodes_through_mpirun_over_ssh() {
+    // Open MPI's mpirun starts its daemons on the nodes over the cluster's ssh
+    // (`OMPI_MCA_plm_rsh_agent`); each starts its node's `cmpirun __rank` tasks and serves them
+    // PMIx.
+    let _serial = exclusive();
+    let cluster = require_cluster();
+    let before = cluster.state();
+    let image = staged_image("openmpi4").display().to_string();
+    let hosts = ["--launcher", "mpirun", "-H", "n1:2,n2:2,n3:2", "-n", "6"];
+    let out = over_ssh(&cluster, &hosts, &[&image, "/usr/local/bin/mpitest"]);
+    check_spread(&out);
+    for (fail, code, message) in [
+        (
+            "exit 3",
+            3,
+            "cmpirun: rank 5 of 6 exited with status 3; the job was ended",
+        ),
+        (
+            "kill -9 $$",
+            137,
+            "cmpirun: rank 5 of 6 was killed by signal 9 (SIGKILL)",
+        ),
+    ] {
+        let program = one_rank_fails("OMPI_COMM_WORLD_RANK", 5, fail);
+        let program: Vec<&str> = program.iter().map(String::as_str).collect();
+        let out = over_ssh(
+            &cluster,
+            &hosts,
+            &[&[image.as_str()][..], &program].concat(),
+        );
+        assert_eq!(out.code(), Some(code), "{out}");
+        assert!(out.stderr.contains(message), "{out}");
+        assert!(!out.stderr.contains("could not report"), "{out}");
+        // The other ranks wait in MPI_Init for rank 5: mpirun ended the job.
+        assert!(out.elapsed < Duration::from_secs(20), "{out}");
+    }
+    cluster.assert_nothing_left_but(&before, is_rendezvous_file);
 }
 
 /// Kills node `node`'s slurmd and every process of its jobs (all but the node's anchor and its

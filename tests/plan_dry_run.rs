@@ -480,3 +480,62 @@ fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
     let out = text(&[&img, "hello"], &[]);
     assert!(!out.contains("binding:"), "{out}");
 }
+
+#[test]
+fn node_state_shows_where_each_node_keeps_it() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let uid = nix::unistd::Uid::current();
+    let cache = t.path().join("cache");
+    let env = [
+        ("XDG_CACHE_HOME", cache.to_str().unwrap()),
+        ("XDG_RUNTIME_DIR", ""),
+    ];
+    let out = text(&["-n", "2", &img, "/usr/bin/hello"], &env);
+    assert!(
+        out.contains(&format!(
+            "node state: (each node's own; as this host sees the folders)\n  \
+             rendezvous: /tmp/cmpirun-{uid} (local filesystem)\n    \
+             why: in /tmp ($XDG_RUNTIME_DIR is not set); each node's instance socket and lock, \
+             named by the job step, which is the same on every node: never on a folder the \
+             nodes share\n"
+        )),
+        "{out}"
+    );
+    for (what, dir) in [
+        ("library cache", "libraries"),
+        ("extract cache", "extract"),
+        ("image facts", "facts"),
+    ] {
+        assert!(
+            out.contains(&format!(
+                "  {what}: {} (local filesystem)\n",
+                cache.join("cmpirun").join(dir).display()
+            )),
+            "{out}"
+        );
+    }
+    // A runtime directory that is no directory of the user's is passed over, and says so; the FUSE backend
+    // never extracts.
+    let file = t.path().join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    let env = [("XDG_RUNTIME_DIR", file.to_str().unwrap())];
+    let out = text(
+        &["--image-mount", "fuse", "-n", "2", &img, "/usr/bin/hello"],
+        &env,
+    );
+    assert!(
+        out.contains(&format!(
+            "why: in /tmp ($XDG_RUNTIME_DIR {} is not a directory of uid {uid});",
+            file.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("extract cache:"), "{out}");
+    let j = json(&["-n", "2", &img, "/usr/bin/hello"], &env);
+    assert_eq!(j["mount"]["node_state"][0]["what"], "rendezvous");
+    assert_eq!(
+        j["mount"]["node_state"][0]["path"],
+        format!("/tmp/cmpirun-{uid}")
+    );
+}

@@ -55,19 +55,13 @@ impl crate::exit::Blame for RendezvousError {
     }
 }
 
-/// The per-user runtime directory: `$XDG_RUNTIME_DIR/cmpirun` when that is a directory owned by
-/// the user, else `/tmp/cmpirun-<uid>`. Created mode 0700; refused if owned by someone else.
+/// The per-user runtime directory, chosen by [`runtime_dir_in`] from this process's environment;
+/// created mode 0700, refused if owned by someone else.
 pub fn runtime_dir() -> Result<PathBuf, RendezvousError> {
-    let uid = Uid::current().as_raw();
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| {
-            fs::metadata(p)
-                .map(|m| m.is_dir() && m.uid() == uid)
-                .unwrap_or(false)
-        })
-        .map(|p| p.join("cmpirun"))
-        .unwrap_or_else(|| PathBuf::from(format!("/tmp/cmpirun-{uid}")));
+    let (base, why) = runtime_dir_in(|name| std::env::var_os(name));
+    if why.starts_with(NO_LOCAL_RUNTIME_DIR) {
+        tracing::warn!("runtime directory {}: {why}", base.display());
+    }
     match fs::DirBuilder::new().mode(0o700).create(&base) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -81,6 +75,76 @@ pub fn runtime_dir() -> Result<PathBuf, RendezvousError> {
     check_private_dir(&base)?;
     Ok(base)
 }
+
+/// Where this node's rendezvous files go, and why, with the environment read through `var`: the
+/// first of `$XDG_RUNTIME_DIR/cmpirun` (when that is a directory of this user's), `/tmp/cmpirun-<uid>`
+/// and `/dev/shm/cmpirun-<uid>` that is not on a network filesystem. An instance's key (the job
+/// step) is the same on every node, so the nodes must not share this folder: their tasks would
+/// lock each other's files and find each other's sockets. When every candidate is shared,
+/// `/tmp/cmpirun-<uid>`, with a reason saying so.
+pub fn runtime_dir_in(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> (PathBuf, String) {
+    let uid = Uid::current().as_raw();
+    let xdg = var("XDG_RUNTIME_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .map(|x| {
+            let mine = fs::metadata(&x)
+                .map(|m| m.is_dir() && m.uid() == uid)
+                .unwrap_or(false);
+            (x, mine)
+        });
+    choose_runtime_dir(xdg, uid, |p| {
+        p.is_dir()
+            .then(|| crate::sys::shared_filesystem(p))
+            .ok_or(())
+    })
+}
+
+/// [`runtime_dir_in`]'s choice: `xdg` is `$XDG_RUNTIME_DIR` and whether it is a directory of
+/// `uid`'s; `shared(dir)` is the network filesystem `dir` is on (`Ok(None)`: a local one,
+/// `Err`: not a directory).
+fn choose_runtime_dir(
+    xdg: Option<(PathBuf, bool)>,
+    uid: u32,
+    shared: impl Fn(&Path) -> Result<Option<&'static str>, ()>,
+) -> (PathBuf, String) {
+    let mut skipped = Vec::new();
+    match xdg {
+        Some((x, true)) => match shared(&x) {
+            Ok(None) => return (x.join("cmpirun"), "in $XDG_RUNTIME_DIR".into()),
+            Ok(Some(fs)) => skipped.push(format!("$XDG_RUNTIME_DIR {} is on {fs}", x.display())),
+            Err(()) => skipped.push(format!("$XDG_RUNTIME_DIR {} is gone", x.display())),
+        },
+        Some((x, false)) => skipped.push(format!(
+            "$XDG_RUNTIME_DIR {} is not a directory of uid {uid}",
+            x.display()
+        )),
+        None => skipped.push("$XDG_RUNTIME_DIR is not set".into()),
+    }
+    for base in ["/tmp", "/dev/shm"] {
+        match shared(Path::new(base)) {
+            Ok(None) => {
+                return (
+                    PathBuf::from(format!("{base}/cmpirun-{uid}")),
+                    format!("in {base} ({})", skipped.join("; ")),
+                );
+            }
+            Ok(Some(fs)) => skipped.push(format!("{base} is on {fs}")),
+            Err(()) => {}
+        }
+    }
+    (
+        PathBuf::from(format!("/tmp/cmpirun-{uid}")),
+        format!(
+            "{NO_LOCAL_RUNTIME_DIR} ({}): nodes that share it may meet each other's \
+             instances; set XDG_RUNTIME_DIR to a node-local directory",
+            skipped.join("; ")
+        ),
+    )
+}
+
+/// The start of [`runtime_dir_in`]'s reason when it found no node-local folder.
+const NO_LOCAL_RUNTIME_DIR: &str = "no node-local folder found";
 
 /// Makes sure `dir` is a directory (not a symlink) of this user that nobody else can write to:
 /// refused when another user owns it (in `/tmp` they could have made it first, to read or
@@ -209,6 +273,33 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_runtime_dir_is_node_local() {
+        let local = |_: &Path| Ok(None);
+        let (d, why) = choose_runtime_dir(None, 7, local);
+        assert_eq!(d, Path::new("/tmp/cmpirun-7"));
+        assert_eq!(why, "in /tmp ($XDG_RUNTIME_DIR is not set)");
+        let (d, _) = choose_runtime_dir(Some(("/run/user/7".into(), true)), 7, local);
+        assert_eq!(d, Path::new("/run/user/7/cmpirun"));
+        // $XDG_RUNTIME_DIR (or /tmp) on a network filesystem is passed over.
+        let nfs = |names: &'static [&'static str]| {
+            move |p: &Path| Ok(names.iter().any(|n| p == Path::new(n)).then_some("NFS"))
+        };
+        let (d, why) = choose_runtime_dir(
+            Some(("/home/u/run".into(), true)),
+            7,
+            nfs(&["/home/u/run", "/tmp"]),
+        );
+        assert_eq!(d, Path::new("/dev/shm/cmpirun-7"));
+        assert_eq!(
+            why,
+            "in /dev/shm ($XDG_RUNTIME_DIR /home/u/run is on NFS; /tmp is on NFS)"
+        );
+        let (d, why) = choose_runtime_dir(None, 7, nfs(&["/tmp", "/dev/shm"]));
+        assert_eq!(d, Path::new("/tmp/cmpirun-7"));
+        assert!(why.starts_with(NO_LOCAL_RUNTIME_DIR), "{why}");
     }
 
     #[test]

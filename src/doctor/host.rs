@@ -237,26 +237,6 @@ pub fn pmi_libraries() -> Finding {
     }
 }
 
-/// Filesystem magic numbers (`statfs(2)` `f_type`) of network and parallel filesystems, where a
-/// cache shared by every node is slow and locks badly.
-const NETWORK_FILESYSTEMS: &[(i64, &str)] = &[
-    (0x6969, "NFS"),
-    (0x0BD0_0BD0, "Lustre"),
-    (0x4750_4653, "GPFS"),
-    (0x1983_0326, "BeeGFS"),
-    (0xFF53_4D42, "CIFS"),
-    (0xFE53_4D42, "SMB2"),
-    (0x00C3_6400, "CephFS"),
-];
-
-/// The network filesystem `magic` names, if it names one.
-pub fn network_filesystem(magic: i64) -> Option<&'static str> {
-    NETWORK_FILESYSTEMS
-        .iter()
-        .find(|(m, _)| *m == magic)
-        .map(|(_, name)| *name)
-}
-
 /// `extract-cache` and `library-cache`: where the caches a launch would use live, and whether
 /// that is a network filesystem (a warning: every node would share and lock it). `profile`: the
 /// profile a launch would use (its `library_cache`), when one could be chosen.
@@ -282,20 +262,17 @@ fn cache_finding(check: &'static str, dir: Option<&Path>, knob: &str) -> Finding
         return Finding::pass(check, "off");
     };
     // The cache may not exist yet: its nearest existing ancestor is where it will be made.
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
-    let magic = match nix::sys::statfs::statfs(existing) {
-        // fs_type_t is i64 on 64-bit glibc, another width elsewhere.
-        #[allow(clippy::unnecessary_cast)]
-        Ok(s) => s.filesystem_type().0 as i64,
+    let magic = match crate::sys::filesystem_type(dir) {
+        Ok(m) => m,
         Err(e) => {
             return Finding::warn(
                 check,
-                format!("{}: statfs: {e}", dir.display()),
+                format!("{}: {e}", dir.display()),
                 format!("set {knob} to a local directory"),
             );
         }
     };
-    match network_filesystem(magic) {
+    match crate::sys::network_filesystem(magic) {
         Some(fs) => Finding::warn(
             check,
             format!("{} is on {fs} (a network filesystem)", dir.display()),
@@ -353,22 +330,5 @@ pub fn limits() -> Finding {
         Finding::pass(CHECK, message)
     } else {
         Finding::warn(CHECK, message, fixes.join("; "))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn network_filesystems_by_magic() {
-        assert_eq!(network_filesystem(0x6969), Some("NFS"));
-        assert_eq!(network_filesystem(0x0BD0_0BD0), Some("Lustre"));
-        assert_eq!(network_filesystem(0x4750_4653), Some("GPFS"));
-        assert_eq!(network_filesystem(0x1983_0326), Some("BeeGFS"));
-        // ext4, xfs, tmpfs are local.
-        for local in [0xEF53, 0x5846_5342, 0x0102_1994] {
-            assert_eq!(network_filesystem(local), None);
-        }
     }
 }

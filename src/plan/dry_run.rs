@@ -121,6 +121,20 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         }
         None => writeln!(o, "  library cache: {}", plan.mount.library_cache_reason)?,
     }
+    if !plan.mount.node_state.is_empty() {
+        writeln!(
+            o,
+            "node state: (each node's own; as this host sees the folders)"
+        )?;
+    }
+    for st in &plan.mount.node_state {
+        let fs = match &st.shared {
+            Some(fs) => format!("{fs}: a folder the nodes may share"),
+            None => "local filesystem".into(),
+        };
+        writeln!(o, "  {}: {} ({fs})", st.what, st.path.display())?;
+        writeln!(o, "    why: {}", st.why)?;
+    }
     writeln!(o, "binds:")?;
     if plan.binds.is_empty() {
         writeln!(

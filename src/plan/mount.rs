@@ -2,13 +2,16 @@
 //! keeps its library cache.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::types::MountPlan;
+use super::types::{MountPlan, NodeState};
+use crate::container::rendezvous::runtime_dir_in;
 use crate::facts::expand_vars;
 use crate::jobspec::{JobSpec, MountBackendKind};
+use crate::mount::user_cache_in;
 use crate::mount::{LIBRARY_CACHE_ENV, default_library_cache_in, library_cache_setting};
 use crate::profile::{LibraryCacheSetting, SiteProfile};
+use crate::sys::shared_filesystem;
 
 /// The mount plan of `spec` under `profile`, with the library cache read from the caller's
 /// environment `env`; a note for the user goes to `warnings`.
@@ -37,13 +40,74 @@ pub(super) fn mount_plan(
     } else {
         library_cache_dir(profile, env, warnings)
     };
+    let node_state = node_state(backend, library_cache.as_deref(), env);
     MountPlan {
         backend,
         reason: mount_reason,
         shm_size: spec.shm_size.clone(),
         library_cache,
         library_cache_reason,
+        node_state,
     }
+}
+
+/// Why a cache may be on a folder the nodes share.
+const SHARED_CACHE_OK: &str = "the nodes may share it: each entry is filled once, under a lock in \
+     the folder, in a temporary name renamed into place whole (node-local storage is faster)";
+
+/// Where each node keeps its state (`--dry-run`'s `node state`), in environment `env`: the
+/// rendezvous of its instance ([`runtime_dir_in`]: node-local, chosen so), and the caches the
+/// nodes may share (the library cache, the extract cache when extraction may be used, the image
+/// facts).
+fn node_state(
+    backend: MountBackendKind,
+    library_cache: Option<&Path>,
+    env: &BTreeMap<String, String>,
+) -> Vec<NodeState> {
+    let var = |k: &str| env.get(k).cloned();
+    let place = |what: &str, path: PathBuf, why: String| NodeState {
+        what: what.into(),
+        shared: shared_filesystem(&path).map(str::to_owned),
+        path,
+        why,
+    };
+    let (dir, chosen) = runtime_dir_in(|k| var(k).map(Into::into));
+    let mut state = vec![place(
+        "rendezvous",
+        dir,
+        format!(
+            "{chosen}; each node's instance socket and lock, named by the job step, which is \
+             the same on every node: never on a folder the nodes share"
+        ),
+    )];
+    if let Some(dir) = library_cache {
+        state.push(place(
+            "library cache",
+            dir.to_owned(),
+            SHARED_CACHE_OK.into(),
+        ));
+    }
+    let user_cache = user_cache_in(var);
+    if backend != MountBackendKind::Fuse
+        && backend != MountBackendKind::Squashfuse
+        && let Some(c) = &user_cache
+    {
+        state.push(place(
+            "extract cache",
+            c.join("extract"),
+            format!("used when the image is extracted; {SHARED_CACHE_OK}"),
+        ));
+    }
+    if let Some(c) = &user_cache {
+        state.push(place(
+            "image facts",
+            c.join("facts"),
+            "read by the front end only; each entry is written whole under a temporary name \
+             and renamed, so the nodes may share it"
+                .into(),
+        ));
+    }
+    state
 }
 
 /// Where the nodes keep the library cache in environment `vars`, and why:

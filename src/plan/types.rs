@@ -129,6 +129,24 @@ pub struct MountPlan {
     /// default), or why there is none.
     #[serde(default)]
     pub library_cache_reason: String,
+    /// Where each node keeps its own state (the rendezvous of its instance, the caches), as
+    /// this host sees it: which may be a folder the nodes share and which must not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_state: Vec<NodeState>,
+}
+
+/// One place where each node keeps some of its state, as the planning host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// What is kept there (`rendezvous`, `library cache`, `extract cache`, `image facts`).
+    pub what: String,
+    /// The folder.
+    pub path: PathBuf,
+    /// The network filesystem the folder is on (a folder the nodes may share), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<String>,
+    /// Why it is there, and whether the nodes may share it.
+    pub why: String,
 }
 
 /// When a bind's paths are known.

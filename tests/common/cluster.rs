@@ -207,10 +207,12 @@ fn check_isolated(cluster: &Cluster) {
 }
 
 impl TuserCommand {
-    /// Points Slurm's clients at the three-node cluster and hydra's ssh launcher at its ssh.
+    /// Points Slurm's clients at the three-node cluster, and hydra's and Open MPI's ssh
+    /// launchers at its ssh.
     pub fn cluster(self, cluster: &Cluster) -> Self {
         self.env("SLURM_CONF", cluster.slurm_conf())
             .env("HYDRA_LAUNCHER_EXEC", cluster.ssh())
+            .env("OMPI_MCA_plm_rsh_agent", cluster.ssh())
     }
 }
 

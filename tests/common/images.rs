@@ -202,3 +202,67 @@ pub fn mksquashfs(tree: &Path, image: &Path, extra: &[&str]) {
     );
     fs::set_permissions(image, fs::Permissions::from_mode(0o644)).unwrap();
 }
+
+/// Unpacks the root of SIF image `src` into `tree` (as root, with `unsquashfs`), replacing what
+/// `tree` held.
+pub fn unpack_image(src: &Path, tree: &Path) {
+    let loc = cmpirun::image::locate(src).unwrap();
+    let _ = fs::remove_dir_all(tree);
+    let st = Command::new("unsquashfs")
+        .args(["-q", "-n", "-o", &loc.squashfs_offset.to_string(), "-d"])
+        .arg(tree)
+        .arg(src)
+        .status()
+        .expect("unsquashfs (squashfs-tools) must be installed");
+    assert!(st.success(), "unsquashfs of {} failed", src.display());
+}
+
+/// The content of `/etc/mpmd-marker`, which only a [`second_image`] has.
+pub const MPMD_MARKER: &str = "second-image";
+
+/// Test image `name` repacked as a second image for MPMD jobs, `<name>-mpmd.sif` in the stage
+/// folder: the same root (so the same MPI) plus `/etc/mpmd-marker`, and its environment script
+/// sets `CMPIRUN_TEST_IMAGE=<name>-mpmd`. Built once (as root, with `unsquashfs` and `cmpirun
+/// image pack`), again when image `name` changes.
+pub fn second_image(name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(name) {
+        return p.clone();
+    }
+    let src = image(name);
+    let out = stage_dir().join(format!("{name}-mpmd.sif"));
+    let fresh = match (fs::metadata(&out), fs::metadata(&src)) {
+        (Ok(o), Ok(s)) => o.modified().ok() >= s.modified().ok(),
+        _ => false,
+    };
+    if !fresh {
+        let tree = stage_dir().join(format!("mpmd-root.{}", std::process::id()));
+        unpack_image(&src, &tree);
+        let env = tree.join(".singularity.d/env/90-environment.sh");
+        let text = fs::read_to_string(&env).unwrap();
+        fs::write(
+            &env,
+            text.replace(
+                &format!("CMPIRUN_TEST_IMAGE=\"{name}\""),
+                &format!("CMPIRUN_TEST_IMAGE=\"{name}-mpmd\""),
+            ),
+        )
+        .unwrap();
+        fs::write(tree.join("etc/mpmd-marker"), format!("{MPMD_MARKER}\n")).unwrap();
+        let tmp = stage_dir().join(format!(".{name}-mpmd.{}.sif", std::process::id()));
+        let st = Command::new(cmpirun_bin())
+            .args(["image", "pack", "-o"])
+            .arg(&tmp)
+            .arg(&tree)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        fs::remove_dir_all(&tree).unwrap();
+        assert!(st.success(), "cmpirun image pack failed");
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::rename(&tmp, &out).unwrap();
+    }
+    built.insert(name.to_owned(), out.clone());
+    out
+}

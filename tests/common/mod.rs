@@ -2,7 +2,8 @@
 //!
 //! - **Test images** (`images.rs`): [`image`] finds `.cache/images/<name>.sif` (built by
 //!   `ci/build-images.sh`), [`staged_image`] and [`cmpirun_bin`] give copies the unprivileged test
-//!   user can read, [`mksquashfs`] packs a tree into an image.
+//!   user can read, [`mksquashfs`] packs a tree into an image, [`unpack_image`] unpacks one and
+//!   [`second_image`] repacks a test image with a marker, for MPMD jobs of two images.
 //! - **The test user** (`user.rs`): [`tuser`] is the identity of [`TEST_USER`].
 //! - **Running as the test user** (`command.rs`, `run_output.rs`): [`TuserCommand`] runs a program
 //!   as `tuser` with no capabilities, a clean environment, its own process group and a timeout that
