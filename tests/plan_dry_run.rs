@@ -480,3 +480,142 @@ fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
     let out = text(&[&img, "hello"], &[]);
     assert!(!out.contains("binding:"), "{out}");
 }
+
+#[test]
+fn overload_caches_user_sets_and_rankfiles_under_each_launcher() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let argv = |j: &Value| -> String {
+        j["launcher"]["commands"][0]["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let warnings = |j: &Value| j["warnings"].to_string();
+    // srun: ranks may share CPUs only with --overcommit; user sets are masks; caches are
+    // srun's nearest object, with one warning.
+    let j = json(
+        &["--bind-to", "core:overload-allowed", &img, "hello"],
+        &SLURM,
+    );
+    assert!(
+        argv(&j).contains(" --cpu-bind=cores --overcommit "),
+        "{}",
+        argv(&j)
+    );
+    assert_eq!(warnings(&j), "[]");
+    let j = json(&["-bind-to", "user:0+2,1+4,3", &img, "hello"], &SLURM);
+    assert!(
+        argv(&j).contains(" --cpu-bind=mask_cpu:0x5,0x12,0x8 "),
+        "{}",
+        argv(&j)
+    );
+    let j = json(&["-bind-to", "l3cache", &img, "hello"], &SLURM);
+    assert!(argv(&j).contains(" --cpu-bind=sockets "), "{}", argv(&j));
+    assert!(
+        warnings(&j).contains("srun binds to no cache"),
+        "{}",
+        warnings(&j)
+    );
+    // hydra: its own names.
+    for (bind, passed) in [
+        ("user:0+2,1", "user:0+2,1"),
+        ("l2dcache", "l2cache"),
+        ("machine", "machine"),
+        ("rr", "rr"),
+    ] {
+        let j = json(
+            &[
+                "--launcher",
+                "hydra",
+                "-H",
+                "a,b",
+                "-bind-to",
+                bind,
+                &img,
+                "hello",
+            ],
+            &[],
+        );
+        assert!(
+            argv(&j).contains(&format!(" -bind-to {passed} ")),
+            "{}",
+            argv(&j)
+        );
+        assert_eq!(warnings(&j), "[]", "{bind}");
+    }
+    // mpirun: Open MPI's modifier and names.
+    for (bind, passed) in [
+        ("core:overload-allowed", "core:overload-allowed"),
+        ("board", "board"),
+        ("l3cache", "l3cache"),
+    ] {
+        let j = json(
+            &["--launcher", "mpirun", "--bind-to", bind, &img, "hello"],
+            &[],
+        );
+        assert!(
+            argv(&j).contains(&format!(" --bind-to {passed} ")),
+            "{}",
+            argv(&j)
+        );
+    }
+    let j = json(
+        &[
+            "--launcher",
+            "mpirun",
+            "--oversubscribe",
+            "--bind-to",
+            "core",
+            &img,
+            "hello",
+        ],
+        &[],
+    );
+    assert!(
+        argv(&j).contains(" --bind-to core:overload-allowed "),
+        "{}",
+        argv(&j)
+    );
+    // The local launcher says when ranks may share cores.
+    let out = text(
+        &["--oversubscribe", "--bind-to", "core", &img, "hello"],
+        &[],
+    );
+    assert!(out.contains("several per core"), "{out}");
+    // A rankfile: applied locally when it names this host only, warned once elsewhere.
+    let rf = t.path().join("rankfile");
+    std::fs::write(&rf, "rank 0=localhost slot=0\nrank 1=localhost slot=1\n").unwrap();
+    let rf = rf.to_str().unwrap();
+    let out = text(&["-n", "2", "--rankfile", rf, &img, "hello"], &[]);
+    assert!(
+        out.contains("binding: ranks bound to the slots of the rankfile: by cmpirun"),
+        "{out}"
+    );
+    let j = json(&["--rankfile", rf, &img, "hello"], &SLURM);
+    let w = warnings(&j);
+    assert!(
+        w.matches("--rankfile").count() == 1 && w.contains("not applied under the slurm launcher"),
+        "{w}"
+    );
+    std::fs::write(
+        t.path().join("rankfile"),
+        "rank 0=localhost slot=0\nrank 1=elsewhere slot=1\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--dry-run", "-n", "2", "--rankfile", rf, &img, "hello"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{rf}:2: rank 1 is placed on elsewhere, which is not this host"
+        )),
+        "{stderr}"
+    );
+}

@@ -87,6 +87,9 @@ fn rank_cpus(plan: &LaunchPlan) -> Result<Vec<Option<Vec<usize>>>, LaunchError> 
     }
     let node = binding::NodeCpus::read()?;
     let cpus = binding::assign(spec, &node, size)?;
+    if let Some(note) = binding::overload_note(spec, &node, size) {
+        tracing::info!("{note}");
+    }
     if spec.report {
         let host = plan
             .layout
