@@ -313,10 +313,10 @@ Environment and directory:
 Output and control:
   --tag-output               prefix lines with [1,RANK]<stdout>:
   -l, -prepend-rank          prefix lines with [RANK]
-  --timestamp-output         prefix lines with the time they were read
+  --timestamp-output         prefix lines with the time they were read (Open MPI's form)
   -outfile-pattern PAT       each rank's stdout to a file (%r rank, %h host, %p node, %%)
   -errfile-pattern PAT       each rank's stderr to a file
-  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr
+  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr (N zero-padded)
   --merge-stderr-to-stdout   each rank's stderr into its stdout
   -print-all-exitcodes       print how every rank ended
   --display-map              print the rank layout before the ranks start
@@ -814,12 +814,20 @@ impl Parser {
                 self.spec.output_files.stderr = Some(file_pattern(name, v)?);
             }
             Act::OutputFilename => {
-                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute.
+                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute, N
+                // zero-padded to the digits of the job's size. Its `:nocopy` directive is what
+                // cmpirun does anyway (the files only).
+                let v = v
+                    .len()
+                    .checked_sub(":nocopy".len())
+                    .filter(|&at| v.is_char_boundary(at) && v[at..].eq_ignore_ascii_case(":nocopy"))
+                    .map_or(v, |at| &v[..at]);
                 let dir = std::path::absolute(nonempty_path(name, v)?)
                     .map_err(|e| bad(name, v, e.to_string()))?;
                 let dir = dir.to_string_lossy().replace('%', "%%");
                 self.spec.output_files.stdout = Some(format!("{dir}/1/rank.%r/stdout"));
                 self.spec.output_files.stderr = Some(format!("{dir}/1/rank.%r/stderr"));
+                self.spec.output_files.pad_rank = true;
             }
             Act::Rankfile => {
                 // Applied as CPU binding by the local launcher; the plan warns under the others

@@ -271,12 +271,26 @@ pub struct OutputFiles {
     pub stdout: Option<String>,
     /// The file of each rank's standard error (`-errfile-pattern`).
     pub stderr: Option<String>,
+    /// `%r` zero-padded to as many digits as the job's size has (`rank.07` in a job of 12
+    /// ranks), as Open MPI 4.1 names the folders of `--output-filename`.
+    #[serde(default)]
+    pub pad_rank: bool,
 }
 
 impl OutputFiles {
     /// Whether any stream goes to a file.
     pub fn any(&self) -> bool {
         self.stdout.is_some() || self.stderr.is_some()
+    }
+
+    /// How many digits `%r` takes in a job of `size` ranks: the digits of `size` with
+    /// [`Self::pad_rank`], else none (as many as the rank has).
+    pub fn rank_width(&self, size: u32) -> usize {
+        if self.pad_rank {
+            size.to_string().len()
+        } else {
+            0
+        }
     }
 }
 

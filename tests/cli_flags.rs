@@ -541,7 +541,7 @@ fn output_and_exit_code_flags() {
     ]);
     assert_eq!(
         j["output_files"],
-        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%"})
+        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%", "pad_rank": false})
     );
     for key in [
         "merge_stderr",
@@ -559,6 +559,11 @@ fn output_and_exit_code_flags() {
     let (j, _) = job(&["--output-filename", "/x%y", "img.sif", "prog"]);
     assert_eq!(j["output_files"]["stdout"], "/x%%y/1/rank.%r/stdout");
     assert_eq!(j["output_files"]["stderr"], "/x%%y/1/rank.%r/stderr");
+    assert_eq!(j["output_files"]["pad_rank"], true);
+    // Open MPI's :nocopy directive is what cmpirun does: the files only.
+    let (j, stderr) = job(&["--output-filename", "/x:NOCOPY", "img.sif", "prog"]);
+    assert_eq!(j["output_files"]["stdout"], "/x/1/rank.%r/stdout");
+    assert!(!stderr.contains("WARN"), "{stderr}");
     let (j, _) = job(&["--output-filename", "rel", "img.sif", "prog"]);
     assert!(
         j["output_files"]["stdout"]

@@ -383,6 +383,42 @@ fn output_flags_reach_srun_and_hydra_or_warn_once() {
     let j = json(&args, &[]);
     assert_eq!(j["launcher"]["kind"], "local");
     assert_eq!(j["warnings"], serde_json::json!([]));
+    // Open MPI's --output-filename pads the rank to the digits of the job's size: srun's %2t;
+    // hydra cannot, and says so once.
+    let j = json(
+        &["-n", "12", "--output-filename", "/o", &img, "hello"],
+        &SLURM,
+    );
+    let a = argv(&j);
+    assert!(
+        a.contains(&"--output=/o/1/rank.%2t/stdout".to_owned()),
+        "{a:?}"
+    );
+    let j = json(
+        &["-n", "9", "--output-filename", "/o", &img, "hello"],
+        &SLURM,
+    );
+    assert!(argv(&j).contains(&"--output=/o/1/rank.%t/stdout".to_owned()));
+    let hydra = |n: &str| {
+        json(
+            &[
+                "--launcher",
+                "hydra",
+                "-H",
+                "a",
+                "-n",
+                n,
+                "--output-filename",
+                "/o",
+                &img,
+                "hello",
+            ],
+            &[],
+        )["warnings"]
+            .to_string()
+    };
+    assert!(hydra("12").contains("without Open MPI's zero padding"));
+    assert!(!hydra("2").contains("padding"));
 }
 
 #[test]

@@ -545,12 +545,13 @@ fn srun_command(
     argv.push("--kill-on-bad-exit=1".to_owned());
     argv.extend(srun_binding(&spec.binding));
     let files = &spec.output_files;
+    let width = files.rank_width(size);
     if let Some(p) = &files.stdout {
-        argv.push(format!("--output={}", srun_pattern(p)));
+        argv.push(format!("--output={}", srun_pattern(p, width)));
     }
     // srun writes standard error into the --output file unless --error names another one.
     if let Some(p) = files.stderr.as_ref().filter(|_| !spec.merge_stderr) {
-        argv.push(format!("--error={}", srun_pattern(p)));
+        argv.push(format!("--error={}", srun_pattern(p, width)));
     }
     argv.extend(profile.launcher.srun_args.iter().cloned());
     argv.extend(rank_cmd.iter().cloned());

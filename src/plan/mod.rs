@@ -152,6 +152,13 @@ pub fn build(
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
     let apps = parts::parts(spec, images, &nodes)?;
     let size = parts::job_size(&apps);
+    if launcher.kind == LauncherKind::Hydra && spec.output_files.rank_width(size) > 1 {
+        warnings.push(
+            "--output-filename: mpiexec.hydra names the folders rank.0, rank.1, …, without Open \
+             MPI's zero padding (rank.00)"
+                .to_owned(),
+        );
+    }
     let layout = RankLayout::place(size, &nodes, spec.mapping);
 
     let mut checks = vec![checks::profile_match_check(choice)];
