@@ -196,7 +196,8 @@ enum Act {
     BindToObject(BindTo),
     CpusPerRank,
     ReportBindings,
-    /// `--oversubscribe`: more ranks than slots (the layout wraps anyway) and than cores.
+    /// `--oversubscribe`: more ranks than slots, which the layout places anyway (binding more
+    /// ranks than cores still needs `:overload-allowed`, as in Open MPI).
     Oversubscribe,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
@@ -344,7 +345,7 @@ CPU binding:
   --bind-to core|socket|numa|hwthread|none   bind each rank (local launcher; srun's and
                              hydra's own binding under those launchers); also hydra's
                              l1cache..l3cache, machine, rr, user:0+2,1
-  --bind-to core:overload-allowed, --oversubscribe   let ranks share cores
+  --bind-to core:overload-allowed            let ranks share cores
   --cpus-per-rank N, --map-by OBJ:PE=N       cores per rank (binds to cores)
   --rankfile FILE            Open MPI's rankfile: each rank's CPUs (local launcher)
   --report-bindings          print the CPUs each rank got
@@ -683,7 +684,7 @@ impl Parser {
             Act::DisplayMap => self.spec.display_map = true,
             Act::BindToObject(to) => self.spec.binding.to = Some(to),
             Act::ReportBindings => self.spec.binding.report = true,
-            Act::Oversubscribe => self.spec.binding.overload = true,
+            Act::Oversubscribe => {}
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),
         }

@@ -101,8 +101,9 @@ pub struct BindingSpec {
     pub cpus_per_rank: Option<u32>,
     /// `--report-bindings`: print the CPUs each rank got.
     pub report: bool,
-    /// `--bind-to OBJ:overload-allowed`, `--oversubscribe`: more ranks than cores (or hardware
-    /// threads) share them, several per core, instead of being refused.
+    /// `--bind-to OBJ:overload-allowed`: more ranks than cores (or hardware threads) share
+    /// them, several per core, instead of being refused (as Open MPI, where `--oversubscribe`
+    /// alone does not allow it).
     #[serde(default)]
     pub overload: bool,
     /// hydra's `-bind-to user:0+2,1+4,3`: the CPU sets ranks take in turn (rank `r` gets set

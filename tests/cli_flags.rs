@@ -698,8 +698,14 @@ fn binding_flags() {
         job(&all).0["binding"]["overload"].clone()
     };
     assert_eq!(overload(&["--bind-to", "core:overload-allowed"]), true);
-    assert_eq!(overload(&["--oversubscribe"]), true);
-    assert_eq!(overload(&["-oversubscribe", "--bind-to", "core"]), true);
+    // As in Open MPI, --oversubscribe is about slots (which the layout wraps anyway), not
+    // about binding several ranks to a core: accepted without a warning, no overload.
+    assert_eq!(overload(&["--oversubscribe"]), false);
+    assert_eq!(overload(&["-oversubscribe", "--bind-to", "core"]), false);
+    assert_eq!(
+        job(&["--oversubscribe", "img.sif", "prog"]).0["warnings"],
+        serde_json::json!([])
+    );
     assert_eq!(overload(&["--bind-to", "core"]), false);
     let (j, _) = job(&["-bind-to", "user:0+2,1", "img.sif", "prog"]);
     assert_eq!(j["binding"]["user"], serde_json::json!([[0, 2], [1]]));

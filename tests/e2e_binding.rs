@@ -139,7 +139,12 @@ fn overload_puts_several_ranks_on_each_core() {
     // binds with overload allowed; -v says so.
     for flags in [
         &["--bind-to", "core:overload-allowed", "-v"][..],
-        &["--oversubscribe", "--bind-to", "core", "-v"],
+        &[
+            "--oversubscribe",
+            "--bind-to",
+            "core:overload-allowed",
+            "-v",
+        ],
     ] {
         let (cpus, out) = cpus_of_ranks(None, 4, flags);
         out.assert_success();
@@ -154,6 +159,16 @@ fn overload_puts_several_ranks_on_each_core() {
             "{flags:?}: {out}"
         );
     }
+    // --oversubscribe alone is about slots: binding 4 ranks to 2 cores is refused, as Open MPI
+    // 4.1 refuses it, with the modifier that allows it.
+    let (cpus, out) = cpus_of_ranks(None, 4, &["--oversubscribe", "--bind-to", "core"]);
+    out.assert_code(2);
+    assert!(cpus.is_empty(), "{out}");
+    assert!(
+        out.stderr.contains("needs 4 cores for 4 rank(s)")
+            && out.stderr.contains("--bind-to core:overload-allowed"),
+        "{out}"
+    );
 }
 
 #[test]

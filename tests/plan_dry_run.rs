@@ -611,17 +611,15 @@ fn overload_caches_user_sets_and_rankfiles_under_each_launcher() {
         ],
         &[],
     );
-    assert!(
-        argv(&j).contains(" --bind-to core:overload-allowed "),
-        "{}",
-        argv(&j)
-    );
-    // The local launcher says when ranks may share cores.
+    assert!(argv(&j).contains(" --bind-to core "), "{}", argv(&j));
+    // The local launcher says when ranks may share cores: with overload-allowed only.
+    let out = text(&["--bind-to", "core:overload-allowed", &img, "hello"], &[]);
+    assert!(out.contains("several per core"), "{out}");
     let out = text(
         &["--oversubscribe", "--bind-to", "core", &img, "hello"],
         &[],
     );
-    assert!(out.contains("several per core"), "{out}");
+    assert!(!out.contains("several per core"), "{out}");
     // A rankfile: applied locally when it names this host only, warned once elsewhere.
     let rf = t.path().join("rankfile");
     std::fs::write(&rf, "rank 0=localhost slot=0\nrank 1=localhost slot=1\n").unwrap();

@@ -22,7 +22,7 @@ pub enum BindingError {
     #[error(
         "--bind-to {to} with {per_rank} per rank needs {need} {unit}s for {ranks} rank(s), but \
          this node lets the job use {have} ({cpus}); run fewer ranks, lower --cpus-per-rank, \
-         let ranks share {unit}s with --bind-to {to}:overload-allowed (or --oversubscribe), or \
+         let ranks share {unit}s with --bind-to {to}:overload-allowed, or \
          use --bind-to none"
     )]
     NotEnough {
@@ -159,7 +159,7 @@ impl NodeCpus {
 /// cache, socket, NUMA node or the machine, a rank gets every CPU of the objects its cores are
 /// in, and ranks beyond the cores wrap around (several ranks per socket is the point of socket
 /// binding). Bound to cores or hardware threads, each gets its own, and asking for more than
-/// there are is an error unless overload is allowed (`:overload-allowed`, `--oversubscribe`):
+/// there are is an error unless overload is allowed (`:overload-allowed`, not `--oversubscribe`):
 /// then ranks wrap around the cores as Open MPI does, several per core. `rr` gives each rank one
 /// CPU in the kernel's numbering, round-robin; `user:` sets are taken in turn.
 pub fn assign(
