@@ -53,12 +53,20 @@ fn all_cpus() -> String {
         .to_owned()
 }
 
+/// Whether the tests may use CPUs 0-1, the two cores of the test machine; says why not.
+fn two_cpus() -> bool {
+    let cpus = all_cpus();
+    if cpus != "0-1" {
+        eprintln!("skipped: this test expects CPUs 0-1, found {cpus}");
+    }
+    cpus == "0-1"
+}
+
 #[test]
 fn each_rank_gets_the_cpus_asked_for() {
     let _serial = exclusive();
     // The machine has two cores (CPUs 0 and 1).
-    if all_cpus() != "0-1" {
-        eprintln!("skipped: this test expects CPUs 0-1, found {}", all_cpus());
+    if !two_cpus() {
         return;
     }
     let (cpus, out) = cpus_of_ranks(None, 2, &["--bind-to", "core", "--report-bindings"]);
@@ -105,8 +113,7 @@ fn each_rank_gets_the_cpus_asked_for() {
 #[test]
 fn binding_stays_within_the_cpus_cmpirun_may_use() {
     let _serial = exclusive();
-    if all_cpus() != "0-1" {
-        eprintln!("skipped: this test expects CPUs 0-1, found {}", all_cpus());
+    if !two_cpus() {
         return;
     }
     // cmpirun may use CPU 1 only (as a cpuset or a Slurm step would leave it).
@@ -131,8 +138,7 @@ fn binding_stays_within_the_cpus_cmpirun_may_use() {
 #[test]
 fn overload_puts_several_ranks_on_each_core() {
     let _serial = exclusive();
-    if all_cpus() != "0-1" {
-        eprintln!("skipped: this test expects CPUs 0-1, found {}", all_cpus());
+    if !two_cpus() {
         return;
     }
     // Four ranks bound to cores on two: each rank one core, two ranks per core, as Open MPI
@@ -174,8 +180,7 @@ fn overload_puts_several_ranks_on_each_core() {
 #[test]
 fn hydra_s_cache_and_machine_objects_bind() {
     let _serial = exclusive();
-    if all_cpus() != "0-1" {
-        eprintln!("skipped: this test expects CPUs 0-1, found {}", all_cpus());
+    if !two_cpus() {
         return;
     }
     // This machine: one L3 over both cores, an L2 and an L1 per core.
@@ -205,8 +210,7 @@ fn rankfile(dir: &TuserDir, text: &str) -> String {
 #[test]
 fn a_rankfile_binds_each_rank_to_its_slots() {
     let _serial = exclusive();
-    if all_cpus() != "0-1" {
-        eprintln!("skipped: this test expects CPUs 0-1, found {}", all_cpus());
+    if !two_cpus() {
         return;
     }
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();

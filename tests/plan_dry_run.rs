@@ -57,6 +57,17 @@ fn image(dir: &Path) -> String {
     img.display().to_string()
 }
 
+/// The first command line of a JSON plan, its words joined by spaces.
+fn argv_line(j: &Value) -> String {
+    j["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn verdict(plan: &Value, name: &str) -> Vec<String> {
     plan["checks"]
         .as_array()
@@ -464,15 +475,7 @@ fn force_is_offered_only_where_it_helps() {
 fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
-    let joined = |j: &Value| -> String {
-        j["launcher"]["commands"][0]["argv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let joined = argv_line;
     let j = json(
         &["--bind-to", "socket", "--report-bindings", &img, "hello"],
         &SLURM,
@@ -521,15 +524,7 @@ fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
 fn overload_caches_user_sets_and_rankfiles_under_each_launcher() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
-    let argv = |j: &Value| -> String {
-        j["launcher"]["commands"][0]["argv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let argv = argv_line;
     let warnings = |j: &Value| j["warnings"].to_string();
     // srun: ranks may share CPUs only with --overcommit; user sets are masks; caches are
     // srun's nearest object, with one warning.
