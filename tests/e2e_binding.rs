@@ -224,13 +224,19 @@ fn a_rankfile_binds_each_rank_to_its_slots() {
     );
     let (cpus, out) = cpus_of_ranks(None, 3, &["--rankfile", &rf, "--report-bindings"]);
     out.assert_success();
-    assert_eq!(
-        cpus,
-        BTreeMap::from([(0, "1".into()), (1, "0".into()), (2, "0-1".into())]),
-        "{out}"
-    );
+    let want = BTreeMap::from([(0, "1".into()), (1, "0".into()), (2, "0-1".into())]);
+    assert_eq!(cpus, want, "{out}");
     assert!(out.stderr.contains(" bound to CPUs 0-1\n"), "{out}");
     assert!(!out.stderr.contains("WARN"), "{out}");
+    // Without -n the rankfile's ranks are the job, as in Open MPI.
+    let out = TuserCommand::cmpirun()
+        .timeout(Duration::from_secs(120))
+        .args(["--rankfile", &rf])
+        .arg(staged_image("mpich4"))
+        .args(["/bin/sh", "-c", SHOW])
+        .run();
+    out.assert_success();
+    assert_eq!(out.stdout.matches("cpus ").count(), 3, "{out}");
     // Another host under the local launcher, a core this node lacks, a rank without a line:
     // each refused before any rank starts, naming the file and line.
     for (text, n, message) in [

@@ -150,7 +150,14 @@ pub fn build(
         nodes::rankfile_hosts(spec, host)?;
     }
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
-    let apps = parts::parts(spec, images, &nodes)?;
+    // Without -n, an applied rankfile decides the job's size, as in Open MPI: its ranks.
+    let rankfile_ranks = spec
+        .binding
+        .rankfile
+        .as_ref()
+        .filter(|_| launcher.kind == LauncherKind::Local)
+        .and_then(|rf| rf.lines.iter().map(|l| l.rank.saturating_add(1)).max());
+    let apps = parts::parts(spec, images, &nodes, rankfile_ranks)?;
     let size = parts::job_size(&apps);
     if launcher.kind == LauncherKind::Hydra && spec.output_files.rank_width(size) > 1 {
         warnings.push(
