@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::jobspec::{
     AppSpec, BindSpec, BindTo, DryRunFormat, EnvInherit, EnvSetting, HostSlots, JobSpec,
-    LauncherKind, Mapping, MountBackendKind, OutputTag, PmiKind, VerifyPolicy,
+    LauncherKind, Mapping, MountBackendKind, OutputTag, PmiKind, Rankfile, RankfileLine,
+    VerifyPolicy,
 };
 
 /// What the command line asks for.
@@ -195,6 +196,9 @@ enum Act {
     BindToObject(BindTo),
     CpusPerRank,
     ReportBindings,
+    /// `--oversubscribe`: more ranks than slots, which the layout places anyway (binding more
+    /// ranks than cores still needs `:overload-allowed`, as in Open MPI).
+    Oversubscribe,
     /// Accepted, not acted on, with a warning that says why.
     Ignored(&'static str),
 }
@@ -264,13 +268,14 @@ const FLAGS: &[Flag] = &[
     Flag { names: &["--map-by", "-map-by"], arity: 1, act: Act::MapBy, what: "a mapping such as slot or node" },
     Flag { names: &["-rr", "--bynode", "-bynode"], arity: 0, act: Act::RoundRobin, what: "" },
     Flag { names: &["--byslot", "-byslot"], arity: 0, act: Act::Ignored("block mapping is already the default"), what: "" },
-    Flag { names: &["--bind-to", "-bind-to"], arity: 1, act: Act::BindTo, what: "core, socket, numa, hwthread or none" },
+    Flag { names: &["--bind-to", "-bind-to"], arity: 1, act: Act::BindTo, what: "core, socket, numa, hwthread, l3cache, machine or none" },
     Flag { names: &["--bind-to-core", "-bind-to-core"], arity: 0, act: Act::BindToObject(BindTo::Core), what: "" },
     Flag { names: &["--bind-to-socket", "-bind-to-socket"], arity: 0, act: Act::BindToObject(BindTo::Socket), what: "" },
     Flag { names: &["--cpus-per-rank", "-cpus-per-rank", "--cpus-per-proc", "-cpus-per-proc"], arity: 1, act: Act::CpusPerRank, what: "a number of cores" },
     Flag { names: &["--report-bindings", "-report-bindings"], arity: 0, act: Act::ReportBindings, what: "" },
     Flag { names: &["-binding", "--binding", "--rank-by", "-rank-by", "--npersocket", "-npersocket", "--ppr", "-ppr"], arity: 1, act: Act::Ignored(PLACEMENT), what: "a value" },
-    Flag { names: &["--oversubscribe", "-oversubscribe", "--nooversubscribe", "-nooversubscribe", "--use-hwthread-cpus", "-use-hwthread-cpus"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
+    Flag { names: &["--oversubscribe", "-oversubscribe"], arity: 0, act: Act::Oversubscribe, what: "" },
+    Flag { names: &["--nooversubscribe", "-nooversubscribe", "--use-hwthread-cpus", "-use-hwthread-cpus"], arity: 0, act: Act::Ignored(PLACEMENT), what: "" },
     Flag { names: &["--allow-run-as-root", "-allow-run-as-root"], arity: 0, act: Act::Ignored("cmpirun runs ranks as the calling user in any case"), what: "" },
     Flag { names: &["-q", "--quiet", "-quiet"], arity: 0, act: Act::Ignored("cmpirun prints only warnings and errors unless -v is given"), what: "" },
     Flag { names: &["-nameserver", "--nameserver"], arity: 1, act: Act::Ignored("cmpirun serves MPI_Publish_name within the job only, without an external name server"), what: "HOST:PORT" },
@@ -284,6 +289,8 @@ cmpirun: run an MPI program from a container image, one unprivileged container p
 Usage:
   cmpirun [flags] IMAGE PROGRAM [ARGS] [: [flags] IMAGE PROGRAM [ARGS]]...
   cmpirun profile show|check [--profile NAME|PATH] [--json]
+  cmpirun doctor [--profile NAME|PATH] [--json] [--no-smoke]
+                                   check that this node can run jobs (docs/doctor.md)
   cmpirun image|exec|shell ...     (see `cmpirun image --help`, ...)
 
 IMAGE is a SIF file, a squashfs file, a directory, or oras://HOST[:PORT]/REPO:TAG (or
@@ -307,10 +314,10 @@ Environment and directory:
 Output and control:
   --tag-output               prefix lines with [1,RANK]<stdout>:
   -l, -prepend-rank          prefix lines with [RANK]
-  --timestamp-output         prefix lines with the time they were read
+  --timestamp-output         prefix lines with the time they were read (Open MPI's form)
   -outfile-pattern PAT       each rank's stdout to a file (%r rank, %h host, %p node, %%)
   -errfile-pattern PAT       each rank's stderr to a file
-  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr
+  --output-filename DIR      Open MPI's DIR/1/rank.N/stdout and stderr (N zero-padded)
   --merge-stderr-to-stdout   each rank's stderr into its stdout
   -print-all-exitcodes       print how every rank ended
   --display-map              print the rank layout before the ranks start
@@ -336,12 +343,15 @@ cmpirun's own:
 
 CPU binding:
   --bind-to core|socket|numa|hwthread|none   bind each rank (local launcher; srun's and
-                             hydra's own binding under those launchers)
+                             hydra's own binding under those launchers); also hydra's
+                             l1cache..l3cache, machine, rr, user:0+2,1
+  --bind-to core:overload-allowed            let ranks share cores
   --cpus-per-rank N, --map-by OBJ:PE=N       cores per rank (binds to cores)
+  --rankfile FILE            Open MPI's rankfile: each rank's CPUs (local launcher)
   --report-bindings          print the CPUs each rank got
 
-Other placement flags of mpirun (--rank-by, --oversubscribe, ...) are accepted with a
-warning. See docs/launch.md.
+Other placement flags of mpirun (--rank-by, --ppr, ...) are accepted with a warning.
+See docs/launch.md.
 ";
 
 fn lookup(name: &str) -> Option<&'static Flag> {
@@ -674,6 +684,7 @@ impl Parser {
             Act::DisplayMap => self.spec.display_map = true,
             Act::BindToObject(to) => self.spec.binding.to = Some(to),
             Act::ReportBindings => self.spec.binding.report = true,
+            Act::Oversubscribe => {}
             Act::Ignored(why) => self.spec.warnings.push(format!("{name}: {why}")),
             _ => return Err(unknown(name)),
         }
@@ -795,34 +806,7 @@ impl Parser {
                 };
                 self.spec.launcher = Some(kind);
             }
-            Act::BindTo => {
-                // Modifiers (`core:overload-allowed`, hydra's `core:2`) tune what cmpirun does
-                // not do; hydra's count is the number of cores, as --cpus-per-rank.
-                let (object, modifier) = v.split_once(':').unwrap_or((v, ""));
-                let to = match object.to_ascii_lowercase().as_str() {
-                    "none" => BindTo::None,
-                    "hwthread" | "hwthreads" | "pu" => BindTo::Hwthread,
-                    "core" | "cores" => BindTo::Core,
-                    "socket" | "sockets" | "package" => BindTo::Socket,
-                    "numa" | "numanode" => BindTo::Numa,
-                    _ => {
-                        return Err(bad(
-                            name,
-                            v,
-                            "expected core, socket, numa, hwthread or none",
-                        ));
-                    }
-                };
-                self.spec.binding.to = Some(to);
-                if modifier.bytes().next().is_some_and(|b| b.is_ascii_digit()) {
-                    self.spec.binding.cpus_per_rank = Some(positive(name, modifier)?);
-                } else if !modifier.is_empty() {
-                    self.spec.warnings.push(format!(
-                        "{name} {v}: the modifier {modifier:?} is ignored; ranks are bound to {}",
-                        to.as_str()
-                    ));
-                }
-            }
+            Act::BindTo => self.bind_to(name, v)?,
             Act::CpusPerRank => self.spec.binding.cpus_per_rank = Some(positive(name, v)?),
             Act::OutfilePattern => {
                 self.spec.output_files.stdout = Some(file_pattern(name, v)?);
@@ -831,22 +815,28 @@ impl Parser {
                 self.spec.output_files.stderr = Some(file_pattern(name, v)?);
             }
             Act::OutputFilename => {
-                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute.
+                // Open MPI's layout: DIR/1/rank.N/stdout and stderr, DIR made absolute, N
+                // zero-padded to the digits of the job's size. Its `:nocopy` directive is what
+                // cmpirun does anyway (the files only).
+                let v = v
+                    .len()
+                    .checked_sub(":nocopy".len())
+                    .filter(|&at| v.is_char_boundary(at) && v[at..].eq_ignore_ascii_case(":nocopy"))
+                    .map_or(v, |at| &v[..at]);
                 let dir = std::path::absolute(nonempty_path(name, v)?)
                     .map_err(|e| bad(name, v, e.to_string()))?;
                 let dir = dir.to_string_lossy().replace('%', "%%");
                 self.spec.output_files.stdout = Some(format!("{dir}/1/rank.%r/stdout"));
                 self.spec.output_files.stderr = Some(format!("{dir}/1/rank.%r/stderr"));
+                self.spec.output_files.pad_rank = true;
             }
             Act::Rankfile => {
+                // Applied as CPU binding by the local launcher; the plan warns under the others
+                // and checks the hosts.
                 let path = PathBuf::from(v);
                 let text = read_flag_file(name, &path)?;
-                parse_rankfile(&path, &text)?;
-                self.spec.warnings.push(format!(
-                    "{name} {v}: cmpirun places ranks by its block or cyclic layout; the \
-                     rankfile's placement is not applied"
-                ));
-                self.spec.rankfile = Some(path);
+                let lines = parse_rankfile(&path, &text)?;
+                self.spec.binding.rankfile = Some(Rankfile { path, lines });
             }
             Act::Pmi => {
                 self.spec.pmi = Some(match v {
@@ -959,6 +949,95 @@ impl Parser {
     }
 }
 
+impl Parser {
+    /// `--bind-to OBJECT[:MODIFIERS]`, in Open MPI's and hydra's words. hydra's count (`core:2`)
+    /// is the cores of each rank, as `--cpus-per-rank`; Open MPI's `overload-allowed` lets ranks
+    /// share cores and `if-supported` is what cmpirun does anyway. Objects cmpirun does not bind
+    /// to (the neighbourhood of a device) are accepted with one warning and leave the ranks
+    /// unbound.
+    fn bind_to(&mut self, name: &str, v: &str) -> Result<(), CliError> {
+        let (object, modifier) = v.split_once(':').unwrap_or((v, ""));
+        let object = object.to_ascii_lowercase();
+        let cache = object
+            .strip_prefix('l')
+            .and_then(|rest| rest.strip_suffix("cache"))
+            .and_then(|rest| rest.trim_end_matches(['d', 'i', 'u']).parse::<u8>().ok());
+        let to = match (object.as_str(), cache) {
+            ("none", _) => BindTo::None,
+            ("hwthread" | "hwthreads" | "pu", _) => BindTo::Hwthread,
+            ("core" | "cores", _) => BindTo::Core,
+            ("socket" | "sockets" | "package", _) => BindTo::Socket,
+            ("numa" | "numanode", _) => BindTo::Numa,
+            ("machine" | "board", _) => BindTo::Machine,
+            ("rr", _) => BindTo::Rr,
+            ("user", _) => {
+                // hydra's user:0+2,1+4,3: one CPU set per rank, taken in turn.
+                let mut sets = Vec::new();
+                for set in modifier.split(',') {
+                    let cpus = set
+                        .split('+')
+                        .map(|c| c.trim().parse::<usize>())
+                        .collect::<Result<Vec<usize>, _>>()
+                        .map_err(|_| {
+                            bad(name, v, "expected user:CPU+CPU,CPU,... (hydra's form, such as user:0+2,1+4,3)")
+                        })?;
+                    sets.push(cpus);
+                }
+                self.spec.binding.user = sets;
+                self.spec.binding.to = Some(BindTo::User);
+                return Ok(());
+            }
+            (_, Some(1)) => BindTo::L1cache,
+            (_, Some(2)) => BindTo::L2cache,
+            (_, Some(3..=5)) => BindTo::L3cache,
+            (o, _) if is_device_object(o) => {
+                self.spec.warnings.push(format!(
+                    "{name} {v}: not applied: cmpirun does not bind to the neighbourhood of a \
+                     device; the ranks are not bound"
+                ));
+                return Ok(());
+            }
+            _ => {
+                return Err(bad(
+                    name,
+                    v,
+                    "expected core, socket, numa, hwthread, l1cache, l2cache, l3cache, machine, \
+                     rr, user:CPUS or none",
+                ));
+            }
+        };
+        self.spec.binding.to = Some(to);
+        let mut ignored = Vec::new();
+        for m in modifier.split(',').filter(|m| !m.is_empty()) {
+            if m.bytes().next().is_some_and(|b| b.is_ascii_digit()) {
+                self.spec.binding.cpus_per_rank = Some(positive(name, m)?);
+            } else if m.eq_ignore_ascii_case("overload-allowed") {
+                self.spec.binding.overload = true;
+            } else if !m.eq_ignore_ascii_case("if-supported") {
+                ignored.push(m);
+            }
+        }
+        if !ignored.is_empty() {
+            self.spec.warnings.push(format!(
+                "{name} {v}: the modifier {:?} is ignored; ranks are bound to {}",
+                ignored.join(","),
+                to.as_str()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// hydra's device objects: `pci:ID`, `gpu`, `gpu0`, `ib`, `ib0`, `en`, `eth1`, `hfi`.
+fn is_device_object(object: &str) -> bool {
+    object == "pci"
+        || ["gpu", "ib", "en", "eth", "hfi"].iter().any(|d| {
+            object
+                .strip_prefix(d)
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 /// Checks a hydra file name pattern: `%r`, `%h`, `%p`, `%g` and `%%` are its only `%` words.
 fn file_pattern(flag: &str, v: &str) -> Result<String, CliError> {
     if v.is_empty() {
@@ -977,21 +1056,10 @@ fn file_pattern(flag: &str, v: &str) -> Result<String, CliError> {
     Ok(v.to_owned())
 }
 
-/// One line of an Open MPI rankfile: `rank N=HOST slot=SPEC`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankfileLine {
-    /// The rank.
-    pub rank: u32,
-    /// The host it runs on.
-    pub host: String,
-    /// The slot specification (`0:1`, `1-2`, `0,2`), as written.
-    pub slot: String,
-}
-
 /// Parses an Open MPI rankfile (`rank N=HOST slot=SPEC` lines, `#` comments); errors name the
-/// file and line.
+/// file and line: a malformed line, a slot list that is not one, a rank named twice.
 pub fn parse_rankfile(path: &Path, text: &str) -> Result<Vec<RankfileLine>, CliError> {
-    let mut lines = Vec::new();
+    let mut lines: Vec<RankfileLine> = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -1018,11 +1086,24 @@ pub fn parse_rankfile(path: &Path, text: &str) -> Result<Vec<RankfileLine>, CliE
         if host.is_empty() || slot.is_empty() || words.next().is_some() {
             return Err(err("unexpected words"));
         }
-        lines.push(RankfileLine {
+        if let Some(first) = lines.iter().find(|l| l.rank == rank) {
+            return Err(err(&format!(
+                "rank {rank} is named on line {} already",
+                first.line
+            )));
+        }
+        let entry = RankfileLine {
+            line: n + 1,
             rank,
             host: host.to_owned(),
             slot: slot.to_owned(),
-        });
+        };
+        entry.slots().map_err(|m| {
+            err(&format!(
+                "slot={slot}: {m} (slots are SOCKET:CORES or CORES, `;` between them)"
+            ))
+        })?;
+        lines.push(entry);
     }
     Ok(lines)
 }

@@ -80,9 +80,6 @@ pub struct JobSpec {
     /// `--display-map`: print the rank layout before the ranks start.
     #[serde(default)]
     pub display_map: bool,
-    /// `--rankfile FILE` (Open MPI), read and checked but not applied.
-    #[serde(default)]
-    pub rankfile: Option<PathBuf>,
     /// `-bootstrap`/`-launcher ssh|rsh`: hydra's way of reaching the hosts, passed on to it.
     #[serde(default)]
     pub hydra_bootstrap: Option<String>,
@@ -104,6 +101,42 @@ pub struct BindingSpec {
     pub cpus_per_rank: Option<u32>,
     /// `--report-bindings`: print the CPUs each rank got.
     pub report: bool,
+    /// `--bind-to OBJ:overload-allowed`: more ranks than cores (or hardware threads) share
+    /// them, several per core, instead of being refused (as Open MPI, where `--oversubscribe`
+    /// alone does not allow it).
+    #[serde(default)]
+    pub overload: bool,
+    /// hydra's `-bind-to user:0+2,1+4,3`: the CPU sets ranks take in turn (rank `r` gets set
+    /// `r % len`), with [`BindTo::User`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user: Vec<Vec<usize>>,
+    /// `--rankfile FILE` (Open MPI): each rank's host and slots; applied as CPU binding by the
+    /// local launcher, in place of `to`.
+    #[serde(default)]
+    pub rankfile: Option<Rankfile>,
+}
+
+/// An Open MPI rankfile (`rank N=HOST slot=SPEC` lines), as read from its file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rankfile {
+    /// The file, as named on the command line.
+    pub path: PathBuf,
+    /// Its lines, in file order.
+    pub lines: Vec<RankfileLine>,
+}
+
+/// One line of an Open MPI rankfile: `rank N=HOST slot=SPEC`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankfileLine {
+    /// The line's number in the file (from 1).
+    pub line: usize,
+    /// The rank.
+    pub rank: u32,
+    /// The host it runs on.
+    pub host: String,
+    /// The slot list as written: `S:C` items (socket `S`, cores `C` of it: `0`, `0-2`, `0,2`,
+    /// `*`) or core lists (`1-2`), separated by `;`.
+    pub slot: String,
 }
 
 impl BindingSpec {
@@ -119,8 +152,68 @@ impl BindingSpec {
 
     /// Whether anything about binding was asked.
     pub fn asked(&self) -> bool {
-        self.to.is_some() || self.cpus_per_rank.is_some() || self.report
+        self.to.is_some() || self.cpus_per_rank.is_some() || self.report || self.rankfile.is_some()
     }
+}
+
+/// One item of a rankfile's slot list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotItem {
+    /// `S:C`: cores `C` of socket `S` (logical numbers, counted among the CPUs the job may
+    /// use); `None` for `S:*`, the whole socket.
+    SocketCores {
+        /// The socket.
+        socket: usize,
+        /// The cores of that socket.
+        cores: Option<Vec<usize>>,
+    },
+    /// `C`: cores of the node (logical numbers).
+    Cores(Vec<usize>),
+}
+
+impl RankfileLine {
+    /// The slot list as items: `;`-separated `S:C` or `C`, where `C` is `N`, `N-M`, a
+    /// comma-separated list of those, or (after `S:`) `*`. The error says what is wrong.
+    pub fn slots(&self) -> Result<Vec<SlotItem>, String> {
+        self.slot
+            .split(';')
+            .map(|item| match item.split_once(':') {
+                Some((socket, cores)) => Ok(SlotItem::SocketCores {
+                    socket: socket
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("the socket {socket:?} is not a number"))?,
+                    cores: if cores.trim() == "*" {
+                        None
+                    } else {
+                        Some(number_list(cores)?)
+                    },
+                }),
+                None => Ok(SlotItem::Cores(number_list(item)?)),
+            })
+            .collect()
+    }
+}
+
+/// `0`, `0-2`, `0,2,4-5`: a list of numbers with ranges, in the order written.
+pub fn number_list(text: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("{text:?} is not a list of numbers such as 0, 0-2 or 0,2");
+    let mut out = Vec::new();
+    for word in text.split(',') {
+        let word = word.trim();
+        match word.split_once('-') {
+            Some((a, b)) => {
+                let a: usize = a.parse().map_err(|_| bad())?;
+                let b: usize = b.parse().map_err(|_| bad())?;
+                if b < a || b - a > 65535 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(word.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
 }
 
 /// What a rank is bound to.
@@ -137,6 +230,19 @@ pub enum BindTo {
     Socket,
     /// The NUMA node of its cores.
     Numa,
+    /// The L1 cache of its cores (hydra's `l1cache`, `l1dcache`, ...).
+    L1cache,
+    /// The L2 cache of its cores.
+    L2cache,
+    /// The L3 cache of its cores (hydra's `l4cache` and `l5cache` too: the largest cache level
+    /// cmpirun binds to).
+    L3cache,
+    /// Every CPU of the node the job may use (hydra's `machine`, Open MPI's `board`).
+    Machine,
+    /// One CPU per rank in the kernel's numbering, round-robin (hydra's `rr`).
+    Rr,
+    /// The CPU sets of hydra's `user:0+2,1+4` ([`BindingSpec::user`]).
+    User,
 }
 
 impl BindTo {
@@ -148,6 +254,12 @@ impl BindTo {
             BindTo::Core => "core",
             BindTo::Socket => "socket",
             BindTo::Numa => "numa",
+            BindTo::L1cache => "l1cache",
+            BindTo::L2cache => "l2cache",
+            BindTo::L3cache => "l3cache",
+            BindTo::Machine => "machine",
+            BindTo::Rr => "rr",
+            BindTo::User => "user",
         }
     }
 }
@@ -160,12 +272,26 @@ pub struct OutputFiles {
     pub stdout: Option<String>,
     /// The file of each rank's standard error (`-errfile-pattern`).
     pub stderr: Option<String>,
+    /// `%r` zero-padded to as many digits as the job's size has (`rank.07` in a job of 12
+    /// ranks), as Open MPI 4.1 names the folders of `--output-filename`.
+    #[serde(default)]
+    pub pad_rank: bool,
 }
 
 impl OutputFiles {
     /// Whether any stream goes to a file.
     pub fn any(&self) -> bool {
         self.stdout.is_some() || self.stderr.is_some()
+    }
+
+    /// How many digits `%r` takes in a job of `size` ranks: the digits of `size` with
+    /// [`Self::pad_rank`], else none (as many as the rank has).
+    pub fn rank_width(&self, size: u32) -> usize {
+        if self.pad_rank {
+            size.to_string().len()
+        } else {
+            0
+        }
     }
 }
 

@@ -261,11 +261,12 @@ fn cmpirun_own_flags() {
 fn placement_flags_are_accepted_with_a_warning() {
     let cases: &[&[&str]] = &[
         &["--rank-by", "slot"],
-        &["--oversubscribe"],
-        &["-oversubscribe"],
+        &["--nooversubscribe"],
         &["--map-by", "ppr:2:socket"],
         &["--allow-run-as-root"],
-        &["--bind-to", "core:overload-allowed"],
+        &["--bind-to", "core:spread"],
+        &["-bind-to", "gpu"],
+        &["-bind-to", "pci:0000:01:00.0"],
     ];
     for flags in cases {
         let mut args = flags.to_vec();
@@ -273,6 +274,7 @@ fn placement_flags_are_accepted_with_a_warning() {
         let (j, stderr) = job(&args);
         let warning = j["warnings"][0].as_str().unwrap_or_default().to_owned();
         assert!(warning.starts_with(flags[0]), "{flags:?}: {warning}");
+        assert_eq!(j["warnings"].as_array().unwrap().len(), 1, "{flags:?}");
         assert!(
             stderr.contains("WARN") && stderr.contains(flags[0]),
             "{flags:?}: {stderr}"
@@ -316,6 +318,15 @@ fn help_and_version() {
             text.contains("IMAGE PROGRAM") && text.contains("--dry-run"),
             "{flag}"
         );
+        // The subcommands an admin and a user look for, and the binding flags.
+        for word in [
+            "cmpirun doctor",
+            "cmpirun profile",
+            "--rankfile",
+            "overload-allowed",
+        ] {
+            assert!(text.contains(word), "{flag}: {word}");
+        }
     }
     for flag in ["--version", "-V"] {
         let out = cmpirun(&[flag]);
@@ -530,7 +541,7 @@ fn output_and_exit_code_flags() {
     ]);
     assert_eq!(
         j["output_files"],
-        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%"})
+        serde_json::json!({"stdout": "out.%r", "stderr": "err.%h.%p.%g.%%", "pad_rank": false})
     );
     for key in [
         "merge_stderr",
@@ -548,6 +559,11 @@ fn output_and_exit_code_flags() {
     let (j, _) = job(&["--output-filename", "/x%y", "img.sif", "prog"]);
     assert_eq!(j["output_files"]["stdout"], "/x%%y/1/rank.%r/stdout");
     assert_eq!(j["output_files"]["stderr"], "/x%%y/1/rank.%r/stderr");
+    assert_eq!(j["output_files"]["pad_rank"], true);
+    // Open MPI's :nocopy directive is what cmpirun does: the files only.
+    let (j, stderr) = job(&["--output-filename", "/x:NOCOPY", "img.sif", "prog"]);
+    assert_eq!(j["output_files"]["stdout"], "/x/1/rank.%r/stdout");
+    assert!(!stderr.contains("WARN"), "{stderr}");
     let (j, _) = job(&["--output-filename", "rel", "img.sif", "prog"]);
     assert!(
         j["output_files"]["stdout"]
@@ -588,16 +604,33 @@ fn bootstrap_names_map_to_launchers() {
 }
 
 #[test]
-fn rankfiles_are_checked_and_warned_about() {
+fn rankfiles_are_read_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let rf = dir.path().join("rankfile");
-    std::fs::write(&rf, "# two ranks\nrank 0=n1 slot=0\nrank 1=n1 slot=1:0-1\n").unwrap();
+    std::fs::write(
+        &rf,
+        "# two ranks\nrank 0=n1 slot=0\nrank 1=n1 slot=1:0-1;0:*\n",
+    )
+    .unwrap();
     let p = rf.to_str().unwrap();
     let (j, stderr) = job(&["--rankfile", p, "img.sif", "prog"]);
-    assert_eq!(j["rankfile"], p);
-    assert!(
-        stderr.contains("--rankfile") && stderr.contains("not applied"),
-        "{stderr}"
+    let read = &j["binding"]["rankfile"];
+    assert_eq!(read["path"], p);
+    assert_eq!(
+        read["lines"][1],
+        serde_json::json!({"line": 3, "rank": 1, "host": "n1", "slot": "1:0-1;0:*"})
+    );
+    // Whether it applies depends on the launcher: the plan says (tests/plan_dry_run.rs).
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    std::fs::write(&rf, "rank 0=n1 slot=0\nrank 0=n1 slot=1\n").unwrap();
+    usage_error(
+        &["--rankfile", p, "img.sif", "prog"],
+        &[&format!("{p}:2:"), "rank 0 is named on line 1 already"],
+    );
+    std::fs::write(&rf, "rank 0=n1 slot=0:x\n").unwrap();
+    usage_error(
+        &["--rankfile", p, "img.sif", "prog"],
+        &[&format!("{p}:1:"), "slot=0:x", "SOCKET:CORES"],
     );
     std::fs::write(&rf, "rank 0=n1 slot=0\nrank x=n1 slot=1\n").unwrap();
     usage_error(
@@ -622,6 +655,20 @@ fn binding_flags() {
         (&["-bind-to", "core:2"], "core", Value::from(2)),
         (&["--bind-to-core"], "core", Value::Null),
         (&["--bind-to-socket"], "socket", Value::Null),
+        (&["--bind-to", "core:overload-allowed"], "core", Value::Null),
+        (
+            &["--bind-to", "core:overload-allowed,if-supported"],
+            "core",
+            Value::Null,
+        ),
+        (&["-bind-to", "l1cache"], "l1cache", Value::Null),
+        (&["-bind-to", "l2ucache"], "l2cache", Value::Null),
+        (&["-bind-to", "l3cache"], "l3cache", Value::Null),
+        (&["-bind-to", "l4cache"], "l3cache", Value::Null),
+        (&["-bind-to", "machine"], "machine", Value::Null),
+        (&["--bind-to", "board"], "machine", Value::Null),
+        (&["-bind-to", "rr"], "rr", Value::Null),
+        (&["-bind-to", "user:0+2,1"], "user", Value::Null),
     ] {
         let mut args = flags.to_vec();
         args.extend(["img.sif", "prog"]);
@@ -645,9 +692,30 @@ fn binding_flags() {
     let (j, stderr) = job(&["--map-by", "slot:PE=2", "img.sif", "prog"]);
     assert_eq!(j["mapping"], "block");
     assert!(!stderr.contains("WARN"), "{stderr}");
+    let overload = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["img.sif", "prog"]);
+        job(&all).0["binding"]["overload"].clone()
+    };
+    assert_eq!(overload(&["--bind-to", "core:overload-allowed"]), true);
+    // As in Open MPI, --oversubscribe is about slots (which the layout wraps anyway), not
+    // about binding several ranks to a core: accepted without a warning, no overload.
+    assert_eq!(overload(&["--oversubscribe"]), false);
+    assert_eq!(overload(&["-oversubscribe", "--bind-to", "core"]), false);
+    assert_eq!(
+        job(&["--oversubscribe", "img.sif", "prog"]).0["warnings"],
+        serde_json::json!([])
+    );
+    assert_eq!(overload(&["--bind-to", "core"]), false);
+    let (j, _) = job(&["-bind-to", "user:0+2,1", "img.sif", "prog"]);
+    assert_eq!(j["binding"]["user"], serde_json::json!([[0, 2], [1]]));
     usage_error(
         &["--bind-to", "l3", "img.sif", "prog"],
         &["--bind-to", "l3"],
+    );
+    usage_error(
+        &["-bind-to", "user:0+x", "img.sif", "prog"],
+        &["-bind-to", "user:0+x"],
     );
     usage_error(
         &["--cpus-per-rank", "0", "img.sif", "prog"],

@@ -470,7 +470,9 @@ fn an_mpi_rank_without_libfabric_fails_a_job_that_expects_the_provider() {
                  host libfabric {}; the job was ended because it expects the host's provider \
                  (--expect-provider tcp): make the image's MPI use libfabric",
                 host.display()
-            )) && bad.stderr.contains("--no-inject"),
+            )) && bad.stderr.contains(
+                "or, if the image's own transport is intended, run without --expect-provider tcp"
+            ),
             "{launcher}: {bad}"
         );
         // Not an MPI program: no PMI, not failed.
@@ -558,7 +560,12 @@ fn a_job_without_libfabric_warns_unless_the_profile_requires_it() {
              libfabric"
         ) && ended
             .stderr
-            .contains("(profile required's fabric.required)"),
+            .contains("(profile required's fabric.required)")
+            && ended.stderr.contains(&format!(
+                "or, if the image's own transport is intended, run with --no-inject (profile \
+                 required requires the host's provider: fabric.required in {})",
+                required.display()
+            )),
         "{ended}"
     );
     assert_no_leftovers(&before, &[warned.tag.as_str(), ended.tag.as_str()]);

@@ -57,6 +57,17 @@ fn image(dir: &Path) -> String {
     img.display().to_string()
 }
 
+/// The first command line of a JSON plan, its words joined by spaces.
+fn argv_line(j: &Value) -> String {
+    j["launcher"]["commands"][0]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn verdict(plan: &Value, name: &str) -> Vec<String> {
     plan["checks"]
         .as_array()
@@ -383,6 +394,42 @@ fn output_flags_reach_srun_and_hydra_or_warn_once() {
     let j = json(&args, &[]);
     assert_eq!(j["launcher"]["kind"], "local");
     assert_eq!(j["warnings"], serde_json::json!([]));
+    // Open MPI's --output-filename pads the rank to the digits of the job's size: srun's %2t;
+    // hydra cannot, and says so once.
+    let j = json(
+        &["-n", "12", "--output-filename", "/o", &img, "hello"],
+        &SLURM,
+    );
+    let a = argv(&j);
+    assert!(
+        a.contains(&"--output=/o/1/rank.%2t/stdout".to_owned()),
+        "{a:?}"
+    );
+    let j = json(
+        &["-n", "9", "--output-filename", "/o", &img, "hello"],
+        &SLURM,
+    );
+    assert!(argv(&j).contains(&"--output=/o/1/rank.%t/stdout".to_owned()));
+    let hydra = |n: &str| {
+        json(
+            &[
+                "--launcher",
+                "hydra",
+                "-H",
+                "a",
+                "-n",
+                n,
+                "--output-filename",
+                "/o",
+                &img,
+                "hello",
+            ],
+            &[],
+        )["warnings"]
+            .to_string()
+    };
+    assert!(hydra("12").contains("without Open MPI's zero padding"));
+    assert!(!hydra("2").contains("padding"));
 }
 
 #[test]
@@ -428,15 +475,7 @@ fn force_is_offered_only_where_it_helps() {
 fn binding_is_srun_s_or_hydra_s_under_those_launchers() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
-    let joined = |j: &Value| -> String {
-        j["launcher"]["commands"][0]["argv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let joined = argv_line;
     let j = json(
         &["--bind-to", "socket", "--report-bindings", &img, "hello"],
         &SLURM,
@@ -537,5 +576,134 @@ fn node_state_shows_where_each_node_keeps_it() {
     assert_eq!(
         j["mount"]["node_state"][0]["path"],
         format!("/tmp/cmpirun-{uid}")
+    );
+}
+
+#[test]
+fn overload_caches_user_sets_and_rankfiles_under_each_launcher() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let argv = argv_line;
+    let warnings = |j: &Value| j["warnings"].to_string();
+    // srun: ranks may share CPUs only with --overcommit; user sets are masks; caches are
+    // srun's nearest object, with one warning.
+    let j = json(
+        &["--bind-to", "core:overload-allowed", &img, "hello"],
+        &SLURM,
+    );
+    assert!(
+        argv(&j).contains(" --cpu-bind=cores --overcommit "),
+        "{}",
+        argv(&j)
+    );
+    assert_eq!(warnings(&j), "[]");
+    let j = json(&["-bind-to", "user:0+2,1+4,3", &img, "hello"], &SLURM);
+    assert!(
+        argv(&j).contains(" --cpu-bind=mask_cpu:0x5,0x12,0x8 "),
+        "{}",
+        argv(&j)
+    );
+    let j = json(&["-bind-to", "l3cache", &img, "hello"], &SLURM);
+    assert!(argv(&j).contains(" --cpu-bind=sockets "), "{}", argv(&j));
+    assert!(
+        warnings(&j).contains("srun binds to no cache"),
+        "{}",
+        warnings(&j)
+    );
+    // hydra: its own names.
+    for (bind, passed) in [
+        ("user:0+2,1", "user:0+2,1"),
+        ("l2dcache", "l2cache"),
+        ("machine", "machine"),
+        ("rr", "rr"),
+    ] {
+        let j = json(
+            &[
+                "--launcher",
+                "hydra",
+                "-H",
+                "a,b",
+                "-bind-to",
+                bind,
+                &img,
+                "hello",
+            ],
+            &[],
+        );
+        assert!(
+            argv(&j).contains(&format!(" -bind-to {passed} ")),
+            "{}",
+            argv(&j)
+        );
+        assert_eq!(warnings(&j), "[]", "{bind}");
+    }
+    // mpirun: Open MPI's modifier and names.
+    for (bind, passed) in [
+        ("core:overload-allowed", "core:overload-allowed"),
+        ("board", "board"),
+        ("l3cache", "l3cache"),
+    ] {
+        let j = json(
+            &["--launcher", "mpirun", "--bind-to", bind, &img, "hello"],
+            &[],
+        );
+        assert!(
+            argv(&j).contains(&format!(" --bind-to {passed} ")),
+            "{}",
+            argv(&j)
+        );
+    }
+    let j = json(
+        &[
+            "--launcher",
+            "mpirun",
+            "--oversubscribe",
+            "--bind-to",
+            "core",
+            &img,
+            "hello",
+        ],
+        &[],
+    );
+    assert!(argv(&j).contains(" --bind-to core "), "{}", argv(&j));
+    // The local launcher says when ranks may share cores: with overload-allowed only.
+    let out = text(&["--bind-to", "core:overload-allowed", &img, "hello"], &[]);
+    assert!(out.contains("several per core"), "{out}");
+    let out = text(
+        &["--oversubscribe", "--bind-to", "core", &img, "hello"],
+        &[],
+    );
+    assert!(!out.contains("several per core"), "{out}");
+    // A rankfile: applied locally when it names this host only, warned once elsewhere.
+    let rf = t.path().join("rankfile");
+    std::fs::write(&rf, "rank 0=localhost slot=0\nrank 1=localhost slot=1\n").unwrap();
+    let rf = rf.to_str().unwrap();
+    let out = text(&["-n", "2", "--rankfile", rf, &img, "hello"], &[]);
+    assert!(
+        out.contains("binding: ranks bound to the slots of the rankfile: by cmpirun"),
+        "{out}"
+    );
+    let j = json(&["--rankfile", rf, &img, "hello"], &SLURM);
+    let w = warnings(&j);
+    assert!(
+        w.matches("--rankfile").count() == 1 && w.contains("not applied under the slurm launcher"),
+        "{w}"
+    );
+    std::fs::write(
+        t.path().join("rankfile"),
+        "rank 0=localhost slot=0\nrank 1=elsewhere slot=1\n",
+    )
+    .unwrap();
+    let out = run(
+        &["--dry-run", "-n", "2", "--rankfile", rf, &img, "hello"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{rf}:2: rank 1 is placed on elsewhere, which is not this host"
+        )),
+        "{stderr}"
     );
 }

@@ -40,6 +40,21 @@ fn open_mpi_under_pmi2_is_refused_before_launch() {
         "{out}"
     );
     assert!(!out.stdout.contains("hello:"), "nothing may start: {out}");
+    // hydra serves no PMIx: the way out named is one that serves it, not --pmi pmix.
+    let out = TuserCommand::cmpirun()
+        .timeout(Duration::from_secs(60))
+        .args(["--launcher", "hydra", "-H", "localhost", "-n", "2"])
+        .arg(staged_image("openmpi4"))
+        .arg("/usr/local/bin/hello")
+        .run();
+    assert_eq!(out.status.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("needs a PMIx server")
+            && out.stderr.contains("--launcher mpirun")
+            && !out.stderr.contains("--pmi pmix ("),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("hello:"), "nothing may start: {out}");
 }
 
 #[test]

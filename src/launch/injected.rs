@@ -42,6 +42,9 @@ pub struct InjectedLibfabric {
     pub required: bool,
     /// Where the expectation comes from, for the message (`--expect-provider tcp`).
     expected: String,
+    /// What lets a job whose image's own transport is intended run: dropping
+    /// `--expect-provider`, or, when the profile requires the provider, `--no-inject`.
+    own_transport: String,
     /// The profile's name and file, for the warning that says how to require the provider.
     profile: (String, String),
 }
@@ -65,6 +68,26 @@ fn is_libfabric(path: &str) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with("libfabric.so"))
 }
 
+/// What a job whose MPI rank loaded no libfabric while the host's provider is required runs
+/// with when the image's own transport is intended: without `--expect-provider`, the job would
+/// go on, unless the profile requires the provider (`fabric.required`); then only
+/// `--no-inject` (nothing injected, nothing checked) lets it run.
+fn own_transport(
+    expect_provider: Option<&str>,
+    profile_requires: bool,
+    profile: &str,
+    file: &Path,
+) -> String {
+    match expect_provider {
+        Some(p) if !profile_requires => format!("run without --expect-provider {p}"),
+        _ => format!(
+            "run with --no-inject (profile {profile} requires the host's provider: \
+             fabric.required in {})",
+            file.display()
+        ),
+    }
+}
+
 impl InjectedLibfabric {
     /// The host libfabric `plan` injects, if it injects one whose file can be read here.
     pub fn from_plan(plan: &LaunchPlan) -> Option<InjectedLibfabric> {
@@ -84,7 +107,14 @@ impl InjectedLibfabric {
             None => format!("profile {}'s fabric.providers", plan.profile.name),
         };
         let explicit = plan.job.expect_provider.is_some();
+        let own_transport = own_transport(
+            plan.job.expect_provider.as_deref(),
+            has_check(REQUIRED_CHECK),
+            &plan.profile.name,
+            &plan.profile.file,
+        );
         Some(InjectedLibfabric {
+            own_transport,
             source: bind.source.clone(),
             meta,
             strict: explicit || has_check("fabric-providers") || has_check(REQUIRED_CHECK),
@@ -178,6 +208,7 @@ impl InjectedLibfabric {
                 rank,
                 host: self.source.clone(),
                 expected: self.expected.clone(),
+                own_transport: self.own_transport.clone(),
             }),
             _ => None,
         }
@@ -470,8 +501,37 @@ mod tests {
             strict,
             required: strict,
             expected: "--expect-provider tcp".into(),
+            own_transport: "run without --expect-provider tcp".into(),
             profile: ("ib".into(), "/etc/cmpirun/profiles.d/ib.yaml".into()),
         }
+    }
+
+    /// The way out offered when a rank loaded no libfabric is one that lets the job run: not
+    /// --no-inject while --expect-provider would still end it, not "without" a profile setting.
+    #[test]
+    fn the_way_out_for_an_image_s_own_transport_helps() {
+        let file = Path::new("/etc/cmpirun/profiles.d/ib.yaml");
+        assert_eq!(
+            own_transport(Some("tcp"), false, "ib", file),
+            "run without --expect-provider tcp"
+        );
+        let required = "run with --no-inject (profile ib requires the host's provider: \
+                        fabric.required in /etc/cmpirun/profiles.d/ib.yaml)";
+        assert_eq!(own_transport(None, true, "ib", file), required);
+        assert_eq!(own_transport(Some("tcp"), true, "ib", file), required);
+        let line = injected(true)
+            .job_end(1, &Finding::NoLibfabric, true)
+            .unwrap()
+            .message(2)
+            .unwrap();
+        assert!(
+            line.ends_with(
+                "(--expect-provider tcp): make the image's MPI use libfabric (MPICH: -x \
+                 MPIR_CVAR_CH4_NETMOD=ofi, with FI_PROVIDER), or, if the image's own transport \
+                 is intended, run without --expect-provider tcp"
+            ),
+            "{line}"
+        );
     }
 
     /// A mapping of `path` on the host file's device (minor + `other_minor`), inode `inode`

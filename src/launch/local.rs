@@ -87,6 +87,9 @@ fn rank_cpus(plan: &LaunchPlan) -> Result<Vec<Option<Vec<usize>>>, LaunchError> 
     }
     let node = binding::NodeCpus::read()?;
     let cpus = binding::assign(spec, &node, size)?;
+    if let Some(note) = binding::overload_note(spec, &node, size) {
+        tracing::info!("{note}");
+    }
     if spec.report {
         let host = plan
             .layout
@@ -415,7 +418,7 @@ fn start_ranks(
             rank_pipes.push(Pipe {
                 fd,
                 buf: LineBuffer::new(tag(plan.job.output_tag, rank, stream))
-                    .with_timestamps(plan.job.timestamp_output),
+                    .with_timestamps(plan.job.timestamp_output, stream),
                 dest: files.dest(plan, rank, stream)?,
             });
         }
@@ -460,7 +463,8 @@ impl OutputFiles {
             .nodes
             .get(node as usize)
             .map_or("localhost", |n| n.name.as_str());
-        let path = std::path::PathBuf::from(expand_pattern(pattern, rank, host, node));
+        let width = plan.job.output_files.rank_width(plan.layout.size);
+        let path = std::path::PathBuf::from(expand_pattern(pattern, rank, width, host, node));
         if let Some(file) = self.open.get(&path) {
             return Ok(Dest::File(file.clone()));
         }

@@ -26,13 +26,7 @@ pub enum Stream {
 pub fn tag(style: OutputTag, rank: u32, stream: Stream) -> String {
     match style {
         OutputTag::None => String::new(),
-        OutputTag::TagOutput => format!(
-            "[1,{rank}]<{}>:",
-            match stream {
-                Stream::Stdout => "stdout",
-                Stream::Stderr => "stderr",
-            }
-        ),
+        OutputTag::TagOutput => format!("[1,{rank}]<{}>:", stream.word()),
         OutputTag::PrependRank => format!("[{rank}] "),
     }
 }
@@ -56,16 +50,20 @@ impl LineBuffer {
         }
     }
 
-    /// The same, each line also starting with `[TIME] ` (UTC, RFC 3339 with milliseconds).
-    pub fn with_timestamps(mut self, on: bool) -> LineBuffer {
+    /// The same, each line of `stream` also starting with the local time in Open MPI's
+    /// `--timestamp-output` form (`Sun Dec  6 17:15:58 2026`, C's `ctime`), followed by the tag,
+    /// or by Open MPI's `<stdout>:`/`<stderr>:` when there is none.
+    pub fn with_timestamps(mut self, on: bool, stream: Stream) -> LineBuffer {
         self.timestamps = on;
+        if on && self.prefix.is_empty() {
+            self.prefix = format!("<{}>:", stream.word()).into_bytes();
+        }
         self
     }
 
     fn start_line(&self, out: &mut Vec<u8>) {
         if self.timestamps {
-            let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-            out.extend_from_slice(format!("[{now}] ").as_bytes());
+            out.extend_from_slice(ctime_now().as_bytes());
         }
         out.extend_from_slice(&self.prefix);
     }
@@ -146,7 +144,55 @@ pub fn write_out(stream: Stream, data: &[u8]) -> bool {
     !matches!(written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+/// The local time as C's `ctime` writes it, without its newline: `Sun Dec  6 17:15:58 2026`
+/// (Open MPI's `--timestamp-output`); UTC if the local time cannot be had.
+pub fn ctime_now() -> String {
+    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = libc::time_t::try_from(now).unwrap_or(0);
+    // SAFETY: `tm` is plain data that localtime_r fills in (all zeros is a valid value for it);
+    // both pointers are to live locals, and localtime_r (unlike localtime) keeps no pointer.
+    let (tm, ok) = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        let ok =
+            !libc::localtime_r(&t, &mut tm).is_null() || !libc::gmtime_r(&t, &mut tm).is_null();
+        (tm, ok)
+    };
+    if !ok {
+        return humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    }
+    let pick = |names: &[&'static str], i: libc::c_int| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| names.get(i).copied())
+            .unwrap_or("???")
+    };
+    format!(
+        "{} {} {:2} {:02}:{:02}:{:02} {}",
+        pick(&DAYS, tm.tm_wday),
+        pick(&MONTHS, tm.tm_mon),
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        i64::from(tm.tm_year) + 1900
+    )
+}
+
 impl Stream {
+    /// `stdout` or `stderr`, as tags write them.
+    pub fn word(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
     /// `standard output` or `standard error`, for messages.
     pub fn name(self) -> &'static str {
         match self {
@@ -199,18 +245,42 @@ mod tests {
 
     #[test]
     fn timestamped_lines() {
-        let mut b = LineBuffer::new("[0] ".into()).with_timestamps(true);
+        // Open MPI's form: ctime, then the tag.
+        let mut b = LineBuffer::new(tag(OutputTag::TagOutput, 0, Stream::Stdout))
+            .with_timestamps(true, Stream::Stdout);
         let mut out = Vec::new();
         b.push(b"a\nb", &mut out);
         b.finish(&mut out);
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(
-            lines[0].starts_with('[') && lines[0].ends_with("Z] [0] a"),
-            "{text}"
-        );
-        assert!(lines[1].ends_with("Z] [0] b"), "{text}");
+        assert_eq!(&lines[0][24..], "[1,0]<stdout>:a", "{text}");
+        assert_eq!(&lines[1][24..], "[1,0]<stdout>:b", "{text}");
+        assert!(is_ctime(&lines[0][..24]), "{text}");
+        // Untagged: Open MPI's stream tag after the time.
+        let mut b = LineBuffer::new(String::new()).with_timestamps(true, Stream::Stderr);
+        let mut out = Vec::new();
+        b.push(b"e\n", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(&text[24..], "<stderr>:e\n", "{text}");
+        assert!(is_ctime(&text[..24]), "{text}");
+        // Without timestamps, an untagged line is the rank's own bytes.
+        let mut b = LineBuffer::new(String::new()).with_timestamps(false, Stream::Stdout);
+        let mut out = Vec::new();
+        b.push(b"e\n", &mut out);
+        assert_eq!(out, b"e\n");
+    }
+
+    /// `Sun Dec  6 17:15:58 2026`.
+    fn is_ctime(s: &str) -> bool {
+        let b = s.as_bytes();
+        s.len() == 24
+            && b[3] == b' '
+            && b[7] == b' '
+            && b[13] == b':'
+            && b[16] == b':'
+            && b[19] == b' '
+            && s[20..].bytes().all(|c| c.is_ascii_digit())
     }
 
     #[test]

@@ -105,6 +105,9 @@ pub enum JobEnd {
         host: String,
         /// Where the expectation comes from (`--expect-provider tcp`, or the profile's).
         expected: String,
+        /// What to run with when the image's own transport is intended (`run without
+        /// --expect-provider tcp`, or `run with --no-inject` when the profile requires it).
+        own_transport: String,
     },
     /// A rank loaded an MPI library, never spoke to the job's PMI server and exited with 0: it
     /// ran MPI as a singleton, a world of one, not as one of the job's ranks
@@ -259,12 +262,13 @@ impl JobEnd {
                 rank,
                 host,
                 expected,
+                own_transport,
             } => format!(
                 "rank {rank} of {size} spoke PMI but loaded no libfabric (its MPI used another \
                  transport), not the host libfabric {host}; the job was ended because it expects \
                  the host's provider ({expected}): make the image's MPI use libfabric (MPICH: -x \
-                 MPIR_CVAR_CH4_NETMOD=ofi, with FI_PROVIDER), or run with --no-inject and without \
-                 {expected}"
+                 MPIR_CVAR_CH4_NETMOD=ofi, with FI_PROVIDER), or, if the image's own transport \
+                 is intended, {own_transport}"
             ),
             JobEnd::Singleton { rank, library } => format!(
                 "rank {rank} of {size} loaded the MPI library {library} but never spoke to the \

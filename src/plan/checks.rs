@@ -84,9 +84,15 @@ fn mpi_family_check(image: &ImageSummary, kind: LauncherKind, pmi: PmiKind) -> O
                 name: "mpi-family".into(),
                 verdict: Verdict::Fail,
                 message: format!(
-                    "{img}: Open MPI ({lib}) needs a PMIx server, and the {} launcher serves {}: every rank would run as a singleton (a world of 1); launch it with --pmi pmix (the local launcher serves PMIx through the host's libpmix), or inside a Slurm allocation (--launcher slurm --pmi pmix)",
+                    "{img}: Open MPI ({lib}) needs a PMIx server, and the {} launcher serves {}: every rank would run as a singleton (a world of 1); {}, or inside a Slurm allocation (--launcher slurm --pmi pmix)",
                     kind.as_str(),
-                    pmi.as_str()
+                    pmi.as_str(),
+                    // --pmi pmix helps only where the launcher can serve it: hydra cannot.
+                    if kind == LauncherKind::Hydra {
+                        "hydra serves no PMIx: launch it with --launcher mpirun (Open MPI's mpirun serves PMIx, with the same -H/-f hosts)"
+                    } else {
+                        "launch it with --pmi pmix (the local launcher serves PMIx through the host's libpmix)"
+                    }
                 ),
             }
         } else if family == "openmpi" && pmi != PmiKind::Pmix {

@@ -135,16 +135,28 @@ fn mpiexec_name(profile: &SiteProfile) -> String {
         .unwrap_or_else(|| "mpiexec.hydra".into())
 }
 
-/// srun's words for `binding`: `--cpu-bind=[verbose,]TYPE` and `--cpus-per-task=N`.
+/// srun's words for `binding`: `--cpu-bind=[verbose,]TYPE`, `--cpus-per-task=N` and, when
+/// ranks may share cores, `--overcommit`. srun has no cache binding: L1 and L2 caches become
+/// cores, L3 sockets ([`unapplied_binding`] says so).
 fn srun_binding(binding: &BindingSpec) -> Vec<String> {
     let mut args = Vec::new();
     let kind = match binding.effective() {
         BindTo::None if binding.to.is_none() => None,
-        BindTo::None => Some("none"),
-        BindTo::Hwthread => Some("threads"),
-        BindTo::Core => Some("cores"),
-        BindTo::Socket => Some("sockets"),
-        BindTo::Numa => Some("ldoms"),
+        BindTo::None => Some("none".to_owned()),
+        BindTo::Hwthread | BindTo::Rr => Some("threads".to_owned()),
+        BindTo::Core | BindTo::L1cache | BindTo::L2cache => Some("cores".to_owned()),
+        BindTo::Socket | BindTo::L3cache => Some("sockets".to_owned()),
+        BindTo::Numa => Some("ldoms".to_owned()),
+        BindTo::Machine => Some("boards".to_owned()),
+        BindTo::User => Some(format!(
+            "mask_cpu:{}",
+            binding
+                .user
+                .iter()
+                .map(|s| hex_mask(s))
+                .collect::<Vec<_>>()
+                .join(",")
+        )),
     };
     match (binding.report, kind) {
         (true, Some(k)) => args.push(format!("--cpu-bind=verbose,{k}")),
@@ -155,21 +167,50 @@ fn srun_binding(binding: &BindingSpec) -> Vec<String> {
     if let Some(n) = binding.cpus_per_rank {
         args.push(format!("--cpus-per-task={n}"));
     }
+    if binding.overload {
+        args.push("--overcommit".to_owned());
+    }
     args
 }
 
+/// `0x5` for CPUs 0 and 2: a CPU set as the hexadecimal mask srun's `mask_cpu:` takes.
+fn hex_mask(cpus: &[usize]) -> String {
+    let top = cpus.iter().max().map_or(0, |&c| c / 4);
+    let digits: String = (0..=top)
+        .rev()
+        .map(|nibble| {
+            let bits = (0..4)
+                .filter(|b| cpus.contains(&(nibble * 4 + b)))
+                .fold(0u32, |a, b| a | 1 << b);
+            char::from_digit(bits, 16).unwrap_or('0')
+        })
+        .collect();
+    format!("0x{digits}")
+}
+
 /// hydra's `-bind-to OBJECT[:N]`: `N` objects per rank, so cores or hardware threads per rank
-/// (`--cpus-per-rank`) go there only when the object is a core or a hardware thread.
+/// (`--cpus-per-rank`) go there only when the object is a core or a hardware thread; `user:`
+/// sets in hydra's form. hydra wraps ranks around the objects itself (overload).
 fn hydra_binding(binding: &BindingSpec) -> String {
     let to = binding.effective();
     match binding.cpus_per_rank {
+        _ if to == BindTo::User => format!(
+            "user:{}",
+            binding
+                .user
+                .iter()
+                .map(|s| s.iter().map(usize::to_string).collect::<Vec<_>>().join("+"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         Some(n) if matches!(to, BindTo::Core | BindTo::Hwthread) => format!("{}:{n}", to.as_str()),
         _ => to.as_str().to_owned(),
     }
 }
 
-/// Open MPI mpirun's binding flags: `--bind-to OBJECT`, `--map-by slot|node:PE=N` for several
-/// CPUs per rank, `--report-bindings`.
+/// Open MPI mpirun's binding flags: `--bind-to OBJECT[:overload-allowed]`, `--map-by
+/// slot|node:PE=N` for several CPUs per rank, `--report-bindings`. Its names: `board` for the
+/// machine, hardware threads for `rr`; `user:` sets are not passed ([`unapplied_binding`]).
 fn mpirun_binding(binding: &BindingSpec, mapping: Mapping) -> Vec<String> {
     let mut argv = Vec::new();
     if let Some(n) = binding.cpus_per_rank {
@@ -181,15 +222,62 @@ fn mpirun_binding(binding: &BindingSpec, mapping: Mapping) -> Vec<String> {
         argv.extend(["--map-by".to_owned(), format!("{by}:PE={n}")]);
     }
     if binding.to.is_some() || binding.cpus_per_rank.is_some() {
-        argv.extend([
-            "--bind-to".to_owned(),
-            binding.effective().as_str().to_owned(),
-        ]);
+        let object = match binding.effective() {
+            BindTo::Machine => "board",
+            BindTo::Rr => "hwthread",
+            BindTo::User => "none",
+            to => to.as_str(),
+        };
+        let overload = if binding.overload || binding.effective() == BindTo::Rr {
+            ":overload-allowed"
+        } else {
+            ""
+        };
+        argv.extend(["--bind-to".to_owned(), format!("{object}{overload}")]);
     }
     if binding.report {
         argv.push("--report-bindings".to_owned());
     }
     argv
+}
+
+/// One warning for each binding request `kind` does not apply as asked: a rankfile outside the
+/// local launcher, srun's nearest object for a cache, `user:` sets under mpirun.
+pub(super) fn unapplied_binding(spec: &JobSpec, kind: LauncherKind) -> Vec<String> {
+    let b = &spec.binding;
+    let mut w = Vec::new();
+    if let Some(rf) = &b.rankfile
+        && kind != LauncherKind::Local
+    {
+        w.push(format!(
+            "--rankfile {}: not applied under the {} launcher (it places and binds the ranks \
+             itself; the local launcher applies a rankfile's slots)",
+            rf.path.display(),
+            kind.as_str()
+        ));
+    }
+    let to = b.effective();
+    if kind == LauncherKind::Slurm
+        && matches!(to, BindTo::L1cache | BindTo::L2cache | BindTo::L3cache)
+    {
+        w.push(format!(
+            "--bind-to {}: srun binds to no cache; the ranks are bound to {} instead",
+            to.as_str(),
+            if to == BindTo::L3cache {
+                "sockets"
+            } else {
+                "cores"
+            }
+        ));
+    }
+    if kind == LauncherKind::Mpirun && to == BindTo::User {
+        w.push(
+            "--bind-to user:…: not applied under the mpirun launcher (Open MPI's mpirun has no \
+             such sets); the ranks are not bound"
+                .to_owned(),
+        );
+    }
+    w
 }
 
 /// Who binds the ranks to CPUs and how, for `--dry-run` and `-v`; `None` when no binding flag
@@ -199,11 +287,17 @@ pub fn binding_text(spec: &JobSpec, kind: LauncherKind) -> Option<String> {
     if !b.asked() {
         return None;
     }
-    let what = match (b.effective(), b.cpus_per_rank) {
+    let mut what = match (b.effective(), b.cpus_per_rank) {
+        _ if b.rankfile.is_some() && kind == LauncherKind::Local => {
+            "bound to the slots of the rankfile".to_owned()
+        }
         (BindTo::None, _) => "not bound".to_owned(),
         (to, Some(n)) => format!("bound to {} ({n} per rank)", to.as_str()),
         (to, None) => format!("bound to {}", to.as_str()),
     };
+    if b.overload && b.rankfile.is_none() {
+        what.push_str(", several per core when there are more ranks than cores (overload allowed)");
+    }
     Some(match kind {
         LauncherKind::Local => format!(
             "ranks {what}: by cmpirun, from this node's topology (hwloc) within the CPUs it may \
@@ -451,12 +545,13 @@ fn srun_command(
     argv.push("--kill-on-bad-exit=1".to_owned());
     argv.extend(srun_binding(&spec.binding));
     let files = &spec.output_files;
+    let width = files.rank_width(size);
     if let Some(p) = &files.stdout {
-        argv.push(format!("--output={}", srun_pattern(p)));
+        argv.push(format!("--output={}", srun_pattern(p, width)));
     }
     // srun writes standard error into the --output file unless --error names another one.
     if let Some(p) = files.stderr.as_ref().filter(|_| !spec.merge_stderr) {
-        argv.push(format!("--error={}", srun_pattern(p)));
+        argv.push(format!("--error={}", srun_pattern(p, width)));
     }
     argv.extend(profile.launcher.srun_args.iter().cloned());
     argv.extend(rank_cmd.iter().cloned());

@@ -53,7 +53,7 @@ pub use types::{
 };
 
 use crate::facts::{HostFacts, ImageSummary};
-use crate::jobspec::{JobSpec, MAX_RANKS};
+use crate::jobspec::{JobSpec, LauncherKind, MAX_RANKS};
 use crate::profile::ProfileChoice;
 
 /// Launch requests that cannot be planned. All are the user's to fix (exit status 2).
@@ -101,6 +101,24 @@ pub enum PlanError {
         /// The ranks asked for.
         ranks: u32,
     },
+    /// A rankfile line names another host under the local launcher.
+    #[error(
+        "{path}:{line}: rank {rank} is placed on {host}, which is not this host ({this}), and the \
+         local launcher runs on one node; name this host in the rankfile, or start the job with \
+         --launcher hydra (with -H/-f) or inside a Slurm allocation"
+    )]
+    RankfileHost {
+        /// The rankfile.
+        path: std::path::PathBuf,
+        /// The line.
+        line: usize,
+        /// The rank.
+        rank: u32,
+        /// The other host.
+        host: String,
+        /// This host's name.
+        this: String,
+    },
     /// `--launcher hydra` without hosts.
     #[error("the hydra launcher needs hosts: give -f HOSTFILE or -H HOSTS")]
     HydraWithoutHosts,
@@ -127,9 +145,27 @@ pub fn build(
 
     let mut launcher = launcher::choose(spec, profile, host, images)?;
     warnings.extend(launcher::unapplied_output_flags(spec, launcher.kind));
+    warnings.extend(launcher::unapplied_binding(spec, launcher.kind));
+    if launcher.kind == LauncherKind::Local {
+        nodes::rankfile_hosts(spec, host)?;
+    }
     let nodes = nodes::nodes(spec, launcher.kind, host, &mut warnings)?;
-    let apps = parts::parts(spec, images, &nodes)?;
+    // Without -n, an applied rankfile decides the job's size, as in Open MPI: its ranks.
+    let rankfile_ranks = spec
+        .binding
+        .rankfile
+        .as_ref()
+        .filter(|_| launcher.kind == LauncherKind::Local)
+        .and_then(|rf| rf.lines.iter().map(|l| l.rank.saturating_add(1)).max());
+    let apps = parts::parts(spec, images, &nodes, rankfile_ranks)?;
     let size = parts::job_size(&apps);
+    if launcher.kind == LauncherKind::Hydra && spec.output_files.rank_width(size) > 1 {
+        warnings.push(
+            "--output-filename: mpiexec.hydra names the folders rank.0, rank.1, …, without Open \
+             MPI's zero padding (rank.00)"
+                .to_owned(),
+        );
+    }
     let layout = RankLayout::place(size, &nodes, spec.mapping);
 
     let mut checks = vec![checks::profile_match_check(choice)];

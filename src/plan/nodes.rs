@@ -131,6 +131,27 @@ pub(super) fn hydra_hosts(spec: &JobSpec) -> String {
         .join(",")
 }
 
+/// Under the local launcher, every host a rankfile names must be this one.
+pub(super) fn rankfile_hosts(spec: &JobSpec, host: &HostFacts) -> Result<(), PlanError> {
+    let Some(rf) = &spec.binding.rankfile else {
+        return Ok(());
+    };
+    match rf
+        .lines
+        .iter()
+        .find(|l| !is_this_host(&l.host, &host.hostname))
+    {
+        Some(l) => Err(PlanError::RankfileHost {
+            path: rf.path.clone(),
+            line: l.line,
+            rank: l.rank,
+            host: l.host.clone(),
+            this: host.hostname.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Whether a host name from `-H`/a hostfile means this machine.
 fn is_this_host(name: &str, hostname: &str) -> bool {
     let short = |s: &str| s.split('.').next().unwrap_or(s).to_owned();

@@ -8,12 +8,14 @@ use crate::facts::ImageSummary;
 use crate::jobspec::{JobSpec, MAX_RANKS};
 
 /// The parts of `spec` with their images (`images` holds one per part, in order) and their
-/// ranks, numbered from 0 across parts. A single part without `-n` fills the `nodes`' slots;
-/// in an MPMD job every part needs its own `-n`.
+/// ranks, numbered from 0 across parts. A single part without `-n` has `unnamed` ranks when
+/// given (an applied rankfile's), else fills the `nodes`' slots; in an MPMD job every part
+/// needs its own `-n`.
 pub(super) fn parts(
     spec: &JobSpec,
     images: &[ImageSummary],
     nodes: &[NodeSlots],
+    unnamed: Option<u32>,
 ) -> Result<Vec<AppPlan>, PlanError> {
     let capacity = nodes
         .iter()
@@ -24,7 +26,7 @@ pub(super) fn parts(
     for (i, app) in spec.apps.iter().enumerate() {
         let ranks = match app.np {
             Some(n) => n,
-            None if spec.apps.len() == 1 => capacity.max(1),
+            None if spec.apps.len() == 1 => unnamed.unwrap_or(capacity).max(1),
             None => return Err(PlanError::MpmdCountMissing { part: i + 1 }),
         };
         let image = images.get(i).cloned().unwrap_or_else(|| ImageSummary {
