@@ -22,7 +22,7 @@ use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
 use super::output::{Stream, write_out};
-use super::rank::PLAN_VAR;
+use super::rank::{PLAN_VAR, encode_plan};
 use super::report::{Collector, REPORT_VAR, Report};
 use super::settings::kill_grace;
 use super::status::{JobEnd, RankEnd, SIGNAL_BASE};
@@ -74,10 +74,10 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
     let mut argv = command_line(plan)?;
-    let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
+    let encoded = encode_plan(plan)?;
     // execve refuses a longer `NAME=value` string with E2BIG, which would read as a missing
     // launcher.
-    let bytes = PLAN_VAR.len() + 1 + json.len() + 1;
+    let bytes = PLAN_VAR.len() + 1 + encoded.len() + 1;
     if bytes > MAX_ARG_STRLEN {
         return Err(LaunchError::PlanTooLarge {
             bytes,
@@ -102,7 +102,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
             cmd.env_remove(k);
         }
     }
-    cmd.env(PLAN_VAR, json);
+    cmd.env(PLAN_VAR, encoded);
     let mut collector = match collector {
         Ok(c) => {
             cmd.env(REPORT_VAR, c.env_value());
@@ -309,10 +309,13 @@ fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -
     if missing.is_empty() || (missing.len() == reported.len() && code != 0) {
         return None;
     }
+    let places = plan.layout.places();
+    let mut seen = vec![false; plan.layout.nodes.len()];
     let mut nodes: Vec<String> = Vec::new();
     for &r in &missing {
-        if let Some(n) = plan.layout.nodes.iter().find(|n| n.ranks.contains(&r))
-            && !nodes.contains(&n.name)
+        if let Some(p) = places.get(r as usize)
+            && let Some(n) = plan.layout.nodes.get(p.node as usize)
+            && !std::mem::replace(&mut seen[p.node as usize], true)
         {
             nodes.push(n.name.clone());
         }

@@ -83,6 +83,14 @@ pub enum LaunchError {
         /// The error (part of the message, so not also a `source`).
         error: serde_json::Error,
     },
+    /// The rank mode's plan is not in the encoded form this cmpirun reads.
+    #[error("__rank --plan {plan}: not a launch plan: {message}")]
+    PlanFormat {
+        /// The `--plan` value.
+        plan: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The rank mode does not know its rank.
     #[error(
         "__rank: no PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK or SLURM_PROCID: the rank mode runs \
@@ -217,6 +225,7 @@ impl Blame for LaunchError {
             | LaunchError::PlanVarUnset { .. }
             | LaunchError::PlanUnreadable { .. }
             | LaunchError::NotAPlan { .. }
+            | LaunchError::PlanFormat { .. }
             | LaunchError::NoRank
             | LaunchError::WorldSize { .. }
             | LaunchError::LauncherMissing { .. }

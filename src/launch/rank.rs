@@ -53,12 +53,92 @@ pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     parse_plan(source, &text)
 }
 
-/// Parses the JSON text of a plan; `source` (as given to `--plan`) is used in messages.
+/// The head of a plan as the front end passes it to the tasks ([`encode_plan`]): the format and
+/// its version. A task refuses a version it does not know (a front end and nodes that run
+/// different cmpirun releases) rather than misreading it.
+pub const PLAN_FORMAT: &str = "cmpirun-plan-1:";
+
+/// The prefix every version of the encoded form starts with.
+const PLAN_FORMAT_NAME: &str = "cmpirun-plan-";
+
+/// The most JSON a task inflates from an encoded plan (a bound against a corrupt value; a plan
+/// of 10,000 nodes is about 1 MiB).
+const PLAN_JSON_MAX: u64 = 64 << 20;
+
+/// The plan as the front end passes it to every task (`CMPIRUN_PLAN`): [`PLAN_FORMAT`], then the
+/// plan's JSON, deflated, in base64 (no padding). The layout in it is a rule, not a list of
+/// ranks ([`crate::plan::RankLayout`]), and what only the front end uses stays out: the
+/// launcher's command lines (srun or hydra runs them, the tasks do not) and the host list of
+/// `-H`/the hostfile (the layout names the nodes). So its size grows with the nodes, slowly
+/// (host names compress well), and not with the ranks.
+pub fn encode_plan(plan: &LaunchPlan) -> Result<String, LaunchError> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+
+    let mut task_plan = plan.clone();
+    task_plan.launcher.commands.clear();
+    task_plan.job.hosts.clear();
+    let json = serde_json::to_vec(&task_plan).map_err(LaunchError::SerialisePlan)?;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let packed = z
+        .write_all(&json)
+        .and_then(|()| z.finish())
+        .map_err(|e| LaunchError::SerialisePlan(serde_json::Error::io(e)))?;
+    let text = base64::engine::general_purpose::STANDARD_NO_PAD.encode(packed);
+    Ok(format!("{PLAN_FORMAT}{text}"))
+}
+
+/// Parses a plan: the encoded form the front end passes ([`encode_plan`]), or plain JSON (what
+/// `--dry-run --json` prints, in a file); `source` (as given to `--plan`) is used in messages.
+/// The layout is checked as it is read (slots, nodes and size agree).
 pub fn parse_plan(source: &str, text: &str) -> Result<LaunchPlan, LaunchError> {
-    serde_json::from_str(text).map_err(|error| LaunchError::NotAPlan {
+    let inflated;
+    let json = match text.strip_prefix(PLAN_FORMAT) {
+        Some(body) => {
+            inflated = inflate_plan(body).map_err(|message| LaunchError::PlanFormat {
+                plan: source.to_owned(),
+                message,
+            })?;
+            inflated.as_str()
+        }
+        None if text.starts_with(PLAN_FORMAT_NAME) => {
+            let version = text[PLAN_FORMAT_NAME.len()..]
+                .split(':')
+                .next()
+                .unwrap_or_default();
+            return Err(LaunchError::PlanFormat {
+                plan: source.to_owned(),
+                message: format!(
+                    "plan format {version:.16} is not the one this cmpirun reads ({PLAN_FORMAT}); \
+                     run the same cmpirun release on the front end and on the nodes"
+                ),
+            });
+        }
+        None => text,
+    };
+    serde_json::from_str(json).map_err(|error| LaunchError::NotAPlan {
         plan: source.to_owned(),
         error,
     })
+}
+
+/// The JSON inside an encoded plan's `body` (after [`PLAN_FORMAT`]).
+fn inflate_plan(body: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    use std::io::Read as _;
+
+    let packed = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(body.trim_end())
+        .map_err(|e| format!("not base64: {e}"))?;
+    let mut json = String::new();
+    flate2::read::DeflateDecoder::new(packed.as_slice())
+        .take(PLAN_JSON_MAX + 1)
+        .read_to_string(&mut json)
+        .map_err(|e| format!("not a deflated plan: {e}"))?;
+    if json.len() as u64 > PLAN_JSON_MAX {
+        return Err(format!("more than {PLAN_JSON_MAX} bytes once inflated"));
+    }
+    Ok(json)
 }
 
 /// This task's rank, from what the launcher set: `PMI_RANK` (MPICH-style PMI, Slurm pmi2,
@@ -168,6 +248,17 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
             t.send(rank, RankEnd::Exited(e.fault().status()), None);
         }
         return Err(e);
+    }
+    if let Some(v) = node::rank_view(&plan, rank) {
+        tracing::debug!(
+            "rank {rank} of {}: node {} ({}), local rank {}, part {} ({})",
+            plan.layout.size,
+            v.node,
+            v.node_name,
+            v.local_rank,
+            v.part,
+            v.program
+        );
     }
     let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = node::fetch_registry_images(&mut plan)

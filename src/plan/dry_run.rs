@@ -401,14 +401,21 @@ fn write_layout(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             crate::jobspec::Mapping::Cyclic => "cyclic",
         }
     )?;
-    for (id, n) in lay.nodes.iter().enumerate() {
+    for (id, (n, ranks)) in lay.nodes.iter().zip(lay.ranks_by_node()).enumerate() {
         writeln!(
             o,
             "  node {id} {}: ranks {}",
             n.name,
-            cmpirun_pmi::server::rank_ranges(&n.ranks)
+            cmpirun_pmi::server::rank_ranges(&ranks)
         )?;
     }
-    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    if lay.process_mapping.is_empty() && lay.size > 0 {
+        writeln!(
+            o,
+            "  PMI_process_mapping: unknown (longer than a PMI value; MPICH exchanges host names)"
+        )?;
+    } else {
+        writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    }
     Ok(())
 }

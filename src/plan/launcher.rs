@@ -173,11 +173,18 @@ fn hydra_binding(binding: &BindingSpec) -> String {
 fn mpirun_binding(binding: &BindingSpec, mapping: Mapping) -> Vec<String> {
     let mut argv = Vec::new();
     if let Some(n) = binding.cpus_per_rank {
-        let by = if mapping == Mapping::Cyclic { "node" } else { "slot" };
+        let by = if mapping == Mapping::Cyclic {
+            "node"
+        } else {
+            "slot"
+        };
         argv.extend(["--map-by".to_owned(), format!("{by}:PE={n}")]);
     }
     if binding.to.is_some() || binding.cpus_per_rank.is_some() {
-        argv.extend(["--bind-to".to_owned(), binding.effective().as_str().to_owned()]);
+        argv.extend([
+            "--bind-to".to_owned(),
+            binding.effective().as_str().to_owned(),
+        ]);
     }
     if binding.report {
         argv.push("--report-bindings".to_owned());

@@ -43,7 +43,7 @@ pub mod types;
 pub use dry_run::{dry_run_text, layout_text, summary};
 pub use inject::INJECT_DIR;
 pub use launcher::{MPIRUN_NAMES, PLAN_FILE_PLACEHOLDER};
-pub use layout::{NodeRanks, NodeSlots, RankLayout};
+pub use layout::{NodeSlots, RankLayout, RankPlace};
 pub use mount::library_cache_dir;
 pub use output_files::{expand_pattern, srun_pattern};
 pub use parts::image_apps;
