@@ -1167,7 +1167,8 @@ fn a_thousand_nodes_of_128_ranks_fit_one_environment_variable_and_every_rank_fin
 
 #[test]
 fn an_encoded_plan_of_another_format_or_damaged_is_refused_with_the_reason() {
-    use cmpirun::launch::rank::{PLAN_FORMAT, parse_plan};
+    use cmpirun::launch::rank::parse_plan;
+    use cmpirun::plan::encoding::PLAN_FORMAT;
 
     let (p, encoded) = large_plan(&["-n", "8", "img.sif", "hello"], 4, 2, false);
     assert!(encoded.starts_with(PLAN_FORMAT));

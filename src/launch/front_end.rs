@@ -18,6 +18,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::jobspec::{LauncherKind, OutputTag};
+use crate::plan::encoding::{MAX_ARG_STRLEN, env_bytes};
 use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
@@ -30,10 +31,6 @@ use crate::container::run::with_forwarded_signals_blocked;
 
 /// How long reports still on their way are read after the launcher exited.
 const DRAIN: Duration = Duration::from_millis(300);
-
-/// The longest single argument or environment string Linux's execve takes (32 pages of 4 KiB,
-/// the terminating NUL included).
-const MAX_ARG_STRLEN: usize = 32 * 4096;
 
 /// How long after the first failure report cmpirun ends hydra's job: the failed task says why
 /// and exits meanwhile.
@@ -77,7 +74,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     let encoded = encode_plan(plan)?;
     // execve refuses a longer `NAME=value` string with E2BIG, which would read as a missing
     // launcher.
-    let bytes = PLAN_VAR.len() + 1 + encoded.len() + 1;
+    let bytes = env_bytes(PLAN_VAR, &encoded);
     if bytes > MAX_ARG_STRLEN {
         return Err(LaunchError::PlanTooLarge {
             bytes,

@@ -27,9 +27,7 @@ use super::status::{JobEnd, RankEnd};
 use super::watch::{Relay, watch};
 use super::{LaunchError, node};
 
-/// The environment variable that carries the plan to the rank mode when the plan source is
-/// `env:` (srun and hydra pass the caller's environment to every task).
-pub const PLAN_VAR: &str = "CMPIRUN_PLAN";
+pub use crate::plan::encoding::PLAN_VAR;
 
 /// How long a task whose rank failed waits for its node instance to say that an image mount
 /// ended (the instance sees its server's end a moment after a rank may have failed on it).
@@ -53,92 +51,23 @@ pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     parse_plan(source, &text)
 }
 
-/// The head of a plan as the front end passes it to the tasks ([`encode_plan`]): the format and
-/// its version. A task refuses a version it does not know (a front end and nodes that run
-/// different cmpirun releases) rather than misreading it.
-pub const PLAN_FORMAT: &str = "cmpirun-plan-1:";
-
-/// The prefix every version of the encoded form starts with.
-const PLAN_FORMAT_NAME: &str = "cmpirun-plan-";
-
-/// The most JSON a task inflates from an encoded plan (a bound against a corrupt value; a plan
-/// of 10,000 nodes is about 1 MiB).
-const PLAN_JSON_MAX: u64 = 64 << 20;
-
-/// The plan as the front end passes it to every task (`CMPIRUN_PLAN`): [`PLAN_FORMAT`], then the
-/// plan's JSON, deflated, in base64 (no padding). The layout in it is a rule, not a list of
-/// ranks ([`crate::plan::RankLayout`]), and what only the front end uses stays out: the
-/// launcher's command lines (srun or hydra runs them, the tasks do not) and the host list of
-/// `-H`/the hostfile (the layout names the nodes). So its size grows with the nodes, slowly
-/// (host names compress well), and not with the ranks.
+/// The plan as the front end passes it to every task ([`crate::plan::encoding`]).
 pub fn encode_plan(plan: &LaunchPlan) -> Result<String, LaunchError> {
-    use base64::Engine as _;
-    use std::io::Write as _;
-
-    let mut task_plan = plan.clone();
-    task_plan.launcher.commands.clear();
-    task_plan.job.hosts.clear();
-    let json = serde_json::to_vec(&task_plan).map_err(LaunchError::SerialisePlan)?;
-    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-    let packed = z
-        .write_all(&json)
-        .and_then(|()| z.finish())
-        .map_err(|e| LaunchError::SerialisePlan(serde_json::Error::io(e)))?;
-    let text = base64::engine::general_purpose::STANDARD_NO_PAD.encode(packed);
-    Ok(format!("{PLAN_FORMAT}{text}"))
+    crate::plan::encoding::encode(plan).map_err(LaunchError::SerialisePlan)
 }
 
 /// Parses a plan: the encoded form the front end passes ([`encode_plan`]), or plain JSON (what
 /// `--dry-run --json` prints, in a file); `source` (as given to `--plan`) is used in messages.
 /// The layout is checked as it is read (slots, nodes and size agree).
 pub fn parse_plan(source: &str, text: &str) -> Result<LaunchPlan, LaunchError> {
-    let inflated;
-    let json = match text.strip_prefix(PLAN_FORMAT) {
-        Some(body) => {
-            inflated = inflate_plan(body).map_err(|message| LaunchError::PlanFormat {
-                plan: source.to_owned(),
-                message,
-            })?;
-            inflated.as_str()
-        }
-        None if text.starts_with(PLAN_FORMAT_NAME) => {
-            let version = text[PLAN_FORMAT_NAME.len()..]
-                .split(':')
-                .next()
-                .unwrap_or_default();
-            return Err(LaunchError::PlanFormat {
-                plan: source.to_owned(),
-                message: format!(
-                    "plan format {version:.16} is not the one this cmpirun reads ({PLAN_FORMAT}); \
-                     run the same cmpirun release on the front end and on the nodes"
-                ),
-            });
-        }
-        None => text,
-    };
-    serde_json::from_str(json).map_err(|error| LaunchError::NotAPlan {
+    let json = crate::plan::encoding::decode(text).map_err(|message| LaunchError::PlanFormat {
+        plan: source.to_owned(),
+        message,
+    })?;
+    serde_json::from_str(&json).map_err(|error| LaunchError::NotAPlan {
         plan: source.to_owned(),
         error,
     })
-}
-
-/// The JSON inside an encoded plan's `body` (after [`PLAN_FORMAT`]).
-fn inflate_plan(body: &str) -> Result<String, String> {
-    use base64::Engine as _;
-    use std::io::Read as _;
-
-    let packed = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(body.trim_end())
-        .map_err(|e| format!("not base64: {e}"))?;
-    let mut json = String::new();
-    flate2::read::DeflateDecoder::new(packed.as_slice())
-        .take(PLAN_JSON_MAX + 1)
-        .read_to_string(&mut json)
-        .map_err(|e| format!("not a deflated plan: {e}"))?;
-    if json.len() as u64 > PLAN_JSON_MAX {
-        return Err(format!("more than {PLAN_JSON_MAX} bytes once inflated"));
-    }
-    Ok(json)
 }
 
 /// This task's rank, from what the launcher set: `PMI_RANK` (MPICH-style PMI, Slurm pmi2,
@@ -238,17 +167,7 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let mut plan = read_plan(plan_source)?;
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let rank = task_rank(&env).ok_or(LaunchError::NoRank)?;
-    if let Some((var, value)) = world_size_mismatch(&env, plan.layout.size) {
-        let e = LaunchError::WorldSize {
-            var,
-            value,
-            size: plan.layout.size,
-        };
-        if let Some(t) = Target::from_env() {
-            t.send(rank, RankEnd::Exited(e.fault().status()), None);
-        }
-        return Err(e);
-    }
+    // Computed from the plan's layout rule alone (no list of ranks travels with the plan).
     if let Some(v) = node::rank_view(&plan, rank) {
         tracing::debug!(
             "rank {rank} of {}: node {} ({}), local rank {}, part {} ({})",
@@ -259,6 +178,17 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
             v.part,
             v.program
         );
+    }
+    if let Some((var, value)) = world_size_mismatch(&env, plan.layout.size) {
+        let e = LaunchError::WorldSize {
+            var,
+            value,
+            size: plan.layout.size,
+        };
+        if let Some(t) = Target::from_env() {
+            t.send(rank, RankEnd::Exited(e.fault().status()), None);
+        }
+        return Err(e);
     }
     let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = node::fetch_registry_images(&mut plan)

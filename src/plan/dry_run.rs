@@ -53,6 +53,17 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(o, "command: {}", shell_words(&c.argv))?;
         writeln!(o, "  why: {}", c.why)?;
     }
+    if l.kind != LauncherKind::Local
+        && let Ok(encoded) = super::encoding::encode(plan)
+    {
+        writeln!(
+            o,
+            "  every task gets the plan in {}: {} bytes (one environment string takes {} at most)",
+            super::encoding::PLAN_VAR,
+            super::encoding::env_bytes(super::encoding::PLAN_VAR, &encoded),
+            super::encoding::MAX_ARG_STRLEN
+        )?;
+    }
     writeln!(o, "apps:")?;
     for (i, a) in plan.apps.iter().enumerate() {
         let last = a.first_rank + a.ranks.saturating_sub(1);

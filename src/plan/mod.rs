@@ -24,10 +24,12 @@
 //! - [`signatures`]: the launch-time signature policy and its check (added after [`build`], from
 //!   verifications made on the front end).
 //! - [`dry_run`]: the plan as text for people.
+//! - [`encoding`]: the plan as the tasks of srun, hydra and mpirun get it (`CMPIRUN_PLAN`).
 
 pub mod binds;
 pub mod checks;
 pub mod dry_run;
+pub mod encoding;
 pub mod environment;
 pub mod fabric;
 pub mod inject;
