@@ -91,6 +91,11 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     {
         hydra_localhost(&mut argv, c.reachable(), c.remote());
     }
+    // Kept open until the launcher has started: hydra reads its hosts from it.
+    let _hostfile = match plan.launcher.kind {
+        LauncherKind::Hydra => hydra_hostfile(&mut argv)?,
+        _ => None,
+    };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
@@ -163,6 +168,50 @@ fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remot
         argv[0]
     );
     argv.splice(1..1, ["-localhost".to_owned(), addr.to_string()]);
+}
+
+/// The longest `-hosts` list handed to hydra on its command line: a longer one goes in a
+/// hostfile ([`hydra_hostfile`]). One argument may hold at most [`MAX_ARG_STRLEN`] bytes, about
+/// 4,000 nodes of 30-character names.
+const HYDRA_HOSTS_ARG_MAX: usize = 16 * 1024;
+
+/// Replaces a `-hosts LIST` longer than [`HYDRA_HOSTS_ARG_MAX`] on hydra's command line `argv`
+/// with `-f /dev/fd/N`: the same hosts, one `name:slots` a line, in an in-memory file that the
+/// launcher inherits (so nothing is left on disk if cmpirun is killed). Returns that file, to
+/// keep open until the launcher has started.
+fn hydra_hostfile(argv: &mut [String]) -> Result<Option<std::fs::File>, LaunchError> {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+
+    let Some(i) = argv.iter().position(|a| a == "-hosts") else {
+        return Ok(None);
+    };
+    let Some(list) = argv.get(i + 1).filter(|l| l.len() > HYDRA_HOSTS_ARG_MAX) else {
+        return Ok(None);
+    };
+    // Not close-on-exec: the launcher inherits it.
+    let fd = nix::sys::memfd::memfd_create(c"cmpirun-hosts", nix::sys::memfd::MFdFlags::empty())
+        .map_err(|errno| LaunchError::Sys {
+            step: "memfd_create for hydra's hostfile",
+            errno,
+        })?;
+    let mut file = std::fs::File::from(fd);
+    let mut lines = list.replace(',', "\n");
+    lines.push('\n');
+    file.write_all(lines.as_bytes())
+        .map_err(|e| LaunchError::Sys {
+            step: "write hydra's hostfile",
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        })?;
+    tracing::info!(
+        "{} hosts: passed to {} in a hostfile (-f), not as -hosts ({} bytes)",
+        lines.lines().count(),
+        argv[0],
+        list.len()
+    );
+    argv[i] = "-f".to_owned();
+    argv[i + 1] = format!("/dev/fd/{}", file.as_raw_fd());
+    Ok(Some(file))
 }
 
 /// Removes this node's rendezvous files of instances (keys starting with `prefix`, but `skip`)
@@ -500,5 +549,33 @@ fn run_blocked(
                 term_at = Some(Instant::now());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_host_list_reaches_hydra_in_a_hostfile() {
+        let hosts: Vec<String> = (0..10_000)
+            .map(|i| format!("cn{i:05}.cluster.example.org:128"))
+            .collect();
+        let mut argv: Vec<String> = ["mpiexec.hydra", "-hosts", &hosts.join(","), "-n", "4"]
+            .map(str::to_owned)
+            .to_vec();
+        let file = hydra_hostfile(&mut argv).unwrap();
+        assert!(file.is_some());
+        assert_eq!(argv[1], "-f");
+        assert!(argv[2].starts_with("/dev/fd/"), "{argv:?}");
+        assert_eq!(argv[3..], ["-n", "4"]);
+        let text = std::fs::read_to_string(&argv[2]).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>(), hosts);
+        // A short list stays on the command line.
+        let mut argv: Vec<String> = ["mpiexec.hydra", "-hosts", "a:2,b:2", "-n", "4"]
+            .map(str::to_owned)
+            .to_vec();
+        assert!(hydra_hostfile(&mut argv).unwrap().is_none());
+        assert_eq!(argv[2], "a:2,b:2");
     }
 }
