@@ -70,5 +70,5 @@ for s in shapes:
     nodes, ppn = map(int, s.split("x"))
     size = len("CMPIRUN_PLAN=") + os.path.getsize(f"{work}/plan-{s}") + 1
     m = statistics.median(times[s])
-    print(f"{s:>16} {nodes * ppn:>9} {size:>19} {m:>12.2f} (+{m - base:.2f})")
+    print(f"{s:>16} {nodes * ppn:>9} {size:>19} {m:>12.2f} ({m - base:+.2f})")
 PY
