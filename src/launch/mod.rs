@@ -123,8 +123,9 @@ pub enum LaunchError {
     #[error(
         "the launch plan of this job ({ranks} ranks on {nodes} nodes) is {bytes} bytes, more \
          than the {limit} bytes one environment variable may hold on Linux (MAX_ARG_STRLEN); \
-         srun and hydra pass it to every task in CMPIRUN_PLAN, so jobs this large cannot be \
-         launched through them yet: run fewer ranks per job (see docs/scale.md)"
+         srun and hydra pass it to every task in CMPIRUN_PLAN, and its size grows with the \
+         nodes' names (numbered names compress best): run on fewer nodes per job (see \
+         docs/scale.md)"
     )]
     PlanTooLarge {
         /// The plan's size in the environment (`CMPIRUN_PLAN=…`).
