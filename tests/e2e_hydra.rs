@@ -71,6 +71,35 @@ fn hostfile_naming_this_machine_launches_through_mpiexec_hydra() {
 }
 
 #[test]
+fn a_hostfile_of_twenty_thousand_nodes_reaches_hydra() {
+    // This machine first, then 20,000 other names (about 760 KB as `-hosts name:slots,…`, more
+    // than one argument may hold): hydra gets them in a hostfile cmpirun keeps in memory, and
+    // runs the 2 ranks on this machine's slots.
+    let _serial = exclusive();
+    runtime_dir();
+    let dir = TuserDir::new();
+    let hosts = hostfile(dir.path(), 2);
+    let mut text = std::fs::read_to_string(&hosts).unwrap();
+    for i in 0..20_000 {
+        text.push_str(&format!("node{i:05}.cluster.example.org:128\n"));
+    }
+    std::fs::write(&hosts, text).unwrap();
+    let before = Snapshot::take();
+    let out = hydra_cmpirun(&hosts, 2)
+        .arg("-v")
+        .arg(staged_image("mpich4"))
+        .arg("/usr/local/bin/mpitest")
+        .run();
+    assert_mpitest_ok(&out, 2);
+    assert!(
+        out.stderr
+            .contains("20001 hosts: passed to mpiexec.hydra in a hostfile (-f)"),
+        "{out}"
+    );
+    assert_no_leftovers(&before, &[out.tag.as_str()]);
+}
+
+#[test]
 fn sigterm_to_cmpirun_ends_the_job_with_143_and_leaves_nothing() {
     let _serial = exclusive();
     runtime_dir();

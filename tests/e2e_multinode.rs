@@ -797,24 +797,31 @@ fn a_front_end_on_a_node_of_the_job() {
 
 #[test]
 fn a_plan_too_large_for_the_environment_is_refused_with_the_numbers() {
-    // 128 ranks on each of 1000 hosts: the plan srun or hydra would carry to every task in one
-    // environment variable is far beyond what execve takes. Nothing is started.
-    let hosts: Vec<String> = (1..=1000).map(|i| format!("node{i:04}:128")).collect();
+    // The plan the tasks get grows with the nodes only (their names), not with the ranks: 1000
+    // nodes of 128 ranks fit in a few KiB (tests/plan_dry_run.rs). 40,000 nodes whose names
+    // have nothing in common do not: nothing is started, and the numbers are given.
+    let dir = TuserDir::new();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let hosts: String = (0..40_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("h{state:016x}:1\n")
+        })
+        .collect();
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(&hostfile, hosts).unwrap();
     let out = TuserCommand::cmpirun()
-        .args([
-            "--launcher",
-            "hydra",
-            "-H",
-            &hosts.join(","),
-            "-n",
-            "128000",
-        ])
+        .args(["--launcher", "hydra", "-f"])
+        .arg(&hostfile)
+        .args(["-n", "40000"])
         .arg(staged_image("mpich5"))
         .arg("/usr/local/bin/hello")
         .run();
     out.assert_code(2);
     assert!(
-        out.stderr.contains("(128000 ranks on 1000 nodes)")
+        out.stderr.contains("(40000 ranks on 40000 nodes)")
             && out.stderr.contains("more than the 131072 bytes")
             && out.stderr.contains("MAX_ARG_STRLEN"),
         "{out}"

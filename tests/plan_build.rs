@@ -134,7 +134,7 @@ fn local_by_default() {
     assert_eq!(p.layout.nodes.len(), 1);
     assert_eq!(p.layout.nodes[0].name, "node1");
     assert_eq!(p.layout.process_mapping, "(vector,(0,1,4))");
-    assert_eq!(p.layout.local_rank, [0, 1, 2, 3]);
+    assert_eq!(p.layout.local_ranks(), [0, 1, 2, 3]);
     assert!(matches!(
         env_of(&p, "PMI_FD"),
         Some(EnvAction::PerRank { .. })
@@ -205,7 +205,7 @@ fn slurm_inside_an_allocation() {
     let argv = &p.launcher.commands[0].argv;
     assert!(argv.contains(&"--ntasks-per-node=3".to_owned()));
     assert!(argv.contains(&"--distribution=cyclic".to_owned()));
-    assert_eq!(p.layout.node_of_rank, [0, 1, 0, 1, 0, 1]);
+    assert_eq!(p.layout.node_of_rank(), [0, 1, 0, 1, 0, 1]);
     assert_eq!(p.layout.process_mapping, "(vector,(0,2,1))");
 
     // srun missing: a failed check, not a crash.
@@ -265,7 +265,7 @@ fn hydra_with_hosts_and_mpiexec() {
         &h,
     );
     assert_eq!(p.layout.nodes.len(), 2);
-    assert_eq!(p.layout.node_of_rank, [0, 0, 1]);
+    assert_eq!(p.layout.node_of_rank(), [0, 0, 1]);
     assert_eq!(p.launcher.commands[0].argv[2], "a:2,b:1");
     let mut s = spec(&["-n", "3", "-ppn", "1", "-rr", "img.sif", "hello"]);
     s.hosts = spec(&["-H", "a,b,c", "i", "p"]).hosts;
@@ -295,7 +295,7 @@ fn hydra_with_hosts_and_mpiexec() {
         &rr.launcher.commands[0].argv[..7],
         ["mpiexec.hydra", "-hosts", "a:2,b:2", "-n", "4", "-ppn", "1"]
     );
-    assert_eq!(rr.layout.node_of_rank, [0, 1, 0, 1]);
+    assert_eq!(rr.layout.node_of_rank(), [0, 1, 0, 1]);
     assert_eq!(p.layout.nodes.len(), 3);
     assert_eq!(
         plan_err(
@@ -1066,5 +1066,125 @@ fn a_host_named_twice_with_huge_slot_counts_saturates() {
         &h,
     );
     assert_eq!(p.launcher.commands[0].argv[2], "a:4294967295");
-    assert_eq!(p.layout.node_of_rank, [0, 0]);
+    assert_eq!(p.layout.node_of_rank(), [0, 0]);
+}
+
+/// The plan as every task of a job of `n_nodes` × `ppn` ranks gets it (`CMPIRUN_PLAN`), built
+/// from `args` with `-H` naming the nodes (hydra) or from a Slurm allocation of them.
+fn kind(slurm: bool) -> LauncherKind {
+    if slurm {
+        LauncherKind::Slurm
+    } else {
+        LauncherKind::Hydra
+    }
+}
+
+fn large_plan(args: &[&str], n_nodes: u32, ppn: u32, slurm: bool) -> (LaunchPlan, String) {
+    let hosts: Vec<String> = (1..=n_nodes).map(|i| format!("nid{i:05}:{ppn}")).collect();
+    let hosts = hosts.join(",");
+    let nodelist = format!("nid[00001-{n_nodes:05}]");
+    let tasks = format!("{ppn}(x{n_nodes})");
+    let (h, mut all): (HostFacts, Vec<&str>) = if slurm {
+        let env = [
+            ("SLURM_JOB_ID", "77"),
+            ("SLURM_JOB_NODELIST", nodelist.as_str()),
+            ("SLURM_TASKS_PER_NODE", tasks.as_str()),
+        ];
+        (with_programs(host(&env), &["srun"]), vec![])
+    } else {
+        (
+            with_programs(host(&[]), &["mpiexec.hydra"]),
+            vec!["-H", hosts.as_str()],
+        )
+    };
+    all.extend_from_slice(args);
+    let p = plan(&all, &choice(GENERIC), &h);
+    let encoded = cmpirun::launch::rank::encode_plan(&p).unwrap();
+    (p, encoded)
+}
+
+#[test]
+fn a_thousand_nodes_of_128_ranks_fit_one_environment_variable_and_every_rank_finds_its_place() {
+    use cmpirun::launch::node::rank_view;
+    use cmpirun::launch::rank::parse_plan;
+
+    let mpmd = [
+        "-n", "32000", "a.sif", "pa", ":", "-n", "64000", "b.sif", "pb", ":", "-n", "31999",
+        "c.sif", "pc", ":", "-n", "1", "a.sif", "pd",
+    ];
+    let cases: [(&[&str], bool); 5] = [
+        (&["-n", "128000", "img.sif", "hello"], false),
+        (
+            &["-n", "128000", "--map-by", "node", "img.sif", "hello"],
+            false,
+        ),
+        (&["-n", "128000", "img.sif", "hello"], true),
+        (&mpmd, false),
+        (&mpmd, true),
+    ];
+    for (args, slurm) in cases {
+        let (p, encoded) = large_plan(args, 1000, 128, slurm);
+        assert_eq!(p.launcher.kind, kind(slurm));
+        assert_eq!(p.layout.size, 128_000);
+        assert_eq!(p.layout.nodes.len(), 1000);
+        // Far under the 128 KiB of one environment string (MAX_ARG_STRLEN).
+        let bytes = "CMPIRUN_PLAN=".len() + encoded.len() + 1;
+        assert!(bytes < 16 * 1024, "{bytes} bytes for {args:?}");
+        // What a task reads back is the plan, less what only the front end uses.
+        let read = parse_plan("env:CMPIRUN_PLAN", &encoded).unwrap();
+        assert_eq!(read.layout, p.layout);
+        assert_eq!(read.apps, p.apps);
+        assert_eq!(read.env, p.env);
+        assert_eq!(read.binds, p.binds);
+        assert!(read.launcher.commands.is_empty() && read.job.hosts.is_empty());
+        // Each rank's view, computed by the task from the rule, is the full layout's. Every
+        // rank of the first and last node, and a spread of the others.
+        let places = p.layout.places();
+        let by_node = p.layout.ranks_by_node();
+        let mut ranks: Vec<u32> = (0..p.layout.size).step_by(61).collect();
+        ranks.extend(by_node.first().unwrap());
+        ranks.extend(by_node.last().unwrap());
+        ranks.extend(p.apps.iter().map(|a| a.first_rank + a.ranks - 1));
+        for rank in ranks {
+            let v = rank_view(&read, rank).unwrap();
+            let full = places[rank as usize];
+            assert_eq!(
+                (v.node, v.local_rank),
+                (full.node, full.local_rank),
+                "rank {rank}"
+            );
+            assert_eq!(v.node_name, format!("nid{:05}", full.node + 1));
+            let part = p
+                .apps
+                .iter()
+                .position(|a| (a.first_rank..a.first_rank + a.ranks).contains(&rank))
+                .unwrap();
+            assert_eq!((v.part, v.program), (part, p.apps[part].program.as_str()));
+        }
+        assert!(rank_view(&read, 128_000).is_none());
+    }
+}
+
+#[test]
+fn an_encoded_plan_of_another_format_or_damaged_is_refused_with_the_reason() {
+    use cmpirun::launch::rank::parse_plan;
+    use cmpirun::plan::encoding::PLAN_FORMAT;
+
+    let (p, encoded) = large_plan(&["-n", "8", "img.sif", "hello"], 4, 2, false);
+    assert!(encoded.starts_with(PLAN_FORMAT));
+    assert_eq!(parse_plan("env:X", &encoded).unwrap().layout, p.layout);
+    // Plain JSON (what --dry-run --json prints) is read as well.
+    let json = serde_json::to_string(&p).unwrap();
+    assert_eq!(parse_plan("plan.json", &json).unwrap(), p);
+    let err = |text: &str| parse_plan("env:X", text).unwrap_err().to_string();
+    let newer = encoded.replacen("cmpirun-plan-1:", "cmpirun-plan-2:", 1);
+    assert!(
+        err(&newer).contains("plan format 2 is not the one"),
+        "{}",
+        err(&newer)
+    );
+    assert!(err(&format!("{PLAN_FORMAT}@@@")).contains("not base64"));
+    assert!(err(&format!("{PLAN_FORMAT}AAAA")).contains("not a deflated plan"));
+    let cut = &encoded[..encoded.len() / 2];
+    assert!(err(cut).contains("not a launch plan"), "{}", err(cut));
 }

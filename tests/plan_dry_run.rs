@@ -304,6 +304,36 @@ fn hydra_with_a_hostfile_naming_this_machine() {
 }
 
 #[test]
+fn a_thousand_nodes_of_128_ranks_give_every_task_a_plan_of_a_few_kib() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let env = [
+        ("SLURM_JOB_ID", "9"),
+        ("SLURM_JOB_NODELIST", "nid[0001-1000]"),
+        ("SLURM_TASKS_PER_NODE", "128(x1000)"),
+    ];
+    for mapping in [&[][..], &["--map-by", "node"][..]] {
+        let mut args = vec!["--launcher", "slurm", "-n", "128000"];
+        args.extend_from_slice(mapping);
+        args.extend([img.as_str(), "hello"]);
+        let out = text(&args, &env);
+        let bytes: usize = out
+            .split("every task gets the plan in CMPIRUN_PLAN: ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        // Far under the 131072 bytes of one environment string.
+        assert!(bytes < 16 * 1024, "{bytes}");
+        assert!(
+            out.contains("layout: 128000 rank(s) on 1000 node(s)"),
+            "{out}"
+        );
+        assert!(out.contains("node 999 nid1000: ranks "), "{out}");
+    }
+}
+
+#[test]
 fn mpmd_and_cyclic_layout() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());

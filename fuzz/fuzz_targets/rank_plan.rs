@@ -1,7 +1,7 @@
 //! Fuzzes the launch plan that `cmpirun __rank --plan env:NAME|FILE` reads: any text, fed to
 //! the parser the rank mode uses (`cmpirun::launch::rank::parse_plan`: JSON → `LaunchPlan`),
 //! then what the rank mode derives from a plan without touching the system: the job's images,
-//! each rank's part and image, each image's binds (with an empty rank environment) and a
+//! each rank's place (node, local rank), part and image, each image's binds (with an empty rank environment) and a
 //! rank's environment. A plan or a `LaunchError`, never a panic.
 #![no_main]
 
@@ -34,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
         .max()
         .unwrap_or(0);
     for rank in [0, 1, last.saturating_sub(1), last, u32::MAX] {
+        // A task's own place, computed from the layout's rule (checked as the plan was read).
+        let _ = node::rank_view(&plan, rank);
         let part = node::part_of(&plan, rank);
         let image = node::image_index(&plan, part);
         assert!(images.is_empty() || image < images.len());

@@ -18,11 +18,12 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::jobspec::{LauncherKind, OutputTag};
+use crate::plan::encoding::{MAX_ARG_STRLEN, env_bytes};
 use crate::plan::{LaunchPlan, PLAN_FILE_PLACEHOLDER};
 
 use super::LaunchError;
 use super::output::{Stream, write_out};
-use super::rank::PLAN_VAR;
+use super::rank::{PLAN_VAR, encode_plan};
 use super::report::{Collector, REPORT_VAR, Report};
 use super::settings::kill_grace;
 use super::status::{JobEnd, RankEnd, SIGNAL_BASE};
@@ -30,10 +31,6 @@ use crate::container::run::with_forwarded_signals_blocked;
 
 /// How long reports still on their way are read after the launcher exited.
 const DRAIN: Duration = Duration::from_millis(300);
-
-/// The longest single argument or environment string Linux's execve takes (32 pages of 4 KiB,
-/// the terminating NUL included).
-const MAX_ARG_STRLEN: usize = 32 * 4096;
 
 /// How long after the first failure report cmpirun ends hydra's job: the failed task says why
 /// and exits meanwhile.
@@ -74,10 +71,10 @@ pub fn command_line(plan: &LaunchPlan) -> Result<Vec<String>, LaunchError> {
 pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     super::settings::log_settings();
     let mut argv = command_line(plan)?;
-    let json = serde_json::to_string(plan).map_err(LaunchError::SerialisePlan)?;
+    let encoded = encode_plan(plan)?;
     // execve refuses a longer `NAME=value` string with E2BIG, which would read as a missing
     // launcher.
-    let bytes = PLAN_VAR.len() + 1 + json.len() + 1;
+    let bytes = env_bytes(PLAN_VAR, &encoded);
     if bytes > MAX_ARG_STRLEN {
         return Err(LaunchError::PlanTooLarge {
             bytes,
@@ -94,6 +91,11 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
     {
         hydra_localhost(&mut argv, c.reachable(), c.remote());
     }
+    // Kept open until the launcher has started: hydra reads its hosts from it.
+    let _hostfile = match plan.launcher.kind {
+        LauncherKind::Hydra => hydra_hostfile(&mut argv)?,
+        _ => None,
+    };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // Stray wire-up variables must not reach srun's or hydra's tasks: they set their own.
@@ -102,7 +104,7 @@ pub fn run(plan: &LaunchPlan) -> Result<i32, LaunchError> {
             cmd.env_remove(k);
         }
     }
-    cmd.env(PLAN_VAR, json);
+    cmd.env(PLAN_VAR, encoded);
     let mut collector = match collector {
         Ok(c) => {
             cmd.env(REPORT_VAR, c.env_value());
@@ -166,6 +168,50 @@ fn hydra_localhost(argv: &mut Vec<String>, addr: Option<std::net::IpAddr>, remot
         argv[0]
     );
     argv.splice(1..1, ["-localhost".to_owned(), addr.to_string()]);
+}
+
+/// The longest `-hosts` list handed to hydra on its command line: a longer one goes in a
+/// hostfile ([`hydra_hostfile`]). One argument may hold at most [`MAX_ARG_STRLEN`] bytes, about
+/// 4,000 nodes of 30-character names.
+const HYDRA_HOSTS_ARG_MAX: usize = 16 * 1024;
+
+/// Replaces a `-hosts LIST` longer than [`HYDRA_HOSTS_ARG_MAX`] on hydra's command line `argv`
+/// with `-f /dev/fd/N`: the same hosts, one `name:slots` a line, in an in-memory file that the
+/// launcher inherits (so nothing is left on disk if cmpirun is killed). Returns that file, to
+/// keep open until the launcher has started.
+fn hydra_hostfile(argv: &mut [String]) -> Result<Option<std::fs::File>, LaunchError> {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+
+    let Some(i) = argv.iter().position(|a| a == "-hosts") else {
+        return Ok(None);
+    };
+    let Some(list) = argv.get(i + 1).filter(|l| l.len() > HYDRA_HOSTS_ARG_MAX) else {
+        return Ok(None);
+    };
+    // Not close-on-exec: the launcher inherits it.
+    let fd = nix::sys::memfd::memfd_create(c"cmpirun-hosts", nix::sys::memfd::MFdFlags::empty())
+        .map_err(|errno| LaunchError::Sys {
+            step: "memfd_create for hydra's hostfile",
+            errno,
+        })?;
+    let mut file = std::fs::File::from(fd);
+    let mut lines = list.replace(',', "\n");
+    lines.push('\n');
+    file.write_all(lines.as_bytes())
+        .map_err(|e| LaunchError::Sys {
+            step: "write hydra's hostfile",
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        })?;
+    tracing::info!(
+        "{} hosts: passed to {} in a hostfile (-f), not as -hosts ({} bytes)",
+        lines.lines().count(),
+        argv[0],
+        list.len()
+    );
+    argv[i] = "-f".to_owned();
+    argv[i + 1] = format!("/dev/fd/{}", file.as_raw_fd());
+    Ok(Some(file))
 }
 
 /// Removes this node's rendezvous files of instances (keys starting with `prefix`, but `skip`)
@@ -309,10 +355,13 @@ fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -
     if missing.is_empty() || (missing.len() == reported.len() && code != 0) {
         return None;
     }
+    let places = plan.layout.places();
+    let mut seen = vec![false; plan.layout.nodes.len()];
     let mut nodes: Vec<String> = Vec::new();
     for &r in &missing {
-        if let Some(n) = plan.layout.nodes.iter().find(|n| n.ranks.contains(&r))
-            && !nodes.contains(&n.name)
+        if let Some(p) = places.get(r as usize)
+            && let Some(n) = plan.layout.nodes.get(p.node as usize)
+            && !std::mem::replace(&mut seen[p.node as usize], true)
         {
             nodes.push(n.name.clone());
         }
@@ -500,5 +549,33 @@ fn run_blocked(
                 term_at = Some(Instant::now());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_host_list_reaches_hydra_in_a_hostfile() {
+        let hosts: Vec<String> = (0..10_000)
+            .map(|i| format!("cn{i:05}.cluster.example.org:128"))
+            .collect();
+        let mut argv: Vec<String> = ["mpiexec.hydra", "-hosts", &hosts.join(","), "-n", "4"]
+            .map(str::to_owned)
+            .to_vec();
+        let file = hydra_hostfile(&mut argv).unwrap();
+        assert!(file.is_some());
+        assert_eq!(argv[1], "-f");
+        assert!(argv[2].starts_with("/dev/fd/"), "{argv:?}");
+        assert_eq!(argv[3..], ["-n", "4"]);
+        let text = std::fs::read_to_string(&argv[2]).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>(), hosts);
+        // A short list stays on the command line.
+        let mut argv: Vec<String> = ["mpiexec.hydra", "-hosts", "a:2,b:2", "-n", "4"]
+            .map(str::to_owned)
+            .to_vec();
+        assert!(hydra_hostfile(&mut argv).unwrap().is_none());
+        assert_eq!(argv[2], "a:2,b:2");
     }
 }

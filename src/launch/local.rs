@@ -452,12 +452,7 @@ impl OutputFiles {
         let Some(pattern) = pattern else {
             return Ok(Dest::Terminal(stream));
         };
-        let node = plan
-            .layout
-            .node_of_rank
-            .get(rank as usize)
-            .copied()
-            .unwrap_or(0);
+        let node = plan.layout.locate(rank).map_or(0, |p| p.node);
         let host = plan
             .layout
             .nodes

@@ -83,6 +83,14 @@ pub enum LaunchError {
         /// The error (part of the message, so not also a `source`).
         error: serde_json::Error,
     },
+    /// The rank mode's plan is not in the encoded form this cmpirun reads.
+    #[error("__rank --plan {plan}: not a launch plan: {message}")]
+    PlanFormat {
+        /// The `--plan` value.
+        plan: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The rank mode does not know its rank.
     #[error(
         "__rank: no PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK or SLURM_PROCID: the rank mode runs \
@@ -115,8 +123,9 @@ pub enum LaunchError {
     #[error(
         "the launch plan of this job ({ranks} ranks on {nodes} nodes) is {bytes} bytes, more \
          than the {limit} bytes one environment variable may hold on Linux (MAX_ARG_STRLEN); \
-         srun and hydra pass it to every task in CMPIRUN_PLAN, so jobs this large cannot be \
-         launched through them yet: run fewer ranks per job (see docs/scale.md)"
+         srun and hydra pass it to every task in CMPIRUN_PLAN, and its size grows with the \
+         nodes' names (numbered names compress best): run on fewer nodes per job (see \
+         docs/scale.md)"
     )]
     PlanTooLarge {
         /// The plan's size in the environment (`CMPIRUN_PLAN=…`).
@@ -217,6 +226,7 @@ impl Blame for LaunchError {
             | LaunchError::PlanVarUnset { .. }
             | LaunchError::PlanUnreadable { .. }
             | LaunchError::NotAPlan { .. }
+            | LaunchError::PlanFormat { .. }
             | LaunchError::NoRank
             | LaunchError::WorldSize { .. }
             | LaunchError::LauncherMissing { .. }

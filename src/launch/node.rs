@@ -23,8 +23,40 @@ use super::rank_env::RankEnv;
 pub fn part_of(plan: &LaunchPlan, rank: u32) -> usize {
     plan.apps
         .iter()
-        .position(|a| rank >= a.first_rank && rank < a.first_rank + a.ranks)
+        .position(|a| rank >= a.first_rank && rank < a.first_rank.saturating_add(a.ranks))
         .unwrap_or(0)
+}
+
+/// What a task knows of its own rank from the plan alone: its node and local rank (computed from
+/// the layout's rule, [`crate::plan::RankLayout::locate`]), its MPMD part and program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankView<'a> {
+    /// The rank.
+    pub rank: u32,
+    /// Its node id.
+    pub node: u32,
+    /// Its node's name.
+    pub node_name: &'a str,
+    /// Its index among its node's ranks.
+    pub local_rank: u32,
+    /// Its MPMD part (0-based).
+    pub part: usize,
+    /// The program it runs.
+    pub program: &'a str,
+}
+
+/// `rank`'s view of the plan; `None` past the job's last rank.
+pub fn rank_view(plan: &LaunchPlan, rank: u32) -> Option<RankView<'_>> {
+    let place = plan.layout.locate(rank)?;
+    let part = part_of(plan, rank);
+    Some(RankView {
+        rank,
+        node: place.node,
+        node_name: plan.layout.nodes.get(place.node as usize)?.name.as_str(),
+        local_rank: place.local_rank,
+        part,
+        program: plan.apps.get(part).map_or("", |a| a.program.as_str()),
+    })
 }
 
 /// The distinct images of the job, in the order the parts first name them. A node instance

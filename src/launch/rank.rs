@@ -27,9 +27,7 @@ use super::status::{JobEnd, RankEnd};
 use super::watch::{Relay, watch};
 use super::{LaunchError, node};
 
-/// The environment variable that carries the plan to the rank mode when the plan source is
-/// `env:` (srun and hydra pass the caller's environment to every task).
-pub const PLAN_VAR: &str = "CMPIRUN_PLAN";
+pub use crate::plan::encoding::PLAN_VAR;
 
 /// How long a task whose rank failed waits for its node instance to say that an image mount
 /// ended (the instance sees its server's end a moment after a rank may have failed on it).
@@ -53,9 +51,20 @@ pub fn read_plan(source: &str) -> Result<LaunchPlan, LaunchError> {
     parse_plan(source, &text)
 }
 
-/// Parses the JSON text of a plan; `source` (as given to `--plan`) is used in messages.
+/// The plan as the front end passes it to every task ([`crate::plan::encoding`]).
+pub fn encode_plan(plan: &LaunchPlan) -> Result<String, LaunchError> {
+    crate::plan::encoding::encode(plan).map_err(LaunchError::SerialisePlan)
+}
+
+/// Parses a plan: the encoded form the front end passes ([`encode_plan`]), or plain JSON (what
+/// `--dry-run --json` prints, in a file); `source` (as given to `--plan`) is used in messages.
+/// The layout is checked as it is read (slots, nodes and size agree).
 pub fn parse_plan(source: &str, text: &str) -> Result<LaunchPlan, LaunchError> {
-    serde_json::from_str(text).map_err(|error| LaunchError::NotAPlan {
+    let json = crate::plan::encoding::decode(text).map_err(|message| LaunchError::PlanFormat {
+        plan: source.to_owned(),
+        message,
+    })?;
+    serde_json::from_str(&json).map_err(|error| LaunchError::NotAPlan {
         plan: source.to_owned(),
         error,
     })
@@ -158,6 +167,18 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let mut plan = read_plan(plan_source)?;
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let rank = task_rank(&env).ok_or(LaunchError::NoRank)?;
+    // Computed from the plan's layout rule alone (no list of ranks travels with the plan).
+    if let Some(v) = node::rank_view(&plan, rank) {
+        tracing::debug!(
+            "rank {rank} of {}: node {} ({}), local rank {}, part {} ({})",
+            plan.layout.size,
+            v.node,
+            v.node_name,
+            v.local_rank,
+            v.part,
+            v.program
+        );
+    }
     if let Some((var, value)) = world_size_mismatch(&env, plan.layout.size) {
         let e = LaunchError::WorldSize {
             var,

@@ -23,7 +23,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -367,6 +367,30 @@ fn route_to(others: &[&String]) -> Option<IpAddr> {
     None
 }
 
+/// The queue of connections the kernel completes before cmpirun accepts them: the end of a large
+/// job brings a node's tasks' reports at once, and every node's. The standard library's 128
+/// drops the connections beyond (their tasks try again a second later); the kernel caps this
+/// at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A TCP listener on `addr` with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket,
+        sockopt,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    let backlog = Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN);
+    nix::sys::socket::listen(&fd, backlog)?;
+    Ok(TcpListener::from(fd))
+}
+
 fn token() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -443,7 +467,7 @@ impl Collector {
     /// tasks are srun's, which tells them its launch node's address.
     pub fn bind(nodes: &[String], srun: bool) -> std::io::Result<Collector> {
         let choice = choose_address(nodes, srun);
-        let listener = TcpListener::bind(choice.listen)?;
+        let listener = listen(choice.listen)?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let advertised = match choice.advertised.parse::<IpAddr>() {

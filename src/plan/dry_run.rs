@@ -53,6 +53,17 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(o, "command: {}", shell_words(&c.argv))?;
         writeln!(o, "  why: {}", c.why)?;
     }
+    if l.kind != LauncherKind::Local
+        && let Ok(encoded) = super::encoding::encode(plan)
+    {
+        writeln!(
+            o,
+            "  every task gets the plan in {}: {} bytes (one environment string takes {} at most)",
+            super::encoding::PLAN_VAR,
+            super::encoding::env_bytes(super::encoding::PLAN_VAR, &encoded),
+            super::encoding::MAX_ARG_STRLEN
+        )?;
+    }
     writeln!(o, "apps:")?;
     for (i, a) in plan.apps.iter().enumerate() {
         let last = a.first_rank + a.ranks.saturating_sub(1);
@@ -415,14 +426,21 @@ fn write_layout(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             crate::jobspec::Mapping::Cyclic => "cyclic",
         }
     )?;
-    for (id, n) in lay.nodes.iter().enumerate() {
+    for (id, (n, ranks)) in lay.nodes.iter().zip(lay.ranks_by_node()).enumerate() {
         writeln!(
             o,
             "  node {id} {}: ranks {}",
             n.name,
-            cmpirun_pmi::server::rank_ranges(&n.ranks)
+            cmpirun_pmi::server::rank_ranges(&ranks)
         )?;
     }
-    writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    if lay.process_mapping.is_empty() && lay.size > 0 {
+        writeln!(
+            o,
+            "  PMI_process_mapping: unknown (longer than a PMI value; MPICH exchanges host names)"
+        )?;
+    } else {
+        writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
+    }
     Ok(())
 }

@@ -24,10 +24,12 @@
 //! - [`signatures`]: the launch-time signature policy and its check (added after [`build`], from
 //!   verifications made on the front end).
 //! - [`dry_run`]: the plan as text for people.
+//! - [`encoding`]: the plan as the tasks of srun, hydra and mpirun get it (`CMPIRUN_PLAN`).
 
 pub mod binds;
 pub mod checks;
 pub mod dry_run;
+pub mod encoding;
 pub mod environment;
 pub mod fabric;
 pub mod inject;
@@ -43,7 +45,7 @@ pub mod types;
 pub use dry_run::{dry_run_text, layout_text, summary};
 pub use inject::INJECT_DIR;
 pub use launcher::{MPIRUN_NAMES, PLAN_FILE_PLACEHOLDER};
-pub use layout::{NodeRanks, NodeSlots, RankLayout};
+pub use layout::{NodeSlots, RankLayout, RankPlace};
 pub use mount::library_cache_dir;
 pub use output_files::{expand_pattern, srun_pattern};
 pub use parts::image_apps;

@@ -109,14 +109,19 @@ pub(super) fn host_origin(spec: &JobSpec) -> String {
 /// added up: Open MPI and hydra read `-H a,a,b` as two slots on `a`, not two nodes.
 fn merged_hosts(spec: &JobSpec) -> Vec<NodeSlots> {
     let mut out: Vec<NodeSlots> = Vec::new();
+    // Where each name is in `out`: thousands of hosts are looked up in constant time.
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for h in &spec.hosts {
         let slots = h.slots.unwrap_or(1);
-        match out.iter_mut().find(|n| n.name == h.name) {
-            Some(n) => n.slots = n.slots.saturating_add(slots),
-            None => out.push(NodeSlots {
-                name: h.name.clone(),
-                slots,
-            }),
+        match index.get(h.name.as_str()) {
+            Some(&i) => out[i].slots = out[i].slots.saturating_add(slots),
+            None => {
+                index.insert(&h.name, out.len());
+                out.push(NodeSlots {
+                    name: h.name.clone(),
+                    slots,
+                });
+            }
         }
     }
     out
