@@ -232,7 +232,6 @@ fn run_member(
         }
     };
     inst.release_namespaces();
-    super::library_cache::start_deferred_fills();
     let instance = inst.pid();
     // Signals the terminal sent to the whole foreground process group (SI_KERNEL) reached the
     // program too, and one from the instance itself would be odd: neither is passed on.
@@ -246,7 +245,6 @@ fn run_member(
         tracing::error!("{message}");
     }
     inst.close();
-    super::library_cache::finish_deferred_fills();
     Ok(outcome)
 }
 

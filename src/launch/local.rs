@@ -73,10 +73,7 @@ pub fn run(plan: &LaunchPlan) -> Result<JobEnd, LaunchError> {
         let mut mask = *mask;
         mask.add(Signal::SIGTSTP);
         mask.add(Signal::SIGCONT);
-        let end = run_blocked(plan, &cfg, &cpus, &mask);
-        // An image's first launch on the node unpacked its MPI stack meanwhile.
-        crate::container::library_cache::finish_deferred_fills();
-        end
+        run_blocked(plan, &cfg, &cpus, &mask)
     })
 }
 
@@ -268,7 +265,6 @@ fn run_blocked(
         Err(e) => return Err(abandon(&ranks, inst, e)),
     };
     // From here on cmpirun may have threads: every fork is done.
-    crate::container::library_cache::start_deferred_fills();
     let (tx, rx) = mpsc::channel();
     let (control, events) = match (server, &pmix) {
         (Some(server), _) => {

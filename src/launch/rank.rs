@@ -230,8 +230,6 @@ fn run_member(
         }
     };
     inst.release_namespaces();
-    // The creator unpacks the library-cache entry the node did not have while the rank runs.
-    crate::container::library_cache::start_deferred_fills();
     if let Some(r) = &mut relay {
         r.started();
     }
@@ -360,8 +358,6 @@ fn run_member(
         // see this task exit. The instance ends by itself when the last rank leaves.
         _ => drop(inst),
     }
-    // A library-cache entry it unpacked meanwhile is finished (a fill is never left half done).
-    crate::container::library_cache::finish_deferred_fills();
     Ok(outcome)
 }
 

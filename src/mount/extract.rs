@@ -173,13 +173,6 @@ pub fn hold_library_files(
     })
 }
 
-/// Whether the library cache `cache` has an entry for image `src` (unpacked, not checked): a
-/// launch that finds none reads the image's files through the mount and unpacks them meanwhile
-/// ([`crate::container::library_cache`]). An image that cannot be read has none.
-pub fn library_entry_present(src: &SquashfsSource, cache: &Path) -> bool {
-    image_key(src).is_ok_and(|key| cache.join(key).is_dir())
-}
-
 /// Checks every copy a library-cache entry lists against its manifest: a regular file of the
 /// image's size and modification time. This costs one small read and a `stat` per file (9 for
 /// the MPICH test image), and finds a copy that was truncated (a full disk, a user's mistake)

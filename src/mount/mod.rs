@@ -29,7 +29,6 @@ pub use extract::{
     CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, HeldLibraries, LIBRARY_CACHE_ENV,
     cache_entries, cache_limit, check_library_files, clear_cache, default_extract_cache,
     default_library_cache_in, hold_library_files, library_cache_in, library_cache_setting,
-    library_entry_present,
 };
 pub(crate) use extract::{env_var, hold_entry, hold_until_exit, remove_entry, user_cache_in};
 pub use reader::read_through;

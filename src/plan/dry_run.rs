@@ -104,7 +104,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             )?;
             writeln!(
                 o,
-                "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); a node without them yet reads them through the mount and unpacks them while its ranks run, for the launches after it; CMPIRUN_LIBRARY_CACHE=off turns this off"
+                "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
             )?;
             for a in super::parts::image_apps(&plan.apps) {
                 writeln!(
