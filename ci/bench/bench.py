@@ -823,8 +823,8 @@ class Bench:
         return found
 
 
-def descendant_table(skip=()):
-    """pid -> (name, ppid) of every live process below this one (not below the pids in skip)."""
+def proc_table():
+    """pid -> (name, ppid, state) of every live process."""
     procs = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -835,6 +835,12 @@ def descendant_table(skip=()):
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
         procs[int(d)] = (stat[stat.find("(") + 1 : stat.rfind(")")], int(fields[1]), fields[0])
+    return procs
+
+
+def descendant_table(skip=()):
+    """pid -> (name, ppid) of every live process below this one (not below the pids in skip)."""
+    procs = proc_table()
     children = {}
     for pid, (_, ppid, state) in procs.items():
         if state != "Z":
@@ -852,13 +858,8 @@ def descendant_table(skip=()):
 def end_tree(root, sig, below_only=False):
     """Sends sig to every process below root (and to root unless below_only)."""
     children = {}
-    for d in os.listdir("/proc"):
-        try:
-            stat = open(f"/proc/{d}/stat").read() if d.isdigit() else ""
-        except OSError:
-            continue
-        if stat:
-            children.setdefault(int(stat[stat.rfind(")") + 2 :].split()[1]), []).append(int(d))
+    for pid, (_, ppid, _) in proc_table().items():
+        children.setdefault(ppid, []).append(pid)
     todo, pids = [root], []
     while todo:
         pid = todo.pop()
