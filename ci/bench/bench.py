@@ -21,12 +21,19 @@ Cases (select with --only):
   openmpi  hello at N = 1, 4, 16, 64 with Open MPI: cmpirun -n N openmpi4.sif (its PMIx server
            through the host's libpmix) and cmpirun --launcher mpirun, against Open MPI's own
            mpirun -n N hello (the same Debian Open MPI 4.1.4, compiled on the host)
+  multinode  hello across the three-node test cluster (ci/start-cluster.sh; started and stopped
+           here if it is not running): srun (-N K -n 2K, in one held allocation per K) and hydra
+           over ssh (-f hosts), cmpirun with the mpich5 image against the MPICH 5 wheel's hello
+           compiled on the host, over libfabric tcp, at K = 1, 2, 3 nodes; cmpirun also as the
+           image's first launch (an empty node-local cache on every node) to show whether the
+           per-node cost adds up across nodes
 
 Run through ci/bench.sh, which builds what this needs and passes the paths in the environment.
 """
 
 import argparse
 import ctypes
+import fcntl
 import json
 import os
 import pwd
@@ -46,6 +53,11 @@ TEST_USER = os.environ.get("TEST_USER", "tuser")
 PER_RANK_ENV = {"UCX_POSIX_USE_PROC_LINK": "n", "UCX_TLS": "^cma"}
 TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "MPIR_CVAR_NOLOCAL": "1"}
 BACKENDS = ["fuse", "squashfuse", "extract"]
+# The three-node test cluster (ci/start-cluster.sh) and MPICH 5 over libfabric tcp across it.
+CLUSTER = Path(os.environ.get("CLUSTER_DIR") or "/run/cmpirun-test-cluster")
+NODES = ["n1", "n2", "n3"]
+FRONT_END_ADDR = "10.77.0.1"
+OFI_ENV = {"FI_PROVIDER": "tcp", "MPIR_CVAR_CH4_NETMOD": "ofi"}
 
 
 def say(*a):
@@ -81,6 +93,7 @@ class Bench:
         self.md = []  # markdown lines for BENCHMARKS.md
         self.failures = []
         self.before = self.snapshot()
+        self.keep = set()  # pids of long-lived helpers (a held Slurm allocation) and their trees
 
     # ---------------------------------------------------------------- running as the test user
 
@@ -94,7 +107,11 @@ class Bench:
             "XDG_CACHE_HOME": str(self.work / "cache"),
             "XDG_RUNTIME_DIR": str(self.work / "run"),
         }
-        env.update(extra or {})
+        for k, v in (extra or {}).items():
+            if v is None:  # removed: e.g. XDG_RUNTIME_DIR, for cmpirun's node-local default
+                env.pop(k, None)
+            else:
+                env[k] = v
         return env
 
     def as_user(self, cmd, env=None):
@@ -136,10 +153,10 @@ class Bench:
         self.settle()
         return t1 - t0, p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
-    @staticmethod
-    def descendants():
-        """Every live process below this one (orphans come back here: we are a subreaper)."""
-        return [pid for pid, (_, _) in descendant_table().items()]
+    def descendants(self):
+        """Every live process below this one (orphans come back here: we are a subreaper), but
+        the long-lived helpers in self.keep and their trees."""
+        return list(descendant_table(skip=self.keep))
 
     def kill_all(self):
         for pid in self.descendants():
@@ -245,6 +262,11 @@ class Bench:
         shutil.copytree(whl / "lib", w / "mpich5/lib", symlinks=True)
         subprocess.run(
             ["cc", "-O2", "-o", w / "pingpong-mpich5", ex / "pingpong.c", f"-I{whl}/include",
+             f"-L{whl}/lib", f"-Wl,-rpath,{w}/mpich5/lib", "-Wl,--enable-new-dtags", "-lmpi"],
+            check=True,
+        )
+        subprocess.run(
+            ["cc", "-O2", "-o", w / "hello-mpich5", ex / "hello.c", f"-I{whl}/include",
              f"-L{whl}/lib", f"-Wl,-rpath,{w}/mpich5/lib", "-Wl,--enable-new-dtags", "-lmpi"],
             check=True,
         )
@@ -398,6 +420,193 @@ class Bench:
                 cells.append(f"{m:.0f}" if name == "native" else f"{m:.0f} ({m / base:.2f}×, {m - base:+.0f} ms)")
             self.md.append(f"| {n} | {runs} | " + " | ".join(cells) + " |")
         self.md.append("")
+
+    # ---------------------------------------------------------------- across nodes
+
+    def cluster_nodes(self):
+        """The idle (or busy) nodes of the three-node test cluster, 0 when it is not running."""
+        conf = CLUSTER / "slurm.conf"
+        if not conf.is_file():
+            return 0
+        p = subprocess.run(["sinfo", "-h", "-t", "idle,mix,alloc", "-o", "%D"], capture_output=True,
+                           text=True, env=dict(os.environ, SLURM_CONF=str(conf)))
+        return sum(int(x) for x in p.stdout.split() if x.isdigit())
+
+    def node_root(self, node):
+        return Path(f"/proc/{(CLUSTER / f'{node}.anchor').read_text().strip()}/root")
+
+    def node_state(self):
+        """Each node's /dev/shm entries, cmpirun* entries of /tmp (and in its runtime folders)."""
+        out = set()
+        for node in NODES:
+            root = self.node_root(node)
+            out |= {f"{node}:/dev/shm/{e}" for e in os.listdir(root / "dev/shm")}
+            for e in os.listdir(root / "tmp"):
+                if e.startswith("cmpirun-") and (root / "tmp" / e).is_dir():
+                    out |= {f"{node}:/tmp/{e}/{i}" for i in os.listdir(root / "tmp" / e)}
+                elif e.startswith("cmp"):
+                    out.add(f"{node}:/tmp/{e}")
+        return out
+
+    def hold_allocation(self, nodes, tasks):
+        """salloc -N nodes -n tasks, held (a shell that writes salloc's environment, then sleeps)
+        until release_allocation: the jobs of a case run as steps of one allocation, so that the
+        timings are those of the launch, not of the scheduler. Returns (process, SLURM_* env)."""
+        d = self.work / "mn"
+        d.mkdir(exist_ok=True)
+        shutil.chown(d, TEST_USER, TEST_USER)
+        envfile = d / f"alloc-{nodes}.env"
+        p = subprocess.Popen(
+            self.as_user(["salloc", "-N", nodes, "-n", tasks, "/bin/sh", "-c",
+                          f'env > {envfile}.part && mv {envfile}.part {envfile} && exec sleep 100000'],
+                         {"SLURM_CONF": str(CLUSTER / "slurm.conf")}),
+            cwd=self.work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        self.keep.add(p.pid)
+        deadline = time.monotonic() + 30
+        while not envfile.exists():
+            if p.poll() is not None or time.monotonic() > deadline:
+                self.release_allocation(p)
+                raise RuntimeError(f"salloc -N {nodes} -n {tasks} gave no allocation")
+            time.sleep(0.05)
+        env = {}
+        for line in envfile.read_text().splitlines():
+            k, _, v = line.partition("=")
+            if k.startswith("SLURM_"):
+                env[k] = v
+        return p, env
+
+    def release_allocation(self, p):
+        """Ends a held allocation: salloc ignores SIGTERM, so its command (the sleep) is ended,
+        and salloc gives the allocation back and exits."""
+        end_tree(p.pid, signal.SIGTERM, below_only=True)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            end_tree(p.pid, signal.SIGKILL)
+            p.wait()
+        self.keep.discard(p.pid)
+        self.settle()
+
+    def case_multinode(self):
+        """hello across the three-node cluster: srun and hydra over ssh, cmpirun against native."""
+        if self.cluster_nodes() != len(NODES):
+            self.failures.append("multinode: the three-node test cluster is not running "
+                                 "(ci/bench.sh starts it; or run ci/start-cluster.sh)")
+            return
+        # The tests that launch containers (and use this cluster) take this lock one at a time:
+        # holding it keeps their jobs off the cluster and the CPUs while this case measures.
+        lock = open("/var/tmp/cmpirun-test.lock", "a")
+        log("multinode: waiting for /var/tmp/cmpirun-test.lock (other runs' container tests)")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            self.multinode_locked()
+        finally:
+            lock.close()
+
+    def multinode_locked(self):
+        w = self.work
+        img = self.images["mpich5"]
+        ks = [1, 2, 3]
+        runs = self.args.runs or (3 if self.quick else 10)
+        for k in ks:
+            (w / f"hosts-{k}").write_text("".join(f"{n}:2\n" for n in NODES[:k]))
+        say("\n## Across nodes: hello (MPI_Init + MPI_Finalize), MPICH 5 over libfabric tcp, 2 ranks per node")
+        say("native = the MPICH 5 wheel's hello compiled on the host; cmpirun = the mpich5 image's hello;")
+        say(f"both with {' '.join(f'{k}={v}' for k, v in OFI_ENV.items())}. srun: steps of one held")
+        say("allocation of K nodes (`srun --mpi=pmi2 -N K -n 2K hello` against `cmpirun -n 2K --pmi")
+        say("pmi2 mpich5.sif hello`); hydra: `mpiexec.hydra -localhost FE -f hosts -n 2K hello` against")
+        say("`cmpirun -f hosts -n 2K mpich5.sif hello` (CMPIRUN_REPORT_ADDR=FE), proxies over ssh.")
+        say("first = the image's first launch on every node: an empty node-local cache (XDG_CACHE_HOME")
+        say("in each node's own /tmp: facts, library cache filled on each node at once); first, shared")
+        say("= an empty cache in the folder every node sees (filled once, under its lock).")
+        ofi_x = [a for k, v in OFI_ENV.items() for a in ("-x", f"{k}={v}")]
+        fresh = iter(range(1_000_000))
+        before = self.node_state()
+        self.md += [
+            "### Across nodes: hello, 2 ranks per node, wall time per job (median ms; ratio to native)",
+            "",
+            "| launcher | nodes | ranks | pairs | native | cmpirun | median of pair ratios | cmpirun, first (node-local cache) | cmpirun, first (shared cache) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        self.multinode = {}
+        for launcher in ["srun", "hydra"]:
+            for k in ks:
+                n = str(2 * k)
+                alloc = None
+                if launcher == "srun":
+                    alloc, slurm = self.hold_allocation(str(k), n)
+                    base_env = dict(OFI_ENV, **slurm)
+                    base_env["SLURM_CONF"] = str(CLUSTER / "slurm.conf")
+                    native = ["srun", "--mpi=pmi2", "-N", str(k), "-n", n, w / "hello-mpich5"]
+                    inside = [w / "cmpirun", "-n", n, "--pmi", "pmi2", *ofi_x, img, "/usr/local/bin/hello"]
+                else:
+                    base_env = dict(OFI_ENV, HYDRA_LAUNCHER_EXEC=str(CLUSTER / "bin/ssh"),
+                                    CMPIRUN_REPORT_ADDR=FRONT_END_ADDR)
+                    hosts = w / f"hosts-{k}"
+                    native = ["mpiexec.hydra", "-localhost", FRONT_END_ADDR, "-f", hosts, "-n", n,
+                              w / "hello-mpich5"]
+                    inside = [w / "cmpirun", "-f", hosts, "-n", n, *ofi_x, img, "/usr/local/bin/hello"]
+                # The runtime folder stays cmpirun's node-local default (/tmp/cmpirun-UID).
+                base_env["XDG_RUNTIME_DIR"] = None
+                variants = [("native", native, "warm"), ("cmpirun", inside, "warm"),
+                            ("cmpirun first", inside, "local"), ("cmpirun first shared", inside, "shared")]
+                times = {name: [] for name, _, _ in variants}
+                pairs = []
+                try:
+                    for name, cmd, _ in variants[:2]:  # warm-up: page cache, facts, library cache
+                        self.run(cmd, base_env, timeout=120)
+                    for r in range(runs):
+                        row = {}
+                        for name, cmd, cache in variants:
+                            env = dict(base_env)
+                            first = None
+                            if cache == "local":
+                                first = f"cmpbench-first-{next(fresh)}"
+                                env["XDG_CACHE_HOME"] = f"/tmp/{first}"
+                            elif cache == "shared":
+                                env["XDG_CACHE_HOME"] = str(w / "cache" / f"first-{next(fresh)}")
+                            t, rc, out, err = self.run(cmd, env, timeout=120)
+                            if first:
+                                for root in [Path("/")] + [self.node_root(x) for x in NODES]:
+                                    shutil.rmtree(root / "tmp" / first, ignore_errors=True)
+                            if rc == 0 and out.count("hello: rank=") == 2 * k:
+                                times[name].append(t * 1000)
+                                row[name] = t * 1000
+                            else:
+                                self.failures.append(f"multinode {launcher} K={k} {name}: rc={rc} {err.strip()[-300:]}")
+                        if "native" in row and "cmpirun" in row:
+                            pairs.append(row["cmpirun"] / row["native"])
+                        log(f"multinode {launcher} K={k}: round {r + 1}/{runs}")
+                finally:
+                    if alloc:
+                        self.release_allocation(alloc)
+                base = median(times["native"])
+                self.multinode[(launcher, k)] = times
+                say(f"\n{launcher}, {k} node(s), {n} ranks, {runs} rounds")
+                for name, _, _ in variants:
+                    m = median(times[name])
+                    q1, q3 = quartiles(times[name])
+                    say(f"  {name:<22}{m:>9.1f} ms{f'{q1:.0f}–{q3:.0f}':>12}{m / base:>8.2f}x{m - base:>+9.1f} ms"
+                        f"   (n={len(times[name])})")
+                if pairs:
+                    say(f"  median of {len(pairs)} pair ratios cmpirun/native: {median(pairs):.3f}"
+                        f" ({min(pairs):.2f}–{max(pairs):.2f})")
+                cell = lambda name: f"{median(times[name]):.0f} ({median(times[name]) / base:.2f}×, {median(times[name]) - base:+.0f} ms)"
+                self.md.append(f"| {launcher} | {k} | {n} | {len(pairs)} | {base:.0f} | {cell('cmpirun')} | "
+                               f"{median(pairs) if pairs else float('nan'):.3f} | {cell('cmpirun first')} | "
+                               f"{cell('cmpirun first shared')} |")
+        self.md.append("")
+        say("\nadded time (median cmpirun − median native) by number of nodes: per-node work done one")
+        say("node after another would add about the 1-node figure for every further node")
+        for launcher in ["srun", "hydra"]:
+            for name in ["cmpirun", "cmpirun first", "cmpirun first shared"]:
+                added = [median(self.multinode[(launcher, k)][name]) - median(self.multinode[(launcher, k)]["native"])
+                         for k in ks]
+                say(f"  {launcher:<6}{name:<22}" + "".join(f"{k} node(s) {a:+7.1f} ms   " for k, a in zip(ks, added)))
+        left = self.node_state() - before
+        if left:
+            self.failures.append(f"multinode: left on the nodes: {sorted(left)}")
 
     # ---------------------------------------------------------------- start-up breakdown
 
@@ -604,14 +813,18 @@ class Bench:
     # ---------------------------------------------------------------- all
 
     def close(self):
+        for pid in list(self.keep):  # a held allocation left by an error
+            end_tree(pid, signal.SIGTERM, below_only=True)
+        self.keep.clear()
+        self.settle(limit=20)
         found = self.leftovers()
         self.kill_all()
         shutil.rmtree(self.work, ignore_errors=True)
         return found
 
 
-def descendant_table():
-    """pid -> (name, ppid) of every live process below this one."""
+def proc_table():
+    """pid -> (name, ppid, state) of every live process."""
     procs = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -622,6 +835,12 @@ def descendant_table():
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
         procs[int(d)] = (stat[stat.find("(") + 1 : stat.rfind(")")], int(fields[1]), fields[0])
+    return procs
+
+
+def descendant_table(skip=()):
+    """pid -> (name, ppid) of every live process below this one (not below the pids in skip)."""
+    procs = proc_table()
     children = {}
     for pid, (_, ppid, state) in procs.items():
         if state != "Z":
@@ -629,9 +848,28 @@ def descendant_table():
     out, todo = {}, list(children.get(os.getpid(), []))
     while todo:
         pid = todo.pop()
+        if pid in skip:
+            continue
         out[pid] = procs[pid][:2]
         todo += children.get(pid, [])
     return out
+
+
+def end_tree(root, sig, below_only=False):
+    """Sends sig to every process below root (and to root unless below_only)."""
+    children = {}
+    for pid, (_, ppid, _) in proc_table().items():
+        children.setdefault(ppid, []).append(pid)
+    todo, pids = [root], []
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += children.get(pid, [])
+    for pid in pids[1:] if below_only else pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 class Sampler:
@@ -697,7 +935,7 @@ class Sampler:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few runs, N up to 16: to check the harness")
-    ap.add_argument("--only", default="launch,startup,memory,comm,io,pmi,openmpi", help="comma-separated cases")
+    ap.add_argument("--only", default="launch,startup,memory,comm,io,pmi,openmpi,multinode", help="comma-separated cases")
     ap.add_argument("--runs", type=int, default=0, help="rounds per case (default: per case)")
     ap.add_argument("--markdown", help="also write the result tables as markdown to this file")
     args = ap.parse_args()
@@ -726,7 +964,7 @@ def main():
         if not launch_ok:
             say(f"cmpirun has no working launcher in this build ({why}): launch, memory and comm skipped")
         for case in only:
-            if case in ("launch", "startup", "memory", "comm", "openmpi") and not launch_ok:
+            if case in ("launch", "startup", "memory", "comm", "openmpi", "multinode") and not launch_ok:
                 continue
             getattr(b, f"case_{case}")()
     finally:

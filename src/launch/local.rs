@@ -130,10 +130,19 @@ fn ensure_limits(size: u32) -> Result<(), LaunchError> {
     if soft < files {
         setrlimit(Resource::RLIMIT_NOFILE, files, hard).map_err(sys("setrlimit"))?;
     }
-    // Each rank a process, besides those the user runs already.
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    // Each rank a process, besides those the user runs already. A limit at or above pid_max
+    // cannot be reached (there are no more process ids than that), so the user's processes are
+    // counted (a walk of /proc, about a millisecond on a busy node) only when a limit could be.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NPROC).map_err(sys("getrlimit"))?;
+    let reachable = |limit: u64| limit != RLIM_INFINITY && pid_max.is_none_or(|m| limit < m);
+    if !reachable(soft) && !reachable(hard) {
+        return check_pid_max(size, pid_max);
+    }
     let running = user_processes();
     let procs = size + running + 16;
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NPROC).map_err(sys("getrlimit"))?;
     if hard != RLIM_INFINITY && hard < procs {
         return Err(LaunchError::Limit {
             what: format!("processes of this user ({running} running)"),
@@ -147,9 +156,12 @@ fn ensure_limits(size: u32) -> Result<(), LaunchError> {
     if soft != RLIM_INFINITY && soft < procs {
         setrlimit(Resource::RLIMIT_NPROC, procs, hard).map_err(sys("setrlimit"))?;
     }
-    if let Some(pid_max) = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
+    check_pid_max(size, pid_max)
+}
+
+/// Refuses a job of `size` ranks that the node's process ids (`pid_max`) could not hold.
+fn check_pid_max(size: u64, pid_max: Option<u64>) -> Result<(), LaunchError> {
+    if let Some(pid_max) = pid_max
         && pid_max < size + 1000
     {
         return Err(LaunchError::Limit {

@@ -9,10 +9,14 @@
 //! MPI 4.1.4) and 5.0.11 clients (the Open MPI 5.0.11 wheel).
 
 /// The `OpenPMIx X.Y.Z[suffix]` version in a library's bytes (`4.2.2rc2`, `5.0.11rc1`).
+///
+/// Every launch reads the host's libpmix (2 MiB) through this, so the search is memchr's
+/// vectorised one, not a byte-by-byte window scan (1.3 ms of CPU per launch before).
 pub fn version_in(bytes: &[u8]) -> Option<String> {
     const MARK: &[u8] = b"OpenPMIx ";
+    let finder = memchr::memmem::Finder::new(MARK);
     let mut from = 0;
-    while let Some(i) = bytes[from..].windows(MARK.len()).position(|w| w == MARK) {
+    while let Some(i) = finder.find(&bytes[from..]) {
         let start = from + i + MARK.len();
         let rest = &bytes[start..];
         let len = rest
