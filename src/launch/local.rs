@@ -325,6 +325,7 @@ fn run_blocked(
             .timeout_secs
             .map(|s| (Instant::now() + Duration::from_secs(s), s)),
         grace: super::settings::kill_grace(),
+        pending_failure: None,
     };
     job.run(&sigfd, wake_r, &rx);
     if plan.job.print_all_exitcodes {
@@ -521,7 +522,16 @@ struct Job<'a> {
     killed: bool,
     deadline: Option<(Instant, u64)>,
     grace: Duration,
+    /// A rank's failure (exit or signal) that ends the job once [`ABORT_WAIT`] has passed
+    /// without an `MPI_Abort` of that job arriving: the abort travels from the PMI server's
+    /// thread (or the PMIx server's process) and can be read after the rank's exit, which it
+    /// caused.
+    pending_failure: Option<(JobEnd, Instant)>,
 }
+
+/// How long a rank's failure waits for the `MPI_Abort` that may have caused it (see
+/// [`Job::pending_failure`]).
+const ABORT_WAIT: Duration = Duration::from_millis(100);
 
 /// After the last rank exited, how long output of their leftover children is still read.
 const DRAIN: Duration = Duration::from_secs(1);
@@ -542,13 +552,27 @@ impl Job<'_> {
             self.reap();
             if self.live() == 0 {
                 let at = *all_done_at.get_or_insert_with(Instant::now);
-                if self.pipes.is_empty() || at.elapsed() >= DRAIN {
+                // A failure still waiting for its abort is decided before the job ends.
+                if (self.pipes.is_empty() || at.elapsed() >= DRAIN)
+                    && self.pending_failure.is_none()
+                {
                     break;
                 }
             }
             let now = Instant::now();
             let mut next: Option<Instant> = None;
             let mut sooner = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            if let Some((end, at)) = self.pending_failure.take() {
+                if self.end.is_some() {
+                    // An abort (or a signal, a timeout) decided the end meanwhile.
+                } else if now >= at + ABORT_WAIT {
+                    self.finish(end);
+                    continue;
+                } else {
+                    sooner(at + ABORT_WAIT);
+                    self.pending_failure = Some((end, at));
+                }
+            }
             if let Some((d, secs)) = self.deadline {
                 if now >= d {
                     self.deadline = None;
@@ -761,7 +785,7 @@ impl Job<'_> {
                 write_out(Stream::Stderr, never_connected(rank, &library).as_bytes());
             }
             if let Some(end) = JobEnd::of_rank(rank, end) {
-                self.finish(end);
+                self.pending_failure.get_or_insert((end, Instant::now()));
             } else if self.connected[rank as usize] {
                 // An MPI rank that ended before its finalize was looked at.
                 self.check_injected(rank, true);
