@@ -214,6 +214,7 @@ pub fn instance_config(requests: &[RootRequest]) -> Result<InstanceConfig, Confi
             files: c.files.clone(),
         }),
         cached: Vec::new(),
+        record_loads: None,
         shm: req.shm,
         shared_shm: None,
         shm_size: req.shm_size.clone(),

@@ -162,12 +162,17 @@ pub fn execute(ops: &[MountOp]) -> Result<Assembled, RootError> {
     // Open every host source first: a missing one fails before anything is mounted, and the
     // staging tmpfs may then cover a directory that holds one.
     for op in ops {
-        if let MountOp::Bind {
-            src: BindSource::Host(p),
-            ..
-        } = op
-        {
-            ex.open_source(p)?;
+        match op {
+            MountOp::Bind {
+                src: BindSource::Host(p),
+                ..
+            } => ex.open_source(p)?,
+            MountOp::AssembleRoot { cached, .. } => {
+                for dir in cached {
+                    ex.open_source(dir)?;
+                }
+            }
+            _ => {}
         }
     }
     for op in ops {
@@ -251,17 +256,20 @@ impl Executor {
                 .map_err(sys("mount staging tmpfs on", target))?;
                 self.stage = Some(target.clone());
             }
-            MountOp::MountImage { at, image } => {
+            MountOp::MountImage {
+                at,
+                image,
+                record_loads,
+            } => {
                 let target = self.stage()?.join(at);
                 fs::create_dir(&target).map_err(io("create image mount point", &target))?;
                 match image {
                     ImageSource::Squashfs { source, backend } => {
-                        self.image = Some(mount_squashfs(
-                            source,
-                            &target,
-                            *backend,
-                            &MountOptions::default(),
-                        )?);
+                        let opts = MountOptions {
+                            record_loads: *record_loads,
+                            ..MountOptions::default()
+                        };
+                        self.image = Some(mount_squashfs(source, &target, *backend, &opts)?);
                     }
                     ImageSource::Directory(dir) => {
                         mount(
@@ -347,14 +355,30 @@ impl Executor {
                     _ => {}
                 }
             }
-            MountOp::AssembleRoot { image, layer, root } => {
+            MountOp::AssembleRoot {
+                image,
+                layer,
+                cached,
+                root,
+            } => {
                 let stage = self.stage()?.to_owned();
                 let (image, layer, root) = (stage.join(image), stage.join(layer), stage.join(root));
                 fs::create_dir(&root).map_err(io("create root mount point", &root))?;
-                if self.layer_used {
+                if self.layer_used || !cached.is_empty() {
                     // Kernel overlayfs with only lower layers is read-only: the tmpfs layer of
-                    // mount points on top of the image.
-                    let opts = format!("lowerdir={}:{}", layer.display(), image.display());
+                    // mount points on top, the library cache's entries (by descriptor: the
+                    // staging tmpfs may cover their path, and a path may hold a `:`) below it,
+                    // the image at the bottom.
+                    let mut lower = Vec::new();
+                    if self.layer_used {
+                        lower.push(layer.display().to_string());
+                    }
+                    for dir in cached {
+                        let (path, _) = self.source(&BindSource::Host(dir.clone()))?;
+                        lower.push(path.display().to_string());
+                    }
+                    lower.push(image.display().to_string());
+                    let opts = format!("lowerdir={}", lower.join(":"));
                     mount(
                         Some("overlay"),
                         &root,
@@ -363,7 +387,7 @@ impl Executor {
                         Some(opts.as_str()),
                     )
                     .map_err(sys(
-                        "mount overlay (mount-point layer over the image) at",
+                        "mount overlay (mount-point layer and library cache over the image) at",
                         &root,
                     ))?;
                 } else {

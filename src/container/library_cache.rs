@@ -1,89 +1,258 @@
-//! The node's library cache, as the creator of a node instance uses it: fill the entry of each
-//! image (once per node; see [`crate::mount::hold_library_files`]) and bind its copies over the
-//! image's files.
+//! The node's library cache, as the creator of a node instance uses it: fill the entries of
+//! each image (once per node; see [`crate::mount::hold_library_files`]) and stack them over the
+//! image as read-only overlay layers; and, as a job ends, note which ELF files its ranks still
+//! loaded through the mount, for the node's next jobs to serve from the cache too.
 //!
-//! Only the process that creates the node instance does this, before the instance is forked:
-//! the ranks that join a running instance never touch the cache, so no rank waits for a cache
-//! lock while the ranks of another task wait for it in MPI wire-up.
+//! An image has up to two entries:
+//! - its C library and MPI stack, as the image facts name them (filled before the image's first
+//!   job on the node starts);
+//! - the other ELF files its ranks loaded through the mount in earlier jobs (the program, the
+//!   dynamic loader, plugins the MPI stack `dlopen`s): recorded by the image's FUSE server as it
+//!   serves them, listed by the instance as its job ends, and unpacked by the creator of the
+//!   node's next instance.
+//!
+//! Only the process that creates the node instance fills entries, before the instance is
+//! forked: the ranks that join a running instance never touch the cache, so no rank waits for a
+//! cache lock while the ranks of another task wait for it in MPI wire-up.
 
-use std::fs;
-use std::os::fd::RawFd;
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 
-use crate::mount::MountBackend;
+use nix::fcntl::{OFlag, RenameFlags};
+use nix::sys::stat::Mode;
 
-use super::root::{HostBind, ImageSource, LibraryCache, RootConfig};
+use crate::mount::{HeldLibraries, LOADS_SUFFIX, MAX_LOADS, MountBackend};
 
-/// Fills `root`'s library-cache entry and sets [`RootConfig::cached`] to its binds; returns the
-/// descriptor of the entry's shared lock, which the node instance keeps open for its life (so
-/// that no pruning removes the entry while the instance binds it). The cache is an
-/// optimisation: when it is off, or cannot be filled (no space, no writable home), `cached`
-/// stays empty and the files are read through the mount.
-pub fn resolve(root: &mut RootConfig) -> Option<RawFd> {
-    let cache = root.library_cache.as_ref()?;
-    let (binds, lock) = cached_binds(&root.image, cache)?;
-    root.cached = binds;
-    Some(lock)
+use super::root::{ImageSource, RootConfig};
+
+/// What a node instance keeps of the library cache for one root.
+#[derive(Debug, Default)]
+pub struct CacheUse {
+    /// The entries' shared locks, which the instance keeps open for its life (so that no
+    /// pruning removes an entry while the instance's root stacks it).
+    pub locks: Vec<RawFd>,
+    /// Where the image's FUSE server records the ELF files it serves.
+    pub loads: Option<LoadsLog>,
 }
 
-/// Read-only binds of the cache's files over the image's copies, for an image that a FUSE
-/// server serves, and the entry's lock descriptor.
-fn cached_binds(image: &ImageSource, cache: &LibraryCache) -> Option<(Vec<HostBind>, RawFd)> {
-    let ImageSource::Squashfs { source, backend } = image else {
-        return None;
+/// The ELF files the image's FUSE server served, and where the list of the image's loaded
+/// files is kept. Descriptors, not paths: the instance lists the files after it has moved into
+/// the container's root, where the host's cache folder may not be visible.
+#[derive(Debug)]
+pub struct LoadsLog {
+    /// An in-memory file the server appends a line (an image path) to per ELF file.
+    pub record: OwnedFd,
+    /// The library cache's folder.
+    dir: OwnedFd,
+    /// The list's name in it: the image's entry name and [`LOADS_SUFFIX`].
+    name: String,
+    /// Image paths the entries hold already.
+    known: BTreeSet<PathBuf>,
+}
+
+impl LoadsLog {
+    /// Its descriptors, which the node instance keeps open.
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.record.as_raw_fd(), self.dir.as_raw_fd()]
+    }
+}
+
+/// Fills `root`'s library-cache entries and sets [`RootConfig::cached`] to them, and, for the
+/// built-in FUSE server, [`RootConfig::record_loads`]. The cache is an optimisation: when it is
+/// off, or an entry cannot be filled (no space, no writable home), the files are read through
+/// the mount.
+pub fn resolve(root: &mut RootConfig) -> CacheUse {
+    let mut used = CacheUse::default();
+    let Some(cache) = root.library_cache.as_ref() else {
+        return used;
     };
-    if cache.files.is_empty() || *backend == MountBackend::Extract {
-        return None;
+    let ImageSource::Squashfs { source, backend } = &root.image else {
+        return used;
+    };
+    if *backend == MountBackend::Extract {
+        return used;
     }
     let dir = cache.dir.as_path();
-    let held = match crate::mount::hold_library_files(source, dir, &cache.files) {
-        Ok(held) => held,
+    let warn = |e: &dyn std::fmt::Display| {
+        tracing::warn!(
+            "library cache {}: {e}; reading the image's files through the mount (set {}=off to \
+             skip the cache)",
+            dir.display(),
+            crate::mount::LIBRARY_CACHE_ENV
+        );
+    };
+    let key = match crate::mount::cache_key(source) {
+        Ok(key) => key,
         Err(e) => {
-            tracing::warn!(
-                "library cache {}: {e}; reading the image's MPI libraries through the mount \
-                 (set {}=off to skip the cache)",
-                dir.display(),
-                crate::mount::LIBRARY_CACHE_ENV
-            );
-            return None;
+            warn(&e);
+            return used;
         }
     };
-    let tree = held.tree;
-    // Libraries are mapped executable, which a noexec filesystem (a /tmp mounted so) forbids.
-    if nix::sys::statvfs::statvfs(&tree)
+    let mut known: BTreeSet<PathBuf> = cache.files.iter().cloned().collect();
+    let loaded: Vec<PathBuf> = read_loads(dir, &key)
+        .into_iter()
+        .filter(|f| !known.contains(f))
+        .collect();
+    let mut layers = Vec::new();
+    for (files, loads) in [(&loaded, true), (&cache.files, false)] {
+        if files.is_empty() {
+            continue;
+        }
+        let held = if loads {
+            crate::mount::hold_loaded_files(source, dir, files)
+        } else {
+            crate::mount::hold_library_files(source, dir, files)
+        };
+        match held {
+            Ok(held) => {
+                used.locks.push(held.lock_fd);
+                if let Some(tree) = usable(&held, dir) {
+                    layers.push(tree);
+                    known.extend(files.iter().cloned());
+                }
+            }
+            Err(e) => warn(&e),
+        }
+    }
+    root.cached = layers;
+    if *backend == MountBackend::Fuse {
+        used.loads = loads_log(dir, &key, known);
+        root.record_loads = used.loads.as_ref().map(|l| l.record.as_raw_fd());
+    }
+    used
+}
+
+/// The entry's tree, if its copies may stand in for the image's: not when one is damaged (an
+/// entry is a layer as a whole), nor on a `noexec` filesystem (libraries are mapped
+/// executable, which it forbids).
+fn usable(held: &HeldLibraries, dir: &Path) -> Option<PathBuf> {
+    if !held.damaged.is_empty() {
+        return None;
+    }
+    if nix::sys::statvfs::statvfs(&held.tree)
         .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
     {
         tracing::warn!(
             "library cache {}: its filesystem is mounted noexec, so libraries there cannot be \
-             loaded; reading the image's MPI libraries through the mount (point {} at a \
-             directory on another filesystem, or set it to off)",
+             loaded; reading the image's files through the mount (point {} at a directory on \
+             another filesystem, or set it to off)",
             dir.display(),
             crate::mount::LIBRARY_CACHE_ENV
         );
         return None;
     }
-    let binds = cache
-        .files
-        .iter()
-        // A damaged copy is read through the mount.
-        .filter(|f| {
-            !held
-                .damaged
-                .iter()
-                .any(|(d, _)| d == *f || d == Path::new("/"))
-        })
-        .filter_map(|f| {
-            let src = tree.join(f.strip_prefix("/").unwrap_or(f));
-            // A file the image does not have (or not as a regular file) was not unpacked.
-            fs::symlink_metadata(&src)
-                .is_ok_and(|m| m.is_file())
-                .then(|| HostBind {
-                    src,
-                    dst: f.clone(),
-                    readonly: true,
-                    recursive: false,
-                })
-        })
+    Some(held.tree.clone())
+}
+
+/// The list of loaded files of the image with entry name `key` in the cache folder `dir`
+/// (empty when there is none or it cannot be read: the files are then read through the mount).
+pub fn read_loads(dir: &Path, key: &str) -> Vec<PathBuf> {
+    let path = dir.join(format!("{key}{LOADS_SUFFIX}"));
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<PathBuf>>(&b).ok())
+        .map(|l| l.into_iter().filter(|p| p.is_absolute()).collect())
+        .unwrap_or_default()
+}
+
+fn loads_log(dir: &Path, key: &str, known: BTreeSet<PathBuf>) -> Option<LoadsLog> {
+    let record =
+        nix::sys::memfd::memfd_create(c"cmpirun-loads", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .ok()?;
+    let dir_fd = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    Some(LoadsLog {
+        record,
+        dir: dir_fd,
+        name: format!("{key}{LOADS_SUFFIX}"),
+        known,
+    })
+}
+
+/// As the job ends: adds the ELF files the server recorded that the cache does not hold yet to
+/// the image's list, for the node's next instance to unpack. Never fails the job: a list that
+/// cannot be written only means those files are read through the mount next time too.
+pub fn remember_loads(log: &LoadsLog) {
+    use std::os::unix::ffi::OsStrExt;
+    let recorded = read_all(log.record.as_fd());
+    let new: BTreeSet<PathBuf> = recorded
+        .split(|&b| b == b'\n')
+        .filter(|l| l.first() == Some(&b'/'))
+        .map(|l| PathBuf::from(std::ffi::OsStr::from_bytes(l)))
+        .filter(|p| !log.known.contains(p))
         .collect();
-    Some((binds, held.lock_fd))
+    if new.is_empty() {
+        return;
+    }
+    let dir = log.dir.as_fd();
+    let mut list: Vec<PathBuf> = openat_read(dir, &log.name)
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let before = list.len();
+    for p in new {
+        if list.len() >= MAX_LOADS {
+            break;
+        }
+        if !list.contains(&p) {
+            list.push(p);
+        }
+    }
+    if list.len() == before {
+        return;
+    }
+    list.sort();
+    let Ok(json) = serde_json::to_vec(&list) else {
+        return;
+    };
+    let tmp = format!("{}.{}.tmp", log.name, std::process::id());
+    if openat_write(dir, &tmp, &json).is_err()
+        || nix::fcntl::renameat2(
+            dir,
+            tmp.as_str(),
+            dir,
+            log.name.as_str(),
+            RenameFlags::empty(),
+        )
+        .is_err()
+    {
+        let _ = nix::unistd::unlinkat(dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        return;
+    }
+    tracing::debug!(
+        "library cache: {} ELF files loaded through the mount listed for the next job",
+        list.len() - before
+    );
+}
+
+/// Everything in the file at `fd` (from its start), up to 1 MiB.
+fn read_all(fd: BorrowedFd<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; 1 << 20];
+    let mut len = 0;
+    while len < out.len() {
+        match nix::sys::uio::pread(fd, &mut out[len..], len as i64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn openat_read(dir: BorrowedFd<'_>, name: &str) -> Option<Vec<u8>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let fd = nix::fcntl::openat(dir, name, flags, Mode::empty()).ok()?;
+    Some(read_all(fd.as_fd()))
+}
+
+fn openat_write(dir: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let fd = nix::fcntl::openat(dir, name, flags, Mode::from_bits_truncate(0o644))?;
+    std::fs::File::from(fd).write_all(bytes)
 }

@@ -132,9 +132,15 @@ pub struct RootConfig {
     /// instance's creator alone fills the cache entry and turns this into [`Self::cached`]
     /// ([`super::library_cache`]), so the ranks that join an instance never touch the cache.
     pub library_cache: Option<LibraryCache>,
-    /// Image files served from the node's library cache: read-only binds over the image's own
-    /// copies (same content). One is left out where any other bind covers its destination.
-    pub cached: Vec<HostBind>,
+    /// Library-cache entries (host directories, topmost first), each holding copies of image
+    /// files at their image paths: read-only overlay layers between the mount-point layer and
+    /// the image, so their copies stand in for the image's own (same content) at no cost per
+    /// file. Every bind lands on top of them, so an injected host library or a bound host
+    /// directory wins over a copy.
+    pub cached: Vec<PathBuf>,
+    /// A file descriptor the image's FUSE server records the ELF files it serves to
+    /// (see [`crate::mount::MountOptions::record_loads`]), kept by the node instance.
+    pub record_loads: Option<std::os::fd::RawFd>,
     /// What `/dev/shm` is.
     pub shm: ShmMode,
     /// With [`ShmMode::Private`]: a directory (as the node instance sees it before any root is
@@ -189,6 +195,8 @@ pub enum MountOp {
         at: PathBuf,
         /// The image.
         image: ImageSource,
+        /// Where its FUSE server records the ELF files it serves, if anywhere.
+        record_loads: Option<std::os::fd::RawFd>,
     },
     /// Write the image's account file plus the user's entry to a staging path.
     WriteAccountFile {
@@ -206,12 +214,15 @@ pub enum MountOp {
         /// Where the bind will come from (decides directory or file).
         like: BindSource,
     },
-    /// Make the root: the image alone, or the image under the tmpfs layer of mount points.
+    /// Make the root: the image alone, or the image under the library cache's entries and the
+    /// tmpfs layer of mount points.
     AssembleRoot {
         /// Staging path of the image.
         image: PathBuf,
         /// Staging path of the mount-point layer.
         layer: PathBuf,
+        /// Library-cache entries stacked over the image (host directories, topmost first).
+        cached: Vec<PathBuf>,
         /// Staging path of the root.
         root: PathBuf,
     },
@@ -391,15 +402,6 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
             b.readonly,
         ));
     }
-    // Library-cache copies only where nothing else is bound: an injected host library at the
-    // same path, or a host directory over theirs, wins.
-    let cached: Vec<_> = cfg
-        .cached
-        .iter()
-        .filter(|c| !binds.iter().any(|b| is_under(&c.dst, &b.1)))
-        .map(|c| (BindSource::Host(c.src.clone()), c.dst.clone(), false, true))
-        .collect();
-    binds.extend(cached);
     // Parents before children, so a bind below another one lands in the bound tree; stable, so
     // equal depths keep their order.
     binds.sort_by_key(|b| b.1.components().count());
@@ -411,6 +413,7 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
         MountOp::MountImage {
             at: STAGE_IMAGE.into(),
             image: cfg.image.clone(),
+            record_loads: cfg.record_loads,
         },
         MountOp::WriteAccountFile {
             file: AccountFile::Passwd,
@@ -439,6 +442,7 @@ pub fn plan_root(cfg: &RootConfig) -> Vec<MountOp> {
     ops.push(MountOp::AssembleRoot {
         image: STAGE_IMAGE.into(),
         layer: STAGE_LAYER.into(),
+        cached: cfg.cached.clone(),
         root: STAGE_ROOT.into(),
     });
     let shm_bound = binds.iter().any(|b| {
@@ -503,6 +507,7 @@ mod tests {
             binds: vec![],
             library_cache: None,
             cached: vec![],
+            record_loads: None,
             shm: ShmMode::Private,
             shared_shm: None,
             shm_size: None,
@@ -660,20 +665,9 @@ mod tests {
     }
 
     #[test]
-    fn library_cache_copies_yield_to_every_other_bind() {
-        let cached = |dst: &str| HostBind {
-            src: PathBuf::from("/cache/k").join(dst.trim_start_matches('/')),
-            dst: dst.into(),
-            readonly: true,
-            recursive: false,
-        };
+    fn library_cache_entries_are_layers_under_every_bind() {
         let mut c = cfg();
-        c.cached = vec![
-            cached("/usr/lib/libmpi.so.12.0.0"),
-            cached("/usr/lib/libfabric.so.1.20.0"),
-            cached("/opt/mpi/lib/libucp.so.0"),
-            cached("/tmp/lib.so"),
-        ];
+        c.cached = vec!["/cache/loads".into(), "/cache/stack".into()];
         c.binds = vec![
             // An injected host library over the image's copy.
             parse_bind(
@@ -681,34 +675,21 @@ mod tests {
                 Path::new("/"),
             )
             .unwrap(),
-            // A host directory over the image's.
-            parse_bind("/sw/mpi:/opt/mpi", Path::new("/")).unwrap(),
         ];
         let ops = plan_root(&c);
-        let bound = |dst: &str| -> Vec<BindSource> {
-            ops.iter()
-                .filter_map(|o| match o {
-                    MountOp::Bind { src, dst: d, .. } if d == Path::new(dst) => Some(src.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(
-            bound("/usr/lib/libmpi.so.12.0.0"),
-            [BindSource::Host("/cache/k/usr/lib/libmpi.so.12.0.0".into())]
+        let asm = index(&ops, |o| {
+            matches!(o, MountOp::AssembleRoot { cached, .. }
+                if cached == &[PathBuf::from("/cache/loads"), PathBuf::from("/cache/stack")])
+        });
+        // Every bind (the injected library among them) is mounted after the root is assembled,
+        // so it lands on top of the cache's layers; the cache itself needs no bind.
+        let injected = index(
+            &ops,
+            |o| matches!(o, MountOp::Bind { dst, .. } if dst == Path::new("/usr/lib/libfabric.so.1.20.0")),
         );
-        assert!(ops.contains(&MountOp::Bind {
-            src: BindSource::Host("/cache/k/usr/lib/libmpi.so.12.0.0".into()),
-            dst: "/usr/lib/libmpi.so.12.0.0".into(),
-            recursive: false,
-            readonly: true,
-        }));
-        assert_eq!(
-            bound("/usr/lib/libfabric.so.1.20.0"),
-            [BindSource::Host("/host/libfabric.so.1".into())]
-        );
-        assert!(bound("/opt/mpi/lib/libucp.so.0").is_empty());
-        assert!(bound("/tmp/lib.so").is_empty());
+        assert!(asm < injected);
+        assert!(!ops.iter().any(|o| matches!(o,
+            MountOp::Bind { src: BindSource::Host(p), .. } if p.starts_with("/cache"))));
     }
 
     #[test]

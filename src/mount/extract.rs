@@ -125,7 +125,53 @@ pub fn hold_library_files(
     cache: &Path,
     files: &[PathBuf],
 ) -> Result<HeldLibraries, MountError> {
-    let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
+    hold_library_entry(src, cache, files, None)
+}
+
+/// [`hold_library_files`] for the files the ranks of earlier jobs loaded through the mount
+/// ([`LOADS_SUFFIX`]): an entry of its own, named by the image and the list (a longer list is a
+/// new entry; the older one goes when the cache is pruned).
+pub fn hold_loaded_files(
+    src: &SquashfsSource,
+    cache: &Path,
+    files: &[PathBuf],
+) -> Result<HeldLibraries, MountError> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+    }
+    let tag = format!("loads-{:016x}", h.digest());
+    hold_library_entry(src, cache, files, Some(&tag))
+}
+
+/// The name, in the library cache's folder, of the list of ELF files the ranks of an image
+/// loaded through its mount, which the node's next jobs serve from the cache: the image's
+/// entry name and this suffix. A JSON array of image paths, rewritten whole (under a temporary
+/// name, then renamed) by node instances as their jobs end.
+pub const LOADS_SUFFIX: &str = ".loads";
+
+/// The most paths a list of loaded files keeps: a job that loads more (thousands of plugins)
+/// reads the rest through the mount.
+pub const MAX_LOADS: usize = 4096;
+
+/// The name of image `src`'s entries in a cache folder (the library cache's entry is this; its
+/// list of loaded files is this plus [`LOADS_SUFFIX`]).
+pub fn cache_key(src: &SquashfsSource) -> Result<String, MountError> {
+    image_key(src)
+}
+
+fn hold_library_entry(
+    src: &SquashfsSource,
+    cache: &Path,
+    files: &[PathBuf],
+    tag: Option<&str>,
+) -> Result<HeldLibraries, MountError> {
+    let extract = |src: &SquashfsSource| match tag {
+        None => extract_and_hold(src, cache, &MountOptions::default(), Some(files)),
+        Some(tag) => extract_files_as(src, cache, tag, files),
+    };
+    let (tree, lock) = extract(src)?;
     let mut damaged = check_library_files(&tree);
     let (tree, lock) = if damaged.is_empty() {
         (tree, lock)
@@ -133,7 +179,7 @@ pub fn hold_library_files(
         // Another job may hold the entry; removing it waits for nobody.
         drop(lock);
         let removed = remove_entry(cache, &tree)?;
-        let (tree, lock) = extract_and_hold(src, cache, &MountOptions::default(), Some(files))?;
+        let (tree, lock) = extract(src)?;
         if removed {
             damaged = check_library_files(&tree);
             for (file, problem) in &damaged {
@@ -290,6 +336,27 @@ fn extract_and_hold(
             tree.display()
         );
     }
+    Ok((tree, in_use))
+}
+
+/// The entry `<image key>-<tag>` of `cache`, holding `files` (filled if missing) and held.
+fn extract_files_as(
+    src: &SquashfsSource,
+    cache: &Path,
+    tag: &str,
+    files: &[PathBuf],
+) -> Result<(PathBuf, Flock<File>), MountError> {
+    let key = format!("{}-{tag}", image_key(src)?);
+    let (tree, in_use, _) = hold_entry(cache, &key, |tmp| {
+        tracing::info!(
+            "image {}: unpacking {} files its ranks loaded through the mount into the library \
+             cache {} (once per node and image)",
+            src.path.display(),
+            files.len(),
+            cache.join(&key).display()
+        );
+        unpack(src, &MountOptions::default(), Some(files), tmp)
+    })?;
     Ok((tree, in_use))
 }
 
@@ -546,6 +613,8 @@ pub(crate) fn remove_entry(cache: &Path, tree: &Path) -> Result<bool, MountError
     };
     remove_tree(tree).map_err(|e| MountError::io(format!("remove {}", tree.display()), e))?;
     let _ = std::fs::remove_file(cache.join(format!("{}.fill", name.to_string_lossy())));
+    // A library-cache entry's list of loaded files goes with it.
+    let _ = std::fs::remove_file(cache.join(format!("{}{LOADS_SUFFIX}", name.to_string_lossy())));
     let _ = std::fs::remove_file(&lock_path);
     Ok(true)
 }

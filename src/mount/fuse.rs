@@ -69,10 +69,17 @@ pub(super) fn mount(
         let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
     };
     let image_fd = image.raw_fd();
+    let loads = opts.record_loads.map(|fd| LoadRecord {
+        fd,
+        seen: (0..image.entries.len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
+    });
     let fs = ImageFs {
         image,
         no_open: AtomicBool::new(false),
         no_opendir: AtomicBool::new(false),
+        loads,
     };
     let mut config = fuser::Config::default();
     config.n_threads = Some(opts.fuse_threads.max(1));
@@ -95,7 +102,7 @@ pub(super) fn mount(
     // Owns the session: the child serves it, the parent drops it with this closure.
     let serve = move || {
         limit_malloc();
-        match become_server_child(parent, &session, image_fd) {
+        match become_server_child(parent, &session, image_fd, opts.record_loads) {
             Ok(()) => match session.run() {
                 Ok(()) => 0,
                 Err(e) => {
@@ -135,6 +142,7 @@ fn become_server_child(
     parent: nix::unistd::Pid,
     session: &Session<ImageFs>,
     image_fd: i32,
+    record_loads: Option<i32>,
 ) -> Result<(), ()> {
     use std::os::fd::AsFd;
     if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
@@ -146,7 +154,9 @@ fn become_server_child(
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     let _ = nix::sys::prctl::set_name(c"cmpirun-fuse");
     let fs = session.as_fd().as_raw_fd();
-    crate::sys::process::close_fds_except(0, &[2, fs, image_fd]);
+    let mut keep = vec![2, fs, image_fd];
+    keep.extend(record_loads);
+    crate::sys::process::close_fds_except(0, &keep);
     // The server's log lines must never make it wait (a stopped terminal, a reader that does
     // not read): its readers, the ranks, would wait with it in uninterruptible sleep.
     crate::sys::process::nonblocking_stderr();
@@ -231,6 +241,40 @@ struct ImageFs {
     no_open: AtomicBool,
     /// The same for opendir (`FUSE_NO_OPENDIR_SUPPORT`, Linux ≥ 5.1).
     no_opendir: AtomicBool,
+    /// Where the ELF files served are recorded ([`MountOptions::record_loads`]).
+    loads: Option<LoadRecord>,
+}
+
+/// The ELF files a server has served, and the descriptor it records them to.
+struct LoadRecord {
+    fd: i32,
+    /// Per entry: recorded already.
+    seen: Vec<AtomicBool>,
+}
+
+impl LoadRecord {
+    /// Records entry `idx` (its image path `path`) once, when `head` (the data served from
+    /// offset 0) starts with the ELF magic. One `write(2)` of one line: lines from several
+    /// worker threads do not mix.
+    fn note(&self, idx: usize, head: &[u8], path: impl FnOnce() -> std::path::PathBuf) {
+        use std::os::unix::ffi::OsStringExt;
+        if !head.starts_with(b"\x7fELF")
+            || self
+                .seen
+                .get(idx)
+                .is_none_or(|s| s.swap(true, Ordering::Relaxed))
+        {
+            return;
+        }
+        let mut line = path().into_os_string().into_vec();
+        if line.contains(&b'\n') {
+            return;
+        }
+        line.push(b'\n');
+        // A lost line only means the file is read through the mount next time too.
+        // SAFETY: writes a buffer we own to a descriptor this process keeps open.
+        let _ = unsafe { libc::write(self.fd, line.as_ptr().cast(), line.len()) };
+    }
 }
 
 impl ImageFs {
@@ -420,7 +464,15 @@ impl Filesystem for ImageFs {
             };
             let mut buf = Vec::new();
             match self.image.read(file, offset, size as usize, &mut buf) {
-                Ok(()) => reply.data(&buf),
+                Ok(()) => {
+                    if let Some(loads) = &self.loads
+                        && offset == 0
+                    {
+                        let idx = (ino.0 - 1) as usize;
+                        loads.note(idx, &buf, || self.image.path_of(idx));
+                    }
+                    reply.data(&buf)
+                }
                 Err(e) => {
                     tracing::error!(
                         "{}: reading {} at {offset}: {e}",
@@ -441,7 +493,9 @@ impl Filesystem for ImageFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.serve("flush", _ino.0, || reply.ok())
+        // Nothing to flush in a read-only image: ENOSYS tells the kernel so, and it sends no
+        // more FLUSH (one per close of a file of the image, by every rank) on this connection.
+        self.serve("flush", _ino.0, || reply.error(Errno::ENOSYS))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -27,8 +27,9 @@ use nix::unistd::Pid;
 pub use check::{CheckReport, check_mounted_tree, enter_private_namespaces};
 pub use extract::{
     CACHE_LIMIT_ENV, CacheEntry, DEFAULT_CACHE_LIMIT, HeldLibraries, LIBRARY_CACHE_ENV,
-    cache_entries, cache_limit, check_library_files, clear_cache, default_extract_cache,
-    default_library_cache_in, hold_library_files, library_cache_in, library_cache_setting,
+    LOADS_SUFFIX, MAX_LOADS, cache_entries, cache_key, cache_limit, check_library_files,
+    clear_cache, default_extract_cache, default_library_cache_in, hold_library_files,
+    hold_loaded_files, library_cache_in, library_cache_setting,
 };
 pub(crate) use extract::{env_var, hold_entry, hold_until_exit, remove_entry, user_cache_in};
 pub use reader::read_through;
@@ -104,6 +105,12 @@ pub struct MountOptions {
     /// programs, nested user namespaces) can read the image. The kernel still refuses every
     /// process outside the instance's user namespace.
     pub allow_other: bool,
+    /// A descriptor the built-in FUSE server appends to, one line each, the image path of
+    /// every ELF file (executable or library: a read at offset 0 that starts with the ELF
+    /// magic) it serves for the first time: what the ranks loaded through the mount, which
+    /// the library cache then holds for the node's next jobs. Paths holding a newline are
+    /// left out.
+    pub record_loads: Option<std::os::fd::RawFd>,
 }
 
 impl Default for MountOptions {
@@ -113,6 +120,7 @@ impl Default for MountOptions {
             fuse_threads: 4,
             block_cache_bytes: 512 << 10,
             allow_other: true,
+            record_loads: None,
         }
     }
 }

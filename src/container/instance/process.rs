@@ -33,6 +33,9 @@ pub struct RootPlans {
     shared_shm: Option<PathBuf>,
     /// The library-cache entries' lock descriptors, which the instance keeps open for its life.
     cache_locks: Vec<RawFd>,
+    /// Per image served by the built-in FUSE server with the library cache on: what its ranks
+    /// loaded through the mount, listed in the cache as the instance ends.
+    loads: Vec<library_cache::LoadsLog>,
 }
 
 impl RootPlans {
@@ -41,6 +44,7 @@ impl RootPlans {
     pub fn new(cfg: &InstanceConfig) -> RootPlans {
         let shared_shm = shared_shm_dir(cfg);
         let mut cache_locks = Vec::new();
+        let mut loads = Vec::new();
         let ops = std::iter::once(&cfg.root)
             .chain(&cfg.other_roots)
             .map(|r| {
@@ -48,7 +52,9 @@ impl RootPlans {
                 if r.shm == ShmMode::Private {
                     r.shared_shm = shared_shm.clone();
                 }
-                cache_locks.extend(library_cache::resolve(&mut r));
+                let used = library_cache::resolve(&mut r);
+                cache_locks.extend(used.locks);
+                loads.extend(used.loads);
                 plan_root(&r)
             })
             .collect();
@@ -56,6 +62,7 @@ impl RootPlans {
             ops,
             shared_shm,
             cache_locks,
+            loads,
         }
     }
 }
@@ -76,6 +83,7 @@ pub fn start(
             // library cache's locks for as long as it binds the entries.
             let mut keep = vec![creator.as_raw_fd()];
             keep.extend(&plans.cache_locks);
+            keep.extend(plans.loads.iter().flat_map(library_cache::LoadsLog::fds));
             if let Some((l, _)) = &listener {
                 keep.push(l.as_raw_fd());
             }
@@ -112,6 +120,9 @@ fn instance_main(
     }
     if let Err(e) = serve(creator, listener, &ready, &sigterm) {
         tracing::error!("node instance: {e}; ending it");
+    }
+    for log in &plans.loads {
+        library_cache::remember_loads(log);
     }
     kill_leftovers();
     drop(ready);
