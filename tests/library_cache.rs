@@ -1,6 +1,7 @@
-//! The library cache: a launch binds the node's unpacked copy of the image's C library and MPI
-//! stack over the image's files (same bytes), fills it once, and does without it when it is
-//! off, unusable, or the image is extracted anyway.
+//! The library cache: a launch stacks the node's unpacked copy of the image's C library and MPI
+//! stack over the image's files (same bytes), fills it once, adds the ELF files earlier jobs
+//! loaded through the mount, and does without it when it is off, unusable, or the image is
+//! extracted anyway.
 
 mod common;
 
@@ -16,11 +17,22 @@ fn cmpirun(cache: &Path) -> TuserCommand {
         .timeout(Duration::from_secs(180))
 }
 
-/// The mountinfo line of the mount at `path` inside the container, and the file's SHA-256 there.
+/// The inode number of `path` inside the container (a copy in the library cache shows its own),
+/// and the file's SHA-256 there.
 fn script(path: &str) -> String {
-    format!(
-        "grep -F ' {path} ' /proc/self/mountinfo || echo 'no mount at {path}'; sha256sum {path}"
-    )
+    format!("stat -L -c 'inode %i' {path}; sha256sum {path}")
+}
+
+/// The inode number [`script`] printed.
+fn inode(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("inode ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no inode line in {text:?}"))
+}
+
+/// The inode number of a host file.
+fn host_inode(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
 }
 
 /// Runs `cmd` (cmpirun with its flags) as a one-rank job of [`script`] for `path` in `image`;
@@ -44,13 +56,26 @@ fn sha256(text: &str) -> String {
         .unwrap_or_else(|| panic!("no sha256sum line in {text:?}"))
 }
 
-/// The cache's entry directories (not lock files).
+/// The cache's entry directories of the MPI stack (not lock files, nor the entries of loaded
+/// files).
 fn entries(cache: &Path) -> Vec<PathBuf> {
+    all_entries(cache)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains("-loads-"))
+        .collect()
+}
+
+/// All the cache's entry directories.
+fn all_entries(cache: &Path) -> Vec<PathBuf> {
     match std::fs::read_dir(cache) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_dir())
-            .collect(),
+        Ok(rd) => {
+            let mut v: Vec<PathBuf> = rd
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.is_dir())
+                .collect();
+            v.sort();
+            v
+        }
         Err(_) => Vec::new(),
     }
 }
@@ -78,7 +103,7 @@ fn mpi_library(plan: &serde_json::Value) -> String {
 }
 
 #[test]
-fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
+fn the_mpi_stack_and_the_loaded_files_are_served_from_the_library_cache() {
     // Serial: every run mounts an image, which shows host-wide as a FUSE connection that the
     // leftover checks of the other tests would count.
     let _serial = exclusive();
@@ -105,7 +130,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     assert!(files.contains(&mpi), "{files:?}");
     assert!(files.iter().any(|f| f.ends_with("/libc.so.6")), "{files:?}");
 
-    // The first launch unpacks them and binds the copies.
+    // The first launch unpacks them and serves the copies.
     let out = run_script(cmpirun(&cache).arg("-v"), &image, &mpi, &mut tags);
     out.assert_success();
     assert!(out.stderr.contains("unpacking its MPI stack"), "{out}");
@@ -114,15 +139,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
         other => panic!("expected one cache entry, found {other:?}"),
     };
     let copy = entry.join(mpi.trim_start_matches('/'));
-    let mount = out
-        .stdout
-        .lines()
-        .find(|l| l.contains(&format!(" {mpi} ")))
-        .unwrap_or_else(|| panic!("{mpi} is not a mount point: {out}"));
-    assert!(
-        mount.contains(copy.to_str().unwrap()) && mount.contains(" ro"),
-        "{mount}"
-    );
+    assert_eq!(inode(&out.stdout), host_inode(&copy), "{out}");
     for f in &files {
         assert!(
             entry.join(f.trim_start_matches('/')).is_file(),
@@ -141,7 +158,23 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     image_copy.assert_success();
     assert_eq!(in_container, sha256(&image_copy.stdout));
 
-    // Later launches use it as it is, and MPI runs from it.
+    // The ELF files the job loaded through the mount (the shell, the dynamic loader) are listed
+    // for the next job; the MPI stack, served from the cache, is not.
+    let loads = cache.join(format!(
+        "{}.loads",
+        entry.file_name().unwrap().to_string_lossy()
+    ));
+    let listed = |what: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(&loads)
+            .unwrap_or_else(|e| panic!("{}: {e} ({what})", loads.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let first = listed("after the first job");
+    assert!(first.iter().any(|f| f.contains("ld-linux")), "{first:?}");
+    assert!(!first.contains(&mpi), "{first:?}");
+
+    // Later launches use the stack's entry as it is, unpack the listed files into an entry of
+    // their own, and MPI runs from them.
     let out = cmpirun(&cache)
         .args(["-v", "-n", "2"])
         .arg(&image)
@@ -149,8 +182,30 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
         .run();
     tags.push(out.tag.clone());
     assert_mpitest_ok(&out, 2);
-    assert!(!out.stderr.contains("unpacking"), "{out}");
+    assert!(!out.stderr.contains("unpacking its MPI stack"), "{out}");
+    assert!(
+        out.stderr
+            .contains("files its ranks loaded through the mount"),
+        "{out}"
+    );
     assert_eq!(entries(&cache), vec![entry.clone()]);
+    let second = listed("after the second job");
+    assert!(
+        second.contains(&"/usr/local/bin/mpitest".to_owned()),
+        "{second:?}"
+    );
+    // The next job finds the program in the cache.
+    let out = run_script(cmpirun(&cache), &image, "/usr/local/bin/mpitest", &mut tags);
+    out.assert_success();
+    let served = inode(&out.stdout);
+    assert!(
+        all_entries(&cache)
+            .iter()
+            .any(|e| e.join("usr/local/bin/mpitest").is_file()
+                && host_inode(&e.join("usr/local/bin/mpitest")) == served),
+        "{out}"
+    );
+    let copy_inode = host_inode(&copy);
 
     // Off, or with the image extracted anyway: the image's own file, and no cache made.
     let other = work.path().join("other");
@@ -164,10 +219,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
             .args(flags);
         let out = run_script(cmd, &image, &mpi, &mut tags);
         out.assert_success();
-        assert!(
-            out.stdout.contains(&format!("no mount at {mpi}")),
-            "{setting}: {out}"
-        );
+        assert_ne!(inode(&out.stdout), copy_inode, "{setting}: {out}");
         assert_eq!(sha256(&out.stdout), in_container);
     }
     assert!(!other.exists());
@@ -182,7 +234,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
             && out.stderr.contains("CMPIRUN_LIBRARY_CACHE=off"),
         "{out}"
     );
-    assert!(out.stdout.contains(&format!("no mount at {mpi}")), "{out}");
+    assert_ne!(inode(&out.stdout), copy_inode, "{out}");
 
     // A cache on a noexec filesystem could not be loaded from: not used, with a warning.
     // (It is mounted inside /var/tmp, which the container binds with the mounts below it.)
@@ -196,7 +248,7 @@ fn the_mpi_stack_is_bound_from_the_library_cache_filled_once() {
     drop(noexec);
     out.assert_success();
     assert!(out.stderr.contains("noexec"), "{out}");
-    assert!(out.stdout.contains(&format!("no mount at {mpi}")), "{out}");
+    assert_ne!(inode(&out.stdout), copy_inode, "{out}");
 
     let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     assert_no_leftovers(&before, &tags);

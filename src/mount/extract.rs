@@ -1,5 +1,6 @@
 //! The extract backend: unpack the squashfs once per node into a cache and bind it read-only;
-//! and the library cache: unpack only the files of the image's MPI stack, to be bound over the
+//! and the library cache: unpack only the files of the image's MPI stack (and, in an entry of
+//! their own, the other ELF files earlier jobs loaded through the mount), to be stacked over the
 //! image's copies in the mounted root.
 //!
 //! The extract backend is used where FUSE is not (no `/dev/fuse`, permission denied). Each cache
@@ -10,7 +11,7 @@
 //! The library cache exists because a FUSE mount's page cache ends with the mount: each job
 //! mounts the image anew, so every job would read and decompress its MPI libraries again (about
 //! 35 ms of a one-rank MPICH launch here). Files of a host filesystem keep their pages between
-//! jobs; bound over the image's copies, the same bytes load from memory from the second job on.
+//! jobs; stacked over the image's copies, the same bytes load from memory from the second job on.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -91,7 +92,7 @@ pub struct HeldLibraries {
     /// node instance) keeps open to go on holding the entry.
     pub lock_fd: std::os::fd::RawFd,
     /// Files of the entry that failed their check ([`check_library_files`]), with what is
-    /// wrong: they must not be bound (the job reads them through the image mount).
+    /// wrong: an entry with one is not used (the job reads its files through the image mount).
     pub damaged: Vec<(PathBuf, String)>,
 }
 
@@ -185,7 +186,7 @@ fn hold_library_entry(
             for (file, problem) in &damaged {
                 tracing::warn!(
                     "library cache {}: {} is damaged after unpacking it again ({problem}); \
-                     reading it through the image mount",
+                     reading the entry's files through the image mount",
                     tree.display(),
                     file.display()
                 );
@@ -201,8 +202,8 @@ fn hold_library_entry(
             for (file, problem) in &damaged {
                 tracing::warn!(
                     "library cache {}: {} is damaged ({problem}) and another job uses the \
-                     entry; reading it through the image mount (`cmpirun image cache --clear` \
-                     removes the entry once no job uses it)",
+                     entry; reading the entry's files through the image mount (`cmpirun image \
+                     cache --clear` removes the entry once no job uses it)",
                     tree.display(),
                     file.display()
                 );

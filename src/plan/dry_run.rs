@@ -115,7 +115,7 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
             )?;
             writeln!(
                 o,
-                "    why: the image's C library and MPI stack are unpacked there once per node and bound read-only over the image's copies, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
+                "    why: the image's C library and MPI stack are unpacked there once per node, and the other ELF files (program, loader, plugins) its ranks loaded through the image mount in earlier jobs on the node when the next job starts; they are stacked read-only over the image, so their pages stay in the node's memory between jobs (those of a FUSE mount go with it); CMPIRUN_LIBRARY_CACHE=off turns this off"
             )?;
             for a in super::parts::image_apps(&plan.apps) {
                 writeln!(
@@ -128,6 +128,14 @@ fn write_plan(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
                         a.image.stack_files.join(" ")
                     }
                 )?;
+                let loaded = loaded_files(dir, &a.image.path);
+                if !loaded.is_empty() {
+                    writeln!(
+                        o,
+                        "      loaded through the mount by earlier jobs (as this host's cache lists them): {}",
+                        loaded.join(" ")
+                    )?;
+                }
             }
         }
         None => writeln!(o, "  library cache: {}", plan.mount.library_cache_reason)?,
@@ -443,4 +451,25 @@ fn write_layout(o: &mut String, plan: &LaunchPlan) -> std::fmt::Result {
         writeln!(o, "  PMI_process_mapping: {}", lay.process_mapping)?;
     }
     Ok(())
+}
+
+/// The ELF files earlier jobs of `image` loaded through its mount, as the library cache `dir`
+/// lists them (see [`crate::container::library_cache`]); empty when none are listed or the
+/// image cannot be read.
+fn loaded_files(dir: &std::path::Path, image: &std::path::Path) -> Vec<String> {
+    let Ok(loc) = crate::image::locate(image) else {
+        return Vec::new();
+    };
+    let src = crate::mount::SquashfsSource {
+        path: loc.path,
+        offset: loc.squashfs_offset,
+        size: loc.squashfs_size,
+    };
+    match crate::mount::cache_key(&src) {
+        Ok(key) => crate::container::library_cache::read_loads(dir, &key)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }

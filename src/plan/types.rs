@@ -120,8 +120,9 @@ pub struct MountPlan {
     pub reason: String,
     /// Size limit of the node's private `/dev/shm` (`--shm`), if any.
     pub shm_size: Option<String>,
-    /// Where each node keeps its copies of the images' MPI stacks (`ImageSummary::stack_files`),
-    /// bound over the image's own: `$CMPIRUN_LIBRARY_CACHE`, else
+    /// Where each node keeps its copies of the images' MPI stacks (`ImageSummary::stack_files`)
+    /// and of the other ELF files their ranks loaded, stacked over the image's own:
+    /// `$CMPIRUN_LIBRARY_CACHE`, else
     /// `$XDG_CACHE_HOME/cmpirun/libraries`. `None`: off. Not used for an extracted image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub library_cache: Option<PathBuf>,
