@@ -295,6 +295,7 @@ pub(super) fn mount(
         server: None,
         extracted: Some(tree),
         _cache_lock: Some(in_use),
+        index: None,
         mounted: true,
     })
 }

@@ -62,7 +62,8 @@ pub(super) fn mount(
     target: &Path,
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
-    let image = SquashImage::open(src, opts.block_cache_bytes)?;
+    let image = std::sync::Arc::new(SquashImage::open(src, opts.block_cache_bytes)?);
+    let index = super::reader::ImageIndex(image.clone());
     let dev = open_dev_fuse()?;
     super::mount_fuse_fd(&dev, target, &src.path.to_string_lossy(), "cmpirun", opts)?;
     let unmount = || {
@@ -126,7 +127,9 @@ pub(super) fn mount(
                 src.path.display(),
                 target.display()
             );
-            Ok(MountedImage::new_served(target, MountBackend::Fuse, child))
+            let mut mounted = MountedImage::new_served(target, MountBackend::Fuse, child);
+            mounted.index = Some(index);
+            Ok(mounted)
         }
         Err(e) => {
             unmount();
@@ -235,7 +238,7 @@ fn limit_malloc() {
 
 /// The fuser filesystem over a squashfs index.
 struct ImageFs {
-    image: SquashImage,
+    image: std::sync::Arc<SquashImage>,
     /// The kernel accepts ENOSYS for open and then skips those round trips, keeping the page
     /// cache (`FUSE_NO_OPEN_SUPPORT`, Linux ≥ 4.20).
     no_open: AtomicBool,

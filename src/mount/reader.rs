@@ -663,3 +663,89 @@ mod tests {
         assert!(cache.get(4).is_none(), "larger than the whole budget");
     }
 }
+
+/// What a path inside an image is, from its index (see [`ImageIndex`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexedNode {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symbolic link and its target as stored.
+    Symlink(PathBuf),
+    /// A device, fifo or socket.
+    Other,
+}
+
+/// The index of an image the built-in FUSE server serves, kept by the process that mounted it:
+/// it answers what a path is, and reads small files, from memory and the image file, without a
+/// round trip through the mount (whose server may still be starting).
+#[derive(Clone)]
+pub struct ImageIndex(pub(crate) std::sync::Arc<SquashImage>);
+
+impl std::fmt::Debug for ImageIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ImageIndex {
+    /// The entry index of `path` (absolute, inside the image, no `.`/`..`; symlinks are not
+    /// followed), `Ok(None)` if it does not exist; an error where a parent is not a directory,
+    /// as `stat` reports it.
+    fn find(&self, path: &Path) -> std::io::Result<Option<u64>> {
+        use std::path::Component;
+        let mut ino = 1u64;
+        for c in path.components() {
+            match c {
+                Component::RootDir | Component::CurDir => {}
+                Component::Normal(name) => {
+                    match self.0.entry(ino).map(|e| &e.kind) {
+                        Some(EntryKind::Dir { .. }) => {}
+                        _ => return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR)),
+                    }
+                    match self.0.lookup(ino, name) {
+                        Some(child) => ino = child,
+                        None => return Ok(None),
+                    }
+                }
+                Component::ParentDir | Component::Prefix(_) => {
+                    return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+                }
+            }
+        }
+        Ok(Some(ino))
+    }
+
+    /// What `path` is (see [`Self::find`]); `Ok(None)`: nothing there.
+    pub fn node(&self, path: &Path) -> std::io::Result<Option<IndexedNode>> {
+        let Some(ino) = self.find(path)? else {
+            return Ok(None);
+        };
+        Ok(self.0.entry(ino).map(|e| match &e.kind {
+            EntryKind::Dir { .. } => IndexedNode::Dir,
+            EntryKind::File(_) => IndexedNode::File,
+            EntryKind::Symlink(t) => IndexedNode::Symlink(PathBuf::from(t)),
+            _ => IndexedNode::Other,
+        }))
+    }
+
+    /// The permission bits of the directory at `path`, if it is one.
+    pub fn dir_mode(&self, path: &Path) -> Option<u32> {
+        let ino = self.find(path).ok()??;
+        let e = self.0.entry(ino)?;
+        matches!(e.kind, EntryKind::Dir { .. }).then_some(u32::from(e.perm) & 0o7777)
+    }
+
+    /// The bytes of the regular file at `path` (up to `max` of them).
+    pub fn read(&self, path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+        let missing = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let ino = self.find(path)?.ok_or_else(missing)?;
+        let Some(EntryKind::File(file)) = self.0.entry(ino).map(|e| &e.kind) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+        };
+        let mut out = Vec::new();
+        self.0.read(file, 0, max, &mut out)?;
+        Ok(out)
+    }
+}

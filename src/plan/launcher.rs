@@ -446,7 +446,8 @@ pub(super) fn pmix_server_check(
             ),
         ));
     };
-    let server = lib.version.as_deref();
+    let version = lib.version();
+    let server = version.as_deref();
     let mut seen = Vec::new();
     for app in apps {
         let img = &app.image;
