@@ -32,6 +32,7 @@ pub use extract::{
     hold_loaded_files, library_cache_in, library_cache_setting,
 };
 pub(crate) use extract::{env_var, hold_entry, hold_until_exit, remove_entry, user_cache_in};
+pub(crate) use reader::decompress as decompress_block;
 pub use reader::{ImageIndex, IndexedNode, read_through};
 
 /// How to make an image's squashfs visible at a directory.

@@ -324,8 +324,13 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decompresses one block into `out` (empty, with the block size as capacity).
-fn decompress(raw: &[u8], out: &mut Vec<u8>, compressor: Compressor) -> std::io::Result<()> {
+/// Decompresses one block into `out` (empty, with the block size as capacity), with this
+/// thread's zstd or zlib context (the image facts' reader uses it too).
+pub(crate) fn decompress(
+    raw: &[u8],
+    out: &mut Vec<u8>,
+    compressor: Compressor,
+) -> std::io::Result<()> {
     let fail = |e: &dyn std::fmt::Display| corrupt(&format!("decompressing a block: {e}"));
     if compressor == Compressor::Zstd {
         return ZSTD.with(|cell| {
