@@ -167,7 +167,17 @@ fn the_mpi_stack_and_the_loaded_files_are_served_from_the_library_cache() {
     let listed = |what: &str| -> Vec<String> {
         let text = std::fs::read_to_string(&loads)
             .unwrap_or_else(|e| panic!("{}: {e} ({what})", loads.display()));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+        let list: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        // The names the ranks looked up are listed too (the next instance looks them up
+        // before it starts the ranks).
+        assert!(
+            list["names"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n == "/etc/ld.so.cache")),
+            "{text}"
+        );
+        serde_json::from_value(list["files"].clone()).unwrap_or_else(|e| panic!("{e}: {text}"))
     };
     let first = listed("after the first job");
     assert!(first.iter().any(|f| f.contains("ld-linux")), "{first:?}");

@@ -34,6 +34,20 @@ pub struct CacheUse {
     pub locks: Vec<RawFd>,
     /// Where the image's FUSE server records the ELF files it serves.
     pub loads: Option<LoadsLog>,
+    /// The names earlier jobs' ranks looked up in the image, for the node instance to look up
+    /// before it starts this job's ranks ([`warm_names`]).
+    pub names: Vec<PathBuf>,
+}
+
+/// What the image's list in the library cache holds (`<entry>.loads`, JSON).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Loads {
+    /// The ELF files the ranks loaded through the mount (image paths).
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+    /// The names the ranks looked up in the image (image paths; found or not).
+    #[serde(default)]
+    pub names: Vec<PathBuf>,
 }
 
 /// The ELF files the image's FUSE server served, and where the list of the image's loaded
@@ -49,6 +63,8 @@ pub struct LoadsLog {
     name: String,
     /// Image paths the entries hold already.
     known: BTreeSet<PathBuf>,
+    /// Names the list holds already.
+    names: BTreeSet<PathBuf>,
 }
 
 impl LoadsLog {
@@ -90,7 +106,9 @@ pub fn resolve(root: &mut RootConfig) -> CacheUse {
         }
     };
     let mut known: BTreeSet<PathBuf> = cache.files.iter().cloned().collect();
-    let loaded: Vec<PathBuf> = read_loads(dir, &key)
+    let listed = read_loads(dir, &key);
+    let loaded: Vec<PathBuf> = listed
+        .files
         .into_iter()
         .filter(|f| !known.contains(f))
         .collect();
@@ -117,10 +135,34 @@ pub fn resolve(root: &mut RootConfig) -> CacheUse {
     }
     root.cached = layers;
     if *backend == MountBackend::Fuse {
-        used.loads = loads_log(dir, &key, known);
+        used.loads = loads_log(dir, &key, known, listed.names.iter().cloned().collect());
         root.record_loads = used.loads.as_ref().map(|l| l.record.as_raw_fd());
     }
+    used.names = listed.names;
     used
+}
+
+/// The longest [`warm_names`] looks names up for.
+const WARM_NAMES_FOR: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Looks up `names` (paths inside the container root, which must be this process's root; and
+/// reads the targets of those that are symlinks) and forgets the answers, so that the kernel
+/// keeps them: the ranks then find every name they look
+/// up (the dynamic loader's search of its library paths, mostly names that do not exist) without
+/// asking the image's FUSE server. Done by the node instance before it starts the job's ranks,
+/// while the CPUs are free: with 64 ranks starting at once the server waits for a CPU, and each
+/// rank waited about 4 ms for each of the 33 names a `hello` looks up. Stops after 20 ms.
+pub fn warm_names(names: &[PathBuf]) {
+    let start = std::time::Instant::now();
+    for name in names {
+        if start.elapsed() > WARM_NAMES_FOR {
+            break;
+        }
+        // A symlink's target is read too: the kernel keeps it with the name.
+        if std::fs::symlink_metadata(name).is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = std::fs::read_link(name);
+        }
+    }
 }
 
 /// The entry's tree, if its copies may stand in for the image's: not when one is damaged (an
@@ -145,18 +187,27 @@ fn usable(held: &HeldLibraries, dir: &Path) -> Option<PathBuf> {
     Some(held.tree.clone())
 }
 
-/// The list of loaded files of the image with entry name `key` in the cache folder `dir`
-/// (empty when there is none or it cannot be read: the files are then read through the mount).
-pub fn read_loads(dir: &Path, key: &str) -> Vec<PathBuf> {
+/// The list of loaded files and looked-up names of the image with entry name `key` in the
+/// cache folder `dir` (empty when there is none or it cannot be read: the files are then read
+/// through the mount).
+pub fn read_loads(dir: &Path, key: &str) -> Loads {
     let path = dir.join(format!("{key}{LOADS_SUFFIX}"));
     std::fs::read(&path)
         .ok()
-        .and_then(|b| serde_json::from_slice::<Vec<PathBuf>>(&b).ok())
-        .map(|l| l.into_iter().filter(|p| p.is_absolute()).collect())
+        .and_then(|b| serde_json::from_slice::<Loads>(&b).ok())
+        .map(|l| Loads {
+            files: l.files.into_iter().filter(|p| p.is_absolute()).collect(),
+            names: l.names.into_iter().filter(|p| p.is_absolute()).collect(),
+        })
         .unwrap_or_default()
 }
 
-fn loads_log(dir: &Path, key: &str, known: BTreeSet<PathBuf>) -> Option<LoadsLog> {
+fn loads_log(
+    dir: &Path,
+    key: &str,
+    known: BTreeSet<PathBuf>,
+    names: BTreeSet<PathBuf>,
+) -> Option<LoadsLog> {
     let record =
         nix::sys::memfd::memfd_create(c"cmpirun-loads", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .ok()?;
@@ -171,41 +222,36 @@ fn loads_log(dir: &Path, key: &str, known: BTreeSet<PathBuf>) -> Option<LoadsLog
         dir: dir_fd,
         name: format!("{key}{LOADS_SUFFIX}"),
         known,
+        names,
     })
 }
 
-/// As the job ends: adds the ELF files the server recorded that the cache does not hold yet to
-/// the image's list, for the node's next instance to unpack. Never fails the job: a list that
-/// cannot be written only means those files are read through the mount next time too.
+/// As the job ends: adds the ELF files the server recorded that the cache does not hold yet,
+/// and the names looked up that the list does not hold yet, to the image's list, for the node's
+/// next instance. Never fails the job: a list that cannot be written only means those files
+/// are read, and those names looked up, through the mount next time too.
 pub fn remember_loads(log: &LoadsLog) {
-    use std::os::unix::ffi::OsStrExt;
     let recorded = read_all(log.record.as_fd());
-    let new: BTreeSet<PathBuf> = recorded
-        .split(|&b| b == b'\n')
-        .filter(|l| l.first() == Some(&b'/'))
-        .map(|l| PathBuf::from(std::ffi::OsStr::from_bytes(l)))
+    let (files, names) = parse_record(&recorded);
+    let files: Vec<PathBuf> = files
+        .into_iter()
         .filter(|p| !log.known.contains(p))
         .collect();
-    if new.is_empty() {
+    let names: Vec<PathBuf> = names
+        .into_iter()
+        .filter(|p| !log.names.contains(p))
+        .collect();
+    if files.is_empty() && names.is_empty() {
         return;
     }
     let dir = log.dir.as_fd();
-    let mut list: Vec<PathBuf> = openat_read(dir, &log.name)
+    let mut list: Loads = openat_read(dir, &log.name)
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let before = list.len();
-    for p in new {
-        if list.len() >= MAX_LOADS {
-            break;
-        }
-        if !list.contains(&p) {
-            list.push(p);
-        }
-    }
-    if list.len() == before {
+    let added = merge(&mut list.files, files) + merge(&mut list.names, names);
+    if added == 0 {
         return;
     }
-    list.sort();
     let Ok(json) = serde_json::to_vec(&list) else {
         return;
     };
@@ -224,9 +270,44 @@ pub fn remember_loads(log: &LoadsLog) {
         return;
     }
     tracing::debug!(
-        "library cache: {} ELF files loaded through the mount listed for the next job",
-        list.len() - before
+        "library cache: {added} files loaded or names looked up through the mount listed for the next job"
     );
+}
+
+/// The ELF files (`e` lines) and names (`n` lines) of a server's record.
+fn parse_record(recorded: &[u8]) -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
+    use std::os::unix::ffi::OsStrExt;
+    let (mut files, mut names) = (BTreeSet::new(), BTreeSet::new());
+    for line in recorded.split(|&b| b == b'\n') {
+        let Some((&kind, path)) = line.split_first() else {
+            continue;
+        };
+        if path.first() != Some(&b'/') {
+            continue;
+        }
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+        match kind {
+            b'e' => files.insert(path),
+            b'n' => names.insert(path),
+            _ => false,
+        };
+    }
+    (files, names)
+}
+
+/// Adds `new` to `list` (sorted, at most [`MAX_LOADS`]); returns how many were added.
+fn merge(list: &mut Vec<PathBuf>, new: Vec<PathBuf>) -> usize {
+    let before = list.len();
+    for p in new {
+        if list.len() >= MAX_LOADS {
+            break;
+        }
+        if !list.contains(&p) {
+            list.push(p);
+        }
+    }
+    list.sort();
+    list.len() - before
 }
 
 /// Everything in the file at `fd` (from its start), up to 1 MiB.
@@ -255,4 +336,54 @@ fn openat_write(dir: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> std::io::Resul
         OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let fd = nix::fcntl::openat(dir, name, flags, Mode::from_bits_truncate(0o644))?;
     std::fs::File::from(fd).write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_gives_its_elf_files_and_names_and_skips_what_is_not_a_line_of_either() {
+        let (files, names) = parse_record(
+            b"e/usr/bin/hello\nn/etc/ld.so.cache\ne/usr/bin/hello\nx/what\neno-slash\n\nn/tmp\ne/lib/ld.so",
+        );
+        assert_eq!(
+            files.into_iter().collect::<Vec<_>>(),
+            [PathBuf::from("/lib/ld.so"), PathBuf::from("/usr/bin/hello")]
+        );
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [PathBuf::from("/etc/ld.so.cache"), PathBuf::from("/tmp")]
+        );
+    }
+
+    #[test]
+    fn merged_lists_stay_sorted_without_duplicates_and_within_their_limit() {
+        let mut list = vec![PathBuf::from("/b")];
+        assert_eq!(merge(&mut list, vec!["/a".into(), "/b".into()]), 1);
+        assert_eq!(list, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        let mut full: Vec<PathBuf> = (0..MAX_LOADS).map(|i| format!("/f{i}").into()).collect();
+        assert_eq!(merge(&mut full, vec!["/new".into()]), 0);
+        assert_eq!(full.len(), MAX_LOADS);
+    }
+
+    #[test]
+    fn a_list_that_cannot_be_read_is_empty_and_relative_paths_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_loads(dir.path(), "k"), Loads::default());
+        std::fs::write(dir.path().join("k.loads"), b"[\"an older list\"]").unwrap();
+        assert_eq!(read_loads(dir.path(), "k"), Loads::default());
+        std::fs::write(
+            dir.path().join("k.loads"),
+            br#"{"files": ["/usr/bin/hello", "rel"], "names": ["/etc", "etc"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_loads(dir.path(), "k"),
+            Loads {
+                files: vec!["/usr/bin/hello".into()],
+                names: vec!["/etc".into()],
+            }
+        );
+    }
 }

@@ -75,6 +75,7 @@ pub(super) fn mount(
         seen: (0..image.entries.len())
             .map(|_| AtomicBool::new(false))
             .collect(),
+        names: std::sync::Mutex::new(std::collections::HashSet::new()),
     });
     let fs = ImageFs {
         image,
@@ -248,11 +249,15 @@ struct ImageFs {
     loads: Option<LoadRecord>,
 }
 
-/// The ELF files a server has served, and the descriptor it records them to.
+/// The ELF files a server has served and the names it was asked for, and the descriptor it
+/// records them to: one line each, `e` and the image path of an ELF file, `n` and the path of
+/// a name looked up (found or not).
 struct LoadRecord {
     fd: i32,
     /// Per entry: recorded already.
     seen: Vec<AtomicBool>,
+    /// The names recorded already.
+    names: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
 }
 
 impl LoadRecord {
@@ -269,12 +274,30 @@ impl LoadRecord {
         {
             return;
         }
-        let mut line = path().into_os_string().into_vec();
-        if line.contains(&b'\n') {
+        self.write(b'e', path().into_os_string().into_vec());
+    }
+
+    /// Records the lookup of `path` once.
+    fn note_name(&self, path: std::path::PathBuf) {
+        use std::os::unix::ffi::OsStringExt;
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.len() >= super::MAX_LOADS || !names.insert(path.clone()) {
             return;
         }
+        drop(names);
+        self.write(b'n', path.into_os_string().into_vec());
+    }
+
+    /// One `write(2)` of one line, `kind` and `path`: lines from several worker threads do not
+    /// mix. A lost line only means the file or name is read through the mount next time too.
+    fn write(&self, kind: u8, path: Vec<u8>) {
+        if path.contains(&b'\n') {
+            return;
+        }
+        let mut line = Vec::with_capacity(path.len() + 2);
+        line.push(kind);
+        line.extend(path);
         line.push(b'\n');
-        // A lost line only means the file is read through the mount next time too.
         // SAFETY: writes a buffer we own to a descriptor this process keeps open.
         let _ = unsafe { libc::write(self.fd, line.as_ptr().cast(), line.len()) };
     }
@@ -401,6 +424,12 @@ impl Filesystem for ImageFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.serve("lookup", parent.0, || {
+            if let Some(loads) = &self.loads
+                && let Some(dir) = parent.0.checked_sub(1)
+                && (dir as usize) < self.image.entries.len()
+            {
+                loads.note_name(self.image.path_of(dir as usize).join(name));
+            }
             match self.image.lookup(parent.0, name) {
                 Some(ino) => match self.image.entry(ino) {
                     Some(e) => reply.entry(&TTL, &self.attr(ino, e), Generation(0)),

@@ -467,6 +467,7 @@ fn loaded_files(dir: &std::path::Path, image: &std::path::Path) -> Vec<String> {
     };
     match crate::mount::cache_key(&src) {
         Ok(key) => crate::container::library_cache::read_loads(dir, &key)
+            .files
             .iter()
             .map(|p| p.display().to_string())
             .collect(),

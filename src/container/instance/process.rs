@@ -36,6 +36,9 @@ pub struct RootPlans {
     /// Per image served by the built-in FUSE server with the library cache on: what its ranks
     /// loaded through the mount, listed in the cache as the instance ends.
     loads: Vec<library_cache::LoadsLog>,
+    /// The names earlier jobs' ranks looked up in the first image, looked up by the instance
+    /// before it starts this job's ranks.
+    names: Vec<PathBuf>,
 }
 
 impl RootPlans {
@@ -45,6 +48,7 @@ impl RootPlans {
         let shared_shm = shared_shm_dir(cfg);
         let mut cache_locks = Vec::new();
         let mut loads = Vec::new();
+        let mut names = None;
         let ops = std::iter::once(&cfg.root)
             .chain(&cfg.other_roots)
             .map(|r| {
@@ -55,6 +59,7 @@ impl RootPlans {
                 let used = library_cache::resolve(&mut r);
                 cache_locks.extend(used.locks);
                 loads.extend(used.loads);
+                names.get_or_insert(used.names);
                 plan_root(&r)
             })
             .collect();
@@ -63,6 +68,7 @@ impl RootPlans {
             shared_shm,
             cache_locks,
             loads,
+            names: names.unwrap_or_default(),
         }
     }
 }
@@ -231,6 +237,7 @@ fn get_ready(cfg: &InstanceConfig, plans: &RootPlans) -> Result<ReadyInstance, S
         first.len(),
         started.elapsed().as_secs_f64() * 1000.0
     );
+    library_cache::warm_names(&plans.names);
     let started = std::time::Instant::now();
     let changes = eval_image_env(&cfg.script_env)?;
     tracing::debug!(
