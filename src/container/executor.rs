@@ -126,56 +126,10 @@ pub struct Assembled {
     pub image: Option<MountedImage>,
 }
 
-/// The image as the root is built: its mounted directory, or, for an image the built-in FUSE
-/// server serves, the server's index kept in this process (no round trip through the mount,
-/// whose server may still be starting).
-enum ImageView {
-    Dir(DirLookup),
-    Index(crate::mount::ImageIndex),
-}
-
-impl Lookup for ImageView {
-    fn node(&self, path: &Path) -> std::io::Result<Node> {
-        use crate::mount::IndexedNode;
-        match self {
-            ImageView::Dir(d) => d.node(path),
-            ImageView::Index(i) => Ok(match i.node(path)? {
-                None => Node::Missing,
-                Some(IndexedNode::Dir) => Node::Dir,
-                Some(IndexedNode::Symlink(t)) => Node::Symlink(t),
-                Some(IndexedNode::File | IndexedNode::Other) => Node::File,
-            }),
-        }
-    }
-}
-
-impl ImageView {
-    /// The text of the regular file at the symlink-free `path` (up to 16 MiB).
-    fn read_to_string(&self, path: &Path) -> std::io::Result<String> {
-        let bytes = match self {
-            ImageView::Dir(d) => fs::read(d.host_path(path))?,
-            ImageView::Index(i) => i.read(path, 16 << 20)?,
-        };
-        String::from_utf8(bytes)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    /// The permission bits of the directory at the symlink-free `path`, if it is one.
-    fn dir_mode(&self, path: &Path) -> Option<u32> {
-        match self {
-            ImageView::Dir(d) => fs::metadata(d.host_path(path))
-                .ok()
-                .filter(fs::Metadata::is_dir)
-                .map(|m| m.permissions().mode() & 0o7777),
-            ImageView::Index(i) => i.dir_mode(path),
-        }
-    }
-}
-
 /// Sees the image with the mount-point layer on top, as the overlay will.
 struct LayerLookup {
     layer: DirLookup,
-    image: ImageView,
+    image: DirLookup,
 }
 
 impl Lookup for LayerLookup {
@@ -245,16 +199,6 @@ impl Executor {
                 errno,
             }),
         }
-    }
-
-    /// The image as the root is being built ([`ImageView`]).
-    fn image_view(&self) -> Result<ImageView, RootError> {
-        Ok(match self.image.as_ref().and_then(|m| m.index()) {
-            Some(index) => ImageView::Index(index.clone()),
-            None => ImageView::Dir(DirLookup {
-                root: self.stage()?.join(super::root::STAGE_IMAGE),
-            }),
-        })
     }
 
     fn stage(&self) -> Result<&Path, RootError> {
@@ -341,7 +285,9 @@ impl Executor {
                 }
             }
             MountOp::WriteAccountFile { file, entry, out } => {
-                let image = self.image_view()?;
+                let image = DirLookup {
+                    root: self.stage()?.join(super::root::STAGE_IMAGE),
+                };
                 let name = match file {
                     AccountFile::Passwd => "/etc/passwd",
                     AccountFile::Group => "/etc/group",
@@ -350,7 +296,7 @@ impl Executor {
                 // as empty.
                 let current = match resolve_in_root(&image, Path::new(name)) {
                     Ok(r) if r.node == Node::File => {
-                        image.read_to_string(&r.path).unwrap_or_default()
+                        fs::read_to_string(image.host_path(&r.path)).unwrap_or_default()
                     }
                     _ => String::new(),
                 };
@@ -369,7 +315,9 @@ impl Executor {
                     layer: DirLookup {
                         root: stage.join(super::root::STAGE_LAYER),
                     },
-                    image: self.image_view()?,
+                    image: DirLookup {
+                        root: stage.join(super::root::STAGE_IMAGE),
+                    },
                 };
                 let (_, src_dir) = self.source(like)?;
                 let r = resolve_in_root(&lookup, dst)?;
@@ -566,9 +514,14 @@ fn make_layer_dirs(lookup: &LayerLookup, path: &Path) -> Result<(), RootError> {
         if !layer.is_dir() {
             fs::create_dir(&layer).map_err(io("create mount point", &layer))?;
         }
-        if let Some(mode) = lookup.image.dir_mode(&d) {
-            fs::set_permissions(&layer, fs::Permissions::from_mode(mode))
-                .map_err(io("chmod mount point", &layer))?;
+        if let Ok(m) = fs::metadata(lookup.image.host_path(&d))
+            && m.is_dir()
+        {
+            fs::set_permissions(
+                &layer,
+                fs::Permissions::from_mode(m.permissions().mode() & 0o7777),
+            )
+            .map_err(io("chmod mount point", &layer))?;
         }
     }
     Ok(())

@@ -295,7 +295,6 @@ pub(super) fn mount(
         server: None,
         extracted: Some(tree),
         _cache_lock: Some(in_use),
-        index: None,
         mounted: true,
     })
 }

@@ -62,8 +62,7 @@ pub(super) fn mount(
     target: &Path,
     opts: &MountOptions,
 ) -> Result<MountedImage, MountError> {
-    let image = std::sync::Arc::new(SquashImage::open(src, opts.block_cache_bytes)?);
-    let index = super::reader::ImageIndex(image.clone());
+    let image = SquashImage::open(src, opts.block_cache_bytes)?;
     let dev = open_dev_fuse()?;
     super::mount_fuse_fd(&dev, target, &src.path.to_string_lossy(), "cmpirun", opts)?;
     let unmount = || {
@@ -128,9 +127,7 @@ pub(super) fn mount(
                 src.path.display(),
                 target.display()
             );
-            let mut mounted = MountedImage::new_served(target, MountBackend::Fuse, child);
-            mounted.index = Some(index);
-            Ok(mounted)
+            Ok(MountedImage::new_served(target, MountBackend::Fuse, child))
         }
         Err(e) => {
             unmount();
@@ -239,7 +236,7 @@ fn limit_malloc() {
 
 /// The fuser filesystem over a squashfs index.
 struct ImageFs {
-    image: std::sync::Arc<SquashImage>,
+    image: SquashImage,
     /// The kernel accepts ENOSYS for open and then skips those round trips, keeping the page
     /// cache (`FUSE_NO_OPEN_SUPPORT`, Linux ≥ 4.20).
     no_open: AtomicBool,

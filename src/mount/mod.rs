@@ -33,7 +33,7 @@ pub use extract::{
 };
 pub(crate) use extract::{env_var, hold_entry, hold_until_exit, remove_entry, user_cache_in};
 pub(crate) use reader::decompress as decompress_block;
-pub use reader::{ImageIndex, IndexedNode, read_through};
+pub use reader::read_through;
 
 /// How to make an image's squashfs visible at a directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -284,19 +284,12 @@ pub struct MountedImage {
     /// image is in use.
     _cache_lock: Option<nix::fcntl::Flock<std::fs::File>>,
     mounted: bool,
-    /// The image's index, when the built-in FUSE server serves it.
-    index: Option<ImageIndex>,
 }
 
 impl MountedImage {
     /// Pid of the process serving the mount (built-in server or `squashfuse_ll`), if any.
     pub fn server_pid(&self) -> Option<u32> {
         self.server.map(|p| p.as_raw() as u32)
-    }
-
-    /// The image's index, when the built-in FUSE server serves it: what a path is, from memory.
-    pub fn index(&self) -> Option<&ImageIndex> {
-        self.index.as_ref()
     }
 
     /// For the extract backend: the cache directory holding the extracted tree.
@@ -374,7 +367,6 @@ impl MountedImage {
             extracted: None,
             _cache_lock: None,
             mounted: true,
-            index: None,
         }
     }
 }
