@@ -55,7 +55,8 @@ pub struct Loads {
 /// the container's root, where the host's cache folder may not be visible.
 #[derive(Debug)]
 pub struct LoadsLog {
-    /// An in-memory file the server appends a line (an image path) to per ELF file.
+    /// An in-memory file the server appends a line to per ELF file served and per name looked
+    /// up (`e` or `n`, then the image path).
     pub record: OwnedFd,
     /// The library cache's folder.
     dir: OwnedFd,
@@ -147,11 +148,11 @@ const WARM_NAMES_FOR: std::time::Duration = std::time::Duration::from_millis(20)
 
 /// Looks up `names` (paths inside the container root, which must be this process's root; and
 /// reads the targets of those that are symlinks) and forgets the answers, so that the kernel
-/// keeps them: the ranks then find every name they look
-/// up (the dynamic loader's search of its library paths, mostly names that do not exist) without
-/// asking the image's FUSE server. Done by the node instance before it starts the job's ranks,
-/// while the CPUs are free: with 64 ranks starting at once the server waits for a CPU, and each
-/// rank waited about 4 ms for each of the 33 names a `hello` looks up. Stops after 20 ms.
+/// keeps them: the ranks then find every name they look up (the dynamic loader's search of its
+/// library paths, mostly names that do not exist) without asking the image's FUSE server. Done
+/// by the node instance before it starts the job's ranks, while the CPUs are free: with 64
+/// ranks starting at once the server waits for a CPU, and each rank waited about 4 ms for each
+/// of the 33 names a `hello` looks up. Stops after 20 ms.
 pub fn warm_names(names: &[PathBuf]) {
     let start = std::time::Instant::now();
     for name in names {
@@ -297,17 +298,17 @@ fn parse_record(recorded: &[u8]) -> (BTreeSet<PathBuf>, BTreeSet<PathBuf>) {
 
 /// Adds `new` to `list` (sorted, at most [`MAX_LOADS`]); returns how many were added.
 fn merge(list: &mut Vec<PathBuf>, new: Vec<PathBuf>) -> usize {
-    let before = list.len();
+    let mut all: BTreeSet<PathBuf> = std::mem::take(list).into_iter().collect();
+    let had = all.len();
     for p in new {
-        if list.len() >= MAX_LOADS {
+        if all.len() >= MAX_LOADS {
             break;
         }
-        if !list.contains(&p) {
-            list.push(p);
-        }
+        all.insert(p);
     }
-    list.sort();
-    list.len() - before
+    let added = all.len() - had;
+    *list = all.into_iter().collect();
+    added
 }
 
 /// Everything in the file at `fd` (from its start), up to 1 MiB.

@@ -242,7 +242,8 @@ struct ImageFs {
     no_open: AtomicBool,
     /// The same for opendir (`FUSE_NO_OPENDIR_SUPPORT`, Linux ≥ 5.1).
     no_opendir: AtomicBool,
-    /// Where the ELF files served are recorded ([`MountOptions::record_loads`]).
+    /// Where the ELF files served and the names looked up are recorded
+    /// ([`MountOptions::record_loads`]).
     loads: Option<LoadRecord>,
 }
 

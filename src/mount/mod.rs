@@ -108,9 +108,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// A descriptor the built-in FUSE server appends to, one line each, the image path of
     /// every ELF file (executable or library: a read at offset 0 that starts with the ELF
-    /// magic) it serves for the first time: what the ranks loaded through the mount, which
-    /// the library cache then holds for the node's next jobs. Paths holding a newline are
-    /// left out.
+    /// magic) it serves for the first time (`e` and the path), and of every name it is asked
+    /// to look up (`n` and the path): what the ranks loaded and looked up through the mount,
+    /// which the library cache then serves for the node's next jobs. Paths holding a newline
+    /// are left out.
     pub record_loads: Option<std::os::fd::RawFd>,
 }
 
