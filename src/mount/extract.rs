@@ -147,9 +147,9 @@ pub fn hold_loaded_files(
 }
 
 /// The name, in the library cache's folder, of the list of ELF files the ranks of an image
-/// loaded through its mount, which the node's next jobs serve from the cache: the image's
-/// entry name and this suffix. A JSON array of image paths, rewritten whole (under a temporary
-/// name, then renamed) by node instances as their jobs end.
+/// loaded through its mount (which the node's next jobs serve from the cache) and of the names
+/// they looked up: the image's entry name and this suffix. JSON (`files`, `names`: image paths),
+/// rewritten whole (under a temporary name, then renamed) by node instances as their jobs end.
 pub const LOADS_SUFFIX: &str = ".loads";
 
 /// The most paths a list of loaded files keeps: a job that loads more (thousands of plugins)
