@@ -138,8 +138,9 @@ pub struct RootConfig {
     /// file. Every bind lands on top of them, so an injected host library or a bound host
     /// directory wins over a copy.
     pub cached: Vec<PathBuf>,
-    /// A file descriptor the image's FUSE server records the ELF files it serves to
-    /// (see [`crate::mount::MountOptions::record_loads`]), kept by the node instance.
+    /// A file descriptor the image's FUSE server records the ELF files it serves and the names
+    /// it looks up to (see [`crate::mount::MountOptions::record_loads`]), kept by the node
+    /// instance.
     pub record_loads: Option<std::os::fd::RawFd>,
     /// What `/dev/shm` is.
     pub shm: ShmMode,
@@ -195,7 +196,8 @@ pub enum MountOp {
         at: PathBuf,
         /// The image.
         image: ImageSource,
-        /// Where its FUSE server records the ELF files it serves, if anywhere.
+        /// Where its FUSE server records the ELF files it serves and the names it looks up, if
+        /// anywhere.
         record_loads: Option<std::os::fd::RawFd>,
     },
     /// Write the image's account file plus the user's entry to a staging path.
