@@ -119,9 +119,9 @@ pub fn resolve(root: &mut RootConfig) -> CacheUse {
             continue;
         }
         let held = if loads {
-            crate::mount::hold_loaded_files(source, dir, files)
+            crate::mount::hold_loaded_files(source, dir, &key, files)
         } else {
-            crate::mount::hold_library_files(source, dir, files)
+            crate::mount::hold_library_files(source, dir, &key, files)
         };
         match held {
             Ok(held) => {

@@ -114,8 +114,8 @@ struct ManifestFile {
 }
 
 /// Makes sure the library cache `cache` holds `files` (absolute paths inside image `src`, regular
-/// files; others are skipped) and returns the entry, held. The entry is unpacked once per cache
-/// folder and image; the lock is held until this process exits, and by any process forked from
+/// files; others are skipped) and returns the entry, held. The entry, named `key` (the image's
+/// [`cache_key`]), is unpacked once per cache folder and image; the lock is held until this process exits, and by any process forked from
 /// it that keeps the descriptor open (the node instance).
 ///
 /// Each copy is checked before it is used ([`check_library_files`]): a damaged entry (a copy
@@ -124,9 +124,10 @@ struct ManifestFile {
 pub fn hold_library_files(
     src: &SquashfsSource,
     cache: &Path,
+    key: &str,
     files: &[PathBuf],
 ) -> Result<HeldLibraries, MountError> {
-    hold_library_entry(src, cache, files, None)
+    hold_library_entry(src, cache, key, files, "its MPI stack")
 }
 
 /// [`hold_library_files`] for the files the ranks of earlier jobs loaded through the mount
@@ -135,6 +136,7 @@ pub fn hold_library_files(
 pub fn hold_loaded_files(
     src: &SquashfsSource,
     cache: &Path,
+    key: &str,
     files: &[PathBuf],
 ) -> Result<HeldLibraries, MountError> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -142,8 +144,9 @@ pub fn hold_loaded_files(
         h.update(f.as_os_str().as_encoded_bytes());
         h.update(b"\0");
     }
-    let tag = format!("loads-{:016x}", h.digest());
-    hold_library_entry(src, cache, files, Some(&tag))
+    let key = format!("{key}-loads-{:016x}", h.digest());
+    let what = "the files its ranks loaded through the mount";
+    hold_library_entry(src, cache, &key, files, what)
 }
 
 /// The name, in the library cache's folder, of the list of ELF files the ranks of an image
@@ -157,21 +160,23 @@ pub const LOADS_SUFFIX: &str = ".loads";
 pub const MAX_LOADS: usize = 4096;
 
 /// The name of image `src`'s entries in a cache folder (the library cache's entry is this; its
-/// list of loaded files is this plus [`LOADS_SUFFIX`]).
+/// list of loaded files is this plus [`LOADS_SUFFIX`]): what [`hold_library_files`] and
+/// [`hold_loaded_files`] take, computed once per image (it hashes the image's tables).
 pub fn cache_key(src: &SquashfsSource) -> Result<String, MountError> {
     image_key(src)
 }
 
+/// The library-cache entry `key` of `cache` holding `files` (`what` they are, for the log),
+/// filled if missing, checked, and held.
 fn hold_library_entry(
     src: &SquashfsSource,
     cache: &Path,
+    key: &str,
     files: &[PathBuf],
-    tag: Option<&str>,
+    what: &str,
 ) -> Result<HeldLibraries, MountError> {
-    let extract = |src: &SquashfsSource| match tag {
-        None => extract_and_hold(src, cache, &MountOptions::default(), Some(files)),
-        Some(tag) => extract_files_as(src, cache, tag, files),
-    };
+    let opts = MountOptions::default();
+    let extract = |src: &SquashfsSource| extract_keyed(src, cache, &opts, Some((files, what)), key);
     let (tree, lock) = extract(src)?;
     let mut damaged = check_library_files(&tree);
     let (tree, lock) = if damaged.is_empty() {
@@ -308,27 +313,39 @@ fn extract_and_hold(
     opts: &MountOptions,
     only: Option<&[PathBuf]>,
 ) -> Result<(PathBuf, Flock<File>), MountError> {
-    let key = image_key(src)?;
+    let only = only.map(|files| (files, "its MPI stack"));
+    extract_keyed(src, cache, opts, only, &image_key(src)?)
+}
+
+/// The entry `key` of `cache`: the whole image, or with `only` those files (and what they are,
+/// for the log), filled if missing, and held.
+fn extract_keyed(
+    src: &SquashfsSource,
+    cache: &Path,
+    opts: &MountOptions,
+    only: Option<(&[PathBuf], &str)>,
+    key: &str,
+) -> Result<(PathBuf, Flock<File>), MountError> {
     // Only the extract backend warns: the library cache is no fallback.
     let warn = || only.is_none() && !WARNED.swap(true, Ordering::Relaxed);
-    let (tree, in_use, fresh) = hold_entry(cache, &key, |tmp| {
+    let (tree, in_use, fresh) = hold_entry(cache, key, |tmp| {
         if warn() {
             tracing::warn!(
                 "image {}: FUSE mount not in use; extracting it into {} (once per node)",
                 src.path.display(),
-                cache.join(&key).display()
+                cache.join(key).display()
             );
         }
-        if let Some(files) = only {
+        if let Some((files, what)) = only {
             tracing::info!(
-                "image {}: unpacking its MPI stack ({} files) into the library cache {} (once \
-                 per node and image)",
+                "image {}: unpacking {what} ({} files) into the library cache {} (once per node \
+                 and image)",
                 src.path.display(),
                 files.len(),
-                cache.join(&key).display()
+                cache.join(key).display()
             );
         }
-        unpack(src, opts, only, tmp)
+        unpack(src, opts, only.map(|(files, _)| files), tmp)
     })?;
     if !fresh && warn() {
         tracing::warn!(
@@ -337,27 +354,6 @@ fn extract_and_hold(
             tree.display()
         );
     }
-    Ok((tree, in_use))
-}
-
-/// The entry `<image key>-<tag>` of `cache`, holding `files` (filled if missing) and held.
-fn extract_files_as(
-    src: &SquashfsSource,
-    cache: &Path,
-    tag: &str,
-    files: &[PathBuf],
-) -> Result<(PathBuf, Flock<File>), MountError> {
-    let key = format!("{}-{tag}", image_key(src)?);
-    let (tree, in_use, _) = hold_entry(cache, &key, |tmp| {
-        tracing::info!(
-            "image {}: unpacking {} files its ranks loaded through the mount into the library \
-             cache {} (once per node and image)",
-            src.path.display(),
-            files.len(),
-            cache.join(&key).display()
-        );
-        unpack(src, &MountOptions::default(), Some(files), tmp)
-    })?;
     Ok((tree, in_use))
 }
 
@@ -1178,12 +1174,13 @@ mod tests {
         assert!(damaged[0].1.contains("10 bytes"), "{damaged:?}");
         // Nobody else holds it: unpacked again.
         drop(lock);
-        let held = hold_library_files(&src, &cache, &files).expect("hold");
+        let key = image_key(&src).expect("key");
+        let held = hold_library_files(&src, &cache, &key, &files).expect("hold");
         assert_eq!(held.damaged, vec![]);
         assert_eq!(std::fs::metadata(&copy).expect("copy").len(), 100_000);
         // This process holds it now (as a running job would): left out, not removed.
         truncate();
-        let again = hold_library_files(&src, &cache, &files).expect("hold");
+        let again = hold_library_files(&src, &cache, &key, &files).expect("hold");
         assert_eq!(again.tree, held.tree);
         assert_eq!(again.damaged.len(), 1, "{:?}", again.damaged);
         // An entry without a manifest (an earlier version's) is damaged as a whole.
