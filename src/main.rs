@@ -535,8 +535,9 @@ fn image_pull(image: &str, output: Option<&Path>, insecure: bool) -> Result<Exit
 /// (or of the cache `--dir`), with their sizes.
 fn image_cache(clear: bool, dir: Option<PathBuf>) -> Result<ExitCode, Fatal> {
     use cmpirun::mount;
-    let caches: Vec<(PathBuf, &str)> = match dir {
-        Some(dir) => vec![(dir, "entries")],
+    // Each cache with what its entries are called, and whether it is a library cache.
+    let caches: Vec<(PathBuf, &str, bool)> = match dir {
+        Some(dir) => vec![(dir, "entries", false)],
         None => {
             let Some(extract) = mount::default_extract_cache() else {
                 return Err(exit::UsageError(
@@ -546,17 +547,17 @@ fn image_cache(clear: bool, dir: Option<PathBuf>) -> Result<ExitCode, Fatal> {
                 )
                 .into());
             };
-            std::iter::once((extract, "extracted images"))
-                .chain(library_cache_here().map(|d| (d, "unpacked MPI stacks")))
-                .chain(cmpirun::image::oras::default_cache().map(|d| (d, "pulled images")))
+            std::iter::once((extract, "extracted images", false))
+                .chain(library_cache_here().map(|d| (d, "library-cache entries", true)))
+                .chain(cmpirun::image::oras::default_cache().map(|d| (d, "pulled images", false)))
                 .collect()
         }
     };
     // A bad limit fails before anything is removed.
     let limit = mount::cache_limit()?;
     let mut text = String::new();
-    for (dir, what) in caches {
-        text.push_str(&cache_report(&dir, what, clear, limit)?);
+    for (dir, what, libraries) in caches {
+        text.push_str(&cache_report(&dir, what, libraries, clear, limit)?);
     }
     emit(&text);
     Ok(ExitCode::SUCCESS)
@@ -583,11 +584,13 @@ fn choose_profile(
     profile::choose(named, env_profile.as_deref(), search, &mut ctx)
 }
 
-/// What `cmpirun image cache` says of one cache (`what` names its entries); with `clear`, after
-/// removing the entries no running job uses.
+/// What `cmpirun image cache` says of one cache (`what` names its entries; `libraries`: the
+/// library cache, whose entries say what they hold); with `clear`, after removing the entries
+/// no running job uses.
 fn cache_report(
     dir: &Path,
     what: &str,
+    libraries: bool,
     clear: bool,
     limit: u64,
 ) -> Result<String, cmpirun::mount::MountError> {
@@ -617,14 +620,29 @@ fn cache_report(
     for e in &entries {
         let age = e.last_used.elapsed().map(|d| d.as_secs()).unwrap_or(0);
         text.push_str(&format!(
-            "{:>10}  last used {:>6} ago  {}{}\n",
+            "{:>10}  last used {:>6} ago  {}{}{}\n",
             human_size(e.bytes),
             ago(age),
             e.path.display(),
+            if libraries { entry_kind(&e.path) } else { "" },
             if e.in_use { "  (in use)" } else { "" }
         ));
     }
     Ok(text)
+}
+
+/// What a library-cache entry holds, by its name: `<image>` the image's C library and MPI
+/// stack, `<image>-loads-<list>` the other ELF files its ranks loaded.
+fn entry_kind(path: &Path) -> &'static str {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    if name.contains("-loads-") {
+        "  (files the ranks loaded)"
+    } else {
+        "  (C library and MPI stack)"
+    }
 }
 
 /// A short age: `42s`, `17m`, `5h`, `3d`.

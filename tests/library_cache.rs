@@ -296,7 +296,7 @@ fn a_site_profile_moves_the_library_cache() {
     out.assert_success();
     assert!(
         out.stdout
-            .contains(&format!("{}: 0 unpacked MPI stacks", expected.display())),
+            .contains(&format!("{}: 0 library-cache entries", expected.display())),
         "{out}"
     );
 }

@@ -256,7 +256,13 @@ pub fn remember_loads(log: &LoadsLog) {
     let Ok(json) = serde_json::to_vec(&list) else {
         return;
     };
-    let tmp = format!("{}.{}.tmp", log.name, std::process::id());
+    // Written whole under a name of this process's own, then renamed over the list: a reader,
+    // on this node or another sharing the folder, sees the old list or the new one. Two nodes
+    // ending jobs at once may each rename theirs: one's additions are then lost, and recorded
+    // again by its next job. A file of this name can only be left by a killed process that had
+    // this pid before.
+    let tmp = crate::mount::temporary_name(&log.name);
+    let _ = nix::unistd::unlinkat(dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
     if openat_write(dir, &tmp, &json).is_err()
         || nix::fcntl::renameat2(
             dir,
@@ -366,6 +372,37 @@ mod tests {
         let mut full: Vec<PathBuf> = (0..MAX_LOADS).map(|i| format!("/f{i}").into()).collect();
         assert_eq!(merge(&mut full, vec!["/new".into()]), 0);
         assert_eq!(full.len(), MAX_LOADS);
+    }
+
+    #[test]
+    fn a_job_adds_what_the_cache_lacks_to_the_list_under_a_temporary_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let known: BTreeSet<PathBuf> = [PathBuf::from("/usr/lib/libmpi.so.12")].into();
+        let names: BTreeSet<PathBuf> = [PathBuf::from("/etc/ld.so.cache")].into();
+        let log = loads_log(dir.path(), "k", known, names).unwrap();
+        let record = b"e/usr/bin/hello\ne/usr/lib/libmpi.so.12\nn/etc/ld.so.cache\nn/usr/lib/x";
+        nix::unistd::write(&log.record, record).unwrap();
+        // Left by a killed process that had this pid before: it does not stop the write.
+        let ours = crate::mount::temporary_name("k.loads");
+        assert!(ours.starts_with("k.loads.tmp-"), "{ours}");
+        std::fs::write(dir.path().join(&ours), b"half").unwrap();
+        // Another node's list being written (same pid there): left alone.
+        let theirs = format!("k.loads.tmp-another-node.{}", std::process::id());
+        std::fs::write(dir.path().join(&theirs), b"half").unwrap();
+        remember_loads(&log);
+        assert_eq!(
+            read_loads(dir.path(), "k"),
+            Loads {
+                files: vec!["/usr/bin/hello".into()],
+                names: vec!["/usr/lib/x".into()],
+            }
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["k.loads".to_owned(), theirs]);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`member_env`]: the environment of a member (pure).
 //! - [`instance`]: the node instance: its handle, its process and holders, its members, the
 //!   socket protocol between them, and [`instance::join_or_create`].
-//! - [`library_cache`]: the node's unpacked MPI stacks, as an instance's creator uses them.
+//! - [`library_cache`]: the node's unpacked MPI stacks and loaded files, as an instance's creator
+//!   uses them.
 //! - [`rendezvous`]: the lock and socket files by which unrelated processes of one user find
 //!   the instance of a key.
 //! - [`config`]: the node instance's configuration from typed [`config::RootRequest`]s (every

@@ -487,7 +487,7 @@ fn fill_entry<E: From<MountError>>(
     // fill lock, on this node or another one sharing the cache.
     let prefix = format!("{key}.tmp-");
     remove_stale_temporaries(cache, Some(&prefix));
-    let tmp = cache.join(format!("{prefix}{}", temporary_owner()));
+    let tmp = cache.join(temporary_name(key));
     let result = fill(&tmp).and_then(|()| {
         std::fs::rename(&tmp, tree).map_err(|e| {
             MountError::io(format!("rename {} to {}", tmp.display(), tree.display()), e).into()
@@ -588,6 +588,7 @@ pub fn cache_entries(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
 
 /// Removes every entry of `cache` no running job holds; returns the entries removed.
 pub fn clear_cache(cache: &Path) -> Result<Vec<CacheEntry>, MountError> {
+    remove_stale_temporaries(cache, None);
     let mut removed = Vec::new();
     for entry in cache_entries(cache)? {
         if remove_entry(cache, &entry.path)? {
@@ -661,6 +662,14 @@ fn tree_bytes(path: &Path) -> u64 {
     total
 }
 
+/// The name of this process's temporary for `name` in a cache folder,
+/// `<name>.tmp-<host>.<pid>`: no other process makes one of that name, on this node or on
+/// another one sharing the folder, and once this process is gone the cache's sweeps remove it
+/// (`remove_stale_temporaries`). For an entry's tree and for an image's list of loaded files.
+pub(crate) fn temporary_name(name: &str) -> String {
+    format!("{name}.tmp-{}", temporary_owner())
+}
+
 /// What names a temporary tree's extractor: `<host>.<pid>`. A cache folder may be shared by
 /// several nodes (a home on a network filesystem), and a pid means something only on its own
 /// node.
@@ -689,8 +698,9 @@ fn owner_gone(owner: &str, this_host: &str) -> bool {
             .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// Removes `<key>.tmp-<owner>` directories in `cache`: with `prefix` (a key's, whose fill lock
-/// is held) all of that key's, without it those whose extractor is known to be gone.
+/// Removes `<name>.tmp-<owner>` temporaries in `cache` (the trees of fills, and lists of loaded
+/// files being written): with `prefix` (a key's, whose fill lock is held) all of that key's
+/// trees, without it those whose writer is known to be gone.
 fn remove_stale_temporaries(cache: &Path, prefix: Option<&str>) {
     let Ok(rd) = std::fs::read_dir(cache) else {
         return;
@@ -1198,5 +1208,26 @@ mod tests {
             "an earlier version's name: this host"
         );
         assert!(!owner_gone("n1.x", "n1"));
+    }
+
+    #[test]
+    fn clearing_a_cache_sweeps_the_temporaries_whose_writer_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = this_host();
+        let gone = format!("k.loads.tmp-{host}.4000000");
+        let live = temporary_name("k.loads");
+        let elsewhere = "k.loads.tmp-another-node.4000000".to_owned();
+        for name in [&gone, &live, &elsewhere] {
+            std::fs::write(dir.path().join(name), b"{").expect("write");
+        }
+        assert_eq!(clear_cache(dir.path()).expect("clear"), vec![]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![elsewhere, live];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

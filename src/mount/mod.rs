@@ -31,7 +31,9 @@ pub use extract::{
     clear_cache, default_extract_cache, default_library_cache_in, hold_library_files,
     hold_loaded_files, library_cache_in, library_cache_setting,
 };
-pub(crate) use extract::{env_var, hold_entry, hold_until_exit, remove_entry, user_cache_in};
+pub(crate) use extract::{
+    env_var, hold_entry, hold_until_exit, remove_entry, temporary_name, user_cache_in,
+};
 pub(crate) use reader::decompress as decompress_block;
 pub use reader::read_through;
 
