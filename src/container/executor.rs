@@ -460,6 +460,11 @@ impl Executor {
                 umount2(".", MntFlags::MNT_DETACH)
                     .map_err(sys("detach old root", Path::new("/")))?;
                 nix::unistd::chdir("/").map_err(sys("chdir to", Path::new("/")))?;
+                // The image's mount point is a staging path no more: ending the instance must
+                // not unmount whatever the container has at that path (a user's bind there).
+                if let Some(image) = &mut self.image {
+                    image.mark_pivoted();
+                }
             }
         }
         Ok(())
