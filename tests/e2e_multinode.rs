@@ -200,13 +200,32 @@ fn exit_statuses_across_nodes_through_srun() {
     let (ok, status) = salloc3_status(
         &cluster,
         &[
+            &["-vv"][..],
             &MPICH5_OFI[..],
             &[image.to_str().unwrap(), "/usr/local/bin/hello"],
         ]
         .concat(),
     );
     assert_eq!(status, 0, "{ok}");
+    assert_clean_ends_once_per_node(&ok);
     cluster.assert_nothing_left(&before);
+}
+
+/// The front end heard of the clean ends of a 6-rank job on the three nodes in one report per
+/// node (its `-vv` lines), each of a node's two ranks, and of no rank alone.
+fn assert_clean_ends_once_per_node(out: &RunOutput) {
+    let mut lists: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|l| {
+            l.split_once("ranks ")?
+                .1
+                .strip_suffix(" reported a clean end")
+        })
+        .collect();
+    lists.sort();
+    assert_eq!(lists, ["0-1", "2-3", "4-5"], "{out}");
+    assert!(!out.stderr.contains("reported Exited(0)"), "{out}");
 }
 
 /// `sbatch --wait -N3 -n6 SCRIPT ARGS` as the test user on the cluster with `env`, the script
@@ -615,6 +634,12 @@ fn exit_statuses_across_nodes_through_hydra() {
         assert!(out.elapsed < Duration::from_secs(20), "{out}");
         cluster.assert_nothing_left_but(&before, is_rendezvous_file);
     }
+    let image = staged_image("mpich5");
+    let mut args: Vec<&str> = MPICH5_OFI.to_vec();
+    args.extend([image.to_str().unwrap(), "/usr/local/bin/hello"]);
+    let ok = over_ssh(&cluster, &["-vv", "-H", "n1:2,n2:2,n3:2", "-n", "6"], &args);
+    assert_eq!(ok.code(), Some(0), "{ok}");
+    assert_clean_ends_once_per_node(&ok);
 }
 
 #[test]

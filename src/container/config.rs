@@ -226,6 +226,7 @@ pub fn instance_config(requests: &[RootRequest]) -> Result<InstanceConfig, Confi
         root,
         other_roots,
         script_env,
+        clean_ends: None,
     })
 }
 

@@ -308,8 +308,19 @@ fn adopted_children() -> Vec<Pid> {
 /// every reporting rank in `reported`.
 fn note_reports(end: &mut Option<JobEnd>, reported: &mut [bool], reports: Vec<Report>, size: u32) {
     for r in reports {
-        if let Some(seen) = reported.get_mut(r.rank as usize) {
-            *seen = true;
+        let Some(ranks) = r.ranks_below(size) else {
+            tracing::debug!("rank reports: a malformed report of clean ends was ignored");
+            continue;
+        };
+        for rank in ranks {
+            if let Some(seen) = reported.get_mut(rank as usize) {
+                *seen = true;
+            }
+        }
+        // A node's report of clean ends decides nothing but that those ranks ended well.
+        if let Some(list) = &r.ranks {
+            tracing::debug!("ranks {list} reported a clean end");
+            continue;
         }
         tracing::debug!("rank {} reported {:?}", r.rank, r.end);
         // A lost image mount is the reason, also when a rank that failed on a vanished file
@@ -367,30 +378,11 @@ fn ranks_lost(plan: &LaunchPlan, reported: &[bool], launcher: &str, code: i32) -
         }
     }
     Some(JobEnd::RanksLost {
-        ranks: rank_list(&missing),
+        ranks: super::report::rank_list(&missing),
         nodes,
         launcher: launcher.to_owned(),
         code,
     })
-}
-
-/// `[1, 2, 3, 5]` as `1-3,5`.
-fn rank_list(ranks: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < ranks.len() {
-        let mut j = i;
-        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
-            j += 1;
-        }
-        parts.push(if j > i {
-            format!("{}-{}", ranks[i], ranks[j])
-        } else {
-            ranks[i].to_string()
-        });
-        i = j + 1;
-    }
-    parts.join(",")
 }
 
 fn run_blocked(

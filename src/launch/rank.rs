@@ -4,8 +4,9 @@
 //! rank there; keyed by job step, and holding every image of the job), and starts the rank in it
 //! with the PMI descriptors and variables it inherited from srun or hydra (`PMI_FD` through a
 //! relay that sees an abort, [`super::watch`]). It stays as the rank's parent, passes signals on,
-//! reports how the rank ended to the front end ([`super::report`]: a failure, or a clean end,
-//! which the front end counts) and exits the way the rank did.
+//! reports how the rank ended to the front end ([`super::report`]: a failure at once; a clean
+//! end, which the front end counts, through the node instance, which reports all of its node's
+//! at once as it ends) and exits the way the rank did.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -193,6 +194,13 @@ pub fn run(plan_source: &str) -> Result<i32, LaunchError> {
     let key = instance_key(&env, std::os::unix::process::parent_id());
     let result = node::fetch_registry_images(&mut plan)
         .and_then(|()| node::node_config(&plan, &env))
+        .map(|mut cfg| {
+            // The node's clean ends go to the front end in one report, from the instance.
+            if Target::from_env().is_some() {
+                cfg.clean_ends = Some(super::report::send_clean_ends);
+            }
+            cfg
+        })
         .and_then(|cfg| {
             with_forwarded_signals_blocked(
                 |errno| LaunchError::Sys {
@@ -368,8 +376,14 @@ fn run_member(
             (Outcome::Signaled(sig), None) => RankEnd::Signaled(sig as i32),
         };
         // A clean end is reported too: the front end counts the reports, so that ranks of a
-        // lost node cannot pass for a success.
-        t.send(rank, end, lost.or_else(|| singleton.clone()));
+        // lost node cannot pass for a success. It goes through the node instance, which
+        // reports the node's clean ends at once as it ends (one connection to the front end
+        // per node, not per rank); directly if the instance cannot be told.
+        let through_instance =
+            end == RankEnd::Exited(0) && cfg.clean_ends.is_some() && inst.clean_end(rank);
+        if !through_instance {
+            t.send(rank, end, lost.or_else(|| singleton.clone()));
+        }
     }
     match outcome {
         // The rank that created the instance waits for it to end (its mounts go with it) once

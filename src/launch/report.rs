@@ -71,6 +71,78 @@ pub struct Report {
     /// The abort message, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// A node's report of its ranks' clean ends ([`Target::send_clean_ends`]): those ranks
+    /// (`0-3,8`), each of which exited 0; `rank` is the first of them and `end` says exited 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<String>,
+}
+
+impl Report {
+    /// The ranks this report stands for, those below `size`: `rank` alone, or the ranks of a
+    /// node's report of clean ends (`None` when that list is malformed, or claims another end
+    /// than exited 0).
+    pub fn ranks_below(&self, size: u32) -> Option<Vec<u32>> {
+        let Some(list) = &self.ranks else {
+            return Some(vec![self.rank].into_iter().filter(|&r| r < size).collect());
+        };
+        if self.end != RankEnd::Exited(0) {
+            return None;
+        }
+        parse_rank_list(list, size)
+    }
+}
+
+/// `[1, 2, 3, 5]` (sorted) as `1-3,5`.
+pub(crate) fn rank_list(ranks: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", ranks[i], ranks[j])
+        } else {
+            ranks[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// The ranks of a [`rank_list`] that are below `size` (a range is cut there, so a line of a few
+/// bytes cannot make the front end count to four billion); `None` if it is not such a list.
+fn parse_rank_list(list: &str, size: u32) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let r = part.parse::<u32>().ok()?;
+                (r, r)
+            }
+        };
+        if a > b {
+            return None;
+        }
+        out.extend(a.min(size)..b.saturating_add(1).min(size));
+    }
+    Some(out)
+}
+
+/// Longest rank list one report of clean ends carries, so that its line stays well under
+/// [`MAX_LINE`] with the token and the rest; a node with more sends several.
+const CLEAN_ENDS_PER_LINE: usize = 3000;
+
+/// What a node instance does as it ends under srun or hydra: reports the clean ends its members
+/// told it of ([`crate::container::InstanceConfig::clean_ends`]) to the front end whose address
+/// this process inherited ([`REPORT_VAR`]), in one report (or a few, for very many ranks)
+/// instead of one per rank.
+pub fn send_clean_ends(ranks: &[u32]) {
+    if let Some(t) = Target::from_env() {
+        t.send_clean_ends(ranks);
+    }
 }
 
 /// Why the front end ignored a report line.
@@ -131,6 +203,7 @@ impl Target {
             rank,
             end,
             message,
+            ranks: None,
         };
         match self.try_send(&report) {
             Ok(()) => tracing::debug!("reported rank {rank} {end:?} to {}", self.address),
@@ -138,6 +211,44 @@ impl Target {
                 "could not report how rank {rank} ended to cmpirun at {}: {e}",
                 self.address
             ),
+        }
+    }
+
+    /// Reports that each of `ranks` exited 0, in as few lines as fit [`MAX_LINE`], one
+    /// connection each. Failures are logged: the front end then counts those ranks as never
+    /// reported, and fails the job naming their node.
+    pub fn send_clean_ends(&self, ranks: &[u32]) {
+        let mut ranks = ranks.to_vec();
+        ranks.sort_unstable();
+        ranks.dedup();
+        let mut rest = ranks.as_slice();
+        while let Some(&first) = rest.first() {
+            // As many ranks as make a list of at most CLEAN_ENDS_PER_LINE bytes.
+            let (mut take, mut list) = (rest.len(), rank_list(rest));
+            while list.len() > CLEAN_ENDS_PER_LINE && take > 1 {
+                take = take.div_ceil(2);
+                list = rank_list(&rest[..take]);
+            }
+            let report = Report {
+                token: self.token.clone(),
+                rank: first,
+                end: RankEnd::Exited(0),
+                message: None,
+                ranks: Some(list),
+            };
+            match self.try_send(&report) {
+                Ok(()) => tracing::debug!(
+                    "reported the clean end of ranks {} to {}",
+                    report.ranks.as_deref().unwrap_or_default(),
+                    self.address
+                ),
+                Err(e) => tracing::warn!(
+                    "could not report the clean end of ranks {} to cmpirun at {}: {e}",
+                    report.ranks.as_deref().unwrap_or_default(),
+                    self.address
+                ),
+            }
+            rest = &rest[take..];
         }
     }
 
@@ -688,6 +799,70 @@ mod tests {
         assert_eq!(got[0].message.as_deref(), Some("MPI_Abort"));
     }
 
+    #[test]
+    fn rank_lists_round_trip_and_are_cut_at_the_job_size() {
+        let ranks = [0, 1, 2, 3, 8, 10, 11];
+        assert_eq!(rank_list(&ranks), "0-3,8,10-11");
+        assert_eq!(parse_rank_list("0-3,8,10-11", 100).unwrap(), ranks);
+        assert_eq!(parse_rank_list("5-4294967295", 8).unwrap(), [5, 6, 7]);
+        assert_eq!(parse_rank_list("4294967295", 8).unwrap(), Vec::<u32>::new());
+        for bad in ["", "3-1", "a", "1-", "-1", "1,,2", "1-2-3"] {
+            assert_eq!(parse_rank_list(bad, 8), None, "{bad:?}");
+        }
+        let report = |end, ranks: Option<&str>| Report {
+            token: String::new(),
+            rank: 9,
+            end,
+            message: None,
+            ranks: ranks.map(str::to_owned),
+        };
+        assert_eq!(
+            report(RankEnd::Exited(3), None).ranks_below(10),
+            Some(vec![9])
+        );
+        assert_eq!(
+            report(RankEnd::Exited(3), None).ranks_below(9),
+            Some(vec![])
+        );
+        assert_eq!(
+            report(RankEnd::Exited(0), Some("1-2")).ranks_below(10),
+            Some(vec![1, 2])
+        );
+        // A list stands only for clean ends.
+        assert_eq!(
+            report(RankEnd::Exited(3), Some("1-2")).ranks_below(10),
+            None
+        );
+    }
+
+    #[test]
+    fn a_node_reports_its_clean_ends_in_few_lines() {
+        let (mut c, target) = loopback();
+        // 128 ranks of a node placed cyclically on 1,000 nodes: no two consecutive, long numbers.
+        let ranks: Vec<u32> = (0..128).map(|i| 7 + i * 1000).collect();
+        let many: Vec<u32> = (0..2000).map(|i| 200_000 + 2 * i).collect();
+        let sender = {
+            let (t, ranks, many) = (target.clone(), ranks.clone(), many.clone());
+            std::thread::spawn(move || {
+                t.send_clean_ends(&ranks);
+                t.send_clean_ends(&many);
+            })
+        };
+        let got = while_running(&mut c, sender);
+        let lines: Vec<&Report> = got.iter().collect();
+        assert!(lines.iter().all(|r| r.end == RankEnd::Exited(0)));
+        let seen: Vec<u32> = lines
+            .iter()
+            .flat_map(|r| r.ranks_below(u32::MAX).unwrap())
+            .collect();
+        let mut want = ranks.clone();
+        want.extend(&many);
+        assert_eq!(seen, want);
+        // One line for the node of 128; the 2,000 (14 KiB of list) in a few.
+        assert_eq!(lines[0].ranks_below(u32::MAX).unwrap(), ranks);
+        assert!(lines.len() <= 9, "{} lines", lines.len());
+    }
+
     /// A collector on loopback and the target its tasks get.
     fn loopback() -> (Collector, Target) {
         let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
@@ -778,6 +953,7 @@ mod tests {
                     rank: i,
                     end: RankEnd::Exited(9),
                     message: None,
+                    ranks: None,
                 };
                 let mut line = serde_json::to_vec(&bad).unwrap();
                 line.push(b'\n');

@@ -220,6 +220,20 @@ impl NodeInstance {
         self.mount_lost()
     }
 
+    /// Tells the instance that this membership's member, rank `rank`, exited 0, for the
+    /// instance to report with the node's other clean ends as it ends
+    /// ([`super::protocol::MSG_ENDED`]). `false` if it could not be told (the instance is gone):
+    /// then report it another way.
+    pub fn clean_end(&self, rank: u32) -> bool {
+        super::protocol::send_message(
+            &self.conn,
+            super::protocol::MSG_ENDED,
+            &[],
+            &rank.to_le_bytes(),
+        )
+        .is_ok()
+    }
+
     /// Ends this membership. If this process created the instance, waits until it has exited
     /// (so its mounts are gone when this returns) unless other members keep it alive.
     pub fn close(mut self) {

@@ -57,6 +57,11 @@ pub struct InstanceConfig {
     /// The environment the image's scripts are evaluated in (the creator's, filtered by
     /// [`super::member_env::base_environment`]).
     pub script_env: Env,
+    /// What the instance does as it ends with the ranks whose starters said they exited 0
+    /// ([`NodeInstance::clean_end`]), when they did: under srun and hydra, report them to the
+    /// front end in one report for the node instead of one per rank
+    /// ([`crate::launch::report::send_clean_ends`]).
+    pub clean_ends: Option<fn(&[u32])>,
 }
 
 /// Errors from creating, joining or using a node instance.

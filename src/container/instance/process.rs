@@ -124,8 +124,14 @@ fn instance_main(
         kill_leftovers();
         return 0;
     }
-    if let Err(e) = serve(creator, listener, &ready, &sigterm) {
+    let mut clean_ends = std::collections::BTreeSet::new();
+    if let Err(e) = serve(creator, listener, &ready, &sigterm, &mut clean_ends) {
         tracing::error!("node instance: {e}; ending it");
+    }
+    // Before anything else: the node's last task waits for this to end, and the launcher for
+    // that task, so the front end has the report before the launcher ends.
+    if let Some(report) = cfg.clean_ends.filter(|_| !clean_ends.is_empty()) {
+        report(&clean_ends.into_iter().collect::<Vec<_>>());
     }
     for log in &plans.loads {
         library_cache::remember_loads(log);

@@ -38,6 +38,11 @@ pub const MSG_UNSHARED: u8 = b'M';
 /// the instance killed every process in its namespace; the payload says which and how.
 pub const MSG_MOUNT_LOST: u8 = b'L';
 
+/// From a member's starter (a rank's `cmpirun __rank` task), after the member exited 0: its
+/// rank (the payload: a little-endian `u32`). As it ends, the instance reports the ranks it was
+/// told of in one report for the node ([`super::InstanceConfig::clean_ends`]).
+pub const MSG_ENDED: u8 = b'E';
+
 /// One message as received.
 #[derive(Debug)]
 pub struct Message {

@@ -1,7 +1,9 @@
 //! The node instance once ready: it hands every connection its namespaces (a connection is a
-//! membership), counts live connections, and when the last one closes (or SIGTERM comes) kills
-//! what is left in its user namespace and ends.
+//! membership), counts live connections, notes the ranks its members' starters say exited 0
+//! ([`MSG_ENDED`]), and when the last one closes (or SIGTERM comes) kills what is left in its user
+//! namespace and ends.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -14,7 +16,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::unistd::{Pid, getpid};
 
 use super::process::ReadyInstance;
-use super::protocol::{MSG_MOUNT_LOST, MSG_READY, send_message};
+use super::protocol::{MSG_ENDED, MSG_MOUNT_LOST, MSG_READY, send_message};
 use crate::container::rendezvous::Rendezvous;
 
 /// Why the instance stopped serving before its last member left.
@@ -33,15 +35,32 @@ pub enum ServeError {
     },
 }
 
+/// One membership: the connection, and what it sent that is not a whole message yet.
+struct Member {
+    conn: UnixStream,
+    unread: Vec<u8>,
+}
+
+impl Member {
+    fn new(conn: UnixStream) -> Member {
+        Member {
+            conn,
+            unread: Vec::new(),
+        }
+    }
+}
+
 /// Accepts members and counts live connections until none is left (or SIGTERM, or an image
-/// server died: then every member is told, [`MSG_MOUNT_LOST`]).
+/// server died: then every member is told, [`MSG_MOUNT_LOST`]). The ranks whose clean end the
+/// members' starters told ([`MSG_ENDED`]) are added to `clean_ends`.
 pub fn serve(
     creator: UnixStream,
     listener: Option<(UnixListener, Rendezvous)>,
     ready: &ReadyInstance,
     sigterm: &SignalFd,
+    clean_ends: &mut BTreeSet<u32>,
 ) -> Result<(), ServeError> {
-    let mut conns: Vec<UnixStream> = vec![creator];
+    let mut conns: Vec<Member> = vec![Member::new(creator)];
     let fds = ready.fds();
     let welcome = |c: &UnixStream| send_message(c, MSG_READY, &fds, &ready.payload).is_ok();
     loop {
@@ -52,7 +71,7 @@ pub fn serve(
             // Under the rendezvous lock: a joiner that connected before we got the lock is
             // still accepted; after it, the socket is gone and joiners create a new instance.
             let guard = rv.lock();
-            conns.extend(accept_pending(l, &welcome)?);
+            conns.extend(accept_pending(l, &welcome)?.into_iter().map(Member::new));
             if conns.is_empty() {
                 rv.remove_files();
                 drop(guard);
@@ -64,7 +83,7 @@ pub fn serve(
         pfds.extend(
             conns
                 .iter()
-                .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+                .map(|m| PollFd::new(m.conn.as_fd(), PollFlags::POLLIN)),
         );
         let nconns = conns.len();
         if let Some((l, _)) = &listener {
@@ -92,8 +111,8 @@ pub fn serve(
                     hostname()
                 );
                 tracing::error!("node instance: {text}");
-                for c in &conns {
-                    let _ = send_message(c, MSG_MOUNT_LOST, &[], text.as_bytes());
+                for m in &conns {
+                    let _ = send_message(&m.conn, MSG_MOUNT_LOST, &[], text.as_bytes());
                 }
                 forget_rendezvous(&listener);
                 return Ok(());
@@ -105,13 +124,13 @@ pub fn serve(
             }
             continue;
         }
-        drop_closed(&mut conns, &revents[..nconns]);
+        read_members(&mut conns, &revents[..nconns], clean_ends);
         if let Some((l, _)) = &listener
             && !revents[nconns].is_empty()
             && let Ok((c, _)) = l.accept()
             && welcome(&c)
         {
-            conns.push(c);
+            conns.push(Member::new(c));
         }
     }
 }
@@ -190,22 +209,55 @@ fn accept_pending(
     Ok(accepted)
 }
 
-/// Drops the connections whose poll result shows them closed (or readable: a member never
-/// sends anything, so what it sends is read and discarded).
-fn drop_closed(conns: &mut Vec<UnixStream>, revents: &[PollFlags]) {
+/// Reads the connections whose poll result shows them readable (one `read` each: they block):
+/// notes the ranks of whole [`MSG_ENDED`] messages in `clean_ends`, discards anything else a
+/// member sends, and drops the connections that closed.
+fn read_members(conns: &mut Vec<Member>, revents: &[PollFlags], clean_ends: &mut BTreeSet<u32>) {
     let mut closed = Vec::new();
     for (i, ev) in revents.iter().enumerate() {
         if ev.is_empty() {
             continue;
         }
-        let mut buf = [0u8; 64];
-        match (&conns[i]).read(&mut buf) {
+        let m = &mut conns[i];
+        let mut buf = [0u8; 256];
+        match (&m.conn).read(&mut buf) {
             Ok(0) | Err(_) => closed.push(i),
-            Ok(_) => {}
+            Ok(n) => {
+                m.unread.extend_from_slice(&buf[..n]);
+                take_messages(&mut m.unread, clean_ends);
+            }
         }
     }
     for i in closed.into_iter().rev() {
         conns.swap_remove(i);
+    }
+}
+
+/// Takes the whole messages off the front of `unread` (a kind byte, three spare bytes, a
+/// little-endian `u32` length, the payload; see [`super::protocol`]), noting the rank of each
+/// [`MSG_ENDED`] in `clean_ends`. A member sends nothing else; whatever else comes, or a length
+/// past a small bound, is dropped with all that is unread.
+fn take_messages(unread: &mut Vec<u8>, clean_ends: &mut BTreeSet<u32>) {
+    const HEADER: usize = 8;
+    const MAX_PAYLOAD: usize = 64;
+    loop {
+        let Some(header) = unread.get(..HEADER) else {
+            return;
+        };
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if len > MAX_PAYLOAD {
+            unread.clear();
+            return;
+        }
+        let Some(payload) = unread.get(HEADER..HEADER + len) else {
+            return;
+        };
+        if header[0] == MSG_ENDED
+            && let Ok(rank) = <[u8; 4]>::try_from(payload)
+        {
+            clean_ends.insert(u32::from_le_bytes(rank));
+        }
+        unread.drain(..HEADER + len);
     }
 }
 
@@ -248,4 +300,37 @@ fn parent_of(pid: i32) -> Option<i32> {
     // The command name may contain spaces and parentheses; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_messages_of_clean_ends_are_taken_and_the_rest_waits_or_goes() {
+        let msg = |kind: u8, payload: &[u8]| {
+            let mut m = vec![kind, 0, 0, 0];
+            m.extend((payload.len() as u32).to_le_bytes());
+            m.extend(payload);
+            m
+        };
+        let mut ends = BTreeSet::new();
+        let mut unread = msg(MSG_ENDED, &7u32.to_le_bytes());
+        unread.extend(msg(b'?', b"what"));
+        let second = msg(MSG_ENDED, &9u32.to_le_bytes());
+        unread.extend(&second[..5]);
+        take_messages(&mut unread, &mut ends);
+        assert_eq!(ends, [7].into());
+        assert_eq!(unread, second[..5]);
+        unread.extend(&second[5..]);
+        take_messages(&mut unread, &mut ends);
+        assert_eq!(ends, [7, 9].into());
+        assert!(unread.is_empty());
+        // A rank of another size is not one; a huge length drops what is unread.
+        let mut unread = msg(MSG_ENDED, &[1, 2]);
+        unread.extend([MSG_ENDED, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 1]);
+        take_messages(&mut unread, &mut ends);
+        assert_eq!(ends, [7, 9].into());
+        assert!(unread.is_empty());
+    }
 }
