@@ -61,7 +61,7 @@ fn a_corrupt_entry_is_read_afresh_and_rewritten() {
         assert_eq!(gather(&image, &cache), fresh);
         let rewritten: serde_json::Value =
             serde_json::from_slice(&fs::read(&entry).unwrap()).unwrap();
-        assert_eq!(rewritten["info"]["mpi_family"], "openmpi");
+        assert_eq!(rewritten["value"]["mpi_family"], "openmpi");
     }
 }
 

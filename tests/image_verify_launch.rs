@@ -118,9 +118,45 @@ fn a_signed_copy_runs_under_require_and_dry_run_shows_the_check() {
         "{out}"
     );
 
+    assert!(!out.stdout.contains("by an earlier launch"), "{out}");
+
+    // Once the image has not changed for a second, a verification is kept: the next launch
+    // takes it from the cache instead of hashing the image again.
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = launch("require", &key, &["--dry-run"], 2, &image);
+    out.assert_success();
+    assert!(!out.stdout.contains("by an earlier launch"), "{out}");
     let out = launch("require", &key, &[], 2, &image);
     out.assert_success();
     assert!(out.stdout.contains("hello"), "{out}");
+    let out = launch("require", &key, &["--dry-run"], 2, &image);
+    assert!(
+        out.stdout.contains(
+            "every object verified (by an earlier launch: the image file and the keys are \
+             unchanged)"
+        ),
+        "{out}"
+    );
+    // A byte of the image changed: hashed again, and refused.
+    let original = give(work.path(), &image, "original.sif");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&image).unwrap();
+        let at = fs::metadata(&image).unwrap().len() / 2;
+        let mut byte = [0u8; 1];
+        fs::File::open(&original)
+            .unwrap()
+            .read_exact_at(&mut byte, at)
+            .unwrap();
+        f.write_all_at(&[byte[0] ^ 0xff], at).unwrap();
+    }
+    let out = launch("require", &key, &[], 1, &image);
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("not verified (--verify require)"),
+        "{out}"
+    );
+    fs::copy(&original, &image).unwrap();
 
     // Signed by a key the launch does not accept: refused, or launched with a warning.
     let other = give(work.path(), &keys().join("ed25519-public.pem"), "other.pem");

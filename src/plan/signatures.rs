@@ -76,9 +76,14 @@ pub fn checks(policy: &SignaturePolicy, results: &[ImageVerification]) -> Vec<Ch
                     name: CHECK.into(),
                     verdict: Verdict::Pass,
                     message: format!(
-                        "{}: signed by {}, every object verified",
+                        "{}: signed by {}, every object verified{}",
                         r.image.display(),
-                        signers.join(", ")
+                        signers.join(", "),
+                        if r.cached {
+                            " (by an earlier launch: the image file and the keys are unchanged)"
+                        } else {
+                            ""
+                        }
                     ),
                 }
             }
@@ -123,6 +128,7 @@ mod tests {
         ImageVerification {
             image: "a.sif".into(),
             outcome,
+            cached: false,
         }
     }
 

@@ -13,6 +13,7 @@
 //! object. [`sign`] appends one DSSE signature object per group, laid out as the reference
 //! implementation lays it out.
 
+pub mod cache;
 pub mod dsse;
 pub mod metadata;
 pub mod openpgp;
@@ -97,7 +98,7 @@ pub struct VerifyOptions {
 }
 
 /// The format of a signature object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SignatureFormat {
     /// A DSSE envelope of the metadata (PEM keys).
@@ -111,7 +112,7 @@ pub enum SignatureFormat {
 }
 
 /// What became of one signature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SignatureStatus {
     /// Made by a given key, and everything it signed is unchanged.
@@ -127,7 +128,7 @@ pub enum SignatureStatus {
 }
 
 /// A key that verified a signature.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SignerReport {
     /// SSH SHA-256 fingerprint of a PEM key, or an OpenPGP primary-key fingerprint.
     pub fingerprint: String,
@@ -138,7 +139,7 @@ pub struct SignerReport {
 }
 
 /// One signature object and what checking it found.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SignatureReport {
     /// The signature's object ID.
     pub id: u32,
@@ -165,7 +166,7 @@ pub struct SignatureReport {
 }
 
 /// Whether verified signatures cover one object group.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GroupReport {
     /// The group number.
     pub group: u32,
@@ -178,7 +179,7 @@ pub struct GroupReport {
 }
 
 /// The result of [`verify`].
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     /// The image.
     pub image: PathBuf,
@@ -271,7 +272,25 @@ fn read_object(file: &mut File, d: &Descriptor) -> io::Result<Vec<u8>> {
 
 /// Checks every signature of the SIF image at `path` against the keys in `opts`.
 pub fn verify(path: &Path, opts: &VerifyOptions) -> Result<VerifyReport, IntegrityError> {
-    let (mut file, sif) = open_sif(path, false)?;
+    let file = std::fs::File::open(path).map_err(|error| IntegrityError::Io {
+        path: path.to_owned(),
+        what: "read",
+        error,
+    })?;
+    verify_file(path, file, opts)
+}
+
+/// [`verify`] of the image open as `file` (`path` for messages): what is checked is that file,
+/// whatever `path` names by now.
+fn verify_file(
+    path: &Path,
+    mut file: File,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, IntegrityError> {
+    let sif = sif::read(&mut file).map_err(|error| IntegrityError::Sif {
+        path: path.to_owned(),
+        error,
+    })?;
     let mut problems = Vec::new();
     for d in &sif.descriptors {
         if d.group().is_none() && d.data_type != DataType::Signature {
@@ -739,11 +758,26 @@ pub struct ImageVerification {
     pub image: PathBuf,
     /// Its report, or why it could not be verified (a key, a non-SIF image, a read error).
     pub outcome: Result<VerifyReport, String>,
+    /// The report is an earlier launch's, from the cache of verified images: the image file
+    /// and the keys are unchanged since ([`cache`]).
+    pub cached: bool,
 }
 
 /// Verifies each distinct image of a launch with the PEM public keys `keys` (legacy
-/// signatures are not trusted). Nothing is mounted; every error becomes an outcome.
+/// signatures are not trusted), through the user's cache of verified images
+/// ([`cache::VerifiedCache::from_env`]). Nothing is mounted; every error becomes an outcome.
 pub fn verify_images(images: &[PathBuf], keys: &[PathBuf]) -> Vec<ImageVerification> {
+    verify_images_with(images, keys, cache::VerifiedCache::from_env().as_ref())
+}
+
+/// [`verify_images`] with the cache `cache` (none: every image is hashed). An image whose file
+/// and keys are as when an earlier launch verified it is taken from the cache; an image
+/// verified now is kept there, unless its file changed while it was read.
+pub fn verify_images_with(
+    images: &[PathBuf],
+    keys: &[PathBuf],
+    cache: Option<&cache::VerifiedCache>,
+) -> Vec<ImageVerification> {
     let mut distinct: Vec<&PathBuf> = Vec::new();
     for i in images {
         if !distinct.contains(&i) {
@@ -762,13 +796,57 @@ pub fn verify_images(images: &[PathBuf], keys: &[PathBuf]) -> Vec<ImageVerificat
         .map_err(|e| e.to_string());
     distinct
         .into_iter()
-        .map(|image| ImageVerification {
-            image: image.clone(),
-            outcome: opts
-                .clone()
-                .and_then(|o| verify(image, &o).map_err(|e| e.to_string())),
+        .map(|image| match &opts {
+            Ok(o) => verify_one(image, keys, o, cache),
+            Err(e) => ImageVerification {
+                image: image.clone(),
+                outcome: Err(e.clone()),
+                cached: false,
+            },
         })
         .collect()
+}
+
+/// One image of [`verify_images_with`]: the file is opened once, and its identity, the cache's
+/// key and the bytes hashed are all that open file's.
+fn verify_one(
+    image: &Path,
+    keys: &[PathBuf],
+    opts: &VerifyOptions,
+    cache: Option<&cache::VerifiedCache>,
+) -> ImageVerification {
+    let done = |outcome, cached| ImageVerification {
+        image: image.to_owned(),
+        outcome,
+        cached,
+    };
+    let file = match std::fs::File::open(image) {
+        Ok(f) => f,
+        Err(error) => {
+            let e = IntegrityError::Io {
+                path: image.to_owned(),
+                what: "read",
+                error,
+            };
+            return done(Err(e.to_string()), false);
+        }
+    };
+    let key = cache.and_then(|_| cache::VerifiedKey::of(&file, keys));
+    if let (Some(c), Some(k)) = (cache, &key)
+        && let Some(report) = c.load(image, k)
+    {
+        return done(Ok(report), true);
+    }
+    let checked = file.try_clone();
+    let started = std::time::SystemTime::now();
+    let outcome = verify_file(image, file, opts).map_err(|e| e.to_string());
+    if let (Some(c), Some(k), Ok(report), Ok(f)) = (cache, &key, &outcome, &checked)
+        && k.settled_before(started)
+        && cache::VerifiedKey::of(f, keys).as_ref() == Some(k)
+    {
+        c.store(k, report);
+    }
+    done(outcome, false)
 }
 
 /// What [`sign`] added.
