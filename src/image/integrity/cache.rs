@@ -9,7 +9,8 @@
 //! write during the reading could otherwise leave the change time as it was). Its key is that
 //! identity as the open file has it (device, inode, size, modification and change times: any
 //! write changes the change time, which no user can set back; a file put in its place has
-//! another inode), the SHA-256 of every key file's bytes, and the cmpirun executable. The entries are in the user's cache folder, which is the
+//! another inode), the fingerprints of the keys (SHA-256 digests of the keys as loaded), and the
+//! cmpirun executable. The entries are in the user's cache folder, which is the
 //! user's to write as much as the library cache whose copies the ranks load; a failed or
 //! unverified image is never kept, so it is checked again at every launch.
 
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::VerifyReport;
+use super::{VerifyOptions, VerifyReport};
 use crate::facts::cache::{ExeIdentity, FileIdentity, JsonStore, user_cache_dir};
 
 /// The version of the entries' format: raise it when [`VerifyReport`] or what it means changes.
@@ -36,28 +37,24 @@ pub struct VerifiedKey {
     format: u32,
     cmpirun: ExeIdentity,
     image: FileIdentity,
-    /// `sha256:HEX` of each key file's bytes, in the order given.
+    /// The SHA-256 fingerprint of each key (`SHA256:…`), in the order given.
     keys: Vec<String>,
 }
 
 impl VerifiedKey {
-    /// The key of the image open as `file`, verified with the key files `keys` (read now);
-    /// `None` when a key file or the image cannot be examined (nothing is then cached).
-    pub fn of(file: &File, keys: &[PathBuf]) -> Option<VerifiedKey> {
-        use sha2::Digest;
-        let keys = keys
-            .iter()
-            .map(|k| {
-                let bytes = std::fs::read(k).ok()?;
-                let digest = sha2::Sha256::digest(&bytes);
-                Some(format!("sha256:{}", hex::encode(digest)))
-            })
-            .collect::<Option<Vec<_>>>()?;
+    /// The key of the image open as `file`, verified with the keys of `opts` (by their
+    /// fingerprints: digests of the keys as loaded, so of exactly what the verification used);
+    /// `None` when the image cannot be examined, or `opts` holds an OpenPGP keyring or trusts
+    /// legacy signatures (what a launch never does: nothing is cached then).
+    pub fn of(file: &File, opts: &VerifyOptions) -> Option<VerifiedKey> {
+        if opts.keyring.is_some() || opts.legacy {
+            return None;
+        }
         Some(VerifiedKey {
             format: FORMAT,
             cmpirun: ExeIdentity::current()?,
             image: FileIdentity::of(&file.metadata().ok()?),
-            keys,
+            keys: opts.keys.iter().map(|k| k.fingerprint.clone()).collect(),
         })
     }
 }

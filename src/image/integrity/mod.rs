@@ -797,7 +797,7 @@ pub fn verify_images_with(
     distinct
         .into_iter()
         .map(|image| match &opts {
-            Ok(o) => verify_one(image, keys, o, cache),
+            Ok(o) => verify_one(image, o, cache),
             Err(e) => ImageVerification {
                 image: image.clone(),
                 outcome: Err(e.clone()),
@@ -811,7 +811,6 @@ pub fn verify_images_with(
 /// key and the bytes hashed are all that open file's.
 fn verify_one(
     image: &Path,
-    keys: &[PathBuf],
     opts: &VerifyOptions,
     cache: Option<&cache::VerifiedCache>,
 ) -> ImageVerification {
@@ -831,7 +830,7 @@ fn verify_one(
             return done(Err(e.to_string()), false);
         }
     };
-    let key = cache.and_then(|_| cache::VerifiedKey::of(&file, keys));
+    let key = cache.and_then(|_| cache::VerifiedKey::of(&file, opts));
     if let (Some(c), Some(k)) = (cache, &key)
         && let Some(report) = c.load(image, k)
     {
@@ -842,7 +841,7 @@ fn verify_one(
     let outcome = verify_file(image, file, opts).map_err(|e| e.to_string());
     if let (Some(c), Some(k), Ok(report), Ok(f)) = (cache, &key, &outcome, &checked)
         && k.settled_before(started)
-        && cache::VerifiedKey::of(f, keys).as_ref() == Some(k)
+        && cache::VerifiedKey::of(f, opts).as_ref() == Some(k)
     {
         c.store(k, report);
     }
