@@ -52,13 +52,23 @@ pub enum Mode {
     Tcp,
 }
 
-/// The files under /dev/shm that process `pid` has mapped.
+/// The files under /dev/shm that process `pid` has mapped or open (a segment is open between
+/// its creation and its mapping).
 fn shm_files_of(pid: u32) -> Vec<PathBuf> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    maps.lines()
+    let mut files: Vec<PathBuf> = maps
+        .lines()
         .filter(|l| !l.ends_with("(deleted)"))
         .filter_map(|l| l.find(" /dev/shm/").map(|i| PathBuf::from(&l[i + 1..])))
-        .collect()
+        .collect();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        files.extend(
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter(|t| t.starts_with("/dev/shm/")),
+        );
+    }
+    files
 }
 
 /// What a job did.
@@ -184,10 +194,12 @@ fn run(
     let deadline = Instant::now() + limit;
     let mut events = Vec::new();
     let mut killed = false;
-    // Killed MPICH ranks cannot unlink their shared-memory segments; note the ones they map
-    // before killing them, and remove those afterwards, so the host's /dev/shm stays as it was.
+    // Killed or aborted MPICH ranks do not unlink their shared-memory segments; note the ones
+    // they map or hold open at every event of the job (an aborting rank may be gone by the time
+    // the abort is seen) and before killing them, and remove those afterwards, so the host's
+    // /dev/shm stays as it was (removing one a rank already unlinked does nothing).
     let mut leftovers: Vec<PathBuf> = Vec::new();
-    let mut kill_all = |children: &mut Vec<Child>| {
+    let kill_all = |children: &mut Vec<Child>, leftovers: &mut Vec<PathBuf>| {
         for c in children.iter_mut() {
             leftovers.extend(shm_files_of(c.id()));
             let _ = c.kill();
@@ -197,6 +209,11 @@ fn run(
         let left = deadline.saturating_duration_since(Instant::now());
         match handle.events().recv_timeout(left) {
             Ok(e) => {
+                for c in &children {
+                    leftovers.extend(shm_files_of(c.id()));
+                }
+                leftovers.sort();
+                leftovers.dedup();
                 let fatal = match e {
                     Event::Aborted { .. } | Event::ConnectTimeout { .. } => true,
                     Event::Disconnected { .. } => kill_on_disconnect,
@@ -204,14 +221,14 @@ fn run(
                 };
                 events.push(e);
                 if fatal {
-                    kill_all(&mut children);
+                    kill_all(&mut children, &mut leftovers);
                     killed = true;
                     handle.stop();
                 }
             }
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
-                kill_all(&mut children);
+                kill_all(&mut children, &mut leftovers);
                 killed = true;
                 handle.stop();
                 // Drain what remains until the loop ends.
