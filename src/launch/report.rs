@@ -112,10 +112,14 @@ pub(crate) fn rank_list(ranks: &[u32]) -> String {
 }
 
 /// The ranks of a [`rank_list`] that are below `size` (a range is cut there, so a line of a few
-/// bytes cannot make the front end count to four billion); `None` if it is not such a list.
+/// bytes cannot make the front end count to four billion); `None` if it is not such a list, or
+/// names more ranks than `size` (a node's list names each of its ranks once).
 fn parse_rank_list(list: &str, size: u32) -> Option<Vec<u32>> {
     let mut out = Vec::new();
     for part in list.split(',') {
+        if out.len() > size as usize {
+            return None;
+        }
         let (a, b) = match part.split_once('-') {
             Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
             None => {
@@ -806,6 +810,9 @@ mod tests {
         assert_eq!(parse_rank_list("0-3,8,10-11", 100).unwrap(), ranks);
         assert_eq!(parse_rank_list("5-4294967295", 8).unwrap(), [5, 6, 7]);
         assert_eq!(parse_rank_list("4294967295", 8).unwrap(), Vec::<u32>::new());
+        // Overlapping ranges cannot multiply the work: more ranks than the job has is no list.
+        let overlapping = vec!["0-4294967295"; 300].join(",");
+        assert_eq!(parse_rank_list(&overlapping, 1000), None);
         for bad in ["", "3-1", "a", "1-", "-1", "1,,2", "1-2-3"] {
             assert_eq!(parse_rank_list(bad, 8), None, "{bad:?}");
         }
