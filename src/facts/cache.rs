@@ -123,14 +123,10 @@ impl FactsCache {
     }
 }
 
-/// `$XDG_CACHE_HOME/cmpirun/NAME`, else `$HOME/.cache/cmpirun/NAME`; `None` when neither
-/// variable is set.
+/// `$XDG_CACHE_HOME/cmpirun/NAME`, else `$HOME/.cache/cmpirun/NAME` (beside the extract and
+/// library caches); `None` when neither variable is set.
 pub(crate) fn user_cache_dir(name: &str) -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
-    };
-    Some(base.join("cmpirun").join(name))
+    Some(crate::mount::user_cache_in(crate::mount::env_var)?.join(name))
 }
 
 /// What identifies a file's contents without reading them: any write changes its change time,
