@@ -159,13 +159,6 @@ pub const LOADS_SUFFIX: &str = ".loads";
 /// reads the rest through the mount.
 pub const MAX_LOADS: usize = 4096;
 
-/// The name of image `src`'s entries in a cache folder (the library cache's entry is this; its
-/// list of loaded files is this plus [`LOADS_SUFFIX`]): what [`hold_library_files`] and
-/// [`hold_loaded_files`] take, computed once per image (it hashes the image's tables).
-pub fn cache_key(src: &SquashfsSource) -> Result<String, MountError> {
-    image_key(src)
-}
-
 /// The library-cache entry `key` of `cache` holding `files` (`what` they are, for the log),
 /// filled if missing, checked, and held.
 fn hold_library_entry(
@@ -314,7 +307,7 @@ fn extract_and_hold(
     only: Option<&[PathBuf]>,
 ) -> Result<(PathBuf, Flock<File>), MountError> {
     let only = only.map(|files| (files, "its MPI stack"));
-    extract_keyed(src, cache, opts, only, &image_key(src)?)
+    extract_keyed(src, cache, opts, only, &cache_key(src)?)
 }
 
 /// The entry `key` of `cache`: the whole image, or with `only` those files (and what they are,
@@ -721,10 +714,13 @@ fn remove_stale_temporaries(cache: &Path, prefix: Option<&str>) {
     }
 }
 
-/// A name for the image's extracted tree: a hash of its superblock and metadata tables (which
-/// describe every file's blocks) and of the file's identity, so a rewritten image never reuses
-/// a stale tree. Reads only the superblock and the tables, without parsing them.
-fn image_key(src: &SquashfsSource) -> Result<String, MountError> {
+/// The name of image `src`'s entries in a cache folder: its extracted tree, its library-cache
+/// entry (what [`hold_library_files`] and [`hold_loaded_files`] take; its list of loaded files is
+/// this plus [`LOADS_SUFFIX`]). A hash of its superblock and metadata tables (which describe
+/// every file's blocks) and of the file's identity, so a rewritten image never reuses a stale
+/// tree. Reads only the superblock and the tables, without parsing them; compute it once per
+/// image.
+pub fn cache_key(src: &SquashfsSource) -> Result<String, MountError> {
     let file = File::open(&src.path)
         .map_err(|e| MountError::io(format!("open image {}", src.path.display()), e))?;
     let meta = file
@@ -1084,7 +1080,7 @@ mod tests {
         let (dir, src) = image();
         let cache = dir.path().join("cache");
         std::fs::create_dir(&cache).expect("cache folder");
-        let key = image_key(&src).expect("key");
+        let key = cache_key(&src).expect("key");
         // The filler: uses the entry and fills it.
         let in_use = lock_entry(&cache.join(format!("{key}.lock")), FlockArg::LockShared)
             .expect("use lock")
@@ -1184,7 +1180,7 @@ mod tests {
         assert!(damaged[0].1.contains("10 bytes"), "{damaged:?}");
         // Nobody else holds it: unpacked again.
         drop(lock);
-        let key = image_key(&src).expect("key");
+        let key = cache_key(&src).expect("key");
         let held = hold_library_files(&src, &cache, &key, &files).expect("hold");
         assert_eq!(held.damaged, vec![]);
         assert_eq!(std::fs::metadata(&copy).expect("copy").len(), 100_000);
